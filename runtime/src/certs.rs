@@ -1,0 +1,1 @@
+//! Cluster CA and certificates. (being written)

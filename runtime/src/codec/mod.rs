@@ -1,0 +1,1 @@
+//! Wire codec. (being written)

@@ -1,0 +1,1 @@
+//! Typed node configuration. (being written)

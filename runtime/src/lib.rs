@@ -1,0 +1,20 @@
+//! Tidepool runtime: everything that is not an actor.
+//!
+//! # Layout
+//! - [`codec`]: the wire. rkyv envelopes, length-prefixed frames, validation, in-place tensor
+//!   views. The only module with rkyv derives.
+//! - [`transport`]: one quinn endpoint per node, mutual TLS against the cluster CA, one reused
+//!   link per peer with a bounded send queue, reconnect with backoff, and (feature
+//!   `fault-injection`) a UDP socket that drops, delays and blocks datagrams per peer.
+//! - [`certs`]: the cluster CA and node / client certificates (rcgen).
+//! - [`placement`]: sans-IO rendezvous hashing of shards onto members.
+//! - [`config`]: typed node configuration, defaults with units, validation.
+//! - [`metrics`]: one table of every metric name, type, unit and help text.
+#![cfg_attr(not(test), forbid(unsafe_code))]
+
+pub mod certs;
+pub mod codec;
+pub mod config;
+pub mod metrics;
+pub mod placement;
+pub mod transport;

@@ -1,0 +1,2 @@
+//! QUIC transport. (being written)
+pub mod tls;
