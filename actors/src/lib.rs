@@ -1,1 +1,20 @@
-//! Tidepool actors.
+//! Tidepool actors: what runs inside a node.
+//!
+//! # Layout
+//! - [`supervisor`]: `NodeSupervisor`, the root actor of a node. Spawns one [`shard`] actor per
+//!   owned shard, restarts failed ones within a [`restart`] budget, escalates past it.
+//! - [`shard`]: `ShardActor` and the shard's key-value state with idempotent ops ([`dedup`]).
+//! - [`worker`]: the bounded `WorkerPool`; CPU work runs on blocking threads, never the reactor.
+//! - [`router`]: `send_to_shard`: local shards by actor message (no serialization), remote ones
+//!   over QUIC; answers requests arriving from the transport.
+//! - [`node`]: assembles a node: transport, router, supervisor, worker pool; clean shutdown.
+//! - [`audit`]: the audit log of admin requests.
+
+pub mod audit;
+pub mod dedup;
+pub mod node;
+pub mod restart;
+pub mod router;
+pub mod shard;
+pub mod supervisor;
+pub mod worker;

@@ -10,7 +10,7 @@
 //! - [`placement`]: sans-IO rendezvous hashing of shards onto members.
 //! - [`config`]: typed node configuration, defaults with units, validation.
 //! - [`metrics`]: one table of every metric name, type, unit and help text.
-#![cfg_attr(not(test), forbid(unsafe_code))]
+#![deny(unsafe_code)]
 
 pub mod certs;
 pub mod codec;

@@ -1,1 +1,130 @@
-//! Metric names. (being written)
+//! Every metric Tidepool exports: one table of names, types, units and help text.
+//!
+//! Components record through the `metrics` facade with these constants; the binary installs the
+//! Prometheus recorder, calls [`describe_all`] and sets explicit histogram buckets from
+//! [`HISTOGRAM_BUCKETS`]. Names follow Prometheus conventions: prefix `tidepool_`, base units as
+//! suffix, counters end in `_total`, label values come from closed sets (no unbounded labels).
+
+/// Kind of a metric, for [`describe_all`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One row of the table.
+#[derive(Debug, Clone, Copy)]
+pub struct MetricDef {
+    pub name: &'static str,
+    pub kind: MetricKind,
+    pub unit: Option<metrics::Unit>,
+    pub help: &'static str,
+    /// The label names it carries.
+    pub labels: &'static [&'static str],
+}
+
+macro_rules! metric_table {
+    ($( $konst:ident = $name:literal, $kind:ident, $unit:expr, [$($label:literal),*], $help:literal; )*) => {
+        $( #[doc = $help] pub const $konst: &str = $name; )*
+        /// All metrics, in one place.
+        pub const ALL: &[MetricDef] = &[
+            $( MetricDef { name: $name, kind: MetricKind::$kind, unit: $unit, help: $help, labels: &[$($label),*] }, )*
+        ];
+    };
+}
+
+use metrics::Unit;
+
+metric_table! {
+    WIRE_REJECTED_FRAMES = "tidepool_wire_rejected_frames_total", Counter, None, ["reason"],
+        "Frames refused by the codec (oversized, truncated, malformed, version); the stream was reset.";
+    WIRE_FRAMES_RECEIVED = "tidepool_wire_frames_received_total", Counter, None, ["kind"],
+        "Valid frames received, by message kind.";
+    WIRE_FRAMES_SENT = "tidepool_wire_frames_sent_total", Counter, None, [],
+        "Frames written to QUIC streams.";
+    WIRE_BYTES_RECEIVED = "tidepool_wire_received_bytes_total", Counter, Some(Unit::Bytes), [],
+        "Archive bytes received in valid frames.";
+    WIRE_BYTES_SENT = "tidepool_wire_sent_bytes_total", Counter, Some(Unit::Bytes), [],
+        "Frame bytes written to QUIC streams.";
+    TRANSPORT_CONNECTIONS = "tidepool_transport_connections", Gauge, None, ["role"],
+        "Open QUIC connections, by the peer's certificate role (node, admin, reader).";
+    TRANSPORT_HANDSHAKE_FAILURES = "tidepool_transport_handshake_failures_total", Counter, None, ["direction"],
+        "QUIC/TLS handshakes that failed (refused certificate, timeout), inbound or outbound.";
+    TRANSPORT_DIALS = "tidepool_transport_dials_total", Counter, None, ["result"],
+        "Outbound connection attempts to peers (ok, error).";
+    TRANSPORT_SEND_QUEUE_DEPTH = "tidepool_transport_send_queue_depth", Gauge, None, ["peer"],
+        "Frames waiting in per-peer send queues (peer: node name, or client).";
+    TRANSPORT_SEND_DROPPED = "tidepool_transport_send_dropped_total", Counter, None, ["reason"],
+        "Frames dropped before reaching the wire (disconnected, encode).";
+    TRANSPORT_REQUEST_TIMEOUTS = "tidepool_transport_request_timeouts_total", Counter, None, [],
+        "Requests that got no reply within the request timeout.";
+    TRANSPORT_LATE_REPLIES = "tidepool_transport_late_replies_total", Counter, None, [],
+        "Replies that arrived after their request timed out, or matched no request.";
+    SHARD_OPS = "tidepool_shard_ops_total", Counter, None, ["op", "result"],
+        "Shard operations handled (op: put, get, incr, add_tensor, get_tensor; result: applied, duplicate, read, error).";
+    SHARD_OP_DURATION = "tidepool_shard_op_duration_seconds", Histogram, Some(Unit::Seconds), [],
+        "Time from a shard request's arrival at its owner to its reply.";
+    SHARD_INFLIGHT = "tidepool_shard_inflight", Gauge, None, [],
+        "Shard operations admitted and not yet answered on this node (bounded per shard).";
+    SHARD_REJECTED = "tidepool_shard_rejected_total", Counter, None, ["reason"],
+        "Shard requests refused (not_owner, overloaded, forbidden, bad_request, shutting_down).";
+    STALE_EPOCH_REJECTIONS = "tidepool_stale_epoch_rejections_total", Counter, None, [],
+        "Shard messages refused because they carried an epoch other than the shard's current one.";
+    SHARDS_OWNED = "tidepool_shards_owned", Gauge, None, [],
+        "Shards this node owns.";
+    ROUTER_FORWARDED = "tidepool_router_forwarded_total", Counter, None, ["result"],
+        "Shard requests forwarded to the owning node (ok, error).";
+    SUPERVISOR_EVENTS = "tidepool_supervisor_events_total", Counter, None, ["event"],
+        "Supervision events (started, failed, terminated, restarted, escalated).";
+    WORKER_TASKS = "tidepool_worker_tasks_total", Counter, None, [],
+        "Tasks run by the worker pool.";
+    WORKER_BUSY = "tidepool_worker_busy", Gauge, None, [],
+        "Worker pool threads running a task now.";
+    WORKER_QUEUED = "tidepool_worker_queued", Gauge, None, [],
+        "Tasks waiting for a worker.";
+    ADMIN_REQUESTS = "tidepool_admin_requests_total", Counter, None, ["role", "kind"],
+        "Client requests by certificate role and message kind (each admin one is audited).";
+    NODE_READY = "tidepool_node_ready", Gauge, None, [],
+        "1 while /readyz answers 200.";
+    NODE_INFO = "tidepool_node_info", Gauge, None, ["version"],
+        "Always 1; carries the build version.";
+}
+
+/// Explicit buckets for every latency histogram (seconds): 50 µs to 10 s.
+pub const HISTOGRAM_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Registers help text and units with the installed recorder.
+pub fn describe_all() {
+    for m in ALL {
+        let help = m.help;
+        match (m.kind, m.unit) {
+            (MetricKind::Counter, Some(u)) => metrics::describe_counter!(m.name, u, help),
+            (MetricKind::Counter, None) => metrics::describe_counter!(m.name, help),
+            (MetricKind::Gauge, Some(u)) => metrics::describe_gauge!(m.name, u, help),
+            (MetricKind::Gauge, None) => metrics::describe_gauge!(m.name, help),
+            (MetricKind::Histogram, Some(u)) => metrics::describe_histogram!(m.name, u, help),
+            (MetricKind::Histogram, None) => metrics::describe_histogram!(m.name, help),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_conventions() {
+        let mut seen = std::collections::HashSet::new();
+        for m in ALL {
+            assert!(m.name.starts_with("tidepool_"), "{}", m.name);
+            assert!(seen.insert(m.name), "duplicate {}", m.name);
+            assert_eq!(m.kind == MetricKind::Counter, m.name.ends_with("_total"), "{}", m.name);
+            if m.kind == MetricKind::Histogram {
+                assert!(m.name.ends_with("_seconds") || m.name.ends_with("_bytes"), "{}", m.name);
+            }
+        }
+    }
+}

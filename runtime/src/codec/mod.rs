@@ -1,1 +1,277 @@
-//! Wire codec. (being written)
+//! The wire: every cross-node message is an rkyv-archived [`Envelope`] in a length-prefixed frame.
+//!
+//! This is the only module with rkyv derives. Everything that leaves or enters a node goes through
+//! [`encode`] and [`Frame::decode`]; bytes from the network are size-checked before any allocation
+//! and validated with `rkyv::access` (bytecheck) before anything reads them (invariant 5).
+//!
+//! Frame layout (all little-endian):
+//! ```text
+//! +-----------+-------------+------------+----------------------------+
+//! | len: u32  | version:u16 | flags: u16 | rkyv archive of Envelope   |
+//! +-----------+-------------+------------+----------------------------+
+//!   len counts only the archive bytes; it is checked against the max frame size before the
+//!   receive buffer is allocated, and the version is checked before validation.
+//! ```
+
+mod frame;
+mod tensor;
+
+pub use frame::{encode, read_frame, EncodedFrame, Frame, FRAME_HEADER_LEN};
+pub use tensor::TensorView;
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// Wire protocol version. Bump on any change to the archived layout.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Default cap on one frame's archive bytes (64 MiB); `transport.max_frame_bytes` overrides it.
+pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+
+/// One message between two endpoints (node or client).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Envelope {
+    /// Protocol version of the sender; must equal [`PROTOCOL_VERSION`].
+    pub version: u16,
+    /// The sending node's name (informational: identity comes from the peer's certificate).
+    pub source: String,
+    /// Where the message is going.
+    pub dest: Dest,
+    /// Matches a reply to its request; 0 for one-way messages.
+    pub correlation: u64,
+    /// The payload; its variant is the message kind.
+    pub body: Body,
+}
+
+/// Destination of an envelope.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Dest {
+    /// A node, by name (control messages).
+    Node(String),
+    /// A shard at the epoch the sender believes current (fencing, invariant 2).
+    Shard { shard: u32, epoch: u64 },
+    /// The other end of this connection (replies, client requests).
+    Peer,
+}
+
+/// Idempotency key of an operation: the sender's id plus its per-sender sequence number.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IdemKey {
+    pub sender: u64,
+    pub seq: u64,
+}
+
+/// An operation on a shard's key-value state.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Op {
+    Put { key: String, value: Vec<u8> },
+    Get { key: String },
+    Incr { key: String, delta: i64 },
+    /// Add `values` element-wise into the f32 vector stored at `key` (gradient accumulation).
+    AddTensor { key: String, values: Vec<f32> },
+    /// Read the f32 vector stored at `key`.
+    GetTensor { key: String },
+}
+
+/// A request to a shard.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ShardRequest {
+    pub idem: IdemKey,
+    pub op: Op,
+}
+
+/// The result of a shard operation.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum OpResult {
+    /// Applied now.
+    Done,
+    /// This idempotency key was applied before; nothing was applied again.
+    Duplicate,
+    /// Value of a `Get` (None: no such key).
+    Value(Option<Vec<u8>>),
+    /// Counter value after an `Incr`.
+    Counter(i64),
+    /// Contents of a `GetTensor` (empty: no such key).
+    Tensor(Vec<f32>),
+}
+
+/// Why a request failed. `retryable()` tells a client whether to try again.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    /// This node does not own the shard (or the epoch is stale); refresh the map and retry.
+    NotOwner,
+    /// The shard's queue is full; back off and retry.
+    Overloaded,
+    /// The request is invalid and will fail again (bad key, tensor length mismatch, ...).
+    BadRequest,
+    /// The caller's role may not do this.
+    Forbidden,
+    /// The node is shutting down; retry elsewhere.
+    ShuttingDown,
+    /// Something failed on the node; retrying may help.
+    Internal,
+}
+
+impl ErrorCode {
+    /// Whether the same request may succeed if sent again later.
+    pub fn retryable(self) -> bool {
+        !matches!(self, ErrorCode::BadRequest | ErrorCode::Forbidden)
+    }
+}
+
+/// A member as reported by `cluster status`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct MemberInfo {
+    pub name: String,
+    pub addr: String,
+    /// "up" | "joining" | "draining" | "down"
+    pub state: String,
+    /// Whether the answering node has a live QUIC connection to it (always true for itself).
+    pub reachable: bool,
+    pub shards: u32,
+}
+
+/// `cluster status` reply.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct StatusInfo {
+    pub leader: String,
+    pub term: u64,
+    pub members: Vec<MemberInfo>,
+}
+
+/// One shard in `cluster shards`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ShardInfo {
+    pub id: u32,
+    pub owner: String,
+    pub epoch: u64,
+    /// "serving" | "handoff" | "unassigned"
+    pub state: String,
+}
+
+/// The message kinds. The variant is the "message kind" of the envelope.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub enum Body {
+    ShardRequest(ShardRequest),
+    ShardReply(OpResult),
+    StatusRequest,
+    StatusReply(StatusInfo),
+    ShardsRequest,
+    ShardsReply(Vec<ShardInfo>),
+    Ping(u64),
+    Pong(u64),
+    Error { code: ErrorCode, message: String },
+}
+
+/// Message kind, for logs and metric labels (a closed set).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    ShardRequest,
+    ShardReply,
+    StatusRequest,
+    StatusReply,
+    ShardsRequest,
+    ShardsReply,
+    Ping,
+    Pong,
+    Error,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::ShardRequest => "shard_request",
+            Kind::ShardReply => "shard_reply",
+            Kind::StatusRequest => "status_request",
+            Kind::StatusReply => "status_reply",
+            Kind::ShardsRequest => "shards_request",
+            Kind::ShardsReply => "shards_reply",
+            Kind::Ping => "ping",
+            Kind::Pong => "pong",
+            Kind::Error => "error",
+        }
+    }
+
+    /// Replies complete a pending request by correlation id; everything else is a request.
+    pub fn is_reply(self) -> bool {
+        matches!(
+            self,
+            Kind::ShardReply | Kind::StatusReply | Kind::ShardsReply | Kind::Pong | Kind::Error
+        )
+    }
+}
+
+impl ArchivedBody {
+    pub fn kind(&self) -> Kind {
+        match self {
+            ArchivedBody::ShardRequest(_) => Kind::ShardRequest,
+            ArchivedBody::ShardReply(_) => Kind::ShardReply,
+            ArchivedBody::StatusRequest => Kind::StatusRequest,
+            ArchivedBody::StatusReply(_) => Kind::StatusReply,
+            ArchivedBody::ShardsRequest => Kind::ShardsRequest,
+            ArchivedBody::ShardsReply(_) => Kind::ShardsReply,
+            ArchivedBody::Ping(_) => Kind::Ping,
+            ArchivedBody::Pong(_) => Kind::Pong,
+            ArchivedBody::Error { .. } => Kind::Error,
+        }
+    }
+}
+
+impl ArchivedErrorCode {
+    pub fn to_native(&self) -> ErrorCode {
+        match self {
+            ArchivedErrorCode::NotOwner => ErrorCode::NotOwner,
+            ArchivedErrorCode::Overloaded => ErrorCode::Overloaded,
+            ArchivedErrorCode::BadRequest => ErrorCode::BadRequest,
+            ArchivedErrorCode::Forbidden => ErrorCode::Forbidden,
+            ArchivedErrorCode::ShuttingDown => ErrorCode::ShuttingDown,
+            ArchivedErrorCode::Internal => ErrorCode::Internal,
+        }
+    }
+}
+
+impl Envelope {
+    /// An envelope from `source` at the current protocol version.
+    pub fn new(source: impl Into<String>, dest: Dest, correlation: u64, body: Body) -> Self {
+        Envelope { version: PROTOCOL_VERSION, source: source.into(), dest, correlation, body }
+    }
+}
+
+/// Everything that can be wrong with bytes from the network.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// The length prefix exceeds the configured maximum; nothing was allocated.
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    Oversized { len: u64, max: u64 },
+    /// The stream ended in the middle of a frame.
+    #[error("stream ended {got} bytes into a frame of {expected}")]
+    Truncated { expected: u64, got: u64 },
+    /// The archive failed validation (bytecheck) or is structurally impossible.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The sender speaks another protocol version.
+    #[error("unsupported protocol version {got} (this node speaks {PROTOCOL_VERSION})")]
+    Version { got: u16 },
+    /// Serializing an outgoing envelope failed (a bug, not peer input).
+    #[error("encode failed: {0}")]
+    Encode(String),
+    /// Reading the stream failed (connection lost, stream reset by the peer).
+    #[error("read failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl CodecError {
+    /// The `reason` label of `tidepool_wire_rejected_frames_total`; `None` for errors that are
+    /// not a rejected frame (I/O, our own encode failures).
+    pub fn reject_reason(&self) -> Option<&'static str> {
+        match self {
+            CodecError::Oversized { .. } => Some("oversized"),
+            CodecError::Truncated { .. } => Some("truncated"),
+            CodecError::Malformed(_) => Some("malformed"),
+            CodecError::Version { .. } => Some("version"),
+            CodecError::Encode(_) | CodecError::Io(_) => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,2 +1,389 @@
-//! QUIC transport. (being written)
+//! QUIC transport: one quinn endpoint per node, mutual TLS against the cluster CA, one reused
+//! [`Link`] per peer with a bounded send queue, and dialing with exponential backoff.
+//!
+//! Identity comes only from the peer's verified certificate ([`tls`]); nothing a peer says about
+//! itself is trusted. Frames are validated by [`crate::codec`] before anything reads them.
+
+#[cfg(feature = "fault-injection")]
+pub mod fault;
+mod link;
 pub mod tls;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use parking_lot::Mutex;
+use tracing::{debug, info, warn};
+
+pub use link::{Link, LARGE_FRAME_BYTES, REJECTED_FRAME_CODE};
+pub use tls::{PeerPolicy, TlsMaterial};
+
+use crate::certs::{Identity, Role};
+use crate::codec::{CodecError, Frame};
+use crate::metrics as m;
+
+/// A future the transport awaits per incoming request.
+pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Receives requests (every frame that is not a reply).
+///
+/// The returned future should resolve once the request is *admitted* (queued for its shard, say)
+/// and do the work in a task of its own: the stream it came on is not read while it is pending,
+/// which is how a full queue pushes back on the sender.
+pub trait Inbound: Send + Sync + 'static {
+    fn on_request(&self, link: Link, frame: Frame) -> BoxFuture;
+}
+
+/// Transport settings (see `[transport]` in config/node.toml for units and defaults).
+#[derive(Debug, Clone)]
+pub struct TransportConfig {
+    pub max_frame_bytes: usize,
+    pub send_queue_depth: usize,
+    pub connect_timeout: Duration,
+    pub reconnect_max_backoff: Duration,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            max_frame_bytes: crate::codec::DEFAULT_MAX_FRAME_BYTES,
+            send_queue_depth: 1024,
+            connect_timeout: Duration::from_secs(5),
+            reconnect_max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Errors of the transport. Each says what state the caller is left in.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// Binding the UDP socket failed; nothing is running.
+    #[error("cannot bind {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    /// TLS material or configuration is unusable; nothing is running.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// The peer is not a known member; nothing was sent.
+    #[error("unknown peer {0}")]
+    UnknownPeer(String),
+    /// Dialing failed (refused handshake, timeout); a later call retries after a backoff.
+    #[error("cannot reach {peer}: {reason}")]
+    Unreachable { peer: String, reason: String },
+    /// The link closed; the message may not have been delivered.
+    #[error("link to {peer} is closed")]
+    Closed { peer: String },
+    /// No reply in time; the request may or may not have been applied (retry idempotently).
+    #[error("no reply from {peer} within {after:?}")]
+    Timeout { peer: String, after: Duration },
+    /// A connection-level failure while writing.
+    #[error("connection failed: {0}")]
+    Connection(String),
+    /// Encoding the message failed (a bug on this side).
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// The endpoint is shutting down.
+    #[error("transport is shutting down")]
+    ShuttingDown,
+}
+
+/// Per-peer dialing state: at most one dial in flight, and a backoff after failures.
+#[derive(Default)]
+struct PeerSlot {
+    link: Option<Link>,
+    dial: Arc<tokio::sync::Mutex<()>>,
+    failures: u32,
+    retry_at: Option<Instant>,
+}
+
+struct Inner {
+    name: String,
+    endpoint: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    cfg: TransportConfig,
+    addrs: Mutex<HashMap<String, SocketAddr>>,
+    peers: Mutex<HashMap<String, PeerSlot>>,
+    handler: OnceLock<Arc<dyn Inbound>>,
+}
+
+/// A node's QUIC endpoint and its links to peers. Cheap to clone.
+#[derive(Clone)]
+pub struct Transport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transport").field("name", &self.inner.name).finish()
+    }
+}
+
+/// The UDP socket under quinn.
+#[derive(Debug)]
+pub enum Socket {
+    /// A plain UDP socket bound to this address.
+    Bind(SocketAddr),
+    /// A socket quinn cannot tell from a real one (the fault-injecting socket, in tests).
+    Abstract(Arc<dyn quinn::AsyncUdpSocket>),
+}
+
+impl Transport {
+    /// Binds the endpoint. Incoming connections are accepted only after [`Transport::start`].
+    pub fn bind(
+        name: &str,
+        socket: Socket,
+        tls: &TlsMaterial,
+        policy: Arc<dyn PeerPolicy>,
+        cfg: TransportConfig,
+    ) -> Result<Transport, TransportError> {
+        let server = tls::server_config(tls, policy)?;
+        let client_config = tls::client_config(tls)?;
+        let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
+        let endpoint = match socket {
+            Socket::Bind(addr) => {
+                let udp = std::net::UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+                quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), udp, runtime)
+                    .map_err(|source| TransportError::Bind { addr, source })?
+            }
+            Socket::Abstract(sock) => {
+                let addr = sock.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                quinn::Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), Some(server), sock, runtime)
+                    .map_err(|source| TransportError::Bind { addr, source })?
+            }
+        };
+        Ok(Transport {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                endpoint,
+                client_config,
+                cfg,
+                addrs: Mutex::new(HashMap::new()),
+                peers: Mutex::new(HashMap::new()),
+                handler: OnceLock::new(),
+            }),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.endpoint.local_addr()
+    }
+
+    pub fn config(&self) -> &TransportConfig {
+        &self.inner.cfg
+    }
+
+    /// Sets where each member can be dialed (static membership; the control plane updates it).
+    pub fn set_members(&self, members: impl IntoIterator<Item = (String, SocketAddr)>) {
+        let mut addrs = self.inner.addrs.lock();
+        addrs.clear();
+        addrs.extend(members.into_iter().filter(|(n, _)| *n != self.inner.name));
+    }
+
+    /// Starts accepting connections; requests go to `handler`.
+    pub fn start(&self, handler: Arc<dyn Inbound>) -> tokio::task::JoinHandle<()> {
+        let _ = self.inner.handler.set(handler);
+        let this = self.clone();
+        tokio::spawn(async move { this.accept_loop().await })
+    }
+
+    async fn accept_loop(&self) {
+        while let Some(incoming) = self.inner.endpoint.accept().await {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                let conn = match incoming.await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // The TLS verifier already logged which certificate it refused and why.
+                        metrics::counter!(m::TRANSPORT_HANDSHAKE_FAILURES, "direction" => "inbound").increment(1);
+                        debug!(%remote, error = %e, "inbound handshake failed");
+                        return;
+                    }
+                };
+                match tls::peer_identity(&conn) {
+                    Ok(id) => {
+                        this.adopt(conn, id, false);
+                    }
+                    Err(e) => {
+                        warn!(%remote, error = %e, "connection without a usable identity; closing");
+                        conn.close(1u32.into(), b"no identity");
+                    }
+                };
+            });
+        }
+    }
+
+    /// Wraps a new connection in a link, registering node links in the peer table.
+    fn adopt(&self, conn: quinn::Connection, id: Identity, dialed: bool) -> Link {
+        let role = id.role.to_string();
+        let link = Link::start(conn, id.clone(), self.inner.cfg.send_queue_depth, self.inner.cfg.max_frame_bytes, self.inner.handler.get().cloned());
+        metrics::gauge!(m::TRANSPORT_CONNECTIONS, "role" => role.clone()).increment(1.0);
+        info!(peer = %id.name, role = %id.role, remote = %link.remote_address(), dialed, "connection up");
+        if id.role == Role::Node {
+            let mut peers = self.inner.peers.lock();
+            let slot = peers.entry(id.name.clone()).or_default();
+            // Keep the first live link; a second one from a simultaneous dial still serves its
+            // own streams until the peer drops it.
+            if slot.link.as_ref().is_none_or(Link::is_closed) {
+                slot.link = Some(link.clone());
+                slot.failures = 0;
+                slot.retry_at = None;
+            }
+        }
+        let this = self.clone();
+        let watch = link.clone();
+        tokio::spawn(async move {
+            let why = watch.closed().await;
+            metrics::gauge!(m::TRANSPORT_CONNECTIONS, "role" => role).decrement(1.0);
+            debug!(peer = %watch.peer().name, reason = %why, "connection down");
+            if let Some(slot) = this.inner.peers.lock().get_mut(&watch.peer().name) {
+                if slot.link.as_ref().is_some_and(|l| l.same_connection(&watch)) {
+                    slot.link = None;
+                }
+            }
+        });
+        link
+    }
+
+    /// The live link to `peer`, dialing it if needed (one dial at a time per peer; after a
+    /// failure, calls fail fast until the backoff has passed).
+    pub async fn link(&self, peer: &str) -> Result<Link, TransportError> {
+        let dial_lock = {
+            let mut peers = self.inner.peers.lock();
+            let slot = peers.entry(peer.to_string()).or_default();
+            if let Some(l) = slot.link.as_ref().filter(|l| !l.is_closed()) {
+                return Ok(l.clone());
+            }
+            slot.dial.clone()
+        };
+        let _dialing = dial_lock.lock().await;
+        {
+            let peers = self.inner.peers.lock();
+            if let Some(slot) = peers.get(peer) {
+                if let Some(l) = slot.link.as_ref().filter(|l| !l.is_closed()) {
+                    return Ok(l.clone());
+                }
+                if let Some(at) = slot.retry_at.filter(|at| *at > Instant::now()) {
+                    return Err(TransportError::Unreachable {
+                        peer: peer.to_string(),
+                        reason: format!("backing off for {:?} after {} failures", at - Instant::now(), slot.failures),
+                    });
+                }
+            }
+        }
+        let addr = self.inner.addrs.lock().get(peer).copied().ok_or_else(|| TransportError::UnknownPeer(peer.to_string()))?;
+        let cfg = &self.inner.cfg;
+        let attempt = || self.dial(peer, addr);
+        let result = attempt
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(20))
+                    .with_max_delay(cfg.reconnect_max_backoff / 4)
+                    .with_max_times(2),
+            )
+            .await;
+        let mut peers = self.inner.peers.lock();
+        let slot = peers.entry(peer.to_string()).or_default();
+        match result {
+            Ok(conn) => {
+                drop(peers);
+                metrics::counter!(m::TRANSPORT_DIALS, "result" => "ok").increment(1);
+                let id = tls::peer_identity(&conn)?;
+                Ok(self.adopt(conn, id, true))
+            }
+            Err(e) => {
+                metrics::counter!(m::TRANSPORT_DIALS, "result" => "error").increment(1);
+                slot.failures = slot.failures.saturating_add(1);
+                let backoff = Duration::from_millis(50u64 << slot.failures.min(10)).min(cfg.reconnect_max_backoff);
+                slot.retry_at = Some(Instant::now() + backoff);
+                Err(e)
+            }
+        }
+    }
+
+    async fn dial(&self, peer: &str, addr: SocketAddr) -> Result<quinn::Connection, TransportError> {
+        let unreachable = |reason: String| TransportError::Unreachable { peer: peer.to_string(), reason };
+        let connecting = self
+            .inner
+            .endpoint
+            .connect_with(self.inner.client_config.clone(), addr, peer)
+            .map_err(|e| unreachable(e.to_string()))?;
+        match tokio::time::timeout(self.inner.cfg.connect_timeout, connecting).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => {
+                metrics::counter!(m::TRANSPORT_HANDSHAKE_FAILURES, "direction" => "outbound").increment(1);
+                Err(unreachable(e.to_string()))
+            }
+            Err(_) => Err(unreachable(format!("no handshake within {:?}", self.inner.cfg.connect_timeout))),
+        }
+    }
+
+    /// Names of members with a live link now.
+    pub fn live_peers(&self) -> Vec<String> {
+        self.inner
+            .peers
+            .lock()
+            .iter()
+            .filter(|(_, s)| s.link.as_ref().is_some_and(|l| !l.is_closed()))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Closes every connection (peers see a clean close) and waits, up to `grace`, for the
+    /// close to reach them.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.endpoint.close(0u32.into(), b"shutdown");
+        let _ = tokio::time::timeout(grace, self.inner.endpoint.wait_idle()).await;
+    }
+}
+
+/// A client connection to a node (CLI, demo workload, tests): a [`Link`] that takes no requests.
+pub struct Client {
+    endpoint: quinn::Endpoint,
+    link: Link,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("link", &self.link).finish()
+    }
+}
+
+impl Client {
+    /// Connects to the node at `addr`, which must present the certificate of node `server_name`
+    /// (the CLI learns it from... the certificate itself: pass `None` to accept any node name).
+    pub async fn connect(addr: SocketAddr, server_name: &str, tls: &TlsMaterial, cfg: &TransportConfig) -> Result<Client, TransportError> {
+        Self::connect_with(addr, server_name, tls::client_config(tls)?, cfg).await
+    }
+
+    pub async fn connect_with(addr: SocketAddr, server_name: &str, client_config: quinn::ClientConfig, cfg: &TransportConfig) -> Result<Client, TransportError> {
+        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().map_err(|_| TransportError::ShuttingDown)?;
+        let endpoint = quinn::Endpoint::client(bind).map_err(|source| TransportError::Bind { addr: bind, source })?;
+        let unreachable = |reason: String| TransportError::Unreachable { peer: server_name.to_string(), reason };
+        let connecting = endpoint.connect_with(client_config, addr, server_name).map_err(|e| unreachable(e.to_string()))?;
+        let conn = tokio::time::timeout(cfg.connect_timeout, connecting)
+            .await
+            .map_err(|_| unreachable("handshake timed out".into()))?
+            .map_err(|e| unreachable(e.to_string()))?;
+        let id = tls::peer_identity(&conn)?;
+        let link = Link::start(conn, id, cfg.send_queue_depth, cfg.max_frame_bytes, None);
+        Ok(Client { endpoint, link })
+    }
+
+    pub fn link(&self) -> &Link {
+        &self.link
+    }
+
+    pub async fn close(self) {
+        self.link.close("bye");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
