@@ -138,9 +138,12 @@ impl Node {
     /// Ready: every local shard has a running actor, a majority of members answer, and the node
     /// is not stopping.
     pub fn ready(&self) -> bool {
-        !self.stopping.load(Ordering::SeqCst)
-            && self.router.all_shards_running()
-            && self.router.members_up() * 2 > self.router.members().len()
+        self.readiness().is_ready()
+    }
+
+    /// A cheap handle for health endpoints: readiness without holding the node.
+    pub fn readiness(&self) -> Readiness {
+        Readiness { router: self.router.clone(), stopping: self.stopping.clone() }
     }
 
     /// Resolves when the supervisor gives up (restart budget spent), with its reason.
@@ -162,6 +165,27 @@ impl Node {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(100));
         self.router.transport().shutdown(left).await;
         info!(node = %self.router.name(), "node stopped");
+    }
+}
+
+/// Answers "is this node ready?" for `/readyz`; flips to not-ready the moment a stop begins.
+#[derive(Debug, Clone)]
+pub struct Readiness {
+    router: Router,
+    stopping: Arc<AtomicBool>,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        !self.stopping.load(Ordering::SeqCst)
+            && self.router.all_shards_running()
+            && self.router.members_up() * 2 > self.router.members().len()
+    }
+
+    /// Marks the node as stopping (readiness 503) before the drain starts.
+    pub fn begin_stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.router.begin_shutdown();
     }
 }
 

@@ -1,1 +1,230 @@
-fn main() {}
+//! The `tidepool` binary: argument parsing and wiring only.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tidepool::{daemon, demo};
+use tidepool_runtime::certs::{self, Role, Subject, Validity};
+use tidepool_runtime::client::{ClientOptions, ClusterClient};
+use tidepool_runtime::transport::TlsMaterial;
+
+#[derive(Parser, Debug)]
+#[command(name = "tidepool", version, about = "Elastic cluster runtime for distributed machine learning")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start a throwaway 3-node cluster, run a real workload, check it, stop.
+    Demo {
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        #[arg(long, default_value_t = 64)]
+        shards: u32,
+        /// Increments to run.
+        #[arg(long, default_value_t = 100_000)]
+        ops: u64,
+        #[arg(long, default_value_t = 1000)]
+        keys: u64,
+        #[arg(long, default_value_t = 128)]
+        concurrency: usize,
+        /// Keep the temp dir (logs, configs, certificates) afterwards.
+        #[arg(long)]
+        keep: bool,
+    },
+    /// Run a node.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Make a cluster CA and issue node and client certificates.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+    /// Inspect the cluster.
+    #[command(subcommand)]
+    Cluster(ClusterCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// Run the daemon until SIGTERM/SIGINT.
+    Run {
+        #[arg(long, default_value = "config/node.toml")]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CertsCmd {
+    /// Create a cluster CA (ca.pem, ca.key) in DIR.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Issue a node certificate (--node NAME) or a client certificate (--client NAME --role ROLE).
+    Issue {
+        #[arg(long)]
+        ca: PathBuf,
+        #[arg(long, conflicts_with_all = ["client", "role"], required_unless_present = "client")]
+        node: Option<String>,
+        #[arg(long, requires = "role")]
+        client: Option<String>,
+        #[arg(long, value_enum)]
+        role: Option<ClientRole>,
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: i64,
+    },
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum ClientRole {
+    Admin,
+    Reader,
+}
+
+#[derive(Args, Debug)]
+struct Conn {
+    /// Any node's QUIC address.
+    #[arg(long, env = "TIDEPOOL_CONNECT", default_value = "127.0.0.1:7400")]
+    connect: SocketAddr,
+    /// Directory with ca.pem, client.pem, client.key.
+    #[arg(long, env = "TIDEPOOL_CERT_DIR")]
+    cert_dir: PathBuf,
+    /// Machine-readable output (stable shape).
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterCmd {
+    /// Leader, term, members with their state and reachability, shards per node.
+    Status(Conn),
+    /// The shard map: owner and epoch of every shard.
+    Shards(Conn),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Config is validated before logging, sockets or threads exist.
+    if let Cmd::Node(NodeCmd::Run { config }) = &cli.cmd {
+        return match daemon::load_config(config) {
+            Ok(cfg) => {
+                daemon::init_logging(matches!(cli.log_format, LogFormat::Json));
+                exit(runtime().and_then(|rt| rt.block_on(daemon::run(cfg))))
+            }
+            Err(e) => {
+                eprintln!("tidepool: invalid configuration: {e}");
+                ExitCode::from(daemon::EXIT_CONFIG as u8)
+            }
+        };
+    }
+    daemon::init_logging(matches!(cli.log_format, LogFormat::Json));
+    exit(runtime().and_then(|rt| rt.block_on(dispatch(cli.cmd)).map(|()| 0)))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
+}
+
+fn exit(r: Result<i32>) -> ExitCode {
+    match r {
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
+        Err(e) => {
+            eprintln!("tidepool: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(cmd: Cmd) -> Result<()> {
+    match cmd {
+        Cmd::Demo { nodes, shards, ops, keys, concurrency, keep } => {
+            demo::run(demo::DemoOptions { nodes, shards, ops, keys, concurrency, keep }).await
+        }
+        Cmd::Node(NodeCmd::Run { .. }) => unreachable!("handled in main"),
+        Cmd::Certs(CertsCmd::Init { out }) => {
+            certs::init_ca(&out)?;
+            println!("cluster CA written to {}", out.display());
+            Ok(())
+        }
+        Cmd::Certs(CertsCmd::Issue { ca, node, client, role, out, days }) => {
+            let subject = match (node, client, role) {
+                (Some(n), None, None) => Subject::Node(n),
+                (None, Some(c), Some(r)) => Subject::Client {
+                    name: c,
+                    role: match r {
+                        ClientRole::Admin => Role::Admin,
+                        ClientRole::Reader => Role::Reader,
+                    },
+                },
+                _ => bail!("give either --node NAME, or --client NAME --role admin|reader"),
+            };
+            let path = certs::issue(&ca, &subject, &out, Validity::days_from_now(days))?;
+            println!("certificate written to {}", path.display());
+            Ok(())
+        }
+        Cmd::Cluster(ClusterCmd::Status(c)) => cluster_status(c).await,
+        Cmd::Cluster(ClusterCmd::Shards(c)) => cluster_shards(c).await,
+    }
+}
+
+async fn connect(c: &Conn) -> Result<ClusterClient> {
+    let tls = TlsMaterial::load_client(&c.cert_dir).with_context(|| format!("loading client certificate from {}", c.cert_dir.display()))?;
+    let opts = ClientOptions { request_timeout: Duration::from_secs(5), retry_for: Duration::from_secs(10), ..Default::default() };
+    Ok(ClusterClient::connect(&[c.connect], &tls, opts).await?)
+}
+
+async fn cluster_status(c: Conn) -> Result<()> {
+    let client = connect(&c).await?;
+    let s = client.status().await?;
+    if c.json {
+        let members: Vec<_> = s
+            .members
+            .iter()
+            .map(|m| serde_json::json!({"name": m.name, "addr": m.addr, "state": m.state, "reachable": m.reachable, "shards": m.shards}))
+            .collect();
+        println!("{}", serde_json::json!({"leader": s.leader, "term": s.term, "members": members}));
+    } else {
+        let leader = if s.leader.is_empty() { "none (static membership)" } else { &s.leader };
+        println!("leader: {leader}   term: {}", s.term);
+        println!("{:<12} {:<24} {:<9} {:<10} {:>6}", "NAME", "ADDR", "STATE", "REACHABLE", "SHARDS");
+        for m in &s.members {
+            println!("{:<12} {:<24} {:<9} {:<10} {:>6}", m.name, m.addr, m.state, m.reachable, m.shards);
+        }
+    }
+    client.close().await;
+    Ok(())
+}
+
+async fn cluster_shards(c: Conn) -> Result<()> {
+    let client = connect(&c).await?;
+    let mut shards = client.shards().await?;
+    shards.sort_by_key(|s| s.id);
+    if c.json {
+        let list: Vec<_> = shards.iter().map(|s| serde_json::json!({"id": s.id, "owner": s.owner, "epoch": s.epoch, "state": s.state})).collect();
+        println!("{}", serde_json::json!({ "shards": list }));
+    } else {
+        println!("{:>6} {:<12} {:>6} {:<10}", "SHARD", "OWNER", "EPOCH", "STATE");
+        for s in &shards {
+            println!("{:>6} {:<12} {:>6} {:<10}", s.id, s.owner, s.epoch, s.state);
+        }
+    }
+    client.close().await;
+    Ok(())
+}

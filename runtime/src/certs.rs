@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, PKCS_ECDSA_P256_SHA256,
 };
 use time::{Duration, OffsetDateTime};
 use x509_parser::extensions::GeneralName;
@@ -58,7 +58,9 @@ pub enum CertError {
     #[error("certificate parse error: {0}")]
     Parse(String),
     /// A node or client name is not a DNS label (see [`valid_name`]).
-    #[error("invalid name {0:?}: must be 1-63 characters of [a-z0-9-], not starting or ending with '-'")]
+    #[error(
+        "invalid name {0:?}: must be 1-63 characters of [a-z0-9-], not starting or ending with '-'"
+    )]
     InvalidName(String),
     /// The file exists and overwriting it would destroy something irreplaceable (a CA key).
     #[error("{} already exists; refusing to overwrite it", .0.display())]
@@ -79,7 +81,9 @@ pub enum CertError {
         sans: Vec<String>,
     },
     /// `not_after` is not later than `not_before`.
-    #[error("validity period is empty: not_before {not_before} is not before not_after {not_after}")]
+    #[error(
+        "validity period is empty: not_before {not_before} is not before not_after {not_after}"
+    )]
     InvalidValidity {
         /// Requested start.
         not_before: OffsetDateTime,
@@ -171,14 +175,20 @@ impl Validity {
     /// Valid from five minutes ago (clock skew between peers) until `days` from now.
     pub fn days_from_now(days: i64) -> Self {
         let now = OffsetDateTime::now_utc();
-        Validity { not_before: now - CLOCK_SKEW, not_after: now + Duration::days(days) }
+        Validity {
+            not_before: now - CLOCK_SKEW,
+            not_after: now + Duration::days(days),
+        }
     }
 
     fn check(&self) -> Result<(), CertError> {
         if self.not_before < self.not_after {
             Ok(())
         } else {
-            Err(CertError::InvalidValidity { not_before: self.not_before, not_after: self.not_after })
+            Err(CertError::InvalidValidity {
+                not_before: self.not_before,
+                not_after: self.not_after,
+            })
         }
     }
 }
@@ -191,7 +201,9 @@ impl Validity {
 pub fn valid_name(name: &str) -> bool {
     let bytes = name.as_bytes();
     (1..=63).contains(&bytes.len())
-        && bytes.iter().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
         && bytes.first() != Some(&b'-')
         && bytes.last() != Some(&b'-')
         && rustls_pki_types::DnsName::try_from(name).is_ok()
@@ -221,7 +233,11 @@ pub fn init_ca(out: &Path) -> Result<(), CertError> {
 
     // The key goes first, with create_new, so two concurrent `init_ca` calls cannot both win.
     write_new_secret(&key_path, key.serialize_pem().as_bytes())?;
-    write_atomic(&out.join("ca.pem"), cert.pem().as_bytes(), false)?;
+    if let Err(e) = write_atomic(&out.join("ca.pem"), cert.pem().as_bytes(), false) {
+        // A key without its certificate is useless and would block the retry.
+        let _ = fs::remove_file(&key_path);
+        return Err(e);
+    }
     Ok(())
 }
 
@@ -238,7 +254,9 @@ pub fn issue(
     validity.check()?;
     let (name, role) = match subject {
         Subject::Node(name) => (name.as_str(), Role::Node),
-        Subject::Client { role: Role::Node, .. } => return Err(CertError::BadRole(Role::Node)),
+        Subject::Client {
+            role: Role::Node, ..
+        } => return Err(CertError::BadRole(Role::Node)),
         Subject::Client { name, role } => (name.as_str(), *role),
     };
     if !valid_name(name) {
@@ -258,8 +276,10 @@ pub fn issue(
     let stem = if role == Role::Node {
         // webpki checks the server name against DNS SANs only, never the CN.
         params.subject_alt_names = vec![SanType::DnsName(name.try_into()?)];
-        params.extended_key_usages =
-            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         "node"
     } else {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -271,7 +291,11 @@ pub fn issue(
 
     create_dir(out)?;
     let cert_path = out.join(format!("{stem}.pem"));
-    write_atomic(&out.join(format!("{stem}.key")), key.serialize_pem().as_bytes(), true)?;
+    write_atomic(
+        &out.join(format!("{stem}.key")),
+        key.serialize_pem().as_bytes(),
+        true,
+    )?;
     write_atomic(&cert_path, cert.pem().as_bytes(), false)?;
     // Written from memory rather than fs::copy: `out` may be `ca_dir` itself.
     write_atomic(&out.join("ca.pem"), ca_pem.as_bytes(), false)?;
@@ -306,7 +330,7 @@ pub fn identity_from_der(cert: &[u8]) -> Result<Identity, CertError> {
                     .collect()
             })
             .unwrap_or_default();
-        if !sans.iter().any(|s| *s == name) {
+        if !sans.contains(&name) {
             return Err(CertError::NameMismatch { cn: name, sans });
         }
     }
@@ -317,7 +341,13 @@ pub fn identity_from_der(cert: &[u8]) -> Result<Identity, CertError> {
 /// are refusing, where the full [`identity_from_der`] may be exactly what failed.
 pub fn common_name(cert: &[u8]) -> Option<String> {
     let (_, x509) = x509_parser::certificate::X509Certificate::from_der(cert).ok()?;
-    let cn = x509.subject().iter_common_name().next()?.as_str().ok()?.to_owned();
+    let cn = x509
+        .subject()
+        .iter_common_name()
+        .next()?
+        .as_str()
+        .ok()?
+        .to_owned();
     Some(cn)
 }
 
@@ -327,7 +357,9 @@ fn single_attr<'a>(
     mut attrs: impl Iterator<Item = &'a x509_parser::x509::AttributeTypeAndValue<'a>>,
     what: &str,
 ) -> Result<String, CertError> {
-    let first = attrs.next().ok_or_else(|| CertError::Parse(format!("no {what} in subject")))?;
+    let first = attrs
+        .next()
+        .ok_or_else(|| CertError::Parse(format!("no {what} in subject")))?;
     if attrs.next().is_some() {
         return Err(CertError::Parse(format!("more than one {what} in subject")));
     }
@@ -348,7 +380,10 @@ fn dn(common_name: &str, role: Option<Role>) -> DistinguishedName {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CertError + '_ {
-    move |source| CertError::Io { path: path.to_owned(), source }
+    move |source| CertError::Io {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn create_dir(dir: &Path) -> Result<(), CertError> {
@@ -375,30 +410,51 @@ fn open_options(secret: bool) -> fs::OpenOptions {
 
 /// Writes a file that must not exist yet, readable by the owner only.
 fn write_new_secret(path: &Path, contents: &[u8]) -> Result<(), CertError> {
-    let mut file = open_options(true).create_new(true).open(path).map_err(|e| {
-        if e.kind() == std::io::ErrorKind::AlreadyExists {
-            CertError::Exists(path.to_owned())
-        } else {
-            CertError::Io { path: path.to_owned(), source: e }
-        }
-    })?;
-    file.write_all(contents).and_then(|()| file.sync_all()).map_err(io_err(path))
+    let mut file = open_options(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::AlreadyExists {
+                CertError::Exists(path.to_owned())
+            } else {
+                CertError::Io {
+                    path: path.to_owned(),
+                    source: e,
+                }
+            }
+        })?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(io_err(path))
 }
 
 /// Writes through a temporary file and a rename, so a reader (a node restarting during
 /// rotation) sees either the old file or the new one, never half of one; and a key file that
 /// existed with looser permissions is replaced by one created 0600.
 fn write_atomic(path: &Path, contents: &[u8], secret: bool) -> Result<(), CertError> {
-    let file_name = path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy())
+        .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{file_name}.tmp"));
     // A leftover from a crash may have other permissions; start from nothing.
     match fs::remove_file(&tmp) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(CertError::Io { path: tmp, source: e }),
+        Err(e) => {
+            return Err(CertError::Io {
+                path: tmp,
+                source: e,
+            })
+        }
     }
-    let mut file = open_options(secret).create_new(true).open(&tmp).map_err(io_err(&tmp))?;
-    file.write_all(contents).and_then(|()| file.sync_all()).map_err(io_err(&tmp))?;
+    let mut file = open_options(secret)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(io_err(&tmp))?;
     drop(file);
     fs::rename(&tmp, path).map_err(io_err(path))
 }
@@ -420,13 +476,27 @@ mod tests {
         let ca = dir.path().join("ca");
         init_ca(&ca).unwrap();
         let out = dir.path().join("n1");
-        let cert = issue(&ca, &Subject::Node("n1".into()), &out, Validity::days_from_now(30))
-            .unwrap();
+        let cert = issue(
+            &ca,
+            &Subject::Node("n1".into()),
+            &out,
+            Validity::days_from_now(30),
+        )
+        .unwrap();
         assert_eq!(cert, out.join("node.pem"));
         assert!(out.join("node.key").exists());
-        assert_eq!(fs::read(out.join("ca.pem")).unwrap(), fs::read(ca.join("ca.pem")).unwrap());
+        assert_eq!(
+            fs::read(out.join("ca.pem")).unwrap(),
+            fs::read(ca.join("ca.pem")).unwrap()
+        );
         let id = identity_from_der(&read_der(&cert)).unwrap();
-        assert_eq!(id, Identity { name: "n1".into(), role: Role::Node });
+        assert_eq!(
+            id,
+            Identity {
+                name: "n1".into(),
+                role: Role::Node
+            }
+        );
 
         #[cfg(unix)]
         {
@@ -444,17 +514,31 @@ mod tests {
         init_ca(dir.path()).unwrap();
         for role in [Role::Admin, Role::Reader] {
             let out = dir.path().join(role.as_str());
-            let subject = Subject::Client { name: "ops".into(), role };
+            let subject = Subject::Client {
+                name: "ops".into(),
+                role,
+            };
             let cert = issue(dir.path(), &subject, &out, Validity::days_from_now(1)).unwrap();
             assert_eq!(cert, out.join("client.pem"));
             assert!(out.join("client.key").exists());
             let id = identity_from_der(&read_der(&cert)).unwrap();
-            assert_eq!(id, Identity { name: "ops".into(), role });
+            assert_eq!(
+                id,
+                Identity {
+                    name: "ops".into(),
+                    role
+                }
+            );
         }
         // Issuing into the CA directory itself must not clobber ca.pem.
         let ca_before = fs::read(dir.path().join("ca.pem")).unwrap();
-        issue(dir.path(), &Subject::Node("n9".into()), dir.path(), Validity::days_from_now(1))
-            .unwrap();
+        issue(
+            dir.path(),
+            &Subject::Node("n9".into()),
+            dir.path(),
+            Validity::days_from_now(1),
+        )
+        .unwrap();
         assert_eq!(fs::read(dir.path().join("ca.pem")).unwrap(), ca_before);
     }
 
@@ -475,13 +559,25 @@ mod tests {
         let v = Validity::days_from_now(1);
         for bad in ["", "N1", "-n1", "n1-", "n_1", "n.1", "ü", &"a".repeat(64)] {
             assert!(
-                matches!(issue(dir.path(), &Subject::Node(bad.into()), &out, v), Err(CertError::InvalidName(_))),
+                matches!(
+                    issue(dir.path(), &Subject::Node(bad.into()), &out, v),
+                    Err(CertError::InvalidName(_))
+                ),
                 "{bad:?}"
             );
         }
-        let node_client = Subject::Client { name: "c".into(), role: Role::Node };
-        assert!(matches!(issue(dir.path(), &node_client, &out, v), Err(CertError::BadRole(_))));
-        let empty = Validity { not_before: v.not_after, not_after: v.not_before };
+        let node_client = Subject::Client {
+            name: "c".into(),
+            role: Role::Node,
+        };
+        assert!(matches!(
+            issue(dir.path(), &node_client, &out, v),
+            Err(CertError::BadRole(_))
+        ));
+        let empty = Validity {
+            not_before: v.not_after,
+            not_after: v.not_before,
+        };
         assert!(matches!(
             issue(dir.path(), &Subject::Node("n1".into()), &out, empty),
             Err(CertError::InvalidValidity { .. })
@@ -494,7 +590,19 @@ mod tests {
         for good in ["a", "n1", "node-7", "1n", "0xg", &"a".repeat(63)] {
             assert!(valid_name(good), "{good:?}");
         }
-        for bad in ["", "A", "-", "a-", "-a", "a b", "a.b", "0", "123", "0xff", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "A",
+            "-",
+            "a-",
+            "-a",
+            "a b",
+            "a.b",
+            "0",
+            "123",
+            "0xff",
+            &"a".repeat(64),
+        ] {
             assert!(!valid_name(bad), "{bad:?}");
         }
     }
@@ -504,7 +612,10 @@ mod tests {
         for role in [Role::Node, Role::Admin, Role::Reader] {
             assert_eq!(role.to_string().parse::<Role>().unwrap(), role);
         }
-        assert!(matches!("root".parse::<Role>(), Err(CertError::UnknownRole(_))));
+        assert!(matches!(
+            "root".parse::<Role>(),
+            Err(CertError::UnknownRole(_))
+        ));
     }
 
     #[test]
@@ -514,21 +625,35 @@ mod tests {
         let mut params = CertificateParams::new(vec!["other".to_string()]).unwrap();
         params.distinguished_name = dn("n1", Some(Role::Node));
         let cert = params.self_signed(&key).unwrap();
-        assert!(matches!(identity_from_der(cert.der()), Err(CertError::NameMismatch { .. })));
+        assert!(matches!(
+            identity_from_der(cert.der()),
+            Err(CertError::NameMismatch { .. })
+        ));
 
         // Unknown OU.
         let mut params = CertificateParams::default();
         params.distinguished_name = dn("n1", None);
-        params.distinguished_name.push(DnType::OrganizationalUnitName, "root");
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, "root");
         let cert = params.self_signed(&key).unwrap();
-        assert!(matches!(identity_from_der(cert.der()), Err(CertError::UnknownRole(_))));
+        assert!(matches!(
+            identity_from_der(cert.der()),
+            Err(CertError::UnknownRole(_))
+        ));
 
         // No OU at all (the CA certificate itself).
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(CA_COMMON_NAME, None);
         let cert = params.self_signed(&key).unwrap();
-        assert!(matches!(identity_from_der(cert.der()), Err(CertError::Parse(_))));
+        assert!(matches!(
+            identity_from_der(cert.der()),
+            Err(CertError::Parse(_))
+        ));
 
-        assert!(matches!(identity_from_der(b"garbage"), Err(CertError::Parse(_))));
+        assert!(matches!(
+            identity_from_der(b"garbage"),
+            Err(CertError::Parse(_))
+        ));
     }
 }

@@ -6,6 +6,7 @@
 //! - [`transport`]: one quinn endpoint per node, mutual TLS against the cluster CA, one reused
 //!   link per peer with a bounded send queue, reconnect with backoff, and (feature
 //!   `fault-injection`) a UDP socket that drops, delays and blocks datagrams per peer.
+//! - [`client`]: the client library (CLI, demo, tests): shard map, routing, idempotent retries.
 //! - [`certs`]: the cluster CA and node / client certificates (rcgen).
 //! - [`placement`]: sans-IO rendezvous hashing of shards onto members.
 //! - [`config`]: typed node configuration, defaults with units, validation.
@@ -13,6 +14,7 @@
 #![deny(unsafe_code)]
 
 pub mod certs;
+pub mod client;
 pub mod codec;
 pub mod config;
 pub mod metrics;

@@ -24,13 +24,20 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{VerifierBuilderError, WebPkiClientVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme,
+};
 
 use crate::certs::{self, CertError, Identity, Role};
 
 /// ALPN protocol id of the Tidepool wire protocol; bump the version on incompatible changes so
 /// that mismatched peers fail at the handshake instead of on the first frame.
 pub const ALPN: &[u8] = b"tidepool/1";
+
+/// Server name to dial when any node of the cluster will do (a CLI given only `--connect
+/// ADDR`): the chain, expiry and node role are still verified, and the node's real name is then
+/// taken from its certificate. Node-to-node dials always use the peer's real name.
+pub const ANY_NODE: &str = "any-node.tidepool.invalid";
 
 /// Errors from loading TLS material, building configs, or reading a peer's identity.
 #[derive(Debug, thiserror::Error)]
@@ -104,7 +111,10 @@ impl TlsMaterial {
     pub fn load_node(dir: &Path) -> Result<Self, TlsError> {
         let m = Self::load(dir, "node")?;
         if m.identity.role != Role::Node {
-            return Err(TlsError::WrongRole { expected: "node", found: m.identity });
+            return Err(TlsError::WrongRole {
+                expected: "node",
+                found: m.identity,
+            });
         }
         Ok(m)
     }
@@ -114,7 +124,10 @@ impl TlsMaterial {
     pub fn load_client(dir: &Path) -> Result<Self, TlsError> {
         let m = Self::load(dir, "client")?;
         if m.identity.role == Role::Node {
-            return Err(TlsError::WrongRole { expected: "admin or reader", found: m.identity });
+            return Err(TlsError::WrongRole {
+                expected: "admin or reader",
+                found: m.identity,
+            });
         }
         Ok(m)
     }
@@ -128,13 +141,20 @@ impl TlsMaterial {
         let cert_path = dir.join(format!("{stem}.pem"));
         let chain = read_certs(&cert_path)?;
         let key_path = dir.join(format!("{stem}.key"));
-        let key = PrivateKeyDer::from_pem_slice(&read(&key_path)?)
-            .map_err(|e| TlsError::Pem { path: key_path, reason: e.to_string() })?;
+        let key = PrivateKeyDer::from_pem_slice(&read(&key_path)?).map_err(|e| TlsError::Pem {
+            path: key_path,
+            reason: e.to_string(),
+        })?;
         // read_certs never returns an empty list.
         let end_entity = chain.first().ok_or(TlsError::NoIdentity)?;
         let identity = certs::identity_from_der(end_entity)?;
         warn_if_outside_validity(end_entity, &cert_path);
-        Ok(TlsMaterial { ca_roots: Arc::new(roots), chain, key, identity })
+        Ok(TlsMaterial {
+            ca_roots: Arc::new(roots),
+            chain,
+            key,
+            identity,
+        })
     }
 }
 
@@ -178,7 +198,10 @@ pub fn server_config(
     // Only nodes serve; a client certificate lacks serverAuth and peers would refuse it anyway,
     // so fail here with a clear message instead of on every handshake.
     if m.identity.role != Role::Node {
-        return Err(TlsError::WrongRole { expected: "node", found: m.identity.clone() });
+        return Err(TlsError::WrongRole {
+            expected: "node",
+            found: m.identity.clone(),
+        });
     }
     let provider = provider();
     let inner = WebPkiClientVerifier::builder_with_provider(m.ca_roots.clone(), provider.clone())
@@ -245,7 +268,10 @@ impl ClientCertVerifier for PolicyClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        if let Err(e) = self.inner.verify_client_cert(end_entity, intermediates, now) {
+        if let Err(e) = self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
             refuse("client", end_entity, &e.to_string());
             return Err(e);
         }
@@ -299,10 +325,32 @@ impl ServerCertVerifier for NodeServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if let Err(e) =
-            self.inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
-            refuse("server", end_entity, &format!("dialing {}: {e}", server_name.to_str()));
+        // For ANY_NODE, verify against the name the certificate itself claims (its SAN); the
+        // role check below still insists on a node certificate.
+        let claimed;
+        let server_name = match server_name {
+            ServerName::DnsName(n) if n.as_ref() == ANY_NODE => {
+                let id = certs::identity_from_der(end_entity).map_err(|e| {
+                    refuse("server", end_entity, &e.to_string());
+                    application_failure()
+                })?;
+                claimed = ServerName::try_from(id.name).map_err(|_| application_failure())?;
+                &claimed
+            }
+            other => other,
+        };
+        if let Err(e) = self.inner.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        ) {
+            refuse(
+                "server",
+                end_entity,
+                &format!("dialing {}: {e}", server_name.to_str()),
+            );
             return Err(e);
         }
         let identity = certs::identity_from_der(end_entity).map_err(|e| {
@@ -363,7 +411,10 @@ fn refuse(side: &str, cert: &CertificateDer<'_>, reason: &str) {
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Io { path: path.to_owned(), source })
+    std::fs::read(path).map_err(|source| TlsError::Io {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// All certificates in a PEM file; at least one.
@@ -371,9 +422,15 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let pem = read(path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::Pem { path: path.to_owned(), reason: e.to_string() })?;
+        .map_err(|e| TlsError::Pem {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err(TlsError::Pem { path: path.to_owned(), reason: "no certificate".to_owned() });
+        return Err(TlsError::Pem {
+            path: path.to_owned(),
+            reason: "no certificate".to_owned(),
+        });
     }
     Ok(certs)
 }

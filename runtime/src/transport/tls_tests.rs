@@ -89,7 +89,9 @@ async fn accept_one(ep: &Endpoint) -> Result<Connection, ConnectionError> {
         .await
         .expect("no connection attempt arrived before the deadline")
         .expect("endpoint closed");
-    tokio::time::timeout(DEADLINE, incoming).await.expect("server handshake hung")
+    tokio::time::timeout(DEADLINE, incoming)
+        .await
+        .expect("server handshake hung")
 }
 
 /// The client side of an attempt the server refuses. With TLS 1.3 the client sends its
@@ -105,7 +107,10 @@ async fn client_refused(connecting: Connecting) -> String {
         recv.read_to_end(64).await?;
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     };
-    match tokio::time::timeout(DEADLINE, attempt).await.expect("client neither failed nor succeeded") {
+    match tokio::time::timeout(DEADLINE, attempt)
+        .await
+        .expect("client neither failed nor succeeded")
+    {
         Ok(()) => panic!("client was not refused"),
         Err(e) => e.to_string(),
     }
@@ -113,7 +118,10 @@ async fn client_refused(connecting: Connecting) -> String {
 
 /// The client side of an attempt the client itself refuses: the handshake must fail.
 async fn handshake_fails(connecting: Connecting) -> ConnectionError {
-    match tokio::time::timeout(DEADLINE, connecting).await.expect("client handshake hung") {
+    match tokio::time::timeout(DEADLINE, connecting)
+        .await
+        .expect("client handshake hung")
+    {
         Ok(conn) => panic!("handshake with {:?} succeeded", peer_identity(&conn)),
         Err(e) => e,
     }
@@ -128,18 +136,47 @@ async fn nodes_and_clients_authenticate_each_other() {
     let (_client_ep, connecting) = dial(client_config(&n2).unwrap(), addr, "n1");
     let (accepted, connected) = tokio::join!(accept_one(&server_ep), connecting);
     let (accepted, connected) = (accepted.unwrap(), connected.unwrap());
-    assert_eq!(peer_identity(&accepted).unwrap(), Identity { name: "n2".into(), role: Role::Node });
-    assert_eq!(peer_identity(&connected).unwrap(), Identity { name: "n1".into(), role: Role::Node });
-    assert_eq!(accepted.handshake_data().unwrap().downcast::<quinn::crypto::rustls::HandshakeData>().unwrap().protocol, Some(ALPN.to_vec()));
+    assert_eq!(
+        peer_identity(&accepted).unwrap(),
+        Identity {
+            name: "n2".into(),
+            role: Role::Node
+        }
+    );
+    assert_eq!(
+        peer_identity(&connected).unwrap(),
+        Identity {
+            name: "n1".into(),
+            role: Role::Node
+        }
+    );
+    assert_eq!(
+        accepted
+            .handshake_data()
+            .unwrap()
+            .downcast::<quinn::crypto::rustls::HandshakeData>()
+            .unwrap()
+            .protocol,
+        Some(ALPN.to_vec())
+    );
 
     // A CLI client with an admin certificate is admitted too and seen as such.
     let dir = pki.issue(
-        Subject::Client { name: "ops".into(), role: Role::Admin },
+        Subject::Client {
+            name: "ops".into(),
+            role: Role::Admin,
+        },
         "ops",
         Validity::days_from_now(1),
     );
     let ops = TlsMaterial::load_client(&dir).unwrap();
-    assert_eq!(ops.identity, Identity { name: "ops".into(), role: Role::Admin });
+    assert_eq!(
+        ops.identity,
+        Identity {
+            name: "ops".into(),
+            role: Role::Admin
+        }
+    );
     let (_client_ep, connecting) = dial(client_config(&ops).unwrap(), addr, "n1");
     let (accepted, connected) = tokio::join!(accept_one(&server_ep), connecting);
     assert_eq!(peer_identity(&accepted.unwrap()).unwrap().role, Role::Admin);
@@ -184,7 +221,10 @@ async fn refuses_client_from_foreign_ca() {
 async fn refuses_expired_client() {
     let pki = Pki::new();
     let now = OffsetDateTime::now_utc();
-    let expired = Validity { not_before: now - time::Duration::days(2), not_after: now - time::Duration::days(1) };
+    let expired = Validity {
+        not_before: now - time::Duration::days(2),
+        not_after: now - time::Duration::days(1),
+    };
     let dir = pki.issue(Subject::Node("n2".into()), "n2", expired);
     let n2 = TlsMaterial::load_node(&dir).unwrap();
     refused_by_server(&pki, client_config(&n2).unwrap()).await;
@@ -204,7 +244,10 @@ async fn refused_by_client(client: &TlsMaterial, server: quinn::ServerConfig, ex
     let (accepted, client_err) = tokio::join!(accept_one(&server_ep), handshake_fails(connecting));
     assert!(accepted.is_err(), "server saw a completed handshake");
     // Any error but a timeout; the exact alert depends on which check fired.
-    assert!(!matches!(client_err, ConnectionError::TimedOut), "{client_err}");
+    assert!(
+        !matches!(client_err, ConnectionError::TimedOut),
+        "{client_err}"
+    );
 }
 
 #[tokio::test]
@@ -217,7 +260,10 @@ async fn refuses_server_with_another_nodes_name() {
 }
 
 /// A server config built by hand: `server_config` itself refuses non-node material.
-fn raw_server(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> quinn::ServerConfig {
+fn raw_server(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> quinn::ServerConfig {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
@@ -234,7 +280,10 @@ async fn refuses_client_certificate_posing_as_server() {
     let n1 = pki.node("n1");
     // An admin certificate named like the node we dial: no serverAuth EKU, no DNS SAN.
     let dir = pki.issue(
-        Subject::Client { name: "n2".into(), role: Role::Admin },
+        Subject::Client {
+            name: "n2".into(),
+            role: Role::Admin,
+        },
         "fake-n2",
         Validity::days_from_now(1),
     );
@@ -243,7 +292,12 @@ async fn refuses_client_certificate_posing_as_server() {
         server_config(&fake, Arc::new(Members(vec![]))),
         Err(TlsError::WrongRole { .. })
     ));
-    refused_by_client(&n1, raw_server(fake.chain.clone(), fake.key.clone_key()), "n2").await;
+    refused_by_client(
+        &n1,
+        raw_server(fake.chain.clone(), fake.key.clone_key()),
+        "n2",
+    )
+    .await;
 
     // Even a CA-signed certificate with serverAuth and the right SAN is refused if its role is
     // not node: webpki passes it, so this exercises our own check.
@@ -257,13 +311,18 @@ fn ca_signed_admin_with_server_eku(
     name: &str,
 ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
     let ca_pem = std::fs::read_to_string(ca_dir.join("ca.pem")).unwrap();
-    let ca_key = KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca.key")).unwrap()).unwrap();
+    let ca_key =
+        KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca.key")).unwrap()).unwrap();
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
     let mut params = CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, name);
-    params.distinguished_name.push(DnType::OrganizationName, "tidepool");
-    params.distinguished_name.push(DnType::OrganizationalUnitName, "admin");
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "tidepool");
+    params
+        .distinguished_name
+        .push(DnType::OrganizationalUnitName, "admin");
     params.subject_alt_names = vec![SanType::DnsName(name.try_into().unwrap())];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
@@ -280,13 +339,53 @@ fn ca_signed_admin_with_server_eku(
 fn load_checks_roles_and_files() {
     let pki = Pki::new();
     let node_dir = pki.issue(Subject::Node("n1".into()), "n1", Validity::days_from_now(1));
-    assert!(matches!(TlsMaterial::load_client(&node_dir), Err(TlsError::Io { .. })));
+    assert!(matches!(
+        TlsMaterial::load_client(&node_dir),
+        Err(TlsError::Io { .. })
+    ));
     // A node certificate renamed to client.pem is still a node's.
     std::fs::copy(node_dir.join("node.pem"), node_dir.join("client.pem")).unwrap();
     std::fs::copy(node_dir.join("node.key"), node_dir.join("client.key")).unwrap();
-    assert!(matches!(TlsMaterial::load_client(&node_dir), Err(TlsError::WrongRole { .. })));
+    assert!(matches!(
+        TlsMaterial::load_client(&node_dir),
+        Err(TlsError::WrongRole { .. })
+    ));
     std::fs::write(node_dir.join("ca.pem"), "not pem").unwrap();
-    assert!(matches!(TlsMaterial::load_node(&node_dir), Err(TlsError::Pem { .. })));
+    assert!(matches!(
+        TlsMaterial::load_node(&node_dir),
+        Err(TlsError::Pem { .. })
+    ));
     let m = pki.node("n2");
-    assert!(!format!("{m:?}").contains("key:"), "Debug must not print the key");
+    assert!(
+        !format!("{m:?}").contains("key:"),
+        "Debug must not print the key"
+    );
+}
+
+#[tokio::test]
+async fn any_node_accepts_only_node_certificates() {
+    let pki = Pki::new();
+    let dir = pki.issue(
+        Subject::Client { name: "ops".into(), role: Role::Reader },
+        "ops",
+        Validity::days_from_now(1),
+    );
+    let ops = TlsMaterial::load_client(&dir).unwrap();
+
+    // Any node will do, and the client learns which one it reached.
+    let (server_ep, addr) = node_server(&pki.node("n1"));
+    let (_client_ep, connecting) = dial(client_config(&ops).unwrap(), addr, ANY_NODE);
+    let (accepted, connected) = tokio::join!(accept_one(&server_ep), connecting);
+    assert_eq!(peer_identity(&accepted.unwrap()).unwrap().name, "ops");
+    assert_eq!(
+        peer_identity(&connected.unwrap()).unwrap(),
+        Identity { name: "n1".into(), role: Role::Node }
+    );
+
+    // ...but it must still be a node: a CA-signed non-node certificate that would otherwise
+    // pass webpki (serverAuth, SAN = its CN) is refused.
+    let (chain, key) = ca_signed_admin_with_server_eku(&pki.ca_dir(), "n2");
+    refused_by_client(&ops, raw_server(chain, key), ANY_NODE).await;
+    // So is a plain client certificate.
+    refused_by_client(&ops, raw_server(ops.chain.clone(), ops.key.clone_key()), ANY_NODE).await;
 }

@@ -1,0 +1,83 @@
+//! `tidepool node run`: load and validate config (before binding anything), set up logging and
+//! metrics, start the node and its admin HTTP, and stop cleanly on SIGTERM/SIGINT.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tidepool_actors::node::Node;
+use tidepool_runtime::config::{ConfigError, NodeConfig};
+use tidepool_runtime::metrics as m;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+/// Exit code for bad configuration (EX_USAGE).
+pub const EXIT_CONFIG: i32 = 64;
+/// Exit code after the supervisor escalated (EX_SOFTWARE): the node left instead of limping.
+pub const EXIT_ESCALATED: i32 = 70;
+
+/// Loads config; on failure prints which key is wrong and why.
+pub fn load_config(path: &Path) -> Result<NodeConfig, ConfigError> {
+    NodeConfig::load(Some(path))
+}
+
+/// Installs the Prometheus recorder with explicit histogram buckets and every metric described.
+pub fn install_metrics() -> Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), m::HISTOGRAM_BUCKETS)
+        .context("histogram buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    m::describe_all();
+    metrics::gauge!(m::NODE_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            t.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
+/// Runs a node until a signal or an escalation; returns the process exit code.
+pub async fn run(cfg: NodeConfig) -> Result<i32> {
+    let grace = Duration::from_millis(cfg.node.shutdown_grace_ms);
+    let metrics = install_metrics()?;
+    let mut node = Node::start(&cfg, None).await.context("starting the node")?;
+    let readiness = node.readiness();
+    let admin = crate::admin::bind(cfg.node.admin, metrics, readiness.clone()).await?;
+    tokio::spawn(admin);
+    info!(node = %cfg.node.name, quic = %cfg.node.listen, admin = %cfg.node.admin, "tidepool node running");
+
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let code = tokio::select! {
+        _ = term.recv() => { info!("SIGTERM: stopping"); 0 }
+        _ = int.recv() => { info!("SIGINT: stopping"); 0 }
+        reason = node.escalated() => {
+            error!(reason = reason.as_deref().unwrap_or("unknown"), "supervisor escalated: leaving the cluster");
+            EXIT_ESCALATED
+        }
+    };
+    readiness.begin_stop();
+    if tokio::time::timeout(grace + Duration::from_secs(1), node.shutdown(grace)).await.is_err() {
+        warn!(?grace, "shutdown overran its grace period");
+    }
+    Ok(code)
+}
+
+/// Sets up tracing: human-readable text (colour on a TTY) or JSON lines.
+pub fn init_logging(json: bool) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().with_current_span(false).init();
+    } else {
+        builder.with_ansi(std::io::stderr().is_terminal()).init();
+    }
+}

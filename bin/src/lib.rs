@@ -1,0 +1,16 @@
+//! The `tidepool` binary's library half: the pieces the CLI, the demo and the multi-process
+//! tests share. The binary itself (src/main.rs) is only argument parsing and wiring.
+//!
+//! - [`daemon`]: `tidepool node run`: config, logging, metrics, admin HTTP, signals.
+//! - [`admin`]: the admin HTTP server (`/metrics`, `/livez`, `/readyz`).
+//! - [`local_cluster`]: starts real `tidepool node run` processes on loopback with fresh certs.
+//! - [`workload`]: the idempotent-increment workload and its exactly-once check.
+//! - [`http`]: a minimal HTTP/1.1 GET for polling admin endpoints.
+//! - [`demo`]: `tidepool demo`.
+
+pub mod admin;
+pub mod daemon;
+pub mod demo;
+pub mod http;
+pub mod local_cluster;
+pub mod workload;

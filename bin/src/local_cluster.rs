@@ -1,0 +1,217 @@
+//! A real local cluster: N `tidepool node run` processes on 127.0.0.1, with a throwaway CA and
+//! certificates in a temp dir. Used by `tidepool demo` and the multi-process tests.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tidepool_runtime::certs::{self, Role, Subject, Validity};
+use tokio::process::{Child, Command};
+
+/// One node process.
+#[derive(Debug)]
+pub struct NodeProc {
+    pub name: String,
+    pub quic: SocketAddr,
+    pub admin: SocketAddr,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl NodeProc {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+}
+
+/// The cluster and its temp dir (removed on drop, unless `keep` is set).
+#[derive(Debug)]
+pub struct LocalCluster {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    pub nodes: Vec<NodeProc>,
+}
+
+/// A free loopback port for UDP and TCP alike (the OS picks; we release it right away).
+fn free_port() -> Result<u16> {
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let port = udp.local_addr()?.port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+}
+
+impl LocalCluster {
+    /// Makes the CA, node and client certificates and the node configs. Starts nothing.
+    pub fn create(bin: &Path, n: usize, shards: u32) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("tidepool-").tempdir().context("temp dir")?;
+        let root = dir.path();
+        let ca = root.join("ca");
+        certs::init_ca(&ca)?;
+        let mut nodes = Vec::with_capacity(n);
+        for i in 1..=n {
+            let name = format!("n{i}");
+            let quic = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            nodes.push(NodeProc { config: root.join(format!("{name}.toml")), log: root.join(format!("{name}.log")), name, quic, admin, child: None });
+        }
+        let members: Vec<String> = nodes.iter().map(|n| format!("{{ name = \"{}\", addr = \"{}\" }}", n.name, n.quic)).collect();
+        for node in &nodes {
+            let certs_dir = root.join("certs").join(&node.name);
+            certs::issue(&ca, &Subject::Node(node.name.clone()), &certs_dir, Validity::days_from_now(30))?;
+            let toml = format!(
+                "[node]\nname = \"{name}\"\nlisten = \"{quic}\"\nadmin = \"{admin}\"\ndata_dir = \"{data}\"\nshutdown_grace_ms = 5000\n\n\
+                 [cluster]\nseeds = [\"{seed}\"]\nvoters = [\"n1\"]\nshards = {shards}\nmembers = [{members}]\n\n\
+                 [tls]\ndir = \"{certs}\"\n\n[storage]\nurl = \"file://{shared}\"\n",
+                name = node.name,
+                quic = node.quic,
+                admin = node.admin,
+                data = root.join("data").join(&node.name).display(),
+                seed = nodes[0].quic,
+                members = members.join(", "),
+                certs = certs_dir.display(),
+                shared = root.join("data").join("shared").display(),
+            );
+            std::fs::write(&node.config, toml)?;
+        }
+        for (client, role) in [("demo-admin", Role::Admin), ("demo-reader", Role::Reader)] {
+            let out = root.join("certs").join(client);
+            certs::issue(&ca, &Subject::Client { name: client.into(), role }, &out, Validity::days_from_now(30))?;
+        }
+        Ok(LocalCluster { bin: bin.to_path_buf(), dir, nodes })
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Certificate dir of the admin client (`--cert-dir`).
+    pub fn admin_dir(&self) -> PathBuf {
+        self.root().join("certs").join("demo-admin")
+    }
+
+    /// Certificate dir of the read-only client.
+    pub fn reader_dir(&self) -> PathBuf {
+        self.root().join("certs").join("demo-reader")
+    }
+
+    pub fn ca_dir(&self) -> PathBuf {
+        self.root().join("ca")
+    }
+
+    pub fn seeds(&self) -> Vec<SocketAddr> {
+        self.nodes.iter().map(|n| n.quic).collect()
+    }
+
+    /// Starts node `i` (stdout and stderr go to its log file).
+    pub fn start(&mut self, i: usize) -> Result<()> {
+        let node = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
+        let child = Command::new(&self.bin)
+            .args(["node", "run", "--config"])
+            .arg(&node.config)
+            .env_remove("TIDEPOOL_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("spawning {}", self.bin.display()))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    pub fn start_all(&mut self) -> Result<()> {
+        (0..self.nodes.len()).try_for_each(|i| self.start(i))
+    }
+
+    /// Polls every node's `/readyz` until all answer 200 or `timeout` passes.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        for i in 0..self.nodes.len() {
+            loop {
+                if let Ok((200, _)) = crate::http::get(self.nodes[i].admin, "/readyz").await {
+                    break;
+                }
+                if let Some(status) = self.nodes[i].child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                    bail!("{} exited with {status} before becoming ready; log:\n{}", self.nodes[i].name, self.tail_log(i));
+                }
+                if Instant::now() > deadline {
+                    bail!("{} not ready within {timeout:?}; log:\n{}", self.nodes[i].name, self.tail_log(i));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await; // poll interval, not synchronisation
+            }
+        }
+        Ok(())
+    }
+
+    /// The last lines of node `i`'s log.
+    pub fn tail_log(&self, i: usize) -> String {
+        let text = std::fs::read_to_string(&self.nodes[i].log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Scrapes node `i`'s `/metrics`.
+    pub async fn metrics(&self, i: usize) -> Result<String> {
+        let (status, body) = crate::http::get(self.nodes[i].admin, "/metrics").await?;
+        if status != 200 {
+            bail!("/metrics on {} answered {status}", self.nodes[i].name);
+        }
+        Ok(body)
+    }
+
+    /// Sends `sig` to node `i`.
+    pub fn signal(&self, i: usize, sig: i32) -> Result<()> {
+        let pid = self.nodes[i].pid().context("node is not running")?;
+        let pid = i32::try_from(pid).context("pid out of range")?;
+        // We hold the un-reaped child, so the pid cannot have been reused by another process.
+        if send_signal(pid, sig) != 0 {
+            bail!("kill({pid}, {sig}) failed: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// SIGTERMs node `i` and waits for it to exit.
+    pub async fn stop(&mut self, i: usize, timeout: Duration) -> Result<ExitStatus> {
+        self.signal(i, libc::SIGTERM)?;
+        let child = self.nodes[i].child.as_mut().context("node is not running")?;
+        let status = tokio::time::timeout(timeout, child.wait()).await.context("node did not exit in time")??;
+        self.nodes[i].child = None;
+        Ok(status)
+    }
+
+    /// Stops every node; returns their exit statuses.
+    pub async fn stop_all(&mut self, timeout: Duration) -> Result<Vec<ExitStatus>> {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].child.is_some() {
+                self.signal(i, libc::SIGTERM)?;
+            }
+        }
+        let mut out = Vec::new();
+        for i in 0..self.nodes.len() {
+            if let Some(child) = self.nodes[i].child.as_mut() {
+                let status = tokio::time::timeout(timeout, child.wait()).await.context("node did not exit in time")??;
+                out.push(status);
+                self.nodes[i].child = None;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Keeps the temp dir after the cluster is dropped (for post-mortems).
+    pub fn keep(self) -> PathBuf {
+        self.dir.keep()
+    }
+}
+
+#[allow(unsafe_code)]
+fn send_signal(pid: i32, sig: i32) -> i32 {
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    unsafe { libc::kill(pid, sig) }
+}

@@ -1,0 +1,279 @@
+//! The client library: what the CLI, the demo and the tests use to talk to a cluster.
+//!
+//! A [`ClusterClient`] learns the members and the shard map from any seed, sends each op
+//! straight to its shard's owner, and retries with the *same* idempotency key (sender id +
+//! sequence) on timeouts, lost connections and retryable errors, so an op is applied at most once
+//! however often it is sent, and acknowledged at most once.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable};
+use parking_lot::Mutex;
+
+use crate::codec::{Body, Dest, Envelope, ErrorCode, Frame, IdemKey, Op, OpResult, ShardInfo, ShardRequest, StatusInfo};
+use crate::placement::shard_for_key;
+use crate::transport::tls::{self, ANY_NODE};
+use crate::transport::{Client, Link, TlsMaterial, TransportConfig, TransportError};
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Wait for one reply at most this long before retrying.
+    pub request_timeout: Duration,
+    /// Keep retrying one op for at most this long (then it is reported as not acknowledged).
+    pub retry_for: Duration,
+    pub transport: TransportConfig,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions { request_timeout: Duration::from_secs(5), retry_for: Duration::from_secs(30), transport: TransportConfig::default() }
+    }
+}
+
+/// What went wrong with a client call.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// No seed answered.
+    #[error("no seed reachable: {0}")]
+    NoSeed(String),
+    /// The cluster refused the request for good (bad request, forbidden).
+    #[error("refused: {code:?}: {message}")]
+    Refused { code: ErrorCode, message: String },
+    /// A retryable failure; after `retry_for` it is final and the op is NOT acknowledged (it may or
+    /// may not have been applied; a later retry with the same key is still safe).
+    #[error("retryable failure: {0}")]
+    Retryable(String),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+impl ClientError {
+    fn retryable(&self) -> bool {
+        matches!(self, ClientError::Retryable(_) | ClientError::NoSeed(_))
+    }
+}
+
+#[derive(Debug, Default)]
+struct View {
+    addrs: HashMap<String, SocketAddr>,
+    owners: Vec<String>,
+    epochs: Vec<u64>,
+    links: HashMap<String, Arc<Client>>,
+}
+
+/// A connection to a cluster. Cheap to share (`Arc`); every method takes `&self`.
+#[derive(Debug)]
+pub struct ClusterClient {
+    seeds: Vec<SocketAddr>,
+    client_config: quinn::ClientConfig,
+    opts: ClientOptions,
+    sender: u64,
+    seq: AtomicU64,
+    view: Mutex<View>,
+}
+
+impl ClusterClient {
+    /// Connects to the cluster through any of `seeds` and loads the member list and shard map.
+    pub async fn connect(seeds: &[SocketAddr], tls: &TlsMaterial, opts: ClientOptions) -> Result<Self, ClientError> {
+        let sender = rand::random::<u64>() | 1;
+        let c = ClusterClient {
+            seeds: seeds.to_vec(),
+            client_config: tls::client_config(tls)?,
+            opts,
+            sender,
+            seq: AtomicU64::new(0),
+            view: Mutex::new(View::default()),
+        };
+        c.refresh().await?;
+        Ok(c)
+    }
+
+    /// This client's sender id (the first half of every idempotency key it makes).
+    pub fn sender_id(&self) -> u64 {
+        self.sender
+    }
+
+    async fn connect_node(&self, addr: SocketAddr, name: &str) -> Result<Arc<Client>, TransportError> {
+        Client::connect_with(addr, name, self.client_config.clone(), &self.opts.transport).await.map(Arc::new)
+    }
+
+    /// The link to `node`, connecting if needed.
+    async fn link_to(&self, node: &str) -> Result<Link, ClientError> {
+        let (cached, addr) = {
+            let v = self.view.lock();
+            (v.links.get(node).filter(|c| !c.link().is_closed()).cloned(), v.addrs.get(node).copied())
+        };
+        if let Some(c) = cached {
+            return Ok(c.link().clone());
+        }
+        let addr = addr.ok_or_else(|| ClientError::Retryable(format!("unknown node {node}")))?;
+        let c = self.connect_node(addr, node).await.map_err(|e| ClientError::Retryable(e.to_string()))?;
+        let link = c.link().clone();
+        self.view.lock().links.insert(node.to_string(), c);
+        Ok(link)
+    }
+
+    /// A link to any reachable node: a known member first, then the seeds.
+    async fn any_link(&self) -> Result<Link, ClientError> {
+        let known: Vec<String> = self.view.lock().addrs.keys().cloned().collect();
+        for n in known {
+            if let Ok(l) = self.link_to(&n).await {
+                return Ok(l);
+            }
+        }
+        let mut last = String::from("no seeds given");
+        for seed in &self.seeds {
+            match self.connect_node(*seed, ANY_NODE).await {
+                Ok(c) => {
+                    let link = c.link().clone();
+                    self.view.lock().links.insert(link.peer().name.clone(), c);
+                    return Ok(link);
+                }
+                Err(e) => last = format!("{seed}: {e}"),
+            }
+        }
+        Err(ClientError::NoSeed(last))
+    }
+
+    async fn call(&self, link: &Link, dest: Dest, body: Body) -> Result<Frame, ClientError> {
+        let env = Envelope::new("client", dest, 0, body);
+        link.request(env, self.opts.request_timeout).await.map_err(|e| ClientError::Retryable(e.to_string()))
+    }
+
+    /// Reloads members and the shard map from any reachable node.
+    pub async fn refresh(&self) -> Result<(), ClientError> {
+        let link = self.any_link().await?;
+        let status = expect_status(&self.call(&link, Dest::Peer, Body::StatusRequest).await?)?;
+        let shards = expect_shards(&self.call(&link, Dest::Peer, Body::ShardsRequest).await?)?;
+        let mut v = self.view.lock();
+        for m in &status.members {
+            if let Ok(a) = m.addr.parse() {
+                v.addrs.insert(m.name.clone(), a);
+            }
+        }
+        let mut sorted = shards;
+        sorted.sort_by_key(|s| s.id);
+        v.owners = sorted.iter().map(|s| s.owner.clone()).collect();
+        v.epochs = sorted.iter().map(|s| s.epoch).collect();
+        Ok(())
+    }
+
+    /// `cluster status`, from any reachable node.
+    pub async fn status(&self) -> Result<StatusInfo, ClientError> {
+        let link = self.any_link().await?;
+        expect_status(&self.call(&link, Dest::Peer, Body::StatusRequest).await?)
+    }
+
+    /// `cluster shards`, from any reachable node.
+    pub async fn shards(&self) -> Result<Vec<ShardInfo>, ClientError> {
+        let link = self.any_link().await?;
+        expect_shards(&self.call(&link, Dest::Peer, Body::ShardsRequest).await?)
+    }
+
+    /// Number of shards in the map.
+    pub fn shard_count(&self) -> u32 {
+        self.view.lock().owners.len() as u32
+    }
+
+    /// The shard a key lives on.
+    pub fn shard_of(&self, key: &str) -> u32 {
+        shard_for_key(key.as_bytes(), self.shard_count().max(1))
+    }
+
+    /// Makes the next idempotency key of this client.
+    pub fn next_key(&self) -> IdemKey {
+        IdemKey { sender: self.sender, seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1 }
+    }
+
+    /// Sends `op` on `key`'s shard with a fresh idempotency key, retrying until acknowledged or
+    /// `retry_for` has passed.
+    pub async fn op(&self, key: &str, op: Op) -> Result<OpResult, ClientError> {
+        self.op_with_key(key, self.next_key(), op).await
+    }
+
+    /// As [`ClusterClient::op`] with a caller-chosen idempotency key.
+    pub async fn op_with_key(&self, key: &str, idem: IdemKey, op: Op) -> Result<OpResult, ClientError> {
+        let shard = self.shard_of(key);
+        let req = ShardRequest { idem, op };
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(10))
+            .with_max_delay(Duration::from_secs(1))
+            .with_jitter()
+            .without_max_times()
+            .with_total_delay(Some(self.opts.retry_for));
+        (|| self.try_once(shard, &req)).retry(backoff).when(ClientError::retryable).await
+    }
+
+    async fn try_once(&self, shard: u32, req: &ShardRequest) -> Result<OpResult, ClientError> {
+        let (owner, epoch) = {
+            let v = self.view.lock();
+            (v.owners.get(shard as usize).cloned(), v.epochs.get(shard as usize).copied().unwrap_or(0))
+        };
+        let Some(owner) = owner else {
+            self.refresh().await?;
+            return Err(ClientError::Retryable("no shard map yet".into()));
+        };
+        let link = match self.link_to(&owner).await {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = self.refresh().await;
+                return Err(e);
+            }
+        };
+        let frame = match self.call(&link, Dest::Shard { shard, epoch }, Body::ShardRequest(req.clone())).await {
+            Ok(f) => f,
+            Err(e) => {
+                self.view.lock().links.remove(&owner);
+                return Err(e);
+            }
+        };
+        match frame.to_owned_envelope().map(|e| e.body) {
+            Ok(Body::ShardReply(r)) => Ok(r),
+            Ok(Body::Error { code, message }) if code.retryable() => {
+                if code == ErrorCode::NotOwner {
+                    let _ = self.refresh().await;
+                }
+                Err(ClientError::Retryable(format!("{code:?}: {message}")))
+            }
+            Ok(Body::Error { code, message }) => Err(ClientError::Refused { code, message }),
+            _ => Err(ClientError::Retryable("unexpected reply".into())),
+        }
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        let links: Vec<Arc<Client>> = self.view.lock().links.drain().map(|(_, c)| c).collect();
+        for c in links {
+            if let Ok(c) = Arc::try_unwrap(c) {
+                c.close().await;
+            }
+        }
+    }
+}
+
+fn refusal(frame: &Frame) -> ClientError {
+    match frame.to_owned_envelope().map(|e| e.body) {
+        Ok(Body::Error { code, message }) if !code.retryable() => ClientError::Refused { code, message },
+        Ok(Body::Error { code, message }) => ClientError::Retryable(format!("{code:?}: {message}")),
+        _ => ClientError::Retryable("unexpected reply".into()),
+    }
+}
+
+fn expect_status(frame: &Frame) -> Result<StatusInfo, ClientError> {
+    match frame.to_owned_envelope().map(|e| e.body) {
+        Ok(Body::StatusReply(s)) => Ok(s),
+        _ => Err(refusal(frame)),
+    }
+}
+
+fn expect_shards(frame: &Frame) -> Result<Vec<ShardInfo>, ClientError> {
+    match frame.to_owned_envelope().map(|e| e.body) {
+        Ok(Body::ShardsReply(s)) => Ok(s),
+        _ => Err(refusal(frame)),
+    }
+}
