@@ -1,1 +1,117 @@
-fn main(){}
+//! From received bytes to a usable 1M-f32 (4 MiB) payload: Tidepool's validated in-place access
+//! against deserializing the same f32s with postcard and bincode 2.
+//!
+//! - `tidepool_decode_access`: what the receive path does once `read_frame` has the archive in
+//!   its aligned buffer: `Frame::decode` (bytecheck validation, version check) + `as_f32s()` +
+//!   reading the first and last element. The buffer is copied outside the timed region
+//!   (`Frame::decode` takes ownership), as the network read would have filled it.
+//! - `tidepool_validate_only`: `Frame::decode` alone.
+//! - `tidepool_from_wire_access`: `Frame::from_wire(&wire, max)` + the same reads. `from_wire`
+//!   (the test/fuzz entry point) copies the bytes into a fresh aligned buffer first, so this one
+//!   includes a 4 MiB copy that the network path does not make.
+//! - `postcard` / `bincode2`: `from_bytes::<Vec<f32>>` / `decode_from_slice` (standard config)
+//!   + the same reads. Both build an owned `Vec<f32>` element by element.
+//!
+//! No timed region includes freeing its result (criterion drops outputs outside the timer).
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use rkyv::util::AlignedVec;
+use std::hint::black_box;
+use tidepool_benches::report;
+use tidepool_runtime::codec::{
+    encode, ArchivedBody, ArchivedOp, Body, Dest, Envelope, Frame, IdemKey, Op, ShardRequest, TensorView,
+    DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_LEN,
+};
+
+const LEN: usize = 1 << 20;
+
+fn values() -> Vec<f32> {
+    (0..LEN).map(|i| i as f32 * 0.25 - 3.0).collect()
+}
+
+/// First + last element, read the way a consumer of the tensor would.
+fn ends(xs: &[f32]) -> f32 {
+    xs[0] + xs[xs.len() - 1]
+}
+
+fn tensor_of(frame: &Frame) -> &[f32] {
+    match &frame.envelope().body {
+        ArchivedBody::ShardRequest(req) => match &req.op {
+            ArchivedOp::AddTensor { values, .. } => values.as_f32s(),
+            _ => panic!("not a tensor"),
+        },
+        _ => panic!("not a shard request"),
+    }
+}
+
+fn decode(c: &mut Criterion) {
+    let values = values();
+    let env = Envelope::new(
+        "a",
+        Dest::Shard { shard: 0, epoch: 1 },
+        0,
+        Body::ShardRequest(ShardRequest { idem: IdemKey { sender: 1, seq: 1 }, op: Op::AddTensor { key: "w".into(), values: values.clone() } }),
+    );
+    let wire = encode(&env).expect("encode").to_vec();
+    let mut archive = AlignedVec::<16>::with_capacity(wire.len() - FRAME_HEADER_LEN);
+    archive.extend_from_slice(&wire[FRAME_HEADER_LEN..]);
+    let postcard_bytes = postcard::to_allocvec(&values).expect("postcard encode");
+    let bincode_bytes = bincode::encode_to_vec(&values, bincode::config::standard()).expect("bincode encode");
+    let expect = ends(&values);
+
+    // Sanity: every path sees the same numbers.
+    assert_eq!(ends(tensor_of(&Frame::from_wire(&wire, DEFAULT_MAX_FRAME_BYTES).expect("valid frame"))), expect);
+    assert_eq!(ends(&postcard::from_bytes::<Vec<f32>>(&postcard_bytes).expect("postcard")), expect);
+    let (v, _): (Vec<f32>, usize) = bincode::decode_from_slice(&bincode_bytes, bincode::config::standard()).expect("bincode");
+    assert_eq!(ends(&v), expect);
+
+    let mut g = c.benchmark_group("decode/1M_f32");
+    g.bench_function("tidepool_decode_access", |b| {
+        b.iter_batched(
+            || archive.clone(),
+            |buf| {
+                let frame = Frame::decode(buf).expect("valid");
+                black_box(ends(tensor_of(&frame)));
+                frame
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.bench_function("tidepool_validate_only", |b| {
+        b.iter_batched(|| archive.clone(), |buf| Frame::decode(buf).expect("valid"), BatchSize::PerIteration)
+    });
+    g.bench_function("tidepool_from_wire_access", |b| {
+        b.iter_with_large_drop(|| {
+            let frame = Frame::from_wire(black_box(&wire), DEFAULT_MAX_FRAME_BYTES).expect("valid");
+            black_box(ends(tensor_of(&frame)));
+            frame
+        })
+    });
+    g.bench_function("postcard", |b| {
+        b.iter_with_large_drop(|| {
+            let v: Vec<f32> = postcard::from_bytes(black_box(&postcard_bytes)).expect("postcard");
+            black_box(ends(&v));
+            v
+        })
+    });
+    g.bench_function("bincode2", |b| {
+        b.iter_with_large_drop(|| {
+            let (v, _): (Vec<f32>, usize) =
+                bincode::decode_from_slice(black_box(&bincode_bytes), bincode::config::standard()).expect("bincode");
+            black_box(ends(&v));
+            v
+        })
+    });
+    g.finish();
+
+    report("decode", "wire_bytes", wire.len() as f64, "B");
+    report("decode", "postcard_bytes", postcard_bytes.len() as f64, "B");
+    report("decode", "bincode_bytes", bincode_bytes.len() as f64, "B");
+}
+
+criterion_group! {
+    name = benches;
+    config = tidepool_benches::criterion();
+    targets = decode
+}
+criterion_main!(benches);

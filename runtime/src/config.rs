@@ -558,8 +558,11 @@ fn from_figment(err: figment::Error) -> ConfigError {
         return ConfigError::new(ConfigError::FILE_KEY, "unknown error");
     };
     let mut path = err.path.clone();
+    // figment already ends the path with an unknown field's name; make sure of it.
     if let figment::error::Kind::UnknownField(field, _) = &err.kind {
-        path.push(field.clone());
+        if path.last() != Some(field) {
+            path.push(field.clone());
+        }
     }
     let key = if path.is_empty() {
         ConfigError::FILE_KEY.to_owned()

@@ -70,6 +70,7 @@ fn shipped_cluster_example_is_valid() {
     let example: String = text
         .lines()
         .skip_while(|l| !l.contains("BEGIN 3-member example"))
+        .skip(1)
         .take_while(|l| !l.contains("END 3-member example"))
         .filter_map(|l| l.strip_prefix("# "))
         .filter(|l| !l.starts_with('#'))

@@ -225,8 +225,8 @@ proptest! {
     /// - S <= 512, N <= 16, eps in [0, 1], 200k cases: worst 2.7 sqrt(S) (S = 17, N = 16,
     ///   eps = 0: the cap is 1-2 shards and every placement is a tight matching).
     /// - S <= 48, N <= 16, 2M cases: worst 2.7 sqrt(S) on join, 2.9 sqrt(S) on leave (S = 34).
-    /// - eps >= 0.25 is far calmer: at most 0.6 sqrt(S) for S >= 64, and zero extra moves for
-    ///   S >= 1024 with N <= 16. At eps = 0 the excess also grows with N (S = 4096, N = 64:
+    /// - eps >= 0.25 is far calmer: at most 0.6 sqrt(S) for S >= 64, and no extra moves at all
+    ///   on a join for S >= 1024 with N <= 16. At eps = 0 the excess also grows with N (S = 4096, N = 64:
     ///   130 = 2.0 sqrt(S), 3% of S; S = 98, N = 32: 3.2 sqrt(S)); N > 16 is not tested here.
     /// A fraction-of-S slack does not fit both ends: S = 64, eps = 0.05 moved 14 extra (22% of
     /// S) while S = 4096, eps = 0.25 moved none extra. Hence `cascade_slack` = 4 sqrt(S), a
