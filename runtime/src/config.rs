@@ -295,10 +295,11 @@ impl NodeConfig {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
+        let env = EnvVars::new(env)?;
         let config: NodeConfig = figment
-            .merge(EnvVars::new(env)?)
+            .merge(&env)
             .extract()
-            .map_err(from_figment)?;
+            .map_err(|e| from_figment(e, &env))?;
         config.validate()?;
         Ok(config)
     }
@@ -331,7 +332,10 @@ impl NodeConfig {
     fn validate_members(&self) -> Result<(), ConfigError> {
         let members = &self.cluster.members;
         if members.is_empty() {
-            return Err(ConfigError::new("cluster.members", "must list at least this node"));
+            return Err(ConfigError::new(
+                "cluster.members",
+                "must list at least this node",
+            ));
         }
         let mut names = BTreeSet::new();
         let mut addrs = BTreeSet::new();
@@ -354,7 +358,12 @@ impl NodeConfig {
         let node = &self.node;
         check_dns_label(&node.name).map_err(|r| ConfigError::new("node.name", r))?;
         let Some(me) = self.find_member(&node.name) else {
-            let names: Vec<&str> = self.cluster.members.iter().map(|m| m.name.as_str()).collect();
+            let names: Vec<&str> = self
+                .cluster
+                .members
+                .iter()
+                .map(|m| m.name.as_str())
+                .collect();
             let reason = format!(
                 "`{}` is not listed in cluster.members ({})",
                 node.name,
@@ -380,14 +389,18 @@ impl NodeConfig {
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let c = &self.cluster;
         for (i, seed) in c.seeds.iter().enumerate() {
-            check_host_port(seed).map_err(|r| ConfigError::new(format!("cluster.seeds[{i}]"), r))?;
+            check_host_port(seed)
+                .map_err(|r| ConfigError::new(format!("cluster.seeds[{i}]"), r))?;
         }
         if !(1..=MAX_SHARDS).contains(&c.shards) {
             let reason = format!("{} is outside 1..={MAX_SHARDS}", c.shards);
             return Err(ConfigError::new("cluster.shards", reason));
         }
         if c.voters.is_empty() {
-            return Err(ConfigError::new("cluster.voters", "must name at least one member"));
+            return Err(ConfigError::new(
+                "cluster.voters",
+                "must name at least one member",
+            ));
         }
         let mut seen = BTreeSet::new();
         for voter in &c.voters {
@@ -417,7 +430,10 @@ impl NodeConfig {
         positive("transport.send_queue_depth", t.send_queue_depth as u64)?;
         positive("transport.connect_timeout_ms", t.connect_timeout_ms)?;
         positive("transport.request_timeout_ms", t.request_timeout_ms)?;
-        positive("transport.reconnect_max_backoff_ms", t.reconnect_max_backoff_ms)
+        positive(
+            "transport.reconnect_max_backoff_ms",
+            t.reconnect_max_backoff_ms,
+        )
     }
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
@@ -442,7 +458,9 @@ fn check_dns_label(name: &str) -> Result<(), String> {
         .chars()
         .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
     {
-        return Err(format!("`{name}` contains {c:?}; allowed are a-z, 0-9 and '-'"));
+        return Err(format!(
+            "`{name}` contains {c:?}; allowed are a-z, 0-9 and '-'"
+        ));
     }
     if name.starts_with('-') || name.ends_with('-') {
         return Err(format!("`{name}` must not start or end with '-'"));
@@ -487,35 +505,55 @@ fn env_key_path(name: &str) -> String {
     rest.to_ascii_lowercase().replace(ENV_SEPARATOR, ".")
 }
 
+/// Name of the figment provider for environment variables, used to recognise its errors.
+const ENV_PROVIDER: &str = "environment variable";
+
 /// A figment provider over an explicit list of environment variables, so that tests need not
-/// touch the process environment. figment's own `Env` can only read the process environment.
+/// touch the process environment (figment's own `Env` reads only the process environment).
 struct EnvVars {
     dict: Dict,
+    /// `(dotted key path, variable name)` of every configuration variable, sorted.
+    vars: Vec<(String, String)>,
 }
 
 impl EnvVars {
     fn new(env: &[(String, String)]) -> Result<Self, ConfigError> {
         let mut dict = Dict::new();
+        let mut vars = Vec::new();
         // Sorted so that the result does not depend on the order of `env`.
-        let mut vars: Vec<&(String, String)> = env.iter().filter(|(k, _)| is_config_var(k)).collect();
-        vars.sort();
-        for (name, raw) in vars {
+        let mut config_vars: Vec<&(String, String)> =
+            env.iter().filter(|(k, _)| is_config_var(k)).collect();
+        config_vars.sort();
+        for (name, raw) in config_vars {
             let path = env_key_path(name);
             let keys: Vec<&str> = path.split('.').collect();
             if keys.iter().any(|k| k.is_empty()) {
                 let reason = format!("{name}: empty key segment (use `__` between levels only)");
-                return Err(ConfigError::new(path.clone(), reason));
+                return Err(ConfigError::new(path, reason));
             }
             let value: Value = raw.parse().unwrap_or_else(|e| match e {});
-            insert_nested(&mut dict, &keys, value)
-                .map_err(|()| ConfigError::new(path.clone(), format!("{name} conflicts with another variable")))?;
+            if insert_nested(&mut dict, &keys, value).is_err() {
+                let reason = format!("{name} conflicts with another variable for the same key");
+                return Err(ConfigError::new(path, reason));
+            }
+            vars.push((path, name.clone()));
         }
-        Ok(Self { dict })
+        Ok(Self { dict, vars })
+    }
+
+    /// The variable that set `path` (or a table containing it, or a key inside it).
+    fn var_for(&self, path: &[String]) -> Option<&str> {
+        self.vars.iter().find_map(|(var_path, name)| {
+            let var_keys: Vec<&str> = var_path.split('.').collect();
+            let n = var_keys.len().min(path.len());
+            let same = var_keys[..n].iter().zip(&path[..n]).all(|(a, b)| *a == b);
+            same.then_some(name.as_str())
+        })
     }
 }
 
-/// Inserts `value` at `keys` (non-empty) into `dict`, creating tables on the way. Fails when a
-/// prefix of `keys` already holds a non-table value (`A__B=1` and `A__B__C=2`).
+/// Inserts `value` at `keys` into `dict`, creating tables on the way. Fails when a prefix of
+/// `keys` already holds a non-table value, or `keys` a table (`A__B=1` and `A__B__C=2`).
 fn insert_nested(dict: &mut Dict, keys: &[&str], value: Value) -> Result<(), ()> {
     match keys {
         [] => Err(()),
@@ -540,9 +578,7 @@ fn insert_nested(dict: &mut Dict, keys: &[&str], value: Value) -> Result<(), ()>
 
 impl Provider for EnvVars {
     fn metadata(&self) -> Metadata {
-        Metadata::named("environment variable").interpolater(|_profile, keys| {
-            format!("{ENV_PREFIX}{}", keys.join(ENV_SEPARATOR).to_ascii_uppercase())
-        })
+        Metadata::named(ENV_PROVIDER)
     }
 
     fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
@@ -553,33 +589,62 @@ impl Provider for EnvVars {
 }
 
 /// Maps the first figment error to the key it concerns and where the value came from.
-fn from_figment(err: figment::Error) -> ConfigError {
+fn from_figment(err: figment::Error, env: &EnvVars) -> ConfigError {
     let Some(err) = err.into_iter().next() else {
         return ConfigError::new(ConfigError::FILE_KEY, "unknown error");
     };
     let mut path = err.path.clone();
-    // figment already ends the path with an unknown field's name; make sure of it.
-    if let figment::error::Kind::UnknownField(field, _) = &err.kind {
-        if path.last() != Some(field) {
-            path.push(field.clone());
+    // Name the field itself: figment ends the path with an unknown field's name but not with a
+    // missing one's.
+    let field = match &err.kind {
+        figment::error::Kind::UnknownField(field, _) => Some(field.clone()),
+        figment::error::Kind::MissingField(field) => Some(field.to_string()),
+        _ => None,
+    };
+    if let Some(field) = field {
+        if path.last() != Some(&field) {
+            path.push(field);
         }
     }
     let key = if path.is_empty() {
         ConfigError::FILE_KEY.to_owned()
     } else {
-        path.join(".")
+        display_path(&path)
     };
-    let source = match &err.metadata {
-        Some(md) if md.name == "environment variable" && !path.is_empty() => {
-            format!(" (from {})", md.interpolate(&Profile::Default, &path))
+    let mut reason = err.kind.to_string();
+    match &err.metadata {
+        Some(md) if md.name == ENV_PROVIDER => {
+            if let Some(var) = env.var_for(&path) {
+                reason.push_str(&format!(" (from {var})"));
+            }
+            if matches!(&err.kind, figment::error::Kind::InvalidType(_, exp) if exp.contains("string"))
+            {
+                reason.push_str("; quote strings that look like numbers or bools: '\"42\"'");
+            }
         }
         Some(md) => match &md.source {
-            Some(src) => format!(" (in {src})"),
-            None => format!(" (from {})", md.name),
+            Some(src) => reason.push_str(&format!(" (in {src})")),
+            None => reason.push_str(&format!(" (from {})", md.name)),
         },
-        None => String::new(),
-    };
-    ConfigError::new(key, format!("{}{source}", err.kind))
+        None => {}
+    }
+    ConfigError::new(key, reason)
+}
+
+/// `["cluster", "members", "1", "addr"]` -> `cluster.members[1].addr`, matching validation keys.
+fn display_path(path: &[String]) -> String {
+    let mut out = String::new();
+    for segment in path {
+        if !out.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{segment}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(segment);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -59,7 +59,10 @@ fn empty_file_gives_defaults() {
 #[test]
 fn shipped_node_toml_equals_defaults() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/node.toml");
-    assert_eq!(NodeConfig::load_from(Some(&path), &[]), Ok(NodeConfig::default()));
+    assert_eq!(
+        NodeConfig::load_from(Some(&path), &[]),
+        Ok(NodeConfig::default())
+    );
 }
 
 /// The commented 3-member example in `config/node.toml`, uncommented, must be valid.
@@ -76,7 +79,10 @@ fn shipped_cluster_example_is_valid() {
         .filter(|l| !l.starts_with('#'))
         .map(|l| format!("{l}\n"))
         .collect();
-    assert!(example.contains("[cluster]"), "example not found:\n{example}");
+    assert!(
+        example.contains("[cluster]"),
+        "example not found:\n{example}"
+    );
     let c = load_toml(&example).expect("example is valid");
     assert_eq!(c.cluster.members.len(), 3);
     assert_eq!(c.cluster.voters.len(), 3);
@@ -145,7 +151,10 @@ fn env_renames_node_and_members() {
 
 #[test]
 fn list_from_env() {
-    let vars = env(&[("TIDEPOOL_CLUSTER__SEEDS", r#"["10.0.0.1:7400", "10.0.0.2:7400"]"#)]);
+    let vars = env(&[(
+        "TIDEPOOL_CLUSTER__SEEDS",
+        r#"["10.0.0.1:7400", "10.0.0.2:7400"]"#,
+    )]);
     let c = NodeConfig::load_from(None, &vars).expect("valid");
     assert_eq!(c.cluster.seeds, vec!["10.0.0.1:7400", "10.0.0.2:7400"]);
 
@@ -183,15 +192,24 @@ fn cli_vars_and_other_env_ignored() {
         ("OTHER__NESTED", "1"),
         ("tidepool_node__name", "lowercase-prefix-is-not-ours"),
     ]);
-    assert_eq!(NodeConfig::load_from(None, &vars), Ok(NodeConfig::default()));
+    assert_eq!(
+        NodeConfig::load_from(None, &vars),
+        Ok(NodeConfig::default())
+    );
 }
 
 #[test]
 fn env_var_order_does_not_matter() {
-    let a = env(&[("TIDEPOOL_CLUSTER__SHARDS", "8"), ("TIDEPOOL_WORKERS__THREADS", "3")]);
+    let a = env(&[
+        ("TIDEPOOL_CLUSTER__SHARDS", "8"),
+        ("TIDEPOOL_WORKERS__THREADS", "3"),
+    ]);
     let mut b = a.clone();
     b.reverse();
-    assert_eq!(NodeConfig::load_from(None, &a), NodeConfig::load_from(None, &b));
+    assert_eq!(
+        NodeConfig::load_from(None, &a),
+        NodeConfig::load_from(None, &b)
+    );
 }
 
 #[test]
@@ -205,16 +223,17 @@ fn unknown_key_in_file_is_named() {
 fn unknown_section_in_file_is_named() {
     let e = load_toml("[nodes]\nname = \"n1\"\n").expect_err("unknown section");
     assert_eq!(e.key, "nodes");
+    let vars = env(&[("TIDEPOOL_NODES__NAME", "n1")]);
+    let e = NodeConfig::load_from(None, &vars).expect_err("unknown section");
+    assert_eq!(e.key, "nodes");
+    assert!(e.reason.contains("TIDEPOOL_NODES__NAME"), "{e}");
 }
 
 #[test]
 fn unknown_key_in_member_is_named() {
-    let e = load_toml(
-        "[[cluster.members]]\nname = \"n1\"\naddr = \"127.0.0.1:7400\"\nport = 1\n",
-    )
-    .expect_err("unknown key");
-    assert!(e.key.ends_with("port"), "{e}");
-    assert!(e.key.starts_with("cluster.members"), "{e}");
+    let e = load_toml("[[cluster.members]]\nname = \"n1\"\naddr = \"127.0.0.1:7400\"\nport = 1\n")
+        .expect_err("unknown key");
+    assert_eq!(e.key, "cluster.members[0].port", "{e}");
 }
 
 #[test]
@@ -234,14 +253,27 @@ fn wrong_type_is_named() {
     let vars = env(&[("TIDEPOOL_TRANSPORT__SEND_QUEUE_DEPTH", "-1")]);
     let e = NodeConfig::load_from(None, &vars).expect_err("negative");
     assert_eq!(e.key, "transport.send_queue_depth");
-    assert!(e.reason.contains("TIDEPOOL_TRANSPORT__SEND_QUEUE_DEPTH"), "{e}");
+    assert!(
+        e.reason.contains("TIDEPOOL_TRANSPORT__SEND_QUEUE_DEPTH"),
+        "{e}"
+    );
+    let e = load_toml("[cluster]\nseeds = [\"a:1\", 3]\n").expect_err("bad list element");
+    assert_eq!(e.key, "cluster.seeds[1]");
+    let e = load_toml(
+        "[cluster]\nmembers = [{name=\"n1\", addr=\"127.0.0.1:7400\"}, {name=\"n2\", addr=\"x\"}]\n",
+    )
+    .expect_err("bad addr");
+    assert_eq!(e.key, "cluster.members[1].addr");
 }
 
 #[test]
 fn missing_member_field_is_named() {
     let e = load_toml("[[cluster.members]]\nname = \"n1\"\n").expect_err("missing addr");
-    assert!(e.key.starts_with("cluster.members"), "{e}");
-    assert!(e.reason.contains("addr"), "{e}");
+    assert_eq!(e.key, "cluster.members[0].addr", "{e}");
+    let vars = env(&[("TIDEPOOL_CLUSTER__MEMBERS", r#"[{name="n1"}]"#)]);
+    let e = NodeConfig::load_from(None, &vars).expect_err("missing addr");
+    assert_eq!(e.key, "cluster.members[0].addr", "{e}");
+    assert!(e.reason.contains("TIDEPOOL_CLUSTER__MEMBERS"), "{e}");
 }
 
 #[test]
@@ -268,14 +300,20 @@ fn empty_env_segment_is_rejected() {
 
 #[test]
 fn conflicting_env_vars_are_rejected() {
-    let vars = env(&[("TIDEPOOL_NODE__NAME", "n1"), ("TIDEPOOL_NODE__NAME__X", "1")]);
+    let vars = env(&[
+        ("TIDEPOOL_NODE__NAME", "n1"),
+        ("TIDEPOOL_NODE__NAME__X", "1"),
+    ]);
     assert!(NodeConfig::load_from(None, &vars).is_err());
 }
 
 #[test]
 fn display_names_the_key() {
     let e = ConfigError::new("cluster.shards", "0 is outside 1..=65536");
-    assert_eq!(e.to_string(), "config key `cluster.shards`: 0 is outside 1..=65536");
+    assert_eq!(
+        e.to_string(),
+        "config key `cluster.shards`: 0 is outside 1..=65536"
+    );
     assert_eq!(ConfigError::EXIT_CODE, 64);
 }
 
@@ -292,7 +330,11 @@ fn invalid(edit: impl FnOnce(&mut NodeConfig)) -> String {
 #[test]
 fn invalid_node_name() {
     for name in ["", "N1", "n_1", "-n1", "n1-", "n1.example", &"a".repeat(64)] {
-        assert_eq!(invalid(|c| c.node.name = name.into()), "node.name", "{name:?}");
+        assert_eq!(
+            invalid(|c| c.node.name = name.into()),
+            "node.name",
+            "{name:?}"
+        );
     }
 }
 
@@ -319,18 +361,27 @@ fn empty_members() {
 
 #[test]
 fn invalid_member_name() {
-    assert_eq!(invalid(|c| c.cluster.members[2].name = "N3".into()), "cluster.members[2].name");
+    assert_eq!(
+        invalid(|c| c.cluster.members[2].name = "N3".into()),
+        "cluster.members[2].name"
+    );
 }
 
 #[test]
 fn duplicate_member_name() {
-    assert_eq!(invalid(|c| c.cluster.members[1].name = "n3".into()), "cluster.members[2].name");
+    assert_eq!(
+        invalid(|c| c.cluster.members[1].name = "n3".into()),
+        "cluster.members[2].name"
+    );
 }
 
 #[test]
 fn duplicate_member_addr() {
     let addr = "127.0.0.1:7400".parse().expect("addr");
-    assert_eq!(invalid(|c| c.cluster.members[1].addr = addr), "cluster.members[1].addr");
+    assert_eq!(
+        invalid(|c| c.cluster.members[1].addr = addr),
+        "cluster.members[1].addr"
+    );
 }
 
 #[test]
@@ -365,14 +416,32 @@ fn shards_out_of_range() {
 #[test]
 fn bad_voters() {
     assert_eq!(invalid(|c| c.cluster.voters.clear()), "cluster.voters");
-    assert_eq!(invalid(|c| c.cluster.voters.push("n4".into())), "cluster.voters");
-    assert_eq!(invalid(|c| c.cluster.voters.push("n1".into())), "cluster.voters");
+    assert_eq!(
+        invalid(|c| c.cluster.voters.push("n4".into())),
+        "cluster.voters"
+    );
+    assert_eq!(
+        invalid(|c| c.cluster.voters.push("n1".into())),
+        "cluster.voters"
+    );
 }
 
 #[test]
 fn bad_seeds() {
-    for seed in ["", "host", "host:", ":7400", "host:0", "host:70000", "host:port"] {
-        assert_eq!(invalid(|c| c.cluster.seeds = vec![seed.into()]), "cluster.seeds[0]", "{seed:?}");
+    for seed in [
+        "",
+        "host",
+        "host:",
+        ":7400",
+        "host:0",
+        "host:70000",
+        "host:port",
+    ] {
+        assert_eq!(
+            invalid(|c| c.cluster.seeds = vec![seed.into()]),
+            "cluster.seeds[0]",
+            "{seed:?}"
+        );
     }
     let mut c = NodeConfig::default();
     c.cluster.seeds = vec!["[::1]:7400".into(), "node-2.example:7400".into()];
@@ -382,7 +451,11 @@ fn bad_seeds() {
 #[test]
 fn placement_eps_out_of_range() {
     for eps in [0.0, -0.1, 10.5, f64::NAN, f64::INFINITY] {
-        assert_eq!(invalid(|c| c.cluster.placement_eps = eps), "cluster.placement_eps", "{eps}");
+        assert_eq!(
+            invalid(|c| c.cluster.placement_eps = eps),
+            "cluster.placement_eps",
+            "{eps}"
+        );
     }
     let mut c = NodeConfig::default();
     c.cluster.placement_eps = 10.0;
@@ -393,7 +466,10 @@ fn placement_eps_out_of_range() {
 fn max_frame_bytes_out_of_range() {
     let key = "transport.max_frame_bytes";
     assert_eq!(invalid(|c| c.transport.max_frame_bytes = 1023), key);
-    assert_eq!(invalid(|c| c.transport.max_frame_bytes = (1 << 30) + 1), key);
+    assert_eq!(
+        invalid(|c| c.transport.max_frame_bytes = (1 << 30) + 1),
+        key
+    );
     let mut c = NodeConfig::default();
     c.transport.max_frame_bytes = 1024;
     assert_eq!(c.validate(), Ok(()));
@@ -404,15 +480,30 @@ fn max_frame_bytes_out_of_range() {
 #[test]
 fn zero_depths_and_timeouts() {
     let t = "transport";
-    assert_eq!(invalid(|c| c.transport.send_queue_depth = 0), format!("{t}.send_queue_depth"));
-    assert_eq!(invalid(|c| c.transport.connect_timeout_ms = 0), format!("{t}.connect_timeout_ms"));
-    assert_eq!(invalid(|c| c.transport.request_timeout_ms = 0), format!("{t}.request_timeout_ms"));
+    assert_eq!(
+        invalid(|c| c.transport.send_queue_depth = 0),
+        format!("{t}.send_queue_depth")
+    );
+    assert_eq!(
+        invalid(|c| c.transport.connect_timeout_ms = 0),
+        format!("{t}.connect_timeout_ms")
+    );
+    assert_eq!(
+        invalid(|c| c.transport.request_timeout_ms = 0),
+        format!("{t}.request_timeout_ms")
+    );
     assert_eq!(
         invalid(|c| c.transport.reconnect_max_backoff_ms = 0),
         format!("{t}.reconnect_max_backoff_ms")
     );
-    assert_eq!(invalid(|c| c.node.shutdown_grace_ms = 0), "node.shutdown_grace_ms");
-    assert_eq!(invalid(|c| c.workers.queue_depth = 0), "workers.queue_depth");
+    assert_eq!(
+        invalid(|c| c.node.shutdown_grace_ms = 0),
+        "node.shutdown_grace_ms"
+    );
+    assert_eq!(
+        invalid(|c| c.workers.queue_depth = 0),
+        "workers.queue_depth"
+    );
     assert_eq!(invalid(|c| c.shard.max_inflight = 0), "shard.max_inflight");
 }
 
@@ -425,13 +516,26 @@ fn worker_threads_zero_means_cpus() {
 
 #[test]
 fn storage_url_schemes() {
-    for url in ["file://./data", "file:///abs", "s3://b/p", "gs://b", "az://c/p", "memory://"] {
+    for url in [
+        "file://./data",
+        "file:///abs",
+        "s3://b/p",
+        "gs://b",
+        "az://c/p",
+        "memory://",
+    ] {
         let mut c = NodeConfig::default();
         c.storage.url = url.into();
         assert_eq!(c.validate(), Ok(()), "{url}");
     }
-    for url in ["", "./data", "http://x", "ftp://x", "S3://b", "file://", "s3:/b"] {
-        assert_eq!(invalid(|c| c.storage.url = url.into()), "storage.url", "{url:?}");
+    for url in [
+        "", "./data", "http://x", "ftp://x", "S3://b", "file://", "s3:/b",
+    ] {
+        assert_eq!(
+            invalid(|c| c.storage.url = url.into()),
+            "storage.url",
+            "{url:?}"
+        );
     }
 }
 
@@ -446,9 +550,20 @@ fn validation_error_from_load_names_key() {
 fn quoted_numeric_string_from_env() {
     let vars = env(&[
         ("TIDEPOOL_NODE__NAME", r#""42""#),
-        ("TIDEPOOL_CLUSTER__MEMBERS", r#"[{name="42",addr="127.0.0.1:7400"}]"#),
+        (
+            "TIDEPOOL_CLUSTER__MEMBERS",
+            r#"[{name="42",addr="127.0.0.1:7400"}]"#,
+        ),
         ("TIDEPOOL_CLUSTER__VOTERS", r#"["42"]"#),
     ]);
     let c = NodeConfig::load_from(None, &vars).expect("valid");
     assert_eq!(c.node.name, "42");
+}
+
+#[test]
+fn unquoted_numeric_name_from_env_explains_quoting() {
+    let vars = env(&[("TIDEPOOL_NODE__NAME", "42")]);
+    let e = NodeConfig::load_from(None, &vars).expect_err("number is not a string");
+    assert_eq!(e.key, "node.name");
+    assert!(e.reason.contains("quote"), "{e}");
 }

@@ -53,7 +53,11 @@ fn score_golden() {
 /// The documented recipe, so other implementations (clients in other languages) can match it.
 #[test]
 fn score_is_xxh3_of_le_shard_then_name() {
-    for (shard, member) in [(0u32, "n1"), (7, ""), (u32::MAX, "a-long-member-name-0123456789")] {
+    for (shard, member) in [
+        (0u32, "n1"),
+        (7, ""),
+        (u32::MAX, "a-long-member-name-0123456789"),
+    ] {
         let bytes = [&shard.to_le_bytes()[..], member.as_bytes()].concat();
         assert_eq!(score(shard, member), xxh3_64_with_seed(&bytes, SCORE_SEED));
     }
@@ -63,7 +67,9 @@ fn score_is_xxh3_of_le_shard_then_name() {
 fn assign_golden() {
     let m = names(&["n1", "n2", "n3"]);
     let owners = |eps| assign_ok(12, &m, eps).owners().to_vec();
-    let rendezvous = ["n3", "n1", "n2", "n1", "n3", "n1", "n3", "n3", "n2", "n2", "n2", "n3"];
+    let rendezvous = [
+        "n3", "n1", "n2", "n1", "n3", "n1", "n3", "n3", "n2", "n2", "n2", "n3",
+    ];
     // cap = ceil(12 / 3 * 1.25) = 5: n3 gets 5, nobody is pushed off its first choice.
     assert_eq!(owners(0.25), names(&rendezvous));
     // Pure rendezvous (the cap never binds).
@@ -90,10 +96,22 @@ fn errors() {
     let m = names(&["n1"]);
     assert_eq!(assign(0, &m, 0.25), Err(PlacementError::ZeroShards));
     assert_eq!(assign(4, &[], 0.25), Err(PlacementError::NoMembers));
-    assert_eq!(assign(4, &names(&["n1", ""]), 0.25), Err(PlacementError::EmptyMemberName));
-    assert!(matches!(assign(4, &m, -0.1), Err(PlacementError::InvalidEps(_))));
-    assert!(matches!(assign(4, &m, f64::NAN), Err(PlacementError::InvalidEps(_))));
-    assert!(matches!(assign(4, &m, f64::INFINITY), Err(PlacementError::InvalidEps(_))));
+    assert_eq!(
+        assign(4, &names(&["n1", ""]), 0.25),
+        Err(PlacementError::EmptyMemberName)
+    );
+    assert!(matches!(
+        assign(4, &m, -0.1),
+        Err(PlacementError::InvalidEps(_))
+    ));
+    assert!(matches!(
+        assign(4, &m, f64::NAN),
+        Err(PlacementError::InvalidEps(_))
+    ));
+    assert!(matches!(
+        assign(4, &m, f64::INFINITY),
+        Err(PlacementError::InvalidEps(_))
+    ));
 }
 
 #[test]
@@ -119,8 +137,16 @@ fn diff_lists_changed_shards_in_order() {
     let new = ShardMap::from_owners(names(&["a", "c", "c", "b"]));
     let moves = diff(&old, &new);
     let expected = vec![
-        Move { shard: 1, from: "b".into(), to: "c".into() },
-        Move { shard: 3, from: "a".into(), to: "b".into() },
+        Move {
+            shard: 1,
+            from: "b".into(),
+            to: "c".into(),
+        },
+        Move {
+            shard: 3,
+            from: "a".into(),
+            to: "b".into(),
+        },
     ];
     assert_eq!(moves, expected);
     assert!(diff(&new, &new).is_empty());
@@ -143,7 +169,10 @@ fn shard_for_key_is_roughly_uniform() {
     const SHARDS: u32 = 64;
     const KEYS: u32 = 100_000;
     for (kind, make) in [
-        ("text", (|i: u32| format!("user:{i}").into_bytes()) as fn(u32) -> Vec<u8>),
+        (
+            "text",
+            (|i: u32| format!("user:{i}").into_bytes()) as fn(u32) -> Vec<u8>,
+        ),
         ("le-int", |i: u32| i.to_le_bytes().to_vec()),
     ] {
         let mut counts = [0u32; SHARDS as usize];
@@ -155,7 +184,10 @@ fn shard_for_key_is_roughly_uniform() {
             .iter()
             .map(|&c| (f64::from(c) - expected).powi(2) / expected)
             .sum();
-        assert!(chi2 < 130.0, "{kind}: chi-square {chi2:.1} over {SHARDS} shards: {counts:?}");
+        assert!(
+            chi2 < 130.0,
+            "{kind}: chi-square {chi2:.1} over {SHARDS} shards: {counts:?}"
+        );
     }
 }
 

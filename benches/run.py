@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""Runs every Tidepool bench binary several times and prints the median of the medians.
+
+    python3 benches/run.py                 # 3 runs of each bench
+    python3 benches/run.py --runs 5 decode # 5 runs of one bench
+
+For each run it reads criterion's median point estimate of every benchmark
+(target/criterion/**/new/estimates.json) and the RESULT numbers the benches log
+(p50/p99 and fixed passes), then reports the median across runs, the derived rates
+and the ratios against each peer. The summary also goes to
+target/tidepool-bench/summary.json. Nothing here asserts a timing.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+OUT = TARGET / "tidepool-bench"
+
+# messaging links ractor_cluster, which cannot share a build with tidepool-actors.
+FEATURES = {
+    "messaging": ["--no-default-features", "--features", "ractor-cluster"],
+    "tensor": [],
+    "decode": [],
+    "local": [],
+}
+MIB4 = 4 * 1024 * 1024
+
+
+def criterion_medians(bench):
+    """{"group/function": median ns per iteration} for the groups of one bench."""
+    found = {}
+    for meta in (TARGET / "criterion").glob("**/new/benchmark.json"):
+        info = json.loads(meta.read_text())
+        if not info["group_id"].startswith(bench + "/"):
+            continue
+        est = json.loads((meta.parent / "estimates.json").read_text())
+        found[f'{info["group_id"]}/{info["function_id"]}'] = est["median"]["point_estimate"]
+    return found
+
+
+def run_once(bench, i):
+    out = OUT / f"run-{bench}-{i}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.jsonl").unlink(missing_ok=True)
+    cmd = ["cargo", "bench", "-p", "tidepool-benches", *FEATURES[bench], "--bench", bench]
+    print("$", " ".join(cmd), f"(run {i + 1})", file=sys.stderr, flush=True)
+    log = out / "log.txt"
+    with log.open("w") as f:
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=f, stderr=subprocess.STDOUT,
+                       env={**os.environ, "TIDEPOOL_BENCH_OUT": str(out)})
+    numbers = {f"criterion:{k}": v for k, v in criterion_medians(bench).items()}
+    res = out / "results.jsonl"
+    if res.exists():
+        for line in res.read_text().splitlines():
+            r = json.loads(line)
+            numbers[f'result:{r["key"]}'] = r["value"]
+    return numbers
+
+
+def derive(m):
+    """Rates and ratios from the medians (ns per iteration unless the key says otherwise)."""
+    d = {}
+    c = lambda k: m.get("criterion:" + k)
+    tp, rc = c("messaging/throughput_256_in_flight/tidepool_quic_mtls"), c("messaging/throughput_256_in_flight/ractor_cluster_tcp")
+    if tp and rc:
+        d["messaging.tidepool_msgs_per_s"] = 1e9 / tp
+        d["messaging.ractor_cluster_msgs_per_s"] = 1e9 / rc
+        d["messaging.throughput_ratio"] = rc / tp
+    tr, rr = c("messaging/rtt/tidepool_quic_mtls"), c("messaging/rtt/ractor_cluster_tcp")
+    if tr and rr:
+        d["messaging.rtt_mean_ratio_tidepool_over_ractor"] = tr / rr
+    t, q = c("tensor/4MiB_acked/tidepool"), c("tensor/4MiB_acked/quinn_raw")
+    if t and q:
+        d["tensor.tidepool_gb_per_s"] = MIB4 / t
+        d["tensor.quinn_raw_gb_per_s"] = MIB4 / q
+        d["tensor.ratio"] = q / t
+    a, p, b = c("decode/1M_f32/tidepool_decode_access"), c("decode/1M_f32/postcard"), c("decode/1M_f32/bincode2")
+    if a and p and b:
+        d["decode.tidepool_over_postcard"] = a / p
+        d["decode.tidepool_over_bincode"] = a / b
+        w = c("decode/1M_f32/tidepool_from_wire_access")
+        if w:
+            d["decode.from_wire_over_postcard"] = w / p
+    ts, rcall, rcast = c("local/incr/tidepool_send_to_shard"), c("local/incr/ractor_call"), c("local/incr/ractor_cast")
+    if ts and rcall:
+        d["local.tidepool_over_ractor_call"] = ts / rcall
+    if ts and rcast:
+        d["local.tidepool_over_ractor_cast"] = ts / rcast
+    return d
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("benches", nargs="*", default=list(FEATURES))
+    args = ap.parse_args()
+    runs = {}
+    for bench in args.benches:
+        for i in range(args.runs):
+            for k, v in run_once(bench, i).items():
+                runs.setdefault(k, []).append(v)
+    medians = {k: statistics.median(v) for k, v in runs.items()}
+    derived = derive(medians)
+    summary = {"runs": args.runs, "per_run": runs, "median": medians, "derived": derived}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "summary.json").write_text(json.dumps(summary, indent=2))
+    for k in sorted(runs):
+        vals = ", ".join(f"{v:.4g}" for v in runs[k])
+        print(f"{k:70s} median {medians[k]:12.5g}   runs [{vals}]")
+    for k, v in derived.items():
+        print(f"{k:70s} {v:12.5g}")
+
+
+if __name__ == "__main__":
+    main()
