@@ -1,5 +1,6 @@
 use super::*;
 use proptest::prelude::*;
+use proptest::strategy::ValueTree;
 
 fn arb_op() -> impl Strategy<Value = Op> {
     prop_oneof![

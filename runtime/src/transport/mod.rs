@@ -387,3 +387,6 @@ impl Client {
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }
+
+#[cfg(test)]
+mod tests;

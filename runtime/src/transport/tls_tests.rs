@@ -366,7 +366,10 @@ fn load_checks_roles_and_files() {
 async fn any_node_accepts_only_node_certificates() {
     let pki = Pki::new();
     let dir = pki.issue(
-        Subject::Client { name: "ops".into(), role: Role::Reader },
+        Subject::Client {
+            name: "ops".into(),
+            role: Role::Reader,
+        },
         "ops",
         Validity::days_from_now(1),
     );
@@ -379,7 +382,10 @@ async fn any_node_accepts_only_node_certificates() {
     assert_eq!(peer_identity(&accepted.unwrap()).unwrap().name, "ops");
     assert_eq!(
         peer_identity(&connected.unwrap()).unwrap(),
-        Identity { name: "n1".into(), role: Role::Node }
+        Identity {
+            name: "n1".into(),
+            role: Role::Node
+        }
     );
 
     // ...but it must still be a node: a CA-signed non-node certificate that would otherwise
@@ -387,5 +393,10 @@ async fn any_node_accepts_only_node_certificates() {
     let (chain, key) = ca_signed_admin_with_server_eku(&pki.ca_dir(), "n2");
     refused_by_client(&ops, raw_server(chain, key), ANY_NODE).await;
     // So is a plain client certificate.
-    refused_by_client(&ops, raw_server(ops.chain.clone(), ops.key.clone_key()), ANY_NODE).await;
+    refused_by_client(
+        &ops,
+        raw_server(ops.chain.clone(), ops.key.clone_key()),
+        ANY_NODE,
+    )
+    .await;
 }
