@@ -117,6 +117,11 @@ impl Router {
         }
     }
 
+    /// The id of the actor serving a local shard now (changes on every restart).
+    pub fn shard_actor(&self, shard: u32) -> Option<ractor::ActorId> {
+        self.inner.local.get(&shard).and_then(|s| s.actor.read().as_ref().map(|a| a.get_id()))
+    }
+
     /// Whether every local shard has a running actor.
     pub fn all_shards_running(&self) -> bool {
         self.inner.local.values().all(|s| s.actor.read().is_some())
@@ -155,6 +160,9 @@ impl Router {
     /// over QUIC to the owning node.
     pub async fn send_to_shard(&self, shard: u32, req: ShardRequest) -> OpReply {
         let owner = self.inner.cfg.map.owner(shard).ok_or(ErrorCode::BadRequest)?;
+        if self.inner.shutting_down.load(Ordering::SeqCst) {
+            return Err(ErrorCode::ShuttingDown);
+        }
         if owner == self.inner.cfg.name {
             let permit = self.admit(shard).await?;
             return self.call_local(shard, ShardInput::Local(req), permit).await;
