@@ -2,6 +2,8 @@
 //! attempt), garbage datagrams and malformed frames, all while a workload runs and is checked
 //! for exactly-once at the end.
 
+#![allow(clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -20,24 +22,41 @@ use tidepool_runtime::transport::TlsMaterial;
 const BIN: &str = env!("CARGO_BIN_EXE_tidepool");
 
 fn ping_frame(n: u64) -> Vec<u8> {
-    codec::encode(&Envelope::new("probe", Dest::Peer, n, Body::Ping(n))).unwrap().to_vec()
+    codec::encode(&Envelope::new("probe", Dest::Peer, n, Body::Ping(n)))
+        .unwrap()
+        .to_vec()
 }
 
 /// Connects with `config`, sends a Ping and waits for the Pong. `Ok` only if the node answered.
-async fn probe(config: quinn::ClientConfig, addr: SocketAddr, server_name: &str) -> Result<(), String> {
+async fn probe(
+    config: quinn::ClientConfig,
+    addr: SocketAddr,
+    server_name: &str,
+) -> Result<(), String> {
     let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).map_err(|e| e.to_string())?;
     let attempt = async {
-        let conn = ep.connect_with(config, addr, server_name).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+        let conn = ep
+            .connect_with(config, addr, server_name)
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
         let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
-        s.write_all(&ping_frame(7)).await.map_err(|e| e.to_string())?;
+        s.write_all(&ping_frame(7))
+            .await
+            .map_err(|e| e.to_string())?;
         let mut r = conn.accept_uni().await.map_err(|e| e.to_string())?;
-        let f = codec::read_frame(&mut r, 1 << 20).await.map_err(|e| e.to_string())?.ok_or("no reply")?;
+        let f = codec::read_frame(&mut r, 1 << 20)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or("no reply")?;
         match f.envelope().body {
             ArchivedBody::Pong(_) => Ok(()),
             _ => Err("not a pong".to_string()),
         }
     };
-    let out = tokio::time::timeout(Duration::from_secs(10), attempt).await.unwrap_or_else(|_| Err("timed out".into()));
+    let out = tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .unwrap_or_else(|_| Err("timed out".into()));
     ep.close(0u32.into(), b"");
     out
 }
@@ -63,7 +82,12 @@ fn no_cert_config() -> quinn::ClientConfig {
             c: &rustls::pki_types::CertificateDer<'_>,
             d: &rustls::DigitallySignedStruct,
         ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+            rustls::crypto::verify_tls12_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
         }
         fn verify_tls13_signature(
             &self,
@@ -71,7 +95,12 @@ fn no_cert_config() -> quinn::ClientConfig {
             c: &rustls::pki_types::CertificateDer<'_>,
             d: &rustls::DigitallySignedStruct,
         ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+            rustls::crypto::verify_tls13_signature(
+                m,
+                c,
+                d,
+                &self.0.signature_verification_algorithms,
+            )
         }
         fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
             self.0.signature_verification_algorithms.supported_schemes()
@@ -85,21 +114,32 @@ fn no_cert_config() -> quinn::ClientConfig {
         .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
         .with_no_client_auth();
     c.alpn_protocols = vec![tls::ALPN.to_vec()];
-    quinn::ClientConfig::new(Arc::new(quinn::crypto::rustls::QuicClientConfig::try_from(c).unwrap()))
+    quinn::ClientConfig::new(Arc::new(
+        quinn::crypto::rustls::QuicClientConfig::try_from(c).unwrap(),
+    ))
 }
 
 async fn metric(cluster: &LocalCluster, i: usize, name: &str, labels: &[(&str, &str)]) -> f64 {
     sum_metric(&cluster.metrics(i).await.unwrap(), name, labels)
 }
 
-async fn wait_metric_at_least(cluster: &LocalCluster, i: usize, name: &str, labels: &[(&str, &str)], want: f64) {
+async fn wait_metric_at_least(
+    cluster: &LocalCluster,
+    i: usize,
+    name: &str,
+    labels: &[(&str, &str)],
+    want: f64,
+) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let v = metric(cluster, i, name, labels).await;
         if v >= want {
             return;
         }
-        assert!(Instant::now() < deadline, "{name}{labels:?} stayed at {v}, wanted {want}");
+        assert!(
+            Instant::now() < deadline,
+            "{name}{labels:?} stayed at {v}, wanted {want}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
     }
 }
@@ -114,34 +154,84 @@ async fn hostile_peers_are_refused_and_do_not_disturb_a_workload() {
 
     // A workload runs throughout.
     let admin = TlsMaterial::load_client(&cluster.admin_dir()).unwrap();
-    let client = Arc::new(ClusterClient::connect(&cluster.seeds(), &admin, ClientOptions::default()).await.unwrap());
+    let client = Arc::new(
+        ClusterClient::connect(&cluster.seeds(), &admin, ClientOptions::default())
+            .await
+            .unwrap(),
+    );
     let work = tokio::spawn(workload::run_increments(client.clone(), 20_000, 200, 32));
 
     // Control: a valid admin certificate gets an answer.
-    probe(tls::client_config(&admin).unwrap(), target, ANY_NODE).await.expect("valid client is served");
+    probe(tls::client_config(&admin).unwrap(), target, ANY_NODE)
+        .await
+        .expect("valid client is served");
 
     // 1. No certificate.
-    let err = probe(no_cert_config(), target, "n1").await.expect_err("no certificate must be refused");
+    let err = probe(no_cert_config(), target, "n1")
+        .await
+        .expect_err("no certificate must be refused");
     println!("no certificate: {err}");
     // 2. A certificate from a foreign CA.
     let foreign = pki.path().join("foreign-ca");
     certs::init_ca(&foreign).unwrap();
-    certs::issue(&foreign, &Subject::Client { name: "mallory".into(), role: Role::Admin }, &pki.path().join("foreign"), Validity::days_from_now(1)).unwrap();
+    certs::issue(
+        &foreign,
+        &Subject::Client {
+            name: "mallory".into(),
+            role: Role::Admin,
+        },
+        &pki.path().join("foreign"),
+        Validity::days_from_now(1),
+    )
+    .unwrap();
     let m = TlsMaterial::load_client(&pki.path().join("foreign")).unwrap();
-    probe(tls::client_config(&m).unwrap(), target, ANY_NODE).await.expect_err("foreign CA must be refused");
+    probe(tls::client_config(&m).unwrap(), target, ANY_NODE)
+        .await
+        .expect_err("foreign CA must be refused");
     // 3. An expired certificate from the right CA.
     let now = time::OffsetDateTime::now_utc();
-    let expired = Validity { not_before: now - time::Duration::days(3), not_after: now - time::Duration::days(1) };
-    certs::issue(&cluster.ca_dir(), &Subject::Client { name: "late".into(), role: Role::Admin }, &pki.path().join("expired"), expired).unwrap();
+    let expired = Validity {
+        not_before: now - time::Duration::days(3),
+        not_after: now - time::Duration::days(1),
+    };
+    certs::issue(
+        &cluster.ca_dir(),
+        &Subject::Client {
+            name: "late".into(),
+            role: Role::Admin,
+        },
+        &pki.path().join("expired"),
+        expired,
+    )
+    .unwrap();
     let m = TlsMaterial::load_client(&pki.path().join("expired")).unwrap();
-    probe(tls::client_config(&m).unwrap(), target, ANY_NODE).await.expect_err("expired certificate must be refused");
+    probe(tls::client_config(&m).unwrap(), target, ANY_NODE)
+        .await
+        .expect_err("expired certificate must be refused");
     // 4. A node certificate for a name that is not a member.
-    certs::issue(&cluster.ca_dir(), &Subject::Node("n9".into()), &pki.path().join("n9"), Validity::days_from_now(1)).unwrap();
+    certs::issue(
+        &cluster.ca_dir(),
+        &Subject::Node("n9".into()),
+        &pki.path().join("n9"),
+        Validity::days_from_now(1),
+    )
+    .unwrap();
     let m = TlsMaterial::load_node(&pki.path().join("n9")).unwrap();
-    probe(tls::client_config(&m).unwrap(), target, "n1").await.expect_err("non-member node must be refused");
+    probe(tls::client_config(&m).unwrap(), target, "n1")
+        .await
+        .expect_err("non-member node must be refused");
     // 5. The node at this address is n1, not the n2 we claim to dial: our side refuses it.
-    probe(tls::client_config(&admin).unwrap(), target, "n2").await.expect_err("name mismatch must be refused");
-    wait_metric_at_least(&cluster, 0, "tidepool_transport_handshake_failures_total", &[("direction", "inbound")], 4.0).await;
+    probe(tls::client_config(&admin).unwrap(), target, "n2")
+        .await
+        .expect_err("name mismatch must be refused");
+    wait_metric_at_least(
+        &cluster,
+        0,
+        "tidepool_transport_handshake_failures_total",
+        &[("direction", "inbound")],
+        4.0,
+    )
+    .await;
 
     // Garbage datagrams at every node's QUIC port.
     let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -154,14 +244,20 @@ async fn hostile_peers_are_refused_and_do_not_disturb_a_workload() {
 
     // Malformed frames from an authenticated client, each on its own stream of one connection.
     let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = ep.connect_with(tls::client_config(&admin).unwrap(), target, ANY_NODE).unwrap().await.unwrap();
+    let conn = ep
+        .connect_with(tls::client_config(&admin).unwrap(), target, ANY_NODE)
+        .unwrap()
+        .await
+        .unwrap();
     let good = ping_frame(1);
     let mut oversized = good.clone();
     oversized[..4].copy_from_slice(&u32::MAX.to_le_bytes());
     let mut version = good.clone();
     version[4..6].copy_from_slice(&9u16.to_le_bytes());
     let mut malformed = good.clone();
-    malformed[FRAME_HEADER_LEN..].iter_mut().for_each(|b| *b = 0xff);
+    malformed[FRAME_HEADER_LEN..]
+        .iter_mut()
+        .for_each(|b| *b = 0xff);
     let truncated = good[..good.len() - 3].to_vec();
     for bad in [oversized, version, malformed, truncated] {
         let mut s = conn.open_uni().await.unwrap();
@@ -169,21 +265,36 @@ async fn hostile_peers_are_refused_and_do_not_disturb_a_workload() {
         let _ = s.finish();
     }
     for reason in ["oversized", "version", "malformed", "truncated"] {
-        wait_metric_at_least(&cluster, 0, "tidepool_wire_rejected_frames_total", &[("reason", reason)], 1.0).await;
+        wait_metric_at_least(
+            &cluster,
+            0,
+            "tidepool_wire_rejected_frames_total",
+            &[("reason", reason)],
+            1.0,
+        )
+        .await;
     }
     // The same connection still works after its bad streams were reset.
     let mut s = conn.open_uni().await.unwrap();
     s.write_all(&ping_frame(2)).await.unwrap();
-    let mut r = tokio::time::timeout(Duration::from_secs(10), conn.accept_uni()).await.unwrap().unwrap();
+    let mut r = tokio::time::timeout(Duration::from_secs(10), conn.accept_uni())
+        .await
+        .unwrap()
+        .unwrap();
     let f = codec::read_frame(&mut r, 1 << 20).await.unwrap().unwrap();
     assert!(matches!(f.envelope().body, ArchivedBody::Pong(_)));
 
     // The workload was not disturbed: everything acknowledged, exactly once.
     let report = work.await.unwrap();
     assert_eq!(report.unacked, 0);
-    assert_eq!(workload::verify(&client, &report, 200).await.unwrap(), 20_000);
+    assert_eq!(
+        workload::verify(&client, &report, 200).await.unwrap(),
+        20_000
+    );
     for i in 0..3 {
-        let (code, _) = tidepool::http::get(cluster.nodes[i].admin, "/readyz").await.unwrap();
+        let (code, _) = tidepool::http::get(cluster.nodes[i].admin, "/readyz")
+            .await
+            .unwrap();
         assert_eq!(code, 200, "n{} still ready", i + 1);
     }
     let statuses = cluster.stop_all(Duration::from_secs(20)).await.unwrap();

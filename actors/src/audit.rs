@@ -14,7 +14,10 @@ const QUEUE: usize = 4096;
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("cannot open audit log {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A handle to the audit log. Cheap to clone.
@@ -33,7 +36,10 @@ impl AuditLog {
             .append(true)
             .open(&path)
             .await
-            .map_err(|source| AuditError::Open { path: path.clone(), source })?;
+            .map_err(|source| AuditError::Open {
+                path: path.clone(),
+                source,
+            })?;
         let (tx, mut rx) = mpsc::channel::<String>(QUEUE);
         tokio::spawn(async move {
             let mut w = tokio::io::BufWriter::new(file);
@@ -48,7 +54,10 @@ impl AuditLog {
                 }
             }
         });
-        Ok(AuditLog { tx, node: node.to_string() })
+        Ok(AuditLog {
+            tx,
+            node: node.to_string(),
+        })
     }
 
     /// Records that `who` made an admin request of kind `what` (`detail` is free text).
@@ -61,7 +70,10 @@ impl AuditLog {
 }
 
 fn serde_line(node: &str, who: &Identity, what: &str, detail: &str) -> String {
-    let ts = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
     format!(
         "{{\"ts_ms\":{ts},\"node\":{},\"client\":{},\"role\":\"{}\",\"request\":{},\"detail\":{}}}\n",
         json_str(node),
@@ -96,7 +108,10 @@ mod tests {
     async fn lines_name_the_certificate() {
         let dir = tempfile::tempdir().unwrap();
         let log = AuditLog::open(dir.path(), "n1").await.unwrap();
-        let who = Identity { name: "ops\"1".into(), role: Role::Admin };
+        let who = Identity {
+            name: "ops\"1".into(),
+            role: Role::Admin,
+        };
         log.record(&who, "shard_request", "incr k").await;
         let path = dir.path().join("audit.log");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -106,7 +121,10 @@ mod tests {
                 assert!(text.contains("\"role\":\"admin\""));
                 break;
             }
-            assert!(std::time::Instant::now() < deadline, "audit line never written: {text}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "audit line never written: {text}"
+            );
             tokio::task::yield_now().await;
         }
     }

@@ -32,13 +32,20 @@ pub enum NodeError {
     Tls(#[from] tidepool_runtime::transport::tls::TlsError),
     /// The node certificate names someone else than `node.name`.
     #[error("certificate in {dir} is for {found:?}, but node.name is {expected:?}")]
-    WrongCertificate { dir: String, expected: String, found: String },
+    WrongCertificate {
+        dir: String,
+        expected: String,
+        found: String,
+    },
     #[error(transparent)]
     Transport(#[from] tidepool_runtime::transport::TransportError),
     #[error(transparent)]
     Placement(#[from] placement::PlacementError),
     #[error("cannot create {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Audit(#[from] AuditError),
     #[error("cannot start the supervisor: {0}")]
@@ -55,7 +62,10 @@ impl PeerPolicy for MemberPolicy {
     fn admit(&self, peer: &Identity) -> Result<(), String> {
         match peer.role {
             Role::Node if self.members.contains(&peer.name) => Ok(()),
-            Role::Node => Err(format!("node {:?} is not a member of this cluster", peer.name)),
+            Role::Node => Err(format!(
+                "node {:?} is not a member of this cluster",
+                peer.name
+            )),
             Role::Admin | Role::Reader => Ok(()),
         }
     }
@@ -83,17 +93,32 @@ impl Node {
                 found: tls.identity.name.clone(),
             });
         }
-        std::fs::create_dir_all(&cfg.node.data_dir)
-            .map_err(|source| NodeError::DataDir { path: cfg.node.data_dir.display().to_string(), source })?;
-        let members: Vec<(String, std::net::SocketAddr)> = cfg.cluster.members.iter().map(|m| (m.name.clone(), m.addr)).collect();
-        let policy = Arc::new(MemberPolicy { members: members.iter().map(|(n, _)| n.clone()).collect() });
+        std::fs::create_dir_all(&cfg.node.data_dir).map_err(|source| NodeError::DataDir {
+            path: cfg.node.data_dir.display().to_string(),
+            source,
+        })?;
+        let members: Vec<(String, std::net::SocketAddr)> = cfg
+            .cluster
+            .members
+            .iter()
+            .map(|m| (m.name.clone(), m.addr))
+            .collect();
+        let policy = Arc::new(MemberPolicy {
+            members: members.iter().map(|(n, _)| n.clone()).collect(),
+        });
         let tcfg = TransportConfig {
             max_frame_bytes: cfg.transport.max_frame_bytes as usize,
             send_queue_depth: cfg.transport.send_queue_depth,
             connect_timeout: Duration::from_millis(cfg.transport.connect_timeout_ms),
             reconnect_max_backoff: Duration::from_millis(cfg.transport.reconnect_max_backoff_ms),
         };
-        let transport = Transport::bind(&name, socket.unwrap_or(Socket::Bind(cfg.node.listen)), &tls, policy, tcfg)?;
+        let transport = Transport::bind(
+            &name,
+            socket.unwrap_or(Socket::Bind(cfg.node.listen)),
+            &tls,
+            policy,
+            tcfg,
+        )?;
         transport.set_members(members.clone());
         let names: Vec<String> = members.iter().map(|(n, _)| n.clone()).collect();
         let map = placement::assign(cfg.cluster.shards, &names, cfg.cluster.placement_eps)?;
@@ -109,7 +134,11 @@ impl Node {
             transport.clone(),
             audit,
         );
-        let states: HashMap<u32, SharedState> = router.owned_shards().into_iter().map(|s| (s, SharedState::default())).collect();
+        let states: HashMap<u32, SharedState> = router
+            .owned_shards()
+            .into_iter()
+            .map(|s| (s, SharedState::default()))
+            .collect();
         let (esc_tx, escalations) = mpsc::channel(1);
         let args = SupervisorArgs {
             router: router.clone(),
@@ -119,12 +148,20 @@ impl Node {
             escalate: esc_tx,
         };
         let (supervisor, supervisor_done) =
-            Actor::spawn(Some(format!("supervisor-{name}")), NodeSupervisor, args).await.map_err(|e| NodeError::Spawn(e.to_string()))?;
+            Actor::spawn(Some(format!("supervisor-{name}")), NodeSupervisor, args)
+                .await
+                .map_err(|e| NodeError::Spawn(e.to_string()))?;
         transport.start(Arc::new(router.clone()));
         let stopping = Arc::new(AtomicBool::new(false));
         tokio::spawn(heartbeat(router.clone(), stopping.clone()));
         info!(node = %name, addr = ?transport.local_addr().ok(), shards = router.owned_shards().len(), "node started");
-        Ok(Node { router, supervisor, supervisor_done, escalations, stopping })
+        Ok(Node {
+            router,
+            supervisor,
+            supervisor_done,
+            escalations,
+            stopping,
+        })
     }
 
     pub fn router(&self) -> &Router {
@@ -143,7 +180,10 @@ impl Node {
 
     /// A cheap handle for health endpoints: readiness without holding the node.
     pub fn readiness(&self) -> Readiness {
-        Readiness { router: self.router.clone(), stopping: self.stopping.clone() }
+        Readiness {
+            router: self.router.clone(),
+            stopping: self.stopping.clone(),
+        }
     }
 
     /// Resolves when the supervisor gives up (restart budget spent), with its reason.
@@ -157,12 +197,17 @@ impl Node {
         self.stopping.store(true, Ordering::SeqCst);
         self.router.begin_shutdown();
         let deadline = tokio::time::Instant::now() + grace;
-        let settle = tokio::time::timeout_at(deadline, self.supervisor.stop_and_wait(Some("shutdown".into()), None));
+        let settle = tokio::time::timeout_at(
+            deadline,
+            self.supervisor.stop_and_wait(Some("shutdown".into()), None),
+        );
         if settle.await.is_err() {
             self.supervisor.kill();
         }
         let _ = tokio::time::timeout_at(deadline, self.supervisor_done).await;
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(100));
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(100));
         self.router.transport().shutdown(left).await;
         info!(node = %self.router.name(), "node stopped");
     }
@@ -200,10 +245,19 @@ async fn heartbeat(router: Router, stopping: Arc<AtomicBool>) {
             nonce += 1;
             let (router, peer) = (router.clone(), peer.clone());
             tokio::spawn(async move {
-                let Ok(link) = router.transport().link(&peer).await else { return };
-                let env = Envelope::new(router.name(), Dest::Node(peer.clone()), 0, Body::Ping(nonce));
+                let Ok(link) = router.transport().link(&peer).await else {
+                    return;
+                };
+                let env = Envelope::new(
+                    router.name(),
+                    Dest::Node(peer.clone()),
+                    0,
+                    Body::Ping(nonce),
+                );
                 match link.request(env, HEARTBEAT * 2).await {
-                    Ok(f) if matches!(f.envelope().body, ArchivedBody::Pong(_)) => router.saw(&peer),
+                    Ok(f) if matches!(f.envelope().body, ArchivedBody::Pong(_)) => {
+                        router.saw(&peer)
+                    }
                     Ok(_) => debug!(%peer, "odd heartbeat reply"),
                     Err(e) => debug!(%peer, error = %e, "heartbeat failed"),
                 }

@@ -14,12 +14,20 @@ pub struct RestartBudget {
 impl RestartBudget {
     /// Erlang/OTP-style intensity: `max` restarts per `window`.
     pub fn new(max: usize, window: Duration) -> Self {
-        RestartBudget { max, window, recent: VecDeque::with_capacity(max + 1) }
+        RestartBudget {
+            max,
+            window,
+            recent: VecDeque::with_capacity(max + 1),
+        }
     }
 
     /// Records a failure at `now`; `true` if a restart is allowed, `false` to escalate.
     pub fn allow(&mut self, now: Instant) -> bool {
-        while self.recent.front().is_some_and(|t| now.saturating_duration_since(*t) > self.window) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.saturating_duration_since(*t) > self.window)
+        {
             self.recent.pop_front();
         }
         if self.recent.len() >= self.max {
@@ -48,7 +56,13 @@ mod tests {
         assert!(b.allow(t0));
         assert!(b.allow(t0 + Duration::from_secs(1)));
         assert!(b.allow(t0 + Duration::from_secs(2)));
-        assert!(!b.allow(t0 + Duration::from_secs(3)), "fourth failure within the window escalates");
-        assert!(b.allow(t0 + Duration::from_secs(12)), "old failures age out");
+        assert!(
+            !b.allow(t0 + Duration::from_secs(3)),
+            "fourth failure within the window escalates"
+        );
+        assert!(
+            b.allow(t0 + Duration::from_secs(12)),
+            "old failures age out"
+        );
     }
 }

@@ -12,8 +12,8 @@ use parking_lot::{Mutex, RwLock};
 use ractor::ActorRef;
 use tidepool_runtime::certs::Role;
 use tidepool_runtime::codec::{
-    ArchivedBody, ArchivedDest, Body, Dest, Envelope, ErrorCode, Frame, Kind, MemberInfo, OpResult, ShardInfo,
-    ShardRequest, StatusInfo,
+    ArchivedBody, ArchivedDest, Body, Dest, Envelope, ErrorCode, Frame, Kind, MemberInfo, OpResult,
+    ShardInfo, ShardRequest, StatusInfo,
 };
 use tidepool_runtime::metrics as m;
 use tidepool_runtime::placement::ShardMap;
@@ -66,7 +66,9 @@ pub struct Router {
 
 impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Router").field("name", &self.inner.cfg.name).finish()
+        f.debug_struct("Router")
+            .field("name", &self.inner.cfg.name)
+            .finish()
     }
 }
 
@@ -80,7 +82,15 @@ impl Router {
             .map
             .iter()
             .filter(|(_, owner)| *owner == cfg.name)
-            .map(|(s, _)| (s, LocalShard { actor: RwLock::new(None), permits: Arc::new(Semaphore::new(cfg.max_inflight.max(1))) }))
+            .map(|(s, _)| {
+                (
+                    s,
+                    LocalShard {
+                        actor: RwLock::new(None),
+                        permits: Arc::new(Semaphore::new(cfg.max_inflight.max(1))),
+                    },
+                )
+            })
             .collect();
         Router {
             inner: Arc::new(Inner {
@@ -119,7 +129,10 @@ impl Router {
 
     /// The id of the actor serving a local shard now (changes on every restart).
     pub fn shard_actor(&self, shard: u32) -> Option<ractor::ActorId> {
-        self.inner.local.get(&shard).and_then(|s| s.actor.read().as_ref().map(|a| a.get_id()))
+        self.inner
+            .local
+            .get(&shard)
+            .and_then(|s| s.actor.read().as_ref().map(|a| a.get_id()))
     }
 
     /// Whether every local shard has a running actor.
@@ -138,7 +151,10 @@ impl Router {
 
     /// Records that `peer` answered just now (heartbeats).
     pub fn saw(&self, peer: &str) {
-        self.inner.last_seen.lock().insert(peer.to_string(), Instant::now());
+        self.inner
+            .last_seen
+            .lock()
+            .insert(peer.to_string(), Instant::now());
     }
 
     /// Members that answered within [`UP_WITHIN`], this node included.
@@ -148,7 +164,9 @@ impl Router {
             .cfg
             .members
             .iter()
-            .filter(|(n, _)| *n == self.inner.cfg.name || seen.get(n).is_some_and(|t| t.elapsed() < UP_WITHIN))
+            .filter(|(n, _)| {
+                *n == self.inner.cfg.name || seen.get(n).is_some_and(|t| t.elapsed() < UP_WITHIN)
+            })
             .count()
     }
 
@@ -159,7 +177,12 @@ impl Router {
     /// Delivers `req` to the owner of `shard`: locally by actor message (no serialization), or
     /// over QUIC to the owning node.
     pub async fn send_to_shard(&self, shard: u32, req: ShardRequest) -> OpReply {
-        let owner = self.inner.cfg.map.owner(shard).ok_or(ErrorCode::BadRequest)?;
+        let owner = self
+            .inner
+            .cfg
+            .map
+            .owner(shard)
+            .ok_or(ErrorCode::BadRequest)?;
         if self.inner.shutting_down.load(Ordering::SeqCst) {
             return Err(ErrorCode::ShuttingDown);
         }
@@ -171,15 +194,31 @@ impl Router {
             debug!(%owner, error = %e, "owner unreachable");
             ErrorCode::NotOwner
         })?;
-        let env = Envelope::new(self.name(), Dest::Shard { shard, epoch: STATIC_EPOCH }, 0, Body::ShardRequest(req));
-        let reply = link.request(env, self.inner.cfg.request_timeout).await.map_err(|_| ErrorCode::Internal)?;
+        let env = Envelope::new(
+            self.name(),
+            Dest::Shard {
+                shard,
+                epoch: STATIC_EPOCH,
+            },
+            0,
+            Body::ShardRequest(req),
+        );
+        let reply = link
+            .request(env, self.inner.cfg.request_timeout)
+            .await
+            .map_err(|_| ErrorCode::Internal)?;
         decode_reply(&reply)
     }
 
     /// Takes a slot in the shard's bounded queue, waiting while it is full (backpressure).
     async fn admit(&self, shard: u32) -> Result<OwnedSemaphorePermit, ErrorCode> {
         let slot = self.inner.local.get(&shard).ok_or(ErrorCode::NotOwner)?;
-        match tokio::time::timeout(self.inner.cfg.request_timeout, slot.permits.clone().acquire_owned()).await {
+        match tokio::time::timeout(
+            self.inner.cfg.request_timeout,
+            slot.permits.clone().acquire_owned(),
+        )
+        .await
+        {
             Ok(Ok(p)) => Ok(p),
             _ => {
                 metrics::counter!(m::SHARD_REJECTED, "reason" => "overloaded").increment(1);
@@ -188,7 +227,12 @@ impl Router {
         }
     }
 
-    async fn call_local(&self, shard: u32, input: ShardInput, permit: OwnedSemaphorePermit) -> OpReply {
+    async fn call_local(
+        &self,
+        shard: u32,
+        input: ShardInput,
+        permit: OwnedSemaphorePermit,
+    ) -> OpReply {
         let slot = self.inner.local.get(&shard).ok_or(ErrorCode::NotOwner)?;
         let Some(actor) = slot.actor.read().clone() else {
             // Between a crash and the restart: retryable.
@@ -196,7 +240,12 @@ impl Router {
         };
         let (tx, rx) = tokio::sync::oneshot::channel();
         metrics::gauge!(m::SHARD_INFLIGHT).increment(1.0);
-        let sent = actor.cast(ShardMsg::Apply { input, reply: tx, permit, arrived: Instant::now() });
+        let sent = actor.cast(ShardMsg::Apply {
+            input,
+            reply: tx,
+            permit,
+            arrived: Instant::now(),
+        });
         let out = match sent {
             Ok(()) => rx.await.unwrap_or(Err(ErrorCode::Internal)),
             Err(_) => Err(ErrorCode::Internal),
@@ -226,7 +275,11 @@ impl Router {
             })
             .collect();
         // No control plane yet: membership is static, so there is no leader and no term.
-        StatusInfo { leader: String::new(), term: 0, members }
+        StatusInfo {
+            leader: String::new(),
+            term: 0,
+            members,
+        }
     }
 
     fn shards(&self) -> Vec<ShardInfo> {
@@ -234,7 +287,12 @@ impl Router {
             .cfg
             .map
             .iter()
-            .map(|(id, owner)| ShardInfo { id, owner: owner.to_string(), epoch: STATIC_EPOCH, state: "serving".into() })
+            .map(|(id, owner)| ShardInfo {
+                id,
+                owner: owner.to_string(),
+                epoch: STATIC_EPOCH,
+                state: "serving".into(),
+            })
             .collect()
     }
 
@@ -244,7 +302,8 @@ impl Router {
         let kind = env.body.kind();
         let role = link.peer().role;
         if role != Role::Node {
-            metrics::counter!(m::ADMIN_REQUESTS, "role" => role.as_str(), "kind" => kind.as_str()).increment(1);
+            metrics::counter!(m::ADMIN_REQUESTS, "role" => role.as_str(), "kind" => kind.as_str())
+                .increment(1);
         }
         let body = match kind {
             Kind::ShardRequest => return self.handle_shard(link, frame, corr).await,
@@ -261,7 +320,9 @@ impl Router {
 
     async fn handle_shard(self, link: Link, frame: Frame, corr: u64) {
         let env = frame.envelope();
-        let ArchivedBody::ShardRequest(req) = &env.body else { return };
+        let ArchivedBody::ShardRequest(req) = &env.body else {
+            return;
+        };
         let op = OpRef::from_archived(&req.op);
         let peer = link.peer().clone();
         let refuse = |code: ErrorCode, reason: &'static str, msg: String| {
@@ -270,17 +331,45 @@ impl Router {
         };
         let (shard, epoch) = match &env.dest {
             ArchivedDest::Shard { shard, epoch } => (shard.to_native(), epoch.to_native()),
-            _ => return reply(&link, self.name(), corr, refuse(ErrorCode::BadRequest, "bad_request", "shard request without a shard".into())).await,
+            _ => {
+                return reply(
+                    &link,
+                    self.name(),
+                    corr,
+                    refuse(
+                        ErrorCode::BadRequest,
+                        "bad_request",
+                        "shard request without a shard".into(),
+                    ),
+                )
+                .await
+            }
         };
         let early = if shard >= self.shard_count() {
-            Some(refuse(ErrorCode::BadRequest, "bad_request", format!("no shard {shard}")))
+            Some(refuse(
+                ErrorCode::BadRequest,
+                "bad_request",
+                format!("no shard {shard}"),
+            ))
         } else if epoch != STATIC_EPOCH {
             metrics::counter!(m::STALE_EPOCH_REJECTIONS).increment(1);
-            Some(refuse(ErrorCode::NotOwner, "stale_epoch", format!("shard {shard} is at epoch {STATIC_EPOCH}, not {epoch}")))
+            Some(refuse(
+                ErrorCode::NotOwner,
+                "stale_epoch",
+                format!("shard {shard} is at epoch {STATIC_EPOCH}, not {epoch}"),
+            ))
         } else if op.is_write() && role_cannot_write(peer.role) {
-            Some(refuse(ErrorCode::Forbidden, "forbidden", format!("role {} may not write", peer.role)))
+            Some(refuse(
+                ErrorCode::Forbidden,
+                "forbidden",
+                format!("role {} may not write", peer.role),
+            ))
         } else if self.inner.shutting_down.load(Ordering::SeqCst) {
-            Some(refuse(ErrorCode::ShuttingDown, "shutting_down", "node is shutting down".into()))
+            Some(refuse(
+                ErrorCode::ShuttingDown,
+                "shutting_down",
+                "node is shutting down".into(),
+            ))
         } else {
             None
         };
@@ -288,25 +377,54 @@ impl Router {
             return reply(&link, self.name(), corr, body).await;
         }
         if peer.role == Role::Admin {
-            self.inner.audit.record(&peer, "shard_request", &format!("{} shard={shard}", op.name())).await;
+            self.inner
+                .audit
+                .record(
+                    &peer,
+                    "shard_request",
+                    &format!("{} shard={shard}", op.name()),
+                )
+                .await;
         }
         let owned = self.inner.local.contains_key(&shard);
         if owned {
             // Awaiting the slot here holds this stream: a full shard pushes back on the sender.
             let permit = match self.admit(shard).await {
                 Ok(p) => p,
-                Err(code) => return reply(&link, self.name(), corr, error_body(code, "shard queue is full")).await,
+                Err(code) => {
+                    return reply(
+                        &link,
+                        self.name(),
+                        corr,
+                        error_body(code, "shard queue is full"),
+                    )
+                    .await
+                }
             };
             tokio::spawn(async move {
-                let result = self.call_local(shard, ShardInput::Wire(frame), permit).await;
+                let result = self
+                    .call_local(shard, ShardInput::Wire(frame), permit)
+                    .await;
                 reply(&link, self.name(), corr, result_body(result)).await;
             });
         } else if peer.role == Role::Node {
             // Nodes route by the same map; a node sending us someone else's shard is confused.
-            reply(&link, self.name(), corr, refuse(ErrorCode::NotOwner, "not_owner", format!("shard {shard} is not here"))).await;
+            reply(
+                &link,
+                self.name(),
+                corr,
+                refuse(
+                    ErrorCode::NotOwner,
+                    "not_owner",
+                    format!("shard {shard} is not here"),
+                ),
+            )
+            .await;
         } else {
             // A client that does not know the map: forward on its behalf (bounded).
-            let Ok(permit) = self.inner.forwards.clone().acquire_owned().await else { return };
+            let Ok(permit) = self.inner.forwards.clone().acquire_owned().await else {
+                return;
+            };
             let owned_req = match rkyv_request(&frame) {
                 Some(r) => r,
                 None => return,
@@ -334,7 +452,10 @@ fn rkyv_request(frame: &Frame) -> Option<ShardRequest> {
 }
 
 fn error_body(code: ErrorCode, message: &str) -> Body {
-    Body::Error { code, message: message.to_string() }
+    Body::Error {
+        code,
+        message: message.to_string(),
+    }
 }
 
 fn result_body(r: OpReply) -> Body {

@@ -12,7 +12,9 @@ use std::time::Instant;
 use nalgebra::DVector;
 use parking_lot::Mutex;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
-use tidepool_runtime::codec::{ArchivedBody, ArchivedOp, ErrorCode, Frame, IdemKey, Op, OpResult, ShardRequest, TensorView};
+use tidepool_runtime::codec::{
+    ArchivedBody, ArchivedOp, ErrorCode, Frame, IdemKey, Op, OpResult, ShardRequest, TensorView,
+};
 use tidepool_runtime::metrics as m;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
@@ -50,10 +52,19 @@ impl<'a> OpRef<'a> {
     /// Reads the op in place from a validated archive (tensors included: no copy).
     pub fn from_archived(op: &'a ArchivedOp) -> Self {
         match op {
-            ArchivedOp::Put { key, value } => OpRef::Put { key: key.as_str(), value: value.as_slice() },
+            ArchivedOp::Put { key, value } => OpRef::Put {
+                key: key.as_str(),
+                value: value.as_slice(),
+            },
             ArchivedOp::Get { key } => OpRef::Get { key: key.as_str() },
-            ArchivedOp::Incr { key, delta } => OpRef::Incr { key: key.as_str(), delta: delta.to_native() },
-            ArchivedOp::AddTensor { key, values } => OpRef::AddTensor { key: key.as_str(), values: values.as_f32s() },
+            ArchivedOp::Incr { key, delta } => OpRef::Incr {
+                key: key.as_str(),
+                delta: delta.to_native(),
+            },
+            ArchivedOp::AddTensor { key, values } => OpRef::AddTensor {
+                key: key.as_str(),
+                values: values.as_f32s(),
+            },
             ArchivedOp::GetTensor { key } => OpRef::GetTensor { key: key.as_str() },
         }
     }
@@ -69,12 +80,19 @@ impl<'a> OpRef<'a> {
     }
 
     pub fn is_write(&self) -> bool {
-        matches!(self, OpRef::Put { .. } | OpRef::Incr { .. } | OpRef::AddTensor { .. })
+        matches!(
+            self,
+            OpRef::Put { .. } | OpRef::Incr { .. } | OpRef::AddTensor { .. }
+        )
     }
 
     fn key(&self) -> &'a str {
         match *self {
-            OpRef::Put { key, .. } | OpRef::Get { key } | OpRef::Incr { key, .. } | OpRef::AddTensor { key, .. } | OpRef::GetTensor { key } => key,
+            OpRef::Put { key, .. }
+            | OpRef::Get { key }
+            | OpRef::Incr { key, .. }
+            | OpRef::AddTensor { key, .. }
+            | OpRef::GetTensor { key } => key,
         }
     }
 }
@@ -119,16 +137,26 @@ impl ShardState {
     pub fn apply(&mut self, idem: IdemKey, op: OpRef<'_>) -> Result<OpResult, ShardError> {
         let key = op.key();
         if key.len() > MAX_KEY_BYTES {
-            return Err(ShardError::BadRequest(format!("key of {} bytes exceeds {MAX_KEY_BYTES}", key.len())));
+            return Err(ShardError::BadRequest(format!(
+                "key of {} bytes exceeds {MAX_KEY_BYTES}",
+                key.len()
+            )));
         }
         if op.is_write() {
             match self.dedup.check(idem.sender, idem.seq) {
                 Check::New => {}
                 Check::Duplicate => return Ok(OpResult::Duplicate),
-                Check::WindowFull => return Err(ShardError::Full(format!("sender {} has too many ops in flight", idem.sender))),
+                Check::WindowFull => {
+                    return Err(ShardError::Full(format!(
+                        "sender {} has too many ops in flight",
+                        idem.sender
+                    )))
+                }
             }
             if !self.kv.contains_key(key) && self.kv.len() >= MAX_KEYS {
-                return Err(ShardError::Full(format!("shard holds the maximum of {MAX_KEYS} keys")));
+                return Err(ShardError::Full(format!(
+                    "shard holds the maximum of {MAX_KEYS} keys"
+                )));
             }
         }
         let result = self.apply_unchecked(op)?;
@@ -140,10 +168,12 @@ impl ShardState {
     }
 
     fn apply_unchecked(&mut self, op: OpRef<'_>) -> Result<OpResult, ShardError> {
-        let mismatch = |key: &str| ShardError::BadRequest(format!("key {key:?} holds another kind of value"));
+        let mismatch =
+            |key: &str| ShardError::BadRequest(format!("key {key:?} holds another kind of value"));
         Ok(match op {
             OpRef::Put { key, value } => {
-                self.kv.insert(key.to_string(), Value::Bytes(value.to_vec()));
+                self.kv
+                    .insert(key.to_string(), Value::Bytes(value.to_vec()));
                 OpResult::Done
             }
             OpRef::Get { key } => match self.kv.get(key) {
@@ -154,15 +184,26 @@ impl ShardState {
             },
             OpRef::Incr { key, delta } => {
                 let v = self.kv.entry(key.to_string()).or_insert(Value::Counter(0));
-                let Value::Counter(c) = v else { return Err(mismatch(key)) };
+                let Value::Counter(c) = v else {
+                    return Err(mismatch(key));
+                };
                 *c = c.wrapping_add(delta);
                 OpResult::Counter(*c)
             }
             OpRef::AddTensor { key, values } => {
-                let v = self.kv.entry(key.to_string()).or_insert_with(|| Value::Tensor(DVector::zeros(values.len())));
-                let Value::Tensor(t) = v else { return Err(mismatch(key)) };
+                let v = self
+                    .kv
+                    .entry(key.to_string())
+                    .or_insert_with(|| Value::Tensor(DVector::zeros(values.len())));
+                let Value::Tensor(t) = v else {
+                    return Err(mismatch(key));
+                };
                 if t.len() != values.len() {
-                    return Err(ShardError::BadRequest(format!("tensor {key:?} has {} elements, got {}", t.len(), values.len())));
+                    return Err(ShardError::BadRequest(format!(
+                        "tensor {key:?} has {} elements, got {}",
+                        t.len(),
+                        values.len()
+                    )));
                 }
                 // In place over the receive buffer: no decode, no copy of the gradient.
                 *t += nalgebra::DVectorView::from_slice(values, values.len());
@@ -206,7 +247,12 @@ pub type OpReply = Result<OpResult, ErrorCode>;
 pub enum ShardMsg {
     /// Apply a request. The permit is the op's slot in the shard's bounded queue; it is released
     /// when the reply is sent.
-    Apply { input: ShardInput, reply: oneshot::Sender<OpReply>, permit: OwnedSemaphorePermit, arrived: Instant },
+    Apply {
+        input: ShardInput,
+        reply: oneshot::Sender<OpReply>,
+        permit: OwnedSemaphorePermit,
+        arrived: Instant,
+    },
     /// Fail on purpose (supervision tests and chaos).
     Crash,
 }
@@ -227,14 +273,28 @@ impl Actor for ShardActor {
     type State = ShardArgs;
     type Arguments = ShardArgs;
 
-    async fn pre_start(&self, _me: ActorRef<Self::Msg>, args: ShardArgs) -> Result<ShardArgs, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        args: ShardArgs,
+    ) -> Result<ShardArgs, ActorProcessingErr> {
         Ok(args)
     }
 
-    async fn handle(&self, _me: ActorRef<Self::Msg>, msg: ShardMsg, st: &mut ShardArgs) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        msg: ShardMsg,
+        st: &mut ShardArgs,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             ShardMsg::Crash => Err(format!("shard {} asked to crash", st.shard).into()),
-            ShardMsg::Apply { input, reply, permit, arrived } => {
+            ShardMsg::Apply {
+                input,
+                reply,
+                permit,
+                arrived,
+            } => {
                 let result = apply_input(st, input).await;
                 let _ = reply.send(result);
                 drop(permit);
@@ -248,7 +308,9 @@ impl Actor for ShardActor {
 /// Applies one request; big tensor adds go to the worker pool so the reactor never does bulk math.
 async fn apply_input(st: &ShardArgs, input: ShardInput) -> OpReply {
     let big = match &input {
-        ShardInput::Local(r) => matches!(&r.op, Op::AddTensor { values, .. } if values.len() >= POOL_TENSOR_LEN),
+        ShardInput::Local(r) => {
+            matches!(&r.op, Op::AddTensor { values, .. } if values.len() >= POOL_TENSOR_LEN)
+        }
         ShardInput::Wire(f) => matches!(&f.envelope().body, ArchivedBody::ShardRequest(r)
             if matches!(&r.op, ArchivedOp::AddTensor { values, .. } if values.len() >= POOL_TENSOR_LEN)),
     };
@@ -271,7 +333,10 @@ fn apply_sync(state: &SharedState, input: &ShardInput) -> OpReply {
         ShardInput::Local(r) => (r.idem, OpRef::from_native(&r.op)),
         ShardInput::Wire(f) => match &f.envelope().body {
             ArchivedBody::ShardRequest(r) => (
-                IdemKey { sender: r.idem.sender.to_native(), seq: r.idem.seq.to_native() },
+                IdemKey {
+                    sender: r.idem.sender.to_native(),
+                    seq: r.idem.seq.to_native(),
+                },
                 OpRef::from_archived(&r.op),
             ),
             _ => return Err(ErrorCode::BadRequest),
@@ -301,28 +366,78 @@ mod tests {
     #[test]
     fn incr_is_applied_once_per_key() {
         let mut s = ShardState::default();
-        assert_eq!(s.apply(k(1), OpRef::Incr { key: "a", delta: 2 }), Ok(OpResult::Counter(2)));
-        assert_eq!(s.apply(k(1), OpRef::Incr { key: "a", delta: 2 }), Ok(OpResult::Duplicate));
-        assert_eq!(s.apply(k(2), OpRef::Incr { key: "a", delta: 2 }), Ok(OpResult::Counter(4)));
-        assert_eq!(s.apply(k(9), OpRef::Get { key: "a" }), Ok(OpResult::Counter(4)));
+        assert_eq!(
+            s.apply(k(1), OpRef::Incr { key: "a", delta: 2 }),
+            Ok(OpResult::Counter(2))
+        );
+        assert_eq!(
+            s.apply(k(1), OpRef::Incr { key: "a", delta: 2 }),
+            Ok(OpResult::Duplicate)
+        );
+        assert_eq!(
+            s.apply(k(2), OpRef::Incr { key: "a", delta: 2 }),
+            Ok(OpResult::Counter(4))
+        );
+        assert_eq!(
+            s.apply(k(9), OpRef::Get { key: "a" }),
+            Ok(OpResult::Counter(4))
+        );
         assert_eq!(s.applied(), 2);
     }
 
     #[test]
     fn tensors_accumulate_and_check_length() {
         let mut s = ShardState::default();
-        s.apply(k(1), OpRef::AddTensor { key: "w", values: &[1.0, 2.0] }).unwrap();
-        s.apply(k(2), OpRef::AddTensor { key: "w", values: &[0.5, 0.5] }).unwrap();
-        assert_eq!(s.apply(k(3), OpRef::GetTensor { key: "w" }), Ok(OpResult::Tensor(vec![1.5, 2.5])));
-        assert!(matches!(s.apply(k(4), OpRef::AddTensor { key: "w", values: &[1.0] }), Err(ShardError::BadRequest(_))));
-        assert!(matches!(s.apply(k(5), OpRef::Incr { key: "w", delta: 1 }), Err(ShardError::BadRequest(_))));
+        s.apply(
+            k(1),
+            OpRef::AddTensor {
+                key: "w",
+                values: &[1.0, 2.0],
+            },
+        )
+        .unwrap();
+        s.apply(
+            k(2),
+            OpRef::AddTensor {
+                key: "w",
+                values: &[0.5, 0.5],
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            s.apply(k(3), OpRef::GetTensor { key: "w" }),
+            Ok(OpResult::Tensor(vec![1.5, 2.5]))
+        );
+        assert!(matches!(
+            s.apply(
+                k(4),
+                OpRef::AddTensor {
+                    key: "w",
+                    values: &[1.0]
+                }
+            ),
+            Err(ShardError::BadRequest(_))
+        ));
+        assert!(matches!(
+            s.apply(k(5), OpRef::Incr { key: "w", delta: 1 }),
+            Err(ShardError::BadRequest(_))
+        ));
     }
 
     #[test]
     fn oversized_keys_are_refused() {
         let mut s = ShardState::default();
         let key = "x".repeat(MAX_KEY_BYTES + 1);
-        assert!(matches!(s.apply(k(1), OpRef::Put { key: &key, value: b"v" }), Err(ShardError::BadRequest(_))));
+        assert!(matches!(
+            s.apply(
+                k(1),
+                OpRef::Put {
+                    key: &key,
+                    value: b"v"
+                }
+            ),
+            Err(ShardError::BadRequest(_))
+        ));
         assert_eq!(s.keys(), 0);
     }
 }

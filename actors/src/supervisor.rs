@@ -49,9 +49,19 @@ fn event(name: &'static str) {
 }
 
 impl NodeSupervisor {
-    async fn spawn_shard(me: &ActorRef<SupervisorMsg>, st: &mut SupervisorState, shard: u32) -> Result<(), ActorProcessingErr> {
-        let Some(state) = st.args.states.get(&shard).cloned() else { return Ok(()) };
-        let args = ShardArgs { shard, state, pool: st.args.pool.clone() };
+    async fn spawn_shard(
+        me: &ActorRef<SupervisorMsg>,
+        st: &mut SupervisorState,
+        shard: u32,
+    ) -> Result<(), ActorProcessingErr> {
+        let Some(state) = st.args.states.get(&shard).cloned() else {
+            return Ok(());
+        };
+        let args = ShardArgs {
+            shard,
+            state,
+            pool: st.args.pool.clone(),
+        };
         let (actor, _) = Actor::spawn_linked(None, ShardActor, args, me.get_cell()).await?;
         st.by_actor.insert(actor.get_id(), shard);
         st.by_shard.insert(shard, actor.clone());
@@ -66,8 +76,17 @@ impl Actor for NodeSupervisor {
     type State = SupervisorState;
     type Arguments = SupervisorArgs;
 
-    async fn pre_start(&self, me: ActorRef<Self::Msg>, args: SupervisorArgs) -> Result<SupervisorState, ActorProcessingErr> {
-        let mut st = SupervisorState { args, by_actor: HashMap::new(), by_shard: HashMap::new(), escalated: false };
+    async fn pre_start(
+        &self,
+        me: ActorRef<Self::Msg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        let mut st = SupervisorState {
+            args,
+            by_actor: HashMap::new(),
+            by_shard: HashMap::new(),
+            escalated: false,
+        };
         let mut shards: Vec<u32> = st.args.states.keys().copied().collect();
         shards.sort_unstable();
         for shard in &shards {
@@ -78,7 +97,12 @@ impl Actor for NodeSupervisor {
         Ok(st)
     }
 
-    async fn handle(&self, _me: ActorRef<Self::Msg>, msg: SupervisorMsg, st: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        msg: SupervisorMsg,
+        st: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::CrashShard(shard) => {
                 if let Some(a) = st.by_shard.get(&shard) {
@@ -89,13 +113,22 @@ impl Actor for NodeSupervisor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, me: ActorRef<Self::Msg>, evt: SupervisionEvent, st: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        me: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        st: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         let (who, failure) = match evt {
             SupervisionEvent::ActorFailed(who, err) => (who, Some(err.to_string())),
-            SupervisionEvent::ActorTerminated(who, _, reason) => (who, reason.map(|r| format!("stopped: {r}"))),
+            SupervisionEvent::ActorTerminated(who, _, reason) => {
+                (who, reason.map(|r| format!("stopped: {r}")))
+            }
             _ => return Ok(()),
         };
-        let Some(shard) = st.by_actor.remove(&who.get_id()) else { return Ok(()) };
+        let Some(shard) = st.by_actor.remove(&who.get_id()) else {
+            return Ok(());
+        };
         st.by_shard.remove(&shard);
         st.args.router.set_actor(shard, None);
         let reason = failure.unwrap_or_else(|| "stopped".into());
@@ -111,7 +144,9 @@ impl Actor for NodeSupervisor {
             st.escalated = true;
             event("escalated");
             error!(shard, %reason, "shard actors keep failing; restart budget spent, escalating");
-            let _ = st.args.escalate.try_send(format!("shard {shard} failed past the restart budget: {reason}"));
+            let _ = st.args.escalate.try_send(format!(
+                "shard {shard} failed past the restart budget: {reason}"
+            ));
         }
         Ok(())
     }

@@ -29,7 +29,11 @@ pub struct WorkerPool {
 impl WorkerPool {
     /// `threads` = 0 means one per CPU.
     pub fn new(threads: usize, queue_depth: usize) -> Self {
-        let threads = if threads == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { threads };
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            threads
+        };
         WorkerPool {
             running: Arc::new(Semaphore::new(threads)),
             admitted: Arc::new(Semaphore::new(threads + queue_depth)),
@@ -49,7 +53,9 @@ impl WorkerPool {
         metrics::gauge!(m::WORKER_QUEUED).increment(1.0);
         let running = self.running.clone().acquire_owned().await;
         metrics::gauge!(m::WORKER_QUEUED).decrement(1.0);
-        let Ok(_running) = running else { return Err(WorkerError::Panicked("pool closed".into())) };
+        let Ok(_running) = running else {
+            return Err(WorkerError::Panicked("pool closed".into()));
+        };
         metrics::gauge!(m::WORKER_BUSY).increment(1.0);
         let out = tokio::task::spawn_blocking(f).await;
         metrics::gauge!(m::WORKER_BUSY).decrement(1.0);
@@ -77,14 +83,20 @@ mod tests {
         // Wait until both slots are taken, then a third task must be refused.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while pool.admitted.available_permits() > 0 {
-            assert!(std::time::Instant::now() < deadline, "tasks never got admitted");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "tasks never got admitted"
+            );
             tokio::task::yield_now().await;
         }
         assert!(matches!(pool.run(|| 0).await, Err(WorkerError::Full(1))));
         tx.send(()).unwrap();
         assert!(blocker.await.unwrap().is_ok());
         assert_eq!(queued.await.unwrap().unwrap(), 7);
-        assert!(matches!(pool.run(|| panic!("boom")).await, Err(WorkerError::Panicked(_))));
+        assert!(matches!(
+            pool.run(|| panic!("boom")).await,
+            Err(WorkerError::Panicked(_))
+        ));
         assert_eq!(pool.run(|| 1).await.unwrap(), 1);
     }
 }

@@ -1,6 +1,8 @@
 //! A real single-member node in-process: shard actors restart after a failure with their state
 //! intact, and repeated failures escalate instead of limping on.
 
+#![allow(clippy::unwrap_used)]
+
 use std::time::{Duration, Instant};
 
 use tidepool_actors::node::Node;
@@ -11,13 +13,26 @@ use tidepool_runtime::config::{MemberConfig, NodeConfig};
 
 fn config(dir: &std::path::Path) -> NodeConfig {
     certs::init_ca(&dir.join("ca")).unwrap();
-    certs::issue(&dir.join("ca"), &Subject::Node("n1".into()), &dir.join("n1"), Validity::days_from_now(1)).unwrap();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    certs::issue(
+        &dir.join("ca"),
+        &Subject::Node("n1".into()),
+        &dir.join("n1"),
+        Validity::days_from_now(1),
+    )
+    .unwrap();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut cfg = NodeConfig::default();
     cfg.node.listen = format!("127.0.0.1:{port}").parse().unwrap();
     cfg.node.admin = "127.0.0.1:1".parse().unwrap();
     cfg.node.data_dir = dir.join("data");
-    cfg.cluster.members = vec![MemberConfig { name: "n1".into(), addr: cfg.node.listen }];
+    cfg.cluster.members = vec![MemberConfig {
+        name: "n1".into(),
+        addr: cfg.node.listen,
+    }];
     cfg.cluster.shards = 8;
     cfg.tls.dir = dir.join("n1");
     cfg.validate().unwrap();
@@ -25,7 +40,13 @@ fn config(dir: &std::path::Path) -> NodeConfig {
 }
 
 fn incr(seq: u64) -> ShardRequest {
-    ShardRequest { idem: IdemKey { sender: 1, seq }, op: Op::Incr { key: "c".into(), delta: 1 } }
+    ShardRequest {
+        idem: IdemKey { sender: 1, seq },
+        op: Op::Incr {
+            key: "c".into(),
+            delta: 1,
+        },
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,12 +60,17 @@ async fn shard_actors_restart_with_state_and_escalate_past_the_budget() {
         router.send_to_shard(3, incr(seq)).await.unwrap();
     }
     // A retry of an applied op is recognised, locally too.
-    assert_eq!(router.send_to_shard(3, incr(10)).await, Ok(OpResult::Duplicate));
+    assert_eq!(
+        router.send_to_shard(3, incr(10)).await,
+        Ok(OpResult::Duplicate)
+    );
 
     // Crash shard 3 and wait for a new incarnation; `None` if none came (the supervisor gave up).
     async fn crash_and_wait(node: &Node, shard: u32) -> Option<ractor::ActorId> {
         let before = node.router().shard_actor(shard);
-        node.supervisor().cast(SupervisorMsg::CrashShard(shard)).unwrap();
+        node.supervisor()
+            .cast(SupervisorMsg::CrashShard(shard))
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             match node.router().shard_actor(shard) {
@@ -55,21 +81,40 @@ async fn shard_actors_restart_with_state_and_escalate_past_the_budget() {
         }
     }
 
-    assert!(crash_and_wait(&node, 3).await.is_some(), "restarted after one failure");
-    assert_eq!(router.send_to_shard(3, incr(11)).await, Ok(OpResult::Counter(11)), "state survived the restart, nothing applied twice");
+    assert!(
+        crash_and_wait(&node, 3).await.is_some(),
+        "restarted after one failure"
+    );
+    assert_eq!(
+        router.send_to_shard(3, incr(11)).await,
+        Ok(OpResult::Counter(11)),
+        "state survived the restart, nothing applied twice"
+    );
 
     // The default budget is 5 restarts in 30 s and one is spent: 4 more restart, the next escalates.
     for i in 0..4 {
-        assert!(crash_and_wait(&node, 3).await.is_some(), "restart {} within budget", i + 2);
+        assert!(
+            crash_and_wait(&node, 3).await.is_some(),
+            "restart {} within budget",
+            i + 2
+        );
     }
-    assert!(crash_and_wait(&node, 3).await.is_none(), "past the budget there is no restart");
-    let reason = tokio::time::timeout(Duration::from_secs(10), node.escalated()).await.expect("escalation reported");
+    assert!(
+        crash_and_wait(&node, 3).await.is_none(),
+        "past the budget there is no restart"
+    );
+    let reason = tokio::time::timeout(Duration::from_secs(10), node.escalated())
+        .await
+        .expect("escalation reported");
     assert!(reason.unwrap().contains("shard 3"));
 
     // A stop flips readiness (what /readyz reports) before anything is torn down.
     let readiness = node.readiness();
     readiness.begin_stop();
     assert!(!readiness.is_ready() && !node.ready());
-    assert_eq!(router.send_to_shard(0, incr(500)).await, Err(tidepool_runtime::codec::ErrorCode::ShuttingDown));
+    assert_eq!(
+        router.send_to_shard(0, incr(500)).await,
+        Err(tidepool_runtime::codec::ErrorCode::ShuttingDown)
+    );
     node.shutdown(Duration::from_secs(5)).await;
 }

@@ -19,8 +19,8 @@ use rkyv::util::AlignedVec;
 use std::hint::black_box;
 use tidepool_benches::report;
 use tidepool_runtime::codec::{
-    encode, ArchivedBody, ArchivedOp, Body, Dest, Envelope, Frame, IdemKey, Op, ShardRequest, TensorView,
-    DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_LEN,
+    encode, ArchivedBody, ArchivedOp, Body, Dest, Envelope, Frame, IdemKey, Op, ShardRequest,
+    TensorView, DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_LEN,
 };
 
 const LEN: usize = 1 << 20;
@@ -50,19 +50,35 @@ fn decode(c: &mut Criterion) {
         "a",
         Dest::Shard { shard: 0, epoch: 1 },
         0,
-        Body::ShardRequest(ShardRequest { idem: IdemKey { sender: 1, seq: 1 }, op: Op::AddTensor { key: "w".into(), values: values.clone() } }),
+        Body::ShardRequest(ShardRequest {
+            idem: IdemKey { sender: 1, seq: 1 },
+            op: Op::AddTensor {
+                key: "w".into(),
+                values: values.clone(),
+            },
+        }),
     );
     let wire = encode(&env).expect("encode").to_vec();
     let mut archive = AlignedVec::<16>::with_capacity(wire.len() - FRAME_HEADER_LEN);
     archive.extend_from_slice(&wire[FRAME_HEADER_LEN..]);
     let postcard_bytes = postcard::to_allocvec(&values).expect("postcard encode");
-    let bincode_bytes = bincode::encode_to_vec(&values, bincode::config::standard()).expect("bincode encode");
+    let bincode_bytes =
+        bincode::encode_to_vec(&values, bincode::config::standard()).expect("bincode encode");
     let expect = ends(&values);
 
     // Sanity: every path sees the same numbers.
-    assert_eq!(ends(tensor_of(&Frame::from_wire(&wire, DEFAULT_MAX_FRAME_BYTES).expect("valid frame"))), expect);
-    assert_eq!(ends(&postcard::from_bytes::<Vec<f32>>(&postcard_bytes).expect("postcard")), expect);
-    let (v, _): (Vec<f32>, usize) = bincode::decode_from_slice(&bincode_bytes, bincode::config::standard()).expect("bincode");
+    assert_eq!(
+        ends(tensor_of(
+            &Frame::from_wire(&wire, DEFAULT_MAX_FRAME_BYTES).expect("valid frame")
+        )),
+        expect
+    );
+    assert_eq!(
+        ends(&postcard::from_bytes::<Vec<f32>>(&postcard_bytes).expect("postcard")),
+        expect
+    );
+    let (v, _): (Vec<f32>, usize) =
+        bincode::decode_from_slice(&bincode_bytes, bincode::config::standard()).expect("bincode");
     assert_eq!(ends(&v), expect);
 
     let mut g = c.benchmark_group("decode/1M_f32");
@@ -78,7 +94,11 @@ fn decode(c: &mut Criterion) {
         )
     });
     g.bench_function("tidepool_validate_only", |b| {
-        b.iter_batched(|| archive.clone(), |buf| Frame::decode(buf).expect("valid"), BatchSize::PerIteration)
+        b.iter_batched(
+            || archive.clone(),
+            |buf| Frame::decode(buf).expect("valid"),
+            BatchSize::PerIteration,
+        )
     });
     g.bench_function("tidepool_from_wire_access", |b| {
         b.iter_with_large_drop(|| {
@@ -97,7 +117,8 @@ fn decode(c: &mut Criterion) {
     g.bench_function("bincode2", |b| {
         b.iter_with_large_drop(|| {
             let (v, _): (Vec<f32>, usize) =
-                bincode::decode_from_slice(black_box(&bincode_bytes), bincode::config::standard()).expect("bincode");
+                bincode::decode_from_slice(black_box(&bincode_bytes), bincode::config::standard())
+                    .expect("bincode");
             black_box(ends(&v));
             v
         })

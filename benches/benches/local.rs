@@ -36,11 +36,20 @@ impl Actor for Counter {
     type State = HashMap<String, i64>;
     type Arguments = ();
 
-    async fn pre_start(&self, _me: ActorRef<CounterMsg>, _: ()) -> Result<Self::State, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _me: ActorRef<CounterMsg>,
+        _: (),
+    ) -> Result<Self::State, ActorProcessingErr> {
         Ok(HashMap::new())
     }
 
-    async fn handle(&self, _me: ActorRef<CounterMsg>, msg: CounterMsg, kv: &mut Self::State) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<CounterMsg>,
+        msg: CounterMsg,
+        kv: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             CounterMsg::Incr(key, delta, reply) => {
                 let c = kv.entry(key).or_insert(0);
@@ -63,7 +72,10 @@ async fn one_node(certs: &Certs) -> Node {
     cfg.node.listen = "127.0.0.1:0".parse().expect("addr");
     cfg.node.data_dir = certs.path().join("data");
     cfg.tls.dir = certs.node_dir("n1");
-    cfg.cluster.members = vec![MemberConfig { name: "n1".into(), addr: cfg.node.listen }];
+    cfg.cluster.members = vec![MemberConfig {
+        name: "n1".into(),
+        addr: cfg.node.listen,
+    }];
     cfg.cluster.seeds = vec![];
     let node = Node::start(&cfg, None).await.expect("node start");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -78,7 +90,9 @@ fn local(c: &mut Criterion) {
     let rt = runtime();
     let certs = Certs::new(&["n1"]).expect("certs");
     let node = rt.block_on(one_node(&certs));
-    let (counter, _) = rt.block_on(Actor::spawn(None, Counter, ())).expect("counter actor");
+    let (counter, _) = rt
+        .block_on(Actor::spawn(None, Counter, ()))
+        .expect("counter actor");
     let seq = Cell::new(0u64);
     let router = node.router().clone();
     let tidepool_incr = |n: u64| {
@@ -86,7 +100,16 @@ fn local(c: &mut Criterion) {
             let start = Instant::now();
             for _ in 0..n {
                 seq.set(seq.get() + 1);
-                let req = ShardRequest { idem: IdemKey { sender: 1, seq: seq.get() }, op: Op::Incr { key: "k".into(), delta: 1 } };
+                let req = ShardRequest {
+                    idem: IdemKey {
+                        sender: 1,
+                        seq: seq.get(),
+                    },
+                    op: Op::Incr {
+                        key: "k".into(),
+                        delta: 1,
+                    },
+                };
                 match router.send_to_shard(SHARD, req).await {
                     Ok(OpResult::Counter(_)) => {}
                     other => panic!("unexpected reply {other:?}"),
@@ -115,7 +138,9 @@ fn local(c: &mut Criterion) {
             rt.block_on(async {
                 let start = Instant::now();
                 for _ in 0..n {
-                    counter.cast(CounterMsg::Add("k".to_string(), 1)).expect("cast");
+                    counter
+                        .cast(CounterMsg::Add("k".to_string(), 1))
+                        .expect("cast");
                 }
                 ractor::call!(counter, CounterMsg::Get, "k".to_string()).expect("drain");
                 start.elapsed()

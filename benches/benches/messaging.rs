@@ -21,8 +21,12 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use ractor_cluster::{NodeServer, RactorClusterMessage};
-use tidepool_benches::{free_tcp_port, report, runtime, transport_pair, BoxError, Pair, Percentiles};
-use tidepool_runtime::codec::{ArchivedBody, ArchivedOpResult, Body, Dest, Envelope, IdemKey, Op, ShardRequest};
+use tidepool_benches::{
+    free_tcp_port, report, runtime, transport_pair, BoxError, Pair, Percentiles,
+};
+use tidepool_runtime::codec::{
+    ArchivedBody, ArchivedOpResult, Body, Dest, Envelope, IdemKey, Op, ShardRequest,
+};
 use tidepool_runtime::transport::Link;
 
 const PAYLOAD: usize = 64;
@@ -45,10 +49,17 @@ impl Rpc for TidepoolRpc {
     async fn call(&self) {
         let req = ShardRequest {
             idem: IdemKey { sender: 1, seq: 0 },
-            op: Op::Put { key: "k".into(), value: vec![0xAB; PAYLOAD] },
+            op: Op::Put {
+                key: "k".into(),
+                value: vec![0xAB; PAYLOAD],
+            },
         };
         let env = Envelope::new("a", Dest::Node("b".into()), 0, Body::ShardRequest(req));
-        let reply = self.link.request(env, TIMEOUT).await.expect("tidepool request");
+        let reply = self
+            .link
+            .request(env, TIMEOUT)
+            .await
+            .expect("tidepool request");
         match &reply.envelope().body {
             ArchivedBody::ShardReply(ArchivedOpResult::Value(v)) => {
                 let n = v.as_ref().map_or(0, |v| v.len());
@@ -78,7 +89,12 @@ impl Actor for EchoActor {
         Ok(())
     }
 
-    async fn handle(&self, _me: ActorRef<EchoMsg>, msg: EchoMsg, _: &mut ()) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<EchoMsg>,
+        msg: EchoMsg,
+        _: &mut (),
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             EchoMsg::Echo(payload, reply) => {
                 let _ = reply.send(payload);
@@ -97,7 +113,10 @@ impl Rpc for ClusterRpc {
     async fn call(&self) {
         let reply = self
             .remote
-            .call(|port| EchoMsg::Echo(vec![0xAB; PAYLOAD], port), Some(TIMEOUT))
+            .call(
+                |port| EchoMsg::Echo(vec![0xAB; PAYLOAD], port),
+                Some(TIMEOUT),
+            )
             .await
             .expect("ractor_cluster call");
         match reply {
@@ -113,8 +132,24 @@ async fn ractor_cluster_pair() -> Result<ClusterRpc, BoxError> {
     let port_a = free_tcp_port()?;
     let port_b = free_tcp_port()?;
     let cookie = "tidepool-bench".to_string();
-    let server_a = NodeServer::new(port_a, cookie.clone(), "node-a".into(), "localhost".into(), None, None).with_listen_addr(localhost);
-    let server_b = NodeServer::new(port_b, cookie, "node-b".into(), "localhost".into(), None, None).with_listen_addr(localhost);
+    let server_a = NodeServer::new(
+        port_a,
+        cookie.clone(),
+        "node-a".into(),
+        "localhost".into(),
+        None,
+        None,
+    )
+    .with_listen_addr(localhost);
+    let server_b = NodeServer::new(
+        port_b,
+        cookie,
+        "node-b".into(),
+        "localhost".into(),
+        None,
+        None,
+    )
+    .with_listen_addr(localhost);
     let (_a, _) = Actor::spawn(None, server_a, ()).await?;
     let (b, _) = Actor::spawn(None, server_b, ()).await?;
     let (_echo, _) = Actor::spawn(None, EchoActor, ()).await?;
@@ -132,9 +167,13 @@ async fn ractor_cluster_pair() -> Result<ClusterRpc, BoxError> {
     }
     // The session authenticates, then syncs process groups; the echo actor shows up as remote.
     while Instant::now() < deadline {
-        let remote = ractor::pg::get_members(&PG_GROUP.to_string()).into_iter().find(|c| !c.get_id().is_local());
+        let remote = ractor::pg::get_members(&PG_GROUP.to_string())
+            .into_iter()
+            .find(|c| !c.get_id().is_local());
         if let Some(cell) = remote {
-            return Ok(ClusterRpc { remote: ActorRef::from(cell) });
+            return Ok(ClusterRpc {
+                remote: ActorRef::from(cell),
+            });
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -149,7 +188,10 @@ async fn throughput<R: Rpc>(rpc: &R, n: u64) -> Duration {
     for _ in 0..IN_FLIGHT.min(n) {
         let (rpc, left) = (rpc.clone(), left.clone());
         tasks.spawn(async move {
-            while left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(1)).is_ok() {
+            while left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |l| l.checked_sub(1))
+                .is_ok()
+            {
                 rpc.call().await;
             }
         });
@@ -176,18 +218,28 @@ fn messaging(c: &mut Criterion) {
         let cluster = ractor_cluster_pair().await.expect("ractor_cluster pair");
         (pair, cluster)
     });
-    let tidepool = TidepoolRpc { link: pair.link.clone() };
+    let tidepool = TidepoolRpc {
+        link: pair.link.clone(),
+    };
 
     let mut g = c.benchmark_group("messaging/throughput_256_in_flight");
     g.throughput(Throughput::Elements(1));
-    g.bench_function("tidepool_quic_mtls", |b| b.iter_custom(|n| rt.block_on(throughput(&tidepool, n))));
-    g.bench_function("ractor_cluster_tcp", |b| b.iter_custom(|n| rt.block_on(throughput(&cluster, n))));
+    g.bench_function("tidepool_quic_mtls", |b| {
+        b.iter_custom(|n| rt.block_on(throughput(&tidepool, n)))
+    });
+    g.bench_function("ractor_cluster_tcp", |b| {
+        b.iter_custom(|n| rt.block_on(throughput(&cluster, n)))
+    });
     g.finish();
 
     let mut g = c.benchmark_group("messaging/rtt");
     g.throughput(Throughput::Elements(1));
-    g.bench_function("tidepool_quic_mtls", |b| b.iter_custom(|n| rt.block_on(timed(&tidepool, n))));
-    g.bench_function("ractor_cluster_tcp", |b| b.iter_custom(|n| rt.block_on(timed(&cluster, n))));
+    g.bench_function("tidepool_quic_mtls", |b| {
+        b.iter_custom(|n| rt.block_on(timed(&tidepool, n)))
+    });
+    g.bench_function("ractor_cluster_tcp", |b| {
+        b.iter_custom(|n| rt.block_on(timed(&cluster, n)))
+    });
     g.finish();
 
     // Tails, from one fixed pass each (after warm connections and allocators).
@@ -195,9 +247,22 @@ fn messaging(c: &mut Criterion) {
         ("tidepool_quic_mtls", rt.block_on(percentiles(&tidepool))),
         ("ractor_cluster_tcp", rt.block_on(percentiles(&cluster))),
     ] {
-        println!("messaging rtt {name}: n={} mean={:?} p50={:?} p99={:?}", p.n, p.mean, p.p50, p.p99);
-        report("messaging", &format!("{name}.rtt_p50_us"), p.p50.as_secs_f64() * 1e6, "us");
-        report("messaging", &format!("{name}.rtt_p99_us"), p.p99.as_secs_f64() * 1e6, "us");
+        println!(
+            "messaging rtt {name}: n={} mean={:?} p50={:?} p99={:?}",
+            p.n, p.mean, p.p50, p.p99
+        );
+        report(
+            "messaging",
+            &format!("{name}.rtt_p50_us"),
+            p.p50.as_secs_f64() * 1e6,
+            "us",
+        );
+        report(
+            "messaging",
+            &format!("{name}.rtt_p99_us"),
+            p.p99.as_secs_f64() * 1e6,
+            "us",
+        );
     }
 
     rt.block_on(pair.a.shutdown(Duration::from_millis(200)));

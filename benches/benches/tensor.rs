@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use quinn::Endpoint;
 use tidepool_benches::{report, runtime, transport_pair, AdmitAll, BoxError, Certs};
-use tidepool_runtime::codec::{ArchivedBody, ArchivedOpResult, Body, Dest, Envelope, IdemKey, Op, ShardRequest};
+use tidepool_runtime::codec::{
+    ArchivedBody, ArchivedOpResult, Body, Dest, Envelope, IdemKey, Op, ShardRequest,
+};
 use tidepool_runtime::transport::tls;
 
 const LEN: usize = 1 << 20;
@@ -27,7 +29,13 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn tensor_envelope() -> Envelope {
     let values: Vec<f32> = (0..LEN).map(|i| i as f32 * 0.5).collect();
-    let req = ShardRequest { idem: IdemKey { sender: 1, seq: 1 }, op: Op::AddTensor { key: "w".into(), values } };
+    let req = ShardRequest {
+        idem: IdemKey { sender: 1, seq: 1 },
+        op: Op::AddTensor {
+            key: "w".into(),
+            values,
+        },
+    };
     Envelope::new("a", Dest::Node("b".into()), 0, Body::ShardRequest(req))
 }
 
@@ -43,7 +51,10 @@ struct RawQuinn {
 async fn raw_quinn() -> Result<RawQuinn, BoxError> {
     let certs = Certs::new(&["a", "b"])?;
     let any: SocketAddr = "127.0.0.1:0".parse()?;
-    let server = Endpoint::server(tls::server_config(&certs.material("b")?, Arc::new(AdmitAll))?, any)?;
+    let server = Endpoint::server(
+        tls::server_config(&certs.material("b")?, Arc::new(AdmitAll))?,
+        any,
+    )?;
     let addr = server.local_addr()?;
     let acceptor = server.clone();
     tokio::spawn(async move {
@@ -69,7 +80,13 @@ async fn raw_quinn() -> Result<RawQuinn, BoxError> {
     client.set_default_client_config(tls::client_config(&certs.material("a")?)?);
     let conn = client.connect(addr, "b")?.await?;
     let payload = bytes::Bytes::from(vec![0x5Au8; BYTES]);
-    Ok(RawQuinn { conn, payload, _server: server, _client: client, _certs: certs })
+    Ok(RawQuinn {
+        conn,
+        payload,
+        _server: server,
+        _client: client,
+        _certs: certs,
+    })
 }
 
 impl RawQuinn {
@@ -85,14 +102,23 @@ impl RawQuinn {
 fn tensor(c: &mut Criterion) {
     let rt = runtime();
     let (pair, raw) = rt.block_on(async {
-        (transport_pair().await.expect("tidepool transport pair"), raw_quinn().await.expect("raw quinn pair"))
+        (
+            transport_pair().await.expect("tidepool transport pair"),
+            raw_quinn().await.expect("raw quinn pair"),
+        )
     });
     let env = tensor_envelope();
     let tidepool_send = |env: Envelope| {
         let link = pair.link.clone();
         async move {
             let reply = link.request(env, TIMEOUT).await.expect("tensor request");
-            assert!(matches!(reply.envelope().body, ArchivedBody::ShardReply(ArchivedOpResult::Done)), "tensor acknowledged");
+            assert!(
+                matches!(
+                    reply.envelope().body,
+                    ArchivedBody::ShardReply(ArchivedOpResult::Done)
+                ),
+                "tensor acknowledged"
+            );
         }
     };
 

@@ -25,7 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tidepool_runtime::certs::{self, Identity, Subject, Validity};
-use tidepool_runtime::codec::{ArchivedBody, ArchivedOp, Body, Dest, Envelope, Frame, OpResult, TensorView};
+use tidepool_runtime::codec::{
+    ArchivedBody, ArchivedOp, Body, Dest, Envelope, Frame, OpResult, TensorView,
+};
 use tidepool_runtime::transport::{
     BoxFuture, Inbound, Link, PeerPolicy, Socket, TlsMaterial, Transport, TransportConfig,
 };
@@ -46,7 +48,12 @@ impl Certs {
         let ca = dir.path().join("ca");
         certs::init_ca(&ca)?;
         for name in nodes {
-            certs::issue(&ca, &Subject::Node((*name).to_string()), &dir.path().join(name), Validity::days_from_now(1))?;
+            certs::issue(
+                &ca,
+                &Subject::Node((*name).to_string()),
+                &dir.path().join(name),
+                Validity::days_from_now(1),
+            )?;
         }
         Ok(Certs { dir })
     }
@@ -87,14 +94,18 @@ pub struct Echo {
 
 impl Echo {
     pub fn new(name: &str) -> Arc<Self> {
-        Arc::new(Echo { name: name.to_string() })
+        Arc::new(Echo {
+            name: name.to_string(),
+        })
     }
 
     fn answer(&self, frame: &Frame) -> Option<Body> {
         Some(match &frame.envelope().body {
             ArchivedBody::Ping(n) => Body::Pong(n.to_native()),
             ArchivedBody::ShardRequest(req) => match &req.op {
-                ArchivedOp::Put { value, .. } => Body::ShardReply(OpResult::Value(Some(value.as_slice().to_vec()))),
+                ArchivedOp::Put { value, .. } => {
+                    Body::ShardReply(OpResult::Value(Some(value.as_slice().to_vec())))
+                }
                 ArchivedOp::AddTensor { values, .. } => {
                     std::hint::black_box(sum_f32(values.as_f32s()));
                     Body::ShardReply(OpResult::Done)
@@ -109,7 +120,9 @@ impl Echo {
 impl Inbound for Echo {
     fn on_request(&self, link: Link, frame: Frame) -> BoxFuture {
         let corr = frame.envelope().correlation.to_native();
-        let reply = self.answer(&frame).map(|body| Envelope::new(self.name.clone(), Dest::Peer, corr, body));
+        let reply = self
+            .answer(&frame)
+            .map(|body| Envelope::new(self.name.clone(), Dest::Peer, corr, body));
         Box::pin(async move {
             if let Some(env) = reply {
                 // A failed reply shows up as a request timeout on the sender; nothing to do here.
@@ -135,9 +148,24 @@ pub struct Pair {
 pub async fn transport_pair() -> Result<Pair, BoxError> {
     let certs = Certs::new(&["a", "b"])?;
     let any: SocketAddr = "127.0.0.1:0".parse()?;
-    let a = Transport::bind("a", Socket::Bind(any), &certs.material("a")?, Arc::new(AdmitAll), TransportConfig::default())?;
-    let b = Transport::bind("b", Socket::Bind(any), &certs.material("b")?, Arc::new(AdmitAll), TransportConfig::default())?;
-    let members = [("a".to_string(), a.local_addr()?), ("b".to_string(), b.local_addr()?)];
+    let a = Transport::bind(
+        "a",
+        Socket::Bind(any),
+        &certs.material("a")?,
+        Arc::new(AdmitAll),
+        TransportConfig::default(),
+    )?;
+    let b = Transport::bind(
+        "b",
+        Socket::Bind(any),
+        &certs.material("b")?,
+        Arc::new(AdmitAll),
+        TransportConfig::default(),
+    )?;
+    let members = [
+        ("a".to_string(), a.local_addr()?),
+        ("b".to_string(), b.local_addr()?),
+    ];
     a.set_members(members.clone());
     b.set_members(members);
     a.start(Echo::new("a"));
@@ -158,7 +186,10 @@ pub fn runtime() -> tokio::runtime::Runtime {
 /// Short criterion settings for a 2-core shared machine: the whole suite runs in minutes.
 /// `TIDEPOOL_BENCH_SECS` overrides the measurement time (seconds).
 pub fn criterion() -> criterion::Criterion {
-    let secs = std::env::var("TIDEPOOL_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    let secs = std::env::var("TIDEPOOL_BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3.0);
     criterion::Criterion::default()
         .sample_size(10)
         .warm_up_time(Duration::from_secs(1))
@@ -194,9 +225,16 @@ impl Percentiles {
     pub fn of(samples: &mut [Duration]) -> Self {
         assert!(!samples.is_empty(), "no samples");
         samples.sort_unstable();
-        let rank = |p: f64| samples[((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1];
+        let rank = |p: f64| {
+            samples[((p * samples.len() as f64).ceil() as usize).clamp(1, samples.len()) - 1]
+        };
         let total: Duration = samples.iter().sum();
-        Percentiles { n: samples.len(), mean: total / samples.len() as u32, p50: rank(0.50), p99: rank(0.99) }
+        Percentiles {
+            n: samples.len(),
+            mean: total / samples.len() as u32,
+            p50: rank(0.50),
+            p99: rank(0.99),
+        }
     }
 }
 
@@ -208,9 +246,15 @@ pub fn report(bench: &str, key: &str, value: f64, unit: &str) {
     let dir = std::env::var_os("TIDEPOOL_BENCH_OUT")
         .map(PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tidepool-bench"));
-    let line = format!("{{\"bench\":\"{bench}\",\"key\":\"{key}\",\"value\":{value},\"unit\":\"{unit}\"}}\n");
+    let line = format!(
+        "{{\"bench\":\"{bench}\",\"key\":\"{key}\",\"value\":{value},\"unit\":\"{unit}\"}}\n"
+    );
     let written = std::fs::create_dir_all(&dir).and_then(|()| {
-        std::fs::OpenOptions::new().create(true).append(true).open(dir.join("results.jsonl"))?.write_all(line.as_bytes())
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("results.jsonl"))?
+            .write_all(line.as_bytes())
     });
     if let Err(e) = written {
         eprintln!("cannot record {bench}/{key} in {}: {e}", dir.display());
@@ -219,5 +263,7 @@ pub fn report(bench: &str, key: &str, value: f64, unit: &str) {
 
 /// A free TCP port on 127.0.0.1 (for servers that want a port number, not a bound socket).
 pub fn free_tcp_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }

@@ -17,13 +17,19 @@ struct AdminState {
 }
 
 /// Binds the admin listener (so a taken port fails startup) and returns the server future.
-pub async fn bind(addr: SocketAddr, metrics: PrometheusHandle, ready: Readiness) -> Result<impl std::future::Future<Output = ()>> {
+pub async fn bind(
+    addr: SocketAddr,
+    metrics: PrometheusHandle,
+    ready: Readiness,
+) -> Result<impl std::future::Future<Output = ()>> {
     let app = axum::Router::new()
         .route("/metrics", get(render))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(AdminState { metrics, ready });
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot bind admin HTTP on {addr}"))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind admin HTTP on {addr}"))?;
     Ok(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "admin HTTP server failed");

@@ -63,7 +63,10 @@ pub async fn run(cfg: NodeConfig) -> Result<i32> {
         }
     };
     readiness.begin_stop();
-    if tokio::time::timeout(grace + Duration::from_secs(1), node.shutdown(grace)).await.is_err() {
+    if tokio::time::timeout(grace + Duration::from_secs(1), node.shutdown(grace))
+        .await
+        .is_err()
+    {
         warn!(?grace, "shutdown overran its grace period");
     }
     Ok(code)
@@ -74,7 +77,9 @@ pub fn init_logging(json: bool) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         builder.json().with_current_span(false).init();
     } else {

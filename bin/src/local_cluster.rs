@@ -49,7 +49,10 @@ fn free_port() -> Result<u16> {
 impl LocalCluster {
     /// Makes the CA, node and client certificates and the node configs. Starts nothing.
     pub fn create(bin: &Path, n: usize, shards: u32) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("tidepool-").tempdir().context("temp dir")?;
+        let dir = tempfile::Builder::new()
+            .prefix("tidepool-")
+            .tempdir()
+            .context("temp dir")?;
         let root = dir.path();
         let ca = root.join("ca");
         certs::init_ca(&ca)?;
@@ -58,12 +61,27 @@ impl LocalCluster {
             let name = format!("n{i}");
             let quic = SocketAddr::from(([127, 0, 0, 1], free_port()?));
             let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-            nodes.push(NodeProc { config: root.join(format!("{name}.toml")), log: root.join(format!("{name}.log")), name, quic, admin, child: None });
+            nodes.push(NodeProc {
+                config: root.join(format!("{name}.toml")),
+                log: root.join(format!("{name}.log")),
+                name,
+                quic,
+                admin,
+                child: None,
+            });
         }
-        let members: Vec<String> = nodes.iter().map(|n| format!("{{ name = \"{}\", addr = \"{}\" }}", n.name, n.quic)).collect();
+        let members: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("{{ name = \"{}\", addr = \"{}\" }}", n.name, n.quic))
+            .collect();
         for node in &nodes {
             let certs_dir = root.join("certs").join(&node.name);
-            certs::issue(&ca, &Subject::Node(node.name.clone()), &certs_dir, Validity::days_from_now(30))?;
+            certs::issue(
+                &ca,
+                &Subject::Node(node.name.clone()),
+                &certs_dir,
+                Validity::days_from_now(30),
+            )?;
             let toml = format!(
                 "[node]\nname = \"{name}\"\nlisten = \"{quic}\"\nadmin = \"{admin}\"\ndata_dir = \"{data}\"\nshutdown_grace_ms = 5000\n\n\
                  [cluster]\nseeds = [\"{seed}\"]\nvoters = [\"n1\"]\nshards = {shards}\nmembers = [{members}]\n\n\
@@ -81,9 +99,21 @@ impl LocalCluster {
         }
         for (client, role) in [("demo-admin", Role::Admin), ("demo-reader", Role::Reader)] {
             let out = root.join("certs").join(client);
-            certs::issue(&ca, &Subject::Client { name: client.into(), role }, &out, Validity::days_from_now(30))?;
+            certs::issue(
+                &ca,
+                &Subject::Client {
+                    name: client.into(),
+                    role,
+                },
+                &out,
+                Validity::days_from_now(30),
+            )?;
         }
-        Ok(LocalCluster { bin: bin.to_path_buf(), dir, nodes })
+        Ok(LocalCluster {
+            bin: bin.to_path_buf(),
+            dir,
+            nodes,
+        })
     }
 
     pub fn root(&self) -> &Path {
@@ -111,7 +141,10 @@ impl LocalCluster {
     /// Starts node `i` (stdout and stderr go to its log file).
     pub fn start(&mut self, i: usize) -> Result<()> {
         let node = &mut self.nodes[i];
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&node.log)?;
         let child = Command::new(&self.bin)
             .args(["node", "run", "--config"])
             .arg(&node.config)
@@ -138,11 +171,23 @@ impl LocalCluster {
                 if let Ok((200, _)) = crate::http::get(self.nodes[i].admin, "/readyz").await {
                     break;
                 }
-                if let Some(status) = self.nodes[i].child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                    bail!("{} exited with {status} before becoming ready; log:\n{}", self.nodes[i].name, self.tail_log(i));
+                if let Some(status) = self.nodes[i]
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten())
+                {
+                    bail!(
+                        "{} exited with {status} before becoming ready; log:\n{}",
+                        self.nodes[i].name,
+                        self.tail_log(i)
+                    );
                 }
                 if Instant::now() > deadline {
-                    bail!("{} not ready within {timeout:?}; log:\n{}", self.nodes[i].name, self.tail_log(i));
+                    bail!(
+                        "{} not ready within {timeout:?}; log:\n{}",
+                        self.nodes[i].name,
+                        self.tail_log(i)
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await; // poll interval, not synchronisation
             }
@@ -172,7 +217,10 @@ impl LocalCluster {
         let pid = i32::try_from(pid).context("pid out of range")?;
         // We hold the un-reaped child, so the pid cannot have been reused by another process.
         if send_signal(pid, sig) != 0 {
-            bail!("kill({pid}, {sig}) failed: {}", std::io::Error::last_os_error());
+            bail!(
+                "kill({pid}, {sig}) failed: {}",
+                std::io::Error::last_os_error()
+            );
         }
         Ok(())
     }
@@ -180,8 +228,13 @@ impl LocalCluster {
     /// SIGTERMs node `i` and waits for it to exit.
     pub async fn stop(&mut self, i: usize, timeout: Duration) -> Result<ExitStatus> {
         self.signal(i, libc::SIGTERM)?;
-        let child = self.nodes[i].child.as_mut().context("node is not running")?;
-        let status = tokio::time::timeout(timeout, child.wait()).await.context("node did not exit in time")??;
+        let child = self.nodes[i]
+            .child
+            .as_mut()
+            .context("node is not running")?;
+        let status = tokio::time::timeout(timeout, child.wait())
+            .await
+            .context("node did not exit in time")??;
         self.nodes[i].child = None;
         Ok(status)
     }
@@ -196,7 +249,9 @@ impl LocalCluster {
         let mut out = Vec::new();
         for i in 0..self.nodes.len() {
             if let Some(child) = self.nodes[i].child.as_mut() {
-                let status = tokio::time::timeout(timeout, child.wait()).await.context("node did not exit in time")??;
+                let status = tokio::time::timeout(timeout, child.wait())
+                    .await
+                    .context("node did not exit in time")??;
                 out.push(status);
                 self.nodes[i].child = None;
             }
@@ -207,6 +262,26 @@ impl LocalCluster {
     /// Keeps the temp dir after the cluster is dropped (for post-mortems).
     pub fn keep(self) -> PathBuf {
         self.dir.keep()
+    }
+}
+
+/// Polls `cluster status` until `n` members are reported up and reachable.
+pub async fn wait_all_up(
+    client: &tidepool_runtime::client::ClusterClient,
+    n: usize,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(s) = client.status().await {
+            if s.members.len() == n && s.members.iter().all(|m| m.state == "up" && m.reachable) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("members not all up within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
     }
 }
 

@@ -13,7 +13,11 @@ use tidepool_runtime::client::{ClientOptions, ClusterClient};
 use tidepool_runtime::transport::TlsMaterial;
 
 #[derive(Parser, Debug)]
-#[command(name = "tidepool", version, about = "Elastic cluster runtime for distributed machine learning")]
+#[command(
+    name = "tidepool",
+    version,
+    about = "Elastic cluster runtime for distributed machine learning"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value = "text")]
@@ -139,7 +143,10 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the tokio runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
 }
 
 fn exit(r: Result<i32>) -> ExitCode {
@@ -154,8 +161,23 @@ fn exit(r: Result<i32>) -> ExitCode {
 
 async fn dispatch(cmd: Cmd) -> Result<()> {
     match cmd {
-        Cmd::Demo { nodes, shards, ops, keys, concurrency, keep } => {
-            demo::run(demo::DemoOptions { nodes, shards, ops, keys, concurrency, keep }).await
+        Cmd::Demo {
+            nodes,
+            shards,
+            ops,
+            keys,
+            concurrency,
+            keep,
+        } => {
+            demo::run(demo::DemoOptions {
+                nodes,
+                shards,
+                ops,
+                keys,
+                concurrency,
+                keep,
+            })
+            .await
         }
         Cmd::Node(NodeCmd::Run { .. }) => unreachable!("handled in main"),
         Cmd::Certs(CertsCmd::Init { out }) => {
@@ -163,7 +185,14 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             println!("cluster CA written to {}", out.display());
             Ok(())
         }
-        Cmd::Certs(CertsCmd::Issue { ca, node, client, role, out, days }) => {
+        Cmd::Certs(CertsCmd::Issue {
+            ca,
+            node,
+            client,
+            role,
+            out,
+            days,
+        }) => {
             let subject = match (node, client, role) {
                 (Some(n), None, None) => Subject::Node(n),
                 (None, Some(c), Some(r)) => Subject::Client {
@@ -185,8 +214,13 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
 }
 
 async fn connect(c: &Conn) -> Result<ClusterClient> {
-    let tls = TlsMaterial::load_client(&c.cert_dir).with_context(|| format!("loading client certificate from {}", c.cert_dir.display()))?;
-    let opts = ClientOptions { request_timeout: Duration::from_secs(5), retry_for: Duration::from_secs(10), ..Default::default() };
+    let tls = TlsMaterial::load_client(&c.cert_dir)
+        .with_context(|| format!("loading client certificate from {}", c.cert_dir.display()))?;
+    let opts = ClientOptions {
+        request_timeout: Duration::from_secs(5),
+        retry_for: Duration::from_secs(10),
+        ..Default::default()
+    };
     Ok(ClusterClient::connect(&[c.connect], &tls, opts).await?)
 }
 
@@ -199,13 +233,26 @@ async fn cluster_status(c: Conn) -> Result<()> {
             .iter()
             .map(|m| serde_json::json!({"name": m.name, "addr": m.addr, "state": m.state, "reachable": m.reachable, "shards": m.shards}))
             .collect();
-        println!("{}", serde_json::json!({"leader": s.leader, "term": s.term, "members": members}));
+        println!(
+            "{}",
+            serde_json::json!({"leader": s.leader, "term": s.term, "members": members})
+        );
     } else {
-        let leader = if s.leader.is_empty() { "none (static membership)" } else { &s.leader };
+        let leader = if s.leader.is_empty() {
+            "none (static membership)"
+        } else {
+            &s.leader
+        };
         println!("leader: {leader}   term: {}", s.term);
-        println!("{:<12} {:<24} {:<9} {:<10} {:>6}", "NAME", "ADDR", "STATE", "REACHABLE", "SHARDS");
+        println!(
+            "{:<12} {:<24} {:<9} {:<10} {:>6}",
+            "NAME", "ADDR", "STATE", "REACHABLE", "SHARDS"
+        );
         for m in &s.members {
-            println!("{:<12} {:<24} {:<9} {:<10} {:>6}", m.name, m.addr, m.state, m.reachable, m.shards);
+            println!(
+                "{:<12} {:<24} {:<9} {:<10} {:>6}",
+                m.name, m.addr, m.state, m.reachable, m.shards
+            );
         }
     }
     client.close().await;
@@ -220,7 +267,10 @@ async fn cluster_shards(c: Conn) -> Result<()> {
         let list: Vec<_> = shards.iter().map(|s| serde_json::json!({"id": s.id, "owner": s.owner, "epoch": s.epoch, "state": s.state})).collect();
         println!("{}", serde_json::json!({ "shards": list }));
     } else {
-        println!("{:>6} {:<12} {:>6} {:<10}", "SHARD", "OWNER", "EPOCH", "STATE");
+        println!(
+            "{:>6} {:<12} {:>6} {:<10}",
+            "SHARD", "OWNER", "EPOCH", "STATE"
+        );
         for s in &shards {
             println!("{:>6} {:<12} {:>6} {:<10}", s.id, s.owner, s.epoch, s.state);
         }

@@ -35,7 +35,12 @@ impl WorkloadReport {
 }
 
 /// `total` increments by 1 spread round-robin over `keys` keys, from `concurrency` tasks.
-pub async fn run_increments(client: Arc<ClusterClient>, total: u64, keys: u64, concurrency: usize) -> WorkloadReport {
+pub async fn run_increments(
+    client: Arc<ClusterClient>,
+    total: u64,
+    keys: u64,
+    concurrency: usize,
+) -> WorkloadReport {
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let concurrency = concurrency.max(1) as u64;
@@ -48,7 +53,16 @@ pub async fn run_increments(client: Arc<ClusterClient>, total: u64, keys: u64, c
             while i < total {
                 let key = format!("k{}", i % keys);
                 r.ops += 1;
-                match client.op(&key, Op::Incr { key: key.clone(), delta: 1 }).await {
+                match client
+                    .op(
+                        &key,
+                        Op::Incr {
+                            key: key.clone(),
+                            delta: 1,
+                        },
+                    )
+                    .await
+                {
                     Ok(res) => {
                         r.acked += 1;
                         if res == OpResult::Duplicate {
@@ -94,17 +108,32 @@ pub async fn verify(client: &ClusterClient, report: &WorkloadReport, keys: u64) 
             Ok(OpResult::Counter(v)) => u64::try_from(v).unwrap_or(u64::MAX),
             Ok(OpResult::Value(None)) => 0,
             Ok(other) => bail!("key {key}: unexpected {other:?}"),
-            Err(ClientError::Refused { code, message }) => bail!("key {key}: refused {code:?}: {message}"),
+            Err(ClientError::Refused { code, message }) => {
+                bail!("key {key}: refused {code:?}: {message}")
+            }
             Err(e) => bail!("key {key}: {e}"),
         };
         sum += value;
-        let ok = if report.unacked == 0 { value == acked } else { value >= acked && value <= acked + report.unacked };
+        let ok = if report.unacked == 0 {
+            value == acked
+        } else {
+            value >= acked && value <= acked + report.unacked
+        };
         if !ok {
             wrong.push(format!("{key}: counter {value}, acknowledged {acked}"));
         }
     }
     if !wrong.is_empty() {
-        bail!("{} keys violate exactly-once: {}", wrong.len(), wrong.iter().take(10).cloned().collect::<Vec<_>>().join("; "));
+        bail!(
+            "{} keys violate exactly-once: {}",
+            wrong.len(),
+            wrong
+                .iter()
+                .take(10)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
     }
     Ok(sum)
 }

@@ -14,7 +14,10 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use parking_lot::Mutex;
 
-use crate::codec::{Body, Dest, Envelope, ErrorCode, Frame, IdemKey, Op, OpResult, ShardInfo, ShardRequest, StatusInfo};
+use crate::codec::{
+    Body, Dest, Envelope, ErrorCode, Frame, IdemKey, Op, OpResult, ShardInfo, ShardRequest,
+    StatusInfo,
+};
 use crate::placement::shard_for_key;
 use crate::transport::tls::{self, ANY_NODE};
 use crate::transport::{Client, Link, TlsMaterial, TransportConfig, TransportError};
@@ -31,7 +34,11 @@ pub struct ClientOptions {
 
 impl Default for ClientOptions {
     fn default() -> Self {
-        ClientOptions { request_timeout: Duration::from_secs(5), retry_for: Duration::from_secs(30), transport: TransportConfig::default() }
+        ClientOptions {
+            request_timeout: Duration::from_secs(5),
+            retry_for: Duration::from_secs(30),
+            transport: TransportConfig::default(),
+        }
     }
 }
 
@@ -79,7 +86,11 @@ pub struct ClusterClient {
 
 impl ClusterClient {
     /// Connects to the cluster through any of `seeds` and loads the member list and shard map.
-    pub async fn connect(seeds: &[SocketAddr], tls: &TlsMaterial, opts: ClientOptions) -> Result<Self, ClientError> {
+    pub async fn connect(
+        seeds: &[SocketAddr],
+        tls: &TlsMaterial,
+        opts: ClientOptions,
+    ) -> Result<Self, ClientError> {
         let sender = rand::random::<u64>() | 1;
         let c = ClusterClient {
             seeds: seeds.to_vec(),
@@ -98,21 +109,33 @@ impl ClusterClient {
         self.sender
     }
 
-    async fn connect_node(&self, addr: SocketAddr, name: &str) -> Result<Arc<Client>, TransportError> {
-        Client::connect_with(addr, name, self.client_config.clone(), &self.opts.transport).await.map(Arc::new)
+    async fn connect_node(
+        &self,
+        addr: SocketAddr,
+        name: &str,
+    ) -> Result<Arc<Client>, TransportError> {
+        Client::connect_with(addr, name, self.client_config.clone(), &self.opts.transport)
+            .await
+            .map(Arc::new)
     }
 
     /// The link to `node`, connecting if needed.
     async fn link_to(&self, node: &str) -> Result<Link, ClientError> {
         let (cached, addr) = {
             let v = self.view.lock();
-            (v.links.get(node).filter(|c| !c.link().is_closed()).cloned(), v.addrs.get(node).copied())
+            (
+                v.links.get(node).filter(|c| !c.link().is_closed()).cloned(),
+                v.addrs.get(node).copied(),
+            )
         };
         if let Some(c) = cached {
             return Ok(c.link().clone());
         }
         let addr = addr.ok_or_else(|| ClientError::Retryable(format!("unknown node {node}")))?;
-        let c = self.connect_node(addr, node).await.map_err(|e| ClientError::Retryable(e.to_string()))?;
+        let c = self
+            .connect_node(addr, node)
+            .await
+            .map_err(|e| ClientError::Retryable(e.to_string()))?;
         let link = c.link().clone();
         self.view.lock().links.insert(node.to_string(), c);
         Ok(link)
@@ -142,7 +165,9 @@ impl ClusterClient {
 
     async fn call(&self, link: &Link, dest: Dest, body: Body) -> Result<Frame, ClientError> {
         let env = Envelope::new("client", dest, 0, body);
-        link.request(env, self.opts.request_timeout).await.map_err(|e| ClientError::Retryable(e.to_string()))
+        link.request(env, self.opts.request_timeout)
+            .await
+            .map_err(|e| ClientError::Retryable(e.to_string()))
     }
 
     /// Reloads members and the shard map from any reachable node.
@@ -187,7 +212,10 @@ impl ClusterClient {
 
     /// Makes the next idempotency key of this client.
     pub fn next_key(&self) -> IdemKey {
-        IdemKey { sender: self.sender, seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1 }
+        IdemKey {
+            sender: self.sender,
+            seq: self.seq.fetch_add(1, Ordering::Relaxed) + 1,
+        }
     }
 
     /// Sends `op` on `key`'s shard with a fresh idempotency key, retrying until acknowledged or
@@ -197,7 +225,12 @@ impl ClusterClient {
     }
 
     /// As [`ClusterClient::op`] with a caller-chosen idempotency key.
-    pub async fn op_with_key(&self, key: &str, idem: IdemKey, op: Op) -> Result<OpResult, ClientError> {
+    pub async fn op_with_key(
+        &self,
+        key: &str,
+        idem: IdemKey,
+        op: Op,
+    ) -> Result<OpResult, ClientError> {
         let shard = self.shard_of(key);
         let req = ShardRequest { idem, op };
         let backoff = ExponentialBuilder::default()
@@ -206,13 +239,19 @@ impl ClusterClient {
             .with_jitter()
             .without_max_times()
             .with_total_delay(Some(self.opts.retry_for));
-        (|| self.try_once(shard, &req)).retry(backoff).when(ClientError::retryable).await
+        (|| self.try_once(shard, &req))
+            .retry(backoff)
+            .when(ClientError::retryable)
+            .await
     }
 
     async fn try_once(&self, shard: u32, req: &ShardRequest) -> Result<OpResult, ClientError> {
         let (owner, epoch) = {
             let v = self.view.lock();
-            (v.owners.get(shard as usize).cloned(), v.epochs.get(shard as usize).copied().unwrap_or(0))
+            (
+                v.owners.get(shard as usize).cloned(),
+                v.epochs.get(shard as usize).copied().unwrap_or(0),
+            )
         };
         let Some(owner) = owner else {
             self.refresh().await?;
@@ -225,7 +264,14 @@ impl ClusterClient {
                 return Err(e);
             }
         };
-        let frame = match self.call(&link, Dest::Shard { shard, epoch }, Body::ShardRequest(req.clone())).await {
+        let frame = match self
+            .call(
+                &link,
+                Dest::Shard { shard, epoch },
+                Body::ShardRequest(req.clone()),
+            )
+            .await
+        {
             Ok(f) => f,
             Err(e) => {
                 self.view.lock().links.remove(&owner);
@@ -258,7 +304,9 @@ impl ClusterClient {
 
 fn refusal(frame: &Frame) -> ClientError {
     match frame.to_owned_envelope().map(|e| e.body) {
-        Ok(Body::Error { code, message }) if !code.retryable() => ClientError::Refused { code, message },
+        Ok(Body::Error { code, message }) if !code.retryable() => {
+            ClientError::Refused { code, message }
+        }
         Ok(Body::Error { code, message }) => ClientError::Retryable(format!("{code:?}: {message}")),
         _ => ClientError::Retryable("unexpected reply".into()),
     }

@@ -93,7 +93,8 @@ metric_table! {
 
 /// Explicit buckets for every latency histogram (seconds): 50 µs to 10 s.
 pub const HISTOGRAM_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
 ];
 
 /// Registers help text and units with the installed recorder.
@@ -121,9 +122,18 @@ mod tests {
         for m in ALL {
             assert!(m.name.starts_with("tidepool_"), "{}", m.name);
             assert!(seen.insert(m.name), "duplicate {}", m.name);
-            assert_eq!(m.kind == MetricKind::Counter, m.name.ends_with("_total"), "{}", m.name);
+            assert_eq!(
+                m.kind == MetricKind::Counter,
+                m.name.ends_with("_total"),
+                "{}",
+                m.name
+            );
             if m.kind == MetricKind::Histogram {
-                assert!(m.name.ends_with("_seconds") || m.name.ends_with("_bytes"), "{}", m.name);
+                assert!(
+                    m.name.ends_with("_seconds") || m.name.ends_with("_bytes"),
+                    "{}",
+                    m.name
+                );
             }
         }
     }

@@ -22,7 +22,9 @@ pub struct Frame {
 
 impl std::fmt::Debug for Frame {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Frame").field("len", &self.buf.len()).finish()
+        f.debug_struct("Frame")
+            .field("len", &self.buf.len())
+            .finish()
     }
 }
 
@@ -32,7 +34,9 @@ impl Frame {
         let env = rkyv::access::<ArchivedEnvelope, rancor::Error>(&buf)
             .map_err(|e| CodecError::Malformed(e.to_string()))?;
         if env.version != PROTOCOL_VERSION {
-            return Err(CodecError::Version { got: env.version.to_native() });
+            return Err(CodecError::Version {
+                got: env.version.to_native(),
+            });
         }
         Ok(Frame { buf })
     }
@@ -41,15 +45,24 @@ impl Frame {
     /// network path is [`read_frame`].
     pub fn from_wire(bytes: &[u8], max: usize) -> Result<Self, CodecError> {
         let Some(header) = bytes.get(..FRAME_HEADER_LEN) else {
-            return Err(CodecError::Truncated { expected: FRAME_HEADER_LEN as u64, got: bytes.len() as u64 });
+            return Err(CodecError::Truncated {
+                expected: FRAME_HEADER_LEN as u64,
+                got: bytes.len() as u64,
+            });
         };
         let len = parse_header(header.try_into().unwrap_or([0; FRAME_HEADER_LEN]), max)?;
         let body = &bytes[FRAME_HEADER_LEN..];
         if body.len() < len {
-            return Err(CodecError::Truncated { expected: len as u64, got: body.len() as u64 });
+            return Err(CodecError::Truncated {
+                expected: len as u64,
+                got: body.len() as u64,
+            });
         }
         if body.len() > len {
-            return Err(CodecError::Malformed(format!("{} trailing bytes", body.len() - len)));
+            return Err(CodecError::Malformed(format!(
+                "{} trailing bytes",
+                body.len() - len
+            )));
         }
         let mut buf = Buf::with_capacity(len);
         buf.extend_from_slice(body);
@@ -90,7 +103,10 @@ fn parse_header(h: [u8; FRAME_HEADER_LEN], max: usize) -> Result<usize, CodecErr
     let version = u16::from_le_bytes([h[4], h[5]]);
     let flags = u16::from_le_bytes([h[6], h[7]]);
     if len > max as u64 {
-        return Err(CodecError::Oversized { len, max: max as u64 });
+        return Err(CodecError::Oversized {
+            len,
+            max: max as u64,
+        });
     }
     if version != PROTOCOL_VERSION {
         return Err(CodecError::Version { got: version });
@@ -118,19 +134,30 @@ async fn read_full<R: AsyncRead + Unpin>(r: &mut R, dst: &mut [u8]) -> Result<us
 }
 
 /// Reads one frame. `Ok(None)` is a clean end of stream between frames.
-pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<Frame>, CodecError> {
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<Frame>, CodecError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     match read_full(r, &mut header).await? {
         0 => return Ok(None),
         FRAME_HEADER_LEN => {}
-        got => return Err(CodecError::Truncated { expected: FRAME_HEADER_LEN as u64, got: got as u64 }),
+        got => {
+            return Err(CodecError::Truncated {
+                expected: FRAME_HEADER_LEN as u64,
+                got: got as u64,
+            })
+        }
     }
     let len = parse_header(header, max)?;
     let mut buf = Buf::with_capacity(len);
     buf.resize(len, 0);
     let got = read_full(r, &mut buf).await?;
     if got < len {
-        return Err(CodecError::Truncated { expected: len as u64, got: got as u64 });
+        return Err(CodecError::Truncated {
+            expected: len as u64,
+            got: got as u64,
+        });
     }
     Frame::decode(buf).map(Some)
 }
@@ -154,7 +181,10 @@ impl EncodedFrame {
 
     /// The two chunks to write, without copying the archive.
     pub fn into_chunks(self) -> [Bytes; 2] {
-        [Bytes::copy_from_slice(&self.header), Bytes::from_owner(self.body)]
+        [
+            Bytes::copy_from_slice(&self.header),
+            Bytes::from_owner(self.body),
+        ]
     }
 
     /// The whole frame as one vector (tests, fuzzing).
@@ -168,8 +198,10 @@ impl EncodedFrame {
 
 /// Serializes an envelope into a frame.
 pub fn encode(env: &Envelope) -> Result<EncodedFrame, CodecError> {
-    let body = rkyv::to_bytes::<rancor::Error>(env).map_err(|e| CodecError::Encode(e.to_string()))?;
-    let len = u32::try_from(body.len()).map_err(|_| CodecError::Encode(format!("{} bytes do not fit a frame", body.len())))?;
+    let body =
+        rkyv::to_bytes::<rancor::Error>(env).map_err(|e| CodecError::Encode(e.to_string()))?;
+    let len = u32::try_from(body.len())
+        .map_err(|_| CodecError::Encode(format!("{} bytes do not fit a frame", body.len())))?;
     let mut header = [0u8; FRAME_HEADER_LEN];
     header[..4].copy_from_slice(&len.to_le_bytes());
     header[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());

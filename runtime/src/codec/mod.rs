@@ -63,13 +63,26 @@ pub struct IdemKey {
 /// An operation on a shard's key-value state.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum Op {
-    Put { key: String, value: Vec<u8> },
-    Get { key: String },
-    Incr { key: String, delta: i64 },
+    Put {
+        key: String,
+        value: Vec<u8>,
+    },
+    Get {
+        key: String,
+    },
+    Incr {
+        key: String,
+        delta: i64,
+    },
     /// Add `values` element-wise into the f32 vector stored at `key` (gradient accumulation).
-    AddTensor { key: String, values: Vec<f32> },
+    AddTensor {
+        key: String,
+        values: Vec<f32>,
+    },
     /// Read the f32 vector stored at `key`.
-    GetTensor { key: String },
+    GetTensor {
+        key: String,
+    },
 }
 
 /// A request to a shard.
@@ -232,7 +245,13 @@ impl ArchivedErrorCode {
 impl Envelope {
     /// An envelope from `source` at the current protocol version.
     pub fn new(source: impl Into<String>, dest: Dest, correlation: u64, body: Body) -> Self {
-        Envelope { version: PROTOCOL_VERSION, source: source.into(), dest, correlation, body }
+        Envelope {
+            version: PROTOCOL_VERSION,
+            source: source.into(),
+            dest,
+            correlation,
+            body,
+        }
     }
 }
 

@@ -1,13 +1,18 @@
+#![allow(clippy::unwrap_used)]
 use super::*;
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
 
 fn arb_op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (".{0,16}", proptest::collection::vec(any::<u8>(), 0..64)).prop_map(|(key, value)| Op::Put { key, value }),
+        (".{0,16}", proptest::collection::vec(any::<u8>(), 0..64))
+            .prop_map(|(key, value)| Op::Put { key, value }),
         ".{0,16}".prop_map(|key| Op::Get { key }),
         (".{0,16}", any::<i64>()).prop_map(|(key, delta)| Op::Incr { key, delta }),
-        (".{0,16}", proptest::collection::vec(any::<f32>().prop_filter("nan", |f| !f.is_nan()), 0..64))
+        (
+            ".{0,16}",
+            proptest::collection::vec(any::<f32>().prop_filter("nan", |f| !f.is_nan()), 0..64)
+        )
             .prop_map(|(key, values)| Op::AddTensor { key, values }),
         ".{0,16}".prop_map(|key| Op::GetTensor { key }),
     ]
@@ -28,29 +33,64 @@ fn arb_result() -> impl Strategy<Value = OpResult> {
     prop_oneof![
         Just(OpResult::Done),
         Just(OpResult::Duplicate),
-        proptest::option::of(proptest::collection::vec(any::<u8>(), 0..32)).prop_map(OpResult::Value),
+        proptest::option::of(proptest::collection::vec(any::<u8>(), 0..32))
+            .prop_map(OpResult::Value),
         any::<i64>().prop_map(OpResult::Counter),
         proptest::collection::vec(-1e6f32..1e6, 0..32).prop_map(OpResult::Tensor),
     ]
 }
 
 fn arb_member() -> impl Strategy<Value = MemberInfo> {
-    ("[a-z]{1,8}", "[0-9.:]{1,21}", "up|down|joining|draining", any::<bool>(), any::<u32>())
-        .prop_map(|(name, addr, state, reachable, shards)| MemberInfo { name, addr, state, reachable, shards })
+    (
+        "[a-z]{1,8}",
+        "[0-9.:]{1,21}",
+        "up|down|joining|draining",
+        any::<bool>(),
+        any::<u32>(),
+    )
+        .prop_map(|(name, addr, state, reachable, shards)| MemberInfo {
+            name,
+            addr,
+            state,
+            reachable,
+            shards,
+        })
 }
 
 fn arb_body() -> impl Strategy<Value = Body> {
     prop_oneof![
-        (any::<u64>(), any::<u64>(), arb_op())
-            .prop_map(|(sender, seq, op)| Body::ShardRequest(ShardRequest { idem: IdemKey { sender, seq }, op })),
+        (any::<u64>(), any::<u64>(), arb_op()).prop_map(|(sender, seq, op)| Body::ShardRequest(
+            ShardRequest {
+                idem: IdemKey { sender, seq },
+                op
+            }
+        )),
         arb_result().prop_map(Body::ShardReply),
         Just(Body::StatusRequest),
-        ("[a-z0-9]{0,8}", any::<u64>(), proptest::collection::vec(arb_member(), 0..5))
-            .prop_map(|(leader, term, members)| Body::StatusReply(StatusInfo { leader, term, members })),
+        (
+            "[a-z0-9]{0,8}",
+            any::<u64>(),
+            proptest::collection::vec(arb_member(), 0..5)
+        )
+            .prop_map(|(leader, term, members)| Body::StatusReply(StatusInfo {
+                leader,
+                term,
+                members
+            })),
         Just(Body::ShardsRequest),
         proptest::collection::vec(
-            (any::<u32>(), "[a-z0-9]{1,8}", any::<u64>(), "serving|handoff|unassigned")
-                .prop_map(|(id, owner, epoch, state)| ShardInfo { id, owner, epoch, state }),
+            (
+                any::<u32>(),
+                "[a-z0-9]{1,8}",
+                any::<u64>(),
+                "serving|handoff|unassigned"
+            )
+                .prop_map(|(id, owner, epoch, state)| ShardInfo {
+                    id,
+                    owner,
+                    epoch,
+                    state
+                }),
             0..8
         )
         .prop_map(Body::ShardsReply),
@@ -69,8 +109,9 @@ fn arb_dest() -> impl Strategy<Value = Dest> {
 }
 
 fn arb_envelope() -> impl Strategy<Value = Envelope> {
-    ("[a-z0-9-]{0,12}", arb_dest(), any::<u64>(), arb_body())
-        .prop_map(|(source, dest, correlation, body)| Envelope::new(source, dest, correlation, body))
+    ("[a-z0-9-]{0,12}", arb_dest(), any::<u64>(), arb_body()).prop_map(
+        |(source, dest, correlation, body)| Envelope::new(source, dest, correlation, body),
+    )
 }
 
 fn sample() -> Envelope {
@@ -78,7 +119,13 @@ fn sample() -> Envelope {
         "n1",
         Dest::Shard { shard: 3, epoch: 1 },
         42,
-        Body::ShardRequest(ShardRequest { idem: IdemKey { sender: 7, seq: 9 }, op: Op::Incr { key: "k".into(), delta: 1 } }),
+        Body::ShardRequest(ShardRequest {
+            idem: IdemKey { sender: 7, seq: 9 },
+            op: Op::Incr {
+                key: "k".into(),
+                delta: 1,
+            },
+        }),
     )
 }
 
@@ -108,7 +155,9 @@ proptest! {
 }
 
 fn read_all(wire: &[u8], max: usize) -> Result<Option<Frame>, CodecError> {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let mut r = wire;
         read_frame(&mut r, max).await
@@ -121,7 +170,10 @@ fn oversized_frame_is_rejected_before_allocation() {
     wire[..4].copy_from_slice(&u32::MAX.to_le_bytes());
     // Only the header is present: the reader must fail on the length alone, not try to read 4 GiB.
     let err = read_all(&wire[..FRAME_HEADER_LEN], 1024).unwrap_err();
-    assert!(matches!(err, CodecError::Oversized { len, max: 1024 } if len == u32::MAX as u64), "{err}");
+    assert!(
+        matches!(err, CodecError::Oversized { len, max: 1024 } if len == u32::MAX as u64),
+        "{err}"
+    );
     assert_eq!(err.reject_reason(), Some("oversized"));
 }
 
@@ -130,9 +182,16 @@ fn truncated_frames_are_rejected() {
     let wire = encode(&sample()).unwrap().to_vec();
     for cut in [3, FRAME_HEADER_LEN + 1, wire.len() - 1] {
         let err = read_all(&wire[..cut], DEFAULT_MAX_FRAME_BYTES).unwrap_err();
-        assert_eq!(err.reject_reason(), Some("truncated"), "cut at {cut}: {err}");
+        assert_eq!(
+            err.reject_reason(),
+            Some("truncated"),
+            "cut at {cut}: {err}"
+        );
     }
-    assert!(read_all(&[], DEFAULT_MAX_FRAME_BYTES).unwrap().is_none(), "empty stream is a clean end");
+    assert!(
+        read_all(&[], DEFAULT_MAX_FRAME_BYTES).unwrap().is_none(),
+        "empty stream is a clean end"
+    );
 }
 
 #[test]
@@ -148,7 +207,12 @@ fn malformed_archives_are_rejected() {
     // Unknown flags.
     let mut wire = encode(&sample()).unwrap().to_vec();
     wire[6] = 1;
-    assert_eq!(Frame::from_wire(&wire, DEFAULT_MAX_FRAME_BYTES).unwrap_err().reject_reason(), Some("malformed"));
+    assert_eq!(
+        Frame::from_wire(&wire, DEFAULT_MAX_FRAME_BYTES)
+            .unwrap_err()
+            .reject_reason(),
+        Some("malformed")
+    );
     assert!(body_len > 0);
 }
 
@@ -174,18 +238,35 @@ fn tensors_are_read_in_place() {
         "n1",
         Dest::Shard { shard: 1, epoch: 1 },
         1,
-        Body::ShardRequest(ShardRequest { idem: IdemKey { sender: 1, seq: 1 }, op: Op::AddTensor { key: "w".into(), values: values.clone() } }),
+        Body::ShardRequest(ShardRequest {
+            idem: IdemKey { sender: 1, seq: 1 },
+            op: Op::AddTensor {
+                key: "w".into(),
+                values: values.clone(),
+            },
+        }),
     );
     let wire = encode(&env).unwrap().to_vec();
     let frame = Frame::from_wire(&wire, DEFAULT_MAX_FRAME_BYTES).unwrap();
-    let ArchivedBody::ShardRequest(req) = &frame.envelope().body else { panic!("wrong kind") };
-    let ArchivedOp::AddTensor { values: archived, .. } = &req.op else { panic!("wrong op") };
+    let ArchivedBody::ShardRequest(req) = &frame.envelope().body else {
+        panic!("wrong kind")
+    };
+    let ArchivedOp::AddTensor {
+        values: archived, ..
+    } = &req.op
+    else {
+        panic!("wrong op")
+    };
     let slice = archived.as_f32s();
     assert_eq!(slice, &values[..]);
     // The slice points into the frame's own buffer: no copy was made.
-    let frame_start = frame.envelope() as *const _ as usize - (frame.len() - std::mem::size_of::<ArchivedEnvelope>());
+    let frame_start = frame.envelope() as *const _ as usize
+        - (frame.len() - std::mem::size_of::<ArchivedEnvelope>());
     let p = slice.as_ptr() as usize;
-    assert!(p >= frame_start && p < frame_start + frame.len(), "view is outside the receive buffer");
+    assert!(
+        p >= frame_start && p < frame_start + frame.len(),
+        "view is outside the receive buffer"
+    );
     let v = archived.as_dvector();
     assert_eq!(v.len(), 1000);
     assert_eq!(v.sum(), values.iter().sum::<f32>());
@@ -199,7 +280,13 @@ fn decoder_survives_seeded_mutations() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(0x71de_9001);
     let corpus: Vec<Vec<u8>> = {
         let mut runner = proptest::test_runner::TestRunner::deterministic();
-        (0..64).map(|_| encode(&arb_envelope().new_tree(&mut runner).unwrap().current()).unwrap().to_vec()).collect()
+        (0..64)
+            .map(|_| {
+                encode(&arb_envelope().new_tree(&mut runner).unwrap().current())
+                    .unwrap()
+                    .to_vec()
+            })
+            .collect()
     };
     let (mut ok, mut rejected) = (0u32, 0u32);
     for i in 0..20_000 {
@@ -230,5 +317,8 @@ fn decoder_survives_seeded_mutations() {
             }
         }
     }
-    assert!(rejected > 10_000, "mutations should mostly be caught: ok={ok} rejected={rejected}");
+    assert!(
+        rejected > 10_000,
+        "mutations should mostly be caught: ok={ok} rejected={rejected}"
+    );
 }

@@ -87,7 +87,8 @@ impl FaultPlan {
     fn judge(&self, peer: SocketAddr) -> Option<Duration> {
         let mut s = self.state.lock();
         let rule = s.peers.get(&peer).copied().unwrap_or(s.default);
-        let lost = rule.blocked || (rule.drop_rate > 0.0 && s.rng.random_bool(rule.drop_rate.clamp(0.0, 1.0)));
+        let lost = rule.blocked
+            || (rule.drop_rate > 0.0 && s.rng.random_bool(rule.drop_rate.clamp(0.0, 1.0)));
         if lost {
             s.dropped += 1;
             None
@@ -105,7 +106,9 @@ pub struct FaultSocket {
 
 impl fmt::Debug for FaultSocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FaultSocket").field("inner", &self.inner).finish()
+        f.debug_struct("FaultSocket")
+            .field("inner", &self.inner)
+            .finish()
     }
 }
 
@@ -136,21 +139,35 @@ impl AsyncUdpSocket for FaultSocket {
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
                     // A send that would block now is a lost datagram, as on a real network.
-                    let _ = inner.try_send(&Transmit { destination: dest, ecn, contents: &contents, segment_size, src_ip });
+                    let _ = inner.try_send(&Transmit {
+                        destination: dest,
+                        ecn,
+                        contents: &contents,
+                        segment_size,
+                        src_ip,
+                    });
                 });
                 Ok(())
             }
         }
     }
 
-    fn poll_recv(&self, cx: &mut Context, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> Poll<io::Result<usize>> {
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
         // One datagram (or GRO batch, always from one source) at a time, so a dropped one can be
         // discarded without compacting quinn's buffers.
         loop {
             let (Some(buf), Some(m)) = (bufs.first_mut(), meta.first_mut()) else {
                 return Poll::Ready(Ok(0));
             };
-            match self.inner.poll_recv(cx, std::slice::from_mut(buf), std::slice::from_mut(m)) {
+            match self
+                .inner
+                .poll_recv(cx, std::slice::from_mut(buf), std::slice::from_mut(m))
+            {
                 Poll::Ready(Ok(n)) if n > 0 => {
                     if self.plan.judge(m.addr).is_some() {
                         return Poll::Ready(Ok(1));

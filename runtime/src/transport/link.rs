@@ -43,7 +43,10 @@ struct LinkInner {
 
 impl std::fmt::Debug for Link {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Link").field("peer", &self.inner.peer).field("remote", &self.inner.conn.remote_address()).finish()
+        f.debug_struct("Link")
+            .field("peer", &self.inner.peer)
+            .field("remote", &self.inner.conn.remote_address())
+            .finish()
     }
 }
 
@@ -57,7 +60,11 @@ impl Link {
         handler: Option<Arc<dyn Inbound>>,
     ) -> Link {
         let (tx, rx) = mpsc::channel(queue_depth.max(1));
-        let label = if peer.role == Role::Node { peer.name.clone() } else { "client".to_string() };
+        let label = if peer.role == Role::Node {
+            peer.name.clone()
+        } else {
+            "client".to_string()
+        };
         let link = Link {
             inner: Arc::new(LinkInner {
                 peer,
@@ -117,19 +124,29 @@ impl Link {
     pub async fn send_encoded(&self, frame: EncodedFrame) -> Result<(), TransportError> {
         if self.is_closed() {
             metrics::counter!(m::TRANSPORT_SEND_DROPPED, "reason" => "disconnected").increment(1);
-            return Err(TransportError::Closed { peer: self.inner.peer.name.clone() });
+            return Err(TransportError::Closed {
+                peer: self.inner.peer.name.clone(),
+            });
         }
-        metrics::gauge!(m::TRANSPORT_SEND_QUEUE_DEPTH, "peer" => self.inner.label.clone()).increment(1.0);
+        metrics::gauge!(m::TRANSPORT_SEND_QUEUE_DEPTH, "peer" => self.inner.label.clone())
+            .increment(1.0);
         if self.inner.tx.send(frame).await.is_err() {
-            metrics::gauge!(m::TRANSPORT_SEND_QUEUE_DEPTH, "peer" => self.inner.label.clone()).decrement(1.0);
+            metrics::gauge!(m::TRANSPORT_SEND_QUEUE_DEPTH, "peer" => self.inner.label.clone())
+                .decrement(1.0);
             metrics::counter!(m::TRANSPORT_SEND_DROPPED, "reason" => "disconnected").increment(1);
-            return Err(TransportError::Closed { peer: self.inner.peer.name.clone() });
+            return Err(TransportError::Closed {
+                peer: self.inner.peer.name.clone(),
+            });
         }
         Ok(())
     }
 
     /// Sends a request and waits for the reply with the same correlation id.
-    pub async fn request(&self, mut env: Envelope, timeout: Duration) -> Result<Frame, TransportError> {
+    pub async fn request(
+        &self,
+        mut env: Envelope,
+        timeout: Duration,
+    ) -> Result<Frame, TransportError> {
         let corr = self.inner.next_correlation.fetch_add(1, Ordering::Relaxed);
         env.correlation = corr;
         let (tx, rx) = oneshot::channel();
@@ -141,10 +158,15 @@ impl Link {
                 std::mem::forget(guard);
                 Ok(frame)
             }
-            Ok(Err(_)) => Err(TransportError::Closed { peer: self.inner.peer.name.clone() }),
+            Ok(Err(_)) => Err(TransportError::Closed {
+                peer: self.inner.peer.name.clone(),
+            }),
             Err(_) => {
                 metrics::counter!(m::TRANSPORT_REQUEST_TIMEOUTS).increment(1);
-                Err(TransportError::Timeout { peer: self.inner.peer.name.clone(), after: timeout })
+                Err(TransportError::Timeout {
+                    peer: self.inner.peer.name.clone(),
+                    after: timeout,
+                })
             }
         }
     }
@@ -186,13 +208,16 @@ async fn write_loop(conn: quinn::Connection, mut rx: mpsc::Receiver<EncodedFrame
             n += 1;
             bytes += frame.len();
             if frame.len() >= LARGE_FRAME_BYTES {
-                let Ok(permit) = large.clone().acquire_owned().await else { break };
+                let Ok(permit) = large.clone().acquire_owned().await else {
+                    break;
+                };
                 let conn = conn.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
                     if let Err(e) = write_own_stream(&conn, frame).await {
                         debug!(error = %e, "large frame write failed");
-                        metrics::counter!(m::TRANSPORT_SEND_DROPPED, "reason" => "disconnected").increment(1);
+                        metrics::counter!(m::TRANSPORT_SEND_DROPPED, "reason" => "disconnected")
+                            .increment(1);
                     }
                 });
             } else {
@@ -224,7 +249,8 @@ async fn write_loop(conn: quinn::Connection, mut rx: mpsc::Receiver<EncodedFrame
                 // connection is not: continue on a fresh stream.
                 Err(quinn::WriteError::Stopped(code)) => {
                     warn!(peer = %label, %code, "peer stopped our stream; reopening");
-                    metrics::counter!(m::TRANSPORT_SEND_DROPPED, "reason" => "stream_reset").increment(1);
+                    metrics::counter!(m::TRANSPORT_SEND_DROPPED, "reason" => "stream_reset")
+                        .increment(1);
                     stream = None;
                 }
                 Err(e) => {
@@ -242,7 +268,8 @@ async fn write_loop(conn: quinn::Connection, mut rx: mpsc::Receiver<EncodedFrame
         dropped += 1;
     }
     if dropped > 0 {
-        metrics::gauge!(m::TRANSPORT_SEND_QUEUE_DEPTH, "peer" => label.clone()).decrement(dropped as f64);
+        metrics::gauge!(m::TRANSPORT_SEND_QUEUE_DEPTH, "peer" => label.clone())
+            .decrement(dropped as f64);
         metrics::counter!(m::TRANSPORT_SEND_DROPPED, "reason" => "disconnected").increment(dropped);
     }
     if let Some(mut s) = stream {
@@ -250,10 +277,18 @@ async fn write_loop(conn: quinn::Connection, mut rx: mpsc::Receiver<EncodedFrame
     }
 }
 
-async fn write_own_stream(conn: &quinn::Connection, frame: EncodedFrame) -> Result<(), TransportError> {
-    let mut s = conn.open_uni().await.map_err(|e| TransportError::Connection(e.to_string()))?;
+async fn write_own_stream(
+    conn: &quinn::Connection,
+    frame: EncodedFrame,
+) -> Result<(), TransportError> {
+    let mut s = conn
+        .open_uni()
+        .await
+        .map_err(|e| TransportError::Connection(e.to_string()))?;
     let mut chunks = frame.into_chunks();
-    s.write_all_chunks(&mut chunks).await.map_err(|e| TransportError::Connection(e.to_string()))?;
+    s.write_all_chunks(&mut chunks)
+        .await
+        .map_err(|e| TransportError::Connection(e.to_string()))?;
     let _ = s.finish();
     Ok(())
 }
@@ -277,7 +312,12 @@ async fn accept_loop(link: Link, max_frame: usize, handler: Option<Arc<dyn Inbou
 
 /// Reads frames from one stream. A bad frame resets the stream (STOP_SENDING) and is counted;
 /// the connection and every other stream keep working.
-async fn read_stream(link: Link, mut recv: quinn::RecvStream, max_frame: usize, handler: Option<Arc<dyn Inbound>>) {
+async fn read_stream(
+    link: Link,
+    mut recv: quinn::RecvStream,
+    max_frame: usize,
+    handler: Option<Arc<dyn Inbound>>,
+) {
     loop {
         match codec::read_frame(&mut recv, max_frame).await {
             Ok(Some(frame)) => {
@@ -291,7 +331,8 @@ async fn read_stream(link: Link, mut recv: quinn::RecvStream, max_frame: usize, 
                     // the work runs; a full shard queue holds the stream (backpressure).
                     h.on_request(link.clone(), frame).await;
                 } else {
-                    metrics::counter!(m::WIRE_REJECTED_FRAMES, "reason" => "unexpected").increment(1);
+                    metrics::counter!(m::WIRE_REJECTED_FRAMES, "reason" => "unexpected")
+                        .increment(1);
                     warn!(peer = %link.inner.peer.name, kind = kind.as_str(), "request on a link that takes none; dropped");
                 }
             }

@@ -64,7 +64,10 @@ impl Default for TransportConfig {
 pub enum TransportError {
     /// Binding the UDP socket failed; nothing is running.
     #[error("cannot bind {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     /// TLS material or configuration is unusable; nothing is running.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
@@ -118,7 +121,9 @@ pub struct Transport {
 
 impl std::fmt::Debug for Transport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Transport").field("name", &self.inner.name).finish()
+        f.debug_struct("Transport")
+            .field("name", &self.inner.name)
+            .finish()
     }
 }
 
@@ -145,14 +150,22 @@ impl Transport {
         let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
         let endpoint = match socket {
             Socket::Bind(addr) => {
-                let udp = std::net::UdpSocket::bind(addr).map_err(|source| TransportError::Bind { addr, source })?;
+                let udp = std::net::UdpSocket::bind(addr)
+                    .map_err(|source| TransportError::Bind { addr, source })?;
                 quinn::Endpoint::new(quinn::EndpointConfig::default(), Some(server), udp, runtime)
                     .map_err(|source| TransportError::Bind { addr, source })?
             }
             Socket::Abstract(sock) => {
-                let addr = sock.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-                quinn::Endpoint::new_with_abstract_socket(quinn::EndpointConfig::default(), Some(server), sock, runtime)
-                    .map_err(|source| TransportError::Bind { addr, source })?
+                let addr = sock
+                    .local_addr()
+                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                quinn::Endpoint::new_with_abstract_socket(
+                    quinn::EndpointConfig::default(),
+                    Some(server),
+                    sock,
+                    runtime,
+                )
+                .map_err(|source| TransportError::Bind { addr, source })?
             }
         };
         Ok(Transport {
@@ -224,7 +237,13 @@ impl Transport {
     /// Wraps a new connection in a link, registering node links in the peer table.
     fn adopt(&self, conn: quinn::Connection, id: Identity, dialed: bool) -> Link {
         let role = id.role.to_string();
-        let link = Link::start(conn, id.clone(), self.inner.cfg.send_queue_depth, self.inner.cfg.max_frame_bytes, self.inner.handler.get().cloned());
+        let link = Link::start(
+            conn,
+            id.clone(),
+            self.inner.cfg.send_queue_depth,
+            self.inner.cfg.max_frame_bytes,
+            self.inner.handler.get().cloned(),
+        );
         metrics::gauge!(m::TRANSPORT_CONNECTIONS, "role" => role.clone()).increment(1.0);
         info!(peer = %id.name, role = %id.role, remote = %link.remote_address(), dialed, "connection up");
         if id.role == Role::Node {
@@ -245,7 +264,11 @@ impl Transport {
             metrics::gauge!(m::TRANSPORT_CONNECTIONS, "role" => role).decrement(1.0);
             debug!(peer = %watch.peer().name, reason = %why, "connection down");
             if let Some(slot) = this.inner.peers.lock().get_mut(&watch.peer().name) {
-                if slot.link.as_ref().is_some_and(|l| l.same_connection(&watch)) {
+                if slot
+                    .link
+                    .as_ref()
+                    .is_some_and(|l| l.same_connection(&watch))
+                {
                     slot.link = None;
                 }
             }
@@ -274,12 +297,22 @@ impl Transport {
                 if let Some(at) = slot.retry_at.filter(|at| *at > Instant::now()) {
                     return Err(TransportError::Unreachable {
                         peer: peer.to_string(),
-                        reason: format!("backing off for {:?} after {} failures", at - Instant::now(), slot.failures),
+                        reason: format!(
+                            "backing off for {:?} after {} failures",
+                            at - Instant::now(),
+                            slot.failures
+                        ),
                     });
                 }
             }
         }
-        let addr = self.inner.addrs.lock().get(peer).copied().ok_or_else(|| TransportError::UnknownPeer(peer.to_string()))?;
+        let addr = self
+            .inner
+            .addrs
+            .lock()
+            .get(peer)
+            .copied()
+            .ok_or_else(|| TransportError::UnknownPeer(peer.to_string()))?;
         let cfg = &self.inner.cfg;
         let attempt = || self.dial(peer, addr);
         let result = attempt
@@ -302,15 +335,23 @@ impl Transport {
             Err(e) => {
                 metrics::counter!(m::TRANSPORT_DIALS, "result" => "error").increment(1);
                 slot.failures = slot.failures.saturating_add(1);
-                let backoff = Duration::from_millis(50u64 << slot.failures.min(10)).min(cfg.reconnect_max_backoff);
+                let backoff = Duration::from_millis(50u64 << slot.failures.min(10))
+                    .min(cfg.reconnect_max_backoff);
                 slot.retry_at = Some(Instant::now() + backoff);
                 Err(e)
             }
         }
     }
 
-    async fn dial(&self, peer: &str, addr: SocketAddr) -> Result<quinn::Connection, TransportError> {
-        let unreachable = |reason: String| TransportError::Unreachable { peer: peer.to_string(), reason };
+    async fn dial(
+        &self,
+        peer: &str,
+        addr: SocketAddr,
+    ) -> Result<quinn::Connection, TransportError> {
+        let unreachable = |reason: String| TransportError::Unreachable {
+            peer: peer.to_string(),
+            reason,
+        };
         let connecting = self
             .inner
             .endpoint
@@ -319,10 +360,14 @@ impl Transport {
         match tokio::time::timeout(self.inner.cfg.connect_timeout, connecting).await {
             Ok(Ok(conn)) => Ok(conn),
             Ok(Err(e)) => {
-                metrics::counter!(m::TRANSPORT_HANDSHAKE_FAILURES, "direction" => "outbound").increment(1);
+                metrics::counter!(m::TRANSPORT_HANDSHAKE_FAILURES, "direction" => "outbound")
+                    .increment(1);
                 Err(unreachable(e.to_string()))
             }
-            Err(_) => Err(unreachable(format!("no handshake within {:?}", self.inner.cfg.connect_timeout))),
+            Err(_) => Err(unreachable(format!(
+                "no handshake within {:?}",
+                self.inner.cfg.connect_timeout
+            ))),
         }
     }
 
@@ -360,15 +405,37 @@ impl std::fmt::Debug for Client {
 impl Client {
     /// Connects to the node at `addr`, which must present the certificate of node `server_name`
     /// (the CLI learns it from... the certificate itself: pass `None` to accept any node name).
-    pub async fn connect(addr: SocketAddr, server_name: &str, tls: &TlsMaterial, cfg: &TransportConfig) -> Result<Client, TransportError> {
+    pub async fn connect(
+        addr: SocketAddr,
+        server_name: &str,
+        tls: &TlsMaterial,
+        cfg: &TransportConfig,
+    ) -> Result<Client, TransportError> {
         Self::connect_with(addr, server_name, tls::client_config(tls)?, cfg).await
     }
 
-    pub async fn connect_with(addr: SocketAddr, server_name: &str, client_config: quinn::ClientConfig, cfg: &TransportConfig) -> Result<Client, TransportError> {
-        let bind: SocketAddr = if addr.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }.parse().map_err(|_| TransportError::ShuttingDown)?;
-        let endpoint = quinn::Endpoint::client(bind).map_err(|source| TransportError::Bind { addr: bind, source })?;
-        let unreachable = |reason: String| TransportError::Unreachable { peer: server_name.to_string(), reason };
-        let connecting = endpoint.connect_with(client_config, addr, server_name).map_err(|e| unreachable(e.to_string()))?;
+    pub async fn connect_with(
+        addr: SocketAddr,
+        server_name: &str,
+        client_config: quinn::ClientConfig,
+        cfg: &TransportConfig,
+    ) -> Result<Client, TransportError> {
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        }
+        .parse()
+        .map_err(|_| TransportError::ShuttingDown)?;
+        let endpoint = quinn::Endpoint::client(bind)
+            .map_err(|source| TransportError::Bind { addr: bind, source })?;
+        let unreachable = |reason: String| TransportError::Unreachable {
+            peer: server_name.to_string(),
+            reason,
+        };
+        let connecting = endpoint
+            .connect_with(client_config, addr, server_name)
+            .map_err(|e| unreachable(e.to_string()))?;
         let conn = tokio::time::timeout(cfg.connect_timeout, connecting)
             .await
             .map_err(|_| unreachable("handshake timed out".into()))?
