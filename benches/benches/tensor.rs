@@ -7,7 +7,9 @@
 //!   replies `ShardReply(Done)`. Timed per message: encode (rkyv), queue, QUIC write on a
 //!   stream of its own, read into an aligned buffer, bytecheck validation, the sum, the reply.
 //!   The envelope is cloned for each send (`request` takes it by value); `envelope_clone`
-//!   times that clone alone, since a real sender builds each gradient anyway.
+//!   times that clone alone, since a real sender builds each gradient anyway. `encode_only` and
+//!   `from_wire_only` (copy into an aligned buffer + validation, about what the receiver's
+//!   `read_frame` adds to the raw read) time two more pieces, for the breakdown.
 //! - `quinn_raw`: open a bidi stream, write the 4 MiB as one `Bytes` (no copy), finish; the
 //!   receiver reads every chunk and drops it (no copy, no parse), then writes a 1-byte ack.
 
@@ -19,7 +21,8 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use quinn::Endpoint;
 use tidepool_benches::{report, runtime, transport_pair, AdmitAll, BoxError, Certs};
 use tidepool_runtime::codec::{
-    ArchivedBody, ArchivedOpResult, Body, Dest, Envelope, IdemKey, Op, ShardRequest,
+    encode, ArchivedBody, ArchivedOpResult, Body, Dest, Envelope, Frame, IdemKey, Op, ShardRequest,
+    DEFAULT_MAX_FRAME_BYTES,
 };
 use tidepool_runtime::transport::tls;
 
@@ -146,7 +149,15 @@ fn tensor(c: &mut Criterion) {
             })
         })
     });
-    g.bench_function("envelope_clone", |b| b.iter(|| env.clone()));
+    // Pieces of the Tidepool path, for the breakdown in BENCHMARKS.md (not peers).
+    g.bench_function("envelope_clone", |b| b.iter_with_large_drop(|| env.clone()));
+    g.bench_function("encode_only", |b| {
+        b.iter_with_large_drop(|| encode(&env).expect("encode"))
+    });
+    let wire = encode(&env).expect("encode").to_vec();
+    g.bench_function("from_wire_only", |b| {
+        b.iter_with_large_drop(|| Frame::from_wire(&wire, DEFAULT_MAX_FRAME_BYTES).expect("valid"))
+    });
     g.finish();
 
     // A fixed pass of each, for the results log (criterion's own numbers are in target/criterion).
