@@ -32,7 +32,7 @@ fn cli_json(args: &[&str]) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_apply_100k_idempotent_ops_exactly_once() {
-    let mut cluster = LocalCluster::create(Path::new(BIN), 3, 64).unwrap();
+    let mut cluster = LocalCluster::create(Path::new(BIN), 3, 64, 1).unwrap();
     cluster.start_all().unwrap();
     cluster.wait_ready(Duration::from_secs(60)).await.unwrap();
 
@@ -43,6 +43,9 @@ async fn three_nodes_apply_100k_idempotent_ops_exactly_once() {
             .unwrap(),
     );
     local_cluster::wait_all_up(&client, 3, Duration::from_secs(30))
+        .await
+        .unwrap();
+    local_cluster::wait_stable(&client, Duration::from_secs(60))
         .await
         .unwrap();
 
@@ -134,7 +137,7 @@ async fn three_nodes_apply_100k_idempotent_ops_exactly_once() {
     assert_eq!(shards.len(), 64);
     for (i, s) in shards.iter().enumerate() {
         assert_eq!(s["id"].as_u64(), Some(i as u64));
-        assert_eq!(s["epoch"].as_u64(), Some(1));
+        assert!(s["epoch"].as_u64().unwrap() >= 1, "assigned shards have an epoch");
         assert_eq!(s["state"], "serving");
         assert!(members.iter().any(|m| m["name"] == s["owner"]));
     }

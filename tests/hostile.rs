@@ -146,7 +146,7 @@ async fn wait_metric_at_least(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_peers_are_refused_and_do_not_disturb_a_workload() {
-    let mut cluster = LocalCluster::create(Path::new(BIN), 3, 32).unwrap();
+    let mut cluster = LocalCluster::create(Path::new(BIN), 3, 32, 1).unwrap();
     cluster.start_all().unwrap();
     cluster.wait_ready(Duration::from_secs(60)).await.unwrap();
     let target = cluster.nodes[0].quic;
@@ -208,19 +208,9 @@ async fn hostile_peers_are_refused_and_do_not_disturb_a_workload() {
     probe(tls::client_config(&m).unwrap(), target, ANY_NODE)
         .await
         .expect_err("expired certificate must be refused");
-    // 4. A node certificate for a name that is not a member.
-    certs::issue(
-        &cluster.ca_dir(),
-        &Subject::Node("n9".into()),
-        &pki.path().join("n9"),
-        Validity::days_from_now(1),
-    )
-    .unwrap();
-    let m = TlsMaterial::load_node(&pki.path().join("n9")).unwrap();
-    probe(tls::client_config(&m).unwrap(), target, "n1")
-        .await
-        .expect_err("non-member node must be refused");
-    // 5. The node at this address is n1, not the n2 we claim to dial: our side refuses it.
+    // (Membership is dynamic: any node certificate from the cluster CA may join, so a node
+    // certificate with a new name is admitted; what it cannot do is claim another node's name.)
+    // 4. The node at this address is n1, not the n2 we claim to dial: our side refuses it.
     probe(tls::client_config(&admin).unwrap(), target, "n2")
         .await
         .expect_err("name mismatch must be refused");
@@ -229,7 +219,7 @@ async fn hostile_peers_are_refused_and_do_not_disturb_a_workload() {
         0,
         "tidepool_transport_handshake_failures_total",
         &[("direction", "inbound")],
-        4.0,
+        3.0,
     )
     .await;
 

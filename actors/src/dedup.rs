@@ -71,6 +71,23 @@ impl Dedup {
         }
     }
 
+    /// Exports every sender's window (for checkpoints), sorted by sender.
+    pub fn export(&self) -> Vec<(u64, u64, Vec<u64>)> {
+        let mut v: Vec<_> = self.senders.iter().map(|(s, w)| (*s, w.floor, w.above.iter().copied().collect())).collect();
+        v.sort_unstable_by_key(|(s, _, _)| *s);
+        v
+    }
+
+    /// Rebuilds the table from an export.
+    pub fn import(windows: impl IntoIterator<Item = (u64, u64, Vec<u64>)>) -> Self {
+        let mut d = Dedup::default();
+        for (sender, floor, above) in windows {
+            d.clock += 1;
+            d.senders.insert(sender, Window { floor, above: above.into_iter().collect(), touched: d.clock });
+        }
+        d
+    }
+
     /// Senders tracked now.
     pub fn senders(&self) -> usize {
         self.senders.len()

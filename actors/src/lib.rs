@@ -12,9 +12,13 @@
 
 pub mod audit;
 pub mod dedup;
+pub mod driver;
+pub mod leader;
 pub mod node;
 pub mod restart;
+pub mod restore;
 pub mod router;
 pub mod shard;
+pub mod shard_log;
 pub mod supervisor;
 pub mod worker;

@@ -1,29 +1,32 @@
-//! A whole node: transport, router, supervisor with its shard actors, worker pool, heartbeats.
-//! The binary calls [`Node::start`] after validating config, then [`Node::shutdown`] on a signal.
+//! A whole node: transport, control plane, router, supervisor, ownership driver, leases, worker
+//! pool. The binary calls [`Node::start`] after validating config, then [`Node::shutdown`] (which
+//! drains the node's shards first) on a signal.
 
-use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorRef};
-use tidepool_runtime::certs::{Identity, Role};
-use tidepool_runtime::codec::{ArchivedBody, Body, Dest, Envelope};
+use tidepool_runtime::certs::Identity;
+use tidepool_runtime::codec::{Body, ControlKind, Dest, Envelope, ErrorCode, MemberInfo, StatusInfo};
 use tidepool_runtime::config::NodeConfig;
-use tidepool_runtime::placement;
+use tidepool_runtime::control::{Command, ControlConfig, ControlPlane, MemberState, NodeInfo, RaftTransport, RpcKind};
+use tidepool_runtime::lease::LeaseConfig;
+use tidepool_runtime::metrics as m;
+use tidepool_runtime::rebalance::RebalanceConfig;
+use tidepool_runtime::storage::Store;
 use tidepool_runtime::transport::{PeerPolicy, Socket, TlsMaterial, Transport, TransportConfig};
 use tokio::sync::mpsc;
-use tracing::{debug, info};
+use tracing::{info, warn};
 
 use crate::audit::{AuditError, AuditLog};
+use crate::driver::{self, DriverConfig};
+use crate::leader::{self, Leases};
 use crate::restart::RestartBudget;
-use crate::router::{Router, RouterConfig};
-use crate::shard::SharedState;
+use crate::router::{futures_box, NodeServices, Router, RouterConfig};
 use crate::supervisor::{NodeSupervisor, SupervisorArgs, SupervisorMsg};
 use crate::worker::WorkerPool;
-
-/// How often each member is pinged (reachability for `cluster status` and readiness).
-pub const HEARTBEAT: Duration = Duration::from_millis(500);
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -32,158 +35,262 @@ pub enum NodeError {
     Tls(#[from] tidepool_runtime::transport::tls::TlsError),
     /// The node certificate names someone else than `node.name`.
     #[error("certificate in {dir} is for {found:?}, but node.name is {expected:?}")]
-    WrongCertificate {
-        dir: String,
-        expected: String,
-        found: String,
-    },
+    WrongCertificate { dir: String, expected: String, found: String },
     #[error(transparent)]
     Transport(#[from] tidepool_runtime::transport::TransportError),
-    #[error(transparent)]
-    Placement(#[from] placement::PlacementError),
+    #[error("storage: {0}")]
+    Storage(#[from] tidepool_runtime::storage::StorageError),
+    #[error("control plane: {0}")]
+    Control(#[from] tidepool_runtime::control::ControlError),
     #[error("cannot create {path}: {source}")]
-    DataDir {
-        path: String,
-        source: std::io::Error,
-    },
+    DataDir { path: String, source: std::io::Error },
     #[error(transparent)]
     Audit(#[from] AuditError),
     #[error("cannot start the supervisor: {0}")]
     Spawn(String),
+    #[error("could not join the cluster: {0}")]
+    Join(String),
 }
 
-/// Admits member nodes and any client; refuses node certificates of non-members.
+/// Any node certificate from the cluster CA may connect (membership is dynamic; a node proves
+/// its name with its certificate); clients of either role may connect.
 #[derive(Debug)]
-struct MemberPolicy {
-    members: HashSet<String>,
+struct ClusterPolicy;
+
+impl PeerPolicy for ClusterPolicy {
+    fn admit(&self, _peer: &Identity) -> Result<(), String> {
+        Ok(())
+    }
 }
 
-impl PeerPolicy for MemberPolicy {
-    fn admit(&self, peer: &Identity) -> Result<(), String> {
-        match peer.role {
-            Role::Node if self.members.contains(&peer.name) => Ok(()),
-            Role::Node => Err(format!(
-                "node {:?} is not a member of this cluster",
-                peer.name
-            )),
-            Role::Admin | Role::Reader => Ok(()),
+/// Control-plane RPCs over the node's QUIC transport.
+struct QuicRaft {
+    transport: Transport,
+    me: String,
+    timeout: Duration,
+}
+
+#[async_trait::async_trait]
+impl RaftTransport for QuicRaft {
+    async fn call(&self, target: &NodeInfo, kind: RpcKind, payload: Vec<u8>) -> Result<Vec<u8>, String> {
+        if let Ok(addr) = target.addr.parse() {
+            self.transport.add_member(&target.name, addr);
         }
+        let link = self.transport.link(&target.name).await.map_err(|e| e.to_string())?;
+        let env = Envelope::new(&self.me, Dest::Node(target.name.clone()), 0, Body::Control { kind: to_wire(kind), payload });
+        let frame = link.request(env, self.timeout).await.map_err(|e| e.to_string())?;
+        match frame.to_owned_envelope().map(|e| e.body) {
+            Ok(Body::ControlReply(bytes)) => Ok(bytes),
+            Ok(Body::Error { code, message }) => Err(format!("{code:?}: {message}")),
+            _ => Err("unexpected reply".into()),
+        }
+    }
+}
+
+fn to_wire(k: RpcKind) -> ControlKind {
+    match k {
+        RpcKind::Append => ControlKind::RaftAppend,
+        RpcKind::Vote => ControlKind::RaftVote,
+        RpcKind::Snapshot => ControlKind::RaftSnapshot,
+        RpcKind::Propose => ControlKind::Propose,
+        RpcKind::Join => ControlKind::Join,
+    }
+}
+
+fn from_wire(k: ControlKind) -> RpcKind {
+    match k {
+        ControlKind::RaftAppend => RpcKind::Append,
+        ControlKind::RaftVote => RpcKind::Vote,
+        ControlKind::RaftSnapshot => RpcKind::Snapshot,
+        ControlKind::Propose => RpcKind::Propose,
+        ControlKind::Join => RpcKind::Join,
+    }
+}
+
+/// What the router asks of the node.
+struct Services {
+    me: String,
+    control: ControlPlane,
+    leases: Arc<Leases>,
+    router: Router,
+}
+
+impl NodeServices for Services {
+    fn control(&self, from: Identity, kind: ControlKind, payload: Vec<u8>) -> futures_box::Fut<Result<Vec<u8>, ErrorCode>> {
+        let control = self.control.clone();
+        Box::pin(async move {
+            control.handle_rpc(from_wire(kind), &payload).await.map_err(|e| {
+                tracing::debug!(peer = %from.name, error = %e, "control RPC failed");
+                ErrorCode::Internal
+            })
+        })
+    }
+
+    fn renew_lease(&self, from: &str) -> Result<(Duration, u64), ErrorCode> {
+        if !self.control.is_leader() {
+            return Err(ErrorCode::NotLeader);
+        }
+        self.leases.grant(from, Instant::now()).ok_or(ErrorCode::NotLeader)
+    }
+
+    fn drain(&self, node: String) -> futures_box::Fut<Result<(), ErrorCode>> {
+        let control = self.control.clone();
+        Box::pin(async move {
+            if !control.map().borrow().members.contains_key(&node) {
+                return Err(ErrorCode::BadRequest);
+            }
+            match control.propose(Command::SetMemberState { name: node, state: MemberState::Draining }).await {
+                Ok(r) if r.is_ok() => Ok(()),
+                Ok(_) => Err(ErrorCode::BadRequest),
+                Err(_) => Err(ErrorCode::Internal),
+            }
+        })
+    }
+
+    fn status(&self) -> StatusInfo {
+        let map = self.control.map().borrow().clone();
+        let live = self.router.transport().live_peers();
+        let counts = map.shards.iter().filter_map(|a| a.owner.clone()).fold(std::collections::BTreeMap::new(), |mut acc, o| {
+            *acc.entry(o).or_insert(0u32) += 1;
+            acc
+        });
+        let members = map
+            .members
+            .values()
+            .map(|mb| MemberInfo {
+                name: mb.name.clone(),
+                addr: mb.addr.clone(),
+                state: mb.state.as_str().to_string(),
+                reachable: mb.name == self.me || live.contains(&mb.name),
+                shards: counts.get(&mb.name).copied().unwrap_or(0),
+            })
+            .collect();
+        StatusInfo { leader: self.control.leader().map(|l| l.name).unwrap_or_default(), term: self.control.term(), members }
+    }
+
+    fn lease_valid(&self) -> bool {
+        self.leases.valid()
     }
 }
 
 /// A running node.
 #[derive(Debug)]
 pub struct Node {
+    name: String,
     router: Router,
+    control: ControlPlane,
+    leases: Arc<Leases>,
     supervisor: ActorRef<SupervisorMsg>,
     supervisor_done: tokio::task::JoinHandle<()>,
     escalations: mpsc::Receiver<String>,
     stopping: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Node {
-    /// Starts a node from validated config. `socket` overrides the UDP socket (fault injection).
+    /// Starts a node from validated config and joins the cluster. `socket` overrides the UDP
+    /// socket (fault injection).
     pub async fn start(cfg: &NodeConfig, socket: Option<Socket>) -> Result<Node, NodeError> {
         let name = cfg.node.name.clone();
         let tls = TlsMaterial::load_node(&cfg.tls.dir)?;
         if tls.identity.name != name {
-            return Err(NodeError::WrongCertificate {
-                dir: cfg.tls.dir.display().to_string(),
-                expected: name,
-                found: tls.identity.name.clone(),
-            });
+            return Err(NodeError::WrongCertificate { dir: cfg.tls.dir.display().to_string(), expected: name, found: tls.identity.name.clone() });
         }
-        std::fs::create_dir_all(&cfg.node.data_dir).map_err(|source| NodeError::DataDir {
-            path: cfg.node.data_dir.display().to_string(),
-            source,
-        })?;
-        let members: Vec<(String, std::net::SocketAddr)> = cfg
-            .cluster
-            .members
-            .iter()
-            .map(|m| (m.name.clone(), m.addr))
-            .collect();
-        let policy = Arc::new(MemberPolicy {
-            members: members.iter().map(|(n, _)| n.clone()).collect(),
-        });
+        std::fs::create_dir_all(&cfg.node.data_dir)
+            .map_err(|source| NodeError::DataDir { path: cfg.node.data_dir.display().to_string(), source })?;
+        let store = Store::open(&cfg.storage.url)?;
         let tcfg = TransportConfig {
             max_frame_bytes: cfg.transport.max_frame_bytes as usize,
             send_queue_depth: cfg.transport.send_queue_depth,
             connect_timeout: Duration::from_millis(cfg.transport.connect_timeout_ms),
             reconnect_max_backoff: Duration::from_millis(cfg.transport.reconnect_max_backoff_ms),
         };
-        let transport = Transport::bind(
-            &name,
-            socket.unwrap_or(Socket::Bind(cfg.node.listen)),
-            &tls,
-            policy,
-            tcfg,
-        )?;
-        transport.set_members(members.clone());
-        let names: Vec<String> = members.iter().map(|(n, _)| n.clone()).collect();
-        let map = placement::assign(cfg.cluster.shards, &names, cfg.cluster.placement_eps)?;
+        let transport = Transport::bind(&name, socket.unwrap_or(Socket::Bind(cfg.node.listen)), &tls, Arc::new(ClusterPolicy), tcfg)?;
+        let addr = advertised(cfg.node.listen, &transport);
+
+        // Voters' addresses come from the seeds (their certificates say who they are).
+        let voters = discover_voters(cfg, &transport, &name, &addr).await;
+        let control_cfg = ControlConfig::new(&name, &addr, cfg.node.data_dir.join("control"), voters);
+        let net = Arc::new(QuicRaft { transport: transport.clone(), me: name.clone(), timeout: Duration::from_secs(3) });
+
         let audit = AuditLog::open(&cfg.node.data_dir, &name).await?;
+        // The router exists before the control plane talks, so no early request finds no handler.
+        let control = ControlPlane::start(control_cfg, net).await?;
         let router = Router::new(
             RouterConfig {
                 name: name.clone(),
-                members,
-                map,
+                shards: cfg.cluster.shards,
                 max_inflight: cfg.shard.max_inflight,
+                handoff_buffer: cfg.shard.handoff_buffer,
                 request_timeout: Duration::from_millis(cfg.transport.request_timeout_ms),
+                ownership_log: Some(cfg.node.data_dir.join("ownership.log")),
             },
             transport.clone(),
+            control.map(),
             audit,
         );
-        let states: HashMap<u32, SharedState> = router
-            .owned_shards()
-            .into_iter()
-            .map(|s| (s, SharedState::default()))
-            .collect();
+        let lease_cfg = LeaseConfig {
+            ttl: Duration::from_millis(cfg.lease.ttl_ms),
+            renew_every: Duration::from_millis(cfg.lease.renew_ms),
+            drift_margin: Duration::from_millis(cfg.lease.drift_margin_ms),
+        };
+        let leases = Leases::new(lease_cfg);
+        router.set_services(Arc::new(Services { me: name.clone(), control: control.clone(), leases: leases.clone(), router: router.clone() }));
+        transport.start(Arc::new(router.clone()));
+        if cfg.is_voter() {
+            control.bootstrap().await?;
+        }
+
+        let (failed_tx, failed_rx) = mpsc::unbounded_channel();
         let (esc_tx, escalations) = mpsc::channel(1);
         let args = SupervisorArgs {
-            router: router.clone(),
             pool: WorkerPool::new(cfg.workers.threads, cfg.workers.queue_depth),
-            states,
             budget: RestartBudget::default(),
+            failed: failed_tx,
             escalate: esc_tx,
         };
         let (supervisor, supervisor_done) =
-            Actor::spawn(Some(format!("supervisor-{name}")), NodeSupervisor, args)
-                .await
-                .map_err(|e| NodeError::Spawn(e.to_string()))?;
-        transport.start(Arc::new(router.clone()));
-        let stopping = Arc::new(AtomicBool::new(false));
-        tokio::spawn(heartbeat(router.clone(), stopping.clone()));
-        info!(node = %name, addr = ?transport.local_addr().ok(), shards = router.owned_shards().len(), "node started");
-        Ok(Node {
-            router,
-            supervisor,
-            supervisor_done,
-            escalations,
-            stopping,
-        })
+            Actor::spawn(Some(format!("supervisor-{name}")), NodeSupervisor, args).await.map_err(|e| NodeError::Spawn(e.to_string()))?;
+
+        let rcfg = RebalanceConfig { max_concurrent_handoffs: cfg.cluster.max_concurrent_handoffs, eps: cfg.cluster.placement_eps };
+        let mut tasks = vec![
+            tokio::spawn(leader::renew_loop(name.clone(), control.clone(), transport.clone(), leases.clone())),
+            tokio::spawn(leader::leader_loop(name.clone(), cfg.cluster.shards, control.clone(), leases.clone(), rcfg)),
+            tokio::spawn(driver::run(
+                DriverConfig { me: name.clone(), shards: cfg.cluster.shards, log_queue: cfg.shard.max_inflight },
+                control.clone(),
+                router.clone(),
+                supervisor.clone(),
+                store,
+                leases.clone(),
+                failed_rx,
+            )),
+        ];
+        tasks.push(tokio::spawn(watch_members(control.clone(), transport.clone())));
+        join(&control, &name, &addr, cfg.is_voter(), Duration::from_secs(60)).await?;
+        info!(node = %name, %addr, voter = cfg.is_voter(), "node started and joined");
+        Ok(Node { name, router, control, leases, supervisor, supervisor_done, escalations, stopping: Arc::new(AtomicBool::new(false)), tasks })
     }
 
     pub fn router(&self) -> &Router {
         &self.router
     }
 
+    pub fn control(&self) -> &ControlPlane {
+        &self.control
+    }
+
     pub fn supervisor(&self) -> &ActorRef<SupervisorMsg> {
         &self.supervisor
     }
 
-    /// Ready: every local shard has a running actor, a majority of members answer, and the node
-    /// is not stopping.
-    pub fn ready(&self) -> bool {
-        self.readiness().is_ready()
+    /// A cheap handle for health endpoints.
+    pub fn readiness(&self) -> Readiness {
+        Readiness { name: self.name.clone(), control: self.control.clone(), leases: self.leases.clone(), stopping: self.stopping.clone() }
     }
 
-    /// A cheap handle for health endpoints: readiness without holding the node.
-    pub fn readiness(&self) -> Readiness {
-        Readiness {
-            router: self.router.clone(),
-            stopping: self.stopping.clone(),
-        }
+    pub fn ready(&self) -> bool {
+        self.readiness().is_ready()
     }
 
     /// Resolves when the supervisor gives up (restart budget spent), with its reason.
@@ -191,77 +298,144 @@ impl Node {
         self.escalations.recv().await
     }
 
-    /// Clean stop: refuse new requests, let in-flight ones finish (up to `grace`), stop the
-    /// actors, close every connection so peers see a clean close.
+    /// Drain, then stop: mark this node draining, wait (up to `grace`) until it owns no shard,
+    /// mark it down (left), stop the actors and close every connection cleanly.
     pub async fn shutdown(self, grace: Duration) {
-        self.stopping.store(true, Ordering::SeqCst);
-        self.router.begin_shutdown();
         let deadline = tokio::time::Instant::now() + grace;
-        let settle = tokio::time::timeout_at(
-            deadline,
-            self.supervisor.stop_and_wait(Some("shutdown".into()), None),
-        );
-        if settle.await.is_err() {
+        self.stopping.store(true, Ordering::SeqCst);
+        let drained = tokio::time::timeout_at(deadline, drain_self(&self.control, &self.name)).await;
+        match drained {
+            Ok(Ok(())) => info!(node = %self.name, "drained: no shards left here"),
+            Ok(Err(e)) => warn!(node = %self.name, error = %e, "drain failed; stopping anyway"),
+            Err(_) => warn!(node = %self.name, "drain did not finish within the grace period"),
+        }
+        self.router.begin_shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.control.propose(Command::SetMemberState { name: self.name.clone(), state: MemberState::Down })).await;
+        for t in &self.tasks {
+            t.abort();
+        }
+        if tokio::time::timeout_at(deadline, self.supervisor.stop_and_wait(Some("shutdown".into()), None)).await.is_err() {
             self.supervisor.kill();
         }
         let _ = tokio::time::timeout_at(deadline, self.supervisor_done).await;
-        let left = deadline
-            .saturating_duration_since(tokio::time::Instant::now())
-            .max(Duration::from_millis(100));
+        self.control.shutdown().await;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(200));
         self.router.transport().shutdown(left).await;
-        info!(node = %self.router.name(), "node stopped");
+        info!(node = %self.name, "node stopped");
     }
 }
 
-/// Answers "is this node ready?" for `/readyz`; flips to not-ready the moment a stop begins.
+/// Readiness for `/readyz`: joined (member up), lease valid, and not stopping.
 #[derive(Debug, Clone)]
 pub struct Readiness {
-    router: Router,
+    name: String,
+    control: ControlPlane,
+    leases: Arc<Leases>,
     stopping: Arc<AtomicBool>,
 }
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
         !self.stopping.load(Ordering::SeqCst)
-            && self.router.all_shards_running()
-            && self.router.members_up() * 2 > self.router.members().len()
+            && self.leases.valid()
+            && self.control.map().borrow().members.get(&self.name).is_some_and(|m| m.state == MemberState::Up)
     }
 
     /// Marks the node as stopping (readiness 503) before the drain starts.
     pub fn begin_stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        self.router.begin_shutdown();
     }
 }
 
-/// Pings every other member each [`HEARTBEAT`]; keeps the links up and the reachability current.
-async fn heartbeat(router: Router, stopping: Arc<AtomicBool>) {
-    let mut tick = tokio::time::interval(HEARTBEAT);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut nonce = 0u64;
-    while !stopping.load(Ordering::SeqCst) {
-        tick.tick().await;
-        for (peer, _) in router.members().iter().filter(|(n, _)| n != router.name()) {
-            nonce += 1;
-            let (router, peer) = (router.clone(), peer.clone());
-            tokio::spawn(async move {
-                let Ok(link) = router.transport().link(&peer).await else {
-                    return;
-                };
-                let env = Envelope::new(
-                    router.name(),
-                    Dest::Node(peer.clone()),
-                    0,
-                    Body::Ping(nonce),
-                );
-                match link.request(env, HEARTBEAT * 2).await {
-                    Ok(f) if matches!(f.envelope().body, ArchivedBody::Pong(_)) => {
-                        router.saw(&peer)
-                    }
-                    Ok(_) => debug!(%peer, "odd heartbeat reply"),
-                    Err(e) => debug!(%peer, error = %e, "heartbeat failed"),
+/// The address peers should dial: the configured listen address, with the bound port if 0.
+fn advertised(listen: SocketAddr, transport: &Transport) -> String {
+    match transport.local_addr() {
+        Ok(a) if listen.port() == 0 => SocketAddr::new(listen.ip(), a.port()).to_string(),
+        _ => listen.to_string(),
+    }
+}
+
+/// Dials every seed once (briefly retrying) and returns the voters whose addresses were found,
+/// this node included if it is one.
+async fn discover_voters(cfg: &NodeConfig, transport: &Transport, me: &str, addr: &str) -> Vec<NodeInfo> {
+    let mut found = std::collections::BTreeMap::new();
+    if cfg.is_voter() {
+        found.insert(me.to_string(), addr.to_string());
+    }
+    let deadline = Instant::now() + Duration::from_secs(if cfg.is_voter() { 10 } else { 3 });
+    let seeds: Vec<SocketAddr> = cfg.cluster.seeds.iter().filter_map(|s| s.parse().ok()).filter(|s| *s != cfg.node.listen).collect();
+    loop {
+        for seed in &seeds {
+            if found.values().any(|a| a == &seed.to_string()) {
+                continue;
+            }
+            if let Ok(link) = transport.dial_any(*seed).await {
+                found.insert(link.peer().name.clone(), seed.to_string());
+            }
+        }
+        let all_voters = cfg.cluster.voters.iter().all(|v| found.contains_key(v));
+        if all_voters || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await; // retry interval while peers start
+    }
+    cfg.cluster.voters.iter().filter_map(|v| found.get(v).map(|a| NodeInfo::new(v.clone(), a.clone()))).collect()
+}
+
+/// Asks the cluster to add this node until the map lists it.
+async fn join(control: &ControlPlane, me: &str, addr: &str, voter: bool, timeout: Duration) -> Result<(), NodeError> {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        let listed = control.map().borrow().members.get(me).is_some_and(|m| m.addr == addr && m.state != MemberState::Down);
+        if listed {
+            return Ok(());
+        }
+        match control.join(NodeInfo::new(me, addr), voter).await {
+            Ok(()) => {}
+            Err(e) => last = e.to_string(),
+        }
+        if Instant::now() > deadline {
+            return Err(NodeError::Join(last));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await; // retry interval until a leader exists
+    }
+}
+
+/// Proposes this node draining and waits until it owns no shard.
+async fn drain_self(control: &ControlPlane, me: &str) -> Result<(), String> {
+    control.propose(Command::SetMemberState { name: me.into(), state: MemberState::Draining }).await.map_err(|e| e.to_string())?;
+    let mut rx = control.map();
+    loop {
+        let owns = rx.borrow().shards.iter().any(|a| a.owner.as_deref() == Some(me) || a.handoff_to.as_deref() == Some(me));
+        if !owns {
+            return Ok(());
+        }
+        if rx.changed().await.is_err() {
+            return Err("control plane stopped".into());
+        }
+    }
+}
+
+/// Keeps the transport's address book and the member metrics in step with the map.
+async fn watch_members(control: ControlPlane, transport: Transport) {
+    let mut rx = control.map();
+    loop {
+        {
+            let map = rx.borrow().clone();
+            let mut counts = std::collections::BTreeMap::from([("joining", 0), ("up", 0), ("draining", 0), ("down", 0)]);
+            for mb in map.members.values() {
+                if let Ok(a) = mb.addr.parse() {
+                    transport.add_member(&mb.name, a);
                 }
-            });
+                *counts.entry(mb.state.as_str()).or_insert(0) += 1;
+            }
+            for (state, n) in counts {
+                metrics::gauge!(m::CLUSTER_MEMBERS, "state" => state).set(n as f64);
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
         }
     }
 }

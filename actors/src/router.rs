@@ -1,59 +1,110 @@
-//! Routing: `send_to_shard` delivers to the owning node; locally as an actor message with no
-//! serialization, remotely over QUIC. The router also answers every request that arrives from
-//! the transport (it is the node's [`Inbound`]).
+//! Routing: `send_to_shard` delivers to the shard's owner in the replicated cluster map, locally
+//! as an actor message (no serialization) or over QUIC; the router is also the node's
+//! [`Inbound`]: it answers every request arriving from the transport.
+//!
+//! Per shard it keeps a slot: the serving actor and its epoch, a bounded queue (permits), and,
+//! during a graceful handoff, a bounded buffer of requests that arrived meanwhile, forwarded in
+//! order to the new owner once the handoff commits (invariant 4). A node serves a shard only
+//! while the map names it owner at that epoch, its actor runs at that epoch, and its lease is
+//! valid (invariant 1).
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::Mutex;
 use ractor::ActorRef;
-use tidepool_runtime::certs::Role;
+use tidepool_runtime::certs::{Identity, Role};
 use tidepool_runtime::codec::{
-    ArchivedBody, ArchivedDest, Body, Dest, Envelope, ErrorCode, Frame, Kind, MemberInfo, OpResult,
-    ShardInfo, ShardRequest, StatusInfo,
+    ArchivedBody, ArchivedDest, Body, ControlKind, Dest, Envelope, ErrorCode, Frame, ShardInfo, ShardRequest,
+    StatusInfo,
 };
+use tidepool_runtime::control::ClusterMap;
 use tidepool_runtime::metrics as m;
-use tidepool_runtime::placement::ShardMap;
 use tidepool_runtime::transport::{BoxFuture, Inbound, Link, Transport};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
 use crate::audit::AuditLog;
 use crate::shard::{OpRef, OpReply, ShardInput, ShardMsg};
 
-/// A member is "up" if it answered a ping within this long.
-pub const UP_WITHIN: Duration = Duration::from_secs(3);
 /// Requests forwarded for clients at once (bounded memory).
 const MAX_FORWARDS: usize = 4096;
 
-/// The slot of a shard this node owns.
-#[derive(Debug)]
-struct LocalShard {
-    actor: RwLock<Option<ActorRef<ShardMsg>>>,
-    permits: Arc<Semaphore>,
+/// What the router asks of the rest of the node (control plane, leases). Implemented by
+/// [`crate::node`]; kept behind a trait so routing does not depend on how those work.
+pub trait NodeServices: Send + Sync + 'static {
+    /// A control-plane RPC (Raft, propose, join) from `from`.
+    fn control(&self, from: Identity, kind: ControlKind, payload: Vec<u8>) -> futures_box::Fut<Result<Vec<u8>, ErrorCode>>;
+    /// A lease renewal from node `from`, if this node is the leader: (ttl, term).
+    fn renew_lease(&self, from: &str) -> Result<(Duration, u64), ErrorCode>;
+    /// Admin: drain `node`.
+    fn drain(&self, node: String) -> futures_box::Fut<Result<(), ErrorCode>>;
+    /// `cluster status`.
+    fn status(&self) -> StatusInfo;
+    /// Whether this node's lease is valid now.
+    fn lease_valid(&self) -> bool;
 }
 
-/// Everything the router needs to know, fixed at start.
+/// Boxed futures for the object-safe [`NodeServices`].
+pub mod futures_box {
+    pub type Fut<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
+}
+
+/// A request held while its shard is in handoff.
+#[derive(Debug)]
+struct Buffered {
+    link: Link,
+    frame: Frame,
+    corr: u64,
+}
+
+#[derive(Debug)]
+struct Slot {
+    actor: Option<ActorRef<ShardMsg>>,
+    epoch: u64,
+    permits: Arc<Semaphore>,
+    accepting: bool,
+    buffer: VecDeque<Buffered>,
+}
+
+/// Router settings.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
     pub name: String,
-    pub members: Vec<(String, SocketAddr)>,
-    pub map: ShardMap,
+    /// Shard count (fixed for the life of the cluster).
+    pub shards: u32,
     /// Queued ops per shard before senders wait.
     pub max_inflight: usize,
+    /// Requests buffered per shard during a handoff before new ones are refused (retryable).
+    pub handoff_buffer: usize,
     /// How long a node-to-node request may take.
     pub request_timeout: Duration,
+    /// Where ownership intervals are recorded (JSON lines: when this node started and stopped
+    /// serving each shard, wall clock), for operators and for the no-two-owners test.
+    pub ownership_log: Option<std::path::PathBuf>,
+}
+
+/// Appends one ownership event (rare: only on ownership changes).
+fn record_ownership(path: &Option<std::path::PathBuf>, node: &str, shard: u32, epoch: u64, event: &str) {
+    let Some(path) = path else { return };
+    let ts_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
+    let line = format!("{{\"ts_us\":{ts_us},\"node\":\"{node}\",\"shard\":{shard},\"epoch\":{epoch},\"event\":\"{event}\"}}\n");
+    use std::io::Write;
+    let written = std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| f.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "cannot record ownership event");
+    }
 }
 
 struct Inner {
     cfg: RouterConfig,
     transport: Transport,
-    local: HashMap<u32, LocalShard>,
+    map: watch::Receiver<Arc<ClusterMap>>,
+    slots: Vec<Mutex<Slot>>,
     audit: AuditLog,
-    last_seen: Mutex<HashMap<String, Instant>>,
+    services: std::sync::OnceLock<Arc<dyn NodeServices>>,
     forwards: Arc<Semaphore>,
     shutting_down: AtomicBool,
 }
@@ -66,78 +117,127 @@ pub struct Router {
 
 impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Router")
-            .field("name", &self.inner.cfg.name)
-            .finish()
+        f.debug_struct("Router").field("name", &self.inner.cfg.name).finish()
     }
 }
 
-/// Shard epoch. Static membership never moves a shard, so every shard is at epoch 1; the
-/// control plane makes this per-shard and moving.
-pub const STATIC_EPOCH: u64 = 1;
-
 impl Router {
-    pub fn new(cfg: RouterConfig, transport: Transport, audit: AuditLog) -> Self {
-        let local = cfg
-            .map
-            .iter()
-            .filter(|(_, owner)| *owner == cfg.name)
-            .map(|(s, _)| {
-                (
-                    s,
-                    LocalShard {
-                        actor: RwLock::new(None),
-                        permits: Arc::new(Semaphore::new(cfg.max_inflight.max(1))),
-                    },
-                )
+    pub fn new(cfg: RouterConfig, transport: Transport, map: watch::Receiver<Arc<ClusterMap>>, audit: AuditLog) -> Self {
+        let slots = (0..cfg.shards)
+            .map(|_| {
+                Mutex::new(Slot {
+                    actor: None,
+                    epoch: 0,
+                    permits: Arc::new(Semaphore::new(cfg.max_inflight.max(1))),
+                    accepting: false,
+                    buffer: VecDeque::new(),
+                })
             })
             .collect();
         Router {
             inner: Arc::new(Inner {
                 cfg,
                 transport,
-                local,
+                map,
+                slots,
                 audit,
-                last_seen: Mutex::new(HashMap::new()),
+                services: std::sync::OnceLock::new(),
                 forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
                 shutting_down: AtomicBool::new(false),
             }),
         }
     }
 
+    /// Connects the router to the node's services (once, at start).
+    pub fn set_services(&self, s: Arc<dyn NodeServices>) {
+        let _ = self.inner.services.set(s);
+    }
+
     pub fn name(&self) -> &str {
         &self.inner.cfg.name
     }
 
-    /// Shards owned here, in id order.
-    pub fn owned_shards(&self) -> Vec<u32> {
-        let mut v: Vec<u32> = self.inner.local.keys().copied().collect();
-        v.sort_unstable();
-        v
-    }
-
     pub fn shard_count(&self) -> u32 {
-        self.inner.cfg.map.len() as u32
+        self.inner.cfg.shards
     }
 
-    /// Installs (or removes, during a restart) the actor serving a local shard.
-    pub fn set_actor(&self, shard: u32, actor: Option<ActorRef<ShardMsg>>) {
-        if let Some(slot) = self.inner.local.get(&shard) {
-            *slot.actor.write() = actor;
+    pub fn transport(&self) -> &Transport {
+        &self.inner.transport
+    }
+
+    pub fn map(&self) -> Arc<ClusterMap> {
+        self.inner.map.borrow().clone()
+    }
+
+    fn lease_valid(&self) -> bool {
+        self.inner.services.get().is_some_and(|s| s.lease_valid())
+    }
+
+    // ---- slot management (driven by the ownership driver) -------------------------------------
+
+    /// Starts serving `shard` at `epoch` with `actor`.
+    pub fn activate(&self, shard: u32, epoch: u64, actor: ActorRef<ShardMsg>) {
+        if let Some(slot) = self.inner.slots.get(shard as usize) {
+            let mut s = slot.lock();
+            s.actor = Some(actor);
+            s.epoch = epoch;
+            s.accepting = true;
+            record_ownership(&self.inner.cfg.ownership_log, &self.inner.cfg.name, shard, epoch, "start");
         }
+    }
+
+    /// Stops serving `shard`; returns its actor (to stop) and forwards what was buffered.
+    pub fn deactivate(&self, shard: u32) -> Option<ActorRef<ShardMsg>> {
+        let slot = self.inner.slots.get(shard as usize)?;
+        let (actor, buffered) = {
+            let mut s = slot.lock();
+            if s.accepting {
+                record_ownership(&self.inner.cfg.ownership_log, &self.inner.cfg.name, shard, s.epoch, "stop");
+            }
+            s.accepting = false;
+            (s.actor.take(), std::mem::take(&mut s.buffer))
+        };
+        if !buffered.is_empty() {
+            metrics::gauge!(m::HANDOFF_BUFFERED).decrement(buffered.len() as f64);
+            let this = self.clone();
+            tokio::spawn(async move { this.forward_buffered(shard, buffered).await });
+        }
+        actor
+    }
+
+    /// Graceful handoff begins: requests for `shard` are buffered from now on.
+    pub fn stop_accepting(&self, shard: u32) {
+        if let Some(slot) = self.inner.slots.get(shard as usize) {
+            let mut s = slot.lock();
+            if s.accepting {
+                record_ownership(&self.inner.cfg.ownership_log, &self.inner.cfg.name, shard, s.epoch, "stop");
+            }
+            s.accepting = false;
+        }
+    }
+
+    /// Ops admitted to `shard` and not yet answered.
+    pub fn inflight(&self, shard: u32) -> usize {
+        self.inner.slots.get(shard as usize).map_or(0, |s| {
+            let s = s.lock();
+            self.inner.cfg.max_inflight.max(1) - s.permits.available_permits()
+        })
+    }
+
+    /// The actor serving `shard` now, and its epoch.
+    pub fn serving(&self, shard: u32) -> Option<(ActorRef<ShardMsg>, u64)> {
+        let s = self.inner.slots.get(shard as usize)?.lock();
+        s.actor.clone().map(|a| (a, s.epoch))
     }
 
     /// The id of the actor serving a local shard now (changes on every restart).
     pub fn shard_actor(&self, shard: u32) -> Option<ractor::ActorId> {
-        self.inner
-            .local
-            .get(&shard)
-            .and_then(|s| s.actor.read().as_ref().map(|a| a.get_id()))
+        self.serving(shard).map(|(a, _)| a.get_id())
     }
 
-    /// Whether every local shard has a running actor.
-    pub fn all_shards_running(&self) -> bool {
-        self.inner.local.values().all(|s| s.actor.read().is_some())
+    /// Shards with a serving actor here.
+    pub fn owned_shards(&self) -> Vec<u32> {
+        (0..self.inner.cfg.shards).filter(|s| self.serving(*s).is_some()).collect()
     }
 
     /// From now on, new requests are refused with a retryable `ShuttingDown`.
@@ -145,184 +245,142 @@ impl Router {
         self.inner.shutting_down.store(true, Ordering::SeqCst);
     }
 
-    pub fn transport(&self) -> &Transport {
-        &self.inner.transport
-    }
-
-    /// Records that `peer` answered just now (heartbeats).
-    pub fn saw(&self, peer: &str) {
-        self.inner
-            .last_seen
-            .lock()
-            .insert(peer.to_string(), Instant::now());
-    }
-
-    /// Members that answered within [`UP_WITHIN`], this node included.
-    pub fn members_up(&self) -> usize {
-        let seen = self.inner.last_seen.lock();
-        self.inner
-            .cfg
-            .members
-            .iter()
-            .filter(|(n, _)| {
-                *n == self.inner.cfg.name || seen.get(n).is_some_and(|t| t.elapsed() < UP_WITHIN)
-            })
-            .count()
-    }
-
-    pub fn members(&self) -> &[(String, SocketAddr)] {
-        &self.inner.cfg.members
-    }
+    // ---- sending ------------------------------------------------------------------------------
 
     /// Delivers `req` to the owner of `shard`: locally by actor message (no serialization), or
     /// over QUIC to the owning node.
     pub async fn send_to_shard(&self, shard: u32, req: ShardRequest) -> OpReply {
-        let owner = self
-            .inner
-            .cfg
-            .map
-            .owner(shard)
-            .ok_or(ErrorCode::BadRequest)?;
         if self.inner.shutting_down.load(Ordering::SeqCst) {
             return Err(ErrorCode::ShuttingDown);
         }
+        let (owner, epoch) = self.owner(shard).ok_or(ErrorCode::NotOwner)?;
         if owner == self.inner.cfg.name {
-            let permit = self.admit(shard).await?;
-            return self.call_local(shard, ShardInput::Local(req), permit).await;
+            let (permit, actor) = self.admit_local(shard, epoch).await?;
+            return call(actor, ShardInput::Local(req), permit).await;
         }
-        let link = self.inner.transport.link(owner).await.map_err(|e| {
+        let link = self.inner.transport.link(&owner).await.map_err(|e| {
             debug!(%owner, error = %e, "owner unreachable");
             ErrorCode::NotOwner
         })?;
-        let env = Envelope::new(
-            self.name(),
-            Dest::Shard {
-                shard,
-                epoch: STATIC_EPOCH,
-            },
-            0,
-            Body::ShardRequest(req),
-        );
-        let reply = link
-            .request(env, self.inner.cfg.request_timeout)
-            .await
-            .map_err(|_| ErrorCode::Internal)?;
+        let env = Envelope::new(self.name(), Dest::Shard { shard, epoch }, 0, Body::ShardRequest(req));
+        let reply = link.request(env, self.inner.cfg.request_timeout).await.map_err(|_| ErrorCode::Internal)?;
         decode_reply(&reply)
     }
 
-    /// Takes a slot in the shard's bounded queue, waiting while it is full (backpressure).
-    async fn admit(&self, shard: u32) -> Result<OwnedSemaphorePermit, ErrorCode> {
-        let slot = self.inner.local.get(&shard).ok_or(ErrorCode::NotOwner)?;
-        match tokio::time::timeout(
-            self.inner.cfg.request_timeout,
-            slot.permits.clone().acquire_owned(),
-        )
-        .await
-        {
-            Ok(Ok(p)) => Ok(p),
+    /// Owner and epoch of `shard` in the current map.
+    fn owner(&self, shard: u32) -> Option<(String, u64)> {
+        let map = self.inner.map.borrow();
+        let a = map.shards.get(shard as usize)?;
+        Some((a.owner.clone()?, a.epoch))
+    }
+
+    /// A slot in the local shard's bounded queue (waiting while it is full: backpressure), if
+    /// this node serves the shard at `epoch` with a valid lease.
+    async fn admit_local(&self, shard: u32, epoch: u64) -> Result<(OwnedSemaphorePermit, ActorRef<ShardMsg>), ErrorCode> {
+        let permits = {
+            let s = self.inner.slots.get(shard as usize).ok_or(ErrorCode::BadRequest)?.lock();
+            if s.actor.is_none() || s.epoch != epoch || !s.accepting || !self.lease_valid() {
+                return Err(ErrorCode::NotOwner);
+            }
+            s.permits.clone()
+        };
+        let permit = match tokio::time::timeout(self.inner.cfg.request_timeout, permits.acquire_owned()).await {
+            Ok(Ok(p)) => p,
             _ => {
                 metrics::counter!(m::SHARD_REJECTED, "reason" => "overloaded").increment(1);
-                Err(ErrorCode::Overloaded)
+                return Err(ErrorCode::Overloaded);
             }
+        };
+        // Re-check after the wait: the shard may have moved meanwhile.
+        let s = self.inner.slots.get(shard as usize).ok_or(ErrorCode::BadRequest)?.lock();
+        match (&s.actor, s.epoch == epoch && s.accepting) {
+            (Some(a), true) => Ok((permit, a.clone())),
+            _ => Err(ErrorCode::NotOwner),
         }
     }
 
-    async fn call_local(
-        &self,
-        shard: u32,
-        input: ShardInput,
-        permit: OwnedSemaphorePermit,
-    ) -> OpReply {
-        let slot = self.inner.local.get(&shard).ok_or(ErrorCode::NotOwner)?;
-        let Some(actor) = slot.actor.read().clone() else {
-            // Between a crash and the restart: retryable.
-            return Err(ErrorCode::Internal);
-        };
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        metrics::gauge!(m::SHARD_INFLIGHT).increment(1.0);
-        let sent = actor.cast(ShardMsg::Apply {
-            input,
-            reply: tx,
-            permit,
-            arrived: Instant::now(),
-        });
-        let out = match sent {
-            Ok(()) => rx.await.unwrap_or(Err(ErrorCode::Internal)),
-            Err(_) => Err(ErrorCode::Internal),
-        };
-        metrics::gauge!(m::SHARD_INFLIGHT).decrement(1.0);
-        out
-    }
-
-    fn status(&self) -> StatusInfo {
-        let counts = self.inner.cfg.map.counts();
-        let seen = self.inner.last_seen.lock();
-        let members = self
-            .inner
-            .cfg
-            .members
-            .iter()
-            .map(|(name, addr)| {
-                let me = *name == self.inner.cfg.name;
-                let up = me || seen.get(name).is_some_and(|t| t.elapsed() < UP_WITHIN);
-                MemberInfo {
-                    name: name.clone(),
-                    addr: addr.to_string(),
-                    state: if up { "up" } else { "down" }.to_string(),
-                    reachable: up,
-                    shards: counts.get(name).copied().unwrap_or(0) as u32,
-                }
-            })
-            .collect();
-        // No control plane yet: membership is static, so there is no leader and no term.
-        StatusInfo {
-            leader: String::new(),
-            term: 0,
-            members,
+    async fn forward_buffered(&self, shard: u32, buffered: VecDeque<Buffered>) {
+        // In order, one at a time: the new owner sees them in arrival order.
+        for b in buffered {
+            let result = match owned_request(&b.frame) {
+                Some(req) => self.send_to_shard(shard, req).await,
+                None => Err(ErrorCode::BadRequest),
+            };
+            reply(&b.link, self.name(), b.corr, result_body(result)).await;
         }
     }
 
-    fn shards(&self) -> Vec<ShardInfo> {
-        self.inner
-            .cfg
-            .map
-            .iter()
-            .map(|(id, owner)| ShardInfo {
-                id,
-                owner: owner.to_string(),
-                epoch: STATIC_EPOCH,
-                state: "serving".into(),
-            })
-            .collect()
-    }
+    // ---- inbound ------------------------------------------------------------------------------
 
     async fn handle(self, link: Link, frame: Frame) {
         let env = frame.envelope();
         let corr = env.correlation.to_native();
         let kind = env.body.kind();
-        let role = link.peer().role;
-        if role != Role::Node {
-            metrics::counter!(m::ADMIN_REQUESTS, "role" => role.as_str(), "kind" => kind.as_str())
-                .increment(1);
+        let peer = link.peer().clone();
+        if peer.role != Role::Node {
+            metrics::counter!(m::ADMIN_REQUESTS, "role" => peer.role.as_str(), "kind" => kind.as_str()).increment(1);
         }
-        let body = match kind {
-            Kind::ShardRequest => return self.handle_shard(link, frame, corr).await,
-            Kind::StatusRequest => Body::StatusReply(self.status()),
-            Kind::ShardsRequest => Body::ShardsReply(self.shards()),
-            Kind::Ping => match &env.body {
-                ArchivedBody::Ping(n) => Body::Pong(n.to_native()),
-                _ => return,
+        let Some(services) = self.inner.services.get().cloned() else {
+            return reply(&link, self.name(), corr, error_body(ErrorCode::ShuttingDown, "starting")).await;
+        };
+        let body = match &env.body {
+            ArchivedBody::ShardRequest(_) => return self.handle_shard(link, frame, corr).await,
+            ArchivedBody::StatusRequest => Body::StatusReply(services.status()),
+            ArchivedBody::ShardsRequest => Body::ShardsReply(self.shards()),
+            ArchivedBody::Ping(n) => Body::Pong(n.to_native()),
+            ArchivedBody::LeaseRenew { sent_at } if peer.role == Role::Node => match services.renew_lease(&peer.name) {
+                Ok((ttl, term)) => Body::LeaseGrant { sent_at: sent_at.to_native(), ttl_ms: ttl.as_millis() as u64, term },
+                Err(code) => error_body(code, "not the leader"),
             },
+            ArchivedBody::Control { kind: ck, payload } if peer.role == Role::Node => {
+                let (ck, payload) = (control_kind(ck), payload.as_slice().to_vec());
+                tokio::spawn(async move {
+                    let body = match services.control(peer, ck, payload).await {
+                        Ok(bytes) => Body::ControlReply(bytes),
+                        Err(code) => error_body(code, "control request failed"),
+                    };
+                    reply(&link, self.name(), corr, body).await;
+                });
+                return;
+            }
+            ArchivedBody::Drain { node } if peer.role == Role::Admin => {
+                let node = node.as_str().to_string();
+                self.inner.audit.record(&peer, "drain", &node).await;
+                tokio::spawn(async move {
+                    let body = match services.drain(node).await {
+                        Ok(()) => Body::ControlReply(Vec::new()),
+                        Err(code) => error_body(code, "drain failed"),
+                    };
+                    reply(&link, self.name(), corr, body).await;
+                });
+                return;
+            }
+            ArchivedBody::LeaseRenew { .. } | ArchivedBody::Control { .. } | ArchivedBody::Drain { .. } => {
+                metrics::counter!(m::SHARD_REJECTED, "reason" => "forbidden").increment(1);
+                error_body(ErrorCode::Forbidden, &format!("role {} may not send {}", peer.role, kind.as_str()))
+            }
             _ => error_body(ErrorCode::BadRequest, "not a request"),
         };
         reply(&link, self.name(), corr, body).await;
     }
 
+    pub fn shards(&self) -> Vec<ShardInfo> {
+        let map = self.inner.map.borrow();
+        map.shards
+            .iter()
+            .enumerate()
+            .map(|(id, a)| ShardInfo {
+                id: id as u32,
+                owner: a.owner.clone().unwrap_or_default(),
+                epoch: a.epoch,
+                state: a.state().to_string(),
+            })
+            .collect()
+    }
+
     async fn handle_shard(self, link: Link, frame: Frame, corr: u64) {
         let env = frame.envelope();
-        let ArchivedBody::ShardRequest(req) = &env.body else {
-            return;
-        };
+        let ArchivedBody::ShardRequest(req) = &env.body else { return };
         let op = OpRef::from_archived(&req.op);
         let peer = link.peer().clone();
         let refuse = |code: ErrorCode, reason: &'static str, msg: String| {
@@ -332,44 +390,20 @@ impl Router {
         let (shard, epoch) = match &env.dest {
             ArchivedDest::Shard { shard, epoch } => (shard.to_native(), epoch.to_native()),
             _ => {
-                return reply(
-                    &link,
-                    self.name(),
-                    corr,
-                    refuse(
-                        ErrorCode::BadRequest,
-                        "bad_request",
-                        "shard request without a shard".into(),
-                    ),
-                )
-                .await
+                let body = refuse(ErrorCode::BadRequest, "bad_request", "shard request without a shard".into());
+                return reply(&link, self.name(), corr, body).await;
             }
         };
+        let current = self.owner(shard);
         let early = if shard >= self.shard_count() {
-            Some(refuse(
-                ErrorCode::BadRequest,
-                "bad_request",
-                format!("no shard {shard}"),
-            ))
-        } else if epoch != STATIC_EPOCH {
-            metrics::counter!(m::STALE_EPOCH_REJECTIONS).increment(1);
-            Some(refuse(
-                ErrorCode::NotOwner,
-                "stale_epoch",
-                format!("shard {shard} is at epoch {STATIC_EPOCH}, not {epoch}"),
-            ))
-        } else if op.is_write() && role_cannot_write(peer.role) {
-            Some(refuse(
-                ErrorCode::Forbidden,
-                "forbidden",
-                format!("role {} may not write", peer.role),
-            ))
+            Some(refuse(ErrorCode::BadRequest, "bad_request", format!("no shard {shard}")))
+        } else if op.is_write() && peer.role == Role::Reader {
+            Some(refuse(ErrorCode::Forbidden, "forbidden", format!("role {} may not write", peer.role)))
         } else if self.inner.shutting_down.load(Ordering::SeqCst) {
-            Some(refuse(
-                ErrorCode::ShuttingDown,
-                "shutting_down",
-                "node is shutting down".into(),
-            ))
+            Some(refuse(ErrorCode::ShuttingDown, "shutting_down", "node is shutting down".into()))
+        } else if current.as_ref().is_some_and(|(_, e)| epoch < *e) {
+            metrics::counter!(m::STALE_EPOCH_REJECTIONS).increment(1);
+            Some(refuse(ErrorCode::NotOwner, "stale_epoch", format!("shard {shard} epoch {epoch} is stale")))
         } else {
             None
         };
@@ -377,58 +411,46 @@ impl Router {
             return reply(&link, self.name(), corr, body).await;
         }
         if peer.role == Role::Admin {
-            self.inner
-                .audit
-                .record(
-                    &peer,
-                    "shard_request",
-                    &format!("{} shard={shard}", op.name()),
-                )
-                .await;
+            self.inner.audit.record(&peer, "shard_request", &format!("{} shard={shard}", op.name())).await;
         }
-        let owned = self.inner.local.contains_key(&shard);
-        if owned {
-            // Awaiting the slot here holds this stream: a full shard pushes back on the sender.
-            let permit = match self.admit(shard).await {
-                Ok(p) => p,
+        let Some((owner, map_epoch)) = current else {
+            let body = refuse(ErrorCode::NotOwner, "not_owner", format!("shard {shard} is unassigned"));
+            return reply(&link, self.name(), corr, body).await;
+        };
+        if owner == self.inner.cfg.name {
+            // Buffer during a graceful handoff (bounded), serve when accepting.
+            {
+                let slot = &self.inner.slots[shard as usize];
+                let mut s = slot.lock();
+                if s.actor.is_some() && s.epoch == map_epoch && !s.accepting {
+                    if s.buffer.len() < self.inner.cfg.handoff_buffer {
+                        s.buffer.push_back(Buffered { link, frame, corr });
+                        metrics::gauge!(m::HANDOFF_BUFFERED).increment(1.0);
+                        return;
+                    }
+                    drop(s);
+                    let body = refuse(ErrorCode::Overloaded, "handoff_buffer_full", format!("shard {shard} is moving"));
+                    return reply(&link, self.name(), corr, body).await;
+                }
+            }
+            let (permit, actor) = match self.admit_local(shard, map_epoch).await {
+                Ok(x) => x,
                 Err(code) => {
-                    return reply(
-                        &link,
-                        self.name(),
-                        corr,
-                        error_body(code, "shard queue is full"),
-                    )
-                    .await
+                    let body = refuse(code, "not_owner", format!("shard {shard} is not served here now"));
+                    return reply(&link, self.name(), corr, body).await;
                 }
             };
             tokio::spawn(async move {
-                let result = self
-                    .call_local(shard, ShardInput::Wire(frame), permit)
-                    .await;
+                let result = call(actor, ShardInput::Wire(frame), permit).await;
                 reply(&link, self.name(), corr, result_body(result)).await;
             });
         } else if peer.role == Role::Node {
-            // Nodes route by the same map; a node sending us someone else's shard is confused.
-            reply(
-                &link,
-                self.name(),
-                corr,
-                refuse(
-                    ErrorCode::NotOwner,
-                    "not_owner",
-                    format!("shard {shard} is not here"),
-                ),
-            )
-            .await;
+            let body = refuse(ErrorCode::NotOwner, "not_owner", format!("shard {shard} is owned by {owner}"));
+            reply(&link, self.name(), corr, body).await;
         } else {
-            // A client that does not know the map: forward on its behalf (bounded).
-            let Ok(permit) = self.inner.forwards.clone().acquire_owned().await else {
-                return;
-            };
-            let owned_req = match rkyv_request(&frame) {
-                Some(r) => r,
-                None => return,
-            };
+            // A client with an old map: forward on its behalf (bounded).
+            let Ok(permit) = self.inner.forwards.clone().acquire_owned().await else { return };
+            let Some(owned_req) = owned_request(&frame) else { return };
             tokio::spawn(async move {
                 let _permit = permit;
                 let result = self.send_to_shard(shard, owned_req).await;
@@ -440,11 +462,30 @@ impl Router {
     }
 }
 
-fn role_cannot_write(role: Role) -> bool {
-    role == Role::Reader
+async fn call(actor: ActorRef<ShardMsg>, input: ShardInput, permit: OwnedSemaphorePermit) -> OpReply {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    metrics::gauge!(m::SHARD_INFLIGHT).increment(1.0);
+    let sent = actor.cast(ShardMsg::Apply { input, reply: tx, permit, arrived: Instant::now() });
+    let out = match sent {
+        Ok(()) => rx.await.unwrap_or(Err(ErrorCode::Internal)),
+        Err(_) => Err(ErrorCode::NotOwner),
+    };
+    metrics::gauge!(m::SHARD_INFLIGHT).decrement(1.0);
+    out
 }
 
-fn rkyv_request(frame: &Frame) -> Option<ShardRequest> {
+fn control_kind(k: &tidepool_runtime::codec::ArchivedControlKind) -> ControlKind {
+    use tidepool_runtime::codec::ArchivedControlKind as A;
+    match k {
+        A::RaftAppend => ControlKind::RaftAppend,
+        A::RaftVote => ControlKind::RaftVote,
+        A::RaftSnapshot => ControlKind::RaftSnapshot,
+        A::Propose => ControlKind::Propose,
+        A::Join => ControlKind::Join,
+    }
+}
+
+fn owned_request(frame: &Frame) -> Option<ShardRequest> {
     match frame.to_owned_envelope().ok()?.body {
         Body::ShardRequest(r) => Some(r),
         _ => None,
@@ -452,10 +493,7 @@ fn rkyv_request(frame: &Frame) -> Option<ShardRequest> {
 }
 
 fn error_body(code: ErrorCode, message: &str) -> Body {
-    Body::Error {
-        code,
-        message: message.to_string(),
-    }
+    Body::Error { code, message: message.to_string() }
 }
 
 fn result_body(r: OpReply) -> Body {
@@ -485,6 +523,3 @@ impl Inbound for Router {
         Box::pin(self.clone().handle(link, frame))
     }
 }
-
-/// `OpResult` is re-exported for callers of [`Router::send_to_shard`].
-pub type ShardResult = OpResult;

@@ -13,12 +13,14 @@ use nalgebra::DVector;
 use parking_lot::Mutex;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tidepool_runtime::codec::{
-    ArchivedBody, ArchivedOp, ErrorCode, Frame, IdemKey, Op, OpResult, ShardRequest, TensorView,
+    ArchivedBody, ArchivedOp, ErrorCode, Frame, IdemKey, Op, OpResult, SenderWindow, ShardRequest, ShardSnapshot,
+    SnapValue, TensorView,
 };
 use tidepool_runtime::metrics as m;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
 
 use crate::dedup::{Check, Dedup};
+use crate::shard_log::{LogItem, ShardLog};
 use crate::worker::WorkerPool;
 
 /// Keys a shard holds at most (bounded memory).
@@ -217,6 +219,54 @@ impl ShardState {
         })
     }
 
+    /// The state as a snapshot at log position `seq` (for checkpoints).
+    pub fn snapshot(&self, seq: u64) -> ShardSnapshot {
+        let mut entries: Vec<(String, SnapValue)> = self
+            .kv
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    Value::Bytes(b) => SnapValue::Bytes(b.clone()),
+                    Value::Counter(c) => SnapValue::Counter(*c),
+                    Value::Tensor(t) => SnapValue::Tensor(t.as_slice().to_vec()),
+                };
+                (k.clone(), v)
+            })
+            .collect();
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let senders = self
+            .dedup
+            .export()
+            .into_iter()
+            .map(|(sender, floor, above)| SenderWindow { sender, floor, above })
+            .collect();
+        ShardSnapshot { seq, entries, senders }
+    }
+
+    /// Rebuilds a state from a snapshot.
+    pub fn from_snapshot(snap: ShardSnapshot) -> Self {
+        let kv = snap
+            .entries
+            .into_iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    SnapValue::Bytes(b) => Value::Bytes(b),
+                    SnapValue::Counter(c) => Value::Counter(c),
+                    SnapValue::Tensor(t) => Value::Tensor(DVector::from_vec(t)),
+                };
+                (k, v)
+            })
+            .collect();
+        let dedup = Dedup::import(snap.senders.into_iter().map(|w| (w.sender, w.floor, w.above)));
+        ShardState { kv, dedup, applied: 0 }
+    }
+
+    /// Replays one logged request (restore). Errors were errors when first applied too, and
+    /// duplicates are skipped by the dedup table, so replay reproduces the original state.
+    pub fn replay(&mut self, req: &ShardRequest) {
+        let _ = self.apply(req.idem, OpRef::from_native(&req.op));
+    }
+
     /// Writes applied (not counting duplicates).
     pub fn applied(&self) -> u64 {
         self.applied
@@ -246,26 +296,31 @@ pub type OpReply = Result<OpResult, ErrorCode>;
 #[derive(Debug)]
 pub enum ShardMsg {
     /// Apply a request. The permit is the op's slot in the shard's bounded queue; it is released
-    /// when the reply is sent.
+    /// when the reply is sent (after the op is durable).
     Apply {
         input: ShardInput,
         reply: oneshot::Sender<OpReply>,
         permit: OwnedSemaphorePermit,
         arrived: Instant,
     },
+    /// Checkpoint the state (after everything applied so far is durable); replies with the seq.
+    Checkpoint { done: oneshot::Sender<Result<u64, ErrorCode>> },
     /// Fail on purpose (supervision tests and chaos).
     Crash,
 }
 
-/// The actor of one shard. Configuration lives in [`ShardArgs`]; the state is shared.
+/// The actor of one shard at one epoch. Configuration and state come in [`ShardArgs`].
 #[derive(Debug)]
 pub struct ShardActor;
 
 #[derive(Debug, Clone)]
 pub struct ShardArgs {
     pub shard: u32,
+    pub epoch: u64,
     pub state: SharedState,
     pub pool: WorkerPool,
+    /// The durable log; `None` runs without durability (in-process tests of the actor only).
+    pub log: Option<ShardLog>,
 }
 
 impl Actor for ShardActor {
@@ -273,40 +328,56 @@ impl Actor for ShardActor {
     type State = ShardArgs;
     type Arguments = ShardArgs;
 
-    async fn pre_start(
-        &self,
-        _me: ActorRef<Self::Msg>,
-        args: ShardArgs,
-    ) -> Result<ShardArgs, ActorProcessingErr> {
+    async fn pre_start(&self, _me: ActorRef<Self::Msg>, args: ShardArgs) -> Result<ShardArgs, ActorProcessingErr> {
         Ok(args)
     }
 
-    async fn handle(
-        &self,
-        _me: ActorRef<Self::Msg>,
-        msg: ShardMsg,
-        st: &mut ShardArgs,
-    ) -> Result<(), ActorProcessingErr> {
+    async fn handle(&self, _me: ActorRef<Self::Msg>, msg: ShardMsg, st: &mut ShardArgs) -> Result<(), ActorProcessingErr> {
         match msg {
             ShardMsg::Crash => Err(format!("shard {} asked to crash", st.shard).into()),
-            ShardMsg::Apply {
-                input,
-                reply,
-                permit,
-                arrived,
-            } => {
-                let result = apply_input(st, input).await;
-                let _ = reply.send(result);
-                drop(permit);
-                metrics::histogram!(m::SHARD_OP_DURATION).record(arrived.elapsed().as_secs_f64());
+            ShardMsg::Checkpoint { done } => {
+                let snapshot = st.state.lock().snapshot(0);
+                match &st.log {
+                    Some(log) => log.submit(LogItem::Checkpoint { snapshot, done }).await,
+                    None => {
+                        let _ = done.send(Err(ErrorCode::Internal));
+                    }
+                }
+                Ok(())
+            }
+            ShardMsg::Apply { input, reply, permit, arrived } => {
+                let (result, wrote, input) = apply_input(st, input).await;
+                match &st.log {
+                    Some(log) => {
+                        let record = if wrote { input.and_then(owned_request) } else { None };
+                        log.submit(LogItem::Op { record, result, reply, permit: Some(permit), arrived }).await;
+                    }
+                    None => {
+                        let _ = reply.send(result);
+                        drop(permit);
+                        metrics::histogram!(m::SHARD_OP_DURATION).record(arrived.elapsed().as_secs_f64());
+                    }
+                }
                 Ok(())
             }
         }
     }
 }
 
-/// Applies one request; big tensor adds go to the worker pool so the reactor never does bulk math.
-async fn apply_input(st: &ShardArgs, input: ShardInput) -> OpReply {
+fn owned_request(input: ShardInput) -> Option<ShardRequest> {
+    match input {
+        ShardInput::Local(r) => Some(r),
+        ShardInput::Wire(f) => match f.to_owned_envelope().ok()?.body {
+            tidepool_runtime::codec::Body::ShardRequest(r) => Some(r),
+            _ => None,
+        },
+    }
+}
+
+/// Applies one request; big tensor adds go to the worker pool so the reactor never does bulk
+/// math. Returns the result, whether it changed the state (and so must be logged), and the input
+/// back (the pool needed to own it).
+async fn apply_input(st: &ShardArgs, input: ShardInput) -> (OpReply, bool, Option<ShardInput>) {
     let big = match &input {
         ShardInput::Local(r) => {
             matches!(&r.op, Op::AddTensor { values, .. } if values.len() >= POOL_TENSOR_LEN)
@@ -314,32 +385,29 @@ async fn apply_input(st: &ShardArgs, input: ShardInput) -> OpReply {
         ShardInput::Wire(f) => matches!(&f.envelope().body, ArchivedBody::ShardRequest(r)
             if matches!(&r.op, ArchivedOp::AddTensor { values, .. } if values.len() >= POOL_TENSOR_LEN)),
     };
-    if big {
-        let state = st.state.clone();
-        match st.pool.run(move || apply_sync(&state, &input)).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::warn!(error = %e, "worker pool refused a tensor op");
-                Err(ErrorCode::Overloaded)
-            }
+    if !big {
+        let (r, wrote) = apply_sync(&st.state, &input);
+        return (r, wrote, Some(input));
+    }
+    let state = st.state.clone();
+    match st.pool.run(move || (apply_sync(&state, &input), input)).await {
+        Ok(((r, wrote), input)) => (r, wrote, Some(input)),
+        Err(e) => {
+            tracing::warn!(error = %e, "worker pool refused a tensor op");
+            (Err(ErrorCode::Overloaded), false, None)
         }
-    } else {
-        apply_sync(&st.state, &input)
     }
 }
 
-fn apply_sync(state: &SharedState, input: &ShardInput) -> OpReply {
+fn apply_sync(state: &SharedState, input: &ShardInput) -> (OpReply, bool) {
     let (idem, op) = match input {
         ShardInput::Local(r) => (r.idem, OpRef::from_native(&r.op)),
         ShardInput::Wire(f) => match &f.envelope().body {
             ArchivedBody::ShardRequest(r) => (
-                IdemKey {
-                    sender: r.idem.sender.to_native(),
-                    seq: r.idem.seq.to_native(),
-                },
+                IdemKey { sender: r.idem.sender.to_native(), seq: r.idem.seq.to_native() },
                 OpRef::from_archived(&r.op),
             ),
-            _ => return Err(ErrorCode::BadRequest),
+            _ => return (Err(ErrorCode::BadRequest), false),
         },
     };
     let name = op.name();
@@ -352,7 +420,8 @@ fn apply_sync(state: &SharedState, input: &ShardInput) -> OpReply {
         Err(_) => "error",
     };
     metrics::counter!(m::SHARD_OPS, "op" => name, "result" => label).increment(1);
-    result.map_err(|e| e.code())
+    let wrote = write && label == "applied";
+    (result.map_err(|e| e.code()), wrote)
 }
 
 #[cfg(test)]

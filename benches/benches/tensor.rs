@@ -13,13 +13,14 @@
 //! - `quinn_raw`: open a bidi stream, write the 4 MiB as one `Bytes` (no copy), finish; the
 //!   receiver reads every chunk and drops it (no copy, no parse), then writes a 1-byte ack.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use quinn::Endpoint;
-use tidepool_benches::{report, runtime, transport_pair, AdmitAll, BoxError, Certs};
+use tidepool_benches::{minor_faults, report, runtime, transport_pair, AdmitAll, BoxError, Certs};
 use tidepool_runtime::codec::{
     encode, ArchivedBody, ArchivedOpResult, Body, Dest, Envelope, Frame, IdemKey, Op, ShardRequest,
     DEFAULT_MAX_FRAME_BYTES,
@@ -125,60 +126,61 @@ fn tensor(c: &mut Criterion) {
         }
     };
 
+    // Page faults and messages over every timed loop (warm-up included), per system.
+    let faults = [Cell::new((0u64, 0u64)), Cell::new((0u64, 0u64))];
+    let counted = |i: usize, n: u64, took: Duration, before: u64| {
+        let (f, m) = faults[i].get();
+        faults[i].set((f + minor_faults() - before, m + n));
+        took
+    };
+
     let mut g = c.benchmark_group("tensor/4MiB_acked");
     g.throughput(Throughput::Bytes(BYTES as u64));
     g.bench_function("tidepool", |b| {
         b.iter_custom(|n| {
-            rt.block_on(async {
+            let before = minor_faults();
+            let took = rt.block_on(async {
                 let start = Instant::now();
                 for _ in 0..n {
                     tidepool_send(env.clone()).await;
                 }
                 start.elapsed()
-            })
+            });
+            counted(0, n, took, before)
         })
     });
     g.bench_function("quinn_raw", |b| {
         b.iter_custom(|n| {
-            rt.block_on(async {
+            let before = minor_faults();
+            let took = rt.block_on(async {
                 let start = Instant::now();
                 for _ in 0..n {
                     raw.send().await;
                 }
                 start.elapsed()
-            })
+            });
+            counted(1, n, took, before)
         })
     });
-    // Pieces of the Tidepool path, for the breakdown in BENCHMARKS.md (not peers).
-    g.bench_function("envelope_clone", |b| b.iter_with_large_drop(|| env.clone()));
-    g.bench_function("encode_only", |b| {
-        b.iter_with_large_drop(|| encode(&env).expect("encode"))
-    });
+    // Pieces of the Tidepool path, for the breakdown in BENCHMARKS.md (not peers). Each frees
+    // its result before the next iteration, so these run on recycled memory.
+    g.bench_function("envelope_clone", |b| b.iter(|| env.clone()));
+    g.bench_function("encode_only", |b| b.iter(|| encode(&env).expect("encode")));
     let wire = encode(&env).expect("encode").to_vec();
     g.bench_function("from_wire_only", |b| {
-        b.iter_with_large_drop(|| Frame::from_wire(&wire, DEFAULT_MAX_FRAME_BYTES).expect("valid"))
+        b.iter(|| Frame::from_wire(&wire, DEFAULT_MAX_FRAME_BYTES).expect("valid"))
     });
     g.finish();
 
-    // A fixed pass of each, for the results log (criterion's own numbers are in target/criterion).
-    let n = 30;
-    let tp = rt.block_on(async {
-        let start = Instant::now();
-        for _ in 0..n {
-            tidepool_send(env.clone()).await;
-        }
-        start.elapsed()
-    });
-    let q = rt.block_on(async {
-        let start = Instant::now();
-        for _ in 0..n {
-            raw.send().await;
-        }
-        start.elapsed()
-    });
-    let gbps = |d: Duration| (BYTES * n) as f64 / d.as_secs_f64() / 1e9;
-    report("tensor", "tidepool.pass_gb_per_s", gbps(tp), "GB/s");
-    report("tensor", "quinn_raw.pass_gb_per_s", gbps(q), "GB/s");
+    for (i, name) in ["tidepool", "quinn_raw"].into_iter().enumerate() {
+        let (f, m) = faults[i].get();
+        report(
+            "tensor",
+            &format!("{name}.page_faults_per_msg"),
+            f as f64 / m.max(1) as f64,
+            "faults",
+        );
+    }
 
     rt.block_on(pair.a.shutdown(Duration::from_millis(200)));
     rt.block_on(pair.b.shutdown(Duration::from_millis(200)));

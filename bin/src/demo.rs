@@ -1,17 +1,18 @@
 //! `tidepool demo`: a real local cluster doing real work, with no setup. Makes a throwaway CA,
-//! starts 3 node processes on loopback, runs 100 000 idempotent increments over all shards with
-//! retries, checks every acknowledged increment is present exactly once (and that the nodes'
-//! own metrics agree), prints a summary and stops the nodes cleanly.
+//! starts 3 node processes on loopback (n1 the control-plane voter), runs 100 000 idempotent
+//! increments over all shards with retries, kills one node with SIGKILL part-way through, shows
+//! its shards moving to the survivors while the workload keeps running, checks every
+//! acknowledged increment is present exactly once, and stops the nodes cleanly.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tidepool_runtime::client::{ClientOptions, ClusterClient};
 use tidepool_runtime::transport::TlsMaterial;
 
 use crate::http::sum_metric;
-use crate::local_cluster::LocalCluster;
+use crate::local_cluster::{wait_all_up, LocalCluster};
 use crate::workload;
 
 /// Demo settings (CLI flags).
@@ -23,32 +24,22 @@ pub struct DemoOptions {
     pub keys: u64,
     pub concurrency: usize,
     pub keep: bool,
+    /// Kill the last node with SIGKILL part-way through.
+    pub kill: bool,
 }
 
 pub async fn run(opts: DemoOptions) -> Result<()> {
     let exe = std::env::current_exe().context("locating the tidepool binary")?;
-    let mut cluster = LocalCluster::create(&exe, opts.nodes, opts.shards)?;
-    println!(
-        "tidepool demo: {} nodes, {} shards, temp dir {}",
-        opts.nodes,
-        opts.shards,
-        cluster.root().display()
-    );
+    let mut cluster = LocalCluster::create(&exe, opts.nodes, opts.shards, 1)?;
+    println!("tidepool demo: {} nodes, {} shards, temp dir {}", opts.nodes, opts.shards, cluster.root().display());
     cluster.start_all()?;
-    cluster.wait_ready(Duration::from_secs(30)).await?;
+    cluster.wait_ready(Duration::from_secs(60)).await?;
     println!("cluster is ready (every node's /readyz answers 200)");
 
-    let result = workload_and_check(&cluster, &opts).await;
-    let statuses = cluster.stop_all(Duration::from_secs(15)).await?;
+    let result = workload_and_check(&mut cluster, &opts).await;
+    let statuses = cluster.stop_all(Duration::from_secs(30)).await?;
     let clean = statuses.iter().all(|s| s.success());
-    println!(
-        "nodes stopped: {}",
-        if clean {
-            "all exited 0 after SIGTERM"
-        } else {
-            "NOT all clean"
-        }
-    );
+    println!("nodes stopped: {}", if clean { "every survivor drained and exited 0 after SIGTERM" } else { "NOT all clean" });
     if opts.keep || result.is_err() || !clean {
         let dir = cluster.keep();
         println!("logs and certificates kept in {}", dir.display());
@@ -61,61 +52,81 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     Ok(())
 }
 
-async fn workload_and_check(cluster: &LocalCluster, opts: &DemoOptions) -> Result<()> {
+async fn workload_and_check(cluster: &mut LocalCluster, opts: &DemoOptions) -> Result<()> {
     let tls = TlsMaterial::load_client(&cluster.admin_dir())?;
-    let client =
-        Arc::new(ClusterClient::connect(&cluster.seeds(), &tls, ClientOptions::default()).await?);
-    crate::local_cluster::wait_all_up(&client, opts.nodes, Duration::from_secs(30)).await?;
+    let client = Arc::new(ClusterClient::connect(&cluster.seeds(), &tls, ClientOptions::default()).await?);
+    wait_all_up(&client, opts.nodes, Duration::from_secs(60)).await?;
+    wait_all_assigned(&client, Duration::from_secs(60)).await?;
     let status = client.status().await?;
-    println!("\nmembers:");
+    println!("\ncontrol-plane leader: {} (term {})\nmembers:", status.leader, status.term);
     for m in &status.members {
-        println!(
-            "  {:<4} {:<21} {:<5} {:>3} shards",
-            m.name, m.addr, m.state, m.shards
-        );
+        println!("  {:<4} {:<21} {:<8} {:>3} shards", m.name, m.addr, m.state, m.shards);
     }
 
-    println!(
-        "\nrunning {} idempotent increments over {} keys from {} concurrent senders...",
-        opts.ops, opts.keys, opts.concurrency
-    );
-    let report =
-        workload::run_increments(client.clone(), opts.ops, opts.keys, opts.concurrency).await;
+    println!("\nrunning {} idempotent increments over {} keys from {} concurrent senders...", opts.ops, opts.keys, opts.concurrency);
+    let work = tokio::spawn(workload::run_increments(client.clone(), opts.ops, opts.keys, opts.concurrency));
+    if opts.kill && opts.nodes > 1 {
+        let victim = opts.nodes - 1;
+        let name = cluster.nodes[victim].name.clone();
+        tokio::time::sleep(Duration::from_millis(500)).await; // let the workload get going
+        let theirs = client.shards().await?.iter().filter(|s| s.owner == name).count();
+        cluster.kill(victim).await?;
+        let killed = Instant::now();
+        println!("  killed {name} with SIGKILL while it owned {theirs} shards");
+        let deadline = killed + Duration::from_secs(60);
+        loop {
+            let shards = client.shards().await?;
+            if shards.iter().all(|s| s.owner != name && s.state == "serving") {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("{name}'s shards were not reassigned within 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
+        }
+        println!(
+            "  {name}'s lease expired and its {theirs} shards moved to the survivors {:.2?} after the kill (restored from checkpoint + op log)",
+            killed.elapsed()
+        );
+    }
+    let report = work.await.context("workload task")?;
     println!(
         "  acknowledged {} of {} in {:.2?} ({:.0} ops/s), {} retried deliveries deduplicated, {} unacknowledged",
-        report.acked, report.ops, report.elapsed, report.ops_per_sec(), report.duplicates, report.unacked
+        report.acked,
+        report.ops,
+        report.elapsed,
+        report.ops_per_sec(),
+        report.duplicates,
+        report.unacked
     );
     let sum = workload::verify(&client, &report, opts.keys).await?;
-    println!(
-        "  exactly-once check: every key's counter equals its acknowledged increments (sum {sum})"
-    );
-
-    let mut applied = 0.0;
+    println!("  exactly-once check: every key's counter equals its acknowledged increments (sum {sum})");
     for (i, n) in cluster.nodes.iter().enumerate() {
+        if n.pid().is_none() {
+            continue;
+        }
         let text = cluster.metrics(i).await?;
-        let here = sum_metric(
-            &text,
-            "tidepool_shard_ops_total",
-            &[("op", "incr"), ("result", "applied")],
-        );
-        applied += here;
-        println!(
-            "  {} applied {:>6} increments   metrics: http://{}/metrics",
-            n.name, here, n.admin
-        );
+        let here = sum_metric(&text, "tidepool_shard_ops_total", &[("op", "incr"), ("result", "applied")]);
+        let owned = sum_metric(&text, "tidepool_shards_owned", &[]);
+        println!("  {} applied {:>6} increments, owns {:>2} shards   metrics: http://{}/metrics", n.name, here, owned, n.admin);
     }
-    // A retried op that the owner had already applied is acknowledged as a duplicate: it was
-    // applied once, so the nodes' count equals the client's acknowledgements.
-    if report.unacked == 0 && applied as u64 != report.acked {
-        bail!(
-            "nodes report {applied} applied increments, the client counted {} acknowledgements",
-            report.acked
-        );
-    }
-    println!(
-        "  node metrics agree with the client: {} increments applied cluster-wide",
-        applied
-    );
     client.close().await;
     Ok(())
+}
+
+/// Polls until every shard has an owner and no handoff is running.
+pub async fn wait_all_assigned(client: &ClusterClient, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(shards) = client.shards().await {
+            if !shards.is_empty() && shards.iter().all(|s| s.state == "serving" && !s.owner.is_empty()) {
+                client.refresh().await?;
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("shards not all assigned within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
+    }
 }

@@ -33,6 +33,9 @@ pub struct LocalCluster {
     bin: PathBuf,
     dir: tempfile::TempDir,
     pub nodes: Vec<NodeProc>,
+    shards: u32,
+    /// Names of the control-plane voters (also the seeds).
+    pub voters: Vec<String>,
 }
 
 /// A free loopback port for UDP and TCP alike (the OS picks; we release it right away).
@@ -47,73 +50,71 @@ fn free_port() -> Result<u16> {
 }
 
 impl LocalCluster {
-    /// Makes the CA, node and client certificates and the node configs. Starts nothing.
-    pub fn create(bin: &Path, n: usize, shards: u32) -> Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("tidepool-")
-            .tempdir()
-            .context("temp dir")?;
+    /// Makes the CA, certificates and configs of `n` nodes, the first `voters` of them control
+    /// plane voters (the seeds). Starts nothing.
+    pub fn create(bin: &Path, n: usize, shards: u32, voters: usize) -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("tidepool-").tempdir().context("temp dir")?;
         let root = dir.path();
-        let ca = root.join("ca");
-        certs::init_ca(&ca)?;
-        let mut nodes = Vec::with_capacity(n);
-        for i in 1..=n {
-            let name = format!("n{i}");
-            let quic = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-            let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-            nodes.push(NodeProc {
-                config: root.join(format!("{name}.toml")),
-                log: root.join(format!("{name}.log")),
-                name,
-                quic,
-                admin,
-                child: None,
-            });
-        }
-        let members: Vec<String> = nodes
-            .iter()
-            .map(|n| format!("{{ name = \"{}\", addr = \"{}\" }}", n.name, n.quic))
-            .collect();
-        for node in &nodes {
-            let certs_dir = root.join("certs").join(&node.name);
-            certs::issue(
-                &ca,
-                &Subject::Node(node.name.clone()),
-                &certs_dir,
-                Validity::days_from_now(30),
-            )?;
-            let toml = format!(
-                "[node]\nname = \"{name}\"\nlisten = \"{quic}\"\nadmin = \"{admin}\"\ndata_dir = \"{data}\"\nshutdown_grace_ms = 5000\n\n\
-                 [cluster]\nseeds = [\"{seed}\"]\nvoters = [\"n1\"]\nshards = {shards}\nmembers = [{members}]\n\n\
-                 [tls]\ndir = \"{certs}\"\n\n[storage]\nurl = \"file://{shared}\"\n",
-                name = node.name,
-                quic = node.quic,
-                admin = node.admin,
-                data = root.join("data").join(&node.name).display(),
-                seed = nodes[0].quic,
-                members = members.join(", "),
-                certs = certs_dir.display(),
-                shared = root.join("data").join("shared").display(),
-            );
-            std::fs::write(&node.config, toml)?;
-        }
+        certs::init_ca(&root.join("ca"))?;
         for (client, role) in [("demo-admin", Role::Admin), ("demo-reader", Role::Reader)] {
             let out = root.join("certs").join(client);
-            certs::issue(
-                &ca,
-                &Subject::Client {
-                    name: client.into(),
-                    role,
-                },
-                &out,
-                Validity::days_from_now(30),
-            )?;
+            certs::issue(&root.join("ca"), &Subject::Client { name: client.into(), role }, &out, Validity::days_from_now(30))?;
         }
-        Ok(LocalCluster {
-            bin: bin.to_path_buf(),
-            dir,
-            nodes,
-        })
+        let mut c = LocalCluster { bin: bin.to_path_buf(), dir, nodes: Vec::new(), shards, voters: Vec::new() };
+        let voters = voters.clamp(1, n.max(1));
+        for i in 0..n {
+            c.add_node()?;
+            if i < voters {
+                c.voters.push(c.nodes[i].name.clone());
+            }
+        }
+        for i in 0..c.nodes.len() {
+            c.write_config(i)?;
+        }
+        Ok(c)
+    }
+
+    /// Adds one more node (certificate and config); start it with [`LocalCluster::start`].
+    pub fn add_node(&mut self) -> Result<usize> {
+        let i = self.nodes.len();
+        let name = format!("n{}", i + 1);
+        let root = self.dir.path().to_path_buf();
+        certs::issue(&root.join("ca"), &Subject::Node(name.clone()), &root.join("certs").join(&name), Validity::days_from_now(30))?;
+        let quic = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        self.nodes.push(NodeProc { config: root.join(format!("{name}.toml")), log: root.join(format!("{name}.log")), name, quic, admin, child: None });
+        if !self.voters.is_empty() {
+            self.write_config(i)?;
+        }
+        Ok(i)
+    }
+
+    fn write_config(&self, i: usize) -> Result<()> {
+        let root = self.dir.path();
+        let node = &self.nodes[i];
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|n| self.voters.contains(&n.name))
+            .map(|n| format!("\"{}\"", n.quic))
+            .collect();
+        let voters: Vec<String> = self.voters.iter().map(|v| format!("\"{v}\"")).collect();
+        let toml = format!(
+            "[node]\nname = \"{name}\"\nlisten = \"{quic}\"\nadmin = \"{admin}\"\ndata_dir = \"{data}\"\nshutdown_grace_ms = 15000\n\n\
+             [cluster]\nseeds = [{seeds}]\nvoters = [{voters}]\nshards = {shards}\n\n\
+             [tls]\ndir = \"{certs}\"\n\n[storage]\nurl = \"file://{shared}\"\n",
+            name = node.name,
+            quic = node.quic,
+            admin = node.admin,
+            data = root.join("data").join(&node.name).display(),
+            seeds = seeds.join(", "),
+            voters = voters.join(", "),
+            shards = self.shards,
+            certs = root.join("certs").join(&node.name).display(),
+            shared = root.join("shared").display(),
+        );
+        std::fs::write(&node.config, toml)?;
+        Ok(())
     }
 
     pub fn root(&self) -> &Path {
@@ -163,33 +164,11 @@ impl LocalCluster {
         (0..self.nodes.len()).try_for_each(|i| self.start(i))
     }
 
-    /// Polls every node's `/readyz` until all answer 200 or `timeout` passes.
+    /// Polls every running node's `/readyz` until all answer 200 or `timeout` passes.
     pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
         for i in 0..self.nodes.len() {
-            loop {
-                if let Ok((200, _)) = crate::http::get(self.nodes[i].admin, "/readyz").await {
-                    break;
-                }
-                if let Some(status) = self.nodes[i]
-                    .child
-                    .as_mut()
-                    .and_then(|c| c.try_wait().ok().flatten())
-                {
-                    bail!(
-                        "{} exited with {status} before becoming ready; log:\n{}",
-                        self.nodes[i].name,
-                        self.tail_log(i)
-                    );
-                }
-                if Instant::now() > deadline {
-                    bail!(
-                        "{} not ready within {timeout:?}; log:\n{}",
-                        self.nodes[i].name,
-                        self.tail_log(i)
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await; // poll interval, not synchronisation
+            if self.nodes[i].child.is_some() {
+                self.wait_node_ready(i, timeout).await?;
             }
         }
         Ok(())
@@ -223,6 +202,37 @@ impl LocalCluster {
             );
         }
         Ok(())
+    }
+
+    /// SIGKILLs node `i` and reaps it.
+    pub async fn kill(&mut self, i: usize) -> Result<()> {
+        let child = self.nodes[i].child.as_mut().context("node is not running")?;
+        child.start_kill()?;
+        let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.context("killed node not reaped")??;
+        self.nodes[i].child = None;
+        Ok(())
+    }
+
+    /// Whether node `i`'s process is running.
+    pub fn running(&mut self, i: usize) -> bool {
+        self.nodes[i].child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Polls node `i`'s `/readyz` until 200.
+    pub async fn wait_node_ready(&mut self, i: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok((200, _)) = crate::http::get(self.nodes[i].admin, "/readyz").await {
+                return Ok(());
+            }
+            if let Some(status) = self.nodes[i].child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                bail!("{} exited with {status} before becoming ready; log:\n{}", self.nodes[i].name, self.tail_log(i));
+            }
+            if Instant::now() > deadline {
+                bail!("{} not ready within {timeout:?}; log:\n{}", self.nodes[i].name, self.tail_log(i));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
+        }
     }
 
     /// SIGTERMs node `i` and waits for it to exit.
@@ -282,6 +292,34 @@ pub async fn wait_all_up(
             bail!("members not all up within {timeout:?}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
+    }
+}
+
+/// Polls until every shard has an owner, no handoff is running, and the map stayed the same for
+/// three polls in a row (rebalancing has settled).
+pub async fn wait_stable(client: &tidepool_runtime::client::ClusterClient, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    let mut same = 0;
+    loop {
+        if let Ok(shards) = client.shards().await {
+            let settled = !shards.is_empty() && shards.iter().all(|s| s.state == "serving" && !s.owner.is_empty());
+            let now: Vec<(String, u64)> = shards.iter().map(|s| (s.owner.clone(), s.epoch)).collect();
+            if settled && last.as_ref() == Some(&now) {
+                same += 1;
+                if same >= 3 {
+                    client.refresh().await?;
+                    return Ok(());
+                }
+            } else {
+                same = 0;
+            }
+            last = Some(now);
+        }
+        if Instant::now() > deadline {
+            bail!("shard map did not settle within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await; // poll interval
     }
 }
 

@@ -50,6 +50,9 @@ enum Cmd {
         /// Keep the temp dir (logs, configs, certificates) afterwards.
         #[arg(long)]
         keep: bool,
+        /// Do not kill a node part-way through.
+        #[arg(long)]
+        no_kill: bool,
     },
     /// Run a node.
     #[command(subcommand)]
@@ -121,6 +124,16 @@ enum ClusterCmd {
     Status(Conn),
     /// The shard map: owner and epoch of every shard.
     Shards(Conn),
+    /// Move every shard off NODE (admin role); afterwards it can stop with nothing lost.
+    Drain {
+        /// The node to drain.
+        node: String,
+        #[command(flatten)]
+        conn: Conn,
+        /// Wait until the node owns no shard.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -168,16 +181,9 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             keys,
             concurrency,
             keep,
+            no_kill,
         } => {
-            demo::run(demo::DemoOptions {
-                nodes,
-                shards,
-                ops,
-                keys,
-                concurrency,
-                keep,
-            })
-            .await
+            demo::run(demo::DemoOptions { nodes, shards, ops, keys, concurrency, keep, kill: !no_kill }).await
         }
         Cmd::Node(NodeCmd::Run { .. }) => unreachable!("handled in main"),
         Cmd::Certs(CertsCmd::Init { out }) => {
@@ -210,6 +216,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         }
         Cmd::Cluster(ClusterCmd::Status(c)) => cluster_status(c).await,
         Cmd::Cluster(ClusterCmd::Shards(c)) => cluster_shards(c).await,
+        Cmd::Cluster(ClusterCmd::Drain { node, conn, wait }) => cluster_drain(node, conn, wait).await,
     }
 }
 
@@ -254,6 +261,33 @@ async fn cluster_status(c: Conn) -> Result<()> {
                 m.name, m.addr, m.state, m.reachable, m.shards
             );
         }
+    }
+    client.close().await;
+    Ok(())
+}
+
+async fn cluster_drain(node: String, c: Conn, wait: bool) -> Result<()> {
+    let client = connect(&c).await?;
+    client.drain(&node).await?;
+    if wait {
+        let deadline = std::time::Instant::now() + Duration::from_secs(300);
+        loop {
+            let left = client.shards().await?.iter().filter(|s| s.owner == node).count();
+            if left == 0 {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("{node} still owns {left} shards after 5 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await; // poll interval
+        }
+    }
+    if c.json {
+        println!("{}", serde_json::json!({"node": node, "state": "draining", "drained": wait}));
+    } else if wait {
+        println!("{node} is drained: it owns no shards and can be stopped");
+    } else {
+        println!("{node} is draining; `cluster shards` shows its shards moving");
     }
     client.close().await;
     Ok(())

@@ -200,6 +200,16 @@ impl ClusterClient {
         expect_shards(&self.call(&link, Dest::Peer, Body::ShardsRequest).await?)
     }
 
+    /// `cluster drain NODE` (admin role): moves every shard off `node`.
+    pub async fn drain(&self, node: &str) -> Result<(), ClientError> {
+        let link = self.any_link().await?;
+        let frame = self.call(&link, Dest::Peer, Body::Drain { node: node.to_string() }).await?;
+        match frame.to_owned_envelope().map(|e| e.body) {
+            Ok(Body::ControlReply(_)) => Ok(()),
+            _ => Err(refusal(&frame)),
+        }
+    }
+
     /// Number of shards in the map.
     pub fn shard_count(&self) -> u32 {
         self.view.lock().owners.len() as u32

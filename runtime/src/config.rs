@@ -13,15 +13,22 @@
 //! `TIDEPOOL_CERT_DIR`) belong to the CLI and are ignored here.
 //!
 //! Values are parsed like TOML-ish literals: `5000` is a number, `true` a bool,
-//! `["n1","n2"]` a list, `{name="n2",addr="127.0.0.1:7410"}` a table, anything else a string. A
+//! `["n1","n2"]` a list, `{ttl_ms=4000,renew_ms=1000}` a table, anything else a string. A
 //! string that looks like a number must be quoted (`TIDEPOOL_NODE__NAME='"42"'`). Environment
 //! values replace file values; lists are replaced whole, not appended to.
 //!
 //! # Errors
 //!
 //! Every failure is a [`ConfigError`] naming the offending key (dotted path, list elements as
-//! `cluster.members[1].addr`) or `config file` when the file itself is missing or unparsable.
+//! `cluster.seeds[1]`) or `config file` when the file itself is missing or unparsable.
 //! The binary exits with [`ConfigError::EXIT_CODE`] (64, `EX_USAGE`).
+//!
+//! # Membership
+//!
+//! Membership is dynamic: the Raft control plane learns members from nodes that join through
+//! `cluster.seeds` (a node dials each seed and learns its name from the peer's certificate).
+//! The file names only the control-plane voters (`cluster.voters`), never their addresses. The
+//! old static `cluster.members` list is rejected with an error that says so.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -43,7 +50,7 @@ pub const ENV_SEPARATOR: &str = "__";
 pub struct NodeConfig {
     /// This node's identity and local addresses.
     pub node: NodeSection,
-    /// Cluster membership and sharding.
+    /// How to join the cluster, control-plane voters, sharding.
     pub cluster: ClusterSection,
     /// Certificates for mutual TLS.
     pub tls: TlsSection,
@@ -55,6 +62,8 @@ pub struct NodeConfig {
     pub workers: WorkerSection,
     /// Per-shard limits.
     pub shard: ShardSection,
+    /// Ownership leases: when a node may serve its shards.
+    pub lease: LeaseSection,
 }
 
 /// `[node]`: this node's identity and local addresses.
@@ -62,7 +71,7 @@ pub struct NodeConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct NodeSection {
     /// Node name, a DNS label (1–63 of `[a-z0-9-]`, no leading/trailing `-`). Must match the
-    /// CN/SAN of the node certificate and appear in `cluster.members`. Default `"n1"`.
+    /// CN/SAN of the node certificate: peers learn it from there. Default `"n1"`.
     pub name: String,
     /// QUIC (UDP) address for peers and clients. Default `127.0.0.1:7400`.
     pub listen: SocketAddr,
@@ -86,24 +95,28 @@ impl Default for NodeSection {
     }
 }
 
-/// `[cluster]`: membership and sharding.
+/// `[cluster]`: how to join the cluster, control-plane voters, sharding.
+///
+/// There is no member list: the control plane learns members from nodes joining through seeds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterSection {
-    /// `host:port` of any reachable members to contact on start; empty = start a new cluster.
-    /// Default `["127.0.0.1:7400"]`.
+    /// `host:port` (port 1..=65535) of reachable nodes to join through; the node dials each and
+    /// learns its name from its certificate. Empty = start a new cluster, allowed only when this
+    /// node is in `voters`. A seed equal to this node's own `node.listen` is allowed and ignored
+    /// at run time, so all nodes can share one seed list. Default `["127.0.0.1:7400"]`.
     pub seeds: Vec<String>,
-    /// Names of control-plane voters (1 for dev, 3 or 5 in production); each must be a member.
-    /// Default `["n1"]`.
+    /// Names (DNS labels) of the control-plane voters, non-empty and unique (1 for dev, 3 or 5
+    /// in production). Their addresses are discovered through `seeds`. Default `["n1"]`.
     pub voters: Vec<String>,
     /// Number of shards, 1..=65536. Fixed for the life of the cluster. Default 64.
     pub shards: u32,
-    /// Static membership: every node's name and QUIC address (this node included).
-    /// Default `[{ name = "n1", addr = "127.0.0.1:7400" }]`. Raft makes this dynamic later.
-    pub members: Vec<MemberConfig>,
     /// Bounded-load slack for shard placement: no member owns more than
     /// `ceil(shards / members * (1 + eps))` shards. In (0, 10]. Default 0.25.
     pub placement_eps: f64,
+    /// Graceful shard moves (handoffs) in flight at once; further moves wait until one
+    /// finishes. >= 1. Default 4.
+    pub max_concurrent_handoffs: usize,
 }
 
 impl Default for ClusterSection {
@@ -112,27 +125,8 @@ impl Default for ClusterSection {
             seeds: vec!["127.0.0.1:7400".into()],
             voters: vec!["n1".into()],
             shards: 64,
-            members: vec![MemberConfig::default()],
             placement_eps: 0.25,
-        }
-    }
-}
-
-/// One entry of `cluster.members`. Both fields are required.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MemberConfig {
-    /// Member name, a DNS label; unique within the cluster.
-    pub name: String,
-    /// The member's QUIC address; unique within the cluster.
-    pub addr: SocketAddr,
-}
-
-impl Default for MemberConfig {
-    fn default() -> Self {
-        Self {
-            name: "n1".into(),
-            addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7400),
+            max_concurrent_handoffs: 4,
         }
     }
 }
@@ -224,11 +218,48 @@ impl Default for WorkerSection {
 pub struct ShardSection {
     /// Operations queued per shard before senders see backpressure, >= 1. Default 1024.
     pub max_inflight: usize,
+    /// Requests buffered per shard while it is handed off gracefully to its new owner; once
+    /// full, further requests are refused as retryable (overloaded). >= 1. Default 1024.
+    pub handoff_buffer: usize,
 }
 
 impl Default for ShardSection {
     fn default() -> Self {
-        Self { max_inflight: 1024 }
+        Self {
+            max_inflight: 1024,
+            handoff_buffer: 1024,
+        }
+    }
+}
+
+/// `[lease]`: ownership leases, which keep two nodes from serving one shard at once.
+///
+/// A node serves its shards only while its lease is valid. Validity is counted on the node's own
+/// clock from the instant it *sent* the renewal that the leader granted, and lasts
+/// `ttl_ms - drift_margin_ms`. The control-plane leader declares a node down (and may reassign
+/// its shards) only `ttl_ms + drift_margin_ms` after its last grant to that node, so the node
+/// has stopped serving `2 * drift_margin_ms` before anyone else may start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeaseSection {
+    /// Lease length in milliseconds, > 0. Longer = fewer renewals but slower failover: a crashed
+    /// node's shards wait `ttl_ms + drift_margin_ms`. Default 2000 (2 s).
+    pub ttl_ms: u64,
+    /// Milliseconds between renewals, > 0 and < `ttl_ms - drift_margin_ms` (the time a grant
+    /// keeps the node valid). Default 500, so three renewals in a row may be lost.
+    pub renew_ms: u64,
+    /// Safety margin in milliseconds for clock-rate error between node and leader: subtracted by
+    /// the node, added by the leader. < `ttl_ms / 2`. Default 200.
+    pub drift_margin_ms: u64,
+}
+
+impl Default for LeaseSection {
+    fn default() -> Self {
+        Self {
+            ttl_ms: 2_000,
+            renew_ms: 500,
+            drift_margin_ms: 200,
+        }
     }
 }
 
@@ -236,7 +267,7 @@ impl Default for ShardSection {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("config key `{key}`: {reason}")]
 pub struct ConfigError {
-    /// Dotted key path (`node.name`, `cluster.members[1].addr`), or `config file`.
+    /// Dotted key path (`node.name`, `cluster.seeds[1]`), or `config file`.
     pub key: String,
     /// Human-readable reason, including the source of the value where known.
     pub reason: String,
@@ -296,89 +327,31 @@ impl NodeConfig {
             figment = figment.merge(Toml::file_exact(path));
         }
         let env = EnvVars::new(env)?;
-        let config: NodeConfig = figment
-            .merge(&env)
-            .extract()
-            .map_err(|e| from_figment(e, &env))?;
+        let figment = figment.merge(&env);
+        reject_static_members(&figment, &env)?;
+        let config: NodeConfig = figment.extract().map_err(|e| from_figment(e, &env))?;
         config.validate()?;
         Ok(config)
     }
 
     /// Checks every cross-field and range rule; the error names the first offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.validate_members()?;
         self.validate_node()?;
         self.validate_cluster()?;
         self.validate_transport()?;
         self.validate_limits()?;
+        self.validate_lease()?;
         validate_storage_url(&self.storage.url)
     }
 
-    /// This node's entry in `cluster.members`.
-    ///
-    /// # Panics
-    ///
-    /// If `node.name` is not a member, which [`NodeConfig::validate`] (called by the loaders)
-    /// rejects; only a hand-built, unvalidated config can get here.
-    pub fn this_member(&self) -> &MemberConfig {
-        self.find_member(&self.node.name)
-            .expect("node.name is in cluster.members (checked by NodeConfig::validate)")
-    }
-
-    fn find_member(&self, name: &str) -> Option<&MemberConfig> {
-        self.cluster.members.iter().find(|m| m.name == name)
-    }
-
-    fn validate_members(&self) -> Result<(), ConfigError> {
-        let members = &self.cluster.members;
-        if members.is_empty() {
-            return Err(ConfigError::new(
-                "cluster.members",
-                "must list at least this node",
-            ));
-        }
-        let mut names = BTreeSet::new();
-        let mut addrs = BTreeSet::new();
-        for (i, m) in members.iter().enumerate() {
-            let key = |field: &str| format!("cluster.members[{i}].{field}");
-            check_dns_label(&m.name).map_err(|r| ConfigError::new(key("name"), r))?;
-            if !names.insert(m.name.as_str()) {
-                let reason = format!("duplicate member name `{}`", m.name);
-                return Err(ConfigError::new(key("name"), reason));
-            }
-            if !addrs.insert(m.addr) {
-                let reason = format!("duplicate member address {}", m.addr);
-                return Err(ConfigError::new(key("addr"), reason));
-            }
-        }
-        Ok(())
+    /// Whether this node (`node.name`) is one of the control-plane voters (`cluster.voters`).
+    pub fn is_voter(&self) -> bool {
+        self.cluster.voters.contains(&self.node.name)
     }
 
     fn validate_node(&self) -> Result<(), ConfigError> {
         let node = &self.node;
         check_dns_label(&node.name).map_err(|r| ConfigError::new("node.name", r))?;
-        let Some(me) = self.find_member(&node.name) else {
-            let names: Vec<&str> = self
-                .cluster
-                .members
-                .iter()
-                .map(|m| m.name.as_str())
-                .collect();
-            let reason = format!(
-                "`{}` is not listed in cluster.members ({})",
-                node.name,
-                names.join(", ")
-            );
-            return Err(ConfigError::new("node.name", reason));
-        };
-        if node.listen.port() != me.addr.port() {
-            let reason = format!(
-                "port {} differs from this node's cluster.members entry ({})",
-                node.listen.port(),
-                me.addr
-            );
-            return Err(ConfigError::new("node.listen", reason));
-        }
         if node.listen == node.admin {
             let reason = format!("{} is also node.listen", node.admin);
             return Err(ConfigError::new("node.admin", reason));
@@ -388,37 +361,47 @@ impl NodeConfig {
 
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let c = &self.cluster;
-        for (i, seed) in c.seeds.iter().enumerate() {
-            check_host_port(seed)
-                .map_err(|r| ConfigError::new(format!("cluster.seeds[{i}]"), r))?;
-        }
-        if !(1..=MAX_SHARDS).contains(&c.shards) {
-            let reason = format!("{} is outside 1..={MAX_SHARDS}", c.shards);
-            return Err(ConfigError::new("cluster.shards", reason));
-        }
         if c.voters.is_empty() {
             return Err(ConfigError::new(
                 "cluster.voters",
-                "must name at least one member",
+                "must name at least one voter",
             ));
         }
         let mut seen = BTreeSet::new();
-        for voter in &c.voters {
-            if self.find_member(voter).is_none() {
-                let reason = format!("`{voter}` is not listed in cluster.members");
-                return Err(ConfigError::new("cluster.voters", reason));
-            }
+        for (i, voter) in c.voters.iter().enumerate() {
+            check_dns_label(voter)
+                .map_err(|r| ConfigError::new(format!("cluster.voters[{i}]"), r))?;
             if !seen.insert(voter.as_str()) {
                 let reason = format!("`{voter}` is listed twice");
                 return Err(ConfigError::new("cluster.voters", reason));
             }
+        }
+        for (i, seed) in c.seeds.iter().enumerate() {
+            check_host_port(seed)
+                .map_err(|r| ConfigError::new(format!("cluster.seeds[{i}]"), r))?;
+        }
+        if c.seeds.is_empty() && !self.is_voter() {
+            let reason = format!(
+                "empty means \"start a new cluster\", which only a voter may do, and `{}` is not \
+                 in cluster.voters ({}); list at least one node to join through",
+                self.node.name,
+                c.voters.join(", ")
+            );
+            return Err(ConfigError::new("cluster.seeds", reason));
+        }
+        if !(1..=MAX_SHARDS).contains(&c.shards) {
+            let reason = format!("{} is outside 1..={MAX_SHARDS}", c.shards);
+            return Err(ConfigError::new("cluster.shards", reason));
         }
         // Written so that NaN fails too.
         if !(c.placement_eps > 0.0 && c.placement_eps <= 10.0) {
             let reason = format!("{} is outside (0, 10]", c.placement_eps);
             return Err(ConfigError::new("cluster.placement_eps", reason));
         }
-        Ok(())
+        positive(
+            "cluster.max_concurrent_handoffs",
+            c.max_concurrent_handoffs as u64,
+        )
     }
 
     fn validate_transport(&self) -> Result<(), ConfigError> {
@@ -438,8 +421,62 @@ impl NodeConfig {
 
     fn validate_limits(&self) -> Result<(), ConfigError> {
         positive("workers.queue_depth", self.workers.queue_depth as u64)?;
-        positive("shard.max_inflight", self.shard.max_inflight as u64)
+        positive("shard.max_inflight", self.shard.max_inflight as u64)?;
+        positive("shard.handoff_buffer", self.shard.handoff_buffer as u64)
     }
+
+    /// Mirrors `LeaseConfig::validate` in `lease.rs`, so that a config that loads also starts.
+    fn validate_lease(&self) -> Result<(), ConfigError> {
+        let l = &self.lease;
+        positive("lease.ttl_ms", l.ttl_ms)?;
+        if l.drift_margin_ms >= l.ttl_ms / 2 {
+            let reason = format!(
+                "{} must be less than half of lease.ttl_ms ({})",
+                l.drift_margin_ms, l.ttl_ms
+            );
+            return Err(ConfigError::new("lease.drift_margin_ms", reason));
+        }
+        positive("lease.renew_ms", l.renew_ms)?;
+        // `drift_margin_ms < ttl_ms / 2` above, so this neither underflows nor is 0.
+        let window = l.ttl_ms - l.drift_margin_ms;
+        if l.renew_ms >= window {
+            let reason = format!(
+                "{} must be less than lease.ttl_ms - lease.drift_margin_ms ({window}), how long a \
+                 granted renewal keeps this node valid",
+                l.renew_ms
+            );
+            return Err(ConfigError::new("lease.renew_ms", reason));
+        }
+        Ok(())
+    }
+}
+
+/// Rejects the static member list of older configs with a reason that says what replaced it,
+/// before deserializing (which would only call it an unknown field).
+fn reject_static_members(figment: &Figment, env: &EnvVars) -> Result<(), ConfigError> {
+    const KEY: &str = "cluster.members";
+    if figment.find_value(KEY).is_err() {
+        return Ok(());
+    }
+    let mut reason = String::from(
+        "unknown field `members`: membership is dynamic now (the control plane learns members \
+         from nodes joining through cluster.seeds); remove the list, name the control-plane \
+         voters in cluster.voters and list nodes to join through in cluster.seeds",
+    );
+    match figment.find_metadata(KEY) {
+        Some(md) if md.name == ENV_PROVIDER => {
+            let path = [String::from("cluster"), String::from("members")];
+            if let Some(var) = env.var_for(&path) {
+                reason.push_str(&format!(" (from {var})"));
+            }
+        }
+        Some(md) => match &md.source {
+            Some(src) => reason.push_str(&format!(" (in {src})")),
+            None => reason.push_str(&format!(" (from {})", md.name)),
+        },
+        None => {}
+    }
+    Err(ConfigError::new(KEY, reason))
 }
 
 fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
@@ -631,7 +668,7 @@ fn from_figment(err: figment::Error, env: &EnvVars) -> ConfigError {
     ConfigError::new(key, reason)
 }
 
-/// `["cluster", "members", "1", "addr"]` -> `cluster.members[1].addr`, matching validation keys.
+/// `["cluster", "seeds", "1"]` -> `cluster.seeds[1]`, matching validation keys.
 fn display_path(path: &[String]) -> String {
     let mut out = String::new();
     for segment in path {

@@ -26,23 +26,31 @@ fn err_key(result: Result<NodeConfig, ConfigError>) -> String {
     }
 }
 
-fn three_members() -> Vec<MemberConfig> {
-    (1..=3)
-        .map(|i| MemberConfig {
-            name: format!("n{i}"),
-            addr: format!("127.0.0.{i}:7400").parse().expect("addr"),
-        })
-        .collect()
+fn three_voters() -> Vec<String> {
+    vec!["n1".into(), "n2".into(), "n3".into()]
 }
 
 #[test]
 fn defaults_are_valid() {
     let c = NodeConfig::default();
     assert_eq!(c.validate(), Ok(()));
-    assert_eq!(c.this_member().name, "n1");
+    assert!(c.is_voter());
     assert_eq!(c.node.listen.to_string(), "127.0.0.1:7400");
     assert_eq!(c.node.admin.to_string(), "127.0.0.1:7401");
+    assert_eq!(c.cluster.seeds, vec!["127.0.0.1:7400"]);
+    assert_eq!(c.cluster.voters, vec!["n1"]);
+    assert_eq!(c.cluster.max_concurrent_handoffs, 4);
     assert_eq!(c.transport.max_frame_bytes, 64 * 1024 * 1024);
+    assert_eq!(c.shard.max_inflight, 1024);
+    assert_eq!(c.shard.handoff_buffer, 1024);
+    assert_eq!(
+        c.lease,
+        LeaseSection {
+            ttl_ms: 2000,
+            renew_ms: 500,
+            drift_margin_ms: 200,
+        }
+    );
 }
 
 #[test]
@@ -65,16 +73,16 @@ fn shipped_node_toml_equals_defaults() {
     );
 }
 
-/// The commented 3-member example in `config/node.toml`, uncommented, must be valid.
+/// The commented 3-node example in `config/node.toml`, uncommented, must be valid.
 #[test]
 fn shipped_cluster_example_is_valid() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/node.toml");
     let text = std::fs::read_to_string(path).expect("read config/node.toml");
     let example: String = text
         .lines()
-        .skip_while(|l| !l.contains("BEGIN 3-member example"))
+        .skip_while(|l| !l.contains("BEGIN 3-node example"))
         .skip(1)
-        .take_while(|l| !l.contains("END 3-member example"))
+        .take_while(|l| !l.contains("END 3-node example"))
         .filter_map(|l| l.strip_prefix("# "))
         .filter(|l| !l.starts_with('#'))
         .map(|l| format!("{l}\n"))
@@ -84,8 +92,15 @@ fn shipped_cluster_example_is_valid() {
         "example not found:\n{example}"
     );
     let c = load_toml(&example).expect("example is valid");
-    assert_eq!(c.cluster.members.len(), 3);
-    assert_eq!(c.cluster.voters.len(), 3);
+    assert_eq!(c.node.name, "n2");
+    assert!(c.is_voter());
+    assert_eq!(c.cluster.voters, three_voters());
+    assert_eq!(
+        c.cluster.seeds,
+        vec!["127.0.0.1:7400", "127.0.0.2:7400", "127.0.0.3:7400"],
+        "seeds point at the three voters, this node's own listen included"
+    );
+    assert!(c.cluster.seeds.contains(&c.node.listen.to_string()));
 }
 
 #[test]
@@ -135,18 +150,55 @@ fn env_overrides_file_with_nesting() {
 }
 
 #[test]
-fn env_renames_node_and_members() {
+fn env_renames_node() {
     let vars = env(&[
         ("TIDEPOOL_NODE__NAME", "n2"),
-        (
-            "TIDEPOOL_CLUSTER__MEMBERS",
-            r#"[{name="n1",addr="127.0.0.1:7400"},{name="n2",addr="127.0.0.2:7400"}]"#,
-        ),
         ("TIDEPOOL_CLUSTER__VOTERS", r#"["n1","n2"]"#),
     ]);
     let c = NodeConfig::load_from(None, &vars).expect("valid");
     assert_eq!(c.node.name, "n2");
-    assert_eq!(c.this_member().addr.to_string(), "127.0.0.2:7400");
+    assert!(c.is_voter());
+}
+
+#[test]
+fn new_keys_from_file_and_env() {
+    let f = toml_file(
+        r#"
+        [cluster]
+        max_concurrent_handoffs = 2
+        [shard]
+        handoff_buffer = 16
+        [lease]
+        ttl_ms = 4000
+        "#,
+    );
+    let vars = env(&[
+        ("TIDEPOOL_LEASE__RENEW_MS", "1000"),
+        ("TIDEPOOL_LEASE__DRIFT_MARGIN_MS", "400"),
+        ("TIDEPOOL_SHARD__HANDOFF_BUFFER", "32"),
+    ]);
+    let c = NodeConfig::load_from(Some(f.path()), &vars).expect("valid");
+    assert_eq!(c.cluster.max_concurrent_handoffs, 2);
+    assert_eq!(c.shard.handoff_buffer, 32, "env replaces file");
+    assert_eq!(
+        c.lease,
+        LeaseSection {
+            ttl_ms: 4000,
+            renew_ms: 1000,
+            drift_margin_ms: 400,
+        }
+    );
+    assert_eq!(
+        NodeConfig::load_from(Some(f.path()), &[]).map(|c| c.lease.renew_ms),
+        Ok(500),
+        "unset keys keep defaults"
+    );
+}
+
+#[test]
+fn unknown_lease_key_is_named() {
+    let e = load_toml("[lease]\nttl = 2000\n").expect_err("unknown key");
+    assert_eq!(e.key, "lease.ttl", "{e}");
 }
 
 #[test]
@@ -169,17 +221,13 @@ fn voters_list_from_env_replaces_file_list() {
         r#"
         [cluster]
         voters = ["n1"]
-        members = [
-          { name = "n1", addr = "127.0.0.1:7400" },
-          { name = "n2", addr = "127.0.0.2:7400" },
-          { name = "n3", addr = "127.0.0.3:7400" },
-        ]
+        seeds = ["127.0.0.2:7400"]
         "#,
     );
     let vars = env(&[("TIDEPOOL_CLUSTER__VOTERS", r#"["n1","n2","n3"]"#)]);
     let c = NodeConfig::load_from(Some(f.path()), &vars).expect("valid");
-    assert_eq!(c.cluster.voters, vec!["n1", "n2", "n3"]);
-    assert_eq!(c.cluster.members, three_members());
+    assert_eq!(c.cluster.voters, three_voters());
+    assert_eq!(c.cluster.seeds, vec!["127.0.0.2:7400"]);
 }
 
 #[test]
@@ -229,11 +277,43 @@ fn unknown_section_in_file_is_named() {
     assert!(e.reason.contains("TIDEPOOL_NODES__NAME"), "{e}");
 }
 
+/// Old configs with a static member list get an error saying why it is gone.
 #[test]
-fn unknown_key_in_member_is_named() {
-    let e = load_toml("[[cluster.members]]\nname = \"n1\"\naddr = \"127.0.0.1:7400\"\nport = 1\n")
-        .expect_err("unknown key");
-    assert_eq!(e.key, "cluster.members[0].port", "{e}");
+fn static_members_rejected_with_reason() {
+    let f = toml_file(
+        r#"
+        [cluster]
+        members = [{ name = "n1", addr = "127.0.0.1:7400" }]
+        "#,
+    );
+    let e = NodeConfig::load_from(Some(f.path()), &[]).expect_err("members is gone");
+    assert_eq!(e.key, "cluster.members", "{e}");
+    assert!(e.reason.contains("unknown field"), "{e}");
+    assert!(e.reason.contains("dynamic"), "{e}");
+    assert!(e.reason.contains("cluster.seeds"), "{e}");
+    let file = f.path().display().to_string();
+    assert!(e.reason.contains(&file), "names the file: {e}");
+
+    // Array-of-tables form, and an empty list, too.
+    let e = load_toml("[[cluster.members]]\nname = \"n1\"\naddr = \"127.0.0.1:7400\"\n")
+        .expect_err("members is gone");
+    assert_eq!(e.key, "cluster.members", "{e}");
+    assert!(e.reason.contains("dynamic"), "{e}");
+    let e = load_toml("[cluster]\nmembers = []\n").expect_err("members is gone");
+    assert_eq!(e.key, "cluster.members", "{e}");
+
+    // Reported before other errors in the same file.
+    let e = load_toml("[cluster]\nmembers = []\n[node]\nnmae = \"x\"\n").expect_err("gone");
+    assert_eq!(e.key, "cluster.members", "{e}");
+
+    let vars = env(&[(
+        "TIDEPOOL_CLUSTER__MEMBERS",
+        r#"[{name="n1",addr="127.0.0.1:7400"}]"#,
+    )]);
+    let e = NodeConfig::load_from(None, &vars).expect_err("members is gone");
+    assert_eq!(e.key, "cluster.members", "{e}");
+    assert!(e.reason.contains("dynamic"), "{e}");
+    assert!(e.reason.contains("TIDEPOOL_CLUSTER__MEMBERS"), "{e}");
 }
 
 #[test]
@@ -259,21 +339,12 @@ fn wrong_type_is_named() {
     );
     let e = load_toml("[cluster]\nseeds = [\"a:1\", 3]\n").expect_err("bad list element");
     assert_eq!(e.key, "cluster.seeds[1]");
-    let e = load_toml(
-        "[cluster]\nmembers = [{name=\"n1\", addr=\"127.0.0.1:7400\"}, {name=\"n2\", addr=\"x\"}]\n",
-    )
-    .expect_err("bad addr");
-    assert_eq!(e.key, "cluster.members[1].addr");
-}
-
-#[test]
-fn missing_member_field_is_named() {
-    let e = load_toml("[[cluster.members]]\nname = \"n1\"\n").expect_err("missing addr");
-    assert_eq!(e.key, "cluster.members[0].addr", "{e}");
-    let vars = env(&[("TIDEPOOL_CLUSTER__MEMBERS", r#"[{name="n1"}]"#)]);
-    let e = NodeConfig::load_from(None, &vars).expect_err("missing addr");
-    assert_eq!(e.key, "cluster.members[0].addr", "{e}");
-    assert!(e.reason.contains("TIDEPOOL_CLUSTER__MEMBERS"), "{e}");
+    let e = load_toml("[cluster]\nvoters = [\"n1\", 2]\n").expect_err("bad list element");
+    assert_eq!(e.key, "cluster.voters[1]");
+    let e = load_toml("[lease]\nttl_ms = -1\n").expect_err("negative");
+    assert_eq!(e.key, "lease.ttl_ms");
+    let e = load_toml("[cluster]\nmax_concurrent_handoffs = \"4\"\n").expect_err("string");
+    assert_eq!(e.key, "cluster.max_concurrent_handoffs");
 }
 
 #[test]
@@ -317,11 +388,10 @@ fn display_names_the_key() {
     assert_eq!(ConfigError::EXIT_CODE, 64);
 }
 
-/// Applies `edit` to a valid 3-member config for node `n1` and returns the failing key.
+/// Applies `edit` to a valid 3-voter config for node `n1` and returns the failing key.
 fn invalid(edit: impl FnOnce(&mut NodeConfig)) -> String {
     let mut c = NodeConfig::default();
-    c.cluster.members = three_members();
-    c.cluster.voters = vec!["n1".into(), "n2".into(), "n3".into()];
+    c.cluster.voters = three_voters();
     assert_eq!(c.validate(), Ok(()), "base config must be valid");
     edit(&mut c);
     err_key(c.validate().map(|()| c))
@@ -343,51 +413,67 @@ fn valid_node_names() {
     for name in ["a", "0", "node-7", &"a".repeat(63)] {
         let mut c = NodeConfig::default();
         c.node.name = name.into();
-        c.cluster.members[0].name = name.into();
         c.cluster.voters = vec![name.into()];
         assert_eq!(c.validate(), Ok(()), "{name:?}");
     }
 }
 
 #[test]
-fn node_not_a_member() {
-    assert_eq!(invalid(|c| c.node.name = "n9".into()), "node.name");
+fn non_voter_with_seeds_is_valid() {
+    let mut c = NodeConfig::default();
+    c.node.name = "n4".into();
+    c.node.listen = "127.0.0.4:7400".parse().expect("addr");
+    c.cluster.voters = three_voters();
+    c.cluster.seeds = vec!["127.0.0.1:7400".into()];
+    assert!(!c.is_voter());
+    assert_eq!(c.validate(), Ok(()));
 }
 
 #[test]
-fn empty_members() {
-    assert_eq!(invalid(|c| c.cluster.members.clear()), "cluster.members");
+fn non_voter_without_seeds_is_rejected() {
+    let mut c = NodeConfig::default();
+    c.node.name = "n4".into();
+    c.cluster.voters = three_voters();
+    c.cluster.seeds.clear();
+    let e = c.validate().expect_err("nobody to join");
+    assert_eq!(e.key, "cluster.seeds");
+    assert!(e.reason.contains("n4"), "{e}");
+    assert!(e.reason.contains("voter"), "{e}");
+
+    let vars = env(&[
+        ("TIDEPOOL_NODE__NAME", "n2"),
+        ("TIDEPOOL_CLUSTER__SEEDS", "[]"),
+    ]);
+    let e = NodeConfig::load_from(None, &vars).expect_err("n2 is not a voter");
+    assert_eq!(e.key, "cluster.seeds");
 }
 
 #[test]
-fn invalid_member_name() {
-    assert_eq!(
-        invalid(|c| c.cluster.members[2].name = "N3".into()),
-        "cluster.members[2].name"
-    );
+fn voter_without_seeds_starts_a_new_cluster() {
+    let mut c = NodeConfig::default();
+    c.cluster.seeds.clear();
+    assert_eq!(c.validate(), Ok(()));
+    c.node.name = "n2".into();
+    c.cluster.voters = three_voters();
+    assert_eq!(c.validate(), Ok(()));
 }
 
 #[test]
-fn duplicate_member_name() {
-    assert_eq!(
-        invalid(|c| c.cluster.members[1].name = "n3".into()),
-        "cluster.members[2].name"
-    );
+fn seed_equal_to_own_listen_is_allowed() {
+    let mut c = NodeConfig::default();
+    c.node.name = "n2".into();
+    c.node.listen = "127.0.0.2:7400".parse().expect("addr");
+    c.node.admin = "127.0.0.2:7401".parse().expect("addr");
+    c.cluster.voters = three_voters();
+    c.cluster.seeds = vec!["127.0.0.2:7400".into()];
+    assert_eq!(c.validate(), Ok(()));
 }
 
 #[test]
-fn duplicate_member_addr() {
-    let addr = "127.0.0.1:7400".parse().expect("addr");
-    assert_eq!(
-        invalid(|c| c.cluster.members[1].addr = addr),
-        "cluster.members[1].addr"
-    );
-}
-
-#[test]
-fn listen_port_differs_from_member_addr() {
-    let addr = "127.0.0.1:7500".parse().expect("addr");
-    assert_eq!(invalid(|c| c.node.listen = addr), "node.listen");
+fn listen_port_is_free() {
+    let mut c = NodeConfig::default();
+    c.node.listen = "127.0.0.1:7500".parse().expect("addr");
+    assert_eq!(c.validate(), Ok(()), "no member entry to match any more");
 }
 
 #[test]
@@ -417,13 +503,24 @@ fn shards_out_of_range() {
 fn bad_voters() {
     assert_eq!(invalid(|c| c.cluster.voters.clear()), "cluster.voters");
     assert_eq!(
-        invalid(|c| c.cluster.voters.push("n4".into())),
-        "cluster.voters"
-    );
-    assert_eq!(
         invalid(|c| c.cluster.voters.push("n1".into())),
         "cluster.voters"
     );
+    for name in ["", "N4", "n_4", "-n4", "n4-", "n4.example", &"a".repeat(64)] {
+        assert_eq!(
+            invalid(|c| c.cluster.voters.push(name.into())),
+            "cluster.voters[3]",
+            "{name:?}"
+        );
+    }
+}
+
+#[test]
+fn voters_need_not_include_this_node_or_be_known() {
+    let mut c = NodeConfig::default();
+    c.cluster.voters = vec!["n7".into(), "n8".into(), "n9".into()];
+    assert!(!c.is_voter());
+    assert_eq!(c.validate(), Ok(()), "non-voter with the default seed");
 }
 
 #[test]
@@ -434,7 +531,9 @@ fn bad_seeds() {
         "host:",
         ":7400",
         "host:0",
+        "host:65536",
         "host:70000",
+        "host:-1",
         "host:port",
     ] {
         assert_eq!(
@@ -442,9 +541,19 @@ fn bad_seeds() {
             "cluster.seeds[0]",
             "{seed:?}"
         );
+        assert_eq!(
+            invalid(|c| c.cluster.seeds = vec!["127.0.0.1:7400".into(), seed.into()]),
+            "cluster.seeds[1]",
+            "{seed:?}"
+        );
     }
     let mut c = NodeConfig::default();
-    c.cluster.seeds = vec!["[::1]:7400".into(), "node-2.example:7400".into()];
+    c.cluster.seeds = vec![
+        "[::1]:7400".into(),
+        "node-2.example:7400".into(),
+        "h:1".into(),
+        "h:65535".into(),
+    ];
     assert_eq!(c.validate(), Ok(()));
 }
 
@@ -505,6 +614,85 @@ fn zero_depths_and_timeouts() {
         "workers.queue_depth"
     );
     assert_eq!(invalid(|c| c.shard.max_inflight = 0), "shard.max_inflight");
+    assert_eq!(
+        invalid(|c| c.shard.handoff_buffer = 0),
+        "shard.handoff_buffer"
+    );
+    assert_eq!(
+        invalid(|c| c.cluster.max_concurrent_handoffs = 0),
+        "cluster.max_concurrent_handoffs"
+    );
+    let mut c = NodeConfig::default();
+    c.shard.handoff_buffer = 1;
+    c.cluster.max_concurrent_handoffs = 1;
+    assert_eq!(c.validate(), Ok(()));
+}
+
+#[test]
+fn lease_ttl_must_be_positive() {
+    assert_eq!(invalid(|c| c.lease.ttl_ms = 0), "lease.ttl_ms");
+}
+
+#[test]
+fn lease_renew_must_be_in_range() {
+    assert_eq!(invalid(|c| c.lease.renew_ms = 0), "lease.renew_ms");
+    assert_eq!(invalid(|c| c.lease.renew_ms = 2000), "lease.renew_ms");
+    assert_eq!(invalid(|c| c.lease.renew_ms = 5000), "lease.renew_ms");
+    // Not shorter than the validity window `ttl - drift` (1800 ms at the defaults): the lease
+    // would lapse between renewals even with instant grants.
+    assert_eq!(invalid(|c| c.lease.renew_ms = 1800), "lease.renew_ms");
+    let e = {
+        let mut c = NodeConfig::default();
+        c.lease.renew_ms = 1800;
+        c.validate().expect_err("too slow")
+    };
+    assert!(e.reason.contains("1800"), "{e}");
+    let mut c = NodeConfig::default();
+    c.lease.renew_ms = 1;
+    assert_eq!(c.validate(), Ok(()));
+    c.lease.renew_ms = 1799;
+    assert_eq!(c.validate(), Ok(()));
+}
+
+#[test]
+fn lease_drift_margin_below_half_ttl() {
+    assert_eq!(
+        invalid(|c| c.lease.drift_margin_ms = 1000),
+        "lease.drift_margin_ms"
+    );
+    assert_eq!(
+        invalid(|c| c.lease.drift_margin_ms = 5000),
+        "lease.drift_margin_ms"
+    );
+    // Checked before renew_ms, so a huge margin is blamed on itself.
+    assert_eq!(
+        invalid(|c| c.lease.drift_margin_ms = u64::MAX),
+        "lease.drift_margin_ms"
+    );
+    let mut c = NodeConfig::default();
+    c.lease.drift_margin_ms = 0;
+    assert_eq!(c.validate(), Ok(()));
+    c.lease.drift_margin_ms = 999;
+    c.lease.renew_ms = 1000;
+    assert_eq!(c.validate(), Ok(()));
+}
+
+#[test]
+fn lease_extremes_do_not_overflow() {
+    let mut c = NodeConfig {
+        lease: LeaseSection {
+            ttl_ms: u64::MAX,
+            renew_ms: u64::MAX / 2,
+            drift_margin_ms: u64::MAX / 2 - 1,
+        },
+        ..NodeConfig::default()
+    };
+    assert_eq!(c.validate(), Ok(()));
+    c.lease.ttl_ms = 1;
+    assert_eq!(
+        c.validate().map_err(|e| e.key),
+        Err("lease.drift_margin_ms".into())
+    );
 }
 
 #[test]
@@ -550,10 +738,6 @@ fn validation_error_from_load_names_key() {
 fn quoted_numeric_string_from_env() {
     let vars = env(&[
         ("TIDEPOOL_NODE__NAME", r#""42""#),
-        (
-            "TIDEPOOL_CLUSTER__MEMBERS",
-            r#"[{name="42",addr="127.0.0.1:7400"}]"#,
-        ),
         ("TIDEPOOL_CLUSTER__VOTERS", r#"["42"]"#),
     ]);
     let c = NodeConfig::load_from(None, &vars).expect("valid");

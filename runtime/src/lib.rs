@@ -11,12 +11,21 @@
 //! - [`placement`]: sans-IO rendezvous hashing of shards onto members.
 //! - [`config`]: typed node configuration, defaults with units, validation.
 //! - [`metrics`]: one table of every metric name, type, unit and help text.
+//! - [`control`]: the embedded Raft group (openraft) holding the cluster map.
+//! - [`lease`], [`handoff`], [`rebalance`]: sans-IO lease arithmetic, the shard handoff state
+//!   machine, and the leader's paced rebalancing policy.
+//! - [`storage`]: object_store: the shards' op logs and epoch-fenced checkpoints.
 #![deny(unsafe_code)]
 
 pub mod certs;
 pub mod client;
 pub mod codec;
 pub mod config;
+pub mod control;
+pub mod handoff;
+pub mod lease;
 pub mod metrics;
 pub mod placement;
+pub mod rebalance;
+pub mod storage;
 pub mod transport;

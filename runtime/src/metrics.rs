@@ -71,6 +71,26 @@ metric_table! {
         "Shard requests refused (not_owner, overloaded, forbidden, bad_request, shutting_down).";
     STALE_EPOCH_REJECTIONS = "tidepool_stale_epoch_rejections_total", Counter, None, [],
         "Shard messages refused because they carried an epoch other than the shard's current one.";
+    CLUSTER_MEMBERS = "tidepool_cluster_members", Gauge, None, ["state"],
+        "Members of the cluster map by state (joining, up, draining, down), as this node sees it.";
+    REBALANCES = "tidepool_rebalances_total", Counter, None, ["kind"],
+        "Shard moves proposed by the leader (handoff: graceful; reassign: after a lease expired).";
+    HANDOFF_DURATION = "tidepool_handoff_duration_seconds", Histogram, Some(Unit::Seconds), [],
+        "Graceful handoff pause on the old owner: stop accepting to handoff committed.";
+    HANDOFF_BUFFERED = "tidepool_handoff_buffered_messages", Gauge, None, [],
+        "Requests buffered at the router for shards in handoff (bounded per shard).";
+    SHARD_RESTORES = "tidepool_shard_restores_total", Counter, None, ["result"],
+        "Shard restores from checkpoint + op log when this node became an owner (ok, error).";
+    RAFT_LEADER_CHANGES = "tidepool_raft_leader_changes_total", Counter, None, [],
+        "Control-plane leadership changes seen by this node.";
+    RAFT_COMMIT_LATENCY = "tidepool_raft_commit_latency_seconds", Histogram, Some(Unit::Seconds), [],
+        "Time for a control-plane proposal to commit and apply.";
+    RAFT_TERM = "tidepool_raft_term", Gauge, None, [],
+        "Current Raft term.";
+    LEASE_EXPIRATIONS = "tidepool_lease_expirations_total", Counter, None, [],
+        "Times this node's lease expired (it stopped serving by itself).";
+    LEASE_VALID = "tidepool_lease_valid", Gauge, None, [],
+        "1 while this node holds a valid lease.";
     SHARDS_OWNED = "tidepool_shards_owned", Gauge, None, [],
         "Shards this node owns.";
     ROUTER_FORWARDED = "tidepool_router_forwarded_total", Counter, None, ["result"],

@@ -14,9 +14,11 @@
 //! ```
 
 mod frame;
+mod persist;
 mod tensor;
 
 pub use frame::{encode, read_frame, EncodedFrame, Frame, FRAME_HEADER_LEN};
+pub use persist::{decode_log, decode_snapshot, encode_log, encode_snapshot, LogRecord, ShardSnapshot, SnapValue, SenderWindow};
 pub use tensor::TensorView;
 
 use rkyv::{Archive, Deserialize, Serialize};
@@ -122,6 +124,8 @@ pub enum ErrorCode {
     ShuttingDown,
     /// Something failed on the node; retrying may help.
     Internal,
+    /// This node is not the control-plane leader; ask the leader (retryable).
+    NotLeader,
 }
 
 impl ErrorCode {
@@ -161,6 +165,20 @@ pub struct ShardInfo {
     pub state: String,
 }
 
+/// Control-plane RPCs between nodes. Raft payloads are serde_json of openraft's own types (foreign
+/// types that cannot carry rkyv derives): still inside a size-capped, validated envelope, and
+/// parsed with serde, which returns errors, never panics, on bad input.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlKind {
+    RaftAppend,
+    RaftVote,
+    RaftSnapshot,
+    /// A command for the leader to propose (forwarded by a follower or a client).
+    Propose,
+    /// A node asks to join (or rejoin) the cluster.
+    Join,
+}
+
 /// The message kinds. The variant is the "message kind" of the envelope.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum Body {
@@ -173,6 +191,14 @@ pub enum Body {
     Ping(u64),
     Pong(u64),
     Error { code: ErrorCode, message: String },
+    Control { kind: ControlKind, payload: Vec<u8> },
+    ControlReply(Vec<u8>),
+    /// A node renews its lease with the leader; `sent_at` echoes back (sender's clock, opaque).
+    LeaseRenew { sent_at: u64 },
+    /// Lease granted for `ttl_ms` from the renewal's send time, by the leader of `term`.
+    LeaseGrant { sent_at: u64, ttl_ms: u64, term: u64 },
+    /// Admin: move every shard off `node`, then mark it drained.
+    Drain { node: String },
 }
 
 /// Message kind, for logs and metric labels (a closed set).
@@ -187,6 +213,11 @@ pub enum Kind {
     Ping,
     Pong,
     Error,
+    Control,
+    ControlReply,
+    LeaseRenew,
+    LeaseGrant,
+    Drain,
 }
 
 impl Kind {
@@ -201,6 +232,11 @@ impl Kind {
             Kind::Ping => "ping",
             Kind::Pong => "pong",
             Kind::Error => "error",
+            Kind::Control => "control",
+            Kind::ControlReply => "control_reply",
+            Kind::LeaseRenew => "lease_renew",
+            Kind::LeaseGrant => "lease_grant",
+            Kind::Drain => "drain",
         }
     }
 
@@ -208,7 +244,13 @@ impl Kind {
     pub fn is_reply(self) -> bool {
         matches!(
             self,
-            Kind::ShardReply | Kind::StatusReply | Kind::ShardsReply | Kind::Pong | Kind::Error
+            Kind::ShardReply
+                | Kind::StatusReply
+                | Kind::ShardsReply
+                | Kind::Pong
+                | Kind::Error
+                | Kind::ControlReply
+                | Kind::LeaseGrant
         )
     }
 }
@@ -225,6 +267,11 @@ impl ArchivedBody {
             ArchivedBody::Ping(_) => Kind::Ping,
             ArchivedBody::Pong(_) => Kind::Pong,
             ArchivedBody::Error { .. } => Kind::Error,
+            ArchivedBody::Control { .. } => Kind::Control,
+            ArchivedBody::ControlReply(_) => Kind::ControlReply,
+            ArchivedBody::LeaseRenew { .. } => Kind::LeaseRenew,
+            ArchivedBody::LeaseGrant { .. } => Kind::LeaseGrant,
+            ArchivedBody::Drain { .. } => Kind::Drain,
         }
     }
 }
@@ -238,6 +285,7 @@ impl ArchivedErrorCode {
             ArchivedErrorCode::Forbidden => ErrorCode::Forbidden,
             ArchivedErrorCode::ShuttingDown => ErrorCode::ShuttingDown,
             ArchivedErrorCode::Internal => ErrorCode::Internal,
+            ArchivedErrorCode::NotLeader => ErrorCode::NotLeader,
         }
     }
 }

@@ -26,6 +26,7 @@ fn arb_code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::Forbidden),
         Just(ErrorCode::ShuttingDown),
         Just(ErrorCode::Internal),
+        Just(ErrorCode::NotLeader),
     ]
 }
 
@@ -97,6 +98,21 @@ fn arb_body() -> impl Strategy<Value = Body> {
         any::<u64>().prop_map(Body::Ping),
         any::<u64>().prop_map(Body::Pong),
         (arb_code(), ".{0,32}").prop_map(|(code, message)| Body::Error { code, message }),
+        (
+            prop_oneof![
+                Just(ControlKind::RaftAppend),
+                Just(ControlKind::RaftVote),
+                Just(ControlKind::RaftSnapshot),
+                Just(ControlKind::Propose),
+                Just(ControlKind::Join)
+            ],
+            proptest::collection::vec(any::<u8>(), 0..64)
+        )
+            .prop_map(|(kind, payload)| Body::Control { kind, payload }),
+        proptest::collection::vec(any::<u8>(), 0..64).prop_map(Body::ControlReply),
+        any::<u64>().prop_map(|sent_at| Body::LeaseRenew { sent_at }),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(sent_at, ttl_ms, term)| Body::LeaseGrant { sent_at, ttl_ms, term }),
+        "[a-z0-9]{1,8}".prop_map(|node| Body::Drain { node }),
     ]
 }
 

@@ -25,6 +25,10 @@ const LARGE_STREAMS: usize = 4;
 /// QUIC application error code used when we reset a stream over a rejected frame.
 pub const REJECTED_FRAME_CODE: u32 = 0x10;
 
+/// Where requests go: set once when the node starts; links made earlier see it as soon as it is
+/// set (a peer may dial us, or we it, before the router exists).
+pub type Handler = Arc<std::sync::OnceLock<Arc<dyn Inbound>>>;
+
 /// A live link to a peer. Cheap to clone; all clones share the queue and the connection.
 #[derive(Clone)]
 pub struct Link {
@@ -57,7 +61,7 @@ impl Link {
         peer: Identity,
         queue_depth: usize,
         max_frame: usize,
-        handler: Option<Arc<dyn Inbound>>,
+        handler: Handler,
     ) -> Link {
         let (tx, rx) = mpsc::channel(queue_depth.max(1));
         let label = if peer.role == Role::Node {
@@ -294,7 +298,7 @@ async fn write_own_stream(
 }
 
 /// Accepts the peer's streams until the connection closes, then fails pending requests.
-async fn accept_loop(link: Link, max_frame: usize, handler: Option<Arc<dyn Inbound>>) {
+async fn accept_loop(link: Link, max_frame: usize, handler: Handler) {
     loop {
         match link.inner.conn.accept_uni().await {
             Ok(recv) => {
@@ -316,7 +320,7 @@ async fn read_stream(
     link: Link,
     mut recv: quinn::RecvStream,
     max_frame: usize,
-    handler: Option<Arc<dyn Inbound>>,
+    handler: Handler,
 ) {
     loop {
         match codec::read_frame(&mut recv, max_frame).await {
@@ -326,7 +330,7 @@ async fn read_stream(
                 metrics::counter!(m::WIRE_BYTES_RECEIVED).increment(frame.len() as u64);
                 if kind.is_reply() {
                     link.complete(frame);
-                } else if let Some(h) = &handler {
+                } else if let Some(h) = handler.get() {
                     // Returns once the request is admitted, so this stream keeps flowing while
                     // the work runs; a full shard queue holds the stream (backpressure).
                     h.on_request(link.clone(), frame).await;

@@ -110,7 +110,7 @@ struct Inner {
     cfg: TransportConfig,
     addrs: Mutex<HashMap<String, SocketAddr>>,
     peers: Mutex<HashMap<String, PeerSlot>>,
-    handler: OnceLock<Arc<dyn Inbound>>,
+    handler: link::Handler,
 }
 
 /// A node's QUIC endpoint and its links to peers. Cheap to clone.
@@ -176,7 +176,7 @@ impl Transport {
                 cfg,
                 addrs: Mutex::new(HashMap::new()),
                 peers: Mutex::new(HashMap::new()),
-                handler: OnceLock::new(),
+                handler: Arc::new(OnceLock::new()),
             }),
         })
     }
@@ -242,7 +242,7 @@ impl Transport {
             id.clone(),
             self.inner.cfg.send_queue_depth,
             self.inner.cfg.max_frame_bytes,
-            self.inner.handler.get().cloned(),
+            self.inner.handler.clone(),
         );
         metrics::gauge!(m::TRANSPORT_CONNECTIONS, "role" => role.clone()).increment(1.0);
         info!(peer = %id.name, role = %id.role, remote = %link.remote_address(), dialed, "connection up");
@@ -371,6 +371,27 @@ impl Transport {
         }
     }
 
+    /// Dials whatever node listens at `addr` (a seed) and learns its name from its certificate;
+    /// the link is registered under that name, and the address remembered for later dials.
+    pub async fn dial_any(&self, addr: SocketAddr) -> Result<Link, TransportError> {
+        let conn = self.dial(tls::ANY_NODE, addr).await?;
+        let id = tls::peer_identity(&conn)?;
+        if id.name == self.inner.name {
+            conn.close(0u32.into(), b"self");
+            return Err(TransportError::Unreachable { peer: id.name, reason: "that is this node".into() });
+        }
+        self.inner.addrs.lock().insert(id.name.clone(), addr);
+        metrics::counter!(m::TRANSPORT_DIALS, "result" => "ok").increment(1);
+        Ok(self.adopt(conn, id, true))
+    }
+
+    /// Adds or updates the address of one member (dynamic membership).
+    pub fn add_member(&self, name: &str, addr: SocketAddr) {
+        if name != self.inner.name {
+            self.inner.addrs.lock().insert(name.to_string(), addr);
+        }
+    }
+
     /// Names of members with a live link now.
     pub fn live_peers(&self) -> Vec<String> {
         self.inner
@@ -441,7 +462,7 @@ impl Client {
             .map_err(|_| unreachable("handshake timed out".into()))?
             .map_err(|e| unreachable(e.to_string()))?;
         let id = tls::peer_identity(&conn)?;
-        let link = Link::start(conn, id, cfg.send_queue_depth, cfg.max_frame_bytes, None);
+        let link = Link::start(conn, id, cfg.send_queue_depth, cfg.max_frame_bytes, Arc::default());
         Ok(Client { endpoint, link })
     }
 

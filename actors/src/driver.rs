@@ -1,0 +1,291 @@
+//! The ownership driver: one task per node that turns cluster-map changes, lease validity,
+//! storage faults and actor failures into shard handoff events, feeds them to one sans-IO
+//! [`ShardHandoff`] machine per shard, and carries out the effects (restore, start and stop
+//! actors, checkpoint, commit the handoff, buffer and forward requests).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tidepool_runtime::control::{Command, ControlPlane, ShardAssignment};
+use tidepool_runtime::handoff::{Effect, Event, ShardHandoff};
+use tidepool_runtime::metrics as m;
+use tidepool_runtime::storage::Store;
+use ractor::ActorRef;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use crate::leader::Leases;
+use crate::restore::{restore_shard, Restored};
+use crate::router::Router;
+use crate::shard::ShardMsg;
+use crate::shard_log::{LogFault, ShardLog};
+use crate::supervisor::SupervisorMsg;
+
+/// Something that finished in the background and must go back into a shard's machine.
+#[derive(Debug)]
+enum Done {
+    Event(u32, Event),
+    Restored(u32, u64, Box<Restored>),
+    Retry(u32),
+}
+
+/// Inputs the driver needs.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    pub me: String,
+    pub shards: u32,
+    pub log_queue: usize,
+}
+
+/// Runs until the map channel closes.
+#[allow(clippy::too_many_arguments)]
+pub async fn run(
+    cfg: DriverConfig,
+    control: ControlPlane,
+    router: Router,
+    supervisor: ActorRef<SupervisorMsg>,
+    store: Store,
+    leases: Arc<Leases>,
+    mut failed: mpsc::UnboundedReceiver<u32>,
+) {
+    let mut map_rx = control.map();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
+    let (fault_tx, mut fault_rx) = mpsc::channel::<(u32, u64, LogFault)>(64);
+    let mut d = Driver {
+        cfg: cfg.clone(),
+        control,
+        router,
+        supervisor,
+        store,
+        done: done_tx,
+        faults: fault_tx,
+        machines: (0..cfg.shards).map(|s| ShardHandoff::new(cfg.me.clone(), s)).collect(),
+        seen: vec![None; cfg.shards as usize],
+        restored: HashMap::new(),
+        handoff_started: HashMap::new(),
+        lease_valid: false,
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = map_rx.changed() => {
+                if changed.is_err() { return; }
+                d.on_map().await;
+            }
+            _ = tick.tick() => {
+                let valid = leases.valid();
+                if valid != d.lease_valid {
+                    d.lease_valid = valid;
+                    let ev = if valid { Event::LeaseRegained } else { Event::LeaseLost };
+                    for s in 0..d.cfg.shards { d.feed(s, ev.clone()).await; }
+                }
+            }
+            Some(done) = done_rx.recv() => d.on_done(done).await,
+            Some((shard, epoch, fault)) = fault_rx.recv() => {
+                warn!(shard, epoch, ?fault, "shard log fault");
+                match fault {
+                    LogFault::Fenced => d.feed(shard, Event::FencedByStorage).await,
+                    LogFault::Failed => d.reset(shard).await,
+                }
+            }
+            Some(shard) = failed.recv() => d.reset(shard).await,
+        }
+    }
+}
+
+struct Driver {
+    cfg: DriverConfig,
+    control: ControlPlane,
+    router: Router,
+    supervisor: ActorRef<SupervisorMsg>,
+    store: Store,
+    done: mpsc::UnboundedSender<Done>,
+    faults: mpsc::Sender<(u32, u64, LogFault)>,
+    machines: Vec<ShardHandoff>,
+    seen: Vec<Option<ShardAssignment>>,
+    restored: HashMap<u32, (u64, Box<Restored>)>,
+    handoff_started: HashMap<u32, Instant>,
+    lease_valid: bool,
+}
+
+impl Driver {
+    async fn on_map(&mut self) {
+        let map = self.control.map().borrow().clone();
+        for (s, a) in map.shards.iter().enumerate() {
+            let s = s as u32;
+            if self.seen.get(s as usize).and_then(|x| x.as_ref()) == Some(a) {
+                continue;
+            }
+            if let Some(slot) = self.seen.get_mut(s as usize) {
+                *slot = Some(a.clone());
+            }
+            self.feed(s, assigned(a)).await;
+        }
+    }
+
+    /// Throws away a shard's machine and state and starts over from the current assignment
+    /// (actor failure, storage failure): the state is rebuilt from storage.
+    async fn reset(&mut self, shard: u32) {
+        self.stop_actor(shard).await;
+        self.restored.remove(&shard);
+        if let Some(m) = self.machines.get_mut(shard as usize) {
+            *m = ShardHandoff::new(self.cfg.me.clone(), shard);
+        }
+        if self.lease_valid {
+            self.feed(shard, Event::LeaseRegained).await;
+        }
+        if let Some(Some(a)) = self.seen.get(shard as usize).cloned() {
+            self.feed(shard, assigned(&a)).await;
+        }
+    }
+
+    async fn on_done(&mut self, done: Done) {
+        match done {
+            Done::Event(s, ev) => self.feed(s, ev).await,
+            Done::Restored(s, epoch, r) => {
+                let seq = r.next_seq.saturating_sub(1);
+                self.restored.insert(s, (epoch, r));
+                self.feed(s, Event::Restored { epoch, seq }).await;
+            }
+            Done::Retry(s) => {
+                if let Some(Some(a)) = self.seen.get(s as usize).cloned() {
+                    self.feed(s, assigned(&a)).await;
+                }
+            }
+        }
+    }
+
+    async fn feed(&mut self, shard: u32, ev: Event) {
+        let Some(m) = self.machines.get_mut(shard as usize) else { return };
+        let effects = m.handle(Instant::now(), ev);
+        for e in effects {
+            self.effect(shard, e).await;
+        }
+    }
+
+    async fn effect(&mut self, shard: u32, e: Effect) {
+        debug!(shard, ?e, "handoff effect");
+        match e {
+            Effect::StopAccepting => {
+                self.handoff_started.insert(shard, Instant::now());
+                self.router.stop_accepting(shard);
+            }
+            Effect::WaitInflight => {
+                let (router, done) = (self.router.clone(), self.done.clone());
+                tokio::spawn(async move {
+                    let deadline = Instant::now() + Duration::from_secs(30);
+                    while router.inflight(shard) > 0 && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(2)).await; // poll interval
+                    }
+                    let _ = done.send(Done::Event(shard, Event::InflightDrained));
+                });
+            }
+            Effect::WriteCheckpoint { epoch } => {
+                let (router, done) = (self.router.clone(), self.done.clone());
+                tokio::spawn(async move {
+                    let ev = match checkpoint(&router, shard).await {
+                        Ok(seq) => Event::CheckpointWritten { epoch, seq },
+                        Err(reason) => Event::CheckpointFailed { reason },
+                    };
+                    let _ = done.send(Done::Event(shard, ev));
+                });
+            }
+            Effect::ReportHandoffDone { epoch, .. } => {
+                let to = self.seen.get(shard as usize).and_then(|a| a.as_ref()).and_then(|a| a.handoff_to.clone());
+                let Some(to) = to else { return };
+                let (control, done) = (self.control.clone(), self.done.clone());
+                tokio::spawn(async move {
+                    let cmd = Command::Assign { shard, expect_epoch: epoch, owner: Some(to), epoch: epoch + 1, handoff_to: None };
+                    match control.propose(cmd).await {
+                        Ok(r) if r.is_ok() => {}
+                        other => {
+                            warn!(shard, ?other, "handoff commit failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(200)).await; // retry backoff
+                            let _ = done.send(Done::Retry(shard));
+                        }
+                    }
+                });
+            }
+            Effect::Restore { epoch } => {
+                let (store, done) = (self.store.clone(), self.done.clone());
+                tokio::spawn(async move {
+                    match restore_shard(&store, shard, epoch).await {
+                        Ok(r) => {
+                            metrics::counter!(m::SHARD_RESTORES, "result" => "ok").increment(1);
+                            info!(shard, epoch, replayed = r.replayed, "shard restored");
+                            let _ = done.send(Done::Restored(shard, epoch, Box::new(r)));
+                        }
+                        Err(e) => {
+                            metrics::counter!(m::SHARD_RESTORES, "result" => "error").increment(1);
+                            warn!(shard, epoch, error = %e, "restore failed; retrying");
+                            let _ = done.send(Done::Event(shard, Event::RestoreFailed { reason: e.to_string() }));
+                            tokio::time::sleep(Duration::from_millis(300)).await; // retry backoff
+                            let _ = done.send(Done::Retry(shard));
+                        }
+                    }
+                });
+            }
+            Effect::StartServing { epoch } => {
+                let Some((e, restored)) = self.restored.remove(&shard) else {
+                    warn!(shard, epoch, "asked to serve without restored state");
+                    return;
+                };
+                if e != epoch {
+                    return;
+                }
+                let log = ShardLog::start(self.store.clone(), shard, epoch, restored.next_seq, self.cfg.log_queue, self.faults.clone());
+                let (tx, rx) = oneshot::channel();
+                let msg = SupervisorMsg::Start { shard, epoch, state: restored.state, log: Some(log), reply: tx };
+                if self.supervisor.cast(msg).is_err() {
+                    return;
+                }
+                match rx.await {
+                    Ok(Ok(actor)) => {
+                        self.router.activate(shard, epoch, actor);
+                        info!(shard, epoch, "serving");
+                    }
+                    other => warn!(shard, ?other, "could not start the shard actor"),
+                }
+            }
+            Effect::StopServing { reason } => {
+                debug!(shard, reason, "stop serving");
+                if let Some(t) = self.handoff_started.remove(&shard) {
+                    metrics::histogram!(m::HANDOFF_DURATION).record(t.elapsed().as_secs_f64());
+                }
+                self.stop_actor(shard).await;
+            }
+            Effect::DeliverBuffered => {
+                // Buffered requests are forwarded when the slot is deactivated (StopServing);
+                // a new owner has nothing buffered.
+            }
+            #[allow(unreachable_patterns)]
+            other => debug!(shard, ?other, "effect needs no action here"),
+        }
+    }
+
+    async fn stop_actor(&mut self, shard: u32) {
+        if self.router.deactivate(shard).is_some() {
+            let (tx, rx) = oneshot::channel();
+            if self.supervisor.cast(SupervisorMsg::Stop { shard, done: tx }).is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+            }
+        }
+    }
+}
+
+fn assigned(a: &ShardAssignment) -> Event {
+    Event::Assigned { epoch: a.epoch, owner: a.owner.clone().unwrap_or_default(), handoff_to: a.handoff_to.clone() }
+}
+
+async fn checkpoint(router: &Router, shard: u32) -> Result<u64, String> {
+    let (actor, _) = router.serving(shard).ok_or("no actor")?;
+    let (tx, rx) = oneshot::channel();
+    actor.cast(ShardMsg::Checkpoint { done: tx }).map_err(|e| e.to_string())?;
+    match tokio::time::timeout(Duration::from_secs(10), rx).await {
+        Ok(Ok(Ok(seq))) => Ok(seq),
+        Ok(Ok(Err(code))) => Err(format!("{code:?}")),
+        _ => Err("checkpoint timed out".into()),
+    }
+}

@@ -1,0 +1,201 @@
+//! Lease renewal (every node) and the leader's duties (failure detection, member promotion,
+//! paced rebalancing). The arithmetic lives in the sans-IO `runtime::lease` and
+//! `runtime::rebalance`; this module only drives them with real time and the real control plane.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tidepool_runtime::codec::{ArchivedBody, Body, Dest, Envelope};
+use tidepool_runtime::control::{ClusterMap, Command, ControlPlane, MemberState};
+use tidepool_runtime::lease::{LeaseConfig, LeaseHolder, LeaseTable};
+use tidepool_runtime::metrics as m;
+use tidepool_runtime::rebalance::{self, Change, RebalanceConfig};
+use tidepool_runtime::transport::Transport;
+use tracing::{debug, info, warn};
+
+/// The leader's lease table, present only while this node leads (with the term it leads).
+#[derive(Debug, Default)]
+pub struct LeaderLeases {
+    table: Option<(u64, LeaseTable)>,
+}
+
+/// Shared lease state of a node: its own holder, and the grantor table while it leads.
+#[derive(Debug)]
+pub struct Leases {
+    pub cfg: LeaseConfig,
+    pub holder: Mutex<LeaseHolder>,
+    pub leader: Mutex<LeaderLeases>,
+}
+
+impl Leases {
+    pub fn new(cfg: LeaseConfig) -> Arc<Self> {
+        Arc::new(Leases { holder: Mutex::new(LeaseHolder::new(cfg.clone())), leader: Mutex::new(LeaderLeases::default()), cfg })
+    }
+
+    pub fn valid(&self) -> bool {
+        self.holder.lock().is_valid(Instant::now())
+    }
+
+    /// Grants `node` a lease if this node leads: (ttl, term).
+    pub fn grant(&self, node: &str, now: Instant) -> Option<(Duration, u64)> {
+        let mut l = self.leader.lock();
+        let (term, table) = l.table.as_mut()?;
+        Some((table.grant(node, now), *term))
+    }
+}
+
+/// Renews this node's lease with the leader every `renew_every` (directly when it is the leader).
+pub async fn renew_loop(me: String, control: ControlPlane, transport: Transport, leases: Arc<Leases>) {
+    let mut tick = tokio::time::interval(leases.cfg.renew_every.min(Duration::from_millis(250)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        if leases.holder.lock().poll_expired(now) {
+            warn!("lease expired: this node stops serving its shards until it renews");
+            metrics::counter!(m::LEASE_EXPIRATIONS).increment(1);
+        }
+        metrics::gauge!(m::LEASE_VALID).set(if leases.holder.lock().is_valid(now) { 1.0 } else { 0.0 });
+        if !leases.holder.lock().renew_due(now) {
+            continue;
+        }
+        let Some(leader) = control.leader() else { continue };
+        let token = leases.holder.lock().on_send(now);
+        if leader.name == me {
+            if let Some((ttl, term)) = leases.grant(&me, now) {
+                leases.holder.lock().on_grant(Instant::now(), token, ttl, term);
+            }
+            continue;
+        }
+        let (transport, leases, me) = (transport.clone(), leases.clone(), me.clone());
+        tokio::spawn(async move {
+            if let Ok(addr) = leader.addr.parse() {
+                transport.add_member(&leader.name, addr);
+            }
+            let Ok(link) = transport.link(&leader.name).await else { return };
+            let env = Envelope::new(&me, Dest::Node(leader.name.clone()), 0, Body::LeaseRenew { sent_at: token });
+            match link.request(env, leases.cfg.ttl).await {
+                Ok(f) => {
+                    if let ArchivedBody::LeaseGrant { sent_at, ttl_ms, term } = &f.envelope().body {
+                        leases.holder.lock().on_grant(
+                            Instant::now(),
+                            sent_at.to_native(),
+                            Duration::from_millis(ttl_ms.to_native()),
+                            term.to_native(),
+                        );
+                    }
+                }
+                Err(e) => debug!(error = %e, "lease renewal failed"),
+            }
+        });
+    }
+}
+
+/// The leader's loop: keeps the lease table, marks members whose lease must have expired as
+/// down, promotes joining members that renew, and proposes paced rebalancing.
+pub async fn leader_loop(me: String, shards: u32, control: ControlPlane, leases: Arc<Leases>, rcfg: RebalanceConfig) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_leader = false;
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        if !control.is_leader() {
+            if was_leader {
+                info!("no longer the control-plane leader");
+                leases.leader.lock().table = None;
+            }
+            was_leader = false;
+            continue;
+        }
+        let term = control.term();
+        {
+            let mut l = leases.leader.lock();
+            if l.table.as_ref().is_none_or(|(t, _)| *t != term) {
+                // A new leader does not know what its predecessor granted: it waits ttl+margin
+                // before declaring anyone expired (invariant 1).
+                info!(term, "leading the control plane; lease table reset");
+                l.table = Some((term, LeaseTable::new_leader(leases.cfg.clone(), now)));
+            }
+        }
+        was_leader = true;
+        let map = control.map().borrow().clone();
+        if let Err(e) = leader_step(&me, shards, &control, &leases, &rcfg, &map, now).await {
+            debug!(error = %e, "leader step failed; retrying next tick");
+        }
+    }
+}
+
+async fn leader_step(
+    me: &str,
+    shards: u32,
+    control: &ControlPlane,
+    leases: &Leases,
+    rcfg: &RebalanceConfig,
+    map: &ClusterMap,
+    now: Instant,
+) -> Result<(), String> {
+    if map.shards.is_empty() {
+        control.propose(Command::Init { shards }).await.map_err(|e| e.to_string())?;
+        return Ok(());
+    }
+    // Failure detection and promotion.
+    let (expired, renewing): (BTreeSet<String>, BTreeSet<String>) = {
+        let l = leases.leader.lock();
+        let Some((_, table)) = l.table.as_ref() else { return Ok(()) };
+        let live: Vec<&str> = map.members.values().filter(|m| m.state != MemberState::Down).map(|m| m.name.as_str()).collect();
+        let expired: BTreeSet<String> = table.expired_nodes(live.iter().copied(), now).into_iter().collect();
+        let renewing = live.iter().filter(|n| table.last_grant(n).is_some() && !expired.contains(**n)).map(|n| n.to_string()).collect();
+        (expired, renewing)
+    };
+    let mut cmds = Vec::new();
+    for m in map.members.values() {
+        if expired.contains(&m.name) && m.state != MemberState::Down && m.name != me {
+            warn!(node = %m.name, "lease must have expired: marking down");
+            cmds.push(Command::SetMemberState { name: m.name.clone(), state: MemberState::Down });
+        } else if m.state == MemberState::Joining && renewing.contains(&m.name) {
+            cmds.push(Command::SetMemberState { name: m.name.clone(), state: MemberState::Up });
+        } else if m.state == MemberState::Down && renewing.contains(&m.name) {
+            // A node marked down that renews again (a pause that ended) rejoins as joining.
+            cmds.push(Command::SetMemberState { name: m.name.clone(), state: MemberState::Joining });
+        }
+    }
+    for c in cmds {
+        control.propose(c).await.map_err(|e| e.to_string())?;
+    }
+    // Rebalance against the map as it is now.
+    let map = control.map().borrow().clone();
+    let states: BTreeMap<String, rebalance::MemberState> = map.members.values().map(|m| (m.name.clone(), to_policy_state(m.state))).collect();
+    let assignments: Vec<rebalance::ShardAssignment> = map
+        .shards
+        .iter()
+        .map(|a| rebalance::ShardAssignment { owner: a.owner.clone(), epoch: a.epoch, handoff_to: a.handoff_to.clone() })
+        .collect();
+    for change in rebalance::plan(&assignments, &states, &expired, rcfg) {
+        let cmd = match change {
+            Change::Reassign { shard, to, epoch } => {
+                metrics::counter!(m::REBALANCES, "kind" => "reassign").increment(1);
+                let cur = &map.shards[shard as usize];
+                Command::Assign { shard, expect_epoch: cur.epoch, owner: Some(to), epoch, handoff_to: None }
+            }
+            Change::BeginHandoff { shard, to } => {
+                metrics::counter!(m::REBALANCES, "kind" => "handoff").increment(1);
+                let cur = &map.shards[shard as usize];
+                Command::Assign { shard, expect_epoch: cur.epoch, owner: cur.owner.clone(), epoch: cur.epoch, handoff_to: Some(to) }
+            }
+        };
+        control.propose(cmd).await.map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+fn to_policy_state(s: MemberState) -> rebalance::MemberState {
+    match s {
+        MemberState::Joining => rebalance::MemberState::Joining,
+        MemberState::Up => rebalance::MemberState::Up,
+        MemberState::Draining => rebalance::MemberState::Draining,
+        MemberState::Down => rebalance::MemberState::Down,
+    }
+}

@@ -1,0 +1,211 @@
+//! The shard's durable op log writer (invariant 3: acknowledged means durable).
+//!
+//! The shard actor applies an op to its in-memory state and hands the reply here instead of
+//! sending it; this task appends the op to the shard's log in the object store, in order, in
+//! batches (group commit), and only then releases the replies. Reads and duplicates queue behind
+//! the writes before them, so nothing is acknowledged before what it depends on is durable. If
+//! the log was fenced by a newer epoch, every queued op is refused as stale and the owner stops
+//! serving; on any other storage error the queued ops fail (retryable) and the shard restarts
+//! from storage, discarding its in-memory state.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use tidepool_runtime::codec::{self, ErrorCode, LogRecord, ShardRequest, ShardSnapshot};
+use tidepool_runtime::metrics as m;
+use tidepool_runtime::storage::{Store, StorageError};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tracing::{error, warn};
+
+use crate::shard::OpReply;
+
+/// Ops per log segment at most.
+const MAX_BATCH: usize = 512;
+
+/// One queued item.
+#[derive(Debug)]
+pub enum LogItem {
+    /// An op's reply, held until the op (if it wrote) is durable.
+    Op {
+        record: Option<ShardRequest>,
+        result: OpReply,
+        reply: oneshot::Sender<OpReply>,
+        permit: Option<OwnedSemaphorePermit>,
+        arrived: Instant,
+    },
+    /// Write a checkpoint of this snapshot, covering everything queued before it.
+    Checkpoint { snapshot: ShardSnapshot, done: oneshot::Sender<Result<u64, ErrorCode>> },
+}
+
+/// Why the log stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFault {
+    /// A newer epoch fenced the log: this node is no longer the owner.
+    Fenced,
+    /// Storage failed; the in-memory state may hold undurable ops and must be rebuilt.
+    Failed,
+}
+
+/// Handle to a shard's log writer.
+#[derive(Debug, Clone)]
+pub struct ShardLog {
+    tx: mpsc::Sender<LogItem>,
+}
+
+impl ShardLog {
+    /// Starts the writer for `(shard, epoch)`; the next record gets `next_seq`. Faults are
+    /// reported once on `faults`.
+    pub fn start(store: Store, shard: u32, epoch: u64, next_seq: u64, depth: usize, faults: mpsc::Sender<(u32, u64, LogFault)>) -> Self {
+        let (tx, rx) = mpsc::channel(depth.max(1));
+        tokio::spawn(write_loop(Writer { store, shard, epoch, next_seq, fault: None, last_checkpoint: None }, rx, faults));
+        ShardLog { tx }
+    }
+
+    /// Queues an item (waits while the queue is full: backpressure to the shard actor).
+    pub async fn submit(&self, item: LogItem) {
+        if let Err(mpsc::error::SendError(item)) = self.tx.send(item).await {
+            fail(item, ErrorCode::Internal);
+        }
+    }
+}
+
+struct Writer {
+    store: Store,
+    shard: u32,
+    epoch: u64,
+    next_seq: u64,
+    fault: Option<LogFault>,
+    /// Seq of the last checkpoint written at this epoch: a second one with nothing new would
+    /// collide with it (create-once objects) and say nothing new.
+    last_checkpoint: Option<u64>,
+}
+
+fn fail(item: LogItem, code: ErrorCode) {
+    match item {
+        LogItem::Op { reply, .. } => {
+            let _ = reply.send(Err(code));
+        }
+        LogItem::Checkpoint { done, .. } => {
+            let _ = done.send(Err(code));
+        }
+    }
+}
+
+fn fault_code(f: LogFault) -> ErrorCode {
+    match f {
+        LogFault::Fenced => ErrorCode::NotOwner,
+        LogFault::Failed => ErrorCode::Internal,
+    }
+}
+
+async fn write_loop(mut w: Writer, mut rx: mpsc::Receiver<LogItem>, faults: mpsc::Sender<(u32, u64, LogFault)>) {
+    let mut batch: Vec<LogItem> = Vec::with_capacity(MAX_BATCH);
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(item) => batch.push(item),
+                Err(_) => break,
+            }
+        }
+        // Ops up to the first checkpoint go in one segment; the checkpoint follows them.
+        let mut rest = std::mem::take(&mut batch).into_iter().peekable();
+        while rest.peek().is_some() {
+            let mut ops = Vec::new();
+            while let Some(LogItem::Op { .. }) = rest.peek() {
+                if let Some(item) = rest.next() {
+                    ops.push(item);
+                }
+            }
+            let before = w.fault;
+            w.flush(ops).await;
+            if let Some(LogItem::Checkpoint { .. }) = rest.peek() {
+                if let Some(LogItem::Checkpoint { snapshot, done }) = rest.next() {
+                    let _ = done.send(w.checkpoint(snapshot).await);
+                }
+            }
+            if before.is_none() {
+                if let Some(f) = w.fault {
+                    let _ = faults.send((w.shard, w.epoch, f)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Writer {
+    async fn flush(&mut self, ops: Vec<LogItem>) {
+        if ops.is_empty() {
+            return;
+        }
+        if let Some(f) = self.fault {
+            ops.into_iter().for_each(|i| fail(i, fault_code(f)));
+            return;
+        }
+        let records: Vec<LogRecord> = ops
+            .iter()
+            .filter_map(|i| match i {
+                LogItem::Op { record: Some(r), .. } => Some(r.clone()),
+                _ => None,
+            })
+            .enumerate()
+            .map(|(i, req)| LogRecord { seq: self.next_seq + i as u64, epoch: self.epoch, req: Some(req) })
+            .collect();
+        if !records.is_empty() {
+            let n = records.len() as u64;
+            let outcome = match codec::encode_log(&records) {
+                Ok(bytes) => self.store.append(self.shard, self.epoch, self.next_seq, n, Bytes::from(bytes)).await,
+                Err(e) => Err(StorageError::Corrupt { path: format!("shard {} log", self.shard), reason: e.to_string() }),
+            };
+            match outcome {
+                Ok(()) => self.next_seq += n,
+                Err(StorageError::Fenced { .. }) => {
+                    warn!(shard = self.shard, epoch = self.epoch, "log fenced by a newer epoch; refusing as stale");
+                    metrics::counter!(m::STALE_EPOCH_REJECTIONS).increment(ops.len() as u64);
+                    self.fault = Some(LogFault::Fenced);
+                }
+                Err(e) => {
+                    error!(shard = self.shard, error = %e, "op log append failed");
+                    self.fault = Some(LogFault::Failed);
+                }
+            }
+        }
+        for item in ops {
+            match (item, self.fault) {
+                (item, Some(f)) => fail(item, fault_code(f)),
+                (LogItem::Op { result, reply, permit, arrived, .. }, None) => {
+                    let _ = reply.send(result);
+                    drop(permit);
+                    metrics::histogram!(m::SHARD_OP_DURATION).record(arrived.elapsed().as_secs_f64());
+                }
+                (other, None) => fail(other, ErrorCode::Internal),
+            }
+        }
+    }
+
+    async fn checkpoint(&mut self, mut snapshot: ShardSnapshot) -> Result<u64, ErrorCode> {
+        if let Some(f) = self.fault {
+            return Err(fault_code(f));
+        }
+        let seq = self.next_seq - 1;
+        if self.last_checkpoint == Some(seq) {
+            return Ok(seq);
+        }
+        snapshot.seq = seq;
+        let bytes = codec::encode_snapshot(&snapshot).map_err(|_| ErrorCode::Internal)?;
+        match self.store.put_checkpoint(self.shard, self.epoch, seq, Bytes::from(bytes)).await {
+            Ok(()) => {
+                self.last_checkpoint = Some(seq);
+                Ok(seq)
+            }
+            Err(StorageError::Fenced { .. }) => {
+                self.fault = Some(LogFault::Fenced);
+                Err(ErrorCode::NotOwner)
+            }
+            Err(e) => {
+                error!(shard = self.shard, error = %e, "checkpoint failed");
+                Err(ErrorCode::Internal)
+            }
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! Sans-IO lease arithmetic: when a node may serve its shards, and when the control-plane leader
+//! may take them away (DESIGN.md §2, invariant 1, "one owner").
+//!
+//! Two pure state machines, driven by the caller with a monotonic `now` (an [`Instant`] on the
+//! caller's clock) and never reading a clock themselves:
+//!
+//! - [`LeaseHolder`], on every node: it serves only while [`LeaseHolder::is_valid`]. Validity is
+//!   counted on the holder's own clock from the instant it *sent* the renewal that was granted, for
+//!   `ttl - drift_margin`.
+//! - [`LeaseTable`], on the control-plane leader: a node's lease
+//!   [must have expired](LeaseTable::must_have_expired) only `ttl + drift_margin` after the leader
+//!   *granted* it, and never earlier than `ttl + drift_margin` after the leader was elected.
+//!
+//! # Why the two sides cannot overlap
+//!
+//! A renewal is sent at `s` (holder clock), granted at `g >= s` (leader clock; the request takes
+//! time to arrive) and received at `r >= g`. The holder stops serving at `s + ttl - margin`, the
+//! leader declares expiry at `g + ttl + margin`. With clocks that advance at the same rate, an
+//! arbitrary offset between them cancels out (only durations are compared), and
+//! `s + ttl - margin <= g + ttl - margin < g + ttl + margin`: the holder has stopped `2 * margin`
+//! before the leader may reassign. The margins absorb a relative clock-*rate* error of up to
+//! `2 * margin / (ttl + margin)` (10% at the defaults, far beyond real oscillators).
+//! `lease_tests.rs` checks this over random interleavings, delays, losses, reorderings and leader
+//! changes.
+//!
+//! # What the caller must guarantee
+//!
+//! - A leader grants only while it is sure it still leads (e.g. a Raft leader lease or a
+//!   quorum read), so no grant of term `k` is issued after the leader of term `k + 1` started
+//!   counting in [`LeaseTable::new_leader`]. The holder ignores grants of a term older than one it
+//!   has seen, but that alone cannot stop a deposed leader that does not know it was deposed.
+//! - Grants echo the holder's token; a grant for a token the holder does not remember is ignored,
+//!   because its send instant (the only safe start of validity) is unknown.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// The most renewals a [`LeaseHolder`] remembers while waiting for their grants. Older ones are
+/// forgotten first; a grant for a forgotten token is ignored, which only costs liveness
+/// (invariant 7: bounded memory, even if the leader never answers).
+pub const MAX_PENDING_RENEWALS: usize = 64;
+
+/// Why a [`LeaseConfig`] was refused. Nothing is partially applied: the caller keeps its previous
+/// configuration (or refuses to start).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    /// `ttl` was zero: no lease could ever be valid.
+    #[error("lease ttl must be greater than zero")]
+    ZeroTtl,
+    /// `drift_margin >= ttl`: a holder would never count itself valid (validity lasts
+    /// `ttl - drift_margin`), so no node could serve.
+    #[error("lease drift_margin ({margin:?}) must be less than ttl ({ttl:?})")]
+    MarginTooLarge {
+        /// The configured drift margin.
+        margin: Duration,
+        /// The configured ttl.
+        ttl: Duration,
+    },
+    /// `renew_every` was zero (a renewal storm) or not shorter than the holder's validity window
+    /// `ttl - drift_margin` (the lease would lapse between renewals even with instant grants).
+    #[error("lease renew_every ({renew_every:?}) must be in (0, ttl - drift_margin = {window:?})")]
+    RenewInterval {
+        /// The configured renewal interval.
+        renew_every: Duration,
+        /// `ttl - drift_margin`, the longest a grant keeps the holder valid.
+        window: Duration,
+    },
+}
+
+/// Lease timing, shared by holders and the grantor (invariant 1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseConfig {
+    /// How long a grant lasts, counted by the holder from its send instant. Default 2 s.
+    /// Longer means fewer renewals but slower failover: a crashed node's shards wait
+    /// `ttl + drift_margin` before they are reassigned.
+    pub ttl: Duration,
+    /// How often a holder sends a renewal. Default 500 ms (`ttl / 4`), so three renewals in a
+    /// row may be lost before the lease lapses.
+    pub renew_every: Duration,
+    /// Safety margin for clock-rate error between holder and leader, subtracted by the holder and
+    /// added by the grantor. Default 200 ms.
+    pub drift_margin: Duration,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self::with_ttl(Duration::from_secs(2))
+    }
+}
+
+impl LeaseConfig {
+    /// A preset for `ttl`: renew every `ttl / 4`, drift margin `ttl / 10`. `with_ttl(2 s)` is the
+    /// default. Still call [`validate`](Self::validate) for a zero ttl.
+    pub fn with_ttl(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            renew_every: ttl / 4,
+            drift_margin: ttl / 10,
+        }
+    }
+
+    /// Checks that holders can ever be valid and that renewals come often enough to keep them so.
+    pub fn validate(&self) -> Result<(), LeaseError> {
+        if self.ttl.is_zero() {
+            return Err(LeaseError::ZeroTtl);
+        }
+        let Some(window) = self
+            .ttl
+            .checked_sub(self.drift_margin)
+            .filter(|w| !w.is_zero())
+        else {
+            return Err(LeaseError::MarginTooLarge {
+                margin: self.drift_margin,
+                ttl: self.ttl,
+            });
+        };
+        if self.renew_every.is_zero() || self.renew_every >= window {
+            return Err(LeaseError::RenewInterval {
+                renew_every: self.renew_every,
+                window,
+            });
+        }
+        Ok(())
+    }
+
+    /// `ttl + drift_margin`: how long after a grant (or after a leader's election) the grantor
+    /// must wait before it may consider a lease expired.
+    pub fn expiry_wait(&self) -> Duration {
+        self.ttl.saturating_add(self.drift_margin)
+    }
+}
+
+/// The holder side of a lease, one per node: whether this node may serve its shards now
+/// (invariant 1).
+///
+/// Usage: when [`renew_due`](Self::renew_due), call [`on_send`](Self::on_send) and put the token
+/// in the renewal; feed each grant to [`on_grant`](Self::on_grant); serve only while
+/// [`is_valid`](Self::is_valid); count [`poll_expired`](Self::poll_expired) in
+/// `tidepool_lease_expirations_total`.
+#[derive(Debug, Clone)]
+pub struct LeaseHolder {
+    cfg: LeaseConfig,
+    next_token: u64,
+    /// token -> send instant, for renewals not yet granted (at most [`MAX_PENDING_RENEWALS`]).
+    pending: BTreeMap<u64, Instant>,
+    last_send: Option<Instant>,
+    valid_until: Option<Instant>,
+    /// Highest leader term a grant came from; grants of older terms are ignored.
+    term: Option<u64>,
+    /// A grant made the lease valid and its lapse has not been noted yet.
+    armed: bool,
+    /// Lapses noted (by [`on_grant`]) but not yet returned by [`poll_expired`].
+    unpolled_expiries: u32,
+}
+
+impl LeaseHolder {
+    /// A holder that has never been granted anything: not valid, renewal due at once.
+    pub fn new(cfg: LeaseConfig) -> Self {
+        Self {
+            cfg,
+            next_token: 1,
+            pending: BTreeMap::new(),
+            last_send: None,
+            valid_until: None,
+            term: None,
+            armed: false,
+            unpolled_expiries: 0,
+        }
+    }
+
+    /// The configuration this holder counts with.
+    pub fn config(&self) -> &LeaseConfig {
+        &self.cfg
+    }
+
+    /// Records that a renewal is being sent at `now` and returns the token the leader must echo
+    /// in its grant. The send instant is what validity will be counted from (invariant 1): the
+    /// leader grants no earlier than this, so counting from here never outlasts the leader's view.
+    pub fn on_send(&mut self, now: Instant) -> u64 {
+        let token = self.next_token;
+        self.next_token = self.next_token.wrapping_add(1);
+        if self.pending.len() >= MAX_PENDING_RENEWALS {
+            self.pending.pop_first();
+        }
+        self.pending.insert(token, now);
+        self.last_send = Some(now);
+        token
+    }
+
+    /// A grant of `ttl` for renewal `token` from the leader of `term` arrived at `now`.
+    ///
+    /// Validity becomes `send(token) + ttl - drift_margin` if that is later than the current
+    /// validity; a grant never shortens it, and a late grant for an old token cannot extend past
+    /// its own send instant plus ttl. Ignored: unknown or forgotten tokens (their send instant is
+    /// unknown, and the receive instant would be unsafe), grants from a term older than one seen,
+    /// and ttls not longer than the drift margin. All of this keeps invariant 1.
+    pub fn on_grant(&mut self, now: Instant, token: u64, ttl: Duration, term: u64) {
+        if self.term.is_some_and(|seen| term < seen) {
+            return;
+        }
+        let Some(sent) = self.pending.remove(&token) else {
+            return;
+        };
+        self.term = Some(term);
+        self.note_lapse(now);
+        let Some(until) = ttl
+            .checked_sub(self.cfg.drift_margin)
+            .filter(|window| !window.is_zero())
+            .and_then(|window| sent.checked_add(window))
+        else {
+            return;
+        };
+        if self.valid_until.is_none_or(|v| until > v) {
+            self.valid_until = Some(until);
+        }
+        if self.is_valid(now) {
+            self.armed = true;
+        }
+    }
+
+    /// Whether this node may serve at `now`: a granted lease covers `now` (invariant 1).
+    pub fn is_valid(&self, now: Instant) -> bool {
+        self.valid_until.is_some_and(|until| now < until)
+    }
+
+    /// The first instant at which the lease is no longer valid, if one was ever granted.
+    pub fn valid_until(&self) -> Option<Instant> {
+        self.valid_until
+    }
+
+    /// The highest leader term a grant was accepted from.
+    pub fn term(&self) -> Option<u64> {
+        self.term
+    }
+
+    /// Whether to send a renewal now: at once if none was ever sent, then every `renew_every`
+    /// after the last send (a lost renewal or grant is retried on the same cadence, so a node
+    /// that is partitioned away does not flood the leader when it comes back).
+    pub fn renew_due(&self, now: Instant) -> bool {
+        match self.last_send {
+            None => true,
+            Some(sent) => sent
+                .checked_add(self.cfg.renew_every)
+                .is_none_or(|due| now >= due),
+        }
+    }
+
+    /// Returns true exactly once per lapse of a valid lease (valid -> expired), for
+    /// `tidepool_lease_expirations_total`. A lapse that a later grant already covered over
+    /// (the node was unable to serve for a while) is still reported, on a later poll.
+    pub fn poll_expired(&mut self, now: Instant) -> bool {
+        self.note_lapse(now);
+        if self.unpolled_expiries > 0 {
+            self.unpolled_expiries -= 1;
+            return true;
+        }
+        false
+    }
+
+    fn note_lapse(&mut self, now: Instant) {
+        if self.armed && !self.is_valid(now) {
+            self.armed = false;
+            self.unpolled_expiries = self.unpolled_expiries.saturating_add(1);
+        }
+    }
+}
+
+/// The grantor side, held by the control-plane leader: each node's last grant by this leader,
+/// and whether a node's lease must have expired so its shards may be reassigned (invariant 1).
+#[derive(Debug, Clone)]
+pub struct LeaseTable {
+    cfg: LeaseConfig,
+    leadership_start: Instant,
+    last_grant: BTreeMap<String, Instant>,
+}
+
+impl LeaseTable {
+    /// The table of a leader elected at `now`. It knows nothing of what earlier leaders granted,
+    /// so it declares nobody expired before `now + ttl + drift_margin` (invariant 1).
+    pub fn new_leader(cfg: LeaseConfig, now: Instant) -> Self {
+        Self {
+            cfg,
+            leadership_start: now,
+            last_grant: BTreeMap::new(),
+        }
+    }
+
+    /// The configuration this table counts with.
+    pub fn config(&self) -> &LeaseConfig {
+        &self.cfg
+    }
+
+    /// When this leader was elected.
+    pub fn leadership_start(&self) -> Instant {
+        self.leadership_start
+    }
+
+    /// Grants `node` a lease at `now` and returns the ttl to put in the grant. The grant instant
+    /// only moves forward, so a reordered call cannot make a lease look older than it is.
+    pub fn grant(&mut self, node: &str, now: Instant) -> Duration {
+        match self.last_grant.get_mut(node) {
+            Some(last) => *last = (*last).max(now),
+            None => {
+                self.last_grant.insert(node.to_owned(), now);
+            }
+        }
+        self.cfg.ttl
+    }
+
+    /// The last instant this leader granted `node` a lease.
+    pub fn last_grant(&self, node: &str) -> Option<Instant> {
+        self.last_grant.get(node).copied()
+    }
+
+    /// Whether `node`'s lease must have expired at `now`, so its shards may be assigned to
+    /// someone else (invariant 1): `now >= last_grant + ttl + drift_margin` and
+    /// `now >= leadership_start + ttl + drift_margin`. A node this leader never granted counts
+    /// from the election alone. If the arithmetic overflows the answer is `false`: never reassign
+    /// on a guess.
+    pub fn must_have_expired(&self, node: &str, now: Instant) -> bool {
+        let wait = self.cfg.expiry_wait();
+        let after = |t: Instant| t.checked_add(wait).is_some_and(|deadline| now >= deadline);
+        after(self.leadership_start) && self.last_grant.get(node).is_none_or(|&g| after(g))
+    }
+
+    /// The nodes among `known` whose lease must have expired at `now`, sorted and deduplicated.
+    pub fn expired_nodes<'a>(
+        &self,
+        known: impl IntoIterator<Item = &'a str>,
+        now: Instant,
+    ) -> Vec<String> {
+        let mut out: Vec<String> = known
+            .into_iter()
+            .filter(|n| self.must_have_expired(n, now))
+            .map(str::to_owned)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
+    /// Forgets `node` (it left or finished draining). Only call this once the node owns no
+    /// shards: a forgotten node counts as never granted, i.e. expired soon after the election,
+    /// which is only true of a node that has released everything.
+    pub fn remove(&mut self, node: &str) {
+        self.last_grant.remove(node);
+    }
+}
+
+#[cfg(test)]
+#[path = "lease_tests.rs"]
+mod tests;
