@@ -65,8 +65,12 @@ def run_once(variant, i):
     print("$", shown, " ".join(cmd), f"(run {i + 1})", file=sys.stderr, flush=True)
     log = out / "log.txt"
     with log.open("w") as f:
-        subprocess.run(cmd, cwd=ROOT, check=True, stdout=f, stderr=subprocess.STDOUT,
-                       env={**os.environ, **env, "TIDEPOOL_BENCH_OUT": str(out)})
+        done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+                              env={**os.environ, **env, "TIDEPOOL_BENCH_OUT": str(out)})
+    if done.returncode != 0:
+        # Keep the other runs: a failed build or bench shows up as missing numbers.
+        print(f"  failed with {done.returncode}; see {log}", file=sys.stderr, flush=True)
+        return {}
     numbers = {f"criterion:{k}": v for k, v in criterion_medians(bench).items()}
     if filt:
         keep = re.compile(filt)

@@ -10,13 +10,13 @@ use std::time::{Duration, Instant};
 use tidepool_runtime::control::{Command, ControlPlane, ShardAssignment};
 use tidepool_runtime::handoff::{Effect, Event, ShardHandoff};
 use tidepool_runtime::metrics as m;
-use tidepool_runtime::storage::Store;
+use tidepool_runtime::storage::{StorageError, Store};
 use ractor::ActorRef;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::leader::Leases;
-use crate::restore::{restore_shard, Restored};
+use crate::restore::{restore_shard, RestoreError, Restored};
 use crate::router::Router;
 use crate::shard::ShardMsg;
 use crate::shard_log::{LogFault, ShardLog};
@@ -86,7 +86,7 @@ pub async fn run(
             Some((shard, epoch, fault)) = fault_rx.recv() => {
                 warn!(shard, epoch, ?fault, "shard log fault");
                 match fault {
-                    LogFault::Fenced => d.feed(shard, Event::FencedByStorage).await,
+                    LogFault::Fenced => d.feed(shard, Event::FencedByStorage { epoch }).await,
                     LogFault::Failed => d.reset(shard).await,
                 }
             }
@@ -149,11 +149,7 @@ impl Driver {
                 self.restored.insert(s, (epoch, r));
                 self.feed(s, Event::Restored { epoch, seq }).await;
             }
-            Done::Retry(s) => {
-                if let Some(Some(a)) = self.seen.get(s as usize).cloned() {
-                    self.feed(s, assigned(&a)).await;
-                }
-            }
+            Done::Retry(s) => self.feed(s, Event::Retry).await,
         }
     }
 
@@ -169,7 +165,9 @@ impl Driver {
         debug!(shard, ?e, "handoff effect");
         match e {
             Effect::StopAccepting => {
-                self.handoff_started.insert(shard, Instant::now());
+                if self.router.serving(shard).is_some() {
+                    self.handoff_started.insert(shard, Instant::now());
+                }
                 self.router.stop_accepting(shard);
             }
             Effect::WaitInflight => {
@@ -185,11 +183,20 @@ impl Driver {
             Effect::WriteCheckpoint { epoch } => {
                 let (router, done) = (self.router.clone(), self.done.clone());
                 tokio::spawn(async move {
-                    let ev = match checkpoint(&router, shard).await {
-                        Ok(seq) => Event::CheckpointWritten { epoch, seq },
-                        Err(reason) => Event::CheckpointFailed { reason },
-                    };
-                    let _ = done.send(Done::Event(shard, ev));
+                    match checkpoint(&router, shard).await {
+                        Ok(seq) => {
+                            let _ = done.send(Done::Event(shard, Event::CheckpointWritten { epoch, seq }));
+                        }
+                        Err(reason) if reason == "NotOwner" => {
+                            let _ = done.send(Done::Event(shard, Event::FencedByStorage { epoch }));
+                        }
+                        Err(reason) => {
+                            warn!(shard, %reason, "checkpoint failed; retrying");
+                            let _ = done.send(Done::Event(shard, Event::CheckpointFailed { reason }));
+                            tokio::time::sleep(Duration::from_millis(300)).await; // retry backoff
+                            let _ = done.send(Done::Retry(shard));
+                        }
+                    }
                 });
             }
             Effect::ReportHandoffDone { epoch, .. } => {
@@ -216,6 +223,10 @@ impl Driver {
                             metrics::counter!(m::SHARD_RESTORES, "result" => "ok").increment(1);
                             info!(shard, epoch, replayed = r.replayed, "shard restored");
                             let _ = done.send(Done::Restored(shard, epoch, Box::new(r)));
+                        }
+                        Err(RestoreError::Storage(StorageError::Fenced { .. })) => {
+                            metrics::counter!(m::SHARD_RESTORES, "result" => "fenced").increment(1);
+                            let _ = done.send(Done::Event(shard, Event::FencedByStorage { epoch }));
                         }
                         Err(e) => {
                             metrics::counter!(m::SHARD_RESTORES, "result" => "error").increment(1);
@@ -257,11 +268,15 @@ impl Driver {
                 self.stop_actor(shard).await;
             }
             Effect::DeliverBuffered => {
-                // Buffered requests are forwarded when the slot is deactivated (StopServing);
-                // a new owner has nothing buffered.
+                // Buffered requests are forwarded in order when the slot is deactivated
+                // (StopServing precedes this effect on the old owner); elsewhere nothing waits.
+                if self.router.serving(shard).is_none() {
+                    self.router.deactivate(shard);
+                }
             }
-            #[allow(unreachable_patterns)]
-            other => debug!(shard, ?other, "effect needs no action here"),
+            Effect::StaleIgnored => {
+                metrics::counter!(m::STALE_EPOCH_REJECTIONS).increment(1);
+            }
         }
     }
 

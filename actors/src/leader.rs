@@ -19,7 +19,15 @@ use tracing::{debug, info, warn};
 #[derive(Debug, Default)]
 pub struct LeaderLeases {
     table: Option<(u64, LeaseTable)>,
+    /// When a quorum last confirmed this node's leadership (taken before asking).
+    confirmed: Option<Instant>,
 }
+
+/// A leader grants leases only this soon after a quorum confirmed it still leads: a leader cut
+/// off from the majority keeps believing it leads (openraft does not step down on its own), and
+/// must not keep nodes serving on its word. With a 2 s TTL and 200 ms margin the new leader's
+/// TTL + margin wait outlasts any grant made within this window of the last confirmation.
+pub const CONFIRMED_GRANT_WINDOW: Duration = Duration::from_millis(300);
 
 /// Shared lease state of a node: its own holder, and the grantor table while it leads.
 #[derive(Debug)]
@@ -41,6 +49,9 @@ impl Leases {
     /// Grants `node` a lease if this node leads: (ttl, term).
     pub fn grant(&self, node: &str, now: Instant) -> Option<(Duration, u64)> {
         let mut l = self.leader.lock();
+        if l.confirmed.is_none_or(|t| now.saturating_duration_since(t) > CONFIRMED_GRANT_WINDOW) {
+            return None;
+        }
         let (term, table) = l.table.as_mut()?;
         Some((table.grant(node, now), *term))
     }
@@ -105,7 +116,9 @@ pub async fn leader_loop(me: String, shards: u32, control: ControlPlane, leases:
         if !control.is_leader() {
             if was_leader {
                 info!("no longer the control-plane leader");
-                leases.leader.lock().table = None;
+                let mut l = leases.leader.lock();
+                l.table = None;
+                l.confirmed = None;
             }
             was_leader = false;
             continue;
@@ -121,6 +134,14 @@ pub async fn leader_loop(me: String, shards: u32, control: ControlPlane, leases:
             }
         }
         was_leader = true;
+        let asked = Instant::now();
+        match tokio::time::timeout(Duration::from_millis(500), control.linearizable_map()).await {
+            Ok(Ok(_)) => leases.leader.lock().confirmed = Some(asked),
+            _ => {
+                debug!("leadership not confirmed by a quorum; not granting leases");
+                continue;
+            }
+        }
         let map = control.map().borrow().clone();
         if let Err(e) = leader_step(&me, shards, &control, &leases, &rcfg, &map, now).await {
             debug!(error = %e, "leader step failed; retrying next tick");
@@ -145,7 +166,9 @@ async fn leader_step(
     let (expired, renewing): (BTreeSet<String>, BTreeSet<String>) = {
         let l = leases.leader.lock();
         let Some((_, table)) = l.table.as_ref() else { return Ok(()) };
-        let live: Vec<&str> = map.members.values().filter(|m| m.state != MemberState::Down).map(|m| m.name.as_str()).collect();
+        // Every member counts, down ones included: a shard still owned by a member marked down
+        // moves only once that member's lease must have expired.
+        let live: Vec<&str> = map.members.values().map(|m| m.name.as_str()).collect();
         let expired: BTreeSet<String> = table.expired_nodes(live.iter().copied(), now).into_iter().collect();
         let renewing = live.iter().filter(|n| table.last_grant(n).is_some() && !expired.contains(**n)).map(|n| n.to_string()).collect();
         (expired, renewing)
@@ -180,10 +203,14 @@ async fn leader_step(
                 let cur = &map.shards[shard as usize];
                 Command::Assign { shard, expect_epoch: cur.epoch, owner: Some(to), epoch, handoff_to: None }
             }
-            Change::BeginHandoff { shard, to } => {
+            Change::BeginHandoff { shard, to, epoch } => {
                 metrics::counter!(m::REBALANCES, "kind" => "handoff").increment(1);
                 let cur = &map.shards[shard as usize];
-                Command::Assign { shard, expect_epoch: cur.epoch, owner: cur.owner.clone(), epoch: cur.epoch, handoff_to: Some(to) }
+                Command::Assign { shard, expect_epoch: cur.epoch, owner: cur.owner.clone(), epoch, handoff_to: Some(to) }
+            }
+            Change::CancelHandoff { shard, owner, epoch } => {
+                let cur = &map.shards[shard as usize];
+                Command::Assign { shard, expect_epoch: cur.epoch, owner: Some(owner), epoch, handoff_to: None }
             }
         };
         control.propose(cmd).await.map_err(|e| e.to_string())?;

@@ -407,9 +407,19 @@ async fn drain_self(control: &ControlPlane, me: &str) -> Result<(), String> {
     control.propose(Command::SetMemberState { name: me.into(), state: MemberState::Draining }).await.map_err(|e| e.to_string())?;
     let mut rx = control.map();
     loop {
-        let owns = rx.borrow().shards.iter().any(|a| a.owner.as_deref() == Some(me) || a.handoff_to.as_deref() == Some(me));
+        let (owns, elsewhere) = {
+            let map = rx.borrow();
+            let owns = map.shards.iter().any(|a| a.owner.as_deref() == Some(me) || a.handoff_to.as_deref() == Some(me));
+            let elsewhere = map.members.values().any(|m| m.name != me && matches!(m.state, MemberState::Up | MemberState::Joining));
+            (owns, elsewhere)
+        };
         if !owns {
             return Ok(());
+        }
+        if !elsewhere {
+            // Every other member is leaving too (a whole-cluster stop): there is nowhere to move
+            // the shards; their state is durable in the op log and checkpoints already.
+            return Err("no other member to take the shards; stopping with them in storage".into());
         }
         if rx.changed().await.is_err() {
             return Err("control plane stopped".into());

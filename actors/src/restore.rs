@@ -1,5 +1,5 @@
 //! Taking ownership of a shard: rebuild its state from the newest valid checkpoint of the highest
-//! epoch plus every log record after it, then fence the log at the new epoch so that a stale
+//! epoch plus every log record after it, after fencing the log at the new epoch so that a stale
 //! owner can no longer append (invariants 2 and 3).
 
 use tidepool_runtime::codec;
@@ -31,6 +31,9 @@ pub struct Restored {
 /// Restores `shard` for an owner at `epoch` and fences the log.
 pub async fn restore_shard(store: &Store, shard: u32, epoch: u64) -> Result<Restored, RestoreError> {
     let bad = |reason: String| RestoreError::Decode { shard, reason };
+    // Fence first, then read: an old owner could otherwise append after our read and before
+    // our fence, and that acknowledged write would be lost.
+    let fence = store.fence(shard, epoch).await?;
     let r = store.restore(shard).await?;
     let (mut state, after) = match r.checkpoint {
         Some(c) => {
@@ -55,6 +58,5 @@ pub async fn restore_shard(store: &Store, shard: u32, epoch: u64) -> Result<Rest
             }
         }
     }
-    let fence = store.fence(shard, epoch).await?;
     Ok(Restored { state, next_seq: fence + 1, replayed, skipped_corrupt: r.report.skipped_corrupt })
 }

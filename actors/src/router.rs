@@ -419,19 +419,22 @@ impl Router {
         };
         if owner == self.inner.cfg.name {
             // Buffer during a graceful handoff (bounded), serve when accepting.
-            {
-                let slot = &self.inner.slots[shard as usize];
-                let mut s = slot.lock();
+            let full = {
+                let mut s = self.inner.slots[shard as usize].lock();
                 if s.actor.is_some() && s.epoch == map_epoch && !s.accepting {
                     if s.buffer.len() < self.inner.cfg.handoff_buffer {
                         s.buffer.push_back(Buffered { link, frame, corr });
                         metrics::gauge!(m::HANDOFF_BUFFERED).increment(1.0);
                         return;
                     }
-                    drop(s);
-                    let body = refuse(ErrorCode::Overloaded, "handoff_buffer_full", format!("shard {shard} is moving"));
-                    return reply(&link, self.name(), corr, body).await;
+                    true
+                } else {
+                    false
                 }
+            };
+            if full {
+                let body = refuse(ErrorCode::Overloaded, "handoff_buffer_full", format!("shard {shard} is moving"));
+                return reply(&link, self.name(), corr, body).await;
             }
             let (permit, actor) = match self.admit_local(shard, map_epoch).await {
                 Ok(x) => x,

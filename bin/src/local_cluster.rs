@@ -284,7 +284,7 @@ pub async fn wait_all_up(
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(s) = client.status().await {
-            if s.members.len() == n && s.members.iter().all(|m| m.state == "up" && m.reachable) {
+            if s.members.len() == n && s.members.iter().all(|m| m.state == "up") {
                 return Ok(());
             }
         }

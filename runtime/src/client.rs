@@ -141,28 +141,6 @@ impl ClusterClient {
         Ok(link)
     }
 
-    /// A link to any reachable node: a known member first, then the seeds.
-    async fn any_link(&self) -> Result<Link, ClientError> {
-        let known: Vec<String> = self.view.lock().addrs.keys().cloned().collect();
-        for n in known {
-            if let Ok(l) = self.link_to(&n).await {
-                return Ok(l);
-            }
-        }
-        let mut last = String::from("no seeds given");
-        for seed in &self.seeds {
-            match self.connect_node(*seed, ANY_NODE).await {
-                Ok(c) => {
-                    let link = c.link().clone();
-                    self.view.lock().links.insert(link.peer().name.clone(), c);
-                    return Ok(link);
-                }
-                Err(e) => last = format!("{seed}: {e}"),
-            }
-        }
-        Err(ClientError::NoSeed(last))
-    }
-
     async fn call(&self, link: &Link, dest: Dest, body: Body) -> Result<Frame, ClientError> {
         let env = Envelope::new("client", dest, 0, body);
         link.request(env, self.opts.request_timeout)
@@ -170,11 +148,37 @@ impl ClusterClient {
             .map_err(|e| ClientError::Retryable(e.to_string()))
     }
 
+    /// Asks any node: known members first, then seeds; a node that does not answer is dropped
+    /// from the cache and the next one is tried.
+    async fn ask_any(&self, body: Body) -> Result<Frame, ClientError> {
+        let mut last = ClientError::NoSeed("no node answered".into());
+        let known: Vec<String> = self.view.lock().addrs.keys().cloned().collect();
+        for n in known {
+            let Ok(link) = self.link_to(&n).await else { continue };
+            match self.call(&link, Dest::Peer, body.clone()).await {
+                Ok(f) => return Ok(f),
+                Err(e) => {
+                    self.view.lock().links.remove(&n);
+                    last = e;
+                }
+            }
+        }
+        for seed in &self.seeds {
+            let Ok(c) = self.connect_node(*seed, ANY_NODE).await else { continue };
+            let link = c.link().clone();
+            self.view.lock().links.insert(link.peer().name.clone(), c);
+            match self.call(&link, Dest::Peer, body.clone()).await {
+                Ok(f) => return Ok(f),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+
     /// Reloads members and the shard map from any reachable node.
     pub async fn refresh(&self) -> Result<(), ClientError> {
-        let link = self.any_link().await?;
-        let status = expect_status(&self.call(&link, Dest::Peer, Body::StatusRequest).await?)?;
-        let shards = expect_shards(&self.call(&link, Dest::Peer, Body::ShardsRequest).await?)?;
+        let status = expect_status(&self.ask_any(Body::StatusRequest).await?)?;
+        let shards = expect_shards(&self.ask_any(Body::ShardsRequest).await?)?;
         let mut v = self.view.lock();
         for m in &status.members {
             if let Ok(a) = m.addr.parse() {
@@ -190,20 +194,17 @@ impl ClusterClient {
 
     /// `cluster status`, from any reachable node.
     pub async fn status(&self) -> Result<StatusInfo, ClientError> {
-        let link = self.any_link().await?;
-        expect_status(&self.call(&link, Dest::Peer, Body::StatusRequest).await?)
+        expect_status(&self.ask_any(Body::StatusRequest).await?)
     }
 
     /// `cluster shards`, from any reachable node.
     pub async fn shards(&self) -> Result<Vec<ShardInfo>, ClientError> {
-        let link = self.any_link().await?;
-        expect_shards(&self.call(&link, Dest::Peer, Body::ShardsRequest).await?)
+        expect_shards(&self.ask_any(Body::ShardsRequest).await?)
     }
 
     /// `cluster drain NODE` (admin role): moves every shard off `node`.
     pub async fn drain(&self, node: &str) -> Result<(), ClientError> {
-        let link = self.any_link().await?;
-        let frame = self.call(&link, Dest::Peer, Body::Drain { node: node.to_string() }).await?;
+        let frame = self.ask_any(Body::Drain { node: node.to_string() }).await?;
         match frame.to_owned_envelope().map(|e| e.body) {
             Ok(Body::ControlReply(_)) => Ok(()),
             _ => Err(refusal(&frame)),

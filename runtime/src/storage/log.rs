@@ -154,8 +154,10 @@ impl Store {
         }
         // The segment holding `want` is the last one starting at or before it.
         let start = names.partition_point(|(seq, _)| *seq <= want) - 1;
-        let fetched: Vec<Segment> = futures::stream::iter(&names[start..])
-            .map(|(seq, path)| self.fetch_segment(*seq, path))
+        // Owned items and `async move`: a closure over borrowed tuples makes the future fail
+        // the higher-ranked `Send` check when callers spawn it.
+        let fetched: Vec<Segment> = futures::stream::iter(names[start..].to_vec())
+            .map(|(seq, path)| async move { self.fetch_segment(seq, &path).await })
             .buffered(READ_CONCURRENCY)
             .try_collect()
             .await?;
