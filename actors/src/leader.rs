@@ -21,6 +21,9 @@ pub struct LeaderLeases {
     table: Option<(u64, LeaseTable)>,
     /// When a quorum last confirmed this node's leadership (taken before asking).
     confirmed: Option<Instant>,
+    /// Members seen down and dropped from the lease table: only a renewal after that (a paused
+    /// node waking up) brings one back, not the grants it had before it went down or left.
+    forgotten: BTreeSet<String>,
 }
 
 /// A leader grants leases only this soon after a quorum confirmed it still leads: a leader cut
@@ -131,6 +134,7 @@ pub async fn leader_loop(me: String, shards: u32, control: ControlPlane, leases:
                 // before declaring anyone expired (invariant 1).
                 info!(term, "leading the control plane; lease table reset");
                 l.table = Some((term, LeaseTable::new_leader(leases.cfg.clone(), now)));
+                l.forgotten.clear();
             }
         }
         was_leader = true;
@@ -164,8 +168,15 @@ async fn leader_step(
     }
     // Failure detection and promotion.
     let (expired, renewing): (BTreeSet<String>, BTreeSet<String>) = {
-        let l = leases.leader.lock();
-        let Some((_, table)) = l.table.as_ref() else { return Ok(()) };
+        let mut l = leases.leader.lock();
+        let LeaderLeases { table, forgotten, .. } = &mut *l;
+        let Some((_, table)) = table.as_mut() else { return Ok(()) };
+        for m in map.members.values() {
+            if m.state == MemberState::Down && !forgotten.contains(&m.name) {
+                table.remove(&m.name);
+                forgotten.insert(m.name.clone());
+            }
+        }
         // Every member counts, down ones included: a shard still owned by a member marked down
         // moves only once that member's lease must have expired.
         let live: Vec<&str> = map.members.values().map(|m| m.name.as_str()).collect();
@@ -181,7 +192,9 @@ async fn leader_step(
         } else if m.state == MemberState::Joining && renewing.contains(&m.name) {
             cmds.push(Command::SetMemberState { name: m.name.clone(), state: MemberState::Up });
         } else if m.state == MemberState::Down && renewing.contains(&m.name) {
-            // A node marked down that renews again (a pause that ended) rejoins as joining.
+            // Renewing again after it was marked down (a pause that ended): back as joining.
+            info!(node = %m.name, "down member renews its lease again: rejoining");
+            leases.leader.lock().forgotten.remove(&m.name);
             cmds.push(Command::SetMemberState { name: m.name.clone(), state: MemberState::Joining });
         }
     }
@@ -199,8 +212,10 @@ async fn leader_step(
     for change in rebalance::plan(&assignments, &states, &expired, rcfg) {
         let cmd = match change {
             Change::Reassign { shard, to, epoch } => {
-                metrics::counter!(m::REBALANCES, "kind" => "reassign").increment(1);
                 let cur = &map.shards[shard as usize];
+                // First placement of a never-owned shard is not a failure-driven move.
+                let kind = if cur.owner.is_none() && cur.epoch == 0 { "initial" } else { "reassign" };
+                metrics::counter!(m::REBALANCES, "kind" => kind).increment(1);
                 Command::Assign { shard, expect_epoch: cur.epoch, owner: Some(to), epoch, handoff_to: None }
             }
             Change::BeginHandoff { shard, to, epoch } => {
@@ -213,6 +228,7 @@ async fn leader_step(
                 Command::Assign { shard, expect_epoch: cur.epoch, owner: Some(owner), epoch, handoff_to: None }
             }
         };
+        info!(?cmd, "rebalance");
         control.propose(cmd).await.map_err(|e| e.to_string())?;
     }
     Ok(())

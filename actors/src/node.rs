@@ -209,7 +209,10 @@ impl Node {
         let addr = advertised(cfg.node.listen, &transport);
 
         // Voters' addresses come from the seeds (their certificates say who they are).
+        transport.listen();
         let voters = discover_voters(cfg, &transport, &name, &addr).await;
+        // Only a complete voter set may form a new cluster; a partial view joins instead.
+        let all_voters_known = voters.len() == cfg.cluster.voters.len();
         let control_cfg = ControlConfig::new(&name, &addr, cfg.node.data_dir.join("control"), voters);
         let net = Arc::new(QuicRaft { transport: transport.clone(), me: name.clone(), timeout: Duration::from_secs(3) });
 
@@ -237,7 +240,7 @@ impl Node {
         let leases = Leases::new(lease_cfg);
         router.set_services(Arc::new(Services { me: name.clone(), control: control.clone(), leases: leases.clone(), router: router.clone() }));
         transport.start(Arc::new(router.clone()));
-        if cfg.is_voter() {
+        if cfg.is_voter() && all_voters_known {
             control.bootstrap().await?;
         }
 
@@ -309,11 +312,14 @@ impl Node {
             Ok(Err(e)) => warn!(node = %self.name, error = %e, "drain failed; stopping anyway"),
             Err(_) => warn!(node = %self.name, "drain did not finish within the grace period"),
         }
-        self.router.begin_shutdown();
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.control.propose(Command::SetMemberState { name: self.name.clone(), state: MemberState::Down })).await;
+        // Stop renewing before leaving, so the leader does not take the last renewals for a
+        // wish to rejoin.
         for t in &self.tasks {
             t.abort();
         }
+        self.router.begin_shutdown();
+        let left = Command::SetMemberState { name: self.name.clone(), state: MemberState::Down };
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.control.propose(left)).await;
         if tokio::time::timeout_at(deadline, self.supervisor.stop_and_wait(Some("shutdown".into()), None)).await.is_err() {
             self.supervisor.kill();
         }

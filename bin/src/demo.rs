@@ -26,11 +26,13 @@ pub struct DemoOptions {
     pub keep: bool,
     /// Kill the last node with SIGKILL part-way through.
     pub kill: bool,
+    /// Control-plane voters (the first nodes).
+    pub voters: usize,
 }
 
 pub async fn run(opts: DemoOptions) -> Result<()> {
     let exe = std::env::current_exe().context("locating the tidepool binary")?;
-    let mut cluster = LocalCluster::create(&exe, opts.nodes, opts.shards, 1)?;
+    let mut cluster = LocalCluster::create(&exe, opts.nodes, opts.shards, opts.voters)?;
     println!("tidepool demo: {} nodes, {} shards, temp dir {}", opts.nodes, opts.shards, cluster.root().display());
     cluster.start_all()?;
     cluster.wait_ready(Duration::from_secs(60)).await?;
@@ -56,7 +58,7 @@ async fn workload_and_check(cluster: &mut LocalCluster, opts: &DemoOptions) -> R
     let tls = TlsMaterial::load_client(&cluster.admin_dir())?;
     let client = Arc::new(ClusterClient::connect(&cluster.seeds(), &tls, ClientOptions::default()).await?);
     wait_all_up(&client, opts.nodes, Duration::from_secs(60)).await?;
-    wait_all_assigned(&client, Duration::from_secs(60)).await?;
+    crate::local_cluster::wait_stable(&client, Duration::from_secs(90)).await?;
     let status = client.status().await?;
     println!("\ncontrol-plane leader: {} (term {})\nmembers:", status.leader, status.term);
     for m in &status.members {
@@ -112,21 +114,4 @@ async fn workload_and_check(cluster: &mut LocalCluster, opts: &DemoOptions) -> R
     }
     client.close().await;
     Ok(())
-}
-
-/// Polls until every shard has an owner and no handoff is running.
-pub async fn wait_all_assigned(client: &ClusterClient, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Ok(shards) = client.shards().await {
-            if !shards.is_empty() && shards.iter().all(|s| s.state == "serving" && !s.owner.is_empty()) {
-                client.refresh().await?;
-                return Ok(());
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("shards not all assigned within {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
-    }
 }

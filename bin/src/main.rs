@@ -53,6 +53,9 @@ enum Cmd {
         /// Do not kill a node part-way through.
         #[arg(long)]
         no_kill: bool,
+        /// Control-plane voters (the first N nodes).
+        #[arg(long, default_value_t = 1)]
+        voters: usize,
     },
     /// Run a node.
     #[command(subcommand)]
@@ -182,8 +185,9 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             concurrency,
             keep,
             no_kill,
+            voters,
         } => {
-            demo::run(demo::DemoOptions { nodes, shards, ops, keys, concurrency, keep, kill: !no_kill }).await
+            demo::run(demo::DemoOptions { nodes, shards, ops, keys, concurrency, keep, kill: !no_kill, voters }).await
         }
         Cmd::Node(NodeCmd::Run { .. }) => unreachable!("handled in main"),
         Cmd::Certs(CertsCmd::Init { out }) => {

@@ -74,7 +74,7 @@ metric_table! {
     CLUSTER_MEMBERS = "tidepool_cluster_members", Gauge, None, ["state"],
         "Members of the cluster map by state (joining, up, draining, down), as this node sees it.";
     REBALANCES = "tidepool_rebalances_total", Counter, None, ["kind"],
-        "Shard moves proposed by the leader (handoff: graceful; reassign: after a lease expired).";
+        "Shard moves proposed by the leader (initial: first placement; handoff: graceful; reassign: after a lease expired).";
     HANDOFF_DURATION = "tidepool_handoff_duration_seconds", Histogram, Some(Unit::Seconds), [],
         "Graceful handoff pause on the old owner: stop accepting to handoff committed.";
     HANDOFF_BUFFERED = "tidepool_handoff_buffered_messages", Gauge, None, [],

@@ -111,6 +111,7 @@ struct Inner {
     addrs: Mutex<HashMap<String, SocketAddr>>,
     peers: Mutex<HashMap<String, PeerSlot>>,
     handler: link::Handler,
+    accepting: std::sync::atomic::AtomicBool,
 }
 
 /// A node's QUIC endpoint and its links to peers. Cheap to clone.
@@ -177,6 +178,7 @@ impl Transport {
                 addrs: Mutex::new(HashMap::new()),
                 peers: Mutex::new(HashMap::new()),
                 handler: Arc::new(OnceLock::new()),
+                accepting: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -200,11 +202,21 @@ impl Transport {
         addrs.extend(members.into_iter().filter(|(n, _)| *n != self.inner.name));
     }
 
-    /// Starts accepting connections; requests go to `handler`.
-    pub fn start(&self, handler: Arc<dyn Inbound>) -> tokio::task::JoinHandle<()> {
+    /// Starts accepting connections before the node can take requests (handshakes only; a
+    /// request arriving before [`Transport::start`] is dropped and its sender retries). Peers
+    /// discovering each other at startup need this, or each would wait for the other.
+    pub fn listen(&self) {
+        if !self.inner.accepting.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            let this = self.clone();
+            tokio::spawn(async move { this.accept_loop().await });
+        }
+    }
+
+    /// Routes requests to `handler` and accepts connections (if [`Transport::listen`] has not
+    /// already started that).
+    pub fn start(&self, handler: Arc<dyn Inbound>) {
         let _ = self.inner.handler.set(handler);
-        let this = self.clone();
-        tokio::spawn(async move { this.accept_loop().await })
+        self.listen();
     }
 
     async fn accept_loop(&self) {
