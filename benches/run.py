@@ -19,6 +19,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
@@ -41,10 +42,13 @@ VARIANTS = {
 MIB4 = 4 * 1024 * 1024
 
 
-def criterion_medians(bench):
-    """{"group/function": median ns per iteration} for the groups of one bench."""
+def criterion_medians(bench, since):
+    """{"group/function": median ns per iteration} for the groups of one bench written after
+    `since` (older directories are benchmarks that were renamed or filtered out)."""
     found = {}
     for meta in (TARGET / "criterion").glob("**/new/benchmark.json"):
+        if (meta.parent / "estimates.json").stat().st_mtime < since:
+            continue
         info = json.loads(meta.read_text())
         if not info["group_id"].startswith(bench + "/"):
             continue
@@ -64,6 +68,7 @@ def run_once(variant, i):
     shown = " ".join(f"{k}={v}" for k, v in env.items())
     print("$", shown, " ".join(cmd), f"(run {i + 1})", file=sys.stderr, flush=True)
     log = out / "log.txt"
+    started = time.time()
     with log.open("w") as f:
         done = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
                               env={**os.environ, **env, "TIDEPOOL_BENCH_OUT": str(out)})
@@ -71,7 +76,7 @@ def run_once(variant, i):
         # Keep the other runs: a failed build or bench shows up as missing numbers.
         print(f"  failed with {done.returncode}; see {log}", file=sys.stderr, flush=True)
         return {}
-    numbers = {f"criterion:{k}": v for k, v in criterion_medians(bench).items()}
+    numbers = {f"criterion:{k}": v for k, v in criterion_medians(bench, started).items()}
     if filt:
         keep = re.compile(filt)
         numbers = {k: v for k, v in numbers.items() if keep.search(k)}
@@ -119,11 +124,13 @@ def derive(m, prefix=""):
         w = c("decode/1M_f32/tidepool_from_wire_access")
         if w:
             d["decode.from_wire_over_postcard"] = w / p
-    ts, rcall, rcast = c("local/incr/tidepool_send_to_shard"), c("local/incr/ractor_call"), c("local/incr/ractor_cast")
-    if ts and rcall:
-        d["local.tidepool_over_ractor_call"] = ts / rcall
-    if ts and rcast:
-        d["local.tidepool_over_ractor_cast"] = ts / rcast
+    rcall, rcast = c("local/incr/ractor_call"), c("local/incr/ractor_cast")
+    for row in ("tidepool_incr_memory_store", "tidepool_incr_file_store", "tidepool_get"):
+        t = c("local/incr/" + row)
+        if t and rcall:
+            d[f"local.{row}_over_ractor_call"] = t / rcall
+        if t and rcast:
+            d[f"local.{row}_over_ractor_cast"] = t / rcast
     return d
 
 
@@ -131,14 +138,22 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("variants", nargs="*", default=list(VARIANTS))
+    ap.add_argument("--rederive", action="store_true",
+                    help="recompute medians and ratios from the saved summary.json, run nothing")
     args = ap.parse_args()
     runs = {}
     per_run = [dict() for _ in range(args.runs)]
-    for variant in args.variants:
-        for i in range(args.runs):
-            for k, v in run_once(variant, i).items():
+    if args.rederive:
+        per_run = json.loads((OUT / "summary.json").read_text())["per_run_numbers"]
+        for numbers in per_run:
+            for k, v in numbers.items():
                 runs.setdefault(k, []).append(v)
-                per_run[i][k] = v
+    else:
+        for variant in args.variants:
+            for i in range(args.runs):
+                for k, v in run_once(variant, i).items():
+                    runs.setdefault(k, []).append(v)
+                    per_run[i][k] = v
     medians = {k: statistics.median(v) for k, v in runs.items()}
     # Ratios are taken within each run (Tidepool and its peer measured minutes apart at most),
     # then the median across runs.
@@ -149,7 +164,7 @@ def main():
         for k, v in d.items():
             derived_runs.setdefault(k, []).append(v)
     derived = {k: statistics.median(v) for k, v in derived_runs.items()}
-    summary = {"runs": args.runs, "per_run": runs, "median": medians,
+    summary = {"runs": args.runs, "per_run": runs, "per_run_numbers": per_run, "median": medians,
                "derived_per_run": derived_runs, "derived": derived}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "summary.json").write_text(json.dumps(summary, indent=2))
