@@ -137,7 +137,10 @@ async fn three_nodes_apply_100k_idempotent_ops_exactly_once() {
     assert_eq!(shards.len(), 64);
     for (i, s) in shards.iter().enumerate() {
         assert_eq!(s["id"].as_u64(), Some(i as u64));
-        assert!(s["epoch"].as_u64().unwrap() >= 1, "assigned shards have an epoch");
+        assert!(
+            s["epoch"].as_u64().unwrap() >= 1,
+            "assigned shards have an epoch"
+        );
         assert_eq!(s["state"], "serving");
         assert!(members.iter().any(|m| m["name"] == s["owner"]));
     }

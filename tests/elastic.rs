@@ -13,7 +13,9 @@ use tidepool::http::sum_metric;
 use tidepool::local_cluster::{wait_all_up, wait_stable, LocalCluster};
 use tidepool::workload::{self, WorkloadReport};
 use tidepool_runtime::client::{ClientOptions, ClusterClient};
-use tidepool_runtime::codec::{self, ArchivedBody, Body, Dest, Envelope, ErrorCode, IdemKey, Op, ShardInfo, ShardRequest};
+use tidepool_runtime::codec::{
+    self, ArchivedBody, Body, Dest, Envelope, ErrorCode, IdemKey, Op, ShardInfo, ShardRequest,
+};
 use tidepool_runtime::transport::tls::{self, ANY_NODE};
 use tidepool_runtime::transport::TlsMaterial;
 
@@ -26,9 +28,19 @@ async fn start(n: usize, voters: usize) -> (LocalCluster, Arc<ClusterClient>) {
     c.start_all().unwrap();
     c.wait_ready(Duration::from_secs(90)).await.unwrap();
     let tls = TlsMaterial::load_client(&c.admin_dir()).unwrap();
-    let opts = ClientOptions { retry_for: Duration::from_secs(60), request_timeout: Duration::from_secs(3), ..Default::default() };
-    let client = Arc::new(ClusterClient::connect(&c.seeds(), &tls, opts).await.unwrap());
-    wait_all_up(&client, n, Duration::from_secs(60)).await.unwrap();
+    let opts = ClientOptions {
+        retry_for: Duration::from_secs(60),
+        request_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let client = Arc::new(
+        ClusterClient::connect(&c.seeds(), &tls, opts)
+            .await
+            .unwrap(),
+    );
+    wait_all_up(&client, n, Duration::from_secs(60))
+        .await
+        .unwrap();
     wait_stable(&client, Duration::from_secs(90)).await.unwrap();
     (c, client)
 }
@@ -56,7 +68,9 @@ async fn wait_moved_off(client: &ClusterClient, node: &str, timeout: Duration) -
     let t0 = Instant::now();
     loop {
         if let Ok(s) = client.shards().await {
-            if s.iter().all(|s| s.owner != node && s.state == "serving" && !s.owner.is_empty()) {
+            if s.iter()
+                .all(|s| s.owner != node && s.state == "serving" && !s.owner.is_empty())
+            {
                 return t0.elapsed();
             }
         }
@@ -79,7 +93,9 @@ async fn joins_spread_shards_within_the_cap_and_only_moved_shards_change_epoch()
         c.start(i).unwrap();
         c.wait_node_ready(i, Duration::from_secs(60)).await.unwrap();
     }
-    wait_all_up(&client, 5, Duration::from_secs(60)).await.unwrap();
+    wait_all_up(&client, 5, Duration::from_secs(60))
+        .await
+        .unwrap();
     wait_stable(&client, Duration::from_secs(90)).await.unwrap();
     let after = shards(&client).await;
     let mut per: BTreeMap<&str, usize> = BTreeMap::new();
@@ -87,17 +103,31 @@ async fn joins_spread_shards_within_the_cap_and_only_moved_shards_change_epoch()
     for (b, a) in before.iter().zip(&after) {
         *per.entry(a.owner.as_str()).or_default() += 1;
         if a.owner == b.owner {
-            assert_eq!(a.epoch, b.epoch, "shard {} did not move, so its epoch must not change", a.id);
+            assert_eq!(
+                a.epoch, b.epoch,
+                "shard {} did not move, so its epoch must not change",
+                a.id
+            );
         } else {
             moved += 1;
-            assert!(a.epoch > b.epoch, "shard {} moved, so its epoch must grow", a.id);
+            assert!(
+                a.epoch > b.epoch,
+                "shard {} moved, so its epoch must grow",
+                a.id
+            );
         }
     }
     assert_eq!(per.len(), 5, "every node owns shards: {per:?}");
-    assert!(per.values().all(|n| *n <= cap(SHARDS, 5)), "within the cap: {per:?}");
+    assert!(
+        per.values().all(|n| *n <= cap(SHARDS, 5)),
+        "within the cap: {per:?}"
+    );
     let ideal = 2 * SHARDS as usize / 5;
     println!("moved {moved} shards for 2 joins; ideal about {ideal}");
-    assert!(moved <= ideal + SHARDS as usize / 4, "moved {moved}, ideal {ideal}");
+    assert!(
+        moved <= ideal + SHARDS as usize / 4,
+        "moved {moved}, ideal {ideal}"
+    );
     check(&client, work, 6000).await;
     c.stop_all(Duration::from_secs(60)).await.unwrap();
 }
@@ -134,7 +164,11 @@ async fn kill_9_of_the_raft_leader_elects_a_new_one_with_the_map_intact() {
         tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
     }
     wait_moved_off(&client, &leader, Duration::from_secs(30)).await;
-    assert_eq!(shards(&client).await.len(), SHARDS as usize, "the map survived the leader");
+    assert_eq!(
+        shards(&client).await.len(),
+        SHARDS as usize,
+        "the map survived the leader"
+    );
     check(&client, work, 6000).await;
     c.stop_all(Duration::from_secs(60)).await.unwrap();
 }
@@ -146,16 +180,44 @@ async fn sigterm_drains_without_failure_driven_reassignment() {
     tokio::time::sleep(Duration::from_millis(300)).await; // let the workload get going
     let status = c.stop(1, Duration::from_secs(30)).await.unwrap();
     assert!(status.success(), "drained and exited 0");
-    let left: Vec<ShardInfo> = shards(&client).await.into_iter().filter(|s| s.owner == "n2").collect();
-    assert!(left.is_empty(), "n2 still owns {left:?}; log:\n{}", c.tail_log(1));
+    let left: Vec<ShardInfo> = shards(&client)
+        .await
+        .into_iter()
+        .filter(|s| s.owner == "n2")
+        .collect();
+    assert!(
+        left.is_empty(),
+        "n2 still owns {left:?}; log:\n{}",
+        c.tail_log(1)
+    );
     let leader_metrics = c.metrics(0).await.unwrap();
     assert_eq!(
-        sum_metric(&leader_metrics, "tidepool_rebalances_total", &[("kind", "reassign")]),
+        sum_metric(
+            &leader_metrics,
+            "tidepool_rebalances_total",
+            &[("kind", "reassign")]
+        ),
         0.0,
         "no failure-driven moves; leader log:\n{}",
-        std::fs::read_to_string(&c.nodes[0].log).unwrap_or_default().lines().filter(|l| (l.contains("rebalance") && !l.contains("expect_epoch: 0,")) || l.contains("WARN") || l.contains("marking")).take(60).collect::<Vec<_>>().join("\n")
+        std::fs::read_to_string(&c.nodes[0].log)
+            .unwrap_or_default()
+            .lines()
+            .filter(
+                |l| (l.contains("rebalance") && !l.contains("expect_epoch: 0,"))
+                    || l.contains("WARN")
+                    || l.contains("marking")
+            )
+            .take(60)
+            .collect::<Vec<_>>()
+            .join("\n")
     );
-    assert!(sum_metric(&leader_metrics, "tidepool_rebalances_total", &[("kind", "handoff")]) > 0.0);
+    assert!(
+        sum_metric(
+            &leader_metrics,
+            "tidepool_rebalances_total",
+            &[("kind", "handoff")]
+        ) > 0.0
+    );
     check(&client, work, 6000).await;
     c.stop_all(Duration::from_secs(60)).await.unwrap();
 }
@@ -171,15 +233,25 @@ struct Interval {
 fn intervals(c: &LocalCluster) -> BTreeMap<u64, Vec<Interval>> {
     let mut out: BTreeMap<u64, Vec<Interval>> = BTreeMap::new();
     for n in &c.nodes {
-        let text = std::fs::read_to_string(c.root().join("data").join(&n.name).join("ownership.log")).unwrap_or_default();
+        let text =
+            std::fs::read_to_string(c.root().join("data").join(&n.name).join("ownership.log"))
+                .unwrap_or_default();
         for line in text.lines() {
             let v: serde_json::Value = serde_json::from_str(line).unwrap();
             let (shard, ts) = (v["shard"].as_u64().unwrap(), v["ts_us"].as_u64().unwrap());
             let list = out.entry(shard).or_default();
             match v["event"].as_str().unwrap() {
-                "start" => list.push(Interval { node: n.name.clone(), start: ts, stop: None }),
+                "start" => list.push(Interval {
+                    node: n.name.clone(),
+                    start: ts,
+                    stop: None,
+                }),
                 _ => {
-                    if let Some(open) = list.iter_mut().rev().find(|i| i.node == n.name && i.stop.is_none()) {
+                    if let Some(open) = list
+                        .iter_mut()
+                        .rev()
+                        .find(|i| i.node == n.name && i.stop.is_none())
+                    {
                         open.stop = Some(ts);
                     }
                 }
@@ -199,8 +271,15 @@ async fn rolling_restart_of_five_nodes_loses_nothing_and_never_has_two_owners() 
         c.start(i).unwrap();
         c.wait_node_ready(i, Duration::from_secs(60)).await.unwrap();
         if let Err(e) = wait_stable(&client, Duration::from_secs(90)).await {
-            let logs: Vec<String> = (0..5).map(|j| format!("== n{}\n{}", j + 1, c.tail_log(j))).collect();
-            panic!("after restarting n{}: {e}\n{:?}\n{}", i + 1, client.shards().await, logs.join("\n"));
+            let logs: Vec<String> = (0..5)
+                .map(|j| format!("== n{}\n{}", j + 1, c.tail_log(j)))
+                .collect();
+            panic!(
+                "after restarting n{}: {e}\n{:?}\n{}",
+                i + 1,
+                client.shards().await,
+                logs.join("\n")
+            );
         }
     }
     check(&client, work, 10_000).await;
@@ -209,21 +288,56 @@ async fn rolling_restart_of_five_nodes_loses_nothing_and_never_has_two_owners() 
         list.sort_by_key(|i| i.start);
         for w in list.windows(2) {
             let stop = w[0].stop.unwrap_or(u64::MAX);
-            assert!(stop <= w[1].start, "shard {shard}: {} served until {stop}, {} from {}", w[0].node, w[1].node, w[1].start);
+            assert!(
+                stop <= w[1].start,
+                "shard {shard}: {} served until {stop}, {} from {}",
+                w[0].node,
+                w[1].node,
+                w[1].start
+            );
         }
     }
 }
 
 /// Sends one increment with an explicit epoch straight to a node.
-async fn send_at_epoch(c: &LocalCluster, i: usize, shard: u32, epoch: u64) -> Result<(), ErrorCode> {
+async fn send_at_epoch(
+    c: &LocalCluster,
+    i: usize,
+    shard: u32,
+    epoch: u64,
+) -> Result<(), ErrorCode> {
     let admin = TlsMaterial::load_client(&c.admin_dir()).unwrap();
     let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let conn = ep.connect_with(tls::client_config(&admin).unwrap(), c.nodes[i].quic, ANY_NODE).unwrap().await.unwrap();
-    let req = ShardRequest { idem: IdemKey { sender: 77, seq: 1 }, op: Op::Incr { key: "stale".into(), delta: 1 } };
-    let env = Envelope::new("test", Dest::Shard { shard, epoch }, 1, Body::ShardRequest(req));
+    let conn = ep
+        .connect_with(
+            tls::client_config(&admin).unwrap(),
+            c.nodes[i].quic,
+            ANY_NODE,
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let req = ShardRequest {
+        idem: IdemKey { sender: 77, seq: 1 },
+        op: Op::Incr {
+            key: "stale".into(),
+            delta: 1,
+        },
+    };
+    let env = Envelope::new(
+        "test",
+        Dest::Shard { shard, epoch },
+        1,
+        Body::ShardRequest(req),
+    );
     let mut s = conn.open_uni().await.unwrap();
-    s.write_all(&codec::encode(&env).unwrap().to_vec()).await.unwrap();
-    let mut r = tokio::time::timeout(Duration::from_secs(10), conn.accept_uni()).await.unwrap().unwrap();
+    s.write_all(&codec::encode(&env).unwrap().to_vec())
+        .await
+        .unwrap();
+    let mut r = tokio::time::timeout(Duration::from_secs(10), conn.accept_uni())
+        .await
+        .unwrap()
+        .unwrap();
     let f = codec::read_frame(&mut r, 1 << 20).await.unwrap().unwrap();
     let out = match &f.envelope().body {
         ArchivedBody::Error { code, .. } => Err(code.to_native()),
@@ -252,7 +366,11 @@ async fn a_paused_owner_past_its_lease_has_its_late_writes_rejected_as_stale() {
                 Err(ErrorCode::NotOwner) => break,
                 other => {
                     // n3 may not have caught up with the map yet: its lease check refuses too.
-                    assert!(Instant::now() < deadline, "n{}: stale write was {other:?}", i + 1);
+                    assert!(
+                        Instant::now() < deadline,
+                        "n{}: stale write was {other:?}",
+                        i + 1
+                    );
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await; // poll interval
@@ -265,10 +383,16 @@ async fn a_paused_owner_past_its_lease_has_its_late_writes_rejected_as_stale() {
         let _ = send_at_epoch(&c, 2, old.id, old.epoch).await;
         let text = c.metrics(2).await.unwrap();
         if sum_metric(&text, "tidepool_stale_epoch_rejections_total", &[]) >= 1.0 {
-            assert!(sum_metric(&text, "tidepool_lease_expirations_total", &[]) >= 1.0, "n3 noticed its lease expired");
+            assert!(
+                sum_metric(&text, "tidepool_lease_expirations_total", &[]) >= 1.0,
+                "n3 noticed its lease expired"
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "n3 never counted a stale rejection");
+        assert!(
+            Instant::now() < deadline,
+            "n3 never counted a stale rejection"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await; // poll interval
     }
     check(&client, work, 4000).await;
@@ -282,9 +406,15 @@ async fn a_killed_node_restarted_with_the_same_identity_rejoins_and_gets_shards(
     wait_moved_off(&client, "n3", Duration::from_secs(30)).await;
     c.start(2).unwrap();
     c.wait_node_ready(2, Duration::from_secs(60)).await.unwrap();
-    wait_all_up(&client, 3, Duration::from_secs(60)).await.unwrap();
+    wait_all_up(&client, 3, Duration::from_secs(60))
+        .await
+        .unwrap();
     wait_stable(&client, Duration::from_secs(90)).await.unwrap();
-    let n3 = shards(&client).await.iter().filter(|s| s.owner == "n3").count();
+    let n3 = shards(&client)
+        .await
+        .iter()
+        .filter(|s| s.owner == "n3")
+        .count();
     assert!(n3 > 0, "n3 owns shards again");
     let work = workload(&client, 2000);
     check(&client, work, 2000).await;

@@ -73,7 +73,11 @@ impl Dedup {
 
     /// Exports every sender's window (for checkpoints), sorted by sender.
     pub fn export(&self) -> Vec<(u64, u64, Vec<u64>)> {
-        let mut v: Vec<_> = self.senders.iter().map(|(s, w)| (*s, w.floor, w.above.iter().copied().collect())).collect();
+        let mut v: Vec<_> = self
+            .senders
+            .iter()
+            .map(|(s, w)| (*s, w.floor, w.above.iter().copied().collect()))
+            .collect();
         v.sort_unstable_by_key(|(s, _, _)| *s);
         v
     }
@@ -83,7 +87,14 @@ impl Dedup {
         let mut d = Dedup::default();
         for (sender, floor, above) in windows {
             d.clock += 1;
-            d.senders.insert(sender, Window { floor, above: above.into_iter().collect(), touched: d.clock });
+            d.senders.insert(
+                sender,
+                Window {
+                    floor,
+                    above: above.into_iter().collect(),
+                    touched: d.clock,
+                },
+            );
         }
         d
     }

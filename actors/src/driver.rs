@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ractor::ActorRef;
 use tidepool_runtime::control::{Command, ControlPlane, ShardAssignment};
 use tidepool_runtime::handoff::{Effect, Event, ShardHandoff};
 use tidepool_runtime::metrics as m;
 use tidepool_runtime::storage::{StorageError, Store};
-use ractor::ActorRef;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -60,7 +60,9 @@ pub async fn run(
         store,
         done: done_tx,
         faults: fault_tx,
-        machines: (0..cfg.shards).map(|s| ShardHandoff::new(cfg.me.clone(), s)).collect(),
+        machines: (0..cfg.shards)
+            .map(|s| ShardHandoff::new(cfg.me.clone(), s))
+            .collect(),
         seen: vec![None; cfg.shards as usize],
         restored: HashMap::new(),
         handoff_started: HashMap::new(),
@@ -154,7 +156,9 @@ impl Driver {
     }
 
     async fn feed(&mut self, shard: u32, ev: Event) {
-        let Some(m) = self.machines.get_mut(shard as usize) else { return };
+        let Some(m) = self.machines.get_mut(shard as usize) else {
+            return;
+        };
         let effects = m.handle(Instant::now(), ev);
         for e in effects {
             self.effect(shard, e).await;
@@ -185,14 +189,16 @@ impl Driver {
                 tokio::spawn(async move {
                     match checkpoint(&router, shard).await {
                         Ok(seq) => {
-                            let _ = done.send(Done::Event(shard, Event::CheckpointWritten { epoch, seq }));
+                            let _ = done
+                                .send(Done::Event(shard, Event::CheckpointWritten { epoch, seq }));
                         }
                         Err(reason) if reason == "NotOwner" => {
                             let _ = done.send(Done::Event(shard, Event::FencedByStorage { epoch }));
                         }
                         Err(reason) => {
                             warn!(shard, %reason, "checkpoint failed; retrying");
-                            let _ = done.send(Done::Event(shard, Event::CheckpointFailed { reason }));
+                            let _ =
+                                done.send(Done::Event(shard, Event::CheckpointFailed { reason }));
                             tokio::time::sleep(Duration::from_millis(300)).await; // retry backoff
                             let _ = done.send(Done::Retry(shard));
                         }
@@ -200,11 +206,21 @@ impl Driver {
                 });
             }
             Effect::ReportHandoffDone { epoch, .. } => {
-                let to = self.seen.get(shard as usize).and_then(|a| a.as_ref()).and_then(|a| a.handoff_to.clone());
+                let to = self
+                    .seen
+                    .get(shard as usize)
+                    .and_then(|a| a.as_ref())
+                    .and_then(|a| a.handoff_to.clone());
                 let Some(to) = to else { return };
                 let (control, done) = (self.control.clone(), self.done.clone());
                 tokio::spawn(async move {
-                    let cmd = Command::Assign { shard, expect_epoch: epoch, owner: Some(to), epoch: epoch + 1, handoff_to: None };
+                    let cmd = Command::Assign {
+                        shard,
+                        expect_epoch: epoch,
+                        owner: Some(to),
+                        epoch: epoch + 1,
+                        handoff_to: None,
+                    };
                     match control.propose(cmd).await {
                         Ok(r) if r.is_ok() => {}
                         other => {
@@ -231,7 +247,12 @@ impl Driver {
                         Err(e) => {
                             metrics::counter!(m::SHARD_RESTORES, "result" => "error").increment(1);
                             warn!(shard, epoch, error = %e, "restore failed; retrying");
-                            let _ = done.send(Done::Event(shard, Event::RestoreFailed { reason: e.to_string() }));
+                            let _ = done.send(Done::Event(
+                                shard,
+                                Event::RestoreFailed {
+                                    reason: e.to_string(),
+                                },
+                            ));
                             tokio::time::sleep(Duration::from_millis(300)).await; // retry backoff
                             let _ = done.send(Done::Retry(shard));
                         }
@@ -246,9 +267,22 @@ impl Driver {
                 if e != epoch {
                     return;
                 }
-                let log = ShardLog::start(self.store.clone(), shard, epoch, restored.next_seq, self.cfg.log_queue, self.faults.clone());
+                let log = ShardLog::start(
+                    self.store.clone(),
+                    shard,
+                    epoch,
+                    restored.next_seq,
+                    self.cfg.log_queue,
+                    self.faults.clone(),
+                );
                 let (tx, rx) = oneshot::channel();
-                let msg = SupervisorMsg::Start { shard, epoch, state: restored.state, log: Some(log), reply: tx };
+                let msg = SupervisorMsg::Start {
+                    shard,
+                    epoch,
+                    state: restored.state,
+                    log: Some(log),
+                    reply: tx,
+                };
                 if self.supervisor.cast(msg).is_err() {
                     return;
                 }
@@ -283,7 +317,11 @@ impl Driver {
     async fn stop_actor(&mut self, shard: u32) {
         if self.router.deactivate(shard).is_some() {
             let (tx, rx) = oneshot::channel();
-            if self.supervisor.cast(SupervisorMsg::Stop { shard, done: tx }).is_ok() {
+            if self
+                .supervisor
+                .cast(SupervisorMsg::Stop { shard, done: tx })
+                .is_ok()
+            {
                 let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
             }
         }
@@ -291,13 +329,19 @@ impl Driver {
 }
 
 fn assigned(a: &ShardAssignment) -> Event {
-    Event::Assigned { epoch: a.epoch, owner: a.owner.clone().unwrap_or_default(), handoff_to: a.handoff_to.clone() }
+    Event::Assigned {
+        epoch: a.epoch,
+        owner: a.owner.clone().unwrap_or_default(),
+        handoff_to: a.handoff_to.clone(),
+    }
 }
 
 async fn checkpoint(router: &Router, shard: u32) -> Result<u64, String> {
     let (actor, _) = router.serving(shard).ok_or("no actor")?;
     let (tx, rx) = oneshot::channel();
-    actor.cast(ShardMsg::Checkpoint { done: tx }).map_err(|e| e.to_string())?;
+    actor
+        .cast(ShardMsg::Checkpoint { done: tx })
+        .map_err(|e| e.to_string())?;
     match tokio::time::timeout(Duration::from_secs(10), rx).await {
         Ok(Ok(Ok(seq))) => Ok(seq),
         Ok(Ok(Err(code))) => Err(format!("{code:?}")),

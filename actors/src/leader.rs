@@ -42,7 +42,11 @@ pub struct Leases {
 
 impl Leases {
     pub fn new(cfg: LeaseConfig) -> Arc<Self> {
-        Arc::new(Leases { holder: Mutex::new(LeaseHolder::new(cfg.clone())), leader: Mutex::new(LeaderLeases::default()), cfg })
+        Arc::new(Leases {
+            holder: Mutex::new(LeaseHolder::new(cfg)),
+            leader: Mutex::new(LeaderLeases::default()),
+            cfg,
+        })
     }
 
     pub fn valid(&self) -> bool {
@@ -52,7 +56,9 @@ impl Leases {
     /// Grants `node` a lease if this node leads: (ttl, term).
     pub fn grant(&self, node: &str, now: Instant) -> Option<(Duration, u64)> {
         let mut l = self.leader.lock();
-        if l.confirmed.is_none_or(|t| now.saturating_duration_since(t) > CONFIRMED_GRANT_WINDOW) {
+        if l.confirmed
+            .is_none_or(|t| now.saturating_duration_since(t) > CONFIRMED_GRANT_WINDOW)
+        {
             return None;
         }
         let (term, table) = l.table.as_mut()?;
@@ -61,7 +67,12 @@ impl Leases {
 }
 
 /// Renews this node's lease with the leader every `renew_every` (directly when it is the leader).
-pub async fn renew_loop(me: String, control: ControlPlane, transport: Transport, leases: Arc<Leases>) {
+pub async fn renew_loop(
+    me: String,
+    control: ControlPlane,
+    transport: Transport,
+    leases: Arc<Leases>,
+) {
     let mut tick = tokio::time::interval(leases.cfg.renew_every.min(Duration::from_millis(250)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -71,15 +82,24 @@ pub async fn renew_loop(me: String, control: ControlPlane, transport: Transport,
             warn!("lease expired: this node stops serving its shards until it renews");
             metrics::counter!(m::LEASE_EXPIRATIONS).increment(1);
         }
-        metrics::gauge!(m::LEASE_VALID).set(if leases.holder.lock().is_valid(now) { 1.0 } else { 0.0 });
+        metrics::gauge!(m::LEASE_VALID).set(if leases.holder.lock().is_valid(now) {
+            1.0
+        } else {
+            0.0
+        });
         if !leases.holder.lock().renew_due(now) {
             continue;
         }
-        let Some(leader) = control.leader() else { continue };
+        let Some(leader) = control.leader() else {
+            continue;
+        };
         let token = leases.holder.lock().on_send(now);
         if leader.name == me {
             if let Some((ttl, term)) = leases.grant(&me, now) {
-                leases.holder.lock().on_grant(Instant::now(), token, ttl, term);
+                leases
+                    .holder
+                    .lock()
+                    .on_grant(Instant::now(), token, ttl, term);
             }
             continue;
         }
@@ -88,11 +108,23 @@ pub async fn renew_loop(me: String, control: ControlPlane, transport: Transport,
             if let Ok(addr) = leader.addr.parse() {
                 transport.add_member(&leader.name, addr);
             }
-            let Ok(link) = transport.link(&leader.name).await else { return };
-            let env = Envelope::new(&me, Dest::Node(leader.name.clone()), 0, Body::LeaseRenew { sent_at: token });
+            let Ok(link) = transport.link(&leader.name).await else {
+                return;
+            };
+            let env = Envelope::new(
+                &me,
+                Dest::Node(leader.name.clone()),
+                0,
+                Body::LeaseRenew { sent_at: token },
+            );
             match link.request(env, leases.cfg.ttl).await {
                 Ok(f) => {
-                    if let ArchivedBody::LeaseGrant { sent_at, ttl_ms, term } = &f.envelope().body {
+                    if let ArchivedBody::LeaseGrant {
+                        sent_at,
+                        ttl_ms,
+                        term,
+                    } = &f.envelope().body
+                    {
                         leases.holder.lock().on_grant(
                             Instant::now(),
                             sent_at.to_native(),
@@ -109,7 +141,13 @@ pub async fn renew_loop(me: String, control: ControlPlane, transport: Transport,
 
 /// The leader's loop: keeps the lease table, marks members whose lease must have expired as
 /// down, promotes joining members that renew, and proposes paced rebalancing.
-pub async fn leader_loop(me: String, shards: u32, control: ControlPlane, leases: Arc<Leases>, rcfg: RebalanceConfig) {
+pub async fn leader_loop(
+    me: String,
+    shards: u32,
+    control: ControlPlane,
+    leases: Arc<Leases>,
+    rcfg: RebalanceConfig,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_leader = false;
@@ -133,7 +171,7 @@ pub async fn leader_loop(me: String, shards: u32, control: ControlPlane, leases:
                 // A new leader does not know what its predecessor granted: it waits ttl+margin
                 // before declaring anyone expired (invariant 1).
                 info!(term, "leading the control plane; lease table reset");
-                l.table = Some((term, LeaseTable::new_leader(leases.cfg.clone(), now)));
+                l.table = Some((term, LeaseTable::new_leader(leases.cfg, now)));
                 l.forgotten.clear();
             }
         }
@@ -163,14 +201,21 @@ async fn leader_step(
     now: Instant,
 ) -> Result<(), String> {
     if map.shards.is_empty() {
-        control.propose(Command::Init { shards }).await.map_err(|e| e.to_string())?;
+        control
+            .propose(Command::Init { shards })
+            .await
+            .map_err(|e| e.to_string())?;
         return Ok(());
     }
     // Failure detection and promotion.
     let (expired, renewing): (BTreeSet<String>, BTreeSet<String>) = {
         let mut l = leases.leader.lock();
-        let LeaderLeases { table, forgotten, .. } = &mut *l;
-        let Some((_, table)) = table.as_mut() else { return Ok(()) };
+        let LeaderLeases {
+            table, forgotten, ..
+        } = &mut *l;
+        let Some((_, table)) = table.as_mut() else {
+            return Ok(());
+        };
         for m in map.members.values() {
             if m.state == MemberState::Down && !forgotten.contains(&m.name) {
                 table.remove(&m.name);
@@ -180,22 +225,38 @@ async fn leader_step(
         // Every member counts, down ones included: a shard still owned by a member marked down
         // moves only once that member's lease must have expired.
         let live: Vec<&str> = map.members.values().map(|m| m.name.as_str()).collect();
-        let expired: BTreeSet<String> = table.expired_nodes(live.iter().copied(), now).into_iter().collect();
-        let renewing = live.iter().filter(|n| table.last_grant(n).is_some() && !expired.contains(**n)).map(|n| n.to_string()).collect();
+        let expired: BTreeSet<String> = table
+            .expired_nodes(live.iter().copied(), now)
+            .into_iter()
+            .collect();
+        let renewing = live
+            .iter()
+            .filter(|n| table.last_grant(n).is_some() && !expired.contains(**n))
+            .map(|n| n.to_string())
+            .collect();
         (expired, renewing)
     };
     let mut cmds = Vec::new();
     for m in map.members.values() {
         if expired.contains(&m.name) && m.state != MemberState::Down && m.name != me {
             warn!(node = %m.name, "lease must have expired: marking down");
-            cmds.push(Command::SetMemberState { name: m.name.clone(), state: MemberState::Down });
+            cmds.push(Command::SetMemberState {
+                name: m.name.clone(),
+                state: MemberState::Down,
+            });
         } else if m.state == MemberState::Joining && renewing.contains(&m.name) {
-            cmds.push(Command::SetMemberState { name: m.name.clone(), state: MemberState::Up });
+            cmds.push(Command::SetMemberState {
+                name: m.name.clone(),
+                state: MemberState::Up,
+            });
         } else if m.state == MemberState::Down && renewing.contains(&m.name) {
             // Renewing again after it was marked down (a pause that ended): back as joining.
             info!(node = %m.name, "down member renews its lease again: rejoining");
             leases.leader.lock().forgotten.remove(&m.name);
-            cmds.push(Command::SetMemberState { name: m.name.clone(), state: MemberState::Joining });
+            cmds.push(Command::SetMemberState {
+                name: m.name.clone(),
+                state: MemberState::Joining,
+            });
         }
     }
     for c in cmds {
@@ -203,29 +264,63 @@ async fn leader_step(
     }
     // Rebalance against the map as it is now.
     let map = control.map().borrow().clone();
-    let states: BTreeMap<String, rebalance::MemberState> = map.members.values().map(|m| (m.name.clone(), to_policy_state(m.state))).collect();
+    let states: BTreeMap<String, rebalance::MemberState> = map
+        .members
+        .values()
+        .map(|m| (m.name.clone(), to_policy_state(m.state)))
+        .collect();
     let assignments: Vec<rebalance::ShardAssignment> = map
         .shards
         .iter()
-        .map(|a| rebalance::ShardAssignment { owner: a.owner.clone(), epoch: a.epoch, handoff_to: a.handoff_to.clone() })
+        .map(|a| rebalance::ShardAssignment {
+            owner: a.owner.clone(),
+            epoch: a.epoch,
+            handoff_to: a.handoff_to.clone(),
+        })
         .collect();
     for change in rebalance::plan(&assignments, &states, &expired, rcfg) {
         let cmd = match change {
             Change::Reassign { shard, to, epoch } => {
                 let cur = &map.shards[shard as usize];
                 // First placement of a never-owned shard is not a failure-driven move.
-                let kind = if cur.owner.is_none() && cur.epoch == 0 { "initial" } else { "reassign" };
+                let kind = if cur.owner.is_none() && cur.epoch == 0 {
+                    "initial"
+                } else {
+                    "reassign"
+                };
                 metrics::counter!(m::REBALANCES, "kind" => kind).increment(1);
-                Command::Assign { shard, expect_epoch: cur.epoch, owner: Some(to), epoch, handoff_to: None }
+                Command::Assign {
+                    shard,
+                    expect_epoch: cur.epoch,
+                    owner: Some(to),
+                    epoch,
+                    handoff_to: None,
+                }
             }
             Change::BeginHandoff { shard, to, epoch } => {
                 metrics::counter!(m::REBALANCES, "kind" => "handoff").increment(1);
                 let cur = &map.shards[shard as usize];
-                Command::Assign { shard, expect_epoch: cur.epoch, owner: cur.owner.clone(), epoch, handoff_to: Some(to) }
+                Command::Assign {
+                    shard,
+                    expect_epoch: cur.epoch,
+                    owner: cur.owner.clone(),
+                    epoch,
+                    handoff_to: Some(to),
+                }
             }
-            Change::CancelHandoff { shard, owner, epoch } => {
+            Change::CancelHandoff {
+                shard,
+                owner,
+                epoch,
+            } => {
                 let cur = &map.shards[shard as usize];
-                Command::Assign { shard, expect_epoch: cur.epoch, owner: Some(owner), epoch, handoff_to: None }
+                Command::Assign {
+                    shard,
+                    expect_epoch: cur.epoch,
+                    owner: Some(owner),
+                    epoch,
+                    handoff_to: None,
+                }
             }
         };
         info!(?cmd, "rebalance");

@@ -9,9 +9,13 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorRef};
 use tidepool_runtime::certs::Identity;
-use tidepool_runtime::codec::{Body, ControlKind, Dest, Envelope, ErrorCode, MemberInfo, StatusInfo};
+use tidepool_runtime::codec::{
+    Body, ControlKind, Dest, Envelope, ErrorCode, MemberInfo, StatusInfo,
+};
 use tidepool_runtime::config::NodeConfig;
-use tidepool_runtime::control::{Command, ControlConfig, ControlPlane, MemberState, NodeInfo, RaftTransport, RpcKind};
+use tidepool_runtime::control::{
+    Command, ControlConfig, ControlPlane, MemberState, NodeInfo, RaftTransport, RpcKind,
+};
 use tidepool_runtime::lease::LeaseConfig;
 use tidepool_runtime::metrics as m;
 use tidepool_runtime::rebalance::RebalanceConfig;
@@ -35,7 +39,11 @@ pub enum NodeError {
     Tls(#[from] tidepool_runtime::transport::tls::TlsError),
     /// The node certificate names someone else than `node.name`.
     #[error("certificate in {dir} is for {found:?}, but node.name is {expected:?}")]
-    WrongCertificate { dir: String, expected: String, found: String },
+    WrongCertificate {
+        dir: String,
+        expected: String,
+        found: String,
+    },
     #[error(transparent)]
     Transport(#[from] tidepool_runtime::transport::TransportError),
     #[error("storage: {0}")]
@@ -43,7 +51,10 @@ pub enum NodeError {
     #[error("control plane: {0}")]
     Control(#[from] tidepool_runtime::control::ControlError),
     #[error("cannot create {path}: {source}")]
-    DataDir { path: String, source: std::io::Error },
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Audit(#[from] AuditError),
     #[error("cannot start the supervisor: {0}")]
@@ -72,13 +83,33 @@ struct QuicRaft {
 
 #[async_trait::async_trait]
 impl RaftTransport for QuicRaft {
-    async fn call(&self, target: &NodeInfo, kind: RpcKind, payload: Vec<u8>) -> Result<Vec<u8>, String> {
+    async fn call(
+        &self,
+        target: &NodeInfo,
+        kind: RpcKind,
+        payload: Vec<u8>,
+    ) -> Result<Vec<u8>, String> {
         if let Ok(addr) = target.addr.parse() {
             self.transport.add_member(&target.name, addr);
         }
-        let link = self.transport.link(&target.name).await.map_err(|e| e.to_string())?;
-        let env = Envelope::new(&self.me, Dest::Node(target.name.clone()), 0, Body::Control { kind: to_wire(kind), payload });
-        let frame = link.request(env, self.timeout).await.map_err(|e| e.to_string())?;
+        let link = self
+            .transport
+            .link(&target.name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let env = Envelope::new(
+            &self.me,
+            Dest::Node(target.name.clone()),
+            0,
+            Body::Control {
+                kind: to_wire(kind),
+                payload,
+            },
+        );
+        let frame = link
+            .request(env, self.timeout)
+            .await
+            .map_err(|e| e.to_string())?;
         match frame.to_owned_envelope().map(|e| e.body) {
             Ok(Body::ControlReply(bytes)) => Ok(bytes),
             Ok(Body::Error { code, message }) => Err(format!("{code:?}: {message}")),
@@ -116,13 +147,21 @@ struct Services {
 }
 
 impl NodeServices for Services {
-    fn control(&self, from: Identity, kind: ControlKind, payload: Vec<u8>) -> futures_box::Fut<Result<Vec<u8>, ErrorCode>> {
+    fn control(
+        &self,
+        from: Identity,
+        kind: ControlKind,
+        payload: Vec<u8>,
+    ) -> futures_box::Fut<Result<Vec<u8>, ErrorCode>> {
         let control = self.control.clone();
         Box::pin(async move {
-            control.handle_rpc(from_wire(kind), &payload).await.map_err(|e| {
-                tracing::debug!(peer = %from.name, error = %e, "control RPC failed");
-                ErrorCode::Internal
-            })
+            control
+                .handle_rpc(from_wire(kind), &payload)
+                .await
+                .map_err(|e| {
+                    tracing::debug!(peer = %from.name, error = %e, "control RPC failed");
+                    ErrorCode::Internal
+                })
         })
     }
 
@@ -130,7 +169,9 @@ impl NodeServices for Services {
         if !self.control.is_leader() {
             return Err(ErrorCode::NotLeader);
         }
-        self.leases.grant(from, Instant::now()).ok_or(ErrorCode::NotLeader)
+        self.leases
+            .grant(from, Instant::now())
+            .ok_or(ErrorCode::NotLeader)
     }
 
     fn drain(&self, node: String) -> futures_box::Fut<Result<(), ErrorCode>> {
@@ -139,7 +180,13 @@ impl NodeServices for Services {
             if !control.map().borrow().members.contains_key(&node) {
                 return Err(ErrorCode::BadRequest);
             }
-            match control.propose(Command::SetMemberState { name: node, state: MemberState::Draining }).await {
+            match control
+                .propose(Command::SetMemberState {
+                    name: node,
+                    state: MemberState::Draining,
+                })
+                .await
+            {
                 Ok(r) if r.is_ok() => Ok(()),
                 Ok(_) => Err(ErrorCode::BadRequest),
                 Err(_) => Err(ErrorCode::Internal),
@@ -150,10 +197,13 @@ impl NodeServices for Services {
     fn status(&self) -> StatusInfo {
         let map = self.control.map().borrow().clone();
         let live = self.router.transport().live_peers();
-        let counts = map.shards.iter().filter_map(|a| a.owner.clone()).fold(std::collections::BTreeMap::new(), |mut acc, o| {
-            *acc.entry(o).or_insert(0u32) += 1;
-            acc
-        });
+        let counts = map.shards.iter().filter_map(|a| a.owner.clone()).fold(
+            std::collections::BTreeMap::new(),
+            |mut acc, o| {
+                *acc.entry(o).or_insert(0u32) += 1;
+                acc
+            },
+        );
         let members = map
             .members
             .values()
@@ -165,7 +215,11 @@ impl NodeServices for Services {
                 shards: counts.get(&mb.name).copied().unwrap_or(0),
             })
             .collect();
-        StatusInfo { leader: self.control.leader().map(|l| l.name).unwrap_or_default(), term: self.control.term(), members }
+        StatusInfo {
+            leader: self.control.leader().map(|l| l.name).unwrap_or_default(),
+            term: self.control.term(),
+            members,
+        }
     }
 
     fn lease_valid(&self) -> bool {
@@ -194,10 +248,16 @@ impl Node {
         let name = cfg.node.name.clone();
         let tls = TlsMaterial::load_node(&cfg.tls.dir)?;
         if tls.identity.name != name {
-            return Err(NodeError::WrongCertificate { dir: cfg.tls.dir.display().to_string(), expected: name, found: tls.identity.name.clone() });
+            return Err(NodeError::WrongCertificate {
+                dir: cfg.tls.dir.display().to_string(),
+                expected: name,
+                found: tls.identity.name.clone(),
+            });
         }
-        std::fs::create_dir_all(&cfg.node.data_dir)
-            .map_err(|source| NodeError::DataDir { path: cfg.node.data_dir.display().to_string(), source })?;
+        std::fs::create_dir_all(&cfg.node.data_dir).map_err(|source| NodeError::DataDir {
+            path: cfg.node.data_dir.display().to_string(),
+            source,
+        })?;
         let store = Store::open(&cfg.storage.url)?;
         let tcfg = TransportConfig {
             max_frame_bytes: cfg.transport.max_frame_bytes as usize,
@@ -205,7 +265,13 @@ impl Node {
             connect_timeout: Duration::from_millis(cfg.transport.connect_timeout_ms),
             reconnect_max_backoff: Duration::from_millis(cfg.transport.reconnect_max_backoff_ms),
         };
-        let transport = Transport::bind(&name, socket.unwrap_or(Socket::Bind(cfg.node.listen)), &tls, Arc::new(ClusterPolicy), tcfg)?;
+        let transport = Transport::bind(
+            &name,
+            socket.unwrap_or(Socket::Bind(cfg.node.listen)),
+            &tls,
+            Arc::new(ClusterPolicy),
+            tcfg,
+        )?;
         let addr = advertised(cfg.node.listen, &transport);
 
         // Voters' addresses come from the seeds (their certificates say who they are).
@@ -213,8 +279,13 @@ impl Node {
         let voters = discover_voters(cfg, &transport, &name, &addr).await;
         // Only a complete voter set may form a new cluster; a partial view joins instead.
         let all_voters_known = voters.len() == cfg.cluster.voters.len();
-        let control_cfg = ControlConfig::new(&name, &addr, cfg.node.data_dir.join("control"), voters);
-        let net = Arc::new(QuicRaft { transport: transport.clone(), me: name.clone(), timeout: Duration::from_secs(3) });
+        let control_cfg =
+            ControlConfig::new(&name, &addr, cfg.node.data_dir.join("control"), voters);
+        let net = Arc::new(QuicRaft {
+            transport: transport.clone(),
+            me: name.clone(),
+            timeout: Duration::from_secs(3),
+        });
 
         let audit = AuditLog::open(&cfg.node.data_dir, &name).await?;
         // The router exists before the control plane talks, so no early request finds no handler.
@@ -238,7 +309,12 @@ impl Node {
             drift_margin: Duration::from_millis(cfg.lease.drift_margin_ms),
         };
         let leases = Leases::new(lease_cfg);
-        router.set_services(Arc::new(Services { me: name.clone(), control: control.clone(), leases: leases.clone(), router: router.clone() }));
+        router.set_services(Arc::new(Services {
+            me: name.clone(),
+            control: control.clone(),
+            leases: leases.clone(),
+            router: router.clone(),
+        }));
         transport.start(Arc::new(router.clone()));
         if cfg.is_voter() && all_voters_known {
             control.bootstrap().await?;
@@ -253,14 +329,34 @@ impl Node {
             escalate: esc_tx,
         };
         let (supervisor, supervisor_done) =
-            Actor::spawn(Some(format!("supervisor-{name}")), NodeSupervisor, args).await.map_err(|e| NodeError::Spawn(e.to_string()))?;
+            Actor::spawn(Some(format!("supervisor-{name}")), NodeSupervisor, args)
+                .await
+                .map_err(|e| NodeError::Spawn(e.to_string()))?;
 
-        let rcfg = RebalanceConfig { max_concurrent_handoffs: cfg.cluster.max_concurrent_handoffs, eps: cfg.cluster.placement_eps };
+        let rcfg = RebalanceConfig {
+            max_concurrent_handoffs: cfg.cluster.max_concurrent_handoffs,
+            eps: cfg.cluster.placement_eps,
+        };
         let mut tasks = vec![
-            tokio::spawn(leader::renew_loop(name.clone(), control.clone(), transport.clone(), leases.clone())),
-            tokio::spawn(leader::leader_loop(name.clone(), cfg.cluster.shards, control.clone(), leases.clone(), rcfg)),
+            tokio::spawn(leader::renew_loop(
+                name.clone(),
+                control.clone(),
+                transport.clone(),
+                leases.clone(),
+            )),
+            tokio::spawn(leader::leader_loop(
+                name.clone(),
+                cfg.cluster.shards,
+                control.clone(),
+                leases.clone(),
+                rcfg,
+            )),
             tokio::spawn(driver::run(
-                DriverConfig { me: name.clone(), shards: cfg.cluster.shards, log_queue: cfg.shard.max_inflight },
+                DriverConfig {
+                    me: name.clone(),
+                    shards: cfg.cluster.shards,
+                    log_queue: cfg.shard.max_inflight,
+                },
                 control.clone(),
                 router.clone(),
                 supervisor.clone(),
@@ -269,10 +365,30 @@ impl Node {
                 failed_rx,
             )),
         ];
-        tasks.push(tokio::spawn(watch_members(control.clone(), transport.clone())));
-        join(&control, &name, &addr, cfg.is_voter(), Duration::from_secs(60)).await?;
+        tasks.push(tokio::spawn(watch_members(
+            control.clone(),
+            transport.clone(),
+        )));
+        join(
+            &control,
+            &name,
+            &addr,
+            cfg.is_voter(),
+            Duration::from_secs(60),
+        )
+        .await?;
         info!(node = %name, %addr, voter = cfg.is_voter(), "node started and joined");
-        Ok(Node { name, router, control, leases, supervisor, supervisor_done, escalations, stopping: Arc::new(AtomicBool::new(false)), tasks })
+        Ok(Node {
+            name,
+            router,
+            control,
+            leases,
+            supervisor,
+            supervisor_done,
+            escalations,
+            stopping: Arc::new(AtomicBool::new(false)),
+            tasks,
+        })
     }
 
     pub fn router(&self) -> &Router {
@@ -289,7 +405,12 @@ impl Node {
 
     /// A cheap handle for health endpoints.
     pub fn readiness(&self) -> Readiness {
-        Readiness { name: self.name.clone(), control: self.control.clone(), leases: self.leases.clone(), stopping: self.stopping.clone() }
+        Readiness {
+            name: self.name.clone(),
+            control: self.control.clone(),
+            leases: self.leases.clone(),
+            stopping: self.stopping.clone(),
+        }
     }
 
     pub fn ready(&self) -> bool {
@@ -306,7 +427,8 @@ impl Node {
     pub async fn shutdown(self, grace: Duration) {
         let deadline = tokio::time::Instant::now() + grace;
         self.stopping.store(true, Ordering::SeqCst);
-        let drained = tokio::time::timeout_at(deadline, drain_self(&self.control, &self.name)).await;
+        let drained =
+            tokio::time::timeout_at(deadline, drain_self(&self.control, &self.name)).await;
         match drained {
             Ok(Ok(())) => info!(node = %self.name, "drained: no shards left here"),
             Ok(Err(e)) => warn!(node = %self.name, error = %e, "drain failed; stopping anyway"),
@@ -318,14 +440,25 @@ impl Node {
             t.abort();
         }
         self.router.begin_shutdown();
-        let left = Command::SetMemberState { name: self.name.clone(), state: MemberState::Down };
+        let left = Command::SetMemberState {
+            name: self.name.clone(),
+            state: MemberState::Down,
+        };
         let _ = tokio::time::timeout(Duration::from_secs(2), self.control.propose(left)).await;
-        if tokio::time::timeout_at(deadline, self.supervisor.stop_and_wait(Some("shutdown".into()), None)).await.is_err() {
+        if tokio::time::timeout_at(
+            deadline,
+            self.supervisor.stop_and_wait(Some("shutdown".into()), None),
+        )
+        .await
+        .is_err()
+        {
             self.supervisor.kill();
         }
         let _ = tokio::time::timeout_at(deadline, self.supervisor_done).await;
         self.control.shutdown().await;
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_millis(200));
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_millis(200));
         self.router.transport().shutdown(left).await;
         info!(node = %self.name, "node stopped");
     }
@@ -344,7 +477,13 @@ impl Readiness {
     pub fn is_ready(&self) -> bool {
         !self.stopping.load(Ordering::SeqCst)
             && self.leases.valid()
-            && self.control.map().borrow().members.get(&self.name).is_some_and(|m| m.state == MemberState::Up)
+            && self
+                .control
+                .map()
+                .borrow()
+                .members
+                .get(&self.name)
+                .is_some_and(|m| m.state == MemberState::Up)
     }
 
     /// Marks the node as stopping (readiness 503) before the drain starts.
@@ -363,13 +502,24 @@ fn advertised(listen: SocketAddr, transport: &Transport) -> String {
 
 /// Dials every seed once (briefly retrying) and returns the voters whose addresses were found,
 /// this node included if it is one.
-async fn discover_voters(cfg: &NodeConfig, transport: &Transport, me: &str, addr: &str) -> Vec<NodeInfo> {
+async fn discover_voters(
+    cfg: &NodeConfig,
+    transport: &Transport,
+    me: &str,
+    addr: &str,
+) -> Vec<NodeInfo> {
     let mut found = std::collections::BTreeMap::new();
     if cfg.is_voter() {
         found.insert(me.to_string(), addr.to_string());
     }
     let deadline = Instant::now() + Duration::from_secs(if cfg.is_voter() { 10 } else { 3 });
-    let seeds: Vec<SocketAddr> = cfg.cluster.seeds.iter().filter_map(|s| s.parse().ok()).filter(|s| *s != cfg.node.listen).collect();
+    let seeds: Vec<SocketAddr> = cfg
+        .cluster
+        .seeds
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .filter(|s| *s != cfg.node.listen)
+        .collect();
     loop {
         for seed in &seeds {
             if found.values().any(|a| a == &seed.to_string()) {
@@ -385,15 +535,30 @@ async fn discover_voters(cfg: &NodeConfig, transport: &Transport, me: &str, addr
         }
         tokio::time::sleep(Duration::from_millis(200)).await; // retry interval while peers start
     }
-    cfg.cluster.voters.iter().filter_map(|v| found.get(v).map(|a| NodeInfo::new(v.clone(), a.clone()))).collect()
+    cfg.cluster
+        .voters
+        .iter()
+        .filter_map(|v| found.get(v).map(|a| NodeInfo::new(v.clone(), a.clone())))
+        .collect()
 }
 
 /// Asks the cluster to add this node until the map lists it.
-async fn join(control: &ControlPlane, me: &str, addr: &str, voter: bool, timeout: Duration) -> Result<(), NodeError> {
+async fn join(
+    control: &ControlPlane,
+    me: &str,
+    addr: &str,
+    voter: bool,
+    timeout: Duration,
+) -> Result<(), NodeError> {
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
     loop {
-        let listed = control.map().borrow().members.get(me).is_some_and(|m| m.addr == addr && m.state != MemberState::Down);
+        let listed = control
+            .map()
+            .borrow()
+            .members
+            .get(me)
+            .is_some_and(|m| m.addr == addr && m.state != MemberState::Down);
         if listed {
             return Ok(());
         }
@@ -410,13 +575,25 @@ async fn join(control: &ControlPlane, me: &str, addr: &str, voter: bool, timeout
 
 /// Proposes this node draining and waits until it owns no shard.
 async fn drain_self(control: &ControlPlane, me: &str) -> Result<(), String> {
-    control.propose(Command::SetMemberState { name: me.into(), state: MemberState::Draining }).await.map_err(|e| e.to_string())?;
+    control
+        .propose(Command::SetMemberState {
+            name: me.into(),
+            state: MemberState::Draining,
+        })
+        .await
+        .map_err(|e| e.to_string())?;
     let mut rx = control.map();
     loop {
         let (owns, elsewhere) = {
             let map = rx.borrow();
-            let owns = map.shards.iter().any(|a| a.owner.as_deref() == Some(me) || a.handoff_to.as_deref() == Some(me));
-            let elsewhere = map.members.values().any(|m| m.name != me && matches!(m.state, MemberState::Up | MemberState::Joining));
+            let owns = map
+                .shards
+                .iter()
+                .any(|a| a.owner.as_deref() == Some(me) || a.handoff_to.as_deref() == Some(me));
+            let elsewhere = map
+                .members
+                .values()
+                .any(|m| m.name != me && matches!(m.state, MemberState::Up | MemberState::Joining));
             (owns, elsewhere)
         };
         if !owns {
@@ -439,7 +616,12 @@ async fn watch_members(control: ControlPlane, transport: Transport) {
     loop {
         {
             let map = rx.borrow().clone();
-            let mut counts = std::collections::BTreeMap::from([("joining", 0), ("up", 0), ("draining", 0), ("down", 0)]);
+            let mut counts = std::collections::BTreeMap::from([
+                ("joining", 0),
+                ("up", 0),
+                ("draining", 0),
+                ("down", 0),
+            ]);
             for mb in map.members.values() {
                 if let Ok(a) = mb.addr.parse() {
                     transport.add_member(&mb.name, a);

@@ -29,7 +29,11 @@ pub struct Restored {
 }
 
 /// Restores `shard` for an owner at `epoch` and fences the log.
-pub async fn restore_shard(store: &Store, shard: u32, epoch: u64) -> Result<Restored, RestoreError> {
+pub async fn restore_shard(
+    store: &Store,
+    shard: u32,
+    epoch: u64,
+) -> Result<Restored, RestoreError> {
     let bad = |reason: String| RestoreError::Decode { shard, reason };
     // Fence first, then read: an old owner could otherwise append after our read and before
     // our fence, and that acknowledged write would be lost.
@@ -58,5 +62,10 @@ pub async fn restore_shard(store: &Store, shard: u32, epoch: u64) -> Result<Rest
             }
         }
     }
-    Ok(Restored { state, next_seq: fence + 1, replayed, skipped_corrupt: r.report.skipped_corrupt })
+    Ok(Restored {
+        state,
+        next_seq: fence + 1,
+        replayed,
+        skipped_corrupt: r.report.skipped_corrupt,
+    })
 }

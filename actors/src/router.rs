@@ -17,8 +17,8 @@ use parking_lot::Mutex;
 use ractor::ActorRef;
 use tidepool_runtime::certs::{Identity, Role};
 use tidepool_runtime::codec::{
-    ArchivedBody, ArchivedDest, Body, ControlKind, Dest, Envelope, ErrorCode, Frame, ShardInfo, ShardRequest,
-    StatusInfo,
+    ArchivedBody, ArchivedDest, Body, ControlKind, Dest, Envelope, ErrorCode, Frame, ShardInfo,
+    ShardRequest, StatusInfo,
 };
 use tidepool_runtime::control::ClusterMap;
 use tidepool_runtime::metrics as m;
@@ -36,7 +36,12 @@ const MAX_FORWARDS: usize = 4096;
 /// [`crate::node`]; kept behind a trait so routing does not depend on how those work.
 pub trait NodeServices: Send + Sync + 'static {
     /// A control-plane RPC (Raft, propose, join) from `from`.
-    fn control(&self, from: Identity, kind: ControlKind, payload: Vec<u8>) -> futures_box::Fut<Result<Vec<u8>, ErrorCode>>;
+    fn control(
+        &self,
+        from: Identity,
+        kind: ControlKind,
+        payload: Vec<u8>,
+    ) -> futures_box::Fut<Result<Vec<u8>, ErrorCode>>;
     /// A lease renewal from node `from`, if this node is the leader: (ttl, term).
     fn renew_lease(&self, from: &str) -> Result<(Duration, u64), ErrorCode>;
     /// Admin: drain `node`.
@@ -87,12 +92,24 @@ pub struct RouterConfig {
 }
 
 /// Appends one ownership event (rare: only on ownership changes).
-fn record_ownership(path: &Option<std::path::PathBuf>, node: &str, shard: u32, epoch: u64, event: &str) {
+fn record_ownership(
+    path: &Option<std::path::PathBuf>,
+    node: &str,
+    shard: u32,
+    epoch: u64,
+    event: &str,
+) {
     let Some(path) = path else { return };
-    let ts_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros());
+    let ts_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
     let line = format!("{{\"ts_us\":{ts_us},\"node\":\"{node}\",\"shard\":{shard},\"epoch\":{epoch},\"event\":\"{event}\"}}\n");
     use std::io::Write;
-    let written = std::fs::OpenOptions::new().create(true).append(true).open(path).and_then(|mut f| f.write_all(line.as_bytes()));
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(line.as_bytes()));
     if let Err(e) = written {
         tracing::warn!(error = %e, "cannot record ownership event");
     }
@@ -117,12 +134,19 @@ pub struct Router {
 
 impl std::fmt::Debug for Router {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Router").field("name", &self.inner.cfg.name).finish()
+        f.debug_struct("Router")
+            .field("name", &self.inner.cfg.name)
+            .finish()
     }
 }
 
 impl Router {
-    pub fn new(cfg: RouterConfig, transport: Transport, map: watch::Receiver<Arc<ClusterMap>>, audit: AuditLog) -> Self {
+    pub fn new(
+        cfg: RouterConfig,
+        transport: Transport,
+        map: watch::Receiver<Arc<ClusterMap>>,
+        audit: AuditLog,
+    ) -> Self {
         let slots = (0..cfg.shards)
             .map(|_| {
                 Mutex::new(Slot {
@@ -182,7 +206,13 @@ impl Router {
             s.actor = Some(actor);
             s.epoch = epoch;
             s.accepting = true;
-            record_ownership(&self.inner.cfg.ownership_log, &self.inner.cfg.name, shard, epoch, "start");
+            record_ownership(
+                &self.inner.cfg.ownership_log,
+                &self.inner.cfg.name,
+                shard,
+                epoch,
+                "start",
+            );
         }
     }
 
@@ -192,7 +222,13 @@ impl Router {
         let (actor, buffered) = {
             let mut s = slot.lock();
             if s.accepting {
-                record_ownership(&self.inner.cfg.ownership_log, &self.inner.cfg.name, shard, s.epoch, "stop");
+                record_ownership(
+                    &self.inner.cfg.ownership_log,
+                    &self.inner.cfg.name,
+                    shard,
+                    s.epoch,
+                    "stop",
+                );
             }
             s.accepting = false;
             (s.actor.take(), std::mem::take(&mut s.buffer))
@@ -210,7 +246,13 @@ impl Router {
         if let Some(slot) = self.inner.slots.get(shard as usize) {
             let mut s = slot.lock();
             if s.accepting {
-                record_ownership(&self.inner.cfg.ownership_log, &self.inner.cfg.name, shard, s.epoch, "stop");
+                record_ownership(
+                    &self.inner.cfg.ownership_log,
+                    &self.inner.cfg.name,
+                    shard,
+                    s.epoch,
+                    "stop",
+                );
             }
             s.accepting = false;
         }
@@ -237,7 +279,9 @@ impl Router {
 
     /// Shards with a serving actor here.
     pub fn owned_shards(&self) -> Vec<u32> {
-        (0..self.inner.cfg.shards).filter(|s| self.serving(*s).is_some()).collect()
+        (0..self.inner.cfg.shards)
+            .filter(|s| self.serving(*s).is_some())
+            .collect()
     }
 
     /// From now on, new requests are refused with a retryable `ShuttingDown`.
@@ -262,8 +306,16 @@ impl Router {
             debug!(%owner, error = %e, "owner unreachable");
             ErrorCode::NotOwner
         })?;
-        let env = Envelope::new(self.name(), Dest::Shard { shard, epoch }, 0, Body::ShardRequest(req));
-        let reply = link.request(env, self.inner.cfg.request_timeout).await.map_err(|_| ErrorCode::Internal)?;
+        let env = Envelope::new(
+            self.name(),
+            Dest::Shard { shard, epoch },
+            0,
+            Body::ShardRequest(req),
+        );
+        let reply = link
+            .request(env, self.inner.cfg.request_timeout)
+            .await
+            .map_err(|_| ErrorCode::Internal)?;
         decode_reply(&reply)
     }
 
@@ -276,23 +328,40 @@ impl Router {
 
     /// A slot in the local shard's bounded queue (waiting while it is full: backpressure), if
     /// this node serves the shard at `epoch` with a valid lease.
-    async fn admit_local(&self, shard: u32, epoch: u64) -> Result<(OwnedSemaphorePermit, ActorRef<ShardMsg>), ErrorCode> {
+    async fn admit_local(
+        &self,
+        shard: u32,
+        epoch: u64,
+    ) -> Result<(OwnedSemaphorePermit, ActorRef<ShardMsg>), ErrorCode> {
         let permits = {
-            let s = self.inner.slots.get(shard as usize).ok_or(ErrorCode::BadRequest)?.lock();
+            let s = self
+                .inner
+                .slots
+                .get(shard as usize)
+                .ok_or(ErrorCode::BadRequest)?
+                .lock();
             if s.actor.is_none() || s.epoch != epoch || !s.accepting || !self.lease_valid() {
                 return Err(ErrorCode::NotOwner);
             }
             s.permits.clone()
         };
-        let permit = match tokio::time::timeout(self.inner.cfg.request_timeout, permits.acquire_owned()).await {
-            Ok(Ok(p)) => p,
-            _ => {
-                metrics::counter!(m::SHARD_REJECTED, "reason" => "overloaded").increment(1);
-                return Err(ErrorCode::Overloaded);
-            }
-        };
+        let permit =
+            match tokio::time::timeout(self.inner.cfg.request_timeout, permits.acquire_owned())
+                .await
+            {
+                Ok(Ok(p)) => p,
+                _ => {
+                    metrics::counter!(m::SHARD_REJECTED, "reason" => "overloaded").increment(1);
+                    return Err(ErrorCode::Overloaded);
+                }
+            };
         // Re-check after the wait: the shard may have moved meanwhile.
-        let s = self.inner.slots.get(shard as usize).ok_or(ErrorCode::BadRequest)?.lock();
+        let s = self
+            .inner
+            .slots
+            .get(shard as usize)
+            .ok_or(ErrorCode::BadRequest)?
+            .lock();
         match (&s.actor, s.epoch == epoch && s.accepting) {
             (Some(a), true) => Ok((permit, a.clone())),
             _ => Err(ErrorCode::NotOwner),
@@ -321,17 +390,29 @@ impl Router {
             metrics::counter!(m::ADMIN_REQUESTS, "role" => peer.role.as_str(), "kind" => kind.as_str()).increment(1);
         }
         let Some(services) = self.inner.services.get().cloned() else {
-            return reply(&link, self.name(), corr, error_body(ErrorCode::ShuttingDown, "starting")).await;
+            return reply(
+                &link,
+                self.name(),
+                corr,
+                error_body(ErrorCode::ShuttingDown, "starting"),
+            )
+            .await;
         };
         let body = match &env.body {
             ArchivedBody::ShardRequest(_) => return self.handle_shard(link, frame, corr).await,
             ArchivedBody::StatusRequest => Body::StatusReply(services.status()),
             ArchivedBody::ShardsRequest => Body::ShardsReply(self.shards()),
             ArchivedBody::Ping(n) => Body::Pong(n.to_native()),
-            ArchivedBody::LeaseRenew { sent_at } if peer.role == Role::Node => match services.renew_lease(&peer.name) {
-                Ok((ttl, term)) => Body::LeaseGrant { sent_at: sent_at.to_native(), ttl_ms: ttl.as_millis() as u64, term },
-                Err(code) => error_body(code, "not the leader"),
-            },
+            ArchivedBody::LeaseRenew { sent_at } if peer.role == Role::Node => {
+                match services.renew_lease(&peer.name) {
+                    Ok((ttl, term)) => Body::LeaseGrant {
+                        sent_at: sent_at.to_native(),
+                        ttl_ms: ttl.as_millis() as u64,
+                        term,
+                    },
+                    Err(code) => error_body(code, "not the leader"),
+                }
+            }
             ArchivedBody::Control { kind: ck, payload } if peer.role == Role::Node => {
                 let (ck, payload) = (control_kind(ck), payload.as_slice().to_vec());
                 tokio::spawn(async move {
@@ -355,9 +436,14 @@ impl Router {
                 });
                 return;
             }
-            ArchivedBody::LeaseRenew { .. } | ArchivedBody::Control { .. } | ArchivedBody::Drain { .. } => {
+            ArchivedBody::LeaseRenew { .. }
+            | ArchivedBody::Control { .. }
+            | ArchivedBody::Drain { .. } => {
                 metrics::counter!(m::SHARD_REJECTED, "reason" => "forbidden").increment(1);
-                error_body(ErrorCode::Forbidden, &format!("role {} may not send {}", peer.role, kind.as_str()))
+                error_body(
+                    ErrorCode::Forbidden,
+                    &format!("role {} may not send {}", peer.role, kind.as_str()),
+                )
             }
             _ => error_body(ErrorCode::BadRequest, "not a request"),
         };
@@ -380,7 +466,9 @@ impl Router {
 
     async fn handle_shard(self, link: Link, frame: Frame, corr: u64) {
         let env = frame.envelope();
-        let ArchivedBody::ShardRequest(req) = &env.body else { return };
+        let ArchivedBody::ShardRequest(req) = &env.body else {
+            return;
+        };
         let op = OpRef::from_archived(&req.op);
         let peer = link.peer().clone();
         let refuse = |code: ErrorCode, reason: &'static str, msg: String| {
@@ -390,20 +478,40 @@ impl Router {
         let (shard, epoch) = match &env.dest {
             ArchivedDest::Shard { shard, epoch } => (shard.to_native(), epoch.to_native()),
             _ => {
-                let body = refuse(ErrorCode::BadRequest, "bad_request", "shard request without a shard".into());
+                let body = refuse(
+                    ErrorCode::BadRequest,
+                    "bad_request",
+                    "shard request without a shard".into(),
+                );
                 return reply(&link, self.name(), corr, body).await;
             }
         };
         let current = self.owner(shard);
         let early = if shard >= self.shard_count() {
-            Some(refuse(ErrorCode::BadRequest, "bad_request", format!("no shard {shard}")))
+            Some(refuse(
+                ErrorCode::BadRequest,
+                "bad_request",
+                format!("no shard {shard}"),
+            ))
         } else if op.is_write() && peer.role == Role::Reader {
-            Some(refuse(ErrorCode::Forbidden, "forbidden", format!("role {} may not write", peer.role)))
+            Some(refuse(
+                ErrorCode::Forbidden,
+                "forbidden",
+                format!("role {} may not write", peer.role),
+            ))
         } else if self.inner.shutting_down.load(Ordering::SeqCst) {
-            Some(refuse(ErrorCode::ShuttingDown, "shutting_down", "node is shutting down".into()))
+            Some(refuse(
+                ErrorCode::ShuttingDown,
+                "shutting_down",
+                "node is shutting down".into(),
+            ))
         } else if current.as_ref().is_some_and(|(_, e)| epoch < *e) {
             metrics::counter!(m::STALE_EPOCH_REJECTIONS).increment(1);
-            Some(refuse(ErrorCode::NotOwner, "stale_epoch", format!("shard {shard} epoch {epoch} is stale")))
+            Some(refuse(
+                ErrorCode::NotOwner,
+                "stale_epoch",
+                format!("shard {shard} epoch {epoch} is stale"),
+            ))
         } else {
             None
         };
@@ -411,10 +519,21 @@ impl Router {
             return reply(&link, self.name(), corr, body).await;
         }
         if peer.role == Role::Admin {
-            self.inner.audit.record(&peer, "shard_request", &format!("{} shard={shard}", op.name())).await;
+            self.inner
+                .audit
+                .record(
+                    &peer,
+                    "shard_request",
+                    &format!("{} shard={shard}", op.name()),
+                )
+                .await;
         }
         let Some((owner, map_epoch)) = current else {
-            let body = refuse(ErrorCode::NotOwner, "not_owner", format!("shard {shard} is unassigned"));
+            let body = refuse(
+                ErrorCode::NotOwner,
+                "not_owner",
+                format!("shard {shard} is unassigned"),
+            );
             return reply(&link, self.name(), corr, body).await;
         };
         if owner == self.inner.cfg.name {
@@ -433,13 +552,21 @@ impl Router {
                 }
             };
             if full {
-                let body = refuse(ErrorCode::Overloaded, "handoff_buffer_full", format!("shard {shard} is moving"));
+                let body = refuse(
+                    ErrorCode::Overloaded,
+                    "handoff_buffer_full",
+                    format!("shard {shard} is moving"),
+                );
                 return reply(&link, self.name(), corr, body).await;
             }
             let (permit, actor) = match self.admit_local(shard, map_epoch).await {
                 Ok(x) => x,
                 Err(code) => {
-                    let body = refuse(code, "not_owner", format!("shard {shard} is not served here now"));
+                    let body = refuse(
+                        code,
+                        "not_owner",
+                        format!("shard {shard} is not served here now"),
+                    );
                     return reply(&link, self.name(), corr, body).await;
                 }
             };
@@ -448,12 +575,20 @@ impl Router {
                 reply(&link, self.name(), corr, result_body(result)).await;
             });
         } else if peer.role == Role::Node {
-            let body = refuse(ErrorCode::NotOwner, "not_owner", format!("shard {shard} is owned by {owner}"));
+            let body = refuse(
+                ErrorCode::NotOwner,
+                "not_owner",
+                format!("shard {shard} is owned by {owner}"),
+            );
             reply(&link, self.name(), corr, body).await;
         } else {
             // A client with an old map: forward on its behalf (bounded).
-            let Ok(permit) = self.inner.forwards.clone().acquire_owned().await else { return };
-            let Some(owned_req) = owned_request(&frame) else { return };
+            let Ok(permit) = self.inner.forwards.clone().acquire_owned().await else {
+                return;
+            };
+            let Some(owned_req) = owned_request(&frame) else {
+                return;
+            };
             tokio::spawn(async move {
                 let _permit = permit;
                 let result = self.send_to_shard(shard, owned_req).await;
@@ -465,10 +600,19 @@ impl Router {
     }
 }
 
-async fn call(actor: ActorRef<ShardMsg>, input: ShardInput, permit: OwnedSemaphorePermit) -> OpReply {
+async fn call(
+    actor: ActorRef<ShardMsg>,
+    input: ShardInput,
+    permit: OwnedSemaphorePermit,
+) -> OpReply {
     let (tx, rx) = tokio::sync::oneshot::channel();
     metrics::gauge!(m::SHARD_INFLIGHT).increment(1.0);
-    let sent = actor.cast(ShardMsg::Apply { input, reply: tx, permit, arrived: Instant::now() });
+    let sent = actor.cast(ShardMsg::Apply {
+        input,
+        reply: tx,
+        permit,
+        arrived: Instant::now(),
+    });
     let out = match sent {
         Ok(()) => rx.await.unwrap_or(Err(ErrorCode::Internal)),
         Err(_) => Err(ErrorCode::NotOwner),
@@ -496,7 +640,10 @@ fn owned_request(frame: &Frame) -> Option<ShardRequest> {
 }
 
 fn error_body(code: ErrorCode, message: &str) -> Body {
-    Body::Error { code, message: message.to_string() }
+    Body::Error {
+        code,
+        message: message.to_string(),
+    }
 }
 
 fn result_body(r: OpReply) -> Body {

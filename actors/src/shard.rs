@@ -13,8 +13,8 @@ use nalgebra::DVector;
 use parking_lot::Mutex;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tidepool_runtime::codec::{
-    ArchivedBody, ArchivedOp, ErrorCode, Frame, IdemKey, Op, OpResult, SenderWindow, ShardRequest, ShardSnapshot,
-    SnapValue, TensorView,
+    ArchivedBody, ArchivedOp, ErrorCode, Frame, IdemKey, Op, OpResult, SenderWindow, ShardRequest,
+    ShardSnapshot, SnapValue, TensorView,
 };
 use tidepool_runtime::metrics as m;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
@@ -238,9 +238,17 @@ impl ShardState {
             .dedup
             .export()
             .into_iter()
-            .map(|(sender, floor, above)| SenderWindow { sender, floor, above })
+            .map(|(sender, floor, above)| SenderWindow {
+                sender,
+                floor,
+                above,
+            })
             .collect();
-        ShardSnapshot { seq, entries, senders }
+        ShardSnapshot {
+            seq,
+            entries,
+            senders,
+        }
     }
 
     /// Rebuilds a state from a snapshot.
@@ -257,8 +265,16 @@ impl ShardState {
                 (k, v)
             })
             .collect();
-        let dedup = Dedup::import(snap.senders.into_iter().map(|w| (w.sender, w.floor, w.above)));
-        ShardState { kv, dedup, applied: 0 }
+        let dedup = Dedup::import(
+            snap.senders
+                .into_iter()
+                .map(|w| (w.sender, w.floor, w.above)),
+        );
+        ShardState {
+            kv,
+            dedup,
+            applied: 0,
+        }
     }
 
     /// Replays one logged request (restore). Errors were errors when first applied too, and
@@ -304,7 +320,9 @@ pub enum ShardMsg {
         arrived: Instant,
     },
     /// Checkpoint the state (after everything applied so far is durable); replies with the seq.
-    Checkpoint { done: oneshot::Sender<Result<u64, ErrorCode>> },
+    Checkpoint {
+        done: oneshot::Sender<Result<u64, ErrorCode>>,
+    },
     /// Fail on purpose (supervision tests and chaos).
     Crash,
 }
@@ -328,11 +346,20 @@ impl Actor for ShardActor {
     type State = ShardArgs;
     type Arguments = ShardArgs;
 
-    async fn pre_start(&self, _me: ActorRef<Self::Msg>, args: ShardArgs) -> Result<ShardArgs, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        args: ShardArgs,
+    ) -> Result<ShardArgs, ActorProcessingErr> {
         Ok(args)
     }
 
-    async fn handle(&self, _me: ActorRef<Self::Msg>, msg: ShardMsg, st: &mut ShardArgs) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        msg: ShardMsg,
+        st: &mut ShardArgs,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             ShardMsg::Crash => Err(format!("shard {} asked to crash", st.shard).into()),
             ShardMsg::Checkpoint { done } => {
@@ -345,17 +372,34 @@ impl Actor for ShardActor {
                 }
                 Ok(())
             }
-            ShardMsg::Apply { input, reply, permit, arrived } => {
+            ShardMsg::Apply {
+                input,
+                reply,
+                permit,
+                arrived,
+            } => {
                 let (result, wrote, input) = apply_input(st, input).await;
                 match &st.log {
                     Some(log) => {
-                        let record = if wrote { input.and_then(owned_request) } else { None };
-                        log.submit(LogItem::Op { record, result, reply, permit: Some(permit), arrived }).await;
+                        let record = if wrote {
+                            input.and_then(owned_request)
+                        } else {
+                            None
+                        };
+                        log.submit(LogItem::Op {
+                            record,
+                            result,
+                            reply,
+                            permit: Some(permit),
+                            arrived,
+                        })
+                        .await;
                     }
                     None => {
                         let _ = reply.send(result);
                         drop(permit);
-                        metrics::histogram!(m::SHARD_OP_DURATION).record(arrived.elapsed().as_secs_f64());
+                        metrics::histogram!(m::SHARD_OP_DURATION)
+                            .record(arrived.elapsed().as_secs_f64());
                     }
                 }
                 Ok(())
@@ -390,7 +434,11 @@ async fn apply_input(st: &ShardArgs, input: ShardInput) -> (OpReply, bool, Optio
         return (r, wrote, Some(input));
     }
     let state = st.state.clone();
-    match st.pool.run(move || (apply_sync(&state, &input), input)).await {
+    match st
+        .pool
+        .run(move || (apply_sync(&state, &input), input))
+        .await
+    {
         Ok(((r, wrote), input)) => (r, wrote, Some(input)),
         Err(e) => {
             tracing::warn!(error = %e, "worker pool refused a tensor op");
@@ -404,7 +452,10 @@ fn apply_sync(state: &SharedState, input: &ShardInput) -> (OpReply, bool) {
         ShardInput::Local(r) => (r.idem, OpRef::from_native(&r.op)),
         ShardInput::Wire(f) => match &f.envelope().body {
             ArchivedBody::ShardRequest(r) => (
-                IdemKey { sender: r.idem.sender.to_native(), seq: r.idem.seq.to_native() },
+                IdemKey {
+                    sender: r.idem.sender.to_native(),
+                    seq: r.idem.seq.to_native(),
+                },
                 OpRef::from_archived(&r.op),
             ),
             _ => return (Err(ErrorCode::BadRequest), false),

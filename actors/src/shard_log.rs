@@ -13,7 +13,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tidepool_runtime::codec::{self, ErrorCode, LogRecord, ShardRequest, ShardSnapshot};
 use tidepool_runtime::metrics as m;
-use tidepool_runtime::storage::{Store, StorageError};
+use tidepool_runtime::storage::{StorageError, Store};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tracing::{error, warn};
 
@@ -34,7 +34,10 @@ pub enum LogItem {
         arrived: Instant,
     },
     /// Write a checkpoint of this snapshot, covering everything queued before it.
-    Checkpoint { snapshot: ShardSnapshot, done: oneshot::Sender<Result<u64, ErrorCode>> },
+    Checkpoint {
+        snapshot: ShardSnapshot,
+        done: oneshot::Sender<Result<u64, ErrorCode>>,
+    },
 }
 
 /// Why the log stopped.
@@ -55,9 +58,27 @@ pub struct ShardLog {
 impl ShardLog {
     /// Starts the writer for `(shard, epoch)`; the next record gets `next_seq`. Faults are
     /// reported once on `faults`.
-    pub fn start(store: Store, shard: u32, epoch: u64, next_seq: u64, depth: usize, faults: mpsc::Sender<(u32, u64, LogFault)>) -> Self {
+    pub fn start(
+        store: Store,
+        shard: u32,
+        epoch: u64,
+        next_seq: u64,
+        depth: usize,
+        faults: mpsc::Sender<(u32, u64, LogFault)>,
+    ) -> Self {
         let (tx, rx) = mpsc::channel(depth.max(1));
-        tokio::spawn(write_loop(Writer { store, shard, epoch, next_seq, fault: None, last_checkpoint: None }, rx, faults));
+        tokio::spawn(write_loop(
+            Writer {
+                store,
+                shard,
+                epoch,
+                next_seq,
+                fault: None,
+                last_checkpoint: None,
+            },
+            rx,
+            faults,
+        ));
         ShardLog { tx }
     }
 
@@ -98,7 +119,11 @@ fn fault_code(f: LogFault) -> ErrorCode {
     }
 }
 
-async fn write_loop(mut w: Writer, mut rx: mpsc::Receiver<LogItem>, faults: mpsc::Sender<(u32, u64, LogFault)>) {
+async fn write_loop(
+    mut w: Writer,
+    mut rx: mpsc::Receiver<LogItem>,
+    faults: mpsc::Sender<(u32, u64, LogFault)>,
+) {
     let mut batch: Vec<LogItem> = Vec::with_capacity(MAX_BATCH);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -145,22 +170,39 @@ impl Writer {
         let records: Vec<LogRecord> = ops
             .iter()
             .filter_map(|i| match i {
-                LogItem::Op { record: Some(r), .. } => Some(r.clone()),
+                LogItem::Op {
+                    record: Some(r), ..
+                } => Some(r.clone()),
                 _ => None,
             })
             .enumerate()
-            .map(|(i, req)| LogRecord { seq: self.next_seq + i as u64, epoch: self.epoch, req: Some(req) })
+            .map(|(i, req)| LogRecord {
+                seq: self.next_seq + i as u64,
+                epoch: self.epoch,
+                req: Some(req),
+            })
             .collect();
         if !records.is_empty() {
             let n = records.len() as u64;
             let outcome = match codec::encode_log(&records) {
-                Ok(bytes) => self.store.append(self.shard, self.epoch, self.next_seq, n, Bytes::from(bytes)).await,
-                Err(e) => Err(StorageError::Corrupt { path: format!("shard {} log", self.shard), reason: e.to_string() }),
+                Ok(bytes) => {
+                    self.store
+                        .append(self.shard, self.epoch, self.next_seq, n, Bytes::from(bytes))
+                        .await
+                }
+                Err(e) => Err(StorageError::Corrupt {
+                    path: format!("shard {} log", self.shard),
+                    reason: e.to_string(),
+                }),
             };
             match outcome {
                 Ok(()) => self.next_seq += n,
                 Err(StorageError::Fenced { .. }) => {
-                    warn!(shard = self.shard, epoch = self.epoch, "log fenced by a newer epoch; refusing as stale");
+                    warn!(
+                        shard = self.shard,
+                        epoch = self.epoch,
+                        "log fenced by a newer epoch; refusing as stale"
+                    );
                     metrics::counter!(m::STALE_EPOCH_REJECTIONS).increment(ops.len() as u64);
                     self.fault = Some(LogFault::Fenced);
                 }
@@ -173,10 +215,20 @@ impl Writer {
         for item in ops {
             match (item, self.fault) {
                 (item, Some(f)) => fail(item, fault_code(f)),
-                (LogItem::Op { result, reply, permit, arrived, .. }, None) => {
+                (
+                    LogItem::Op {
+                        result,
+                        reply,
+                        permit,
+                        arrived,
+                        ..
+                    },
+                    None,
+                ) => {
                     let _ = reply.send(result);
                     drop(permit);
-                    metrics::histogram!(m::SHARD_OP_DURATION).record(arrived.elapsed().as_secs_f64());
+                    metrics::histogram!(m::SHARD_OP_DURATION)
+                        .record(arrived.elapsed().as_secs_f64());
                 }
                 (other, None) => fail(other, ErrorCode::Internal),
             }
@@ -193,7 +245,11 @@ impl Writer {
         }
         snapshot.seq = seq;
         let bytes = codec::encode_snapshot(&snapshot).map_err(|_| ErrorCode::Internal)?;
-        match self.store.put_checkpoint(self.shard, self.epoch, seq, Bytes::from(bytes)).await {
+        match self
+            .store
+            .put_checkpoint(self.shard, self.epoch, seq, Bytes::from(bytes))
+            .await
+        {
             Ok(()) => {
                 self.last_checkpoint = Some(seq);
                 Ok(seq)

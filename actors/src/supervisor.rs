@@ -31,7 +31,10 @@ pub enum SupervisorMsg {
         reply: oneshot::Sender<Result<ActorRef<ShardMsg>, String>>,
     },
     /// Stop the actor of `shard` (it no longer serves it); replies when it has stopped.
-    Stop { shard: u32, done: oneshot::Sender<()> },
+    Stop {
+        shard: u32,
+        done: oneshot::Sender<()>,
+    },
     /// Make a shard's actor fail (tests and chaos).
     CrashShard(u32),
 }
@@ -68,19 +71,46 @@ impl Actor for NodeSupervisor {
     type State = SupervisorState;
     type Arguments = SupervisorArgs;
 
-    async fn pre_start(&self, _me: ActorRef<Self::Msg>, args: SupervisorArgs) -> Result<SupervisorState, ActorProcessingErr> {
-        Ok(SupervisorState { args, by_actor: HashMap::new(), by_shard: HashMap::new(), stopping: HashMap::new(), escalated: false })
+    async fn pre_start(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
+        Ok(SupervisorState {
+            args,
+            by_actor: HashMap::new(),
+            by_shard: HashMap::new(),
+            stopping: HashMap::new(),
+            escalated: false,
+        })
     }
 
-    async fn handle(&self, me: ActorRef<Self::Msg>, msg: SupervisorMsg, st: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        me: ActorRef<Self::Msg>,
+        msg: SupervisorMsg,
+        st: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
-            SupervisorMsg::Start { shard, epoch, state, log, reply } => {
+            SupervisorMsg::Start {
+                shard,
+                epoch,
+                state,
+                log,
+                reply,
+            } => {
                 if let Some(old) = st.by_shard.remove(&shard) {
                     // A newer epoch replaces an older incarnation.
                     st.by_actor.remove(&old.get_id());
                     old.stop(Some("replaced".into()));
                 }
-                let args = ShardArgs { shard, epoch, state: Arc::new(Mutex::new(state)), pool: st.args.pool.clone(), log };
+                let args = ShardArgs {
+                    shard,
+                    epoch,
+                    state: Arc::new(Mutex::new(state)),
+                    pool: st.args.pool.clone(),
+                    log,
+                };
                 let out = match Actor::spawn_linked(None, ShardActor, args, me.get_cell()).await {
                     Ok((actor, _)) => {
                         st.by_actor.insert(actor.get_id(), shard);
@@ -112,10 +142,17 @@ impl Actor for NodeSupervisor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, _me: ActorRef<Self::Msg>, evt: SupervisionEvent, st: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        st: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         let (who, failure) = match evt {
             SupervisionEvent::ActorFailed(who, err) => (who, Some(err.to_string())),
-            SupervisionEvent::ActorTerminated(who, _, reason) => (who, reason.filter(|r| r != "not owner" && r != "replaced")),
+            SupervisionEvent::ActorTerminated(who, _, reason) => {
+                (who, reason.filter(|r| r != "not owner" && r != "replaced"))
+            }
             _ => return Ok(()),
         };
         let id = who.get_id();
@@ -124,7 +161,9 @@ impl Actor for NodeSupervisor {
             event("terminated");
             return Ok(());
         }
-        let Some(shard) = st.by_actor.remove(&id) else { return Ok(()) };
+        let Some(shard) = st.by_actor.remove(&id) else {
+            return Ok(());
+        };
         if st.by_shard.get(&shard).is_some_and(|a| a.get_id() == id) {
             st.by_shard.remove(&shard);
         }
@@ -145,14 +184,19 @@ impl Actor for NodeSupervisor {
             st.escalated = true;
             event("escalated");
             error!(shard, %reason, "shard actors keep failing; restart budget spent, escalating");
-            let _ = st.args.escalate.try_send(format!("shard {shard} failed past the restart budget: {reason}"));
+            let _ = st.args.escalate.try_send(format!(
+                "shard {shard} failed past the restart budget: {reason}"
+            ));
         }
         Ok(())
     }
 
-    async fn post_stop(&self, _me: ActorRef<Self::Msg>, st: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _me: ActorRef<Self::Msg>,
+        st: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         info!(shards = st.by_shard.len(), "supervisor stopped");
         Ok(())
     }
 }
-

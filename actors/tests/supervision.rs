@@ -56,7 +56,10 @@ async fn shard_actors_restart_with_state_and_escalate_past_the_budget() {
     let router = node.router().clone();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !node.ready() || router.send_to_shard(3, incr(1)).await.is_err() {
-        assert!(Instant::now() < deadline, "node never became ready and served shard 3");
+        assert!(
+            Instant::now() < deadline,
+            "node never became ready and served shard 3"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
     }
     for seq in 2..=10 {

@@ -75,8 +75,9 @@ pub async fn run(cfg: NodeConfig) -> Result<i32> {
 /// Sets up tracing: human-readable text (colour on a TTY) or JSON lines.
 pub fn init_logging(json: bool) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn,openraft=warn"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn,openraft=warn")
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

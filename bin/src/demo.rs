@@ -33,7 +33,12 @@ pub struct DemoOptions {
 pub async fn run(opts: DemoOptions) -> Result<()> {
     let exe = std::env::current_exe().context("locating the tidepool binary")?;
     let mut cluster = LocalCluster::create(&exe, opts.nodes, opts.shards, opts.voters)?;
-    println!("tidepool demo: {} nodes, {} shards, temp dir {}", opts.nodes, opts.shards, cluster.root().display());
+    println!(
+        "tidepool demo: {} nodes, {} shards, temp dir {}",
+        opts.nodes,
+        opts.shards,
+        cluster.root().display()
+    );
     cluster.start_all()?;
     cluster.wait_ready(Duration::from_secs(60)).await?;
     println!("cluster is ready (every node's /readyz answers 200)");
@@ -41,7 +46,14 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     let result = workload_and_check(&mut cluster, &opts).await;
     let statuses = cluster.stop_all(Duration::from_secs(30)).await?;
     let clean = statuses.iter().all(|s| s.success());
-    println!("nodes stopped: {}", if clean { "every survivor drained and exited 0 after SIGTERM" } else { "NOT all clean" });
+    println!(
+        "nodes stopped: {}",
+        if clean {
+            "every survivor drained and exited 0 after SIGTERM"
+        } else {
+            "NOT all clean"
+        }
+    );
     if opts.keep || result.is_err() || !clean {
         let dir = cluster.keep();
         println!("logs and certificates kept in {}", dir.display());
@@ -56,29 +68,52 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
 
 async fn workload_and_check(cluster: &mut LocalCluster, opts: &DemoOptions) -> Result<()> {
     let tls = TlsMaterial::load_client(&cluster.admin_dir())?;
-    let client = Arc::new(ClusterClient::connect(&cluster.seeds(), &tls, ClientOptions::default()).await?);
+    let client =
+        Arc::new(ClusterClient::connect(&cluster.seeds(), &tls, ClientOptions::default()).await?);
     wait_all_up(&client, opts.nodes, Duration::from_secs(60)).await?;
     crate::local_cluster::wait_stable(&client, Duration::from_secs(90)).await?;
     let status = client.status().await?;
-    println!("\ncontrol-plane leader: {} (term {})\nmembers:", status.leader, status.term);
+    println!(
+        "\ncontrol-plane leader: {} (term {})\nmembers:",
+        status.leader, status.term
+    );
     for m in &status.members {
-        println!("  {:<4} {:<21} {:<8} {:>3} shards", m.name, m.addr, m.state, m.shards);
+        println!(
+            "  {:<4} {:<21} {:<8} {:>3} shards",
+            m.name, m.addr, m.state, m.shards
+        );
     }
 
-    println!("\nrunning {} idempotent increments over {} keys from {} concurrent senders...", opts.ops, opts.keys, opts.concurrency);
-    let work = tokio::spawn(workload::run_increments(client.clone(), opts.ops, opts.keys, opts.concurrency));
+    println!(
+        "\nrunning {} idempotent increments over {} keys from {} concurrent senders...",
+        opts.ops, opts.keys, opts.concurrency
+    );
+    let work = tokio::spawn(workload::run_increments(
+        client.clone(),
+        opts.ops,
+        opts.keys,
+        opts.concurrency,
+    ));
     if opts.kill && opts.nodes > 1 {
         let victim = opts.nodes - 1;
         let name = cluster.nodes[victim].name.clone();
         tokio::time::sleep(Duration::from_millis(500)).await; // let the workload get going
-        let theirs = client.shards().await?.iter().filter(|s| s.owner == name).count();
+        let theirs = client
+            .shards()
+            .await?
+            .iter()
+            .filter(|s| s.owner == name)
+            .count();
         cluster.kill(victim).await?;
         let killed = Instant::now();
         println!("  killed {name} with SIGKILL while it owned {theirs} shards");
         let deadline = killed + Duration::from_secs(60);
         loop {
             let shards = client.shards().await?;
-            if shards.iter().all(|s| s.owner != name && s.state == "serving") {
+            if shards
+                .iter()
+                .all(|s| s.owner != name && s.state == "serving")
+            {
                 break;
             }
             if Instant::now() > deadline {
@@ -102,15 +137,24 @@ async fn workload_and_check(cluster: &mut LocalCluster, opts: &DemoOptions) -> R
         report.unacked
     );
     let sum = workload::verify(&client, &report, opts.keys).await?;
-    println!("  exactly-once check: every key's counter equals its acknowledged increments (sum {sum})");
+    println!(
+        "  exactly-once check: every key's counter equals its acknowledged increments (sum {sum})"
+    );
     for (i, n) in cluster.nodes.iter().enumerate() {
         if n.pid().is_none() {
             continue;
         }
         let text = cluster.metrics(i).await?;
-        let here = sum_metric(&text, "tidepool_shard_ops_total", &[("op", "incr"), ("result", "applied")]);
+        let here = sum_metric(
+            &text,
+            "tidepool_shard_ops_total",
+            &[("op", "incr"), ("result", "applied")],
+        );
         let owned = sum_metric(&text, "tidepool_shards_owned", &[]);
-        println!("  {} applied {:>6} increments, owns {:>2} shards   metrics: http://{}/metrics", n.name, here, owned, n.admin);
+        println!(
+            "  {} applied {:>6} increments, owns {:>2} shards   metrics: http://{}/metrics",
+            n.name, here, owned, n.admin
+        );
     }
     client.close().await;
     Ok(())

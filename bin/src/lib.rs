@@ -7,8 +7,10 @@
 //! - [`workload`]: the idempotent-increment workload and its exactly-once check.
 //! - [`http`]: a minimal HTTP/1.1 GET for polling admin endpoints.
 //! - [`demo`]: `tidepool demo`.
+//! - [`bench`]: `tidepool bench failover`.
 
 pub mod admin;
+pub mod bench;
 pub mod daemon;
 pub mod demo;
 pub mod http;

@@ -53,14 +53,31 @@ impl LocalCluster {
     /// Makes the CA, certificates and configs of `n` nodes, the first `voters` of them control
     /// plane voters (the seeds). Starts nothing.
     pub fn create(bin: &Path, n: usize, shards: u32, voters: usize) -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("tidepool-").tempdir().context("temp dir")?;
+        let dir = tempfile::Builder::new()
+            .prefix("tidepool-")
+            .tempdir()
+            .context("temp dir")?;
         let root = dir.path();
         certs::init_ca(&root.join("ca"))?;
         for (client, role) in [("demo-admin", Role::Admin), ("demo-reader", Role::Reader)] {
             let out = root.join("certs").join(client);
-            certs::issue(&root.join("ca"), &Subject::Client { name: client.into(), role }, &out, Validity::days_from_now(30))?;
+            certs::issue(
+                &root.join("ca"),
+                &Subject::Client {
+                    name: client.into(),
+                    role,
+                },
+                &out,
+                Validity::days_from_now(30),
+            )?;
         }
-        let mut c = LocalCluster { bin: bin.to_path_buf(), dir, nodes: Vec::new(), shards, voters: Vec::new() };
+        let mut c = LocalCluster {
+            bin: bin.to_path_buf(),
+            dir,
+            nodes: Vec::new(),
+            shards,
+            voters: Vec::new(),
+        };
         let voters = voters.clamp(1, n.max(1));
         for i in 0..n {
             c.add_node()?;
@@ -79,10 +96,22 @@ impl LocalCluster {
         let i = self.nodes.len();
         let name = format!("n{}", i + 1);
         let root = self.dir.path().to_path_buf();
-        certs::issue(&root.join("ca"), &Subject::Node(name.clone()), &root.join("certs").join(&name), Validity::days_from_now(30))?;
+        certs::issue(
+            &root.join("ca"),
+            &Subject::Node(name.clone()),
+            &root.join("certs").join(&name),
+            Validity::days_from_now(30),
+        )?;
         let quic = SocketAddr::from(([127, 0, 0, 1], free_port()?));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        self.nodes.push(NodeProc { config: root.join(format!("{name}.toml")), log: root.join(format!("{name}.log")), name, quic, admin, child: None });
+        self.nodes.push(NodeProc {
+            config: root.join(format!("{name}.toml")),
+            log: root.join(format!("{name}.log")),
+            name,
+            quic,
+            admin,
+            child: None,
+        });
         if !self.voters.is_empty() {
             self.write_config(i)?;
         }
@@ -206,16 +235,24 @@ impl LocalCluster {
 
     /// SIGKILLs node `i` and reaps it.
     pub async fn kill(&mut self, i: usize) -> Result<()> {
-        let child = self.nodes[i].child.as_mut().context("node is not running")?;
+        let child = self.nodes[i]
+            .child
+            .as_mut()
+            .context("node is not running")?;
         child.start_kill()?;
-        let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.context("killed node not reaped")??;
+        let _ = tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .context("killed node not reaped")??;
         self.nodes[i].child = None;
         Ok(())
     }
 
     /// Whether node `i`'s process is running.
     pub fn running(&mut self, i: usize) -> bool {
-        self.nodes[i].child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.nodes[i]
+            .child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Polls node `i`'s `/readyz` until 200.
@@ -225,11 +262,23 @@ impl LocalCluster {
             if let Ok((200, _)) = crate::http::get(self.nodes[i].admin, "/readyz").await {
                 return Ok(());
             }
-            if let Some(status) = self.nodes[i].child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                bail!("{} exited with {status} before becoming ready; log:\n{}", self.nodes[i].name, self.tail_log(i));
+            if let Some(status) = self.nodes[i]
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "{} exited with {status} before becoming ready; log:\n{}",
+                    self.nodes[i].name,
+                    self.tail_log(i)
+                );
             }
             if Instant::now() > deadline {
-                bail!("{} not ready within {timeout:?}; log:\n{}", self.nodes[i].name, self.tail_log(i));
+                bail!(
+                    "{} not ready within {timeout:?}; log:\n{}",
+                    self.nodes[i].name,
+                    self.tail_log(i)
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
         }
@@ -297,14 +346,21 @@ pub async fn wait_all_up(
 
 /// Polls until every shard has an owner, no handoff is running, and the map stayed the same for
 /// three polls in a row (rebalancing has settled).
-pub async fn wait_stable(client: &tidepool_runtime::client::ClusterClient, timeout: Duration) -> Result<()> {
+pub async fn wait_stable(
+    client: &tidepool_runtime::client::ClusterClient,
+    timeout: Duration,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let mut last = None;
     let mut same = 0;
     loop {
         if let Ok(shards) = client.shards().await {
-            let settled = !shards.is_empty() && shards.iter().all(|s| s.state == "serving" && !s.owner.is_empty());
-            let now: Vec<(String, u64)> = shards.iter().map(|s| (s.owner.clone(), s.epoch)).collect();
+            let settled = !shards.is_empty()
+                && shards
+                    .iter()
+                    .all(|s| s.state == "serving" && !s.owner.is_empty());
+            let now: Vec<(String, u64)> =
+                shards.iter().map(|s| (s.owner.clone(), s.epoch)).collect();
             if settled && last.as_ref() == Some(&now) {
                 same += 1;
                 if same >= 3 {

@@ -66,6 +66,28 @@ enum Cmd {
     /// Inspect the cluster.
     #[command(subcommand)]
     Cluster(ClusterCmd),
+    /// Benchmarks on a real local cluster.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCmd {
+    /// Failover time after SIGKILL (or SIGSTOP) of a node, handoff pause, shards moved on rejoin.
+    Failover {
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
+        #[arg(long, default_value_t = 64)]
+        shards: u32,
+        /// SIGSTOP the node past its lease instead of SIGKILL.
+        #[arg(long)]
+        pause: bool,
+        /// Write the results as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -187,7 +209,17 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             no_kill,
             voters,
         } => {
-            demo::run(demo::DemoOptions { nodes, shards, ops, keys, concurrency, keep, kill: !no_kill, voters }).await
+            demo::run(demo::DemoOptions {
+                nodes,
+                shards,
+                ops,
+                keys,
+                concurrency,
+                keep,
+                kill: !no_kill,
+                voters,
+            })
+            .await
         }
         Cmd::Node(NodeCmd::Run { .. }) => unreachable!("handled in main"),
         Cmd::Certs(CertsCmd::Init { out }) => {
@@ -218,9 +250,15 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             println!("certificate written to {}", path.display());
             Ok(())
         }
+        Cmd::Bench(BenchCmd::Failover { runs, nodes, shards, pause, json }) => {
+            let fault = if pause { tidepool::bench::Fault::Pause } else { tidepool::bench::Fault::Kill };
+            tidepool::bench::failover(tidepool::bench::FailoverOptions { runs, nodes, shards, fault, json }).await
+        }
         Cmd::Cluster(ClusterCmd::Status(c)) => cluster_status(c).await,
         Cmd::Cluster(ClusterCmd::Shards(c)) => cluster_shards(c).await,
-        Cmd::Cluster(ClusterCmd::Drain { node, conn, wait }) => cluster_drain(node, conn, wait).await,
+        Cmd::Cluster(ClusterCmd::Drain { node, conn, wait }) => {
+            cluster_drain(node, conn, wait).await
+        }
     }
 }
 
@@ -276,7 +314,12 @@ async fn cluster_drain(node: String, c: Conn, wait: bool) -> Result<()> {
     if wait {
         let deadline = std::time::Instant::now() + Duration::from_secs(300);
         loop {
-            let left = client.shards().await?.iter().filter(|s| s.owner == node).count();
+            let left = client
+                .shards()
+                .await?
+                .iter()
+                .filter(|s| s.owner == node)
+                .count();
             if left == 0 {
                 break;
             }
@@ -287,7 +330,10 @@ async fn cluster_drain(node: String, c: Conn, wait: bool) -> Result<()> {
         }
     }
     if c.json {
-        println!("{}", serde_json::json!({"node": node, "state": "draining", "drained": wait}));
+        println!(
+            "{}",
+            serde_json::json!({"node": node, "state": "draining", "drained": wait})
+        );
     } else if wait {
         println!("{node} is drained: it owns no shards and can be stopped");
     } else {

@@ -154,7 +154,9 @@ impl ClusterClient {
         let mut last = ClientError::NoSeed("no node answered".into());
         let known: Vec<String> = self.view.lock().addrs.keys().cloned().collect();
         for n in known {
-            let Ok(link) = self.link_to(&n).await else { continue };
+            let Ok(link) = self.link_to(&n).await else {
+                continue;
+            };
             match self.call(&link, Dest::Peer, body.clone()).await {
                 Ok(f) => return Ok(f),
                 Err(e) => {
@@ -164,7 +166,9 @@ impl ClusterClient {
             }
         }
         for seed in &self.seeds {
-            let Ok(c) = self.connect_node(*seed, ANY_NODE).await else { continue };
+            let Ok(c) = self.connect_node(*seed, ANY_NODE).await else {
+                continue;
+            };
             let link = c.link().clone();
             self.view.lock().links.insert(link.peer().name.clone(), c);
             match self.call(&link, Dest::Peer, body.clone()).await {
@@ -204,7 +208,11 @@ impl ClusterClient {
 
     /// `cluster drain NODE` (admin role): moves every shard off `node`.
     pub async fn drain(&self, node: &str) -> Result<(), ClientError> {
-        let frame = self.ask_any(Body::Drain { node: node.to_string() }).await?;
+        let frame = self
+            .ask_any(Body::Drain {
+                node: node.to_string(),
+            })
+            .await?;
         match frame.to_owned_envelope().map(|e| e.body) {
             Ok(Body::ControlReply(_)) => Ok(()),
             _ => Err(refusal(&frame)),

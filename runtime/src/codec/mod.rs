@@ -18,7 +18,10 @@ mod persist;
 mod tensor;
 
 pub use frame::{encode, read_frame, EncodedFrame, Frame, FRAME_HEADER_LEN};
-pub use persist::{decode_log, decode_snapshot, encode_log, encode_snapshot, LogRecord, ShardSnapshot, SnapValue, SenderWindow};
+pub use persist::{
+    decode_log, decode_snapshot, encode_log, encode_snapshot, LogRecord, SenderWindow,
+    ShardSnapshot, SnapValue,
+};
 pub use tensor::TensorView;
 
 use rkyv::{Archive, Deserialize, Serialize};
@@ -190,15 +193,29 @@ pub enum Body {
     ShardsReply(Vec<ShardInfo>),
     Ping(u64),
     Pong(u64),
-    Error { code: ErrorCode, message: String },
-    Control { kind: ControlKind, payload: Vec<u8> },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+    Control {
+        kind: ControlKind,
+        payload: Vec<u8>,
+    },
     ControlReply(Vec<u8>),
     /// A node renews its lease with the leader; `sent_at` echoes back (sender's clock, opaque).
-    LeaseRenew { sent_at: u64 },
+    LeaseRenew {
+        sent_at: u64,
+    },
     /// Lease granted for `ttl_ms` from the renewal's send time, by the leader of `term`.
-    LeaseGrant { sent_at: u64, ttl_ms: u64, term: u64 },
+    LeaseGrant {
+        sent_at: u64,
+        ttl_ms: u64,
+        term: u64,
+    },
     /// Admin: move every shard off `node`, then mark it drained.
-    Drain { node: String },
+    Drain {
+        node: String,
+    },
 }
 
 /// Message kind, for logs and metric labels (a closed set).

@@ -42,23 +42,29 @@ pub struct ShardSnapshot {
 }
 
 pub fn encode_log(records: &Vec<LogRecord>) -> Result<Vec<u8>, CodecError> {
-    rkyv::to_bytes::<rancor::Error>(records).map(|b| b.to_vec()).map_err(|e| CodecError::Encode(e.to_string()))
+    rkyv::to_bytes::<rancor::Error>(records)
+        .map(|b| b.to_vec())
+        .map_err(|e| CodecError::Encode(e.to_string()))
 }
 
 pub fn decode_log(bytes: &[u8]) -> Result<Vec<LogRecord>, CodecError> {
     let mut buf = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
     buf.extend_from_slice(bytes);
-    rkyv::from_bytes::<Vec<LogRecord>, rancor::Error>(&buf).map_err(|e| CodecError::Malformed(e.to_string()))
+    rkyv::from_bytes::<Vec<LogRecord>, rancor::Error>(&buf)
+        .map_err(|e| CodecError::Malformed(e.to_string()))
 }
 
 pub fn encode_snapshot(s: &ShardSnapshot) -> Result<Vec<u8>, CodecError> {
-    rkyv::to_bytes::<rancor::Error>(s).map(|b| b.to_vec()).map_err(|e| CodecError::Encode(e.to_string()))
+    rkyv::to_bytes::<rancor::Error>(s)
+        .map(|b| b.to_vec())
+        .map_err(|e| CodecError::Encode(e.to_string()))
 }
 
 pub fn decode_snapshot(bytes: &[u8]) -> Result<ShardSnapshot, CodecError> {
     let mut buf = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
     buf.extend_from_slice(bytes);
-    rkyv::from_bytes::<ShardSnapshot, rancor::Error>(&buf).map_err(|e| CodecError::Malformed(e.to_string()))
+    rkyv::from_bytes::<ShardSnapshot, rancor::Error>(&buf)
+        .map_err(|e| CodecError::Malformed(e.to_string()))
 }
 
 #[cfg(test)]
@@ -69,16 +75,40 @@ mod tests {
     #[test]
     fn log_and_snapshot_round_trip_and_reject_garbage() {
         let recs = vec![
-            LogRecord { seq: 1, epoch: 2, req: Some(ShardRequest { idem: IdemKey { sender: 1, seq: 1 }, op: Op::Incr { key: "a".into(), delta: 1 } }) },
-            LogRecord { seq: 2, epoch: 3, req: None },
+            LogRecord {
+                seq: 1,
+                epoch: 2,
+                req: Some(ShardRequest {
+                    idem: IdemKey { sender: 1, seq: 1 },
+                    op: Op::Incr {
+                        key: "a".into(),
+                        delta: 1,
+                    },
+                }),
+            },
+            LogRecord {
+                seq: 2,
+                epoch: 3,
+                req: None,
+            },
         ];
         assert_eq!(decode_log(&encode_log(&recs).unwrap()).unwrap(), recs);
         let snap = ShardSnapshot {
             seq: 9,
-            entries: vec![("a".into(), SnapValue::Counter(3)), ("t".into(), SnapValue::Tensor(vec![1.0]))],
-            senders: vec![SenderWindow { sender: 1, floor: 5, above: vec![7] }],
+            entries: vec![
+                ("a".into(), SnapValue::Counter(3)),
+                ("t".into(), SnapValue::Tensor(vec![1.0])),
+            ],
+            senders: vec![SenderWindow {
+                sender: 1,
+                floor: 5,
+                above: vec![7],
+            }],
         };
-        assert_eq!(decode_snapshot(&encode_snapshot(&snap).unwrap()).unwrap(), snap);
+        assert_eq!(
+            decode_snapshot(&encode_snapshot(&snap).unwrap()).unwrap(),
+            snap
+        );
         assert!(decode_log(&[0xff; 64]).is_err());
         assert!(decode_snapshot(&[1, 2, 3]).is_err());
     }

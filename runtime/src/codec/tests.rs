@@ -111,7 +111,13 @@ fn arb_body() -> impl Strategy<Value = Body> {
             .prop_map(|(kind, payload)| Body::Control { kind, payload }),
         proptest::collection::vec(any::<u8>(), 0..64).prop_map(Body::ControlReply),
         any::<u64>().prop_map(|sent_at| Body::LeaseRenew { sent_at }),
-        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(sent_at, ttl_ms, term)| Body::LeaseGrant { sent_at, ttl_ms, term }),
+        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(sent_at, ttl_ms, term)| {
+            Body::LeaseGrant {
+                sent_at,
+                ttl_ms,
+                term,
+            }
+        }),
         "[a-z0-9]{1,8}".prop_map(|node| Body::Drain { node }),
     ]
 }

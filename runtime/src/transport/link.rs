@@ -316,12 +316,7 @@ async fn accept_loop(link: Link, max_frame: usize, handler: Handler) {
 
 /// Reads frames from one stream. A bad frame resets the stream (STOP_SENDING) and is counted;
 /// the connection and every other stream keep working.
-async fn read_stream(
-    link: Link,
-    mut recv: quinn::RecvStream,
-    max_frame: usize,
-    handler: Handler,
-) {
+async fn read_stream(link: Link, mut recv: quinn::RecvStream, max_frame: usize, handler: Handler) {
     loop {
         match codec::read_frame(&mut recv, max_frame).await {
             Ok(Some(frame)) => {

@@ -206,7 +206,11 @@ impl Transport {
     /// request arriving before [`Transport::start`] is dropped and its sender retries). Peers
     /// discovering each other at startup need this, or each would wait for the other.
     pub fn listen(&self) {
-        if !self.inner.accepting.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        if !self
+            .inner
+            .accepting
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+        {
             let this = self.clone();
             tokio::spawn(async move { this.accept_loop().await });
         }
@@ -390,7 +394,10 @@ impl Transport {
         let id = tls::peer_identity(&conn)?;
         if id.name == self.inner.name {
             conn.close(0u32.into(), b"self");
-            return Err(TransportError::Unreachable { peer: id.name, reason: "that is this node".into() });
+            return Err(TransportError::Unreachable {
+                peer: id.name,
+                reason: "that is this node".into(),
+            });
         }
         self.inner.addrs.lock().insert(id.name.clone(), addr);
         metrics::counter!(m::TRANSPORT_DIALS, "result" => "ok").increment(1);
@@ -474,7 +481,13 @@ impl Client {
             .map_err(|_| unreachable("handshake timed out".into()))?
             .map_err(|e| unreachable(e.to_string()))?;
         let id = tls::peer_identity(&conn)?;
-        let link = Link::start(conn, id, cfg.send_queue_depth, cfg.max_frame_bytes, Arc::default());
+        let link = Link::start(
+            conn,
+            id,
+            cfg.send_queue_depth,
+            cfg.max_frame_bytes,
+            Arc::default(),
+        );
         Ok(Client { endpoint, link })
     }
 
