@@ -83,6 +83,11 @@ fn http(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u1
 
 fn start_moto() -> Option<Moto> {
     let Some(mut cmd) = moto_command() else {
+        // CI installs moto and sets this, so there a missing server is a failure, not a skip.
+        assert!(
+            std::env::var_os("TIDEPOOL_REQUIRE_MOTO").is_none(),
+            "TIDEPOOL_REQUIRE_MOTO is set but moto is not installed"
+        );
         eprintln!(
             "SKIPPED storage_s3: moto is not installed (neither `moto_server` nor `python3 -m \
              moto.server` runs). Install with: pip install 'moto[server]'"
