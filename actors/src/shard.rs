@@ -27,6 +27,9 @@ use crate::worker::WorkerPool;
 pub const MAX_KEYS: usize = 1 << 20;
 /// Longest key, in bytes.
 pub const MAX_KEY_BYTES: usize = 1024;
+/// Writes between automatic checkpoints: bounds how much log a new owner replays.
+pub const CHECKPOINT_EVERY: u64 = 5_000;
+
 /// Tensor ops at least this long run on the worker pool, not on the actor's task.
 pub const POOL_TENSOR_LEN: usize = 16 * 1024;
 
@@ -339,6 +342,8 @@ pub struct ShardArgs {
     pub pool: WorkerPool,
     /// The durable log; `None` runs without durability (in-process tests of the actor only).
     pub log: Option<ShardLog>,
+    /// Writes since the last automatic checkpoint.
+    pub since_checkpoint: u64,
 }
 
 impl Actor for ShardActor {

@@ -252,6 +252,11 @@ impl Writer {
         {
             Ok(()) => {
                 self.last_checkpoint = Some(seq);
+                // The log before the checkpoint is no longer needed to restore: trim it so the
+                // next owner lists and reads only what came after.
+                if let Err(e) = self.store.compact_log(self.shard, seq).await {
+                    warn!(shard = self.shard, error = %e, "log compaction failed (harmless; retried at the next checkpoint)");
+                }
                 Ok(seq)
             }
             Err(StorageError::Fenced { .. }) => {

@@ -110,6 +110,7 @@ impl Actor for NodeSupervisor {
                     state: Arc::new(Mutex::new(state)),
                     pool: st.args.pool.clone(),
                     log,
+                    since_checkpoint: 0,
                 };
                 let out = match Actor::spawn_linked(None, ShardActor, args, me.get_cell()).await {
                     Ok((actor, _)) => {

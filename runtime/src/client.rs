@@ -22,6 +22,9 @@ use crate::placement::shard_for_key;
 use crate::transport::tls::{self, ANY_NODE};
 use crate::transport::{Client, Link, TlsMaterial, TransportConfig, TransportError};
 
+/// How long a node that did not answer is tried last.
+const SHUN_FOR: Duration = Duration::from_secs(3);
+
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -37,7 +40,8 @@ impl Default for ClientOptions {
         ClientOptions {
             request_timeout: Duration::from_secs(5),
             retry_for: Duration::from_secs(30),
-            transport: TransportConfig::default(),
+            // A handshake on a LAN takes milliseconds; a dead node should cost little.
+            transport: TransportConfig { connect_timeout: Duration::from_secs(1), ..TransportConfig::default() },
         }
     }
 }
@@ -71,6 +75,8 @@ struct View {
     owners: Vec<String>,
     epochs: Vec<u64>,
     links: HashMap<String, Arc<Client>>,
+    /// Nodes that just failed to answer, skipped until then (unless nothing else is left).
+    shunned: HashMap<String, std::time::Instant>,
 }
 
 /// A connection to a cluster. Cheap to share (`Arc`); every method takes `&self`.
@@ -152,15 +158,28 @@ impl ClusterClient {
     /// from the cache and the next one is tried.
     async fn ask_any(&self, body: Body) -> Result<Frame, ClientError> {
         let mut last = ClientError::NoSeed("no node answered".into());
-        let known: Vec<String> = self.view.lock().addrs.keys().cloned().collect();
+        let known: Vec<String> = {
+            let v = self.view.lock();
+            let now = std::time::Instant::now();
+            let (mut ok, shunned): (Vec<String>, Vec<String>) =
+                v.addrs.keys().cloned().partition(|n| v.shunned.get(n).is_none_or(|t| *t <= now));
+            ok.extend(shunned);
+            ok
+        };
         for n in known {
-            let Ok(link) = self.link_to(&n).await else {
-                continue;
+            let reply = match self.link_to(&n).await {
+                Ok(link) => self.call(&link, Dest::Peer, body.clone()).await,
+                Err(e) => Err(e),
             };
-            match self.call(&link, Dest::Peer, body.clone()).await {
-                Ok(f) => return Ok(f),
+            match reply {
+                Ok(f) => {
+                    self.view.lock().shunned.remove(&n);
+                    return Ok(f);
+                }
                 Err(e) => {
-                    self.view.lock().links.remove(&n);
+                    let mut v = self.view.lock();
+                    v.links.remove(&n);
+                    v.shunned.insert(n, std::time::Instant::now() + SHUN_FOR);
                     last = e;
                 }
             }
