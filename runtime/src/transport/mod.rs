@@ -265,9 +265,11 @@ impl Transport {
         if id.role == Role::Node {
             let mut peers = self.inner.peers.lock();
             let slot = peers.entry(id.name.clone()).or_default();
-            // Keep the first live link; a second one from a simultaneous dial still serves its
-            // own streams until the peer drops it.
-            if slot.link.as_ref().is_none_or(Link::is_closed) {
+            // A peer dialing us has just proven it is alive: its new connection replaces ours,
+            // which may be to a process that died (a restarted peer would otherwise be
+            // unreachable until QUIC's idle timeout noticed). A link we dialed ourselves only
+            // fills an empty slot. A replaced link stays open and serves its own streams.
+            if !dialed || slot.link.as_ref().is_none_or(Link::is_closed) {
                 slot.link = Some(link.clone());
                 slot.failures = 0;
                 slot.retry_at = None;
