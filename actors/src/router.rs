@@ -221,16 +221,7 @@ impl Router {
         let slot = self.inner.slots.get(shard as usize)?;
         let (actor, buffered) = {
             let mut s = slot.lock();
-            if s.accepting {
-                record_ownership(
-                    &self.inner.cfg.ownership_log,
-                    &self.inner.cfg.name,
-                    shard,
-                    s.epoch,
-                    "stop",
-                );
-            }
-            s.accepting = false;
+            self.close_slot(shard, &mut s);
             (s.actor.take(), std::mem::take(&mut s.buffer))
         };
         if !buffered.is_empty() {
@@ -244,18 +235,22 @@ impl Router {
     /// Graceful handoff begins: requests for `shard` are buffered from now on.
     pub fn stop_accepting(&self, shard: u32) {
         if let Some(slot) = self.inner.slots.get(shard as usize) {
-            let mut s = slot.lock();
-            if s.accepting {
-                record_ownership(
-                    &self.inner.cfg.ownership_log,
-                    &self.inner.cfg.name,
-                    shard,
-                    s.epoch,
-                    "stop",
-                );
-            }
-            s.accepting = false;
+            self.close_slot(shard, &mut slot.lock());
         }
+    }
+
+    /// Stops admitting new ops to a slot, recording the end of this node's ownership interval.
+    fn close_slot(&self, shard: u32, s: &mut Slot) {
+        if s.accepting {
+            record_ownership(
+                &self.inner.cfg.ownership_log,
+                &self.inner.cfg.name,
+                shard,
+                s.epoch,
+                "stop",
+            );
+        }
+        s.accepting = false;
     }
 
     /// Ops admitted to `shard` and not yet answered.

@@ -47,7 +47,11 @@ pub async fn failover(opts: FailoverOptions) -> Result<()> {
     c.start_all()?;
     c.wait_ready(Duration::from_secs(120)).await?;
     let tls = TlsMaterial::load_client(&c.admin_dir())?;
-    let copts = ClientOptions { request_timeout: Duration::from_millis(500), retry_for: Duration::from_secs(60), ..Default::default() };
+    let copts = ClientOptions {
+        request_timeout: Duration::from_millis(500),
+        retry_for: Duration::from_secs(60),
+        ..Default::default()
+    };
     let client = Arc::new(ClusterClient::connect(&c.seeds(), &tls, copts).await?);
     wait_all_up(&client, opts.nodes, Duration::from_secs(60)).await?;
     wait_stable(&client, Duration::from_secs(120)).await?;
@@ -58,17 +62,31 @@ pub async fn failover(opts: FailoverOptions) -> Result<()> {
         let leader = client.status().await?.leader;
         // Rotate over the nodes that do not lead (a leader failure adds an election, measured
         // separately by the leader-kill test).
-        let candidates: Vec<usize> = (0..c.nodes.len()).filter(|i| c.nodes[*i].name != leader).collect();
+        let candidates: Vec<usize> = (0..c.nodes.len())
+            .filter(|i| c.nodes[*i].name != leader)
+            .collect();
         let victim = candidates[run % candidates.len()];
         let name = c.nodes[victim].name.clone();
-        let theirs: Vec<u32> = client.shards().await?.iter().filter(|s| s.owner == name).map(|s| s.id).collect();
+        let theirs: Vec<u32> = client
+            .shards()
+            .await?
+            .iter()
+            .filter(|s| s.owner == name)
+            .map(|s| s.id)
+            .collect();
         let t0 = Instant::now();
         match opts.fault {
             Fault::Kill => c.kill(victim).await?,
             Fault::Pause => c.signal(victim, libc::SIGSTOP)?,
         }
         let took = served_elsewhere(&client, &name, &theirs, t0).await?;
-        println!("run {:>2}: {name} ({} shards) {:?} -> served elsewhere after {:.3} s", run + 1, theirs.len(), opts.fault, took.as_secs_f64());
+        println!(
+            "run {:>2}: {name} ({} shards) {:?} -> served elsewhere after {:.3} s",
+            run + 1,
+            theirs.len(),
+            opts.fault,
+            took.as_secs_f64()
+        );
         failovers.push(took.as_secs_f64());
         // Bring it back and let the cluster settle.
         let before = client.shards().await?;
@@ -82,7 +100,11 @@ pub async fn failover(opts: FailoverOptions) -> Result<()> {
         wait_all_up(&client, opts.nodes, Duration::from_secs(60)).await?;
         wait_stable(&client, Duration::from_secs(120)).await?;
         let after = client.shards().await?;
-        let moved = before.iter().zip(&after).filter(|(b, a)| b.owner != a.owner).count();
+        let moved = before
+            .iter()
+            .zip(&after)
+            .filter(|(b, a)| b.owner != a.owner)
+            .count();
         moved_on_rejoin.push(moved);
     }
     let pauses = handoff_pauses(&c);
@@ -92,11 +114,26 @@ pub async fn failover(opts: FailoverOptions) -> Result<()> {
     let ideal = (f64::from(opts.shards) / opts.nodes as f64).ceil() as usize;
     let mut moved_sorted = moved_on_rejoin.clone();
     moved_sorted.sort_unstable();
-    let moved_median = moved_sorted.get(moved_sorted.len() / 2).copied().unwrap_or(0);
-    println!("\nfailover after {:?} ({} runs, {} nodes, {} shards, lease ttl 2 s):", opts.fault, opts.runs, opts.nodes, opts.shards);
-    println!("  p50 {:.3} s   p99 {:.3} s   max {:.3} s", percentile(&failovers, 50.0), percentile(&failovers, 99.0), failovers.last().copied().unwrap_or(f64::NAN));
+    let moved_median = moved_sorted
+        .get(moved_sorted.len() / 2)
+        .copied()
+        .unwrap_or(0);
+    println!(
+        "\nfailover after {:?} ({} runs, {} nodes, {} shards, lease ttl 2 s):",
+        opts.fault, opts.runs, opts.nodes, opts.shards
+    );
+    println!(
+        "  p50 {:.3} s   p99 {:.3} s   max {:.3} s",
+        percentile(&failovers, 50.0),
+        percentile(&failovers, 99.0),
+        failovers.last().copied().unwrap_or(f64::NAN)
+    );
     println!("handoff pause ({} graceful handoffs):", pauses.len());
-    println!("  p50 {:.1} ms   p99 {:.1} ms", percentile(&pauses, 50.0) * 1e3, percentile(&pauses, 99.0) * 1e3);
+    println!(
+        "  p50 {:.1} ms   p99 {:.1} ms",
+        percentile(&pauses, 50.0) * 1e3,
+        percentile(&pauses, 99.0) * 1e3
+    );
     println!("shards moved when the node came back: median {moved_median} (ideal ceil(S/N) = {ideal}; ratio {:.2})", moved_median as f64 / ideal as f64);
     if let Some(path) = opts.json {
         let out = serde_json::json!({
@@ -111,11 +148,19 @@ pub async fn failover(opts: FailoverOptions) -> Result<()> {
 }
 
 /// Polls until every shard in `theirs` has another owner and answers a read there.
-async fn served_elsewhere(client: &ClusterClient, dead: &str, theirs: &[u32], t0: Instant) -> Result<Duration> {
+async fn served_elsewhere(
+    client: &ClusterClient,
+    dead: &str,
+    theirs: &[u32],
+    t0: Instant,
+) -> Result<Duration> {
     let deadline = t0 + Duration::from_secs(60);
     loop {
         if let Ok(map) = client.shards().await {
-            if theirs.iter().all(|s| map.get(*s as usize).is_some_and(|i| i.owner != dead && !i.owner.is_empty() && i.state == "serving")) {
+            if theirs.iter().all(|s| {
+                map.get(*s as usize)
+                    .is_some_and(|i| i.owner != dead && !i.owner.is_empty() && i.state == "serving")
+            }) {
                 client.refresh().await?;
                 // A read on each key of each moved shard: served, not just assigned.
                 let mut ok = true;
@@ -150,11 +195,21 @@ fn key_on_shard(client: &ClusterClient, shard: u32) -> String {
 fn handoff_pauses(c: &LocalCluster) -> Vec<f64> {
     let mut per: BTreeMap<u64, Vec<(u64, String, &'static str)>> = BTreeMap::new();
     for n in &c.nodes {
-        let text = std::fs::read_to_string(c.root().join("data").join(&n.name).join("ownership.log")).unwrap_or_default();
+        let text =
+            std::fs::read_to_string(c.root().join("data").join(&n.name).join("ownership.log"))
+                .unwrap_or_default();
         for line in text.lines() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else { continue };
-            let (Some(shard), Some(ts)) = (v["shard"].as_u64(), v["ts_us"].as_u64()) else { continue };
-            let ev = if v["event"] == "start" { "start" } else { "stop" };
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let (Some(shard), Some(ts)) = (v["shard"].as_u64(), v["ts_us"].as_u64()) else {
+                continue;
+            };
+            let ev = if v["event"] == "start" {
+                "start"
+            } else {
+                "stop"
+            };
             per.entry(shard).or_default().push((ts, n.name.clone(), ev));
         }
     }

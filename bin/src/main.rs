@@ -250,9 +250,26 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             println!("certificate written to {}", path.display());
             Ok(())
         }
-        Cmd::Bench(BenchCmd::Failover { runs, nodes, shards, pause, json }) => {
-            let fault = if pause { tidepool::bench::Fault::Pause } else { tidepool::bench::Fault::Kill };
-            tidepool::bench::failover(tidepool::bench::FailoverOptions { runs, nodes, shards, fault, json }).await
+        Cmd::Bench(BenchCmd::Failover {
+            runs,
+            nodes,
+            shards,
+            pause,
+            json,
+        }) => {
+            let fault = if pause {
+                tidepool::bench::Fault::Pause
+            } else {
+                tidepool::bench::Fault::Kill
+            };
+            tidepool::bench::failover(tidepool::bench::FailoverOptions {
+                runs,
+                nodes,
+                shards,
+                fault,
+                json,
+            })
+            .await
         }
         Cmd::Cluster(ClusterCmd::Status(c)) => cluster_status(c).await,
         Cmd::Cluster(ClusterCmd::Shards(c)) => cluster_shards(c).await,

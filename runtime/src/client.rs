@@ -41,7 +41,10 @@ impl Default for ClientOptions {
             request_timeout: Duration::from_secs(5),
             retry_for: Duration::from_secs(30),
             // A handshake on a LAN takes milliseconds; a dead node should cost little.
-            transport: TransportConfig { connect_timeout: Duration::from_secs(1), ..TransportConfig::default() },
+            transport: TransportConfig {
+                connect_timeout: Duration::from_secs(1),
+                ..TransportConfig::default()
+            },
         }
     }
 }
@@ -161,8 +164,11 @@ impl ClusterClient {
         let known: Vec<String> = {
             let v = self.view.lock();
             let now = std::time::Instant::now();
-            let (mut ok, shunned): (Vec<String>, Vec<String>) =
-                v.addrs.keys().cloned().partition(|n| v.shunned.get(n).is_none_or(|t| *t <= now));
+            let (mut ok, shunned): (Vec<String>, Vec<String>) = v
+                .addrs
+                .keys()
+                .cloned()
+                .partition(|n| v.shunned.get(n).is_none_or(|t| *t <= now));
             ok.extend(shunned);
             ok
         };
