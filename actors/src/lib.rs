@@ -9,10 +9,12 @@
 //!   over QUIC; answers requests arriving from the transport.
 //! - [`node`]: assembles a node: transport, router, supervisor, worker pool; clean shutdown.
 //! - [`audit`]: the audit log of admin requests.
+//! - [`jobs`]: the pure math of the learning jobs (statistics, models, k-means, synchronous SGD).
 
 pub mod audit;
 pub mod dedup;
 pub mod driver;
+pub mod jobs;
 pub mod leader;
 pub mod node;
 pub mod restart;

@@ -1,0 +1,29 @@
+//! The math of Tidepool's learning jobs: pure, deterministic, no I/O.
+//!
+//! - [`rng`]: the seeded generator; every random choice is keyed by `(seed, step, shard)`.
+//! - [`stats`]: mergeable column statistics and histograms (the `stats` job, standardisation).
+//! - [`models`]: linear / logistic / softmax regression losses and gradients as row *sums*,
+//!   prediction, metrics, [`models::Standardizer`], the learning-rate schedule.
+//! - [`kmeans`]: seeded k-means++ init and Lloyd steps as mergeable partials.
+//! - [`sgd`]: the synchronous-SGD step as a pure function of per-shard partials taken in
+//!   shard-id order, and per-shard minibatch selection (DESIGN.md §2, invariant 6).
+//!
+//! Not wired yet: the job coordinator actor, the user-job trait and the wire types of partials,
+//! dataset import and partition loading, local SGD, checkpointing of job state, and the CLI
+//! (`job submit`, `predict`). Those call into this module; nothing here knows about shards'
+//! placement, nodes or time.
+
+pub mod kmeans;
+pub mod models;
+pub mod rng;
+pub mod sgd;
+pub mod stats;
+
+#[cfg(test)]
+mod kmeans_tests;
+#[cfg(test)]
+mod models_tests;
+#[cfg(test)]
+mod sgd_tests;
+#[cfg(test)]
+mod stats_tests;
