@@ -264,21 +264,12 @@ async fn leader_step(
     }
     // Rebalance against the map as it is now.
     let map = control.map().borrow().clone();
-    let states: BTreeMap<String, rebalance::MemberState> = map
+    let states: BTreeMap<String, MemberState> = map
         .members
         .values()
-        .map(|m| (m.name.clone(), to_policy_state(m.state)))
+        .map(|m| (m.name.clone(), m.state))
         .collect();
-    let assignments: Vec<rebalance::ShardAssignment> = map
-        .shards
-        .iter()
-        .map(|a| rebalance::ShardAssignment {
-            owner: a.owner.clone(),
-            epoch: a.epoch,
-            handoff_to: a.handoff_to.clone(),
-        })
-        .collect();
-    for change in rebalance::plan(&assignments, &states, &expired, rcfg) {
+    for change in rebalance::plan(&map.shards, &states, &expired, rcfg) {
         let cmd = match change {
             Change::Reassign { shard, to, epoch } => {
                 let cur = &map.shards[shard as usize];
@@ -327,13 +318,4 @@ async fn leader_step(
         control.propose(cmd).await.map_err(|e| e.to_string())?;
     }
     Ok(())
-}
-
-fn to_policy_state(s: MemberState) -> rebalance::MemberState {
-    match s {
-        MemberState::Joining => rebalance::MemberState::Joining,
-        MemberState::Up => rebalance::MemberState::Up,
-        MemberState::Draining => rebalance::MemberState::Draining,
-        MemberState::Down => rebalance::MemberState::Down,
-    }
 }

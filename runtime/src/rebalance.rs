@@ -73,30 +73,9 @@ impl RebalanceConfig {
     }
 }
 
-/// Who owns one shard, at which fencing epoch (invariant 2), and where it is being handed to.
-/// Index in the slice given to [`plan`] = shard id.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ShardAssignment {
-    /// The owning member; `None` before the shard was ever assigned.
-    pub owner: Option<String>,
-    /// Fencing epoch: every change of owner bumps it.
-    pub epoch: u64,
-    /// The member taking over, while a graceful handoff is in progress.
-    pub handoff_to: Option<String>,
-}
-
-/// A member's lifecycle state, as far as placement cares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum MemberState {
-    /// Known, not yet owning shards: eligible as a target.
-    Joining,
-    /// Serving: eligible as a target.
-    Up,
-    /// Handing its shards off before it leaves: never a target, its shards move first.
-    Draining,
-    /// Gone: never a target; its shards move once its lease must have expired.
-    Down,
-}
+// The policy works on the control plane's own types (one definition of a shard assignment and of
+// a member's lifecycle state).
+pub use crate::control::{MemberState, ShardAssignment};
 
 /// One change for the leader to propose. `epoch` is always the epoch the change writes; the
 /// compare-and-set expects the shard's epoch in the map the plan was computed from.
