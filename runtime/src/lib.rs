@@ -15,6 +15,8 @@
 //! - [`lease`], [`handoff`], [`rebalance`]: sans-IO lease arithmetic, the shard handoff state
 //!   machine, and the leader's paced rebalancing policy.
 //! - [`storage`]: object_store: the shards' op logs and epoch-fenced checkpoints.
+//! - [`dataset`]: pure core of datasets: CSV to a numeric table, rows onto shards, the binary
+//!   partition format viewed in place, and a seeded synthetic generator.
 #![deny(unsafe_code)]
 
 pub mod certs;
@@ -22,6 +24,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod control;
+pub mod dataset;
 pub mod handoff;
 pub mod lease;
 pub mod metrics;

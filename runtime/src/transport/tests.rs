@@ -2,7 +2,6 @@
 //! In-process transport tests on loopback: real QUIC, real mutual TLS, and the fault-injecting
 //! socket. Waits poll a condition with a deadline.
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -160,8 +159,11 @@ mod faults {
     use crate::transport::fault::{FaultPlan, FaultSocket, Rule};
 
     fn faulty(dir: &Path, name: &str, plan: &FaultPlan) -> Transport {
-        let sock =
-            FaultSocket::bind("127.0.0.1:0".parse::<SocketAddr>().unwrap(), plan.clone()).unwrap();
+        let sock = FaultSocket::bind(
+            "127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap(),
+            plan.clone(),
+        )
+        .unwrap();
         node(dir, name, Socket::Abstract(sock))
     }
 
