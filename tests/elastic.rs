@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tidepool::http::sum_metric;
-use tidepool::local_cluster::{wait_all_up, wait_stable, LocalCluster};
+use tidepool::local_cluster::{wait_all_up, wait_applied, wait_stable, LocalCluster};
 use tidepool::workload::{self, WorkloadReport};
 use tidepool_runtime::client::{ClientOptions, ClusterClient};
 use tidepool_runtime::codec::{
@@ -136,7 +136,9 @@ async fn joins_spread_shards_within_the_cap_and_only_moved_shards_change_epoch()
 async fn kill_9_of_a_node_reassigns_its_shards_and_loses_nothing() {
     let (mut c, client) = start(3, 1).await;
     let work = workload(&client, 6000);
-    tokio::time::sleep(Duration::from_millis(300)).await; // let the workload get going
+    wait_applied(&c, 200.0, Duration::from_secs(30))
+        .await
+        .unwrap();
     c.kill(2).await.unwrap();
     let took = wait_moved_off(&client, "n3", Duration::from_secs(30)).await;
     println!("n3's shards reassigned {took:?} after kill -9");
@@ -151,7 +153,9 @@ async fn kill_9_of_the_raft_leader_elects_a_new_one_with_the_map_intact() {
     assert!(!leader.is_empty());
     let i = c.nodes.iter().position(|n| n.name == leader).unwrap();
     let work = workload(&client, 6000);
-    tokio::time::sleep(Duration::from_millis(300)).await; // let the workload get going
+    wait_applied(&c, 200.0, Duration::from_secs(30))
+        .await
+        .unwrap();
     c.kill(i).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -177,19 +181,30 @@ async fn kill_9_of_the_raft_leader_elects_a_new_one_with_the_map_intact() {
 async fn sigterm_drains_without_failure_driven_reassignment() {
     let (mut c, client) = start(3, 1).await;
     let work = workload(&client, 6000);
-    tokio::time::sleep(Duration::from_millis(300)).await; // let the workload get going
+    wait_applied(&c, 200.0, Duration::from_secs(30))
+        .await
+        .unwrap();
     let status = c.stop(1, Duration::from_secs(30)).await.unwrap();
     assert!(status.success(), "drained and exited 0");
-    let left: Vec<ShardInfo> = shards(&client)
-        .await
-        .into_iter()
-        .filter(|s| s.owner == "n2")
-        .collect();
-    assert!(
-        left.is_empty(),
-        "n2 still owns {left:?}; log:\n{}",
-        c.tail_log(1)
-    );
+    // Any node may answer `cluster shards`, and a follower's copy of the map can trail the
+    // leader's by a moment: poll briefly.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<ShardInfo> = shards(&client)
+            .await
+            .into_iter()
+            .filter(|s| s.owner == "n2")
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "n2 still owns {left:?}; log:\n{}",
+            c.tail_log(1)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
+    }
     let leader_metrics = c.metrics(0).await.unwrap();
     assert_eq!(
         sum_metric(

@@ -97,7 +97,12 @@ async fn workload_and_check(cluster: &mut LocalCluster, opts: &DemoOptions) -> R
     if opts.kill && opts.nodes > 1 {
         let victim = opts.nodes - 1;
         let name = cluster.nodes[victim].name.clone();
-        tokio::time::sleep(Duration::from_millis(500)).await; // let the workload get going
+        crate::local_cluster::wait_applied(
+            cluster,
+            (opts.ops / 5) as f64,
+            Duration::from_secs(120),
+        )
+        .await?;
         let theirs = client
             .shards()
             .await?

@@ -344,6 +344,33 @@ pub async fn wait_all_up(
     }
 }
 
+/// Polls the running nodes' metrics until at least `ops` writes have been applied in all (the
+/// workload is under way).
+pub async fn wait_applied(c: &LocalCluster, ops: f64, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut applied = 0.0;
+        for (i, n) in c.nodes.iter().enumerate() {
+            if n.pid().is_some() {
+                if let Ok(text) = c.metrics(i).await {
+                    applied += crate::http::sum_metric(
+                        &text,
+                        "tidepool_shard_ops_total",
+                        &[("result", "applied")],
+                    );
+                }
+            }
+        }
+        if applied >= ops {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {applied} writes applied within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
+    }
+}
+
 /// Polls until every shard has an owner, no handoff is running, and the map stayed the same for
 /// three polls in a row (rebalancing has settled).
 pub async fn wait_stable(
