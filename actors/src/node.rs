@@ -513,13 +513,14 @@ async fn discover_voters(
         found.insert(me.to_string(), addr.to_string());
     }
     let deadline = Instant::now() + Duration::from_secs(if cfg.is_voter() { 10 } else { 3 });
-    let seeds: Vec<SocketAddr> = cfg
-        .cluster
-        .seeds
-        .iter()
-        .filter_map(|s| s.parse().ok())
-        .filter(|s| *s != cfg.node.listen)
-        .collect();
+    // Seeds may be names (`node-2.example:7400`, a Kubernetes headless service): resolve them.
+    let mut seeds: Vec<SocketAddr> = Vec::new();
+    for seed in &cfg.cluster.seeds {
+        match tokio::net::lookup_host(seed.as_str()).await {
+            Ok(addrs) => seeds.extend(addrs.filter(|a| *a != cfg.node.listen).take(1)),
+            Err(e) => warn!(%seed, error = %e, "cannot resolve seed; skipping it"),
+        }
+    }
     loop {
         for seed in &seeds {
             if found.values().any(|a| a == &seed.to_string()) {
