@@ -1140,13 +1140,7 @@ impl World {
     }
 }
 
-/// `default` cases unless `PROPTEST_CASES` says otherwise (for long runs).
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use crate::test_support::cases;
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases(1024)))]

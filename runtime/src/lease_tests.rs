@@ -568,13 +568,7 @@ fn lease_cfg() -> impl Strategy<Value = LeaseConfig> {
     })
 }
 
-/// `default` cases unless `PROPTEST_CASES` says otherwise (for long runs).
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use crate::test_support::cases;
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases(512)))]

@@ -32,3 +32,14 @@ pub mod placement;
 pub mod rebalance;
 pub mod storage;
 pub mod transport;
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// `default` proptest cases unless `PROPTEST_CASES` says otherwise (for long runs).
+    pub(crate) fn cases(default: u32) -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+}
