@@ -8,11 +8,15 @@
 //! - [`http`]: a minimal HTTP/1.1 GET for polling admin endpoints.
 //! - [`demo`]: `tidepool demo`.
 //! - [`bench`]: `tidepool bench failover`.
+//! - [`datasets`]: built-in real datasets, seeded train/test split, CSV export, smartcore reference.
+//! - [`predict`]: `tidepool predict` and `tidepool dataset builtin`.
 
 pub mod admin;
 pub mod bench;
 pub mod daemon;
+pub mod datasets;
 pub mod demo;
 pub mod http;
 pub mod local_cluster;
+pub mod predict;
 pub mod workload;

@@ -935,6 +935,59 @@ pub fn synthetic(
     (table, weights)
 }
 
+/// The weights of a [`synthetic_shard`] dataset (its ground truth): `w_j ~ N(0, 1) * 2 /
+/// sqrt(features)`, from `seed` alone.
+pub fn synthetic_weights(features: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SplitMix64(seed);
+    let scale = 2.0 / (features.max(1) as f64).sqrt();
+    (0..features)
+        .map(|_| (rng.normal() * scale) as f32)
+        .collect()
+}
+
+/// Shard `shard`'s rows of a synthetic table of `rows` rows generated where it is used (large
+/// benchmark runs; nothing is stored): row `i` belongs to shard `i % shards` and is drawn from a
+/// generator seeded by `(seed, i)`, so every shard's partition, and the whole table, depend
+/// only on `(rows, features, kind, seed, shards)`. Same ground truth as [`synthetic_weights`].
+pub fn synthetic_shard(
+    rows: u64,
+    features: usize,
+    kind: SyntheticKind,
+    seed: u64,
+    shard: u32,
+    shards: u32,
+) -> Partition {
+    let weights = synthetic_weights(features, seed);
+    let shards = u64::from(shards.max(1));
+    let ids: Vec<u64> = (u64::from(shard)..rows).step_by(shards as usize).collect();
+    let mut x = Vec::with_capacity(ids.len() * features);
+    let mut y = Vec::with_capacity(ids.len());
+    for &i in &ids {
+        let mut rng = SplitMix64(seed ^ i.wrapping_mul(0xd134_2543_de82_ef95));
+        rng.next_u64();
+        let mut dot = 0.0f64;
+        for w in &weights {
+            let v = rng.normal() as f32;
+            dot += f64::from(*w) * f64::from(v);
+            x.push(v);
+        }
+        let label = match kind {
+            SyntheticKind::Linear => dot + 0.1 * rng.normal(),
+            SyntheticKind::Logistic => {
+                let p = 1.0 / (1.0 + (-dot).exp());
+                f64::from(u8::from(rng.unit() < p))
+            }
+        };
+        y.push(label as f32);
+    }
+    Partition {
+        features,
+        row_ids: ids,
+        y,
+        x,
+    }
+}
+
 #[cfg(test)]
 #[path = "dataset_tests.rs"]
 mod tests;

@@ -633,3 +633,16 @@ fn line_numbers_count_blank_crlf_and_quoted_lines() {
         }
     );
 }
+
+#[test]
+fn synthetic_shards_cover_every_row_once_and_are_seeded() {
+    let parts: Vec<_> = (0..4)
+        .map(|s| synthetic_shard(103, 3, SyntheticKind::Logistic, 9, s, 4))
+        .collect();
+    let mut ids: Vec<u64> = parts.iter().flat_map(|p| p.row_ids().to_vec()).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (0..103).collect::<Vec<_>>());
+    assert_eq!(parts[1], synthetic_shard(103, 3, SyntheticKind::Logistic, 9, 1, 4));
+    assert_ne!(parts[1], synthetic_shard(103, 3, SyntheticKind::Logistic, 10, 1, 4));
+    assert!(parts.iter().flat_map(|p| p.labels()).all(|&y| y == 0.0 || y == 1.0));
+}

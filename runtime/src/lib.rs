@@ -15,6 +15,7 @@
 //! - [`lease`], [`handoff`], [`rebalance`]: sans-IO lease arithmetic, the shard handoff state
 //!   machine, and the leader's paced rebalancing policy.
 //! - [`storage`]: object_store: the shards' op logs and epoch-fenced checkpoints.
+//! - [`jobspec`]: job specs (TOML), parsed and validated with the key named in every error.
 //! - [`dataset`]: pure core of datasets: CSV to a numeric table, rows onto shards, the binary
 //!   partition format viewed in place, and a seeded synthetic generator.
 #![deny(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod config;
 pub mod control;
 pub mod dataset;
 pub mod handoff;
+pub mod jobspec;
 pub mod lease;
 pub mod metrics;
 pub mod placement;

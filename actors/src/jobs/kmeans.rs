@@ -161,7 +161,19 @@ pub fn lloyd(
     max_iter: usize,
     tol: f64,
 ) -> KMeansResult {
-    let mut centroids = init_plus_plus(points, k, rng);
+    let init = init_plus_plus(points, k, rng);
+    lloyd_from(points, init, max_iter, tol)
+}
+
+/// Lloyd steps from given initial centroids until no centroid moves more than `tol` or
+/// `max_iter` steps (the distributed k-means job stops by the same rule).
+pub fn lloyd_from(
+    points: &DMatrix<f32>,
+    init: DMatrix<f64>,
+    max_iter: usize,
+    tol: f64,
+) -> KMeansResult {
+    let mut centroids = init;
     let mut inertia = f64::INFINITY;
     let mut iterations = 0;
     while iterations < max_iter {
@@ -169,10 +181,7 @@ pub fn lloyd(
         inertia = p.inertia;
         iterations += 1;
         let next = update_centroids(&p, &centroids);
-        let moved = (&next - &centroids)
-            .row_iter()
-            .map(|r| r.norm())
-            .fold(0.0, f64::max);
+        let moved = max_shift(&centroids, &next);
         centroids = next;
         if moved <= tol {
             break;
@@ -183,4 +192,9 @@ pub fn lloyd(
         inertia,
         iterations,
     }
+}
+
+/// The largest distance any centroid moved.
+pub fn max_shift(old: &DMatrix<f64>, new: &DMatrix<f64>) -> f64 {
+    (new - old).row_iter().map(|r| r.norm()).fold(0.0, f64::max)
 }

@@ -13,11 +13,18 @@
 //! (`job submit`, `predict`). Those call into this module; nothing here knows about shards'
 //! placement, nodes or time.
 
+pub mod colstats;
+pub mod job;
 pub mod kmeans;
+pub mod kmeans_job;
+pub mod model_file;
 pub mod models;
+pub mod registry;
 pub mod rng;
 pub mod sgd;
 pub mod stats;
+pub mod stats_job;
+pub mod train;
 
 #[cfg(test)]
 mod kmeans_tests;

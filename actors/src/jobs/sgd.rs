@@ -133,12 +133,31 @@ pub fn sgd_step(
     schedule: LrSchedule,
 ) -> Result<StepOutcome, SgdError> {
     let total = combine_in_shard_order(params.shape(), partials)?;
+    apply_step(params, step, &total, l2, schedule)
+}
+
+/// The update of one step from the summed loss and gradient of its global minibatch: divide by
+/// the row count, add the L2 gradient, move by `schedule.lr(step)`.
+pub fn apply_step(
+    params: &DMatrix<f64>,
+    step: u64,
+    total: &LossGrad,
+    l2: f64,
+    schedule: LrSchedule,
+) -> Result<StepOutcome, SgdError> {
     if total.count == 0 {
         return Err(SgdError::NoRows);
     }
+    if total.grad_sum.shape() != params.shape() {
+        return Err(SgdError::ShapeMismatch {
+            shard: u32::MAX,
+            got: total.grad_sum.shape(),
+            want: params.shape(),
+        });
+    }
     let n = total.count as f64;
     let (penalty, penalty_grad) = l2_penalty(params, l2);
-    let grad = total.grad_sum / n + penalty_grad;
+    let grad = &total.grad_sum / n + penalty_grad;
     Ok(StepOutcome {
         params: params - grad * schedule.lr(step),
         loss: total.loss_sum / n + penalty,

@@ -14,6 +14,7 @@
 //! ```
 
 mod frame;
+mod job;
 mod persist;
 mod tensor;
 
@@ -22,12 +23,16 @@ pub use persist::{
     decode_log, decode_snapshot, encode_log, encode_snapshot, LogRecord, SenderWindow,
     ShardSnapshot, SnapValue,
 };
+pub use job::{
+    AdminOp, ArchivedAdminOp, DatasetPart, JobPartial, JobTask, ShardEpoch, FIXED_FRAC_BITS,
+    FIXED_MAX,
+};
 pub use tensor::TensorView;
 
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Wire protocol version. Bump on any change to the archived layout.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Default cap on one frame's archive bytes (64 MiB); `transport.max_frame_bytes` overrides it.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
@@ -216,6 +221,17 @@ pub enum Body {
     Drain {
         node: String,
     },
+    /// Client: dataset and job administration (JSON payload; reply `ControlReply`).
+    Admin {
+        op: AdminOp,
+        payload: Vec<u8>,
+    },
+    /// Client: one partition segment of a dataset import (reply `ControlReply`).
+    DatasetPart(DatasetPart),
+    /// Coordinator to shard owner: map these shards for one step.
+    JobTask(JobTask),
+    /// Shard owner to coordinator: the merged partial of a `JobTask`.
+    JobPartial(JobPartial),
 }
 
 /// Message kind, for logs and metric labels (a closed set).
@@ -235,6 +251,10 @@ pub enum Kind {
     LeaseRenew,
     LeaseGrant,
     Drain,
+    Admin,
+    DatasetPart,
+    JobTask,
+    JobPartial,
 }
 
 impl Kind {
@@ -254,6 +274,10 @@ impl Kind {
             Kind::LeaseRenew => "lease_renew",
             Kind::LeaseGrant => "lease_grant",
             Kind::Drain => "drain",
+            Kind::Admin => "admin",
+            Kind::DatasetPart => "dataset_part",
+            Kind::JobTask => "job_task",
+            Kind::JobPartial => "job_partial",
         }
     }
 
@@ -268,6 +292,7 @@ impl Kind {
                 | Kind::Error
                 | Kind::ControlReply
                 | Kind::LeaseGrant
+                | Kind::JobPartial
         )
     }
 }
@@ -289,6 +314,10 @@ impl ArchivedBody {
             ArchivedBody::LeaseRenew { .. } => Kind::LeaseRenew,
             ArchivedBody::LeaseGrant { .. } => Kind::LeaseGrant,
             ArchivedBody::Drain { .. } => Kind::Drain,
+            ArchivedBody::Admin { .. } => Kind::Admin,
+            ArchivedBody::DatasetPart(_) => Kind::DatasetPart,
+            ArchivedBody::JobTask(_) => Kind::JobTask,
+            ArchivedBody::JobPartial(_) => Kind::JobPartial,
         }
     }
 }

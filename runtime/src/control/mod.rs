@@ -35,6 +35,7 @@
 
 mod log_store;
 pub mod network;
+pub mod records;
 mod state_machine;
 mod store;
 pub mod types;
@@ -67,6 +68,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 pub use network::{RaftTransport, RpcKind};
+pub use records::{DatasetRecord, DatasetSource, JobRecord, JobState, JobUpdate};
 use store::RaftStore;
 pub use types::{
     apply, node_id, ClusterMap, Command, CommandResponse, Member, MemberState, NodeInfo,

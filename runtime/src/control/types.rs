@@ -14,6 +14,8 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use super::records::{self, DatasetRecord, JobRecord, JobUpdate};
+
 openraft::declare_raft_types!(
     /// The openraft type configuration of the control plane.
     pub TypeConfig:
@@ -139,9 +141,12 @@ pub struct ClusterMap {
     pub members: BTreeMap<String, Member>,
     /// Indexed by shard id; empty until [`Command::Init`].
     pub shards: Vec<ShardAssignment>,
-    /// Room for job records (not interpreted by the control plane yet).
+    /// Imported (or synthetic) datasets by name.
     #[serde(default)]
-    pub jobs: BTreeMap<String, serde_json::Value>,
+    pub datasets: BTreeMap<String, DatasetRecord>,
+    /// Jobs by id.
+    #[serde(default)]
+    pub jobs: BTreeMap<String, JobRecord>,
 }
 
 impl ClusterMap {
@@ -152,7 +157,7 @@ impl ClusterMap {
 }
 
 /// A change to the cluster map; the Raft log's entries.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Command {
     /// Sets the shard count once: all shards unassigned at epoch 0. Applying it again with the
     /// same count is a no-op `Ok`; with a different count it is `Rejected` (the count is fixed for
@@ -182,6 +187,12 @@ pub enum Command {
     /// effect and every response is `Rejected` (the failing one with its reason, the others with
     /// "batch aborted").
     Batch(Vec<Command>),
+    /// Registers an imported dataset (create-once; see [`super::records`]).
+    PutDataset(DatasetRecord),
+    /// Registers a job as `Pending` (create-once).
+    SubmitJob(JobRecord),
+    /// Progress, completion or cancellation of a job (steps never go back; terminal is final).
+    UpdateJob { id: String, update: JobUpdate },
 }
 
 /// The result of applying one [`Command`].
@@ -224,6 +235,9 @@ pub fn apply(map: &mut ClusterMap, cmd: &Command) -> CommandResponse {
             handoff_to,
         } => assign(map, *shard, *expect_epoch, owner, *epoch, handoff_to),
         Command::Batch(cmds) => batch(map, cmds),
+        Command::PutDataset(rec) => records::put_dataset(map, rec),
+        Command::SubmitJob(rec) => records::submit_job(map, rec),
+        Command::UpdateJob { id, update } => records::update_job(map, id, update),
     }
 }
 

@@ -4,7 +4,7 @@
 //! offset size
 //!      0    4  magic  b"TDPL"
 //!      4    2  format version (u16 LE), currently 1
-//!      6    1  kind: 1 = log segment, 2 = checkpoint
+//!      6    1  kind: 1 = log segment, 2 = checkpoint, 3 = blob
 //!      7    1  flags: bit 0 = fence segment; other bits must be zero
 //!      8    8  epoch (u64 LE) of the owner that wrote the object
 //!     16    8  seq (u64 LE): a segment's first seq, or the last log seq a checkpoint covers
@@ -31,6 +31,8 @@ const FLAG_FENCE: u8 = 1;
 pub(crate) enum Kind {
     Segment = 1,
     Checkpoint = 2,
+    /// A named blob (dataset partition, job checkpoint, job result).
+    Blob = 3,
 }
 
 /// A decoded header; every field has been checked against the bytes it describes.
@@ -95,6 +97,7 @@ pub(crate) fn decode_header(b: &[u8], want: Kind) -> Result<(Header, u64), Strin
     let kind = match b[6] {
         1 => Kind::Segment,
         2 => Kind::Checkpoint,
+        3 => Kind::Blob,
         k => return Err(format!("unknown object kind {k}")),
     };
     if kind != want {

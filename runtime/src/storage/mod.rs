@@ -118,6 +118,7 @@
 //! [`LocalFileSystem`]: object_store::local::LocalFileSystem
 //! [`InMemory`]: object_store::memory::InMemory
 
+mod blobs;
 mod checkpoint;
 mod format;
 mod log;
@@ -170,6 +171,9 @@ pub enum StorageError {
     /// happened: retry with the same arguments (see the module docs, caller contract 4).
     #[error(transparent)]
     Store(#[from] object_store::Error),
+    /// A blob with this name already exists with different contents; nothing was written.
+    #[error("blob {0:?} already exists with different contents")]
+    Exists(String),
     /// Flushing a local (`file://`) object to disk failed. The object exists but may not survive
     /// power loss; retrying the same write returns `Ok` once the flush succeeds.
     #[error("fsync of {path}: {source}")]

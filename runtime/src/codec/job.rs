@@ -1,0 +1,115 @@
+//! Wire types of datasets and jobs: admin requests from clients, dataset partition uploads,
+//! and the map tasks a job's coordinator sends to shard owners with their partial results.
+//!
+//! Partials are merged *exactly*: each shard's sums are converted to 2^-[`FIXED_FRAC_BITS`]
+//! fixed point (`i128`), so adding them is associative and a node can pre-sum all its shards
+//! into one message while the coordinator's total stays bit-identical however the shards are
+//! spread over nodes (DESIGN.md invariant 6). Minima and maxima merge exactly as they are.
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// Fraction bits of the fixed-point sums in [`JobPartial::sum`]: resolution 2^-56 (about
+/// 1.4e-17), range about ±2.4e21.
+pub const FIXED_FRAC_BITS: u32 = 56;
+
+/// Largest magnitude a value may have before conversion to fixed point (leaves 2^56 of
+/// headroom for summing many of them without overflowing `i128`).
+pub const FIXED_MAX: f64 = 4.7e21; // < 2^72
+
+/// Client requests about datasets and jobs. Payloads are small JSON documents (names, ids,
+/// specs, status), answered with [`super::Body::ControlReply`] holding JSON.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdminOp {
+    /// Register an uploaded dataset (payload: the dataset record).
+    DatasetCommit,
+    /// Delete an abandoned import's partitions (payload: `{"name", "import"}`).
+    DatasetAbort,
+    /// List datasets.
+    DatasetList,
+    /// Submit a job (payload: `{"spec": TOML}`); reply `{"id"}`.
+    JobSubmit,
+    /// One job's record (payload: `{"id"}`).
+    JobStatus,
+    /// Every job's record.
+    JobList,
+    /// Cancel a job (payload: `{"id"}`).
+    JobCancel,
+    /// A finished job's result document (payload: `{"id"}`).
+    JobResult,
+}
+
+impl AdminOp {
+    /// Whether a `reader` client may send it (reads only).
+    pub fn read_only(self) -> bool {
+        matches!(
+            self,
+            AdminOp::DatasetList | AdminOp::JobStatus | AdminOp::JobList | AdminOp::JobResult
+        )
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdminOp::DatasetCommit => "dataset_commit",
+            AdminOp::DatasetAbort => "dataset_abort",
+            AdminOp::DatasetList => "dataset_list",
+            AdminOp::JobSubmit => "job_submit",
+            AdminOp::JobStatus => "job_status",
+            AdminOp::JobList => "job_list",
+            AdminOp::JobCancel => "job_cancel",
+            AdminOp::JobResult => "job_result",
+        }
+    }
+}
+
+/// One partition segment of a dataset being imported, stored as-is (the TDDS format of
+/// `dataset`, validated by the receiving node before it is written).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DatasetPart {
+    pub dataset: String,
+    /// The import's unique id (storage prefix); nothing is visible until the commit.
+    pub import: String,
+    pub shard: u32,
+    pub seg: u32,
+    pub bytes: Vec<u8>,
+}
+
+/// A shard the coordinator believes `epoch` owns.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardEpoch {
+    pub shard: u32,
+    pub epoch: u64,
+}
+
+/// One step's map task for the shards a node owns.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct JobTask {
+    pub job: String,
+    /// The job spec (TOML), so any node can run the task without other state.
+    pub spec: String,
+    pub dataset: String,
+    pub step: u64,
+    /// Which kind of pass this step is (job-defined: statistics, gradient, ...).
+    pub phase: u32,
+    /// The shards to map, with the epoch the coordinator saw (fencing).
+    pub shards: Vec<ShardEpoch>,
+    /// Job-defined broadcast (parameters, centroids, ...).
+    pub broadcast: Vec<f64>,
+}
+
+/// A node's merged partial over the shards it mapped.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct JobPartial {
+    /// Shards included in the sums.
+    pub done: Vec<u32>,
+    /// Shards this node did not map (not the owner at that epoch, or partition not loadable);
+    /// the coordinator asks their current owner.
+    pub refused: Vec<u32>,
+    /// Rows mapped.
+    pub rows: u64,
+    /// Fixed-point sums ([`FIXED_FRAC_BITS`]).
+    pub sum: Vec<i128>,
+    pub min: Vec<f64>,
+    pub max: Vec<f64>,
+    /// A map error that will recur (bad spec for this data, numeric overflow): the job fails.
+    pub error: Option<String>,
+}

@@ -1,0 +1,317 @@
+//! Dataset and job records in the replicated cluster map, and the pure functions that apply
+//! their commands.
+//!
+//! A dataset becomes visible only when its record commits ([`put_dataset`]): the import writes
+//! every partition to storage first, under a fresh import id, so a failed import leaves no
+//! record (and its objects are deleted by the importer). Job records are created once
+//! ([`submit_job`]) and then updated by the job's coordinator ([`update_job`]): steps never go
+//! back and a terminal state is final, so a stale coordinator (one whose shard moved) cannot
+//! resurrect or rewind a job.
+
+use serde::{Deserialize, Serialize};
+
+use super::types::{ClusterMap, CommandResponse};
+
+/// Where a dataset's rows come from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "source", rename_all = "snake_case")]
+pub enum DatasetSource {
+    /// Imported from a CSV: per shard, `segments[shard]` partition objects under
+    /// `datasets/{name}/{import}/`.
+    Imported {
+        /// The import's unique id (its storage prefix).
+        import: String,
+        /// Partition objects per shard (index = shard id).
+        segments: Vec<u32>,
+    },
+    /// Generated on each shard's owner from a seed (large benchmark runs): row `i` of the table
+    /// belongs to shard `shard_for_key(i)`; nothing is stored.
+    Synthetic {
+        /// "linear" | "logistic".
+        kind: String,
+        seed: u64,
+    },
+}
+
+/// A dataset known to the cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetRecord {
+    pub name: String,
+    /// Feature column names, in order.
+    pub features: Vec<String>,
+    /// The label column's name.
+    pub label: String,
+    /// Total rows.
+    pub rows: u64,
+    /// Shard count the rows were partitioned for (the cluster's).
+    pub shards: u32,
+    #[serde(flatten)]
+    pub source: DatasetSource,
+}
+
+/// A job's lifecycle state; `--json` names are the lowercase variant names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl JobState {
+    /// The stable lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Pending => "pending",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Succeeded, failed and cancelled are final.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+/// A job in the cluster map.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub id: String,
+    /// The job spec as submitted (TOML text).
+    pub spec: String,
+    /// "sgd" | "local_sgd" | "kmeans" | "stats".
+    pub kind: String,
+    pub dataset: String,
+    /// The shard whose owner runs the job's coordinator.
+    pub coordinator_shard: u32,
+    pub state: JobState,
+    /// Steps completed.
+    pub step: u64,
+    /// Total steps planned (an upper bound for k-means, which may converge earlier).
+    pub steps: u64,
+    /// Latest loss (objective, inertia, ...), if any.
+    pub loss: Option<f64>,
+    /// Rows processed per second over the last progress interval.
+    pub samples_per_sec: Option<f64>,
+    /// The node running the coordinator at the last update.
+    pub coordinator: Option<String>,
+    /// Why the job failed.
+    pub error: Option<String>,
+    /// Submission order (the Raft log index is not visible to `apply`): job ids sort by it.
+    pub submitted_seq: u64,
+}
+
+/// A coordinator's report; fields left `None` keep their value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobUpdate {
+    pub state: Option<JobState>,
+    pub step: Option<u64>,
+    pub steps: Option<u64>,
+    pub loss: Option<f64>,
+    pub samples_per_sec: Option<f64>,
+    pub coordinator: Option<String>,
+    pub error: Option<String>,
+}
+
+impl JobUpdate {
+    /// An update that only changes the state.
+    pub fn state(state: JobState) -> Self {
+        JobUpdate {
+            state: Some(state),
+            step: None,
+            steps: None,
+            loss: None,
+            samples_per_sec: None,
+            coordinator: None,
+            error: None,
+        }
+    }
+}
+
+/// Creates a dataset record. Names are unique: a second import under the same name is
+/// `Rejected` unless it is the same record (a retried proposal).
+pub(super) fn put_dataset(map: &mut ClusterMap, rec: &DatasetRecord) -> CommandResponse {
+    if rec.name.is_empty() {
+        return CommandResponse::Rejected("dataset name is empty".into());
+    }
+    if rec.shards != map.shard_count() {
+        return CommandResponse::Rejected(format!(
+            "dataset {:?} was partitioned for {} shards, the cluster has {}",
+            rec.name,
+            rec.shards,
+            map.shard_count()
+        ));
+    }
+    match map.datasets.get(&rec.name) {
+        Some(existing) if existing == rec => CommandResponse::Ok,
+        Some(_) => CommandResponse::Rejected(format!("dataset {:?} already exists", rec.name)),
+        None => {
+            map.datasets.insert(rec.name.clone(), rec.clone());
+            CommandResponse::Ok
+        }
+    }
+}
+
+/// Creates a job record (state `Pending`). The same record again is `Ok` (a retry); another
+/// record under the same id is `Rejected`.
+pub(super) fn submit_job(map: &mut ClusterMap, rec: &JobRecord) -> CommandResponse {
+    if !map.datasets.contains_key(&rec.dataset) {
+        return CommandResponse::Rejected(format!("no dataset {:?}", rec.dataset));
+    }
+    if rec.coordinator_shard >= map.shard_count() {
+        return CommandResponse::Rejected(format!(
+            "coordinator shard {} out of range",
+            rec.coordinator_shard
+        ));
+    }
+    match map.jobs.get(&rec.id) {
+        Some(existing) if existing.spec == rec.spec && existing.submitted_seq == rec.submitted_seq => {
+            CommandResponse::Ok
+        }
+        Some(_) => CommandResponse::Rejected(format!("job {:?} already exists", rec.id)),
+        None => {
+            map.jobs.insert(rec.id.clone(), rec.clone());
+            CommandResponse::Ok
+        }
+    }
+}
+
+/// Applies a coordinator's (or a cancel's) update. `Rejected` for an unknown job, for any
+/// update of a job already in a terminal state (unless it restates that state), and for a step
+/// that goes back.
+pub(super) fn update_job(map: &mut ClusterMap, id: &str, up: &JobUpdate) -> CommandResponse {
+    let Some(job) = map.jobs.get_mut(id) else {
+        return CommandResponse::Rejected(format!("no job {id:?}"));
+    };
+    if job.state.is_terminal() {
+        return if up.state == Some(job.state) {
+            CommandResponse::Ok
+        } else {
+            CommandResponse::Rejected(format!("job {id:?} is already {}", job.state.as_str()))
+        };
+    }
+    if let Some(step) = up.step.filter(|&s| s < job.step) {
+        return CommandResponse::Rejected(format!(
+            "job {id:?}: step {step} would go back from {}",
+            job.step
+        ));
+    }
+    if let Some(s) = up.state {
+        job.state = s;
+    }
+    if let Some(s) = up.step {
+        job.step = s;
+    }
+    if let Some(s) = up.steps {
+        job.steps = s;
+    }
+    if up.loss.is_some() {
+        job.loss = up.loss;
+    }
+    if up.samples_per_sec.is_some() {
+        job.samples_per_sec = up.samples_per_sec;
+    }
+    if up.coordinator.is_some() {
+        job.coordinator.clone_from(&up.coordinator);
+    }
+    if up.error.is_some() {
+        job.error.clone_from(&up.error);
+    }
+    CommandResponse::Ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::types::{apply, Command};
+
+    fn map_with_dataset() -> ClusterMap {
+        let mut map = ClusterMap::default();
+        assert!(apply(&mut map, &Command::Init { shards: 4 }).is_ok());
+        let ds = DatasetRecord {
+            name: "d".into(),
+            features: vec!["a".into()],
+            label: "y".into(),
+            rows: 10,
+            shards: 4,
+            source: DatasetSource::Imported {
+                import: "i1".into(),
+                segments: vec![1; 4],
+            },
+        };
+        assert!(apply(&mut map, &Command::PutDataset(ds.clone())).is_ok());
+        // Same record again: a retried proposal.
+        assert!(apply(&mut map, &Command::PutDataset(ds.clone())).is_ok());
+        let other = DatasetRecord { rows: 11, ..ds };
+        assert!(!apply(&mut map, &Command::PutDataset(other)).is_ok());
+        map
+    }
+
+    fn job(id: &str) -> JobRecord {
+        JobRecord {
+            id: id.into(),
+            spec: "[job]".into(),
+            kind: "sgd".into(),
+            dataset: "d".into(),
+            coordinator_shard: 1,
+            state: JobState::Pending,
+            step: 0,
+            steps: 10,
+            loss: None,
+            samples_per_sec: None,
+            coordinator: None,
+            error: None,
+            submitted_seq: 1,
+        }
+    }
+
+    fn update(map: &mut ClusterMap, id: &str, up: JobUpdate) -> bool {
+        apply(
+            map,
+            &Command::UpdateJob {
+                id: id.into(),
+                update: up,
+            },
+        )
+        .is_ok()
+    }
+
+    #[test]
+    fn jobs_need_a_dataset_and_unique_ids() {
+        let mut map = map_with_dataset();
+        assert!(apply(&mut map, &Command::SubmitJob(job("j"))).is_ok());
+        assert!(apply(&mut map, &Command::SubmitJob(job("j"))).is_ok(), "retry");
+        let mut clash = job("j");
+        clash.spec = "other".into();
+        assert!(!apply(&mut map, &Command::SubmitJob(clash)).is_ok());
+        let mut missing = job("k");
+        missing.dataset = "nope".into();
+        assert!(!apply(&mut map, &Command::SubmitJob(missing)).is_ok());
+    }
+
+    #[test]
+    fn steps_never_go_back_and_terminal_states_are_final() {
+        let mut map = map_with_dataset();
+        assert!(apply(&mut map, &Command::SubmitJob(job("j"))).is_ok());
+        let progress = |step| JobUpdate {
+            step: Some(step),
+            ..JobUpdate::state(JobState::Running)
+        };
+        assert!(update(&mut map, "j", progress(5)));
+        assert!(!update(&mut map, "j", progress(4)), "stale coordinator");
+        assert_eq!(map.jobs["j"].step, 5);
+        assert!(update(&mut map, "j", JobUpdate::state(JobState::Cancelled)));
+        assert!(!update(&mut map, "j", progress(6)), "no resurrection");
+        assert!(update(&mut map, "j", JobUpdate::state(JobState::Cancelled)));
+        assert_eq!(map.jobs["j"].state, JobState::Cancelled);
+        assert!(!update(&mut map, "x", progress(1)), "unknown job");
+    }
+}

@@ -1,0 +1,300 @@
+//! Job specs: the TOML a user submits (`tidepool job submit SPEC.toml`), parsed and validated
+//! before anything runs. Keys and meanings are DESIGN.md §3's; every error names the key.
+//!
+//! ```toml
+//! [job]
+//! kind = "sgd"              # sgd | local_sgd | kmeans | stats
+//! dataset = "cancer"
+//! [model]
+//! type = "logistic"         # linear | logistic | softmax (sgd, local_sgd)
+//! classes = 10              # softmax; default: largest label + 1
+//! k = 8                     # kmeans
+//! [train]
+//! epochs = 20               # or steps = N
+//! batch_size = 64           # global minibatch, split over shards by their row counts
+//! learning_rate = 0.1
+//! lr_decay = 0.0            # rate = learning_rate / (1 + lr_decay * step)
+//! l2 = 0.0001
+//! seed = 7
+//! checkpoint_every = 50     # steps
+//! standardize = true        # default true for sgd/local_sgd, false for kmeans
+//! local_steps = 10          # local_sgd: local steps per averaging round
+//! max_iter = 100            # kmeans
+//! tol = 1e-6                # kmeans: stop when no centroid moves further
+//! bins = 10                 # stats: histogram bins
+//! ```
+
+use serde::Deserialize;
+
+/// A job spec that cannot run; the message names the key.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum JobSpecError {
+    /// Not TOML, an unknown key, or a value of the wrong type.
+    #[error("job spec: {0}")]
+    Parse(String),
+    /// A value out of range.
+    #[error("job spec: {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// What a job computes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobKind {
+    Sgd,
+    LocalSgd,
+    Kmeans,
+    Stats,
+}
+
+impl JobKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Sgd => "sgd",
+            JobKind::LocalSgd => "local_sgd",
+            JobKind::Kmeans => "kmeans",
+            JobKind::Stats => "stats",
+        }
+    }
+}
+
+/// The model of an `sgd` / `local_sgd` job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelType {
+    Linear,
+    Logistic,
+    Softmax,
+}
+
+/// A validated job spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    pub kind: JobKind,
+    pub dataset: String,
+    pub model: Option<ModelType>,
+    pub classes: Option<usize>,
+    pub k: usize,
+    pub epochs: Option<u64>,
+    pub steps: Option<u64>,
+    pub batch_size: u64,
+    pub learning_rate: f64,
+    pub lr_decay: f64,
+    pub l2: f64,
+    pub seed: u64,
+    pub checkpoint_every: u64,
+    pub standardize: bool,
+    pub local_steps: u64,
+    pub max_iter: u64,
+    pub tol: f64,
+    pub bins: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    job: RawJob,
+    #[serde(default)]
+    model: RawModel,
+    #[serde(default)]
+    train: RawTrain,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawJob {
+    kind: JobKind,
+    dataset: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawModel {
+    #[serde(rename = "type")]
+    ty: Option<ModelType>,
+    classes: Option<usize>,
+    k: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTrain {
+    epochs: Option<u64>,
+    steps: Option<u64>,
+    batch_size: Option<u64>,
+    learning_rate: Option<f64>,
+    lr_decay: Option<f64>,
+    l2: Option<f64>,
+    seed: Option<u64>,
+    checkpoint_every: Option<u64>,
+    standardize: Option<bool>,
+    local_steps: Option<u64>,
+    max_iter: Option<u64>,
+    tol: Option<f64>,
+    bins: Option<usize>,
+}
+
+fn invalid(key: &'static str, reason: impl Into<String>) -> JobSpecError {
+    JobSpecError::Invalid {
+        key,
+        reason: reason.into(),
+    }
+}
+
+fn finite_at_least(key: &'static str, v: f64, min: f64) -> Result<f64, JobSpecError> {
+    if v.is_finite() && v >= min {
+        Ok(v)
+    } else {
+        Err(invalid(key, format!("must be a finite number >= {min}, got {v}")))
+    }
+}
+
+impl JobSpec {
+    /// Parses and validates a spec.
+    pub fn parse(text: &str) -> Result<JobSpec, JobSpecError> {
+        let raw: Raw = toml::from_str(text).map_err(|e| JobSpecError::Parse(e.to_string()))?;
+        let t = raw.train;
+        let kind = raw.job.kind;
+        if raw.job.dataset.is_empty() {
+            return Err(invalid("job.dataset", "must not be empty"));
+        }
+        let trains = matches!(kind, JobKind::Sgd | JobKind::LocalSgd);
+        let model = match (trains, raw.model.ty) {
+            (true, None) => return Err(invalid("model.type", "required for sgd and local_sgd")),
+            (true, m) => m,
+            (false, _) => None,
+        };
+        let classes = raw.model.classes;
+        if let Some(c) = classes {
+            if !(2..=10_000).contains(&c) {
+                return Err(invalid("model.classes", "must be between 2 and 10000"));
+            }
+        }
+        let k = raw.model.k.unwrap_or(8);
+        if kind == JobKind::Kmeans && !(1..=10_000).contains(&k) {
+            return Err(invalid("model.k", "must be between 1 and 10000"));
+        }
+        if t.epochs.is_some() && t.steps.is_some() {
+            return Err(invalid("train.steps", "give epochs or steps, not both"));
+        }
+        let epochs = match (t.epochs, t.steps) {
+            (None, None) => Some(10),
+            (e, _) => e,
+        };
+        if epochs == Some(0) || t.steps == Some(0) {
+            return Err(invalid("train.epochs", "must be at least 1"));
+        }
+        let batch_size = t.batch_size.unwrap_or(64);
+        if !(1..=100_000_000).contains(&batch_size) {
+            return Err(invalid("train.batch_size", "must be between 1 and 1e8"));
+        }
+        let checkpoint_every = t.checkpoint_every.unwrap_or(50);
+        if checkpoint_every == 0 {
+            return Err(invalid("train.checkpoint_every", "must be at least 1"));
+        }
+        let local_steps = t.local_steps.unwrap_or(10);
+        if local_steps == 0 || local_steps > 100_000 {
+            return Err(invalid("train.local_steps", "must be between 1 and 100000"));
+        }
+        let bins = t.bins.unwrap_or(10);
+        if bins == 0 || bins > 10_000 {
+            return Err(invalid("train.bins", "must be between 1 and 10000"));
+        }
+        Ok(JobSpec {
+            kind,
+            dataset: raw.job.dataset,
+            model,
+            classes,
+            k,
+            epochs,
+            steps: t.steps,
+            batch_size,
+            learning_rate: finite_at_least(
+                "train.learning_rate",
+                t.learning_rate.unwrap_or(0.1),
+                0.0,
+            )?,
+            lr_decay: finite_at_least("train.lr_decay", t.lr_decay.unwrap_or(0.0), 0.0)?,
+            l2: finite_at_least("train.l2", t.l2.unwrap_or(0.0), 0.0)?,
+            seed: t.seed.unwrap_or(0),
+            checkpoint_every,
+            standardize: t.standardize.unwrap_or(trains),
+            local_steps,
+            max_iter: t.max_iter.unwrap_or(100).max(1),
+            tol: finite_at_least("train.tol", t.tol.unwrap_or(1e-6), 0.0)?,
+            bins,
+        })
+    }
+
+    /// Training steps for `rows` rows: `steps`, or `epochs * ceil(rows / batch_size)`
+    /// (for local SGD, averaging rounds: that divided by `local_steps`, at least 1).
+    pub fn train_steps(&self, rows: u64) -> u64 {
+        let per_epoch = rows.div_ceil(self.batch_size).max(1);
+        let steps = self
+            .steps
+            .unwrap_or_else(|| self.epochs.unwrap_or(1).saturating_mul(per_epoch));
+        match self.kind {
+            JobKind::LocalSgd => (steps / self.local_steps).max(1),
+            _ => steps,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn design_example_parses_with_defaults() {
+        let spec = JobSpec::parse(
+            r#"
+            [job]
+            kind = "sgd"
+            dataset = "cancer"
+            [model]
+            type = "logistic"
+            [train]
+            epochs = 20
+            batch_size = 64
+            learning_rate = 0.1
+            l2 = 0.0001
+            seed = 7
+            checkpoint_every = 50
+            "#,
+        )
+        .unwrap();
+        assert_eq!(spec.kind, JobKind::Sgd);
+        assert_eq!(spec.model, Some(ModelType::Logistic));
+        assert!(spec.standardize);
+        assert_eq!(spec.train_steps(640), 200);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("[job]\nkind = \"sgd\"\ndataset = \"d\"", "model.type"),
+            ("[job]\nkind = \"sgd\"\ndataset = \"\"\n[model]\ntype=\"linear\"", "job.dataset"),
+            ("[job]\nkind = \"kmeans\"\ndataset = \"d\"\n[model]\nk = 0", "model.k"),
+            (
+                "[job]\nkind = \"stats\"\ndataset = \"d\"\n[train]\nlearning_rate = -1.0",
+                "train.learning_rate",
+            ),
+            ("[job]\nkind = \"nope\"\ndataset = \"d\"", "unknown variant"),
+            ("[job]\nkind = \"stats\"\ndataset = \"d\"\nextra = 1", "unknown field"),
+            ("not toml [", "job spec"),
+        ];
+        for (text, want) in cases {
+            let err = JobSpec::parse(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn local_sgd_counts_rounds() {
+        let spec = JobSpec::parse(
+            "[job]\nkind = \"local_sgd\"\ndataset = \"d\"\n[model]\ntype = \"linear\"\n[train]\nsteps = 100\nlocal_steps = 10",
+        )
+        .unwrap();
+        assert_eq!(spec.train_steps(1_000_000), 10);
+    }
+}
