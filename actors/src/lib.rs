@@ -9,11 +9,17 @@
 //!   over QUIC; answers requests arriving from the transport.
 //! - [`node`]: assembles a node: transport, router, supervisor, worker pool; clean shutdown.
 //! - [`audit`]: the audit log of admin requests.
+//! - [`job_exec`]: a node's side of a job step: map its shards, pre-sum, reply; partition cache.
+//! - [`coordinator`]: the JobCoordinator of one job, on the owner of its coordinator shard.
+//! - [`job_admin`]: dataset import / job admin requests, and the manager that runs coordinators.
 //! - [`jobs`]: the pure math of the learning jobs (statistics, models, k-means, synchronous SGD).
 
 pub mod audit;
+pub mod coordinator;
 pub mod dedup;
 pub mod driver;
+pub mod job_admin;
+pub mod job_exec;
 pub mod jobs;
 pub mod leader;
 pub mod node;

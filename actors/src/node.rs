@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorRef};
 use tidepool_runtime::certs::Identity;
 use tidepool_runtime::codec::{
-    Body, ControlKind, Dest, Envelope, ErrorCode, MemberInfo, StatusInfo,
+    AdminOp, Body, ControlKind, DatasetPart, Dest, Envelope, ErrorCode, JobPartial, JobTask,
+    MemberInfo, StatusInfo,
 };
 use tidepool_runtime::config::NodeConfig;
 use tidepool_runtime::control::{
@@ -30,6 +31,9 @@ use crate::leader::{self, Leases};
 use crate::restart::RestartBudget;
 use crate::router::{futures_box, NodeServices, Router, RouterConfig};
 use crate::supervisor::{NodeSupervisor, SupervisorArgs, SupervisorMsg};
+use crate::coordinator::CoordinatorCtx;
+use crate::job_admin::{self, JobAdmin};
+use crate::job_exec::{JobExecutor, DEFAULT_CACHE_BYTES};
 use crate::worker::WorkerPool;
 
 /// Why a node could not start.
@@ -144,6 +148,8 @@ struct Services {
     control: ControlPlane,
     leases: Arc<Leases>,
     router: Router,
+    admin: Arc<JobAdmin>,
+    exec: Arc<JobExecutor>,
 }
 
 impl NodeServices for Services {
@@ -224,6 +230,25 @@ impl NodeServices for Services {
 
     fn lease_valid(&self) -> bool {
         self.leases.valid()
+    }
+
+    fn admin(
+        &self,
+        op: AdminOp,
+        payload: Vec<u8>,
+    ) -> futures_box::Fut<Result<Vec<u8>, (ErrorCode, String)>> {
+        let admin = self.admin.clone();
+        Box::pin(async move { admin.handle(op, &payload).await })
+    }
+
+    fn dataset_part(&self, part: DatasetPart) -> futures_box::Fut<Result<(), (ErrorCode, String)>> {
+        let admin = self.admin.clone();
+        Box::pin(async move { admin.dataset_part(part).await })
+    }
+
+    fn job_task(&self, task: JobTask) -> futures_box::Fut<JobPartial> {
+        let exec = self.exec.clone();
+        Box::pin(async move { exec.run(task).await })
     }
 }
 
@@ -309,12 +334,28 @@ impl Node {
             drift_margin: Duration::from_millis(cfg.lease.drift_margin_ms),
         };
         let leases = Leases::new(lease_cfg);
+        let exec = Arc::new(JobExecutor::new(
+            router.clone(),
+            store.clone(),
+            cfg.workers.threads,
+            DEFAULT_CACHE_BYTES,
+        ));
+        let admin = Arc::new(JobAdmin::new(control.clone(), store.clone()));
         router.set_services(Arc::new(Services {
             me: name.clone(),
             control: control.clone(),
             leases: leases.clone(),
             router: router.clone(),
+            admin,
+            exec: exec.clone(),
         }));
+        let coordinators = CoordinatorCtx {
+            me: name.clone(),
+            router: router.clone(),
+            control: control.clone(),
+            store: store.clone(),
+            exec,
+        };
         transport.start(Arc::new(router.clone()));
         if cfg.is_voter() && all_voters_known {
             control.bootstrap().await?;
@@ -365,6 +406,7 @@ impl Node {
                 failed_rx,
             )),
         ];
+        tasks.push(tokio::spawn(job_admin::manage(coordinators)));
         tasks.push(tokio::spawn(watch_members(
             control.clone(),
             transport.clone(),

@@ -17,8 +17,8 @@ use parking_lot::Mutex;
 use ractor::ActorRef;
 use tidepool_runtime::certs::{Identity, Role};
 use tidepool_runtime::codec::{
-    ArchivedBody, ArchivedDest, Body, ControlKind, Dest, Envelope, ErrorCode, Frame, ShardInfo,
-    ShardRequest, StatusInfo,
+    AdminOp, ArchivedBody, ArchivedDest, Body, ControlKind, DatasetPart, Dest, Envelope,
+    ErrorCode, Frame, JobPartial, JobTask, ShardInfo, ShardRequest, StatusInfo,
 };
 use tidepool_runtime::control::ClusterMap;
 use tidepool_runtime::metrics as m;
@@ -50,6 +50,16 @@ pub trait NodeServices: Send + Sync + 'static {
     fn status(&self) -> StatusInfo;
     /// Whether this node's lease is valid now.
     fn lease_valid(&self) -> bool;
+    /// Client: a dataset or job admin request (JSON in, JSON out).
+    fn admin(
+        &self,
+        op: AdminOp,
+        payload: Vec<u8>,
+    ) -> futures_box::Fut<Result<Vec<u8>, (ErrorCode, String)>>;
+    /// Client: store one uploaded dataset partition segment.
+    fn dataset_part(&self, part: DatasetPart) -> futures_box::Fut<Result<(), (ErrorCode, String)>>;
+    /// Coordinator: map this node's shards for one job step.
+    fn job_task(&self, task: JobTask) -> futures_box::Fut<JobPartial>;
 }
 
 /// Boxed futures for the object-safe [`NodeServices`].
@@ -431,8 +441,51 @@ impl Router {
                 });
                 return;
             }
+            ArchivedBody::Admin { op, payload }
+                if peer.role == Role::Admin
+                    || (peer.role == Role::Reader && admin_op(op).read_only()) =>
+            {
+                let (op, payload) = (admin_op(op), payload.as_slice().to_vec());
+                if !op.read_only() {
+                    self.inner.audit.record(&peer, op.as_str(), "").await;
+                }
+                tokio::spawn(async move {
+                    let body = match services.admin(op, payload).await {
+                        Ok(bytes) => Body::ControlReply(bytes),
+                        Err((code, message)) => error_body(code, &message),
+                    };
+                    reply(&link, self.name(), corr, body).await;
+                });
+                return;
+            }
+            ArchivedBody::DatasetPart(_) if peer.role == Role::Admin => {
+                let Ok(Body::DatasetPart(part)) = frame.to_owned_envelope().map(|e| e.body) else {
+                    return reply(&link, self.name(), corr, error_body(ErrorCode::BadRequest, "bad part")).await;
+                };
+                tokio::spawn(async move {
+                    let body = match services.dataset_part(part).await {
+                        Ok(()) => Body::ControlReply(Vec::new()),
+                        Err((code, message)) => error_body(code, &message),
+                    };
+                    reply(&link, self.name(), corr, body).await;
+                });
+                return;
+            }
+            ArchivedBody::JobTask(_) if peer.role == Role::Node => {
+                let Ok(Body::JobTask(task)) = frame.to_owned_envelope().map(|e| e.body) else {
+                    return reply(&link, self.name(), corr, error_body(ErrorCode::BadRequest, "bad task")).await;
+                };
+                tokio::spawn(async move {
+                    let partial = services.job_task(task).await;
+                    reply(&link, self.name(), corr, Body::JobPartial(partial)).await;
+                });
+                return;
+            }
             ArchivedBody::LeaseRenew { .. }
             | ArchivedBody::Control { .. }
+            | ArchivedBody::Admin { .. }
+            | ArchivedBody::DatasetPart(_)
+            | ArchivedBody::JobTask(_)
             | ArchivedBody::Drain { .. } => {
                 metrics::counter!(m::SHARD_REJECTED, "reason" => "forbidden").increment(1);
                 error_body(
@@ -624,6 +677,20 @@ fn control_kind(k: &tidepool_runtime::codec::ArchivedControlKind) -> ControlKind
         A::RaftSnapshot => ControlKind::RaftSnapshot,
         A::Propose => ControlKind::Propose,
         A::Join => ControlKind::Join,
+    }
+}
+
+fn admin_op(k: &tidepool_runtime::codec::ArchivedAdminOp) -> AdminOp {
+    use tidepool_runtime::codec::ArchivedAdminOp as A;
+    match k {
+        A::DatasetCommit => AdminOp::DatasetCommit,
+        A::DatasetAbort => AdminOp::DatasetAbort,
+        A::DatasetList => AdminOp::DatasetList,
+        A::JobSubmit => AdminOp::JobSubmit,
+        A::JobStatus => AdminOp::JobStatus,
+        A::JobList => AdminOp::JobList,
+        A::JobCancel => AdminOp::JobCancel,
+        A::JobResult => AdminOp::JobResult,
     }
 }
 

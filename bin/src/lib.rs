@@ -14,7 +14,10 @@
 pub mod admin;
 pub mod bench;
 pub mod daemon;
+pub mod conn;
 pub mod datasets;
+pub mod jobs_cli;
+pub mod jobs_cmd;
 pub mod demo;
 pub mod http;
 pub mod local_cluster;

@@ -1,16 +1,15 @@
 //! The `tidepool` binary: argument parsing and wiring only.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
+use tidepool::conn::{connect, Conn};
+use tidepool::jobs_cmd::{self, DatasetCmd, JobCmd};
 use tidepool::{daemon, demo};
 use tidepool_runtime::certs::{self, Role, Subject, Validity};
-use tidepool_runtime::client::{ClientOptions, ClusterClient};
-use tidepool_runtime::transport::TlsMaterial;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -69,6 +68,24 @@ enum Cmd {
     /// Benchmarks on a real local cluster.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// Import and list datasets; write the built-in ones as CSV.
+    #[command(subcommand)]
+    Dataset(DatasetCmd),
+    /// Submit, watch, cancel jobs and fetch their results.
+    #[command(subcommand)]
+    Job(JobCmd),
+    /// Run a trained model (from `job result --out`) on a CSV: predictions, accuracy or RMSE.
+    Predict {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// Label column (default: the model's label, when the CSV has it).
+        #[arg(long)]
+        label: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -130,18 +147,6 @@ enum ClientRole {
     Reader,
 }
 
-#[derive(Args, Debug)]
-struct Conn {
-    /// Any node's QUIC address.
-    #[arg(long, env = "TIDEPOOL_CONNECT", default_value = "127.0.0.1:7400")]
-    connect: SocketAddr,
-    /// Directory with ca.pem, client.pem, client.key.
-    #[arg(long, env = "TIDEPOOL_CERT_DIR")]
-    cert_dir: PathBuf,
-    /// Machine-readable output (stable shape).
-    #[arg(long)]
-    json: bool,
-}
 
 #[derive(Subcommand, Debug)]
 enum ClusterCmd {
@@ -271,6 +276,14 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             })
             .await
         }
+        Cmd::Dataset(cmd) => jobs_cmd::dataset(cmd).await,
+        Cmd::Job(cmd) => jobs_cmd::job(cmd).await,
+        Cmd::Predict {
+            model,
+            data,
+            label,
+            json,
+        } => tidepool::predict::predict_main(&model, &data, label.as_deref(), json),
         Cmd::Cluster(ClusterCmd::Status(c)) => cluster_status(c).await,
         Cmd::Cluster(ClusterCmd::Shards(c)) => cluster_shards(c).await,
         Cmd::Cluster(ClusterCmd::Drain { node, conn, wait }) => {
@@ -279,16 +292,6 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
     }
 }
 
-async fn connect(c: &Conn) -> Result<ClusterClient> {
-    let tls = TlsMaterial::load_client(&c.cert_dir)
-        .with_context(|| format!("loading client certificate from {}", c.cert_dir.display()))?;
-    let opts = ClientOptions {
-        request_timeout: Duration::from_secs(5),
-        retry_for: Duration::from_secs(10),
-        ..Default::default()
-    };
-    Ok(ClusterClient::connect(&[c.connect], &tls, opts).await?)
-}
 
 async fn cluster_status(c: Conn) -> Result<()> {
     let client = connect(&c).await?;

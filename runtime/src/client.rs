@@ -15,7 +15,7 @@ use backon::{ExponentialBuilder, Retryable};
 use parking_lot::Mutex;
 
 use crate::codec::{
-    Body, Dest, Envelope, ErrorCode, Frame, IdemKey, Op, OpResult, ShardInfo, ShardRequest,
+    AdminOp, Body, DatasetPart, Dest, Envelope, ErrorCode, Frame, IdemKey, Op, OpResult, ShardInfo, ShardRequest,
     StatusInfo,
 };
 use crate::placement::shard_for_key;
@@ -242,6 +242,56 @@ impl ClusterClient {
             Ok(Body::ControlReply(_)) => Ok(()),
             _ => Err(refusal(&frame)),
         }
+    }
+
+    /// A dataset or job admin request (`dataset`/`job` commands): JSON in, JSON out. Retried
+    /// with backoff on retryable failures for up to `retry_for`; every admin op is safe to
+    /// repeat (job submissions carry a client-chosen id).
+    pub async fn admin(
+        &self,
+        op: AdminOp,
+        payload: &serde_json::Value,
+    ) -> Result<Vec<u8>, ClientError> {
+        let payload = serde_json::to_vec(payload)
+            .map_err(|e| ClientError::Retryable(format!("encode: {e}")))?;
+        let body = Body::Admin { op, payload };
+        self.retrying(|| async {
+            let frame = self.ask_any(body.clone()).await?;
+            match frame.to_owned_envelope().map(|e| e.body) {
+                Ok(Body::ControlReply(bytes)) => Ok(bytes),
+                _ => Err(refusal(&frame)),
+            }
+        })
+        .await
+    }
+
+    /// Uploads one partition segment of a dataset import (stored create-once: safe to retry).
+    pub async fn dataset_part(&self, part: DatasetPart) -> Result<(), ClientError> {
+        let body = Body::DatasetPart(part);
+        self.retrying(|| async {
+            let frame = self.ask_any(body.clone()).await?;
+            match frame.to_owned_envelope().map(|e| e.body) {
+                Ok(Body::ControlReply(_)) => Ok(()),
+                _ => Err(refusal(&frame)),
+            }
+        })
+        .await
+    }
+
+    async fn retrying<T, F, Fut>(&self, f: F) -> Result<T, ClientError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        f.retry(
+            ExponentialBuilder::default()
+                .with_min_delay(Duration::from_millis(50))
+                .with_max_delay(Duration::from_secs(1))
+                .with_total_delay(Some(self.opts.retry_for))
+                .without_max_times(),
+        )
+        .when(ClientError::retryable)
+        .await
     }
 
     /// Number of shards in the map.

@@ -109,6 +109,34 @@ metric_table! {
         "1 while /readyz answers 200.";
     NODE_INFO = "tidepool_node_info", Gauge, None, ["version"],
         "Always 1; carries the build version.";
+    JOB_TASK_SECONDS = "tidepool_job_task_duration_seconds", Histogram, Some(Unit::Seconds), [],
+        "Time a node spent on one job step's task (all its shards).";
+    JOB_SHARD_TASKS = "tidepool_job_shard_tasks_total", Counter, None, ["result"],
+        "Shard maps run (done) or refused (not the owner at that epoch, partition not loadable).";
+    JOB_PARTITIONS_LOADED = "tidepool_job_partitions_loaded_total", Counter, None, [],
+        "Dataset partitions loaded (or generated) on this node for the shards it owns.";
+    JOB_CACHE_BYTES = "tidepool_job_partition_cache_bytes", Gauge, Some(Unit::Bytes), [],
+        "Bytes of dataset partitions held in memory.";
+    JOB_STEPS = "tidepool_job_steps_total", Counter, None, ["kind"],
+        "Job steps completed by coordinators on this node.";
+    JOB_SAMPLES = "tidepool_job_samples_total", Counter, None, ["kind"],
+        "Rows processed by job steps coordinated on this node.";
+    JOB_STEP_SECONDS = "tidepool_job_step_duration_seconds", Histogram, Some(Unit::Seconds), ["kind"],
+        "Wall time of one job step, scatter to reduce, on the coordinator.";
+    JOB_LOSS = "tidepool_job_loss", Gauge, None, ["kind"],
+        "Latest loss (objective or inertia) of the jobs coordinated on this node.";
+    JOB_CHECKPOINTS = "tidepool_job_checkpoints_total", Counter, None, [],
+        "Job state checkpoints written.";
+    JOB_RESUMES = "tidepool_job_resumes_total", Counter, None, [],
+        "Coordinators started from a checkpoint (failover or restart).";
+    JOB_RETRIES = "tidepool_job_shard_retries_total", Counter, None, [],
+        "Shard tasks the coordinator re-sent (moved shard, lost node, timeout).";
+    JOBS_FINISHED = "tidepool_jobs_finished_total", Counter, None, ["state"],
+        "Jobs that ended here, by final state (succeeded, failed, cancelled).";
+    JOBS_RUNNING = "tidepool_jobs_running", Gauge, None, [],
+        "Job coordinators running on this node.";
+    DATASET_PARTS = "tidepool_dataset_parts_stored_total", Counter, None, [],
+        "Dataset partition objects stored by imports through this node.";
 }
 
 /// Explicit buckets for every latency histogram (seconds): 50 µs to 10 s.

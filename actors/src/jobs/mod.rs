@@ -31,6 +31,8 @@ mod kmeans_tests;
 #[cfg(test)]
 mod models_tests;
 #[cfg(test)]
+mod registry_tests;
+#[cfg(test)]
 mod sgd_tests;
 #[cfg(test)]
 mod stats_tests;

@@ -16,7 +16,7 @@ use super::stats_job::StatsJob;
 use super::train::{DatasetShape, TrainJob};
 
 /// A job with its state, driven step by step by the coordinator.
-pub trait JobDriver: Send {
+pub trait JobDriver: Send + Sync {
     /// Replaces the state with a checkpointed one.
     fn restore(&mut self, state: serde_json::Value) -> Result<(), JobError>;
     /// The state to checkpoint.

@@ -366,6 +366,15 @@ impl Job for TrainJob {
                 };
                 let out = apply_step(&params, s.t, &total, self.spec.l2, self.schedule())
                     .map_err(Self::data_error)?;
+                // A diverging step can overflow the parameters themselves; caught here, not by
+                // the next step's merge, since it may be the last one (the model would export
+                // them as JSON nulls).
+                if let Some(p) = out.params.iter().find(|p| !p.is_finite()) {
+                    return Err(JobError::Overflow(format!(
+                        "parameter {p} after training step {}",
+                        s.t
+                    )));
+                }
                 s.params = out.params.as_slice().to_vec();
                 s.losses.push((s.t, out.loss));
                 s.t += 1;

@@ -173,7 +173,7 @@ pub(super) fn submit_job(map: &mut ClusterMap, rec: &JobRecord) -> CommandRespon
         ));
     }
     match map.jobs.get(&rec.id) {
-        Some(existing) if existing.spec == rec.spec && existing.submitted_seq == rec.submitted_seq => {
+        Some(existing) if existing.spec == rec.spec && existing.dataset == rec.dataset => {
             CommandResponse::Ok
         }
         Some(_) => CommandResponse::Rejected(format!("job {:?} already exists", rec.id)),

@@ -1,0 +1,437 @@
+//! The JobCoordinator: drives one job step by step from the node that owns the job's
+//! coordinator shard, so it fails over like any shard.
+//!
+//! Each step it scatters the job's task to the owners of all shards (one request per node,
+//! naming that node's shards and their epochs), merges the nodes' pre-summed partials exactly,
+//! and reduces. A shard refused (moved), or whose owner changed while its request was out, or
+//! whose node did not answer, is re-sent to its current owner; a late answer from the old owner
+//! is dropped with its request, so no shard is counted twice. The state is checkpointed (create-
+//! once blobs, `jobs/{id}/ckpt/{step}`) every `checkpoint_every` steps and at the end; a new
+//! coordinator resumes from the newest checkpoint and re-runs only the steps after it. Because
+//! maps are pure and merging is exact, the re-run steps give bit-identical results.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tidepool_runtime::codec::{Body, Dest, Envelope, JobPartial, JobTask, ShardEpoch};
+use tidepool_runtime::control::{
+    ClusterMap, Command, ControlPlane, JobRecord, JobState, JobUpdate,
+};
+use tidepool_runtime::jobspec::JobSpec;
+use tidepool_runtime::metrics as m;
+use tidepool_runtime::storage::Store;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::job_exec::JobExecutor;
+use crate::jobs::job::{ExactSum, Task};
+use crate::jobs::registry::JobDriver;
+use crate::router::Router;
+
+/// How long one node may take for one step's task before it is asked again.
+const TASK_TIMEOUT: Duration = Duration::from_secs(120);
+/// Minimum interval between progress reports through the control plane.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+
+/// Storage key of a job checkpoint after `step` steps.
+pub fn checkpoint_key(job: &str, step: u64) -> String {
+    format!("jobs/{job}/ckpt/{step:020}.json")
+}
+
+/// Storage key of a finished job's result document.
+pub fn result_key(job: &str) -> String {
+    format!("jobs/{job}/result.json")
+}
+
+/// What a coordinator needs from its node.
+#[derive(Clone, Debug)]
+pub struct CoordinatorCtx {
+    pub me: String,
+    pub router: Router,
+    pub control: ControlPlane,
+    pub store: Store,
+    pub exec: Arc<JobExecutor>,
+}
+
+/// Why a coordinator stopped before the job finished.
+#[derive(Debug)]
+enum Stop {
+    /// This node no longer owns the coordinator shard: the new owner takes over.
+    Moved,
+    /// The job was cancelled.
+    Cancelled,
+    /// The job cannot go on.
+    Failed(String),
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Checkpoint {
+    step: u64,
+    state: serde_json::Value,
+}
+
+/// Runs job `rec` until it finishes, fails, is cancelled, or its coordinator shard moves away.
+pub async fn run(ctx: CoordinatorCtx, rec: JobRecord) {
+    let id = rec.id.clone();
+    metrics::gauge!(m::JOBS_RUNNING).increment(1.0);
+    let outcome = Coordinator::start(&ctx, &rec).await;
+    let outcome = match outcome {
+        Ok(mut c) => c.drive().await,
+        Err(e) => Err(e),
+    };
+    metrics::gauge!(m::JOBS_RUNNING).decrement(1.0);
+    let (state, error) = match outcome {
+        Ok(()) => return,
+        Err(Stop::Moved) => {
+            info!(job = %id, "coordinator shard moved; the new owner resumes the job");
+            return;
+        }
+        Err(Stop::Cancelled) => {
+            info!(job = %id, "job cancelled; coordinator stopped");
+            metrics::counter!(m::JOBS_FINISHED, "state" => "cancelled").increment(1);
+            return;
+        }
+        Err(Stop::Failed(e)) => (JobState::Failed, e),
+    };
+    warn!(job = %id, error = %error, "job failed");
+    metrics::counter!(m::JOBS_FINISHED, "state" => "failed").increment(1);
+    let update = JobUpdate {
+        error: Some(error),
+        coordinator: Some(ctx.me.clone()),
+        ..JobUpdate::state(state)
+    };
+    report(&ctx.control, &id, update).await;
+}
+
+async fn report(control: &ControlPlane, id: &str, update: JobUpdate) -> bool {
+    let cmd = Command::UpdateJob {
+        id: id.to_string(),
+        update,
+    };
+    match control.propose(cmd).await {
+        Ok(r) => r.is_ok(),
+        Err(e) => {
+            warn!(job = %id, error = %e, "job progress not recorded");
+            false
+        }
+    }
+}
+
+struct Coordinator<'a> {
+    ctx: &'a CoordinatorCtx,
+    rec: JobRecord,
+    spec: JobSpec,
+    driver: Box<dyn JobDriver>,
+    step: u64,
+    map_rx: watch::Receiver<Arc<ClusterMap>>,
+}
+
+impl<'a> Coordinator<'a> {
+    async fn start(ctx: &'a CoordinatorCtx, rec: &JobRecord) -> Result<Coordinator<'a>, Stop> {
+        let spec = JobSpec::parse(&rec.spec).map_err(|e| Stop::Failed(e.to_string()))?;
+        let map = ctx.router.map();
+        let ds = map
+            .datasets
+            .get(&rec.dataset)
+            .ok_or_else(|| Stop::Failed(format!("dataset {:?} is gone", rec.dataset)))?;
+        let job = ctx
+            .exec
+            .job(&rec.id, &rec.spec, ds)
+            .map_err(Stop::Failed)?;
+        let mut driver = job.driver();
+        let mut step = 0;
+        let ckpts = ctx
+            .store
+            .list_blobs(&format!("jobs/{}/ckpt", rec.id))
+            .await
+            .map_err(|e| Stop::Failed(format!("listing checkpoints: {e}")))?;
+        // Newest valid checkpoint; a damaged one falls back to the one before.
+        for key in ckpts.iter().rev() {
+            match ctx.store.get_blob(key).await {
+                Ok(Some(bytes)) => match serde_json::from_slice::<Checkpoint>(&bytes) {
+                    Ok(c) if driver.restore(c.state.clone()).is_ok() => {
+                        step = c.step;
+                        metrics::counter!(m::JOB_RESUMES).increment(1);
+                        info!(job = %rec.id, step, "resuming from checkpoint");
+                        break;
+                    }
+                    _ => warn!(job = %rec.id, %key, "unusable checkpoint skipped"),
+                },
+                Ok(None) => {}
+                Err(e) => warn!(job = %rec.id, %key, error = %e, "unreadable checkpoint skipped"),
+            }
+        }
+        Ok(Coordinator {
+            ctx,
+            rec: rec.clone(),
+            spec,
+            driver,
+            step,
+            map_rx: ctx.control.map(),
+        })
+    }
+
+    fn check(&self) -> Result<(), Stop> {
+        if self.ctx.router.serving(self.rec.coordinator_shard).is_none() {
+            return Err(Stop::Moved);
+        }
+        match self.ctx.router.map().jobs.get(&self.rec.id).map(|j| j.state) {
+            Some(JobState::Cancelled) => Err(Stop::Cancelled),
+            Some(s) if s.is_terminal() => Err(Stop::Moved),
+            Some(_) => Ok(()),
+            None => Err(Stop::Failed("job record is gone".into())),
+        }
+    }
+
+    async fn checkpoint(&self) -> Result<(), Stop> {
+        let state = self
+            .driver
+            .checkpoint()
+            .map_err(|e| Stop::Failed(e.to_string()))?;
+        let body = serde_json::to_vec(&Checkpoint {
+            step: self.step,
+            state,
+        })
+        .map_err(|e| Stop::Failed(e.to_string()))?;
+        // Still the owner? A stale coordinator must not write (and could not differ anyway:
+        // the state after `step` steps is deterministic, and blobs are create-once).
+        self.check()?;
+        self.ctx
+            .store
+            .put_blob(&checkpoint_key(&self.rec.id, self.step), Bytes::from(body))
+            .await
+            .map_err(|e| Stop::Failed(format!("checkpoint: {e}")))?;
+        metrics::counter!(m::JOB_CHECKPOINTS).increment(1);
+        Ok(())
+    }
+
+    async fn drive(&mut self) -> Result<(), Stop> {
+        let kind = self.spec.kind.as_str();
+        self.check()?;
+        let running = JobUpdate {
+            steps: Some(self.driver.planned_steps()),
+            step: Some(self.step),
+            coordinator: Some(self.ctx.me.clone()),
+            ..JobUpdate::state(JobState::Running)
+        };
+        if !report(&self.ctx.control, &self.rec.id, running).await {
+            self.check()?;
+        }
+        let mut last_report = Instant::now();
+        let mut window_rows = 0u64;
+        let mut loss = None;
+        while let Some(task) = self.driver.next_task() {
+            self.check()?;
+            let started = Instant::now();
+            let merged = self.scatter(&task).await?;
+            let rep = self
+                .driver
+                .reduce(&task, merged.to_partial())
+                .map_err(|e| Stop::Failed(e.to_string()))?;
+            self.step += 1;
+            window_rows += rep.rows;
+            loss = rep.loss.or(loss);
+            metrics::counter!(m::JOB_STEPS, "kind" => kind).increment(1);
+            metrics::counter!(m::JOB_SAMPLES, "kind" => kind).increment(rep.rows);
+            metrics::histogram!(m::JOB_STEP_SECONDS, "kind" => kind)
+                .record(started.elapsed().as_secs_f64());
+            if let Some(l) = rep.loss {
+                metrics::gauge!(m::JOB_LOSS, "kind" => kind).set(l);
+            }
+            let ckpt = self.step % self.spec.checkpoint_every == 0;
+            if ckpt {
+                self.checkpoint().await?;
+            }
+            if ckpt || last_report.elapsed() >= PROGRESS_EVERY {
+                let secs = last_report.elapsed().as_secs_f64().max(1e-9);
+                let update = JobUpdate {
+                    step: Some(self.step),
+                    steps: Some(self.driver.planned_steps()),
+                    loss,
+                    samples_per_sec: Some(window_rows as f64 / secs),
+                    coordinator: Some(self.ctx.me.clone()),
+                    ..JobUpdate::state(JobState::Running)
+                };
+                report(&self.ctx.control, &self.rec.id, update).await;
+                (last_report, window_rows) = (Instant::now(), 0);
+            }
+        }
+        self.checkpoint().await?;
+        let result = self
+            .driver
+            .result()
+            .map_err(|e| Stop::Failed(e.to_string()))?;
+        let body = serde_json::to_vec_pretty(&result).map_err(|e| Stop::Failed(e.to_string()))?;
+        self.ctx
+            .store
+            .put_blob(&result_key(&self.rec.id), Bytes::from(body))
+            .await
+            .map_err(|e| Stop::Failed(format!("result: {e}")))?;
+        let done = JobUpdate {
+            step: Some(self.step),
+            steps: Some(self.step),
+            loss,
+            coordinator: Some(self.ctx.me.clone()),
+            ..JobUpdate::state(JobState::Succeeded)
+        };
+        if report(&self.ctx.control, &self.rec.id, done).await {
+            metrics::counter!(m::JOBS_FINISHED, "state" => "succeeded").increment(1);
+            info!(job = %self.rec.id, steps = self.step, "job succeeded");
+        }
+        Ok(())
+    }
+
+    /// One step over every shard: returns the exact merge of all shards' partials.
+    async fn scatter(&mut self, task: &Task) -> Result<ExactSum, Stop> {
+        let shards = self.ctx.router.map().shard_count();
+        let mut pending: BTreeSet<u32> = (0..shards).collect();
+        let mut acc = ExactSum::default();
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            if pending.is_empty() {
+                return Ok(acc);
+            }
+            self.check()?;
+            let map = self.map_rx.borrow_and_update().clone();
+            let this = &*self;
+            let mut by_node: BTreeMap<String, Vec<ShardEpoch>> = BTreeMap::new();
+            for &s in &pending {
+                if let Some(a) = map.shards.get(s as usize) {
+                    if let Some(owner) = &a.owner {
+                        by_node.entry(owner.clone()).or_default().push(ShardEpoch {
+                            shard: s,
+                            epoch: a.epoch,
+                        });
+                    }
+                }
+            }
+            let requests = by_node.into_iter().map(|(node, list)| {
+                let msg = JobTask {
+                    job: this.rec.id.clone(),
+                    spec: this.rec.spec.clone(),
+                    dataset: this.rec.dataset.clone(),
+                    step: this.step,
+                    phase: task.phase,
+                    shards: list.clone(),
+                    broadcast: task.broadcast.clone(),
+                };
+                let map_rx = this.map_rx.clone();
+                async move {
+                    let ask = this.ask(&node, msg);
+                    tokio::select! {
+                        r = ask => (list, Some(r)),
+                        () = moved(map_rx, list.clone()) => (list, None),
+                    }
+                }
+            });
+            let replies = futures::future::join_all(requests).await;
+            let mut progressed = false;
+            for (list, reply) in replies {
+                let asked: BTreeSet<u32> = list.iter().map(|s| s.shard).collect();
+                match reply {
+                    Some(Ok(p)) => {
+                        if let Some(e) = p.error {
+                            return Err(Stop::Failed(e));
+                        }
+                        let done: BTreeSet<u32> = p.done.iter().copied().collect();
+                        let valid = done.len() == p.done.len()
+                            && done.is_subset(&asked)
+                            && done.is_subset(&pending);
+                        if !valid {
+                            warn!(job = %self.rec.id, "partial names shards it was not asked for; dropped");
+                            continue;
+                        }
+                        let part = ExactSum {
+                            rows: p.rows,
+                            sum: p.sum,
+                            min: p.min,
+                            max: p.max,
+                        };
+                        acc.merge(&part).map_err(|e| Stop::Failed(e.to_string()))?;
+                        for s in &done {
+                            pending.remove(s);
+                        }
+                        progressed |= !done.is_empty();
+                        let refused = asked.len() - done.len();
+                        metrics::counter!(m::JOB_RETRIES).increment(refused as u64);
+                    }
+                    Some(Err(e)) => {
+                        metrics::counter!(m::JOB_RETRIES).increment(asked.len() as u64);
+                        warn!(job = %self.rec.id, error = %e, "task not answered; retrying");
+                    }
+                    None => {
+                        metrics::counter!(m::JOB_RETRIES).increment(asked.len() as u64);
+                    }
+                }
+            }
+            if !pending.is_empty() {
+                // Wait for the map to move the missing shards (or a short backoff), then retry.
+                backoff = if progressed {
+                    Duration::from_millis(20)
+                } else {
+                    (backoff * 2).min(Duration::from_millis(500))
+                };
+                let _ = tokio::time::timeout(backoff, self.map_rx.changed()).await;
+            }
+        }
+    }
+
+    async fn ask(&self, node: &str, task: JobTask) -> Result<JobPartial, String> {
+        if node == self.ctx.me {
+            return Ok(self.ctx.exec.run(task).await);
+        }
+        let link = self
+            .ctx
+            .router
+            .transport()
+            .link(node)
+            .await
+            .map_err(|e| e.to_string())?;
+        let env = Envelope::new(
+            &self.ctx.me,
+            Dest::Node(node.to_string()),
+            0,
+            Body::JobTask(task),
+        );
+        let frame = link
+            .request(env, TASK_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        match frame.to_owned_envelope().map(|e| e.body) {
+            Ok(Body::JobPartial(p)) => Ok(p),
+            Ok(Body::Error { code, message }) => Err(format!("{code:?}: {message}")),
+            Ok(_) => Err("unexpected reply to a job task".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// Resolves once any of `shards` has a different owner or epoch than when it was sent.
+async fn moved(mut rx: watch::Receiver<Arc<ClusterMap>>, shards: Vec<ShardEpoch>) {
+    let sent: Vec<(u32, Option<String>, u64)> = {
+        let map = rx.borrow_and_update();
+        shards
+            .iter()
+            .map(|s| {
+                let owner = map.shards.get(s.shard as usize).and_then(|a| a.owner.clone());
+                (s.shard, owner, s.epoch)
+            })
+            .collect()
+    };
+    loop {
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+        let map = rx.borrow_and_update();
+        let changed = sent.iter().any(|(s, owner, epoch)| {
+            map.shards
+                .get(*s as usize)
+                .is_none_or(|a| a.owner != *owner || a.epoch != *epoch)
+        });
+        if changed {
+            return;
+        }
+    }
+}

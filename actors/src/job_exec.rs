@@ -1,0 +1,364 @@
+//! The node's side of a job step: map the shards this node owns and return one pre-summed
+//! partial (one message per node per step).
+//!
+//! A task names the shards and the epochs the coordinator saw; a shard is mapped only if this
+//! node serves it at that epoch with a valid lease (the router's check, invariant 1), else it
+//! is refused and the coordinator asks the current owner. Partitions ride on shards: the first
+//! task for a `(dataset, shard)` after this node took the shard over loads its partition from
+//! storage (or generates it, for synthetic datasets); entries for shards this node no longer
+//! serves are dropped, and the cache is capped in bytes (least recently used goes first).
+//! Maps run on the worker pool, the shards split over its threads; the per-thread partials
+//! merge exactly, so the thread count does not change the result.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tidepool_runtime::codec::{JobPartial, JobTask};
+use tidepool_runtime::control::{DatasetRecord, DatasetSource};
+use tidepool_runtime::dataset::{self, Partition, PartitionBuf, SyntheticKind};
+use tidepool_runtime::jobspec::JobSpec;
+use tidepool_runtime::metrics as m;
+use tidepool_runtime::storage::Store;
+use tracing::{debug, warn};
+
+use crate::jobs::job::{ExactSum, JobError, ShardData, Task};
+use crate::jobs::registry::{self, ErasedJob};
+use crate::router::Router;
+use crate::worker::WorkerPool;
+
+/// Default cap on cached partition bytes per node.
+pub const DEFAULT_CACHE_BYTES: usize = 4 << 30;
+
+/// Storage key of one partition segment of an import.
+pub fn segment_key(dataset: &str, import: &str, shard: u32, seg: u32) -> String {
+    format!("datasets/{dataset}/{import}/{shard:05}-{seg:04}.tdds")
+}
+
+/// Storage prefix of one import.
+pub fn import_prefix(dataset: &str, import: &str) -> String {
+    format!("datasets/{dataset}/{import}")
+}
+
+/// A shard's partition in memory.
+#[derive(Debug)]
+enum Loaded {
+    /// One stored object, read in place.
+    InPlace(PartitionBuf),
+    /// Several segments concatenated, or generated.
+    Owned(Partition),
+}
+
+impl Loaded {
+    fn bytes(&self) -> usize {
+        match self {
+            Loaded::InPlace(b) => b.bytes().len(),
+            Loaded::Owned(p) => p.features().len() * 4 + p.rows() * 12,
+        }
+    }
+
+    fn with_data<T>(&self, shard: u32, f: impl FnOnce(&ShardData<'_>) -> T) -> Result<T, String> {
+        match self {
+            Loaded::InPlace(b) => {
+                let v = b.view().map_err(|e| e.to_string())?;
+                Ok(f(&ShardData {
+                    shard,
+                    features: v.n_features(),
+                    x: v.features(),
+                    y: v.labels(),
+                }))
+            }
+            Loaded::Owned(p) => Ok(f(&ShardData {
+                shard,
+                features: p.n_features(),
+                x: p.features(),
+                y: p.labels(),
+            })),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    entries: HashMap<(String, u32), (Arc<Loaded>, u64)>,
+    clock: u64,
+    bytes: usize,
+}
+
+/// A job, built once per (job id, spec).
+type BuiltJob = (String, Arc<dyn ErasedJob>);
+
+/// Runs job tasks on this node.
+pub struct JobExecutor {
+    router: Router,
+    store: Store,
+    pool: WorkerPool,
+    threads: usize,
+    cap_bytes: usize,
+    cache: Mutex<Cache>,
+    jobs: Mutex<HashMap<String, BuiltJob>>,
+}
+
+impl std::fmt::Debug for JobExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobExecutor")
+            .field("threads", &self.threads)
+            .finish_non_exhaustive()
+    }
+}
+
+fn refuse_all(task: &JobTask, error: Option<String>) -> JobPartial {
+    JobPartial {
+        done: Vec::new(),
+        refused: task.shards.iter().map(|s| s.shard).collect(),
+        rows: 0,
+        sum: Vec::new(),
+        min: Vec::new(),
+        max: Vec::new(),
+        error,
+    }
+}
+
+impl JobExecutor {
+    pub fn new(router: Router, store: Store, threads: usize, cap_bytes: usize) -> Self {
+        let threads = if threads == 0 {
+            std::thread::available_parallelism().map_or(2, |n| n.get())
+        } else {
+            threads
+        };
+        JobExecutor {
+            router,
+            store,
+            pool: WorkerPool::new(threads, threads * 4),
+            threads,
+            cap_bytes,
+            cache: Mutex::new(Cache::default()),
+            jobs: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The runnable job of a task (cached by job id and spec).
+    pub fn job(
+        &self,
+        id: &str,
+        spec_text: &str,
+        ds: &DatasetRecord,
+    ) -> Result<Arc<dyn ErasedJob>, String> {
+        if let Some((spec, job)) = self.jobs.lock().get(id) {
+            if spec == spec_text {
+                return Ok(job.clone());
+            }
+        }
+        let spec = JobSpec::parse(spec_text).map_err(|e| e.to_string())?;
+        let job = registry::build(id, &spec, ds).map_err(|e| e.to_string())?;
+        let mut jobs = self.jobs.lock();
+        if jobs.len() > 64 {
+            jobs.clear();
+        }
+        jobs.insert(id.to_string(), (spec_text.to_string(), job.clone()));
+        Ok(job)
+    }
+
+    /// Maps the task's shards that this node serves at the task's epochs.
+    pub async fn run(&self, task: JobTask) -> JobPartial {
+        let started = Instant::now();
+        let map = self.router.map();
+        let Some(ds) = map.datasets.get(&task.dataset).cloned() else {
+            // Our map may be behind the coordinator's: refuse, the coordinator retries.
+            return refuse_all(&task, None);
+        };
+        let job = match self.job(&task.job, &task.spec, &ds) {
+            Ok(j) => j,
+            Err(e) => return refuse_all(&task, Some(e)),
+        };
+        self.evict_unowned();
+        let mut mine = Vec::new();
+        let mut refused = Vec::new();
+        for se in &task.shards {
+            let serving = self.router.serving(se.shard).map(|(_, e)| e);
+            if serving != Some(se.epoch) {
+                refused.push(se.shard);
+                continue;
+            }
+            match self.partition(&ds, se.shard).await {
+                Ok(p) => mine.push((se.shard, p)),
+                Err(e) => {
+                    warn!(dataset = %ds.name, shard = se.shard, error = %e, "partition not loadable");
+                    refused.push(se.shard);
+                }
+            }
+        }
+        let t = Task {
+            phase: task.phase,
+            broadcast: task.broadcast,
+        };
+        let (acc, error) = self.map_all(job, task.step, Arc::new(t), mine.clone()).await;
+        metrics::histogram!(m::JOB_TASK_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::counter!(m::JOB_SHARD_TASKS, "result" => "done").increment(mine.len() as u64);
+        metrics::counter!(m::JOB_SHARD_TASKS, "result" => "refused")
+            .increment(refused.len() as u64);
+        JobPartial {
+            done: mine.iter().map(|(s, _)| *s).collect(),
+            refused,
+            rows: acc.rows,
+            sum: acc.sum,
+            min: acc.min,
+            max: acc.max,
+            error,
+        }
+    }
+
+    async fn map_all(
+        &self,
+        job: Arc<dyn ErasedJob>,
+        step: u64,
+        task: Arc<Task>,
+        shards: Vec<(u32, Arc<Loaded>)>,
+    ) -> (ExactSum, Option<String>) {
+        let groups = self.threads.min(shards.len()).max(1);
+        let mut buckets: Vec<Vec<(u32, Arc<Loaded>)>> = vec![Vec::new(); groups];
+        for (i, s) in shards.into_iter().enumerate() {
+            buckets[i % groups].push(s);
+        }
+        let runs = buckets.into_iter().map(|bucket| {
+            let (job, task) = (job.clone(), task.clone());
+            self.pool.run(move || -> Result<ExactSum, JobError> {
+                let mut acc = ExactSum::default();
+                for (shard, loaded) in bucket {
+                    let p = loaded
+                        .with_data(shard, |d| job.map(step, &task, d))
+                        .map_err(JobError::Data)??;
+                    acc.add(&p)?;
+                }
+                Ok(acc)
+            })
+        });
+        let mut total = ExactSum::default();
+        for r in futures::future::join_all(runs).await {
+            let merged = match r {
+                Ok(Ok(acc)) => total.merge(&acc),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(JobError::Data(format!("worker: {e}"))),
+            };
+            if let Err(e) = merged {
+                return (ExactSum::default(), Some(e.to_string()));
+            }
+        }
+        (total, None)
+    }
+
+    fn evict_unowned(&self) {
+        let owned: std::collections::HashSet<u32> =
+            self.router.owned_shards().into_iter().collect();
+        let mut c = self.cache.lock();
+        let before = c.entries.len();
+        c.entries.retain(|(_, shard), _| owned.contains(shard));
+        if c.entries.len() != before {
+            c.bytes = c.entries.values().map(|(l, _)| l.bytes()).sum();
+            debug!(dropped = before - c.entries.len(), "partitions of moved shards dropped");
+        }
+        metrics::gauge!(m::JOB_CACHE_BYTES).set(c.bytes as f64);
+    }
+
+    async fn partition(&self, ds: &DatasetRecord, shard: u32) -> Result<Arc<Loaded>, String> {
+        let key = (ds.name.clone(), shard);
+        {
+            let mut c = self.cache.lock();
+            c.clock += 1;
+            let now = c.clock;
+            if let Some((loaded, used)) = c.entries.get_mut(&key) {
+                *used = now;
+                return Ok(loaded.clone());
+            }
+        }
+        let loaded = Arc::new(self.load(ds, shard).await?);
+        metrics::counter!(m::JOB_PARTITIONS_LOADED).increment(1);
+        let mut c = self.cache.lock();
+        c.clock += 1;
+        let now = c.clock;
+        c.bytes += loaded.bytes();
+        c.entries.insert(key, (loaded.clone(), now));
+        while c.bytes > self.cap_bytes && c.entries.len() > 1 {
+            let Some(oldest) = c
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            if let Some((l, _)) = c.entries.remove(&oldest) {
+                c.bytes -= l.bytes();
+            }
+        }
+        metrics::gauge!(m::JOB_CACHE_BYTES).set(c.bytes as f64);
+        Ok(loaded)
+    }
+
+    async fn load(&self, ds: &DatasetRecord, shard: u32) -> Result<Loaded, String> {
+        match &ds.source {
+            DatasetSource::Synthetic { kind, seed } => {
+                let kind = match kind.as_str() {
+                    "linear" => SyntheticKind::Linear,
+                    _ => SyntheticKind::Logistic,
+                };
+                let (rows, f, seed, shards) = (ds.rows, ds.features.len(), *seed, ds.shards);
+                let p = self
+                    .pool
+                    .run(move || dataset::synthetic_shard(rows, f, kind, seed, shard, shards))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(Loaded::Owned(p))
+            }
+            DatasetSource::Imported { import, segments } => {
+                let count = segments.get(shard as usize).copied().unwrap_or(0);
+                let mut blobs: Vec<Bytes> = Vec::new();
+                for seg in 0..count {
+                    let key = segment_key(&ds.name, import, shard, seg);
+                    let bytes = self
+                        .store
+                        .get_blob(&key)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .ok_or_else(|| format!("missing partition object {key}"))?;
+                    blobs.push(bytes);
+                }
+                let features = ds.features.len();
+                self.pool
+                    .run(move || decode_segments(&blobs, features))
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
+        }
+    }
+}
+
+fn decode_segments(blobs: &[Bytes], features: usize) -> Result<Loaded, String> {
+    if let [one] = blobs {
+        let buf = PartitionBuf::from_bytes(one).map_err(|e| e.to_string())?;
+        let nf = buf.view().map_err(|e| e.to_string())?.n_features();
+        if nf != features {
+            return Err(format!("partition has {nf} features, dataset {features}"));
+        }
+        return Ok(Loaded::InPlace(buf));
+    }
+    let (mut ids, mut y, mut x) = (Vec::new(), Vec::new(), Vec::new());
+    for b in blobs {
+        let buf = PartitionBuf::from_bytes(b).map_err(|e| e.to_string())?;
+        let v = buf.view().map_err(|e| e.to_string())?;
+        if v.n_features() != features {
+            return Err(format!(
+                "partition has {} features, dataset {features}",
+                v.n_features()
+            ));
+        }
+        ids.extend_from_slice(v.row_ids());
+        y.extend_from_slice(v.labels());
+        x.extend_from_slice(v.features());
+    }
+    Partition::new(features, ids, y, x)
+        .map(Loaded::Owned)
+        .map_err(|e| e.to_string())
+}

@@ -1,0 +1,36 @@
+//! Client connection flags shared by every client command (`--connect`, `--cert-dir`,
+//! `--json`) and the connect call.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tidepool_runtime::client::{ClientOptions, ClusterClient};
+use tidepool_runtime::transport::TlsMaterial;
+
+#[derive(Args, Debug)]
+pub struct Conn {
+    /// Any node's QUIC address.
+    #[arg(long, env = "TIDEPOOL_CONNECT", default_value = "127.0.0.1:7400")]
+    pub connect: SocketAddr,
+    /// Directory with ca.pem, client.pem, client.key.
+    #[arg(long, env = "TIDEPOOL_CERT_DIR")]
+    pub cert_dir: PathBuf,
+    /// Machine-readable output (stable shape).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Connects with the CLI's timeouts.
+pub async fn connect(c: &Conn) -> Result<ClusterClient> {
+    let tls = TlsMaterial::load_client(&c.cert_dir)
+        .with_context(|| format!("loading client certificate from {}", c.cert_dir.display()))?;
+    let opts = ClientOptions {
+        request_timeout: Duration::from_secs(5),
+        retry_for: Duration::from_secs(10),
+        ..Default::default()
+    };
+    Ok(ClusterClient::connect(&[c.connect], &tls, opts).await?)
+}

@@ -1,0 +1,276 @@
+//! Client side of datasets and jobs: import, submit, wait with progress, results. Used by the
+//! CLI (`tidepool dataset ...`, `tidepool job ...`), the demo and the tests.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures::{StreamExt, TryStreamExt};
+use indicatif::{ProgressBar, ProgressStyle};
+use tidepool_runtime::client::ClusterClient;
+use tidepool_runtime::codec::{AdminOp, DatasetPart};
+use tidepool_runtime::control::{DatasetRecord, DatasetSource, JobRecord, JobState};
+use tidepool_runtime::dataset::{self, Partition, Table};
+use tidepool_runtime::jobspec::JobSpec;
+
+/// Largest partition object an import writes; bigger partitions are split into segments.
+pub const SEGMENT_BYTES: usize = 8 << 20;
+/// Segments uploaded at once.
+const UPLOAD_CONCURRENCY: usize = 8;
+
+fn hex_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
+/// Splits one shard's partition into segments of at most [`SEGMENT_BYTES`] encoded.
+fn segments(p: &Partition) -> Result<Vec<Vec<u8>>> {
+    let row_bytes = p.n_features() * 4 + 12;
+    let per = (SEGMENT_BYTES / row_bytes.max(1)).max(1);
+    if p.rows() <= per {
+        return Ok(vec![dataset::encode_partition(p)]);
+    }
+    let nf = p.n_features();
+    let mut out = Vec::new();
+    for start in (0..p.rows()).step_by(per) {
+        let end = (start + per).min(p.rows());
+        let part = Partition::new(
+            nf,
+            p.row_ids()[start..end].to_vec(),
+            p.labels()[start..end].to_vec(),
+            p.features()[start * nf..end * nf].to_vec(),
+        )?;
+        out.push(dataset::encode_partition(&part));
+    }
+    Ok(out)
+}
+
+/// Imports `table` as dataset `name`: partitions it onto the cluster's shards, uploads every
+/// segment, then commits the record. On any failure the uploaded objects are deleted.
+pub async fn import_table(client: &ClusterClient, table: &Table, name: &str) -> Result<DatasetRecord> {
+    client.refresh().await.context("loading the shard map")?;
+    let shards = client.shard_count();
+    if shards == 0 {
+        bail!("the cluster has no shards yet");
+    }
+    let import = hex_id();
+    let parts = dataset::partition(table, shards);
+    let mut uploads = Vec::new();
+    let mut counts = Vec::with_capacity(parts.len());
+    for (shard, p) in parts.iter().enumerate() {
+        let segs = segments(p)?;
+        counts.push(segs.len() as u32);
+        for (seg, bytes) in segs.into_iter().enumerate() {
+            uploads.push(DatasetPart {
+                dataset: name.to_string(),
+                import: import.clone(),
+                shard: shard as u32,
+                seg: seg as u32,
+                bytes,
+            });
+        }
+    }
+    let rec = DatasetRecord {
+        name: name.to_string(),
+        features: table.features.clone(),
+        label: table.label.clone(),
+        rows: table.rows as u64,
+        shards,
+        source: DatasetSource::Imported {
+            import: import.clone(),
+            segments: counts,
+        },
+    };
+    let uploaded = futures::stream::iter(uploads)
+        .map(|part| client.dataset_part(part))
+        .buffer_unordered(UPLOAD_CONCURRENCY)
+        .try_collect::<Vec<()>>()
+        .await;
+    let committed = match uploaded {
+        Ok(_) => client
+            .admin(AdminOp::DatasetCommit, &serde_json::to_value(&rec)?)
+            .await
+            .map(|_| ()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = committed {
+        let abort = serde_json::json!({ "name": name, "import": import });
+        let _ = client.admin(AdminOp::DatasetAbort, &abort).await;
+        bail!("import of {name:?} failed, nothing kept: {e}");
+    }
+    Ok(rec)
+}
+
+/// `tidepool dataset import FILE.csv --name NAME --label COLUMN`.
+pub async fn import_csv(client: &ClusterClient, path: &Path, name: &str, label: &str) -> Result<DatasetRecord> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let table = dataset::parse_csv(std::io::BufReader::new(file), label)
+        .with_context(|| format!("{} is not importable", path.display()))?;
+    import_table(client, &table, name).await
+}
+
+/// Registers a synthetic dataset, generated on each shard's owner (nothing is uploaded).
+pub async fn create_synthetic(
+    client: &ClusterClient,
+    name: &str,
+    rows: u64,
+    features: usize,
+    kind: &str,
+    seed: u64,
+) -> Result<DatasetRecord> {
+    if !matches!(kind, "linear" | "logistic") {
+        bail!("--kind must be linear or logistic");
+    }
+    client.refresh().await?;
+    let rec = DatasetRecord {
+        name: name.to_string(),
+        features: (0..features).map(|j| format!("x{j}")).collect(),
+        label: "y".into(),
+        rows,
+        shards: client.shard_count(),
+        source: DatasetSource::Synthetic {
+            kind: kind.to_string(),
+            seed,
+        },
+    };
+    client
+        .admin(AdminOp::DatasetCommit, &serde_json::to_value(&rec)?)
+        .await?;
+    Ok(rec)
+}
+
+/// Datasets the cluster knows.
+pub async fn list_datasets(client: &ClusterClient) -> Result<Vec<DatasetRecord>> {
+    let bytes = client
+        .admin(AdminOp::DatasetList, &serde_json::json!({}))
+        .await?;
+    #[derive(serde::Deserialize)]
+    struct L {
+        datasets: Vec<DatasetRecord>,
+    }
+    Ok(serde_json::from_slice::<L>(&bytes)?.datasets)
+}
+
+/// Submits a job spec (validated here first, with the key named in any error); returns its id.
+pub async fn submit(client: &ClusterClient, spec: &str) -> Result<String> {
+    let parsed = JobSpec::parse(spec)?;
+    let id = format!("{}-{}", parsed.kind.as_str(), &hex_id()[..8]);
+    let bytes = client
+        .admin(
+            AdminOp::JobSubmit,
+            &serde_json::json!({ "spec": spec, "id": id }),
+        )
+        .await?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+    Ok(v["id"].as_str().unwrap_or(&id).to_string())
+}
+
+/// One job's record.
+pub async fn status(client: &ClusterClient, id: &str) -> Result<JobRecord> {
+    let bytes = client
+        .admin(AdminOp::JobStatus, &serde_json::json!({ "id": id }))
+        .await?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// Every job, in submission order.
+pub async fn list(client: &ClusterClient) -> Result<Vec<JobRecord>> {
+    let bytes = client
+        .admin(AdminOp::JobList, &serde_json::json!({}))
+        .await?;
+    #[derive(serde::Deserialize)]
+    struct L {
+        jobs: Vec<JobRecord>,
+    }
+    Ok(serde_json::from_slice::<L>(&bytes)?.jobs)
+}
+
+/// Cancels a job.
+pub async fn cancel(client: &ClusterClient, id: &str) -> Result<()> {
+    client
+        .admin(AdminOp::JobCancel, &serde_json::json!({ "id": id }))
+        .await?;
+    Ok(())
+}
+
+/// A finished job's result document (the model for training jobs).
+pub async fn result(client: &ClusterClient, id: &str) -> Result<serde_json::Value> {
+    let bytes = client
+        .admin(AdminOp::JobResult, &serde_json::json!({ "id": id }))
+        .await?;
+    Ok(serde_json::from_slice(&bytes)?)
+}
+
+/// Polls until the job reaches a terminal state (or `timeout`), optionally drawing a progress
+/// bar with step, loss, samples/s and ETA. Returns the final record.
+pub async fn wait(client: &ClusterClient, id: &str, progress: bool, timeout: Duration) -> Result<JobRecord> {
+    let deadline = Instant::now() + timeout;
+    let bar = progress.then(|| {
+        let bar = ProgressBar::new(1);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{spinner} {prefix} [{bar:30}] step {pos}/{len} {msg} eta {eta}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(id.to_string());
+        bar
+    });
+    loop {
+        let rec = status(client, id).await?;
+        if let Some(bar) = &bar {
+            bar.set_length(rec.steps.max(rec.step).max(1));
+            bar.set_position(rec.step);
+            let loss = rec.loss.map_or("-".into(), |l| format!("{l:.5}"));
+            let rate = rec
+                .samples_per_sec
+                .map_or("-".into(), |r| format!("{r:.0}"));
+            bar.set_message(format!(
+                "loss {loss} samples/s {rate} [{}{}]",
+                rec.state.as_str(),
+                rec.coordinator
+                    .as_deref()
+                    .map_or(String::new(), |c| format!(" on {c}"))
+            ));
+        }
+        if rec.state.is_terminal() {
+            if let Some(bar) = &bar {
+                bar.finish();
+            }
+            return Ok(rec);
+        }
+        if Instant::now() >= deadline {
+            bail!("job {id} still {} after {timeout:?}", rec.state.as_str());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The job record as the stable `job status --json` shape (plus extra fields).
+pub fn status_json(rec: &JobRecord) -> serde_json::Value {
+    serde_json::to_value(rec).unwrap_or_default()
+}
+
+/// Human one-liner for a job.
+pub fn status_line(rec: &JobRecord) -> String {
+    let loss = rec.loss.map_or("-".into(), |l| format!("{l:.6}"));
+    let mut s = format!(
+        "{}  {:<9} {:>6}/{:<6} loss {}  {} on {}",
+        rec.id,
+        rec.state.as_str(),
+        rec.step,
+        rec.steps,
+        loss,
+        rec.kind,
+        rec.dataset
+    );
+    if let Some(e) = &rec.error {
+        s.push_str(&format!("  error: {e}"));
+    }
+    s
+}
+
+/// Whether the job ended well.
+pub fn succeeded(rec: &JobRecord) -> bool {
+    rec.state == JobState::Succeeded
+}

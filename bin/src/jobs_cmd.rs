@@ -1,0 +1,248 @@
+//! `tidepool dataset ...` and `tidepool job ...`: argument definitions and output formatting;
+//! the work is in [`crate::jobs_cli`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Subcommand;
+
+use crate::conn::{connect, Conn};
+use crate::jobs_cli;
+
+#[derive(Subcommand, Debug)]
+pub enum DatasetCmd {
+    /// Import a CSV (header row, numeric columns): partitioned onto the shards, stored through
+    /// the storage layer, visible once complete.
+    Import {
+        file: PathBuf,
+        #[arg(long)]
+        name: String,
+        /// The label column.
+        #[arg(long)]
+        label: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Register a seeded synthetic dataset, generated on each shard's owner (large runs).
+    Synth {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 2_000_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 64)]
+        features: usize,
+        /// linear | logistic
+        #[arg(long, default_value = "logistic")]
+        kind: String,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// List datasets.
+    List(Conn),
+    /// Write a built-in dataset (breast_cancer, digits) as DIR/train.csv and DIR/test.csv.
+    Builtin {
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0.2)]
+        test_fraction: f64,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum JobCmd {
+    /// Submit a job spec (TOML); prints its id.
+    Submit {
+        spec: PathBuf,
+        /// Wait until it ends, with a progress bar (step, loss, samples/s, ETA).
+        #[arg(long)]
+        wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 3600)]
+        timeout: u64,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// A job's state, step, loss.
+    Status {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Every job.
+    List(Conn),
+    /// Stop a job.
+    Cancel {
+        id: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// A finished job's result (the model for training jobs).
+    Result {
+        id: String,
+        /// Write it here (MODEL.json) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+fn print_json(v: &serde_json::Value) -> Result<()> {
+    println!("{}", serde_json::to_string(v)?);
+    Ok(())
+}
+
+/// Runs a `dataset` command.
+pub async fn dataset(cmd: DatasetCmd) -> Result<()> {
+    match cmd {
+        DatasetCmd::Import {
+            file,
+            name,
+            label,
+            conn,
+        } => {
+            let client = connect(&conn).await?;
+            let rec = jobs_cli::import_csv(&client, &file, &name, &label).await?;
+            if conn.json {
+                print_json(&serde_json::to_value(&rec)?)?;
+            } else {
+                println!(
+                    "imported {} rows x {} features as {:?} onto {} shards",
+                    rec.rows,
+                    rec.features.len(),
+                    rec.name,
+                    rec.shards
+                );
+            }
+            Ok(())
+        }
+        DatasetCmd::Synth {
+            name,
+            rows,
+            features,
+            kind,
+            seed,
+            conn,
+        } => {
+            let client = connect(&conn).await?;
+            let rec =
+                jobs_cli::create_synthetic(&client, &name, rows, features, &kind, seed).await?;
+            if conn.json {
+                print_json(&serde_json::to_value(&rec)?)?;
+            } else {
+                println!("registered synthetic {kind} dataset {name:?}: {rows} x {features}");
+            }
+            Ok(())
+        }
+        DatasetCmd::List(conn) => {
+            let client = connect(&conn).await?;
+            let list = jobs_cli::list_datasets(&client).await?;
+            if conn.json {
+                return print_json(&serde_json::json!({ "datasets": list }));
+            }
+            for d in list {
+                println!(
+                    "{:<20} {:>10} rows  {:>5} features  label {}",
+                    d.name,
+                    d.rows,
+                    d.features.len(),
+                    d.label
+                );
+            }
+            Ok(())
+        }
+        DatasetCmd::Builtin {
+            name,
+            out,
+            test_fraction,
+            seed,
+        } => crate::predict::builtin_main(&name, &out, test_fraction, seed),
+    }
+}
+
+/// Runs a `job` command.
+pub async fn job(cmd: JobCmd) -> Result<()> {
+    match cmd {
+        JobCmd::Submit {
+            spec,
+            wait,
+            timeout,
+            conn,
+        } => {
+            let text = std::fs::read_to_string(&spec)
+                .with_context(|| format!("reading {}", spec.display()))?;
+            let client = connect(&conn).await?;
+            let id = jobs_cli::submit(&client, &text).await?;
+            if !wait {
+                if conn.json {
+                    return print_json(&serde_json::json!({ "id": id }));
+                }
+                println!("{id}");
+                return Ok(());
+            }
+            let rec =
+                jobs_cli::wait(&client, &id, !conn.json, Duration::from_secs(timeout)).await?;
+            if conn.json {
+                print_json(&jobs_cli::status_json(&rec))?;
+            } else {
+                println!("{}", jobs_cli::status_line(&rec));
+            }
+            if !jobs_cli::succeeded(&rec) {
+                anyhow::bail!("job {id} ended {}", rec.state.as_str());
+            }
+            Ok(())
+        }
+        JobCmd::Status { id, conn } => {
+            let client = connect(&conn).await?;
+            let rec = jobs_cli::status(&client, &id).await?;
+            if conn.json {
+                return print_json(&jobs_cli::status_json(&rec));
+            }
+            println!("{}", jobs_cli::status_line(&rec));
+            Ok(())
+        }
+        JobCmd::List(conn) => {
+            let client = connect(&conn).await?;
+            let jobs = jobs_cli::list(&client).await?;
+            if conn.json {
+                return print_json(&serde_json::json!({ "jobs": jobs }));
+            }
+            for j in &jobs {
+                println!("{}", jobs_cli::status_line(j));
+            }
+            Ok(())
+        }
+        JobCmd::Cancel { id, conn } => {
+            let client = connect(&conn).await?;
+            jobs_cli::cancel(&client, &id).await?;
+            if conn.json {
+                return print_json(&serde_json::json!({ "id": id, "state": "cancelled" }));
+            }
+            println!("cancelled {id}");
+            Ok(())
+        }
+        JobCmd::Result { id, out, conn } => {
+            let client = connect(&conn).await?;
+            let v = jobs_cli::result(&client, &id).await?;
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, serde_json::to_vec_pretty(&v)?)
+                        .with_context(|| format!("writing {}", path.display()))?;
+                    if conn.json {
+                        print_json(&serde_json::json!({ "id": id, "out": path }))?;
+                    } else {
+                        println!("result of {id} written to {}", path.display());
+                    }
+                }
+                None => println!("{}", serde_json::to_string_pretty(&v)?),
+            }
+            Ok(())
+        }
+    }
+}
