@@ -1,59 +1,72 @@
-//! `tidepool demo`: a real local cluster doing real work, with no setup. Makes a throwaway CA,
-//! starts 3 node processes on loopback (n1 the control-plane voter), runs 100 000 idempotent
-//! increments over all shards with retries, kills one node with SIGKILL part-way through, shows
-//! its shards moving to the survivors while the workload keeps running, checks every
-//! acknowledged increment is present exactly once, and stops the nodes cleanly.
+//! `tidepool demo`: the main job, end to end, on a fresh machine. Makes a throwaway CA, starts
+//! 3 node processes on loopback (all three control-plane voters), imports the breast-cancer
+//! dataset's training split, trains logistic regression with synchronous data-parallel SGD,
+//! kills -9 the node running the job's coordinator halfway (its shards and the coordinator
+//! move; the job resumes from its checkpoint), then scores the model on the held-out split
+//! beside smartcore's single-node logistic regression on the same split.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use tidepool_actors::jobs::model_file::ModelFile;
 use tidepool_runtime::client::{ClientOptions, ClusterClient};
+use tidepool_runtime::control::JobState;
 use tidepool_runtime::transport::TlsMaterial;
 
-use crate::http::sum_metric;
-use crate::local_cluster::{wait_all_up, LocalCluster};
-use crate::workload;
+use crate::local_cluster::{wait_all_up, wait_stable, LocalCluster};
+use crate::{datasets, jobs_cli, predict};
 
 /// Demo settings (CLI flags).
 #[derive(Debug, Clone)]
 pub struct DemoOptions {
     pub nodes: usize,
     pub shards: u32,
-    pub ops: u64,
-    pub keys: u64,
-    pub concurrency: usize,
+    pub epochs: u64,
     pub keep: bool,
-    /// Kill the last node with SIGKILL part-way through.
+    /// Kill the coordinator's node halfway.
     pub kill: bool,
-    /// Control-plane voters (the first nodes).
-    pub voters: usize,
+}
+
+/// The job the demo runs.
+pub fn spec(epochs: u64) -> String {
+    format!(
+        r#"[job]
+kind = "sgd"
+dataset = "cancer"
+[model]
+type = "logistic"
+[train]
+epochs = {epochs}
+batch_size = 32
+learning_rate = 0.1
+l2 = 0.0001
+seed = 7
+checkpoint_every = 10
+"#
+    )
 }
 
 pub async fn run(opts: DemoOptions) -> Result<()> {
     let exe = std::env::current_exe().context("locating the tidepool binary")?;
-    let mut cluster = LocalCluster::create(&exe, opts.nodes, opts.shards, opts.voters)?;
+    let voters = opts.nodes.min(3);
+    let mut cluster = LocalCluster::create(&exe, opts.nodes, opts.shards, voters)?;
     println!(
-        "tidepool demo: {} nodes, {} shards, temp dir {}",
+        "tidepool demo: {} nodes ({} voters), {} shards, temp dir {}",
         opts.nodes,
+        voters,
         opts.shards,
         cluster.root().display()
     );
+    let started = Instant::now();
     cluster.start_all()?;
     cluster.wait_ready(Duration::from_secs(60)).await?;
-    println!("cluster is ready (every node's /readyz answers 200)");
-
-    let result = workload_and_check(&mut cluster, &opts).await;
+    println!(
+        "cluster is ready after {:.1?} (every node's /readyz answers 200)",
+        started.elapsed()
+    );
+    let result = train_and_score(&mut cluster, &opts).await;
     let statuses = cluster.stop_all(Duration::from_secs(30)).await?;
     let clean = statuses.iter().all(|s| s.success());
-    println!(
-        "nodes stopped: {}",
-        if clean {
-            "every survivor drained and exited 0 after SIGTERM"
-        } else {
-            "NOT all clean"
-        }
-    );
     if opts.keep || result.is_err() || !clean {
         let dir = cluster.keep();
         println!("logs and certificates kept in {}", dir.display());
@@ -62,105 +75,99 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     if !clean {
         bail!("a node did not exit cleanly: {statuses:?}");
     }
-    println!("demo OK");
+    println!("nodes stopped cleanly; demo OK in {:.1?}", started.elapsed());
     Ok(())
 }
 
-async fn workload_and_check(cluster: &mut LocalCluster, opts: &DemoOptions) -> Result<()> {
+async fn train_and_score(cluster: &mut LocalCluster, opts: &DemoOptions) -> Result<()> {
     let tls = TlsMaterial::load_client(&cluster.admin_dir())?;
-    let client =
-        Arc::new(ClusterClient::connect(&cluster.seeds(), &tls, ClientOptions::default()).await?);
+    let client = ClusterClient::connect(&cluster.seeds(), &tls, ClientOptions::default()).await?;
     wait_all_up(&client, opts.nodes, Duration::from_secs(60)).await?;
-    crate::local_cluster::wait_stable(&client, Duration::from_secs(90)).await?;
-    let status = client.status().await?;
-    println!(
-        "\ncontrol-plane leader: {} (term {})\nmembers:",
-        status.leader, status.term
-    );
-    for m in &status.members {
-        println!(
-            "  {:<4} {:<21} {:<8} {:>3} shards",
-            m.name, m.addr, m.state, m.shards
-        );
-    }
+    wait_stable(&client, Duration::from_secs(90)).await?;
 
+    let table = datasets::builtin("breast_cancer")?;
+    let (train, test) = datasets::split(&table, 0.2, 7);
+    let test_csv = cluster.root().join("cancer-test.csv");
+    datasets::write_csv(&test, &test_csv)?;
+    let rec = jobs_cli::import_table(&client, &train, "cancer").await?;
     println!(
-        "\nrunning {} idempotent increments over {} keys from {} concurrent senders...",
-        opts.ops, opts.keys, opts.concurrency
+        "\nimported breast cancer (smartcore): {} training rows x {} features onto {} shards; {} test rows held out",
+        rec.rows,
+        rec.features.len(),
+        rec.shards,
+        test.rows
     );
-    let work = tokio::spawn(workload::run_increments(
-        client.clone(),
-        opts.ops,
-        opts.keys,
-        opts.concurrency,
-    ));
-    if opts.kill && opts.nodes > 1 {
-        let victim = opts.nodes - 1;
-        let name = cluster.nodes[victim].name.clone();
-        crate::local_cluster::wait_applied(
-            cluster,
-            (opts.ops / 5) as f64,
-            Duration::from_secs(120),
-        )
-        .await?;
-        let theirs = client
-            .shards()
-            .await?
-            .iter()
-            .filter(|s| s.owner == name)
-            .count();
-        cluster.kill(victim).await?;
-        let killed = Instant::now();
-        println!("  killed {name} with SIGKILL while it owned {theirs} shards");
-        let deadline = killed + Duration::from_secs(60);
-        loop {
-            let shards = client.shards().await?;
-            if shards
-                .iter()
-                .all(|s| s.owner != name && s.state == "serving")
-            {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("{name}'s shards were not reassigned within 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
+
+    let id = jobs_cli::submit(&client, &spec(opts.epochs)).await?;
+    println!("submitted {id}: logistic regression, synchronous SGD, {} epochs", opts.epochs);
+    let mut killed = None;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let rec = loop {
+        let rec = jobs_cli::status(&client, &id).await?;
+        if rec.state.is_terminal() {
+            break rec;
         }
+        if opts.kill && killed.is_none() && rec.steps > 0 && rec.step * 2 >= rec.steps {
+            if let Some(coord) = rec.coordinator.clone() {
+                let i = cluster
+                    .nodes
+                    .iter()
+                    .position(|n| n.name == coord)
+                    .context("coordinator node")?;
+                cluster.kill(i).await?;
+                println!(
+                    "  step {}/{} loss {:.4}: killed {coord} (running the coordinator) with SIGKILL",
+                    rec.step,
+                    rec.steps,
+                    rec.loss.unwrap_or(f64::NAN)
+                );
+                killed = Some((coord, rec.step));
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("job {id} still {} after 300 s", rec.state.as_str());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll interval
+    };
+    if rec.state != JobState::Succeeded {
+        bail!("job {id} ended {}: {:?}", rec.state.as_str(), rec.error);
+    }
+    if let Some((coord, step)) = &killed {
         println!(
-            "  {name}'s lease expired and its {theirs} shards moved to the survivors {:.2?} after the kill (restored from checkpoint + op log)",
-            killed.elapsed()
+            "  the job resumed on {} from its last checkpoint before step {step} and finished (killed {coord})",
+            rec.coordinator.as_deref().unwrap_or("?")
         );
     }
-    let report = work.await.context("workload task")?;
     println!(
-        "  acknowledged {} of {} in {:.2?} ({:.0} ops/s), {} retried deliveries deduplicated, {} unacknowledged",
-        report.acked,
-        report.ops,
-        report.elapsed,
-        report.ops_per_sec(),
-        report.duplicates,
-        report.unacked
+        "  finished: {} steps, final training loss {:.4}",
+        rec.step,
+        rec.loss.unwrap_or(f64::NAN)
     );
-    let sum = workload::verify(&client, &report, opts.keys).await?;
+
+    let result = jobs_cli::result(&client, &id).await?;
+    let model_path = cluster.root().join("cancer-model.json");
+    std::fs::write(&model_path, serde_json::to_vec_pretty(&result)?)?;
+    ModelFile::from_json(&serde_json::to_vec(&result)?)?;
+    let ours = predict::run_predict(&model_path, &test_csv, None)?;
+    let theirs = datasets::smartcore_logistic_accuracy(&train, &test)?;
+    let acc = ours.accuracy.unwrap_or(f64::NAN);
+    println!("\ntest accuracy on {} held-out rows:", ours.rows);
+    println!("  tidepool (3 nodes, one killed mid-job)  {:.2}%", acc * 100.0);
+    println!("  smartcore (single node, same split)     {:.2}%", theirs * 100.0);
     println!(
-        "  exactly-once check: every key's counter equals its acknowledged increments (sum {sum})"
+        "  model written to {} (try: tidepool predict --model {} --data {})",
+        model_path.display(),
+        model_path.display(),
+        test_csv.display()
     );
-    for (i, n) in cluster.nodes.iter().enumerate() {
-        if n.pid().is_none() {
-            continue;
-        }
-        let text = cluster.metrics(i).await?;
-        let here = sum_metric(
-            &text,
-            "tidepool_shard_ops_total",
-            &[("op", "incr"), ("result", "applied")],
-        );
-        let owned = sum_metric(&text, "tidepool_shards_owned", &[]);
-        println!(
-            "  {} applied {:>6} increments, owns {:>2} shards   metrics: http://{}/metrics",
-            n.name, here, owned, n.admin
-        );
+    println!("\nmetrics (Prometheus text) while it runs:");
+    for n in cluster.nodes.iter().filter(|n| n.pid().is_some()) {
+        println!("  {}: http://{}/metrics", n.name, n.admin);
     }
+    println!("  e.g. tidepool_job_steps_total, tidepool_job_loss, tidepool_job_checkpoints_total");
     client.close().await;
+    if acc + 0.01 < theirs {
+        bail!("accuracy {acc:.4} is more than 1 point below smartcore's {theirs:.4}");
+    }
     Ok(())
 }

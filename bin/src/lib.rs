@@ -6,7 +6,10 @@
 //! - [`local_cluster`]: starts real `tidepool node run` processes on loopback with fresh certs.
 //! - [`workload`]: the idempotent-increment workload and its exactly-once check.
 //! - [`http`]: a minimal HTTP/1.1 GET for polling admin endpoints.
-//! - [`demo`]: `tidepool demo`.
+//! - [`demo`]: `tidepool demo`: logistic regression on breast cancer across a node kill.
+//! - [`kv_demo`]: `tidepool demo --kv`: the exactly-once key-value demo.
+//! - [`conn`]: client connection flags.
+//! - [`jobs_cli`], [`jobs_cmd`]: dataset import, job submit/wait/result (library and CLI).
 //! - [`bench`]: `tidepool bench failover`.
 //! - [`datasets`]: built-in real datasets, seeded train/test split, CSV export, smartcore reference.
 //! - [`predict`]: `tidepool predict` and `tidepool dataset builtin`.
@@ -19,6 +22,7 @@ pub mod datasets;
 pub mod jobs_cli;
 pub mod jobs_cmd;
 pub mod demo;
+pub mod kv_demo;
 pub mod http;
 pub mod local_cluster;
 pub mod predict;

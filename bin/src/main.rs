@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use tidepool::conn::{connect, Conn};
 use tidepool::jobs_cmd::{self, DatasetCmd, JobCmd};
-use tidepool::{daemon, demo};
+use tidepool::{daemon, demo, kv_demo};
 use tidepool_runtime::certs::{self, Role, Subject, Validity};
 
 #[derive(Parser, Debug)]
@@ -33,17 +33,26 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Start a throwaway 3-node cluster, run a real workload, check it, stop.
+    /// Start a throwaway 3-node cluster, train logistic regression on breast cancer across a
+    /// kill -9, compare with smartcore, stop. `--kv` runs the exactly-once key-value demo.
     Demo {
         #[arg(long, default_value_t = 3)]
         nodes: usize,
         #[arg(long, default_value_t = 64)]
         shards: u32,
-        /// Increments to run.
+        /// Training epochs.
+        #[arg(long, default_value_t = 20)]
+        epochs: u64,
+        /// Run the key-value exactly-once demo instead.
+        #[arg(long)]
+        kv: bool,
+        /// (--kv) Increments to run.
         #[arg(long, default_value_t = 100_000)]
         ops: u64,
+        /// (--kv) Keys.
         #[arg(long, default_value_t = 1000)]
         keys: u64,
+        /// (--kv) Concurrent senders.
         #[arg(long, default_value_t = 128)]
         concurrency: usize,
         /// Keep the temp dir (logs, configs, certificates) afterwards.
@@ -52,7 +61,7 @@ enum Cmd {
         /// Do not kill a node part-way through.
         #[arg(long)]
         no_kill: bool,
-        /// Control-plane voters (the first N nodes).
+        /// (--kv) Control-plane voters (the first N nodes).
         #[arg(long, default_value_t = 1)]
         voters: usize,
     },
@@ -207,6 +216,8 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Demo {
             nodes,
             shards,
+            epochs,
+            kv,
             ops,
             keys,
             concurrency,
@@ -214,15 +225,25 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             no_kill,
             voters,
         } => {
+            if kv {
+                return kv_demo::run(kv_demo::DemoOptions {
+                    nodes,
+                    shards,
+                    ops,
+                    keys,
+                    concurrency,
+                    keep,
+                    kill: !no_kill,
+                    voters,
+                })
+                .await;
+            }
             demo::run(demo::DemoOptions {
                 nodes,
                 shards,
-                ops,
-                keys,
-                concurrency,
+                epochs,
                 keep,
                 kill: !no_kill,
-                voters,
             })
             .await
         }

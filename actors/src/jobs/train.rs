@@ -228,7 +228,11 @@ impl TrainJob {
             ModelType::Linear | ModelType::Logistic => 1,
             ModelType::Softmax => match self.spec.classes {
                 Some(c) => c,
-                None if lmin >= 0.0 && lmax.fract() == 0.0 && lmax < 10_000.0 => lmax as usize + 1,
+                // At least 2 classes: a model file's softmax needs them (all labels 0 gives
+                // a valid two-class model that always predicts 0).
+                None if lmin >= 0.0 && lmax.fract() == 0.0 && lmax < 10_000.0 => {
+                    (lmax as usize + 1).max(2)
+                }
                 None => {
                     return Err(JobError::Data(format!(
                         "softmax labels must be class indices 0..classes, found {lmin}..{lmax}"
