@@ -15,7 +15,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use tidepool_runtime::codec::{AdminOp, DatasetPart, ErrorCode};
 use tidepool_runtime::control::{
-    Command, ControlPlane, DatasetRecord, DatasetSource, JobRecord, JobState, JobUpdate,
+    ClusterMap, Command, ControlPlane, DatasetRecord, DatasetSource, JobRecord, JobState, JobUpdate,
 };
 use tidepool_runtime::dataset::PartitionView;
 use tidepool_runtime::jobspec::JobSpec;
@@ -86,6 +86,26 @@ impl JobAdmin {
         serde_json::to_vec(v).map_err(internal)
     }
 
+    /// The local map once `ready` holds on it, or after a short wait: a follower may be a few
+    /// milliseconds behind the leader that just committed the caller's previous request
+    /// (read-your-writes for a client that talks to several nodes).
+    async fn map_where(
+        &self,
+        ready: impl Fn(&ClusterMap) -> bool,
+    ) -> Arc<ClusterMap> {
+        let mut rx = self.control.map();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let map = rx.borrow_and_update().clone();
+            if ready(&map) {
+                return map;
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return map;
+            }
+        }
+    }
+
     async fn propose(&self, cmd: Command) -> Result<(), AdminError> {
         match self.control.propose(cmd).await {
             Ok(r) if r.is_ok() => Ok(()),
@@ -136,7 +156,7 @@ impl JobAdmin {
             AdminOp::JobSubmit => self.submit(Self::parse(payload)?).await,
             AdminOp::JobStatus => {
                 let a: IdArg = Self::parse(payload)?;
-                let map = self.control.map().borrow().clone();
+                let map = self.map_where(|m| m.jobs.contains_key(&a.id)).await;
                 let job = map
                     .jobs
                     .get(&a.id)
@@ -160,7 +180,8 @@ impl JobAdmin {
             }
             AdminOp::JobResult => {
                 let a: IdArg = Self::parse(payload)?;
-                let state = self.control.map().borrow().jobs.get(&a.id).map(|j| j.state);
+                let map = self.map_where(|m| m.jobs.get(&a.id).is_some_and(|j| j.state.is_terminal())).await;
+                let state = map.jobs.get(&a.id).map(|j| j.state);
                 match state {
                     None => Err(bad(format!("no job {:?}", a.id))),
                     Some(JobState::Succeeded) => self
@@ -215,7 +236,7 @@ impl JobAdmin {
 
     async fn submit(&self, a: SubmitArg) -> Result<Vec<u8>, AdminError> {
         let spec = JobSpec::parse(&a.spec).map_err(|e| bad(e.to_string()))?;
-        let map = self.control.map().borrow().clone();
+        let map = self.map_where(|m| m.datasets.contains_key(&spec.dataset)).await;
         let ds = map
             .datasets
             .get(&spec.dataset)

@@ -11,11 +11,13 @@
 //! - [`conn`]: client connection flags.
 //! - [`jobs_cli`], [`jobs_cmd`]: dataset import, job submit/wait/result (library and CLI).
 //! - [`bench`]: `tidepool bench failover`.
+//! - [`bench_train`]: `tidepool bench train`: SGD throughput vs a plain loop, scaling, local SGD.
 //! - [`datasets`]: built-in real datasets, seeded train/test split, CSV export, smartcore reference.
 //! - [`predict`]: `tidepool predict` and `tidepool dataset builtin`.
 
 pub mod admin;
 pub mod bench;
+pub mod bench_train;
 pub mod daemon;
 pub mod conn;
 pub mod datasets;

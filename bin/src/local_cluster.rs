@@ -36,6 +36,9 @@ pub struct LocalCluster {
     shards: u32,
     /// Names of the control-plane voters (also the seeds).
     pub voters: Vec<String>,
+    /// Extra environment for every node process (config overrides such as
+    /// `TIDEPOOL_WORKERS__THREADS`).
+    pub env: Vec<(String, String)>,
 }
 
 /// A free loopback port for UDP and TCP alike (the OS picks; we release it right away).
@@ -77,6 +80,7 @@ impl LocalCluster {
             nodes: Vec::new(),
             shards,
             voters: Vec::new(),
+            env: Vec::new(),
         };
         let voters = voters.clamp(1, n.max(1));
         for i in 0..n {
@@ -179,6 +183,7 @@ impl LocalCluster {
             .args(["node", "run", "--config"])
             .arg(&node.config)
             .env_remove("TIDEPOOL_LOG")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

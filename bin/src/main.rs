@@ -99,6 +99,32 @@ enum Cmd {
 
 #[derive(Subcommand, Debug)]
 enum BenchCmd {
+    /// Synchronous-SGD samples/s on 1..N local nodes vs a plain single-threaded nalgebra loop;
+    /// scaling efficiency; synchronous vs local SGD time to a target loss.
+    Train {
+        /// Node counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        nodes: Vec<usize>,
+        #[arg(long, default_value_t = 64)]
+        shards: u32,
+        #[arg(long, default_value_t = 200_000)]
+        rows: u64,
+        #[arg(long, default_value_t = 64)]
+        features: usize,
+        /// Global minibatch size.
+        #[arg(long, default_value_t = 16_384)]
+        batch: u64,
+        #[arg(long, default_value_t = 100)]
+        steps: u64,
+        /// Worker threads per node.
+        #[arg(long, default_value_t = 1)]
+        workers: usize,
+        /// Also run local SGD and compare time to a target loss.
+        #[arg(long)]
+        local: bool,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Failover time after SIGKILL (or SIGSTOP) of a node, handoff pause, shards moved on rejoin.
     Failover {
         #[arg(long, default_value_t = 10)]
@@ -275,6 +301,30 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             let path = certs::issue(&ca, &subject, &out, Validity::days_from_now(days))?;
             println!("certificate written to {}", path.display());
             Ok(())
+        }
+        Cmd::Bench(BenchCmd::Train {
+            nodes,
+            shards,
+            rows,
+            features,
+            batch,
+            steps,
+            workers,
+            local,
+            json,
+        }) => {
+            tidepool::bench_train::run(tidepool::bench_train::TrainBenchOptions {
+                nodes,
+                shards,
+                rows,
+                features,
+                batch,
+                steps,
+                workers,
+                local,
+                json,
+            })
+            .await
         }
         Cmd::Bench(BenchCmd::Failover {
             runs,

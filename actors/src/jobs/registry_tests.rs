@@ -574,7 +574,6 @@ fn diverging_training_fails_with_a_job_error() {
 /// one. serde_json parses some floats 1 ulp off unless its `float_roundtrip` feature is on
 /// (here the stats job's column minimum moves up, and the histogram drops the minimum's row).
 #[test]
-#[ignore = "needs serde_json's float_roundtrip feature in the workspace Cargo.toml"]
 fn checkpoints_survive_json_text() {
     let (table, _) = dataset::synthetic(3000, 4, SyntheticKind::Linear, 5);
     let stats = "[job]\nkind = \"stats\"\ndataset = \"t\"\n[train]\nbins = 7";

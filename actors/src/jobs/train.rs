@@ -130,7 +130,7 @@ impl TrainJob {
         b
     }
 
-    fn unpack<'b>(&self, b: &'b [f64]) -> Result<(usize, DMatrix<f64>, Standardizer), JobError> {
+    fn unpack(&self, b: &[f64]) -> Result<(usize, DMatrix<f64>, Standardizer), JobError> {
         let d = self.d();
         let outputs = b.first().copied().unwrap_or(0.0) as usize;
         let np = (d + 1) * outputs;
