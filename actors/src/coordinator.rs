@@ -75,13 +75,13 @@ struct Checkpoint {
 /// Runs job `rec` until it finishes, fails, is cancelled, or its coordinator shard moves away.
 pub async fn run(ctx: CoordinatorCtx, rec: JobRecord) {
     let id = rec.id.clone();
-    metrics::gauge!(m::JOBS_RUNNING).increment(1.0);
+    let running = RunningGauge::new();
     let outcome = Coordinator::start(&ctx, &rec).await;
     let outcome = match outcome {
         Ok(mut c) => c.drive().await,
         Err(e) => Err(e),
     };
-    metrics::gauge!(m::JOBS_RUNNING).decrement(1.0);
+    drop(running);
     let (state, error) = match outcome {
         Ok(()) => return,
         Err(Stop::Moved) => {
@@ -103,6 +103,22 @@ pub async fn run(ctx: CoordinatorCtx, rec: JobRecord) {
         ..JobUpdate::state(state)
     };
     report(&ctx.control, &id, update).await;
+}
+
+/// Counts a running coordinator in `tidepool_jobs_running`, also when its task is aborted.
+struct RunningGauge;
+
+impl RunningGauge {
+    fn new() -> Self {
+        metrics::gauge!(m::JOBS_RUNNING).increment(1.0);
+        RunningGauge
+    }
+}
+
+impl Drop for RunningGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(m::JOBS_RUNNING).decrement(1.0);
+    }
 }
 
 async fn report(control: &ControlPlane, id: &str, update: JobUpdate) -> bool {

@@ -17,7 +17,7 @@
 //! l2 = 0.0001
 //! seed = 7
 //! checkpoint_every = 50     # steps
-//! standardize = true        # default true for sgd/local_sgd, false for kmeans
+//! standardize = true        # sgd/local_sgd (default true); kmeans and stats use raw features
 //! local_steps = 10          # local_sgd: local steps per averaging round
 //! max_iter = 100            # kmeans
 //! tol = 1e-6                # kmeans: stop when no centroid moves further
@@ -195,6 +195,12 @@ impl JobSpec {
         let local_steps = t.local_steps.unwrap_or(10);
         if local_steps == 0 || local_steps > 100_000 {
             return Err(invalid("train.local_steps", "must be between 1 and 100000"));
+        }
+        if !trains && t.standardize == Some(true) {
+            return Err(invalid(
+                "train.standardize",
+                "applies to sgd and local_sgd only (k-means and stats use the raw features)",
+            ));
         }
         let bins = t.bins.unwrap_or(10);
         if bins == 0 || bins > 10_000 {
