@@ -47,7 +47,9 @@ async fn start(n: usize, voters: usize) -> (LocalCluster, Arc<ClusterClient>) {
 }
 
 async fn settle(client: &ClusterClient, n: usize) {
-    wait_all_up(client, n, Duration::from_secs(90)).await.unwrap();
+    wait_all_up(client, n, Duration::from_secs(90))
+        .await
+        .unwrap();
     wait_stable(client, Duration::from_secs(120)).await.unwrap();
 }
 
@@ -101,7 +103,10 @@ async fn until_progress(client: &ClusterClient, id: &str, frac: f64) -> JobRecor
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let rec = jobs_cli::status(client, id).await.unwrap();
-        assert!(!rec.state.is_terminal(), "job ended before the fault: {rec:?}");
+        assert!(
+            !rec.state.is_terminal(),
+            "job ended before the fault: {rec:?}"
+        );
         if rec.steps > 0 && rec.step as f64 >= frac * rec.steps as f64 {
             return rec;
         }
@@ -126,7 +131,10 @@ fn vec_of(v: &serde_json::Value, key: &str) -> Vec<f64> {
 
 fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
 }
 
 fn assert_same_model(a: &serde_json::Value, b: &serde_json::Value, what: &str) {
@@ -139,7 +147,10 @@ fn assert_same_model(a: &serde_json::Value, b: &serde_json::Value, what: &str) {
 fn write_split(dir: &Path, name: &str) -> (Table, Table, PathBuf, PathBuf) {
     let table = datasets::builtin(name).unwrap();
     let (train, test) = datasets::split(&table, 0.2, 7);
-    let (a, b) = (dir.join(format!("{name}-train.csv")), dir.join(format!("{name}-test.csv")));
+    let (a, b) = (
+        dir.join(format!("{name}-train.csv")),
+        dir.join(format!("{name}-test.csv")),
+    );
     datasets::write_csv(&train, &a).unwrap();
     datasets::write_csv(&test, &b).unwrap();
     (train, test, a, b)
@@ -159,19 +170,35 @@ fn train_and_score(
     std::fs::write(&spec_path, spec).unwrap();
     let done = cli_json(
         c,
-        &["job", "submit", spec_path.to_str().unwrap(), "--wait", "--json"],
+        &[
+            "job",
+            "submit",
+            spec_path.to_str().unwrap(),
+            "--wait",
+            "--json",
+        ],
     );
     assert_eq!(done["state"], "succeeded", "{done}");
     assert!(done["step"].as_u64().unwrap() > 0 && done["loss"].as_f64().is_some());
     let id = done["id"].as_str().unwrap();
     let status = cli_json(c, &["job", "status", id, "--json"]);
     for key in ["id", "state", "step", "steps", "loss"] {
-        assert!(status.get(key).is_some(), "job status --json lacks {key}: {status}");
+        assert!(
+            status.get(key).is_some(),
+            "job status --json lacks {key}: {status}"
+        );
     }
     let model = dir.join(format!("{dataset}-model.json"));
     cli_json(
         c,
-        &["job", "result", id, "--out", model.to_str().unwrap(), "--json"],
+        &[
+            "job",
+            "result",
+            id,
+            "--out",
+            model.to_str().unwrap(),
+            "--json",
+        ],
     );
     let scored = cli_json(
         c,
@@ -200,10 +227,32 @@ async fn accuracy_matches_smartcore_and_jobs_survive_failover_and_cancel() {
     // Bad input is refused with the line, and leaves nothing behind.
     let bad = dir.path().join("bad.csv");
     std::fs::write(&bad, "a,b,y\n1,2,0\n3,oops,1\n").unwrap();
-    let out = cli(&c, &["dataset", "import", bad.to_str().unwrap(), "--name", "bad", "--label", "y"]);
+    let out = cli(
+        &c,
+        &[
+            "dataset",
+            "import",
+            bad.to_str().unwrap(),
+            "--name",
+            "bad",
+            "--label",
+            "y",
+        ],
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("line 3"), "{err}");
-    let missing = cli(&c, &["dataset", "import", bad.to_str().unwrap(), "--name", "bad", "--label", "nope"]);
+    let missing = cli(
+        &c,
+        &[
+            "dataset",
+            "import",
+            bad.to_str().unwrap(),
+            "--name",
+            "bad",
+            "--label",
+            "nope",
+        ],
+    );
     assert!(!missing.status.success());
 
     let (ctrain, ctest, ctrain_csv, ctest_csv) = write_split(dir.path(), "breast_cancer");
@@ -211,7 +260,16 @@ async fn accuracy_matches_smartcore_and_jobs_survive_failover_and_cancel() {
     for (name, path) in [("cancer", &ctrain_csv), ("digits", &dtrain_csv)] {
         let rec = cli_json(
             &c,
-            &["dataset", "import", path.to_str().unwrap(), "--name", name, "--label", "target", "--json"],
+            &[
+                "dataset",
+                "import",
+                path.to_str().unwrap(),
+                "--name",
+                name,
+                "--label",
+                "target",
+                "--json",
+            ],
         );
         assert_eq!(rec["name"], name);
     }
@@ -222,14 +280,32 @@ async fn accuracy_matches_smartcore_and_jobs_survive_failover_and_cancel() {
         .iter()
         .map(|d| d["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["cancer", "digits"], "no half-imported 'bad' dataset");
+    assert_eq!(
+        names,
+        ["cancer", "digits"],
+        "no half-imported 'bad' dataset"
+    );
 
     let cancer_ref = datasets::smartcore_logistic_accuracy(&ctrain, &ctest).unwrap();
     let digits_ref = datasets::smartcore_logistic_accuracy(&dtrain, &dtest).unwrap();
     let cancer_spec = sgd_spec("cancer", "logistic", 20, "");
-    train_and_score(&c, dir.path(), "cancer", &cancer_spec, &ctest_csv, cancer_ref);
+    train_and_score(
+        &c,
+        dir.path(),
+        "cancer",
+        &cancer_spec,
+        &ctest_csv,
+        cancer_ref,
+    );
     let digits_spec = sgd_spec("digits", "softmax", 20, "");
-    train_and_score(&c, dir.path(), "digits", &digits_spec, &dtest_csv, digits_ref);
+    train_and_score(
+        &c,
+        dir.path(),
+        "digits",
+        &digits_spec,
+        &dtest_csv,
+        digits_ref,
+    );
 
     // The coordinator's node killed mid-job: the job resumes elsewhere from its checkpoint and
     // ends with exactly the fault-free model.
@@ -241,8 +317,16 @@ async fn accuracy_matches_smartcore_and_jobs_survive_failover_and_cancel() {
     c.kill(victim).await.unwrap();
     let done = wait_job(&client, &id).await;
     assert_eq!(done.state, JobState::Succeeded, "{done:?}");
-    assert_ne!(done.coordinator.as_deref(), Some(coord.as_str()), "coordinator moved");
-    assert_same_model(&reference, &jobs_cli::result(&client, &id).await.unwrap(), "coordinator killed");
+    assert_ne!(
+        done.coordinator.as_deref(),
+        Some(coord.as_str()),
+        "coordinator moved"
+    );
+    assert_same_model(
+        &reference,
+        &jobs_cli::result(&client, &id).await.unwrap(),
+        "coordinator killed",
+    );
 
     // Cancel stops a long job cleanly: it ends cancelled and its step stops moving.
     c.start(victim).unwrap();
@@ -268,7 +352,10 @@ async fn accuracy_matches_smartcore_and_jobs_survive_failover_and_cancel() {
         if running == 0.0 {
             break;
         }
-        assert!(Instant::now() < deadline, "a coordinator still runs after cancel");
+        assert!(
+            Instant::now() < deadline,
+            "a coordinator still runs after cancel"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await; // poll interval
     }
     let listed = cli_json(&c, &["job", "list", "--json"]);
@@ -289,18 +376,35 @@ fn kmeans_spec(dataset: &str) -> String {
 }
 
 fn check_stats(result: &serde_json::Value, table: &Table) {
-    let stats = Stats::from_rows(table.features.len(), (0..table.rows).filter_map(|i| table.row(i)));
+    let stats = Stats::from_rows(
+        table.features.len(),
+        (0..table.rows).filter_map(|i| table.row(i)),
+    );
     let cols = result["columns"].as_array().unwrap();
-    assert_eq!(cols.len(), table.features.len() + 1, "features and the label");
+    assert_eq!(
+        cols.len(),
+        table.features.len() + 1,
+        "features and the label"
+    );
     let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-300);
     for (c, want) in stats.columns.iter().enumerate() {
         let got = &cols[c];
         assert_eq!(got["count"].as_u64().unwrap(), want.count);
-        for (key, w) in [("mean", want.mean), ("variance", want.variance()), ("min", want.min), ("max", want.max)] {
+        for (key, w) in [
+            ("mean", want.mean),
+            ("variance", want.variance()),
+            ("min", want.min),
+            ("max", want.max),
+        ] {
             let g = got[key].as_f64().unwrap();
             assert!(g == w || rel(g, w) <= 1e-9, "column {c} {key}: {g} vs {w}");
         }
-        let hist: u64 = got["histogram"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).sum();
+        let hist: u64 = got["histogram"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .sum();
         assert_eq!(hist, want.count);
     }
 }
@@ -309,10 +413,19 @@ fn check_kmeans(result: &serde_json::Value, table: &Table) {
     let d = table.features.len();
     let init = vec_of(result, "init_centroids");
     let points = DMatrix::from_row_slice(table.rows, d, &table.x);
-    let reference = lloyd_from(&points, DMatrix::from_row_slice(init.len() / d, d, &init), 30, 1e-9);
+    let reference = lloyd_from(
+        &points,
+        DMatrix::from_row_slice(init.len() / d, d, &init),
+        30,
+        1e-9,
+    );
     let inertia = result["inertia"].as_f64().unwrap();
     let rel = (inertia - reference.inertia).abs() / reference.inertia;
-    assert!(rel <= 0.01, "k-means inertia {inertia} vs single-process {}", reference.inertia);
+    assert!(
+        rel <= 0.01,
+        "k-means inertia {inertia} vs single-process {}",
+        reference.inertia
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -320,9 +433,12 @@ async fn results_are_identical_on_1_3_5_nodes_and_through_kills_and_joins() {
     let (mut c, client) = start(1, 1).await;
     let digits = datasets::builtin("digits").unwrap();
     let (train, _) = datasets::split(&digits, 0.2, 7);
-    jobs_cli::import_table(&client, &train, "digits").await.unwrap();
+    jobs_cli::import_table(&client, &train, "digits")
+        .await
+        .unwrap();
     let spec = sgd_spec("digits", "softmax", 2, "");
-    let local_spec = "[job]\nkind = \"local_sgd\"\ndataset = \"digits\"\n[model]\ntype = \"softmax\"\n\
+    let local_spec =
+        "[job]\nkind = \"local_sgd\"\ndataset = \"digits\"\n[model]\ntype = \"softmax\"\n\
          [train]\nsteps = 60\nlocal_steps = 5\nbatch_size = 64\nlearning_rate = 0.1\nseed = 7\n";
 
     let one = run_job(&client, &spec).await;
@@ -345,8 +461,16 @@ async fn results_are_identical_on_1_3_5_nodes_and_through_kills_and_joins() {
     }
     settle(&client, 5).await;
     assert_same_model(&one, &run_job(&client, &spec).await, "5 nodes");
-    assert_same_model(&one_local, &run_job(&client, local_spec).await, "local SGD, 5 nodes");
-    assert_eq!(one_stats, run_job(&client, &stats_spec("digits")).await, "stats, 5 nodes");
+    assert_same_model(
+        &one_local,
+        &run_job(&client, local_spec).await,
+        "local SGD, 5 nodes",
+    );
+    assert_eq!(
+        one_stats,
+        run_job(&client, &stats_spec("digits")).await,
+        "stats, 5 nodes"
+    );
     let five_kmeans = run_job(&client, &kmeans_spec("digits")).await;
     assert_eq!(one_kmeans, five_kmeans, "k-means, 5 nodes");
 
@@ -360,7 +484,11 @@ async fn results_are_identical_on_1_3_5_nodes_and_through_kills_and_joins() {
     let victim = c.nodes.iter().position(|n| n.name == victim_name).unwrap();
     c.kill(victim).await.unwrap();
     assert_eq!(wait_job(&client, &id).await.state, JobState::Succeeded);
-    assert_same_model(&one, &jobs_cli::result(&client, &id).await.unwrap(), "owner killed");
+    assert_same_model(
+        &one,
+        &jobs_cli::result(&client, &id).await.unwrap(),
+        "owner killed",
+    );
 
     // A node joining mid-job (shards move to it while the job runs).
     let id = jobs_cli::submit(&client, &spec).await.unwrap();
@@ -368,7 +496,11 @@ async fn results_are_identical_on_1_3_5_nodes_and_through_kills_and_joins() {
     let i = c.add_node().unwrap();
     c.start(i).unwrap();
     assert_eq!(wait_job(&client, &id).await.state, JobState::Succeeded);
-    assert_same_model(&one, &jobs_cli::result(&client, &id).await.unwrap(), "node joined");
+    assert_same_model(
+        &one,
+        &jobs_cli::result(&client, &id).await.unwrap(),
+        "node joined",
+    );
     client.close().await;
     c.stop_all(Duration::from_secs(30)).await.unwrap();
 }

@@ -152,10 +152,7 @@ impl<'a> Coordinator<'a> {
             .datasets
             .get(&rec.dataset)
             .ok_or_else(|| Stop::Failed(format!("dataset {:?} is gone", rec.dataset)))?;
-        let job = ctx
-            .exec
-            .job(&rec.id, &rec.spec, ds)
-            .map_err(Stop::Failed)?;
+        let job = ctx.exec.job(&rec.id, &rec.spec, ds).map_err(Stop::Failed)?;
         let mut driver = job.driver();
         let mut step = 0;
         let ckpts = ctx
@@ -190,10 +187,22 @@ impl<'a> Coordinator<'a> {
     }
 
     fn check(&self) -> Result<(), Stop> {
-        if self.ctx.router.serving(self.rec.coordinator_shard).is_none() {
+        if self
+            .ctx
+            .router
+            .serving(self.rec.coordinator_shard)
+            .is_none()
+        {
             return Err(Stop::Moved);
         }
-        match self.ctx.router.map().jobs.get(&self.rec.id).map(|j| j.state) {
+        match self
+            .ctx
+            .router
+            .map()
+            .jobs
+            .get(&self.rec.id)
+            .map(|j| j.state)
+        {
             Some(JobState::Cancelled) => Err(Stop::Cancelled),
             Some(s) if s.is_terminal() => Err(Stop::Moved),
             Some(_) => Ok(()),
@@ -431,7 +440,10 @@ async fn moved(mut rx: watch::Receiver<Arc<ClusterMap>>, shards: Vec<ShardEpoch>
         shards
             .iter()
             .map(|s| {
-                let owner = map.shards.get(s.shard as usize).and_then(|a| a.owner.clone());
+                let owner = map
+                    .shards
+                    .get(s.shard as usize)
+                    .and_then(|a| a.owner.clone());
                 (s.shard, owner, s.epoch)
             })
             .collect()

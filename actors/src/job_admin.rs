@@ -89,10 +89,7 @@ impl JobAdmin {
     /// The local map once `ready` holds on it, or after a short wait: a follower may be a few
     /// milliseconds behind the leader that just committed the caller's previous request
     /// (read-your-writes for a client that talks to several nodes).
-    async fn map_where(
-        &self,
-        ready: impl Fn(&ClusterMap) -> bool,
-    ) -> Arc<ClusterMap> {
+    async fn map_where(&self, ready: impl Fn(&ClusterMap) -> bool) -> Arc<ClusterMap> {
         let mut rx = self.control.map();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         loop {
@@ -100,7 +97,10 @@ impl JobAdmin {
             if ready(&map) {
                 return map;
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            if tokio::time::timeout_at(deadline, rx.changed())
+                .await
+                .is_err()
+            {
                 return map;
             }
         }
@@ -151,7 +151,9 @@ impl JobAdmin {
             }
             AdminOp::DatasetList => {
                 let map = self.control.map().borrow().clone();
-                Self::json(&serde_json::json!({ "datasets": map.datasets.values().collect::<Vec<_>>() }))
+                Self::json(
+                    &serde_json::json!({ "datasets": map.datasets.values().collect::<Vec<_>>() }),
+                )
             }
             AdminOp::JobSubmit => self.submit(Self::parse(payload)?).await,
             AdminOp::JobStatus => {
@@ -180,7 +182,9 @@ impl JobAdmin {
             }
             AdminOp::JobResult => {
                 let a: IdArg = Self::parse(payload)?;
-                let map = self.map_where(|m| m.jobs.get(&a.id).is_some_and(|j| j.state.is_terminal())).await;
+                let map = self
+                    .map_where(|m| m.jobs.get(&a.id).is_some_and(|j| j.state.is_terminal()))
+                    .await;
                 let state = map.jobs.get(&a.id).map(|j| j.state);
                 match state {
                     None => Err(bad(format!("no job {:?}", a.id))),
@@ -191,11 +195,7 @@ impl JobAdmin {
                         .map_err(internal)?
                         .map(|b| b.to_vec())
                         .ok_or_else(|| internal("result object missing")),
-                    Some(s) => Err(bad(format!(
-                        "job {} is {}, no result",
-                        a.id,
-                        s.as_str()
-                    ))),
+                    Some(s) => Err(bad(format!("job {} is {}, no result", a.id, s.as_str()))),
                 }
             }
         }
@@ -236,7 +236,9 @@ impl JobAdmin {
 
     async fn submit(&self, a: SubmitArg) -> Result<Vec<u8>, AdminError> {
         let spec = JobSpec::parse(&a.spec).map_err(|e| bad(e.to_string()))?;
-        let map = self.map_where(|m| m.datasets.contains_key(&spec.dataset)).await;
+        let map = self
+            .map_where(|m| m.datasets.contains_key(&spec.dataset))
+            .await;
         let ds = map
             .datasets
             .get(&spec.dataset)
@@ -262,7 +264,13 @@ impl JobAdmin {
             samples_per_sec: None,
             coordinator: None,
             error: None,
-            submitted_seq: map.jobs.values().map(|j| j.submitted_seq).max().unwrap_or(0) + 1,
+            submitted_seq: map
+                .jobs
+                .values()
+                .map(|j| j.submitted_seq)
+                .max()
+                .unwrap_or(0)
+                + 1,
         };
         self.propose(Command::SubmitJob(rec)).await?;
         info!(job = %id, kind = spec.kind.as_str(), "job submitted");
@@ -291,8 +299,8 @@ pub async fn manage(ctx: CoordinatorCtx) {
         let map = rx.borrow_and_update().clone();
         running.0.retain(|_, h| !h.is_finished());
         for job in map.jobs.values() {
-            let mine = !job.state.is_terminal()
-                && ctx.router.serving(job.coordinator_shard).is_some();
+            let mine =
+                !job.state.is_terminal() && ctx.router.serving(job.coordinator_shard).is_some();
             match (mine, running.0.contains_key(&job.id)) {
                 (true, false) => {
                     let handle = tokio::spawn(coordinator::run(ctx.clone(), job.clone()));

@@ -194,7 +194,9 @@ impl JobExecutor {
             phase: task.phase,
             broadcast: task.broadcast,
         };
-        let (acc, error) = self.map_all(job, task.step, Arc::new(t), mine.clone()).await;
+        let (acc, error) = self
+            .map_all(job, task.step, Arc::new(t), mine.clone())
+            .await;
         metrics::histogram!(m::JOB_TASK_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::counter!(m::JOB_SHARD_TASKS, "result" => "done").increment(mine.len() as u64);
         metrics::counter!(m::JOB_SHARD_TASKS, "result" => "refused")
@@ -257,7 +259,10 @@ impl JobExecutor {
         c.entries.retain(|(_, shard), _| owned.contains(shard));
         if c.entries.len() != before {
             c.bytes = c.entries.values().map(|(l, _)| l.bytes()).sum();
-            debug!(dropped = before - c.entries.len(), "partitions of moved shards dropped");
+            debug!(
+                dropped = before - c.entries.len(),
+                "partitions of moved shards dropped"
+            );
         }
         metrics::gauge!(m::JOB_CACHE_BYTES).set(c.bytes as f64);
     }

@@ -26,14 +26,14 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::audit::{AuditError, AuditLog};
+use crate::coordinator::CoordinatorCtx;
 use crate::driver::{self, DriverConfig};
+use crate::job_admin::{self, JobAdmin};
+use crate::job_exec::{JobExecutor, DEFAULT_CACHE_BYTES};
 use crate::leader::{self, Leases};
 use crate::restart::RestartBudget;
 use crate::router::{futures_box, NodeServices, Router, RouterConfig};
 use crate::supervisor::{NodeSupervisor, SupervisorArgs, SupervisorMsg};
-use crate::coordinator::CoordinatorCtx;
-use crate::job_admin::{self, JobAdmin};
-use crate::job_exec::{JobExecutor, DEFAULT_CACHE_BYTES};
 use crate::worker::WorkerPool;
 
 /// Why a node could not start.

@@ -17,8 +17,8 @@ use parking_lot::Mutex;
 use ractor::ActorRef;
 use tidepool_runtime::certs::{Identity, Role};
 use tidepool_runtime::codec::{
-    AdminOp, ArchivedBody, ArchivedDest, Body, ControlKind, DatasetPart, Dest, Envelope,
-    ErrorCode, Frame, JobPartial, JobTask, ShardInfo, ShardRequest, StatusInfo,
+    AdminOp, ArchivedBody, ArchivedDest, Body, ControlKind, DatasetPart, Dest, Envelope, ErrorCode,
+    Frame, JobPartial, JobTask, ShardInfo, ShardRequest, StatusInfo,
 };
 use tidepool_runtime::control::ClusterMap;
 use tidepool_runtime::metrics as m;
@@ -460,7 +460,13 @@ impl Router {
             }
             ArchivedBody::DatasetPart(_) if peer.role == Role::Admin => {
                 let Ok(Body::DatasetPart(part)) = frame.to_owned_envelope().map(|e| e.body) else {
-                    return reply(&link, self.name(), corr, error_body(ErrorCode::BadRequest, "bad part")).await;
+                    return reply(
+                        &link,
+                        self.name(),
+                        corr,
+                        error_body(ErrorCode::BadRequest, "bad part"),
+                    )
+                    .await;
                 };
                 tokio::spawn(async move {
                     let body = match services.dataset_part(part).await {
@@ -473,7 +479,13 @@ impl Router {
             }
             ArchivedBody::JobTask(_) if peer.role == Role::Node => {
                 let Ok(Body::JobTask(task)) = frame.to_owned_envelope().map(|e| e.body) else {
-                    return reply(&link, self.name(), corr, error_body(ErrorCode::BadRequest, "bad task")).await;
+                    return reply(
+                        &link,
+                        self.name(),
+                        corr,
+                        error_body(ErrorCode::BadRequest, "bad task"),
+                    )
+                    .await;
                 };
                 tokio::spawn(async move {
                     let partial = services.job_task(task).await;

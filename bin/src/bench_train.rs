@@ -137,7 +137,9 @@ async fn cluster_run(
 ) -> Result<Option<(f64, f64)>> {
     let exe = std::env::current_exe().context("locating the tidepool binary")?;
     let mut cluster = LocalCluster::create(&exe, n, o.shards, 1)?;
-    cluster.env.push(("TIDEPOOL_WORKERS__THREADS".into(), o.workers.to_string()));
+    cluster
+        .env
+        .push(("TIDEPOOL_WORKERS__THREADS".into(), o.workers.to_string()));
     cluster.start_all()?;
     cluster.wait_ready(Duration::from_secs(120)).await?;
     let tls = TlsMaterial::load_client(&cluster.admin_dir())?;
@@ -157,8 +159,11 @@ async fn cluster_run(
     let mut ttl = None;
     if o.local {
         let rounds = (o.steps / 10).max(1);
-        let (lsecs, local) =
-            timed_job(&client, &spec("local_sgd", o, rounds * 10, "local_steps = 10\n")).await?;
+        let (lsecs, local) = timed_job(
+            &client,
+            &spec("local_sgd", o, rounds * 10, "local_steps = 10\n"),
+        )
+        .await?;
         out.push(Measured {
             what: "local SGD (10 local steps)".into(),
             nodes: n,
@@ -195,7 +200,11 @@ pub async fn run(o: TrainBenchOptions) -> Result<()> {
     );
     for &n in &o.nodes {
         cluster_run(&o, n, &mut out).await?;
-        if let Some(m) = out.iter().rev().find(|m| m.nodes == n && m.what.starts_with("sync")) {
+        if let Some(m) = out
+            .iter()
+            .rev()
+            .find(|m| m.nodes == n && m.what.starts_with("sync"))
+        {
             println!(
                 "  {n} node(s): {:.0} samples/s ({:.2} s) = {:.2}x the plain loop",
                 m.samples_per_sec,

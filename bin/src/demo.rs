@@ -75,7 +75,10 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     if !clean {
         bail!("a node did not exit cleanly: {statuses:?}");
     }
-    println!("nodes stopped cleanly; demo OK in {:.1?}", started.elapsed());
+    println!(
+        "nodes stopped cleanly; demo OK in {:.1?}",
+        started.elapsed()
+    );
     Ok(())
 }
 
@@ -99,7 +102,10 @@ async fn train_and_score(cluster: &mut LocalCluster, opts: &DemoOptions) -> Resu
     );
 
     let id = jobs_cli::submit(&client, &spec(opts.epochs)).await?;
-    println!("submitted {id}: logistic regression, synchronous SGD, {} epochs", opts.epochs);
+    println!(
+        "submitted {id}: logistic regression, synchronous SGD, {} epochs",
+        opts.epochs
+    );
     let mut killed = None;
     let deadline = Instant::now() + Duration::from_secs(300);
     let rec = loop {
@@ -152,8 +158,14 @@ async fn train_and_score(cluster: &mut LocalCluster, opts: &DemoOptions) -> Resu
     let theirs = datasets::smartcore_logistic_accuracy(&train, &test)?;
     let acc = ours.accuracy.unwrap_or(f64::NAN);
     println!("\ntest accuracy on {} held-out rows:", ours.rows);
-    println!("  tidepool (3 nodes, one killed mid-job)  {:.2}%", acc * 100.0);
-    println!("  smartcore (single node, same split)     {:.2}%", theirs * 100.0);
+    println!(
+        "  tidepool (3 nodes, one killed mid-job)  {:.2}%",
+        acc * 100.0
+    );
+    println!(
+        "  smartcore (single node, same split)     {:.2}%",
+        theirs * 100.0
+    );
     println!(
         "  model written to {} (try: tidepool predict --model {} --data {})",
         model_path.display(),

@@ -46,7 +46,11 @@ fn segments(p: &Partition) -> Result<Vec<Vec<u8>>> {
 
 /// Imports `table` as dataset `name`: partitions it onto the cluster's shards, uploads every
 /// segment, then commits the record. On any failure the uploaded objects are deleted.
-pub async fn import_table(client: &ClusterClient, table: &Table, name: &str) -> Result<DatasetRecord> {
+pub async fn import_table(
+    client: &ClusterClient,
+    table: &Table,
+    name: &str,
+) -> Result<DatasetRecord> {
     client.refresh().await.context("loading the shard map")?;
     let shards = client.shard_count();
     if shards == 0 {
@@ -101,7 +105,12 @@ pub async fn import_table(client: &ClusterClient, table: &Table, name: &str) -> 
 }
 
 /// `tidepool dataset import FILE.csv --name NAME --label COLUMN`.
-pub async fn import_csv(client: &ClusterClient, path: &Path, name: &str, label: &str) -> Result<DatasetRecord> {
+pub async fn import_csv(
+    client: &ClusterClient,
+    path: &Path,
+    name: &str,
+    label: &str,
+) -> Result<DatasetRecord> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let table = dataset::parse_csv(std::io::BufReader::new(file), label)
         .with_context(|| format!("{} is not importable", path.display()))?;
@@ -202,7 +211,12 @@ pub async fn result(client: &ClusterClient, id: &str) -> Result<serde_json::Valu
 
 /// Polls until the job reaches a terminal state (or `timeout`), optionally drawing a progress
 /// bar with step, loss, samples/s and ETA. Returns the final record.
-pub async fn wait(client: &ClusterClient, id: &str, progress: bool, timeout: Duration) -> Result<JobRecord> {
+pub async fn wait(
+    client: &ClusterClient,
+    id: &str,
+    progress: bool,
+    timeout: Duration,
+) -> Result<JobRecord> {
     let deadline = Instant::now() + timeout;
     let bar = progress.then(|| {
         let bar = ProgressBar::new(1);

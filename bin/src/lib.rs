@@ -18,14 +18,14 @@
 pub mod admin;
 pub mod bench;
 pub mod bench_train;
-pub mod daemon;
 pub mod conn;
+pub mod daemon;
 pub mod datasets;
+pub mod demo;
+pub mod http;
 pub mod jobs_cli;
 pub mod jobs_cmd;
-pub mod demo;
 pub mod kv_demo;
-pub mod http;
 pub mod local_cluster;
 pub mod predict;
 pub mod workload;

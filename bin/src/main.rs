@@ -182,7 +182,6 @@ enum ClientRole {
     Reader,
 }
 
-
 #[derive(Subcommand, Debug)]
 enum ClusterCmd {
     /// Leader, term, members with their state and reachability, shards per node.
@@ -362,7 +361,6 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         }
     }
 }
-
 
 async fn cluster_status(c: Conn) -> Result<()> {
     let client = connect(&c).await?;

@@ -15,8 +15,8 @@ use backon::{ExponentialBuilder, Retryable};
 use parking_lot::Mutex;
 
 use crate::codec::{
-    AdminOp, Body, DatasetPart, Dest, Envelope, ErrorCode, Frame, IdemKey, Op, OpResult, ShardInfo, ShardRequest,
-    StatusInfo,
+    AdminOp, Body, DatasetPart, Dest, Envelope, ErrorCode, Frame, IdemKey, Op, OpResult, ShardInfo,
+    ShardRequest, StatusInfo,
 };
 use crate::placement::shard_for_key;
 use crate::transport::tls::{self, ANY_NODE};

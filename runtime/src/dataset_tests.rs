@@ -642,7 +642,16 @@ fn synthetic_shards_cover_every_row_once_and_are_seeded() {
     let mut ids: Vec<u64> = parts.iter().flat_map(|p| p.row_ids().to_vec()).collect();
     ids.sort_unstable();
     assert_eq!(ids, (0..103).collect::<Vec<_>>());
-    assert_eq!(parts[1], synthetic_shard(103, 3, SyntheticKind::Logistic, 9, 1, 4));
-    assert_ne!(parts[1], synthetic_shard(103, 3, SyntheticKind::Logistic, 10, 1, 4));
-    assert!(parts.iter().flat_map(|p| p.labels()).all(|&y| y == 0.0 || y == 1.0));
+    assert_eq!(
+        parts[1],
+        synthetic_shard(103, 3, SyntheticKind::Logistic, 9, 1, 4)
+    );
+    assert_ne!(
+        parts[1],
+        synthetic_shard(103, 3, SyntheticKind::Logistic, 10, 1, 4)
+    );
+    assert!(parts
+        .iter()
+        .flat_map(|p| p.labels())
+        .all(|&y| y == 0.0 || y == 1.0));
 }

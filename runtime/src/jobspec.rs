@@ -145,7 +145,10 @@ fn finite_at_least(key: &'static str, v: f64, min: f64) -> Result<f64, JobSpecEr
     if v.is_finite() && v >= min {
         Ok(v)
     } else {
-        Err(invalid(key, format!("must be a finite number >= {min}, got {v}")))
+        Err(invalid(
+            key,
+            format!("must be a finite number >= {min}, got {v}"),
+        ))
     }
 }
 
@@ -279,14 +282,23 @@ mod tests {
     fn errors_name_the_key() {
         let cases = [
             ("[job]\nkind = \"sgd\"\ndataset = \"d\"", "model.type"),
-            ("[job]\nkind = \"sgd\"\ndataset = \"\"\n[model]\ntype=\"linear\"", "job.dataset"),
-            ("[job]\nkind = \"kmeans\"\ndataset = \"d\"\n[model]\nk = 0", "model.k"),
+            (
+                "[job]\nkind = \"sgd\"\ndataset = \"\"\n[model]\ntype=\"linear\"",
+                "job.dataset",
+            ),
+            (
+                "[job]\nkind = \"kmeans\"\ndataset = \"d\"\n[model]\nk = 0",
+                "model.k",
+            ),
             (
                 "[job]\nkind = \"stats\"\ndataset = \"d\"\n[train]\nlearning_rate = -1.0",
                 "train.learning_rate",
             ),
             ("[job]\nkind = \"nope\"\ndataset = \"d\"", "unknown variant"),
-            ("[job]\nkind = \"stats\"\ndataset = \"d\"\nextra = 1", "unknown field"),
+            (
+                "[job]\nkind = \"stats\"\ndataset = \"d\"\nextra = 1",
+                "unknown field",
+            ),
             ("not toml [", "job spec"),
         ];
         for (text, want) in cases {

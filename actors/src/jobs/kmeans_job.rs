@@ -36,10 +36,16 @@ pub struct KMeansJob {
 pub enum KStage {
     Count,
     /// Fetch row `index` of `shard` as the next centre.
-    Fetch { shard: u32, index: u64 },
+    Fetch {
+        shard: u32,
+        index: u64,
+    },
     Weights,
     /// Pick the row of `shard` where the running weight reaches `target`.
-    Pick { shard: u32, target: f64 },
+    Pick {
+        shard: u32,
+        target: f64,
+    },
     Lloyd,
     Done,
 }
@@ -203,9 +209,7 @@ impl Job for KMeansJob {
                 Ok(self.row_partial(data, b[0] as u32, Some(b[1] as usize)))
             }
             PHASE_WEIGHTS if b.len() % d.max(1) == 0 => {
-                let w: f64 = (0..data.rows())
-                    .map(|i| nearest(data.row(i), b, d).1)
-                    .sum();
+                let w: f64 = (0..data.rows()).map(|i| nearest(data.row(i), b, d).1).sum();
                 let mut sum = vec![0.0; self.shards as usize];
                 if let Some(slot) = sum.get_mut(data.shard as usize) {
                     *slot = w;
@@ -299,7 +303,10 @@ impl Job for KMeansJob {
                 }
                 let partial = KMeansPartial {
                     inertia: merged.sum[0],
-                    counts: merged.sum[1..1 + k].iter().map(|c| c.round() as u64).collect(),
+                    counts: merged.sum[1..1 + k]
+                        .iter()
+                        .map(|c| c.round() as u64)
+                        .collect(),
                     sums: DMatrix::from_row_slice(k, d, &merged.sum[1 + k..]),
                 };
                 let old = DMatrix::from_row_slice(k, d, &s.centroids);

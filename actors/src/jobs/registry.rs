@@ -93,7 +93,10 @@ pub fn build(id: &str, spec: &JobSpec, ds: &DatasetRecord) -> Result<Arc<dyn Era
 /// Runs a job to completion in this process over in-memory shards (tests, the benchmark's
 /// single-process peer, and a reference for the distributed run: same maps, same exact
 /// merging, so the same result).
-pub fn run_local(job: Arc<dyn ErasedJob>, shards: &[ShardData<'_>]) -> Result<serde_json::Value, JobError> {
+pub fn run_local(
+    job: Arc<dyn ErasedJob>,
+    shards: &[ShardData<'_>],
+) -> Result<serde_json::Value, JobError> {
     let mut driver = job.clone().driver();
     let mut step = 0;
     while let Some(task) = driver.next_task() {

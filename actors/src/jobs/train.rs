@@ -149,12 +149,7 @@ impl TrainJob {
     }
 
     /// The standardised minibatch of `data` at training step `t`.
-    fn batch(
-        &self,
-        t: u64,
-        data: &ShardData<'_>,
-        std: &Standardizer,
-    ) -> (DMatrix<f32>, Vec<f32>) {
+    fn batch(&self, t: u64, data: &ShardData<'_>, std: &Standardizer) -> (DMatrix<f32>, Vec<f32>) {
         let idx = minibatch_indices(
             self.spec.seed,
             t,
@@ -345,10 +340,12 @@ impl Job for TrainJob {
                     .ok_or_else(|| JobError::Data("statistics pass missing".into()))?;
                 let n = first.count as f64;
                 s.std = (0..self.d())
-                    .map(|c| match (merged.sum.get(c).copied().unwrap_or(0.0) / n).sqrt() {
-                        v if v > 0.0 && v.is_finite() => v,
-                        _ => 1.0,
-                    })
+                    .map(
+                        |c| match (merged.sum.get(c).copied().unwrap_or(0.0) / n).sqrt() {
+                            v if v > 0.0 && v.is_finite() => v,
+                            _ => 1.0,
+                        },
+                    )
                     .collect();
                 self.start_training(s)?;
                 Ok(StepReport { loss: None, rows })
@@ -361,11 +358,7 @@ impl Job for TrainJob {
                 let params = DMatrix::from_column_slice(self.d() + 1, s.outputs, &s.params);
                 let total = LossGrad {
                     loss_sum: merged.sum[0],
-                    grad_sum: DMatrix::from_column_slice(
-                        self.d() + 1,
-                        s.outputs,
-                        &merged.sum[1..],
-                    ),
+                    grad_sum: DMatrix::from_column_slice(self.d() + 1, s.outputs, &merged.sum[1..]),
                     count: merged.rows,
                 };
                 let out = apply_step(&params, s.t, &total, self.spec.l2, self.schedule())

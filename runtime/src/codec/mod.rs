@@ -19,13 +19,13 @@ mod persist;
 mod tensor;
 
 pub use frame::{encode, read_frame, EncodedFrame, Frame, FRAME_HEADER_LEN};
-pub use persist::{
-    decode_log, decode_snapshot, encode_log, encode_snapshot, LogRecord, SenderWindow,
-    ShardSnapshot, SnapValue,
-};
 pub use job::{
     AdminOp, ArchivedAdminOp, DatasetPart, JobPartial, JobTask, ShardEpoch, FIXED_FRAC_BITS,
     FIXED_MAX,
+};
+pub use persist::{
+    decode_log, decode_snapshot, encode_log, encode_snapshot, LogRecord, SenderWindow,
+    ShardSnapshot, SnapValue,
 };
 pub use tensor::TensorView;
 

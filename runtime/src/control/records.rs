@@ -288,7 +288,10 @@ mod tests {
     fn jobs_need_a_dataset_and_unique_ids() {
         let mut map = map_with_dataset();
         assert!(apply(&mut map, &Command::SubmitJob(job("j"))).is_ok());
-        assert!(apply(&mut map, &Command::SubmitJob(job("j"))).is_ok(), "retry");
+        assert!(
+            apply(&mut map, &Command::SubmitJob(job("j"))).is_ok(),
+            "retry"
+        );
         let mut clash = job("j");
         clash.spec = "other".into();
         assert!(!apply(&mut map, &Command::SubmitJob(clash)).is_ok());
