@@ -297,7 +297,10 @@ impl Node {
             Arc::new(ClusterPolicy),
             tcfg,
         )?;
-        let addr = advertised(cfg.node.listen, &transport);
+        let addr = cfg
+            .node
+            .advertise
+            .map_or_else(|| advertised(cfg.node.listen, &transport), |a| a.to_string());
 
         // Voters' addresses come from the seeds (their certificates say who they are).
         transport.listen();

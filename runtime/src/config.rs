@@ -81,6 +81,9 @@ pub struct NodeSection {
     pub data_dir: PathBuf,
     /// Milliseconds allowed between SIGTERM and exit for draining shards. Default 10000 (10 s).
     pub shutdown_grace_ms: u64,
+    /// The QUIC address peers dial, when it differs from `listen` (a wildcard `listen` such as
+    /// `0.0.0.0:7400` in a container: advertise the pod IP). Default: `listen`.
+    pub advertise: Option<SocketAddr>,
 }
 
 impl Default for NodeSection {
@@ -91,6 +94,7 @@ impl Default for NodeSection {
             admin: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 7401),
             data_dir: PathBuf::from("./data/n1"),
             shutdown_grace_ms: 10_000,
+            advertise: None,
         }
     }
 }
@@ -355,6 +359,20 @@ impl NodeConfig {
         if node.listen == node.admin {
             let reason = format!("{} is also node.listen", node.admin);
             return Err(ConfigError::new("node.admin", reason));
+        }
+        match node.advertise {
+            Some(a) if a.ip().is_unspecified() || a.port() == 0 => {
+                let reason = format!("{a} is not an address peers can dial");
+                return Err(ConfigError::new("node.advertise", reason));
+            }
+            None if node.listen.ip().is_unspecified() => {
+                let reason = format!(
+                    "node.listen {} is a wildcard address; set node.advertise to the address peers dial (e.g. the pod IP)",
+                    node.listen
+                );
+                return Err(ConfigError::new("node.advertise", reason));
+            }
+            _ => {}
         }
         positive("node.shutdown_grace_ms", node.shutdown_grace_ms)
     }

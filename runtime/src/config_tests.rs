@@ -751,3 +751,14 @@ fn unquoted_numeric_name_from_env_explains_quoting() {
     assert_eq!(e.key, "node.name");
     assert!(e.reason.contains("quote"), "{e}");
 }
+
+#[test]
+fn wildcard_listen_needs_a_dialable_advertise_address() {
+    let wild = "[node]\nlisten = \"0.0.0.0:7400\"\nadmin = \"0.0.0.0:7401\"\n";
+    assert_eq!(err_key(load_toml(wild)), "node.advertise");
+    let bad = format!("{wild}advertise = \"0.0.0.0:7400\"\n");
+    assert_eq!(err_key(load_toml(&bad)), "node.advertise");
+    let good = format!("{wild}advertise = \"10.1.2.3:7400\"\n");
+    let c = load_toml(&good).unwrap();
+    assert_eq!(c.node.advertise, Some("10.1.2.3:7400".parse().unwrap()));
+}

@@ -15,11 +15,13 @@
 //! - [`lease`], [`handoff`], [`rebalance`]: sans-IO lease arithmetic, the shard handoff state
 //!   machine, and the leader's paced rebalancing policy.
 //! - [`storage`]: object_store: the shards' op logs and epoch-fenced checkpoints.
+//! - [`autoscale`]: sans-IO autoscaling policy (HPA rule, tolerance, bounds, stabilisation).
 //! - [`jobspec`]: job specs (TOML), parsed and validated with the key named in every error.
 //! - [`dataset`]: pure core of datasets: CSV to a numeric table, rows onto shards, the binary
 //!   partition format viewed in place, and a seeded synthetic generator.
 #![deny(unsafe_code)]
 
+pub mod autoscale;
 pub mod certs;
 pub mod client;
 pub mod codec;

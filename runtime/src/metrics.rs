@@ -137,6 +137,36 @@ metric_table! {
         "Job coordinators running on this node.";
     DATASET_PARTS = "tidepool_dataset_parts_stored_total", Counter, None, [],
         "Dataset partition objects stored by imports through this node.";
+    WORKER_THREADS = "tidepool_worker_threads", Gauge, None, [],
+        "Worker threads of this node's compute pools.";
+    WORKER_BUSY_SECONDS = "tidepool_worker_busy_seconds_total", Counter, Some(Unit::Seconds), [],
+        "Time worker threads spent running tasks; rate() / tidepool_worker_threads is utilisation.";
+    WORKER_UTILIZATION = "tidepool_worker_utilization_ratio", Gauge, None, [],
+        "Busy-time ratio of this node's worker threads over the last sampling window (0..1).";
+    BACKLOG = "tidepool_backlog_tasks", Gauge, None, [],
+        "Runnable backlog: tasks waiting for a worker plus messages queued at this node's shards.";
+    MAILBOX_DEPTH = "tidepool_mailbox_depth", Gauge, None, ["mailbox"],
+        "Messages waiting per mailbox kind (shards, workers, send_queues, handoff_buffers).";
+    TASK_SECONDS = "tidepool_task_duration_seconds", Histogram, Some(Unit::Seconds), [],
+        "Worker task latency, from submission to completion (queueing included).";
+    QUIC_RTT = "tidepool_quic_rtt_seconds", Gauge, Some(Unit::Seconds), [],
+        "Largest smoothed RTT quinn reports over this node's live peer connections.";
+    QUIC_CWND = "tidepool_quic_congestion_window_bytes", Gauge, Some(Unit::Bytes), [],
+        "Smallest congestion window quinn reports over this node's live peer connections.";
+    QUIC_LOST = "tidepool_quic_lost_packets_total", Counter, None, [],
+        "Packets quinn declared lost on this node's peer connections.";
+    QUIC_SENT = "tidepool_quic_sent_packets_total", Counter, None, [],
+        "UDP datagrams quinn sent on this node's peer connections.";
+    AUTOSCALE_DESIRED = "tidepool_autoscale_desired_nodes", Gauge, None, [],
+        "Recommended node count (HPA rule with tolerance, bounds and stabilisation); set by the Raft leader, 0 elsewhere.";
+    AUTOSCALE_CURRENT = "tidepool_autoscale_current_nodes", Gauge, None, [],
+        "Nodes up, as the Raft leader counts them for autoscaling; 0 on other nodes.";
+    AUTOSCALE_UTILIZATION = "tidepool_autoscale_utilization_ratio", Gauge, None, [],
+        "Mean worker utilisation over the up nodes, as reported in their lease renewals (leader only).";
+    AUTOSCALE_BACKLOG = "tidepool_autoscale_backlog_tasks", Gauge, None, [],
+        "Total runnable backlog over the up nodes (leader only).";
+    AUTOSCALE_CHANGES = "tidepool_autoscale_recommendation_changes_total", Counter, None, [],
+        "Times the leader's recommended node count changed.";
 }
 
 /// Explicit buckets for every latency histogram (seconds): 50 µs to 10 s.
