@@ -307,6 +307,29 @@ async fn accuracy_matches_smartcore_and_jobs_survive_failover_and_cancel() {
         digits_ref,
     );
 
+    // The load signals are live: workers ran tasks and the leader made a recommendation that
+    // `cluster status` shows with its reason.
+    let mut tasks = 0.0;
+    for i in 0..c.nodes.len() {
+        let text = c.metrics(i).await.unwrap();
+        tasks += tidepool::http::sum_metric(&text, "tidepool_task_duration_seconds_count", &[]);
+        assert!(text.contains("tidepool_worker_utilization_ratio"), "node {i}");
+        assert!(text.contains("tidepool_quic_rtt_seconds"), "node {i}");
+    }
+    assert!(tasks > 0.0, "worker tasks were timed");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let auto = loop {
+        let status = cli_json(&c, &["cluster", "status", "--json"]);
+        if status["autoscale"].is_object() {
+            break status["autoscale"].clone();
+        }
+        assert!(Instant::now() < deadline, "no autoscale recommendation: {status}");
+        tokio::time::sleep(Duration::from_millis(200)).await; // poll interval
+    };
+    assert!(auto["desired"].as_u64().unwrap() >= 1, "{auto}");
+    assert_eq!(auto["current"].as_u64().unwrap(), 3, "{auto}");
+    assert!(!auto["reason"].as_str().unwrap().is_empty(), "{auto}");
+
     // The coordinator's node killed mid-job: the job resumes elsewhere from its checkpoint and
     // ends with exactly the fault-free model.
     let reference = run_job(&client, &cancer_spec).await;

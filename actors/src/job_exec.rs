@@ -122,7 +122,13 @@ fn refuse_all(task: &JobTask, error: Option<String>) -> JobPartial {
 }
 
 impl JobExecutor {
-    pub fn new(router: Router, store: Store, threads: usize, cap_bytes: usize) -> Self {
+    pub fn new(
+        router: Router,
+        store: Store,
+        threads: usize,
+        cap_bytes: usize,
+        meter: Arc<crate::load::LoadMeter>,
+    ) -> Self {
         let threads = if threads == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
         } else {
@@ -131,7 +137,7 @@ impl JobExecutor {
         JobExecutor {
             router,
             store,
-            pool: WorkerPool::new(threads, threads * 4),
+            pool: WorkerPool::with_meter(threads, threads * 4, meter),
             threads,
             cap_bytes,
             cache: Mutex::new(Cache::default()),

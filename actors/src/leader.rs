@@ -8,12 +8,15 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use tidepool_runtime::codec::{ArchivedBody, Body, Dest, Envelope};
-use tidepool_runtime::control::{ClusterMap, Command, ControlPlane, MemberState};
+use tidepool_runtime::autoscale::{AutoscalePolicy, Autoscaler, LoadSample};
+use tidepool_runtime::control::{AutoscaleStatus, ClusterMap, Command, ControlPlane, MemberState};
 use tidepool_runtime::lease::{LeaseConfig, LeaseHolder, LeaseTable};
 use tidepool_runtime::metrics as m;
 use tidepool_runtime::rebalance::{self, Change, RebalanceConfig};
 use tidepool_runtime::transport::Transport;
 use tracing::{debug, info, warn};
+
+use crate::load::LoadMeter;
 
 /// The leader's lease table, present only while this node leads (with the term it leads).
 #[derive(Debug, Default)]
@@ -66,12 +69,120 @@ impl Leases {
     }
 }
 
-/// Renews this node's lease with the leader every `renew_every` (directly when it is the leader).
+/// The load each node reported with its latest lease renewal (the leader's autoscaling input).
+#[derive(Debug, Default)]
+pub struct ClusterLoad {
+    nodes: Mutex<BTreeMap<String, (Instant, f64, u64)>>,
+}
+
+impl ClusterLoad {
+    pub fn new() -> Arc<Self> {
+        Arc::new(ClusterLoad::default())
+    }
+
+    /// `node` reported `utilization` (0..=1) and `backlog` now.
+    pub fn record(&self, node: &str, utilization: f64, backlog: u64) {
+        self.nodes
+            .lock()
+            .insert(node.to_string(), (Instant::now(), utilization.clamp(0.0, 1.0), backlog));
+    }
+
+    /// Mean utilisation and total backlog over `up` members, from reports younger than
+    /// `fresh` (a member with no fresh report counts as idle: it is not renewing, so it is about
+    /// to be declared down anyway).
+    pub fn sample(&self, up: &[String], fresh: Duration, now: Instant) -> (f64, f64) {
+        let nodes = self.nodes.lock();
+        let mut util = 0.0;
+        let mut backlog = 0.0;
+        for name in up {
+            if let Some((at, u, b)) = nodes.get(name) {
+                if now.saturating_duration_since(*at) <= fresh {
+                    util += u;
+                    backlog += *b as f64;
+                }
+            }
+        }
+        (util / up.len().max(1) as f64, backlog)
+    }
+}
+
+/// The leader's autoscaling loop: every `every`, feeds the cluster's load into the policy,
+/// exports the recommendation, and records it in the map when it changes (or every 30 s) so
+/// `cluster status` on any node can show it. Other nodes export zeros and keep no history.
+pub async fn autoscale_loop(
+    me: String,
+    control: ControlPlane,
+    load: Arc<ClusterLoad>,
+    policy: AutoscalePolicy,
+    every: Duration,
+) {
+    let mut scaler = Autoscaler::new(policy);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let origin = Instant::now();
+    let mut recorded: Option<(u32, Instant)> = None;
+    loop {
+        tick.tick().await;
+        if !control.is_leader() {
+            scaler.reset();
+            recorded = None;
+            for g in [m::AUTOSCALE_DESIRED, m::AUTOSCALE_CURRENT, m::AUTOSCALE_UTILIZATION, m::AUTOSCALE_BACKLOG] {
+                metrics::gauge!(g).set(0.0);
+            }
+            continue;
+        }
+        let now = Instant::now();
+        let map = control.map().borrow().clone();
+        let up: Vec<String> = map
+            .members
+            .values()
+            .filter(|mb| mb.state == MemberState::Up)
+            .map(|mb| mb.name.clone())
+            .collect();
+        let (utilization, backlog) = load.sample(&up, every * 3, now);
+        let sample = LoadSample {
+            current: up.len() as u32,
+            utilization,
+            backlog,
+        };
+        let previous = scaler.last();
+        let rec = scaler.observe(now.duration_since(origin), &sample);
+        metrics::gauge!(m::AUTOSCALE_DESIRED).set(f64::from(rec.desired));
+        metrics::gauge!(m::AUTOSCALE_CURRENT).set(f64::from(rec.current));
+        metrics::gauge!(m::AUTOSCALE_UTILIZATION).set(utilization);
+        metrics::gauge!(m::AUTOSCALE_BACKLOG).set(backlog);
+        if previous.is_some_and(|p| p != rec.desired) {
+            metrics::counter!(m::AUTOSCALE_CHANGES).increment(1);
+            info!(desired = rec.desired, current = rec.current, reason = %rec.reason, "autoscaling recommendation changed");
+        }
+        let stale = recorded.is_none_or(|(d, at)| d != rec.desired || now.duration_since(at) >= Duration::from_secs(30));
+        if stale {
+            let status = AutoscaleStatus {
+                desired: rec.desired,
+                current: rec.current,
+                utilization,
+                backlog,
+                reason: rec.reason.clone(),
+                by: me.clone(),
+            };
+            if let Ok(Ok(r)) = tokio::time::timeout(every, control.propose(Command::SetAutoscale(status))).await {
+                if r.is_ok() {
+                    recorded = Some((rec.desired, now));
+                }
+            }
+        }
+    }
+}
+
+/// Renews this node's lease with the leader every `renew_every` (directly when it is the leader),
+/// reporting its load with each renewal.
 pub async fn renew_loop(
     me: String,
     control: ControlPlane,
     transport: Transport,
     leases: Arc<Leases>,
+    meter: Arc<LoadMeter>,
+    load: Arc<ClusterLoad>,
 ) {
     let mut tick = tokio::time::interval(leases.cfg.renew_every.min(Duration::from_millis(250)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -94,7 +205,9 @@ pub async fn renew_loop(
             continue;
         };
         let token = leases.holder.lock().on_send(now);
+        let (utilization, backlog) = meter.latest();
         if leader.name == me {
+            load.record(&me, utilization, backlog);
             if let Some((ttl, term)) = leases.grant(&me, now) {
                 leases
                     .holder
@@ -115,7 +228,11 @@ pub async fn renew_loop(
                 &me,
                 Dest::Node(leader.name.clone()),
                 0,
-                Body::LeaseRenew { sent_at: token },
+                Body::LeaseRenew {
+                    sent_at: token,
+                    utilization_milli: (utilization * 1000.0).round() as u32,
+                    backlog,
+                },
             );
             match link.request(env, leases.cfg.ttl).await {
                 Ok(f) => {

@@ -8,6 +8,7 @@
 //! - [`router`]: `send_to_shard`: local shards by actor message (no serialization), remote ones
 //!   over QUIC; answers requests arriving from the transport.
 //! - [`node`]: assembles a node: transport, router, supervisor, worker pool; clean shutdown.
+//! - [`load`]: the node's load signals (utilisation, backlog, mailboxes, QUIC stats).
 //! - [`audit`]: the audit log of admin requests.
 //! - [`job_exec`]: a node's side of a job step: map its shards, pre-sum, reply; partition cache.
 //! - [`coordinator`]: the JobCoordinator of one job, on the owner of its coordinator shard.
@@ -22,6 +23,7 @@ pub mod job_admin;
 pub mod job_exec;
 pub mod jobs;
 pub mod leader;
+pub mod load;
 pub mod node;
 pub mod restart;
 pub mod restore;

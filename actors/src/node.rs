@@ -11,7 +11,7 @@ use ractor::{Actor, ActorRef};
 use tidepool_runtime::certs::Identity;
 use tidepool_runtime::codec::{
     AdminOp, Body, ControlKind, DatasetPart, Dest, Envelope, ErrorCode, JobPartial, JobTask,
-    MemberInfo, StatusInfo,
+    AutoscaleInfo, MemberInfo, StatusInfo,
 };
 use tidepool_runtime::config::NodeConfig;
 use tidepool_runtime::control::{
@@ -34,6 +34,8 @@ use crate::leader::{self, Leases};
 use crate::restart::RestartBudget;
 use crate::router::{futures_box, NodeServices, Router, RouterConfig};
 use crate::supervisor::{NodeSupervisor, SupervisorArgs, SupervisorMsg};
+use crate::leader::ClusterLoad;
+use crate::load::{self, LoadMeter};
 use crate::worker::WorkerPool;
 
 /// Why a node could not start.
@@ -150,6 +152,7 @@ struct Services {
     router: Router,
     admin: Arc<JobAdmin>,
     exec: Arc<JobExecutor>,
+    load: Arc<ClusterLoad>,
 }
 
 impl NodeServices for Services {
@@ -171,10 +174,16 @@ impl NodeServices for Services {
         })
     }
 
-    fn renew_lease(&self, from: &str) -> Result<(Duration, u64), ErrorCode> {
+    fn renew_lease(
+        &self,
+        from: &str,
+        utilization: f64,
+        backlog: u64,
+    ) -> Result<(Duration, u64), ErrorCode> {
         if !self.control.is_leader() {
             return Err(ErrorCode::NotLeader);
         }
+        self.load.record(from, utilization, backlog);
         self.leases
             .grant(from, Instant::now())
             .ok_or(ErrorCode::NotLeader)
@@ -221,10 +230,18 @@ impl NodeServices for Services {
                 shards: counts.get(&mb.name).copied().unwrap_or(0),
             })
             .collect();
+        let autoscale = map.autoscale.as_ref().map(|a| AutoscaleInfo {
+            desired: a.desired,
+            current: a.current,
+            utilization: a.utilization,
+            backlog: a.backlog,
+            reason: a.reason.clone(),
+        });
         StatusInfo {
             leader: self.control.leader().map(|l| l.name).unwrap_or_default(),
             term: self.control.term(),
             members,
+            autoscale,
         }
     }
 
@@ -337,11 +354,14 @@ impl Node {
             drift_margin: Duration::from_millis(cfg.lease.drift_margin_ms),
         };
         let leases = Leases::new(lease_cfg);
+        let meter = LoadMeter::new();
+        let cluster_load = ClusterLoad::new();
         let exec = Arc::new(JobExecutor::new(
             router.clone(),
             store.clone(),
             cfg.workers.threads,
             DEFAULT_CACHE_BYTES,
+            meter.clone(),
         ));
         let admin = Arc::new(JobAdmin::new(control.clone(), store.clone()));
         router.set_services(Arc::new(Services {
@@ -351,6 +371,7 @@ impl Node {
             router: router.clone(),
             admin,
             exec: exec.clone(),
+            load: cluster_load.clone(),
         }));
         let coordinators = CoordinatorCtx {
             me: name.clone(),
@@ -367,7 +388,11 @@ impl Node {
         let (failed_tx, failed_rx) = mpsc::unbounded_channel();
         let (esc_tx, escalations) = mpsc::channel(1);
         let args = SupervisorArgs {
-            pool: WorkerPool::new(cfg.workers.threads, cfg.workers.queue_depth),
+            pool: WorkerPool::with_meter(
+                cfg.workers.threads,
+                cfg.workers.queue_depth,
+                meter.clone(),
+            ),
             budget: RestartBudget::default(),
             failed: failed_tx,
             escalate: esc_tx,
@@ -387,7 +412,17 @@ impl Node {
                 control.clone(),
                 transport.clone(),
                 leases.clone(),
+                meter.clone(),
+                cluster_load.clone(),
             )),
+            tokio::spawn(leader::autoscale_loop(
+                name.clone(),
+                control.clone(),
+                cluster_load,
+                cfg.autoscale.policy(),
+                Duration::from_millis(cfg.autoscale.sample_ms),
+            )),
+            tokio::spawn(load::sample_loop(meter, router.clone(), transport.clone())),
             tokio::spawn(leader::leader_loop(
                 name.clone(),
                 cfg.cluster.shards,

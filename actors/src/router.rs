@@ -42,8 +42,14 @@ pub trait NodeServices: Send + Sync + 'static {
         kind: ControlKind,
         payload: Vec<u8>,
     ) -> futures_box::Fut<Result<Vec<u8>, ErrorCode>>;
-    /// A lease renewal from node `from`, if this node is the leader: (ttl, term).
-    fn renew_lease(&self, from: &str) -> Result<(Duration, u64), ErrorCode>;
+    /// A lease renewal from node `from` reporting its load (utilisation 0..=1, backlog), if
+    /// this node is the leader: (ttl, term).
+    fn renew_lease(
+        &self,
+        from: &str,
+        utilization: f64,
+        backlog: u64,
+    ) -> Result<(Duration, u64), ErrorCode>;
     /// Admin: drain `node`.
     fn drain(&self, node: String) -> futures_box::Fut<Result<(), ErrorCode>>;
     /// `cluster status`.
@@ -408,8 +414,13 @@ impl Router {
             ArchivedBody::StatusRequest => Body::StatusReply(services.status()),
             ArchivedBody::ShardsRequest => Body::ShardsReply(self.shards()),
             ArchivedBody::Ping(n) => Body::Pong(n.to_native()),
-            ArchivedBody::LeaseRenew { sent_at } if peer.role == Role::Node => {
-                match services.renew_lease(&peer.name) {
+            ArchivedBody::LeaseRenew {
+                sent_at,
+                utilization_milli,
+                backlog,
+            } if peer.role == Role::Node => {
+                let utilization = f64::from(utilization_milli.to_native().min(1000)) / 1000.0;
+                match services.renew_lease(&peer.name, utilization, backlog.to_native()) {
                     Ok((ttl, term)) => Body::LeaseGrant {
                         sent_at: sent_at.to_native(),
                         ttl_ms: ttl.as_millis() as u64,

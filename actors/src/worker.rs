@@ -4,8 +4,32 @@
 
 use std::sync::Arc;
 
+use std::time::Instant;
+
 use tidepool_runtime::metrics as m;
 use tokio::sync::Semaphore;
+
+use crate::load::LoadMeter;
+
+/// Counts a task as queued in the meter until dropped (also when the caller gives up waiting).
+struct Queued(Option<Arc<LoadMeter>>);
+
+impl Queued {
+    fn new(meter: Option<Arc<LoadMeter>>) -> Self {
+        if let Some(m) = &meter {
+            m.queued(1);
+        }
+        Queued(meter)
+    }
+}
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        if let Some(m) = &self.0 {
+            m.queued(-1);
+        }
+    }
+}
 
 /// Why the pool did not run a task.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +48,7 @@ pub struct WorkerPool {
     running: Arc<Semaphore>,
     admitted: Arc<Semaphore>,
     queue_depth: usize,
+    meter: Option<Arc<LoadMeter>>,
 }
 
 impl WorkerPool {
@@ -38,7 +63,17 @@ impl WorkerPool {
             running: Arc::new(Semaphore::new(threads)),
             admitted: Arc::new(Semaphore::new(threads + queue_depth)),
             queue_depth,
+            meter: None,
         }
+    }
+
+    /// Like [`WorkerPool::new`], reporting busy time and queueing to `meter` (the node's load
+    /// signals).
+    pub fn with_meter(threads: usize, queue_depth: usize, meter: Arc<LoadMeter>) -> Self {
+        let mut pool = Self::new(threads, queue_depth);
+        meter.add_threads(pool.running.available_permits());
+        pool.meter = Some(meter);
+        pool
     }
 
     /// Runs `f` on a blocking thread and returns its result.
@@ -50,16 +85,24 @@ impl WorkerPool {
         let Ok(_admitted) = self.admitted.clone().try_acquire_owned() else {
             return Err(WorkerError::Full(self.queue_depth));
         };
+        let submitted = Instant::now();
         metrics::gauge!(m::WORKER_QUEUED).increment(1.0);
+        let queued = Queued::new(self.meter.clone());
         let running = self.running.clone().acquire_owned().await;
+        drop(queued);
         metrics::gauge!(m::WORKER_QUEUED).decrement(1.0);
         let Ok(_running) = running else {
             return Err(WorkerError::Panicked("pool closed".into()));
         };
         metrics::gauge!(m::WORKER_BUSY).increment(1.0);
+        let started = Instant::now();
         let out = tokio::task::spawn_blocking(f).await;
+        if let Some(meter) = &self.meter {
+            meter.task_ran(started.elapsed());
+        }
         metrics::gauge!(m::WORKER_BUSY).decrement(1.0);
         metrics::counter!(m::WORKER_TASKS).increment(1);
+        metrics::histogram!(m::TASK_SECONDS).record(submitted.elapsed().as_secs_f64());
         out.map_err(|e| WorkerError::Panicked(e.to_string()))
     }
 }

@@ -51,6 +51,9 @@ pub async fn run(cfg: NodeConfig) -> Result<i32> {
     let admin = crate::admin::bind(cfg.node.admin, metrics, readiness.clone()).await?;
     tokio::spawn(admin);
     info!(node = %cfg.node.name, quic = %cfg.node.listen, admin = %cfg.node.admin, "tidepool node running");
+    // systemd (Type=notify): started, joined and serving /livez and /readyz.
+    sd_notify_state(&[sd_notify::NotifyState::Ready]);
+    spawn_sd_watchdog();
 
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -62,6 +65,8 @@ pub async fn run(cfg: NodeConfig) -> Result<i32> {
             EXIT_ESCALATED
         }
     };
+    // systemd: the stop (drain) begins; systemd waits up to TimeoutStopSec for the exit.
+    sd_notify_state(&[sd_notify::NotifyState::Stopping]);
     readiness.begin_stop();
     if tokio::time::timeout(grace + Duration::from_secs(1), node.shutdown(grace))
         .await
@@ -70,6 +75,31 @@ pub async fn run(cfg: NodeConfig) -> Result<i32> {
         warn!(?grace, "shutdown overran its grace period");
     }
     Ok(code)
+}
+
+/// Tells the service manager about a state change (`sd_notify(3)`: a datagram to the socket in
+/// `NOTIFY_SOCKET`). Does nothing when `NOTIFY_SOCKET` is unset (not under systemd with
+/// `Type=notify`); a failure to send is logged, never fatal.
+fn sd_notify_state(state: &[sd_notify::NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(state) {
+        warn!(error = %e, ?state, "cannot notify systemd");
+    }
+}
+
+/// With `WatchdogSec=` in the unit (systemd sets `WATCHDOG_USEC` and `WATCHDOG_PID`), pings the
+/// watchdog at half the interval from the async runtime, so a wedged runtime gets the node
+/// restarted. Nothing otherwise.
+fn spawn_sd_watchdog() {
+    let Some(interval) = sd_notify::watchdog_enabled().filter(|d| !d.is_zero()) else {
+        return;
+    };
+    tokio::spawn(async move {
+        let mut t = tokio::time::interval(interval / 2);
+        loop {
+            t.tick().await;
+            sd_notify_state(&[sd_notify::NotifyState::Watchdog]);
+        }
+    });
 }
 
 /// Sets up tracing: human-readable text (colour on a TTY) or JSON lines.

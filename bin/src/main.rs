@@ -371,9 +371,12 @@ async fn cluster_status(c: Conn) -> Result<()> {
             .iter()
             .map(|m| serde_json::json!({"name": m.name, "addr": m.addr, "state": m.state, "reachable": m.reachable, "shards": m.shards}))
             .collect();
+        let autoscale = s.autoscale.as_ref().map(|a| {
+            serde_json::json!({"desired": a.desired, "current": a.current, "utilization": a.utilization, "backlog": a.backlog, "reason": a.reason})
+        });
         println!(
             "{}",
-            serde_json::json!({"leader": s.leader, "term": s.term, "members": members})
+            serde_json::json!({"leader": s.leader, "term": s.term, "members": members, "autoscale": autoscale})
         );
     } else {
         let leader = if s.leader.is_empty() {
@@ -391,6 +394,13 @@ async fn cluster_status(c: Conn) -> Result<()> {
                 "{:<12} {:<24} {:<9} {:<10} {:>6}",
                 m.name, m.addr, m.state, m.reachable, m.shards
             );
+        }
+        match &s.autoscale {
+            Some(a) => println!(
+                "autoscale: {} nodes recommended ({} up; utilisation {:.2}, backlog {:.0}): {}",
+                a.desired, a.current, a.utilization, a.backlog, a.reason
+            ),
+            None => println!("autoscale: no recommendation yet"),
         }
     }
     client.close().await;

@@ -64,6 +64,8 @@ pub struct NodeConfig {
     pub shard: ShardSection,
     /// Ownership leases: when a node may serve its shards.
     pub lease: LeaseSection,
+    /// The autoscaling recommendation the Raft leader computes and exports.
+    pub autoscale: AutoscaleSection,
 }
 
 /// `[node]`: this node's identity and local addresses.
@@ -267,6 +269,59 @@ impl Default for LeaseSection {
     }
 }
 
+/// `[autoscale]`: the recommendation (`tidepool_autoscale_desired_nodes`) the Raft leader computes
+/// from the load every node reports with its lease renewals. See [`crate::autoscale`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutoscaleSection {
+    /// Fewest nodes to recommend, >= 1 (at least the voters). Default 1.
+    pub min_nodes: u32,
+    /// Most nodes to recommend, >= min_nodes. Default 100.
+    pub max_nodes: u32,
+    /// Mean worker utilisation to aim for, in (0, 1]. Default 0.7.
+    pub target_utilization: f64,
+    /// Runnable backlog (queued tasks + messages) per node to aim for, > 0. Default 100.
+    pub target_backlog_per_node: f64,
+    /// No change while each signal is within this fraction of its target, in [0, 1). Default 0.1.
+    pub tolerance: f64,
+    /// A scale-up must be wanted for this long (ms). Default 30000.
+    pub scale_up_stabilization_ms: u64,
+    /// A scale-down must be wanted for this long (ms). Default 300000 (5 min).
+    pub scale_down_stabilization_ms: u64,
+    /// How often the leader samples the load (ms), > 0. Default 5000.
+    pub sample_ms: u64,
+}
+
+impl Default for AutoscaleSection {
+    fn default() -> Self {
+        Self {
+            min_nodes: 1,
+            max_nodes: 100,
+            target_utilization: 0.7,
+            target_backlog_per_node: 100.0,
+            tolerance: 0.1,
+            scale_up_stabilization_ms: 30_000,
+            scale_down_stabilization_ms: 300_000,
+            sample_ms: 5_000,
+        }
+    }
+}
+
+impl AutoscaleSection {
+    /// The policy these settings describe.
+    pub fn policy(&self) -> crate::autoscale::AutoscalePolicy {
+        crate::autoscale::AutoscalePolicy {
+            min_nodes: self.min_nodes,
+            max_nodes: self.max_nodes,
+            target_utilization: self.target_utilization,
+            target_backlog_per_node: self.target_backlog_per_node,
+            tolerance: self.tolerance,
+            scale_up_window: std::time::Duration::from_millis(self.scale_up_stabilization_ms),
+            scale_down_window: std::time::Duration::from_millis(self.scale_down_stabilization_ms),
+        }
+    }
+}
+
 /// A configuration problem: which key, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("config key `{key}`: {reason}")]
@@ -345,6 +400,7 @@ impl NodeConfig {
         self.validate_transport()?;
         self.validate_limits()?;
         self.validate_lease()?;
+        self.validate_autoscale()?;
         validate_storage_url(&self.storage.url)
     }
 
@@ -444,6 +500,28 @@ impl NodeConfig {
     }
 
     /// Mirrors `LeaseConfig::validate` in `lease.rs`, so that a config that loads also starts.
+    fn validate_autoscale(&self) -> Result<(), ConfigError> {
+        let a = &self.autoscale;
+        positive("autoscale.min_nodes", u64::from(a.min_nodes))?;
+        if a.max_nodes < a.min_nodes {
+            let reason = format!("{} is below autoscale.min_nodes ({})", a.max_nodes, a.min_nodes);
+            return Err(ConfigError::new("autoscale.max_nodes", reason));
+        }
+        if !(a.target_utilization > 0.0 && a.target_utilization <= 1.0) {
+            let reason = format!("{} is not in (0, 1]", a.target_utilization);
+            return Err(ConfigError::new("autoscale.target_utilization", reason));
+        }
+        if !(a.target_backlog_per_node > 0.0 && a.target_backlog_per_node.is_finite()) {
+            let reason = format!("{} must be a positive number", a.target_backlog_per_node);
+            return Err(ConfigError::new("autoscale.target_backlog_per_node", reason));
+        }
+        if !(0.0..1.0).contains(&a.tolerance) {
+            let reason = format!("{} is not in [0, 1)", a.tolerance);
+            return Err(ConfigError::new("autoscale.tolerance", reason));
+        }
+        positive("autoscale.sample_ms", a.sample_ms)
+    }
+
     fn validate_lease(&self) -> Result<(), ConfigError> {
         let l = &self.lease;
         positive("lease.ttl_ms", l.ttl_ms)?;

@@ -480,6 +480,7 @@ fn listen_port_is_free() {
 fn listen_on_other_ip_same_port_is_fine() {
     let mut c = NodeConfig::default();
     c.node.listen = "0.0.0.0:7400".parse().expect("addr");
+    c.node.advertise = Some("10.0.0.7:7400".parse().expect("addr"));
     assert_eq!(c.validate(), Ok(()));
 }
 
@@ -761,4 +762,19 @@ fn wildcard_listen_needs_a_dialable_advertise_address() {
     let good = format!("{wild}advertise = \"10.1.2.3:7400\"\n");
     let c = load_toml(&good).unwrap();
     assert_eq!(c.node.advertise, Some("10.1.2.3:7400".parse().unwrap()));
+}
+
+#[test]
+fn autoscale_bounds_are_checked() {
+    assert_eq!(invalid(|c| c.autoscale.min_nodes = 0), "autoscale.min_nodes");
+    assert_eq!(
+        invalid(|c| {
+            c.autoscale.min_nodes = 5;
+            c.autoscale.max_nodes = 3;
+        }),
+        "autoscale.max_nodes"
+    );
+    assert_eq!(invalid(|c| c.autoscale.target_utilization = 1.5), "autoscale.target_utilization");
+    assert_eq!(invalid(|c| c.autoscale.tolerance = 1.0), "autoscale.tolerance");
+    assert_eq!(invalid(|c| c.autoscale.sample_ms = 0), "autoscale.sample_ms");
 }

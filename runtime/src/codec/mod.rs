@@ -161,6 +161,18 @@ pub struct StatusInfo {
     pub leader: String,
     pub term: u64,
     pub members: Vec<MemberInfo>,
+    /// The leader's autoscaling recommendation, once it made one.
+    pub autoscale: Option<AutoscaleInfo>,
+}
+
+/// The autoscaling recommendation in `cluster status`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct AutoscaleInfo {
+    pub desired: u32,
+    pub current: u32,
+    pub utilization: f64,
+    pub backlog: f64,
+    pub reason: String,
 }
 
 /// One shard in `cluster shards`.
@@ -208,8 +220,13 @@ pub enum Body {
     },
     ControlReply(Vec<u8>),
     /// A node renews its lease with the leader; `sent_at` echoes back (sender's clock, opaque).
+    /// The renewal carries the node's load for the leader's autoscaling recommendation.
     LeaseRenew {
         sent_at: u64,
+        /// Worker utilisation over the node's last sampling window, in thousandths (0..=1000).
+        utilization_milli: u32,
+        /// Runnable backlog: tasks waiting for a worker plus messages queued at its shards.
+        backlog: u64,
     },
     /// Lease granted for `ttl_ms` from the renewal's send time, by the leader of `term`.
     LeaseGrant {

@@ -68,7 +68,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 pub use network::{RaftTransport, RpcKind};
-pub use records::{DatasetRecord, DatasetSource, JobRecord, JobState, JobUpdate};
+pub use records::{AutoscaleStatus, DatasetRecord, DatasetSource, JobRecord, JobState, JobUpdate};
 use store::RaftStore;
 pub use types::{
     apply, node_id, ClusterMap, Command, CommandResponse, Member, MemberState, NodeInfo,

@@ -136,6 +136,20 @@ impl JobUpdate {
     }
 }
 
+/// The Raft leader's latest autoscaling recommendation, as `cluster status` shows it. Written
+/// when the recommended count changes (and refreshed now and then), never on every sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AutoscaleStatus {
+    pub desired: u32,
+    pub current: u32,
+    pub utilization: f64,
+    pub backlog: f64,
+    /// Why: the driving signal against its target, and any stabilisation hold.
+    pub reason: String,
+    /// The leader that computed it.
+    pub by: String,
+}
+
 /// Creates a dataset record. Names are unique: a second import under the same name is
 /// `Rejected` unless it is the same record (a retried proposal).
 pub(super) fn put_dataset(map: &mut ClusterMap, rec: &DatasetRecord) -> CommandResponse {

@@ -14,7 +14,7 @@ use std::io::Cursor;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-use super::records::{self, DatasetRecord, JobRecord, JobUpdate};
+use super::records::{self, AutoscaleStatus, DatasetRecord, JobRecord, JobUpdate};
 
 openraft::declare_raft_types!(
     /// The openraft type configuration of the control plane.
@@ -147,6 +147,9 @@ pub struct ClusterMap {
     /// Jobs by id.
     #[serde(default)]
     pub jobs: BTreeMap<String, JobRecord>,
+    /// The leader's latest autoscaling recommendation.
+    #[serde(default)]
+    pub autoscale: Option<AutoscaleStatus>,
 }
 
 impl ClusterMap {
@@ -193,6 +196,8 @@ pub enum Command {
     SubmitJob(JobRecord),
     /// Progress, completion or cancellation of a job (steps never go back; terminal is final).
     UpdateJob { id: String, update: JobUpdate },
+    /// Records the leader's autoscaling recommendation (always applies).
+    SetAutoscale(AutoscaleStatus),
 }
 
 /// The result of applying one [`Command`].
@@ -238,6 +243,10 @@ pub fn apply(map: &mut ClusterMap, cmd: &Command) -> CommandResponse {
         Command::PutDataset(rec) => records::put_dataset(map, rec),
         Command::SubmitJob(rec) => records::submit_job(map, rec),
         Command::UpdateJob { id, update } => records::update_job(map, id, update),
+        Command::SetAutoscale(status) => {
+            map.autoscale = Some(status.clone());
+            CommandResponse::Ok
+        }
     }
 }
 

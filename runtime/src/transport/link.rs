@@ -102,6 +102,16 @@ impl Link {
         self.inner.conn.rtt()
     }
 
+    /// quinn's statistics of the underlying connection (RTT, congestion window, lost packets).
+    pub fn stats(&self) -> quinn::ConnectionStats {
+        self.inner.conn.stats()
+    }
+
+    /// Frames queued for sending and not yet taken by the writer.
+    pub fn queued(&self) -> usize {
+        self.inner.tx.max_capacity() - self.inner.tx.capacity()
+    }
+
     pub fn same_connection(&self, other: &Link) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
     }

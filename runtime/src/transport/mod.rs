@@ -413,6 +413,17 @@ impl Transport {
         }
     }
 
+    /// The live links to members now (for connection statistics).
+    pub fn live_links(&self) -> Vec<Link> {
+        self.inner
+            .peers
+            .lock()
+            .values()
+            .filter_map(|s| s.link.clone())
+            .filter(|l| !l.is_closed())
+            .collect()
+    }
+
     /// Names of members with a live link now.
     pub fn live_peers(&self) -> Vec<String> {
         self.inner

@@ -1,0 +1,984 @@
+//! Deployment files against the daemon they deploy: the Kubernetes manifests in `config/k8s/`
+//! and the systemd unit in `config/systemd/`.
+//!
+//! - Every YAML document in `config/k8s/*.yaml` parses and validates against a vendored JSON
+//!   Schema (`config/k8s/schemas/`: strict Kubernetes 1.30 schemas from the PyPI package
+//!   kubernetes-validate, hand-written ones for the KEDA, prometheus-operator and kustomize
+//!   kinds; see the README there). No network.
+//! - The manifests reference only what the daemon really has: the ConfigMap's `node.toml` loads
+//!   with tidepool's own config loader for every pod ordinal, with the StatefulSet's `TIDEPOOL_*`
+//!   variables applied (so each is an existing key); container ports, Service ports and probes
+//!   agree with `node.listen` / `node.admin`; probe paths are the admin server's; labels and
+//!   selectors agree; the autoscalers target the StatefulSet on a metric from
+//!   `tidepool_runtime::metrics::ALL`; the termination grace covers the preStop sleep and the
+//!   drain; the certificate Secret covers every pod the autoscalers may create.
+//! - The systemd unit is `Type=notify` and runs `node run --config`; a real node (started like
+//!   systemd starts it, with `NOTIFY_SOCKET` and `WATCHDOG_USEC` set for the child only) sends
+//!   `READY=1`, watchdog pings and `STOPPING=1`, answers the manifest's probe paths, and exits 0
+//!   on SIGTERM.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use serde_json::Value;
+use tidepool::local_cluster::LocalCluster;
+use tidepool_runtime::config::{ConfigError, NodeConfig};
+use tidepool_runtime::metrics::{self as m, MetricKind};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tidepool");
+
+/// Node names of the control-plane voters: the StatefulSet's first three pods.
+const VOTERS: usize = 3;
+
+fn k8s_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/k8s")
+}
+
+/// One YAML document of one manifest file.
+#[derive(Debug, Clone)]
+struct Doc {
+    file: String,
+    value: Value,
+}
+
+impl Doc {
+    fn kind(&self) -> &str {
+        self.value["kind"].as_str().unwrap_or_default()
+    }
+
+    fn name(&self) -> &str {
+        self.value["metadata"]["name"].as_str().unwrap_or_default()
+    }
+}
+
+/// Every non-empty YAML document in `config/k8s/*.yaml`, files in name order.
+fn docs() -> Vec<Doc> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(k8s_dir())
+        .expect("config/k8s exists")
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no manifests in config/k8s");
+    let mut out = Vec::new();
+    for path in files {
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (i, doc) in serde_norway::Deserializer::from_str(&text).enumerate() {
+            let value = Value::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{file}: YAML document {i} does not parse: {e}"));
+            if !value.is_null() {
+                out.push(Doc {
+                    file: file.clone(),
+                    value,
+                });
+            }
+        }
+        assert!(
+            out.last().is_some_and(|d| d.file == file),
+            "{file} holds no document"
+        );
+    }
+    out
+}
+
+/// The one document of `kind` named `name`.
+fn find(docs: &[Doc], kind: &str, name: &str) -> Value {
+    let found: Vec<&Doc> = docs
+        .iter()
+        .filter(|d| d.kind() == kind && d.name() == name)
+        .collect();
+    assert_eq!(found.len(), 1, "expected exactly one {kind} named {name}");
+    found[0].value.clone()
+}
+
+/// The one document of `kind` in `file`.
+fn in_file(docs: &[Doc], file: &str, kind: &str) -> Value {
+    let found: Vec<&Doc> = docs
+        .iter()
+        .filter(|d| d.file == file && d.kind() == kind)
+        .collect();
+    assert_eq!(found.len(), 1, "expected exactly one {kind} in {file}");
+    found[0].value.clone()
+}
+
+/// The vendored schema for a kind (file stem in config/k8s/schemas/).
+fn schema_file(api_version: &str, kind: &str) -> Option<&'static str> {
+    Some(match (api_version, kind) {
+        ("v1", "ConfigMap") => "configmap-v1",
+        ("v1", "Secret") => "secret-v1",
+        ("v1", "Service") => "service-v1",
+        ("apps/v1", "StatefulSet") => "statefulset-apps-v1",
+        ("policy/v1", "PodDisruptionBudget") => "poddisruptionbudget-policy-v1",
+        ("autoscaling/v2", "HorizontalPodAutoscaler") => "horizontalpodautoscaler-autoscaling-v2",
+        ("keda.sh/v1alpha1", "ScaledObject") => "scaledobject-keda-v1alpha1",
+        ("monitoring.coreos.com/v1", "ServiceMonitor") => "servicemonitor-monitoring-v1",
+        ("kustomize.config.k8s.io/v1beta1", "Kustomization") => "kustomization-kustomize-v1beta1",
+        _ => return None,
+    })
+}
+
+fn validator(stem: &str) -> jsonschema::Validator {
+    let path = k8s_dir().join("schemas").join(format!("{stem}.json"));
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    jsonschema::validator_for(&schema)
+        .unwrap_or_else(|e| panic!("{} is not a valid schema: {e}", path.display()))
+}
+
+/// Schema violations of `value` as `path: message` lines (empty when valid).
+fn violations(v: &jsonschema::Validator, value: &Value) -> Vec<String> {
+    v.iter_errors(value)
+        .map(|e| format!("{}: {e}", e.instance_path()))
+        .collect()
+}
+
+#[test]
+fn every_manifest_parses_and_matches_its_kubernetes_schema() {
+    let docs = docs();
+    let mut validators: BTreeMap<&str, jsonschema::Validator> = BTreeMap::new();
+    let mut failures = Vec::new();
+    for doc in &docs {
+        let api_version = doc.value["apiVersion"].as_str().unwrap_or_default();
+        let Some(stem) = schema_file(api_version, doc.kind()) else {
+            failures.push(format!(
+                "{}: no vendored schema for {api_version} {} (add one to config/k8s/schemas)",
+                doc.file,
+                doc.kind()
+            ));
+            continue;
+        };
+        let v = validators.entry(stem).or_insert_with(|| validator(stem));
+        for msg in violations(v, &doc.value) {
+            failures.push(format!(
+                "{} ({} {}): {msg}",
+                doc.file,
+                doc.kind(),
+                doc.name()
+            ));
+        }
+        if doc.kind() != "Kustomization" {
+            assert!(
+                !doc.name().is_empty(),
+                "{}: a {} without a name",
+                doc.file,
+                doc.kind()
+            );
+            assert!(
+                doc.value["metadata"].get("namespace").is_none(),
+                "{}: {} {} names a namespace; the manifests are namespace-agnostic",
+                doc.file,
+                doc.kind(),
+                doc.name()
+            );
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "schema violations:\n{}",
+        failures.join("\n")
+    );
+
+    let kinds: BTreeSet<&str> = docs.iter().map(Doc::kind).collect();
+    for kind in [
+        "ConfigMap",
+        "Secret",
+        "Service",
+        "StatefulSet",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "ScaledObject",
+    ] {
+        assert!(kinds.contains(kind), "no {kind} in config/k8s");
+    }
+}
+
+/// The schemas are strict: misspelt or mistyped fields fail (so a pass above means something).
+#[test]
+fn the_schemas_reject_misspelt_and_mistyped_fields() {
+    let docs = docs();
+    let mut sts = find(&docs, "StatefulSet", "tidepool");
+    sts["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = Value::Bool(true);
+    assert!(!violations(&validator("statefulset-apps-v1"), &sts).is_empty());
+
+    let mut sts = find(&docs, "StatefulSet", "tidepool");
+    sts["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] =
+        Value::from("7400");
+    assert!(!violations(&validator("statefulset-apps-v1"), &sts).is_empty());
+
+    let mut keda = find(&docs, "ScaledObject", "tidepool");
+    keda["spec"]["triggers"][0]["metadata"]["threshold"] = Value::from(1);
+    assert!(!violations(&validator("scaledobject-keda-v1alpha1"), &keda).is_empty());
+
+    let mut keda = find(&docs, "ScaledObject", "tidepool");
+    keda["spec"]["maxReplicas"] = Value::from(10);
+    assert!(!violations(&validator("scaledobject-keda-v1alpha1"), &keda).is_empty());
+
+    let mut hpa = find(&docs, "HorizontalPodAutoscaler", "tidepool");
+    hpa["spec"]["metrics"][0]["external"]["target"]
+        .as_object_mut()
+        .unwrap()
+        .remove("type");
+    assert!(!violations(&validator("horizontalpodautoscaler-autoscaling-v2"), &hpa).is_empty());
+}
+
+// ---- the StatefulSet's pod, as the kubelet would set it up -----------------------------------
+
+fn statefulset(docs: &[Doc]) -> Value {
+    find(docs, "StatefulSet", "tidepool")
+}
+
+fn container(sts: &Value) -> Value {
+    let containers = sts["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap();
+    let found: Vec<&Value> = containers
+        .iter()
+        .filter(|c| c["name"] == "tidepool")
+        .collect();
+    assert_eq!(found.len(), 1, "one container named tidepool");
+    found[0].clone()
+}
+
+fn str_map(v: &Value) -> BTreeMap<String, String> {
+    v.as_object()
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_owned()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether every `k: v` of `selector` is among `labels`.
+fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Pod `ordinal`'s name and a made-up pod IP.
+fn pod(sts: &Value, ordinal: usize) -> (String, String) {
+    let name = format!("{}-{ordinal}", sts["metadata"]["name"].as_str().unwrap());
+    (name, format!("10.0.0.{}", ordinal + 10))
+}
+
+/// The container's environment for pod `ordinal`, expanded as the kubelet does: downward-API
+/// fields, then `$(VAR)` references to variables defined earlier in the list.
+fn pod_env(sts: &Value, ordinal: usize) -> Vec<(String, String)> {
+    let (name, ip) = pod(sts, ordinal);
+    let mut env: Vec<(String, String)> = Vec::new();
+    for var in container(sts)["env"].as_array().unwrap() {
+        let key = var["name"].as_str().unwrap().to_owned();
+        let value = if let Some(field) = var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            match field {
+                "metadata.name" => name.clone(),
+                "status.podIP" => ip.clone(),
+                other => panic!("{key}: fieldRef {other} is not simulated by this test"),
+            }
+        } else {
+            let raw = var["value"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{key}: only value and fieldRef are simulated"));
+            let mut s = raw.to_owned();
+            for (k, v) in &env {
+                s = s.replace(&format!("$({k})"), v);
+            }
+            assert!(!s.contains("$("), "{key}={raw}: unresolved reference");
+            s
+        };
+        env.push((key, value));
+    }
+    env
+}
+
+fn node_toml(docs: &[Doc]) -> String {
+    let cm_name = statefulset(docs)["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "config")
+        .expect("a volume named config")["configMap"]["name"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    find(docs, "ConfigMap", &cm_name)["data"]["node.toml"]
+        .as_str()
+        .expect("the ConfigMap holds node.toml")
+        .to_owned()
+}
+
+/// Pod `ordinal`'s configuration, loaded by the daemon's own loader.
+fn pod_config(docs: &[Doc], ordinal: usize) -> Result<NodeConfig, ConfigError> {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.toml");
+    std::fs::write(&path, node_toml(docs)).unwrap();
+    NodeConfig::load_from(Some(&path), &pod_env(&statefulset(docs), ordinal))
+}
+
+fn max_replicas(docs: &[Doc]) -> usize {
+    let keda = find(docs, "ScaledObject", "tidepool")["spec"]["maxReplicaCount"]
+        .as_u64()
+        .unwrap();
+    let hpa = find(docs, "HorizontalPodAutoscaler", "tidepool")["spec"]["maxReplicas"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(keda, hpa, "KEDA and the HPA allow different maximums");
+    keda as usize
+}
+
+#[test]
+fn the_configmap_loads_for_every_pod_with_the_statefulsets_environment() {
+    let docs = docs();
+    let sts = statefulset(&docs);
+    for ordinal in 0..max_replicas(&docs) {
+        let (name, ip) = pod(&sts, ordinal);
+        let env = pod_env(&sts, ordinal);
+        // A TIDEPOOL_ variable without `__` is not configuration and would be silently ignored.
+        for (k, _) in &env {
+            if let Some(rest) = k.strip_prefix("TIDEPOOL_") {
+                assert!(
+                    rest.contains("__") || ["LOG", "CONNECT", "CERT_DIR"].contains(&rest),
+                    "{k} is neither a config variable (TIDEPOOL_SECTION__KEY) nor one the CLI reads"
+                );
+            }
+        }
+        // Unknown keys are errors in the loader, so this also proves every variable names a key.
+        let cfg = pod_config(&docs, ordinal)
+            .unwrap_or_else(|e| panic!("pod {name}: node.toml + environment rejected: {e}"));
+        assert_eq!(
+            cfg.node.name, name,
+            "node.name must be the pod name (the cert CN)"
+        );
+        let advertise: SocketAddr = format!("{ip}:{}", cfg.node.listen.port()).parse().unwrap();
+        assert_eq!(cfg.node.advertise, Some(advertise), "pod {name}");
+        assert!(
+            cfg.node.listen.ip().is_unspecified(),
+            "listen on every pod address"
+        );
+        assert_eq!(cfg.is_voter(), ordinal < VOTERS, "pod {name}");
+        assert!(
+            cfg.storage.url.starts_with("s3://")
+                || cfg.storage.url.starts_with("gs://")
+                || cfg.storage.url.starts_with("az://"),
+            "storage must be shared object storage, not {}",
+            cfg.storage.url
+        );
+    }
+    // Without the environment the file alone is incomplete (listen is a wildcard): the
+    // variables above are what makes it valid, so they are really used.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.toml");
+    std::fs::write(&path, node_toml(&docs)).unwrap();
+    let err = NodeConfig::load_from(Some(&path), &[]).unwrap_err();
+    assert_eq!(err.key, "node.advertise", "{err}");
+}
+
+#[test]
+fn voters_and_seeds_are_the_first_three_pods_of_the_headless_service() {
+    let docs = docs();
+    let sts = statefulset(&docs);
+    let cfg = pod_config(&docs, 0).unwrap();
+    let name = sts["metadata"]["name"].as_str().unwrap();
+    let peers = sts["spec"]["serviceName"].as_str().unwrap();
+    let voters: Vec<String> = (0..VOTERS).map(|i| format!("{name}-{i}")).collect();
+    assert_eq!(cfg.cluster.voters, voters);
+    let seeds: Vec<String> = (0..VOTERS)
+        .map(|i| format!("{name}-{i}.{peers}:{}", cfg.node.listen.port()))
+        .collect();
+    assert_eq!(
+        cfg.cluster.seeds, seeds,
+        "seeds = the voters' per-pod DNS names"
+    );
+    assert_eq!(sts["spec"]["replicas"], VOTERS, "start with the voters");
+    // OrderedReady would deadlock the first start: pod 0 is ready only once all voters run.
+    assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
+    let scaled = find(&docs, "ScaledObject", "tidepool")["spec"]["minReplicaCount"].clone();
+    let hpa = find(&docs, "HorizontalPodAutoscaler", "tidepool")["spec"]["minReplicas"].clone();
+    assert!(
+        scaled.as_u64().unwrap() >= VOTERS as u64,
+        "KEDA would remove voters"
+    );
+    assert!(
+        hpa.as_u64().unwrap() >= VOTERS as u64,
+        "the HPA would remove voters"
+    );
+}
+
+/// A port reference (name or number) of the container, resolved to (number, protocol).
+fn container_port(c: &Value, port: &Value) -> (u64, String) {
+    let ports = c["ports"].as_array().unwrap();
+    let p = ports
+        .iter()
+        .find(|p| match port {
+            Value::String(s) => p["name"] == *s.as_str(),
+            Value::Number(n) => p["containerPort"].as_u64() == n.as_u64(),
+            _ => false,
+        })
+        .unwrap_or_else(|| panic!("port {port} is not a container port"));
+    (
+        p["containerPort"].as_u64().unwrap(),
+        p["protocol"].as_str().unwrap_or("TCP").to_owned(),
+    )
+}
+
+#[test]
+fn ports_probes_and_services_match_the_daemon() {
+    let docs = docs();
+    let sts = statefulset(&docs);
+    let c = container(&sts);
+    let cfg = pod_config(&docs, 0).unwrap();
+    let quic = cfg.node.listen.port() as u64;
+    let admin = cfg.node.admin.port() as u64;
+    assert_eq!(
+        (quic, admin),
+        (7400, 7401),
+        "the documented ports (DESIGN.md)"
+    );
+    assert_eq!(container_port(&c, &"quic".into()), (quic, "UDP".into()));
+    assert_eq!(container_port(&c, &"admin".into()), (admin, "TCP".into()));
+    assert_eq!(
+        c["ports"].as_array().unwrap().len(),
+        2,
+        "no other ports are served"
+    );
+
+    // Probes: the admin server's paths, on the admin port, over plain HTTP.
+    for (probe, path) in [
+        ("readinessProbe", "/readyz"),
+        ("livenessProbe", "/livez"),
+        ("startupProbe", "/livez"),
+    ] {
+        let get = &c[probe]["httpGet"];
+        assert_eq!(get["path"], path, "{probe}");
+        assert_eq!(container_port(&c, &get["port"]).0, admin, "{probe} port");
+        assert!(
+            get.get("scheme").is_none() || get["scheme"] == "HTTP",
+            "{probe}"
+        );
+    }
+    let annotations = str_map(&sts["spec"]["template"]["metadata"]["annotations"]);
+    assert_eq!(annotations["prometheus.io/port"], admin.to_string());
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
+
+    // Labels and selectors.
+    let pod_labels = str_map(&sts["spec"]["template"]["metadata"]["labels"]);
+    let sts_selector = str_map(&sts["spec"]["selector"]["matchLabels"]);
+    assert!(
+        selects(&sts_selector, &pod_labels),
+        "StatefulSet selector vs pod labels"
+    );
+    let pdb = find(&docs, "PodDisruptionBudget", "tidepool");
+    assert!(selects(
+        &str_map(&pdb["spec"]["selector"]["matchLabels"]),
+        &pod_labels
+    ));
+    assert_eq!(
+        pdb["spec"]["maxUnavailable"], 1,
+        "one voter at a time keeps the majority"
+    );
+
+    // Services: the headless governing one and the client one; every port reaches a container
+    // port of the same protocol.
+    let peers_name = sts["spec"]["serviceName"].as_str().unwrap();
+    let mut headless = 0;
+    for svc in docs.iter().filter(|d| d.kind() == "Service") {
+        let spec = &svc.value["spec"];
+        assert!(
+            selects(&str_map(&spec["selector"]), &pod_labels),
+            "Service {} selects no Tidepool pod",
+            svc.name()
+        );
+        for p in spec["ports"].as_array().unwrap() {
+            let target = p.get("targetPort").unwrap_or(&p["port"]);
+            let (number, protocol) = container_port(&c, target);
+            assert_eq!(
+                p["protocol"].as_str().unwrap_or("TCP"),
+                protocol,
+                "Service {} port {}",
+                svc.name(),
+                p["name"]
+            );
+            assert!(number == quic || number == admin);
+        }
+        if spec["clusterIP"] == "None" {
+            headless += 1;
+            assert_eq!(
+                svc.name(),
+                peers_name,
+                "the headless Service governs the StatefulSet"
+            );
+            assert_eq!(
+                spec["publishNotReadyAddresses"], true,
+                "voters must resolve before ready"
+            );
+        }
+    }
+    assert_eq!(headless, 1, "one headless Service");
+    let client = find(&docs, "Service", "tidepool");
+    assert_ne!(client["spec"]["clusterIP"], "None");
+    assert_ne!(
+        client["spec"]["publishNotReadyAddresses"], true,
+        "clients reach ready pods only"
+    );
+
+    // The ServiceMonitor scrapes /metrics on the admin port of the headless Service only.
+    let sm = find(&docs, "ServiceMonitor", "tidepool");
+    let peers = find(&docs, "Service", peers_name);
+    let sm_selector = str_map(&sm["spec"]["selector"]["matchLabels"]);
+    assert!(selects(
+        &sm_selector,
+        &str_map(&peers["metadata"]["labels"])
+    ));
+    assert!(!selects(
+        &sm_selector,
+        &str_map(&client["metadata"]["labels"])
+    ));
+    let endpoint = &sm["spec"]["endpoints"][0];
+    assert_eq!(endpoint["path"], "/metrics");
+    let svc_port = peers["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == endpoint["port"])
+        .expect("the ServiceMonitor's port is a port of the headless Service");
+    assert_eq!(container_port(&c, &svc_port["targetPort"]).0, admin);
+}
+
+#[test]
+fn volumes_args_and_certificates_fit_the_config() {
+    let docs = docs();
+    let sts = statefulset(&docs);
+    let c = container(&sts);
+    let cfg = pod_config(&docs, 0).unwrap();
+    let mounts = c["volumeMounts"].as_array().unwrap();
+    let mount = |name: &str| -> Value {
+        mounts
+            .iter()
+            .find(|m| m["name"] == name)
+            .unwrap_or_else(|| panic!("no mount of volume {name}"))
+            .clone()
+    };
+    let volumes = sts["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
+    let volume = |name: &str| -> Value {
+        volumes
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no volume {name}"))
+            .clone()
+    };
+
+    // `node run --config PATH`, PATH = the ConfigMap's node.toml.
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    let run = args
+        .windows(3)
+        .position(|w| w == ["node", "run", "--config"])
+        .expect("args run `node run --config PATH`");
+    let config_path = args[run + 3];
+    let config_mount = mount("config");
+    assert_eq!(config_mount["mountPath"], config_path);
+    assert_eq!(config_mount["subPath"], "node.toml");
+    assert!(volume("config")["configMap"]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|i| i["key"] == "node.toml" && i["path"] == "node.toml"));
+    let help = std::process::Command::new(BIN)
+        .args(&args[..run + 2])
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(
+        help.status.success(),
+        "tidepool {:?} --help failed",
+        &args[..run + 2]
+    );
+    assert!(String::from_utf8_lossy(&help.stdout).contains("--config"));
+
+    // data_dir is the pod's volume; tls.dir is the pod's own directory of the Secret.
+    assert_eq!(
+        Path::new(mount("data")["mountPath"].as_str().unwrap()),
+        cfg.node.data_dir
+    );
+    assert_eq!(
+        sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"], "data",
+        "data comes from the pod's PersistentVolumeClaim"
+    );
+    let tls = mount("tls");
+    assert_eq!(Path::new(tls["mountPath"].as_str().unwrap()), cfg.tls.dir);
+    assert_eq!(tls["subPathExpr"], "$(POD_NAME)");
+    let env = pod_env(&sts, 4);
+    assert!(env.contains(&("POD_NAME".into(), "tidepool-4".into())));
+
+    // The Secret has ca.pem + NAME.pem + NAME.key for every pod the autoscalers may create,
+    // each mapped to NAME/{ca.pem,node.pem,node.key}, the files the daemon loads.
+    let secret = volume("tls")["secret"].clone();
+    let items: BTreeSet<(String, String)> = secret["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            (
+                i["key"].as_str().unwrap().to_owned(),
+                i["path"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let mut expected = BTreeSet::new();
+    for ordinal in 0..max_replicas(&docs) {
+        let (name, _) = pod(&sts, ordinal);
+        expected.insert(("ca.pem".to_owned(), format!("{name}/ca.pem")));
+        expected.insert((format!("{name}.pem"), format!("{name}/node.pem")));
+        expected.insert((format!("{name}.key"), format!("{name}/node.key")));
+    }
+    assert_eq!(items, expected, "certificate items vs maxReplicas");
+    let example = find(&docs, "Secret", secret["secretName"].as_str().unwrap());
+    let keys: BTreeSet<String> = example["stringData"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let item_keys: BTreeSet<String> = items.iter().map(|(k, _)| k.clone()).collect();
+    assert_eq!(
+        keys, item_keys,
+        "secret-example.yaml vs the StatefulSet's items"
+    );
+}
+
+#[test]
+fn termination_grace_covers_the_prestop_sleep_and_the_drain() {
+    let docs = docs();
+    let sts = statefulset(&docs);
+    let c = container(&sts);
+    let cfg = pod_config(&docs, 0).unwrap();
+    let grace = sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        .as_u64()
+        .unwrap();
+    let pre_stop = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+        .as_u64()
+        .unwrap();
+    // The daemon drains for shutdown_grace_ms and allows its shutdown 1 s more (daemon.rs).
+    let drain_ms = cfg.node.shutdown_grace_ms + 1000;
+    assert!(
+        grace * 1000 > pre_stop * 1000 + drain_ms,
+        "terminationGracePeriodSeconds {grace} must exceed preStop {pre_stop} s + drain {drain_ms} ms"
+    );
+    // A first start: voters look for each other for 10 s, then the join may take 60 s
+    // (actors/src/node.rs) before the admin server (and /livez) is up.
+    let startup = &c["startupProbe"];
+    let window = startup["periodSeconds"].as_u64().unwrap_or(10)
+        * startup["failureThreshold"].as_u64().unwrap_or(3);
+    assert!(window >= 70 + 10, "startupProbe allows only {window} s");
+}
+
+#[test]
+fn autoscalers_follow_the_desired_nodes_metric_on_the_statefulset() {
+    let docs = docs();
+    let sts = statefulset(&docs);
+    let desired = m::ALL
+        .iter()
+        .find(|d| d.name == m::AUTOSCALE_DESIRED)
+        .expect("tidepool_autoscale_desired_nodes is in metrics::ALL");
+    assert_eq!(desired.kind, MetricKind::Gauge);
+    let known: BTreeSet<&str> = m::ALL.iter().map(|d| d.name).collect();
+    let metric_names = |q: &str| -> Vec<String> {
+        q.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .filter(|t| t.starts_with("tidepool_"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let target = serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "StatefulSet",
+        "name": sts["metadata"]["name"],
+    });
+
+    // KEDA: prometheus trigger, replicas = ceil(desired / 1).
+    let keda = find(&docs, "ScaledObject", "tidepool");
+    assert_eq!(keda["spec"]["scaleTargetRef"], target);
+    let triggers = keda["spec"]["triggers"].as_array().unwrap();
+    assert_eq!(triggers.len(), 1);
+    let t = &triggers[0];
+    assert_eq!(t["type"], "prometheus");
+    assert_eq!(t["metricType"], "AverageValue");
+    assert_eq!(t["metadata"]["threshold"], "1");
+    assert_eq!(t["metadata"]["ignoreNullValues"], "false");
+    let query = t["metadata"]["query"].as_str().unwrap();
+    assert!(
+        query.starts_with("max("),
+        "only the leader reports: max over pods"
+    );
+    assert_eq!(metric_names(query), vec![m::AUTOSCALE_DESIRED]);
+
+    // HPA + prometheus-adapter: the external metric the adapter's rule names.
+    let hpa = find(&docs, "HorizontalPodAutoscaler", "tidepool");
+    assert_eq!(hpa["spec"]["scaleTargetRef"], target);
+    let metrics = hpa["spec"]["metrics"].as_array().unwrap();
+    assert_eq!(metrics.len(), 1);
+    assert_eq!(metrics[0]["type"], "External");
+    let external = &metrics[0]["external"];
+    assert_eq!(external["target"]["type"], "AverageValue");
+    assert_eq!(external["target"]["averageValue"], "1");
+    let adapter = in_file(&docs, "prometheus-adapter-rules.yaml", "ConfigMap");
+    let rules: Value = serde_norway::from_str(adapter["data"]["config.yaml"].as_str().unwrap())
+        .expect("the adapter's config.yaml parses");
+    let rule = rules["externalRules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"]["as"] == external["metric"]["name"])
+        .expect("an adapter rule serves the HPA's external metric");
+    for q in [
+        &rule["seriesQuery"],
+        &rule["metricsQuery"],
+        &rule["name"]["as"],
+    ] {
+        for name in metric_names(q.as_str().unwrap()) {
+            assert!(
+                known.contains(name.as_str()),
+                "{name} is not a Tidepool metric"
+            );
+        }
+    }
+    assert_eq!(
+        metric_names(rule["seriesQuery"].as_str().unwrap()),
+        vec![m::AUTOSCALE_DESIRED]
+    );
+    assert!(rule["metricsQuery"].as_str().unwrap().starts_with("max("));
+
+    // Same bounds in both.
+    let (min, max) = (
+        keda["spec"]["minReplicaCount"].as_u64().unwrap(),
+        keda["spec"]["maxReplicaCount"].as_u64().unwrap(),
+    );
+    assert_eq!(hpa["spec"]["minReplicas"], min);
+    assert_eq!(hpa["spec"]["maxReplicas"], max);
+    // The recommender's own bounds ([autoscale] in node.toml) must be the autoscalers' too.
+    let toml: toml::Table = node_toml(&docs).parse().unwrap();
+    let bounds = toml.get("autoscale").expect("node.toml sets [autoscale]");
+    let bound = |key: &str| bounds.get(key).and_then(|v| v.as_integer());
+    assert_eq!(bound("min_nodes"), Some(min as i64), "autoscale.min_nodes");
+    assert_eq!(bound("max_nodes"), Some(max as i64), "autoscale.max_nodes");
+}
+
+#[test]
+fn kustomization_deploys_the_base_and_no_alternative() {
+    let docs = docs();
+    let k = in_file(&docs, "kustomization.yaml", "Kustomization");
+    let resources: BTreeSet<&str> = k["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    for r in &resources {
+        assert!(
+            k8s_dir().join(r).is_file(),
+            "kustomization lists missing {r}"
+        );
+    }
+    let expected: BTreeSet<&str> = [
+        "configmap.yaml",
+        "services.yaml",
+        "statefulset.yaml",
+        "pdb.yaml",
+    ]
+    .into();
+    assert_eq!(resources, expected);
+}
+
+// ---- systemd ---------------------------------------------------------------------------------
+
+/// `Key=value` lines of the unit's `[Service]` section (a key may repeat).
+fn unit_service_section() -> Vec<(String, String)> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/systemd/tidepool.service");
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut section = String::new();
+    let mut out = Vec::new();
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if line.starts_with('[') {
+            section = line.to_owned();
+        } else if section == "[Service]" {
+            let (k, v) = line.split_once('=').expect("Key=value");
+            out.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+    }
+    out
+}
+
+#[test]
+fn systemd_unit_is_type_notify_and_runs_the_node() {
+    let service = unit_service_section();
+    let get = |key: &str| -> String {
+        let found: Vec<&String> = service
+            .iter()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(found.len(), 1, "{key}= once in [Service]");
+        found[0].clone()
+    };
+    assert_eq!(get("Type"), "notify");
+    assert_eq!(get("NotifyAccess"), "main");
+    assert_eq!(get("KillSignal"), "SIGTERM");
+    assert_eq!(get("Restart"), "on-failure");
+    let exec = get("ExecStart");
+    let argv: Vec<&str> = exec.split_whitespace().collect();
+    assert!(
+        argv[0].starts_with('/') && argv[0].ends_with("/tidepool"),
+        "{exec}"
+    );
+    let run = argv
+        .windows(3)
+        .position(|w| w == ["node", "run", "--config"])
+        .expect("ExecStart runs `node run --config PATH`");
+    assert!(argv[run + 3].starts_with('/'), "an absolute config path");
+    let help = std::process::Command::new(BIN)
+        .args(&argv[1..run + 2])
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(help.status.success());
+    // A bad config exits 64: restarting cannot fix it.
+    assert!(get("RestartPreventExitStatus")
+        .split_whitespace()
+        .any(|s| s == ConfigError::EXIT_CODE.to_string()));
+    // systemd's stop timeout must outlast the drain (default grace + the 1 s overrun).
+    let stop: u64 = get("TimeoutStopSec")
+        .parse()
+        .expect("TimeoutStopSec in seconds");
+    let grace_ms = NodeConfig::default().node.shutdown_grace_ms;
+    assert!(
+        stop * 1000 > grace_ms + 1000,
+        "TimeoutStopSec {stop} vs grace {grace_ms} ms"
+    );
+    let start: u64 = get("TimeoutStartSec")
+        .parse()
+        .expect("TimeoutStartSec in seconds");
+    assert!(
+        start >= 80,
+        "READY=1 may come 70 s after start (voter discovery + join)"
+    );
+}
+
+/// Notification datagrams, read as they come (so the socket never fills up and blocks the
+/// daemon's sends).
+type Notifications = tokio::sync::mpsc::UnboundedReceiver<String>;
+
+fn listen_for_notifications(sock: tokio::net::UnixDatagram) -> Notifications {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok(n) = sock.recv(&mut buf).await {
+            if tx
+                .send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits for a datagram with the line `want` (e.g. `READY=1`); returns those before it.
+async fn await_notification(
+    rx: &mut Notifications,
+    want: &str,
+    timeout: Duration,
+    cluster: &LocalCluster,
+) -> Vec<String> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut seen = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(msg)) => {
+                if msg.lines().any(|l| l == want) {
+                    return seen;
+                }
+                seen.push(msg);
+            }
+            Ok(None) => panic!("notify socket closed"),
+            Err(_) => panic!(
+                "no {want} within {timeout:?} (got {seen:?}); log:\n{}",
+                cluster.tail_log(0)
+            ),
+        }
+    }
+}
+
+/// The daemon under a simulated systemd: `NOTIFY_SOCKET` and `WATCHDOG_USEC` are set in the
+/// child's environment only (no process-wide env changes, so nothing races other tests).
+/// Listens on a wildcard address with `node.advertise`, as in a pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_notifies_systemd_serves_the_probe_paths_and_drains_on_sigterm() {
+    let docs = docs();
+    let c = container(&statefulset(&docs));
+    let readyz = c["readinessProbe"]["httpGet"]["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let livez = c["livenessProbe"]["httpGet"]["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let mut cluster = LocalCluster::create(Path::new(BIN), 1, 8, 1).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sock_path = dir.path().join("notify.sock");
+    let mut rx = listen_for_notifications(tokio::net::UnixDatagram::bind(&sock_path).unwrap());
+    let quic = cluster.nodes[0].quic;
+    let wildcard = SocketAddr::from(([0, 0, 0, 0], quic.port()));
+    cluster.env = vec![
+        ("NOTIFY_SOCKET".into(), sock_path.display().to_string()),
+        ("WATCHDOG_USEC".into(), "1000000".into()),
+        ("TIDEPOOL_NODE__LISTEN".into(), wildcard.to_string()),
+        ("TIDEPOOL_NODE__ADVERTISE".into(), quic.to_string()),
+    ];
+    cluster.start(0).unwrap();
+
+    // READY=1 only once the node runs: by then the admin server answers the probe paths.
+    let before = await_notification(&mut rx, "READY=1", Duration::from_secs(90), &cluster).await;
+    assert!(before.is_empty(), "nothing before READY=1: {before:?}");
+    let admin = cluster.nodes[0].admin;
+    let (status, _) = tidepool::http::get(admin, &livez).await.unwrap();
+    assert_eq!(status, 200, "{livez}");
+    cluster
+        .wait_node_ready(0, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let (status, body) = tidepool::http::get(admin, &readyz).await.unwrap();
+    assert_eq!((status, body.trim()), (200, "ready"), "{readyz}");
+    let (status, _) = tidepool::http::get(admin, "/no-such-path").await.unwrap();
+    assert_eq!(status, 404, "the probe checks above are not vacuous");
+
+    // WatchdogSec=: pings at half the interval.
+    await_notification(&mut rx, "WATCHDOG=1", Duration::from_secs(5), &cluster).await;
+
+    // SIGTERM: STOPPING=1, then exit 0 well within the pod's grace period.
+    let started = Instant::now();
+    cluster.signal(0, libc::SIGTERM).unwrap();
+    await_notification(&mut rx, "STOPPING=1", Duration::from_secs(10), &cluster).await;
+    // stop() signals once more (ignored by a draining node) and reaps the exit status.
+    let status = cluster.stop(0, Duration::from_secs(25)).await.unwrap();
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        cluster.tail_log(0)
+    );
+    assert!(started.elapsed() < Duration::from_secs(25));
+}
