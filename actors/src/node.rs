@@ -23,7 +23,7 @@ use tidepool_runtime::rebalance::RebalanceConfig;
 use tidepool_runtime::storage::Store;
 use tidepool_runtime::transport::{PeerPolicy, Socket, TlsMaterial, Transport, TransportConfig};
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::audit::{AuditError, AuditLog};
 use crate::coordinator::CoordinatorCtx;
@@ -593,15 +593,16 @@ async fn discover_voters(
         found.insert(me.to_string(), addr.to_string());
     }
     let deadline = Instant::now() + Duration::from_secs(if cfg.is_voter() { 10 } else { 3 });
-    // Seeds may be names (`node-2.example:7400`, a Kubernetes headless service): resolve them.
-    let mut seeds: Vec<SocketAddr> = Vec::new();
-    for seed in &cfg.cluster.seeds {
-        match tokio::net::lookup_host(seed.as_str()).await {
-            Ok(addrs) => seeds.extend(addrs.filter(|a| *a != cfg.node.listen).take(1)),
-            Err(e) => warn!(%seed, error = %e, "cannot resolve seed; skipping it"),
-        }
-    }
+    // Seeds may be names (`node-2.example:7400`, a Kubernetes headless service): resolved on
+    // every round, so a peer whose DNS record appears while we wait is still found.
     loop {
+        let mut seeds: Vec<SocketAddr> = Vec::new();
+        for seed in &cfg.cluster.seeds {
+            match tokio::net::lookup_host(seed.as_str()).await {
+                Ok(addrs) => seeds.extend(addrs.filter(|a| *a != cfg.node.listen).take(1)),
+                Err(e) => debug!(%seed, error = %e, "cannot resolve seed yet"),
+            }
+        }
         for seed in &seeds {
             if found.values().any(|a| a == &seed.to_string()) {
                 continue;

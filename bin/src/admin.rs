@@ -1,7 +1,11 @@
 //! Admin HTTP: `/metrics` (Prometheus text), `/livez` (the process is up), `/readyz` (joined the
-//! cluster and serving its shards; 503 from the moment a stop begins).
+//! cluster and serving its shards; 503 while starting and from the moment a stop begins).
+//!
+//! It is bound before the node starts, so liveness and metrics answer while the node discovers
+//! its voters and joins (which can take a while on a fresh Kubernetes rollout).
 
 use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result};
 use axum::extract::State;
@@ -10,17 +14,20 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tidepool_actors::node::Readiness;
 
+/// Set once the node has started; `/readyz` is 503 until then.
+pub type ReadinessSlot = Arc<OnceLock<Readiness>>;
+
 #[derive(Clone)]
 struct AdminState {
     metrics: PrometheusHandle,
-    ready: Readiness,
+    ready: ReadinessSlot,
 }
 
 /// Binds the admin listener (so a taken port fails startup) and returns the server future.
 pub async fn bind(
     addr: SocketAddr,
     metrics: PrometheusHandle,
-    ready: Readiness,
+    ready: ReadinessSlot,
 ) -> Result<impl std::future::Future<Output = ()>> {
     let app = axum::Router::new()
         .route("/metrics", get(render))
@@ -42,7 +49,7 @@ async fn render(State(s): State<AdminState>) -> String {
 }
 
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
-    let ready = s.ready.is_ready();
+    let ready = s.ready.get().is_some_and(Readiness::is_ready);
     metrics::gauge!(tidepool_runtime::metrics::NODE_READY).set(if ready { 1.0 } else { 0.0 });
     if ready {
         (StatusCode::OK, "ready\n")

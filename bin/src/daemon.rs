@@ -46,10 +46,14 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
 pub async fn run(cfg: NodeConfig) -> Result<i32> {
     let grace = Duration::from_millis(cfg.node.shutdown_grace_ms);
     let metrics = install_metrics()?;
+    // Admin HTTP first: /livez and /metrics answer while the node joins; /readyz says 503 until
+    // the node has started.
+    let slot = crate::admin::ReadinessSlot::default();
+    let admin = crate::admin::bind(cfg.node.admin, metrics, slot.clone()).await?;
+    tokio::spawn(admin);
     let mut node = Node::start(&cfg, None).await.context("starting the node")?;
     let readiness = node.readiness();
-    let admin = crate::admin::bind(cfg.node.admin, metrics, readiness.clone()).await?;
-    tokio::spawn(admin);
+    let _ = slot.set(readiness.clone());
     info!(node = %cfg.node.name, quic = %cfg.node.listen, admin = %cfg.node.admin, "tidepool node running");
     // systemd (Type=notify): started, joined and serving /livez and /readyz.
     sd_notify_state(&[sd_notify::NotifyState::Ready]);

@@ -146,7 +146,7 @@ metric_table! {
     BACKLOG = "tidepool_backlog_tasks", Gauge, None, [],
         "Runnable backlog: tasks waiting for a worker plus messages queued at this node's shards.";
     MAILBOX_DEPTH = "tidepool_mailbox_depth", Gauge, None, ["mailbox"],
-        "Messages waiting per mailbox kind (shards, workers, send_queues, handoff_buffers).";
+        "Messages waiting per mailbox kind (shards, workers, send_queues).";
     TASK_SECONDS = "tidepool_task_duration_seconds", Histogram, Some(Unit::Seconds), [],
         "Worker task latency, from submission to completion (queueing included).";
     QUIC_RTT = "tidepool_quic_rtt_seconds", Gauge, Some(Unit::Seconds), [],
