@@ -101,6 +101,27 @@ struct Writer {
     last_checkpoint: Option<u64>,
 }
 
+/// The chaos harness's deliberately broken mode (`fault-injection` builds only, and only with
+/// `TIDEPOOL_UNSAFE_SKIP_DURABILITY=1`): ops are acknowledged without being logged, so a crash
+/// loses acknowledged ops, which the harness's checkers must catch.
+fn skip_durability() -> bool {
+    #[cfg(feature = "fault-injection")]
+    {
+        static SKIP: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *SKIP.get_or_init(|| {
+            let on = std::env::var("TIDEPOOL_UNSAFE_SKIP_DURABILITY").as_deref() == Ok("1");
+            if on {
+                tracing::error!("TIDEPOOL_UNSAFE_SKIP_DURABILITY=1: acknowledging ops WITHOUT logging them (chaos test mode)");
+            }
+            on
+        })
+    }
+    #[cfg(not(feature = "fault-injection"))]
+    {
+        false
+    }
+}
+
 fn fail(item: LogItem, code: ErrorCode) {
     match item {
         LogItem::Op { reply, .. } => {
@@ -182,7 +203,8 @@ impl Writer {
                 req: Some(req),
             })
             .collect();
-        if !records.is_empty() {
+        // The chaos harness's deliberately broken mode skips the append: acknowledged, not logged.
+        if !records.is_empty() && !skip_durability() {
             let n = records.len() as u64;
             let outcome = match codec::encode_log(&records) {
                 Ok(bytes) => {

@@ -51,7 +51,13 @@ pub async fn run(cfg: NodeConfig) -> Result<i32> {
     let slot = crate::admin::ReadinessSlot::default();
     let admin = crate::admin::bind(cfg.node.admin, metrics, slot.clone()).await?;
     tokio::spawn(admin);
-    let mut node = Node::start(&cfg, None).await.context("starting the node")?;
+    #[cfg(feature = "fault-injection")]
+    let socket = crate::fault_file::socket_from_env(cfg.node.listen)?;
+    #[cfg(not(feature = "fault-injection"))]
+    let socket = None;
+    let mut node = Node::start(&cfg, socket)
+        .await
+        .context("starting the node")?;
     let readiness = node.readiness();
     let _ = slot.set(readiness.clone());
     info!(node = %cfg.node.name, quic = %cfg.node.listen, admin = %cfg.node.admin, "tidepool node running");

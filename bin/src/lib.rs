@@ -13,6 +13,8 @@
 //! - [`bench`]: `tidepool bench failover`.
 //! - [`bench_train`]: `tidepool bench train`: SGD throughput vs a plain loop, scaling, local SGD.
 //! - [`datasets`]: built-in real datasets, seeded train/test split, CSV export, smartcore reference.
+//! - [`chaos`]: `tidepool chaos run`: scenarios, faults, checkers, reports.
+//! - [`fault_spec`], `fault_file` (feature `fault-injection`): the nodes' fault files.
 //! - [`predict`]: `tidepool predict` and `tidepool dataset builtin`.
 
 pub mod admin;
@@ -20,7 +22,11 @@ pub mod bench;
 pub mod bench_train;
 pub mod conn;
 pub mod daemon;
+pub mod chaos;
 pub mod datasets;
+pub mod fault_spec;
+#[cfg(feature = "fault-injection")]
+pub mod fault_file;
 pub mod demo;
 pub mod http;
 pub mod jobs_cli;

@@ -37,7 +37,7 @@ pub struct LocalCluster {
     /// Names of the control-plane voters (also the seeds).
     pub voters: Vec<String>,
     /// Extra environment for every node process (config overrides such as
-    /// `TIDEPOOL_WORKERS__THREADS`).
+    /// `TIDEPOOL_WORKERS__THREADS`); `{name}` in a value becomes the node's name.
     pub env: Vec<(String, String)>,
 }
 
@@ -183,7 +183,11 @@ impl LocalCluster {
             .args(["node", "run", "--config"])
             .arg(&node.config)
             .env_remove("TIDEPOOL_LOG")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(
+                self.env
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.replace("{name}", &node.name))),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

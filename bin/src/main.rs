@@ -83,6 +83,9 @@ enum Cmd {
     /// Submit, watch, cancel jobs and fetch their results.
     #[command(subcommand)]
     Job(JobCmd),
+    /// Chaos runs: faults against a real local cluster, checked for lost or doubled data.
+    #[command(subcommand)]
+    Chaos(ChaosCmd),
     /// Run a trained model (from `job result --out`) on a CSV: predictions, accuracy or RMSE.
     Predict {
         #[arg(long)]
@@ -94,6 +97,36 @@ enum Cmd {
         label: Option<String>,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ChaosCmd {
+    /// Run a scenario (config/chaos/*.toml) with one seed, or a directory of them (--matrix).
+    /// Exits 1 if any checker found a violation.
+    Run {
+        /// The scenario file.
+        #[arg(required_unless_present = "matrix")]
+        scenario: Option<PathBuf>,
+        /// Run every scenario in this directory instead.
+        #[arg(long, conflicts_with = "scenario")]
+        matrix: Option<PathBuf>,
+        /// Replay exactly this seed.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Seeds 1..=N per scenario (default: each scenario's own `seeds`).
+        #[arg(long, conflicts_with = "seed")]
+        seeds: Option<u64>,
+        /// Write the JSON report here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Keep every run's temp dir (logs, ownership logs), not only failing ones.
+        #[arg(long)]
+        keep: bool,
+        /// Deliberately broken nodes that acknowledge ops without logging them (to see the
+        /// checkers catch it; needs a fault-injection build).
+        #[arg(long, hide = true)]
+        unsafe_skip_durability: bool,
     },
 }
 
@@ -345,6 +378,35 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 json,
             })
             .await
+        }
+        Cmd::Chaos(ChaosCmd::Run {
+            scenario,
+            matrix,
+            seed,
+            seeds,
+            report,
+            keep,
+            unsafe_skip_durability,
+        }) => {
+            let (path, is_matrix) = match (scenario, matrix) {
+                (_, Some(dir)) => (dir, true),
+                (Some(file), None) => (file, false),
+                (None, None) => bail!("give a scenario file or --matrix DIR"),
+            };
+            let code = tidepool::chaos::main(
+                &path,
+                is_matrix,
+                seed,
+                seeds,
+                report,
+                keep,
+                unsafe_skip_durability,
+            )
+            .await?;
+            if code != 0 {
+                std::process::exit(code);
+            }
+            Ok(())
         }
         Cmd::Dataset(cmd) => jobs_cmd::dataset(cmd).await,
         Cmd::Job(cmd) => jobs_cmd::job(cmd).await,

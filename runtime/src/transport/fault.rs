@@ -26,6 +26,13 @@ pub struct Rule {
     pub drop_rate: f64,
     /// Hold each outgoing datagram this long before sending it.
     pub delay: Duration,
+    /// Add a random extra delay in `0..jitter` to each outgoing datagram (reorders them).
+    pub jitter: Duration,
+    /// Send each outgoing datagram twice with this probability.
+    pub duplicate_rate: f64,
+    /// `blocked` applies to outgoing datagrams only (a one-way partition: the peer still
+    /// reaches us, we do not reach it).
+    pub outgoing_only: bool,
 }
 
 #[derive(Debug)]
@@ -83,18 +90,30 @@ impl FaultPlan {
         self.state.lock().dropped
     }
 
-    /// Decides the fate of one datagram: `None` drops it, `Some(delay)` passes it.
-    fn judge(&self, peer: SocketAddr) -> Option<Duration> {
+    /// Decides the fate of one datagram: `None` drops it, `Some((delay, duplicate))` passes it
+    /// (outgoing ones may be delayed, jittered and duplicated; incoming ones only dropped).
+    fn judge(&self, peer: SocketAddr, outgoing: bool) -> Option<(Duration, bool)> {
         let mut s = self.state.lock();
         let rule = s.peers.get(&peer).copied().unwrap_or(s.default);
-        let lost = rule.blocked
+        let blocked = rule.blocked && (outgoing || !rule.outgoing_only);
+        let lost = blocked
             || (rule.drop_rate > 0.0 && s.rng.random_bool(rule.drop_rate.clamp(0.0, 1.0)));
         if lost {
             s.dropped += 1;
-            None
-        } else {
-            Some(rule.delay)
+            return None;
         }
+        if !outgoing {
+            return Some((Duration::ZERO, false));
+        }
+        let jitter = if rule.jitter.is_zero() {
+            Duration::ZERO
+        } else {
+            let nanos = u64::try_from(rule.jitter.as_nanos()).unwrap_or(u64::MAX);
+            Duration::from_nanos(s.rng.random_range(0..nanos))
+        };
+        let dup = rule.duplicate_rate > 0.0
+            && s.rng.random_bool(rule.duplicate_rate.clamp(0.0, 1.0));
+        Some((rule.delay + jitter, dup))
     }
 }
 
@@ -127,11 +146,16 @@ impl AsyncUdpSocket for FaultSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        match self.plan.judge(transmit.destination) {
+        match self.plan.judge(transmit.destination, true) {
             // A lost datagram looks sent: UDP gives no feedback.
             None => Ok(()),
-            Some(d) if d.is_zero() => self.inner.try_send(transmit),
-            Some(delay) => {
+            Some((d, dup)) if d.is_zero() => {
+                if dup {
+                    let _ = self.inner.try_send(transmit);
+                }
+                self.inner.try_send(transmit)
+            }
+            Some((delay, dup)) => {
                 let inner = self.inner.clone();
                 let (dest, ecn, src_ip) = (transmit.destination, transmit.ecn, transmit.src_ip);
                 let contents = transmit.contents.to_vec();
@@ -139,13 +163,15 @@ impl AsyncUdpSocket for FaultSocket {
                 tokio::spawn(async move {
                     tokio::time::sleep(delay).await;
                     // A send that would block now is a lost datagram, as on a real network.
-                    let _ = inner.try_send(&Transmit {
-                        destination: dest,
-                        ecn,
-                        contents: &contents,
-                        segment_size,
-                        src_ip,
-                    });
+                    for _ in 0..(1 + usize::from(dup)) {
+                        let _ = inner.try_send(&Transmit {
+                            destination: dest,
+                            ecn,
+                            contents: &contents,
+                            segment_size,
+                            src_ip,
+                        });
+                    }
                 });
                 Ok(())
             }
@@ -169,7 +195,7 @@ impl AsyncUdpSocket for FaultSocket {
                 .poll_recv(cx, std::slice::from_mut(buf), std::slice::from_mut(m))
             {
                 Poll::Ready(Ok(n)) if n > 0 => {
-                    if self.plan.judge(m.addr).is_some() {
+                    if self.plan.judge(m.addr, false).is_some() {
                         return Poll::Ready(Ok(1));
                     }
                 }

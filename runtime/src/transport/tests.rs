@@ -201,9 +201,11 @@ mod faults {
         introduce(&a, &b);
         ping(&a, "b", 0, Duration::from_secs(10)).await.unwrap();
         plan.set_default(Rule {
-            blocked: false,
             drop_rate: 0.2,
             delay: Duration::from_millis(5),
+            jitter: Duration::from_millis(5),
+            duplicate_rate: 0.1,
+            ..Rule::default()
         });
         for n in 1..=100 {
             ping(&a, "b", n, Duration::from_secs(10)).await.unwrap();

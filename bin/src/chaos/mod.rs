@@ -1,0 +1,688 @@
+//! `tidepool chaos run`: real node processes, a recorded workload, faults on a schedule,
+//! healing, convergence, and checkers that prove nothing was lost. See `config/chaos/` for the
+//! scenarios and RELIABILITY.md for what each checker proves.
+
+pub mod checkers;
+pub mod scenario;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use tidepool_actors::jobs::job::ShardData;
+use tidepool_actors::jobs::registry;
+use tidepool_runtime::client::{ClientOptions, ClusterClient};
+use tidepool_runtime::control::{DatasetRecord, DatasetSource};
+use tidepool_runtime::dataset;
+use tidepool_runtime::jobspec::JobSpec;
+use tidepool_runtime::transport::TlsMaterial;
+
+use crate::local_cluster::{wait_all_up, wait_stable, LocalCluster};
+use crate::{datasets, jobs_cli, workload};
+use scenario::{Fault, Kind, Scenario};
+
+/// How a run is asked for.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub seed: u64,
+    /// Keep the cluster's temp dir (logs, ownership logs).
+    pub keep: bool,
+    /// The deliberately broken mode: nodes acknowledge ops without logging them. The checkers
+    /// must report violations.
+    pub unsafe_skip_durability: bool,
+}
+
+/// One injected fault, as it happened.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultEvent {
+    pub at_ms: u64,
+    pub kind: String,
+    pub target: String,
+    pub detail: String,
+}
+
+/// The outcome of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    pub scenario: String,
+    pub seed: u64,
+    pub faults: Vec<FaultEvent>,
+    pub ops: u64,
+    pub acked: u64,
+    pub unacked: u64,
+    pub duplicates_deduplicated: u64,
+    /// After the last heal, until every shard was served by a live node within the cap.
+    pub convergence_ms: Option<u64>,
+    /// Checker name -> violations (empty = passed).
+    pub checks: BTreeMap<String, Vec<String>>,
+    pub passed: bool,
+    pub elapsed_ms: u64,
+}
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Network faults per node, written to the nodes' fault files.
+#[derive(Default)]
+struct Net {
+    specs: HashMap<String, crate::fault_spec::FaultSpec>,
+}
+
+struct Run<'a> {
+    s: &'a Scenario,
+    cluster: LocalCluster,
+    client: Arc<ClusterClient>,
+    rng: rand::rngs::StdRng,
+    started: Instant,
+    events: Vec<FaultEvent>,
+    /// Nodes whose exit the scenario caused (killed or drained), by index.
+    expected_exit: Vec<bool>,
+    /// Periods (µs) a node could not serve: paused or dead.
+    down: HashMap<String, Vec<(u64, u64)>>,
+    net: Net,
+    job: Option<String>,
+    last_heal: Instant,
+}
+
+impl Run<'_> {
+    fn names(&self) -> Vec<String> {
+        self.cluster.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    fn index(&self, name: &str) -> Result<usize> {
+        self.cluster
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .with_context(|| format!("no node {name}"))
+    }
+
+    async fn target(&mut self, f: &Fault) -> Result<usize> {
+        let running: Vec<usize> = (0..self.cluster.nodes.len())
+            .filter(|&i| self.cluster.running(i) && !self.expected_exit[i])
+            .collect();
+        let pick = |rng: &mut rand::rngs::StdRng, from: &[usize]| -> Result<usize> {
+            if from.is_empty() {
+                bail!("no running node to target");
+            }
+            Ok(from[rng.random_range(0..from.len())])
+        };
+        match f.target.as_str() {
+            "random" => pick(&mut self.rng, &running),
+            "non_voter" => {
+                let nv: Vec<usize> = running
+                    .iter()
+                    .copied()
+                    .filter(|&i| !self.cluster.voters.contains(&self.cluster.nodes[i].name))
+                    .collect();
+                pick(&mut self.rng, &nv)
+            }
+            "leader" => {
+                let leader = self.client.status().await?.leader;
+                self.index(&leader)
+            }
+            "coordinator" => {
+                let id = self.job.clone().context("no training job to find a coordinator of")?;
+                let rec = jobs_cli::status(&self.client, &id).await?;
+                match rec.coordinator {
+                    Some(c) => self.index(&c),
+                    None => pick(&mut self.rng, &running),
+                }
+            }
+            name => self.index(name),
+        }
+    }
+
+    fn event(&mut self, kind: &str, target: &str, detail: String) {
+        let at_ms = self.started.elapsed().as_millis() as u64;
+        println!("  +{:>6} ms  {kind:<9} {target:<4} {detail}", at_ms);
+        self.events.push(FaultEvent {
+            at_ms,
+            kind: kind.into(),
+            target: target.into(),
+            detail,
+        });
+    }
+
+    fn write_net(&self) -> Result<()> {
+        for n in &self.cluster.nodes {
+            let spec = self.net.specs.get(&n.name).cloned().unwrap_or_default();
+            let path = self.cluster.root().join("faults").join(format!("{}.json", n.name));
+            std::fs::write(&path, serde_json::to_vec(&spec)?)?;
+        }
+        Ok(())
+    }
+
+    fn block(&mut self, from: &str, to: std::net::SocketAddr, one_way: bool) {
+        let spec = self.net.specs.entry(from.to_string()).or_default();
+        let rule = spec.peers.entry(to).or_default();
+        rule.blocked = true;
+        rule.outgoing_only = one_way;
+    }
+
+    async fn apply(&mut self, f: &Fault) -> Result<Vec<(u64, Action)>> {
+        let mut later = Vec::new();
+        let at = f.at_ms;
+        match f.kind {
+            Kind::Kill => {
+                let i = self.target(f).await?;
+                let name = self.cluster.nodes[i].name.clone();
+                self.cluster.kill(i).await?;
+                self.expected_exit[i] = true;
+                self.down.entry(name.clone()).or_default().push((now_us(), u64::MAX));
+                let detail = match f.restart_after_ms {
+                    Some(d) => {
+                        later.push((at + d, Action::Restart(i)));
+                        format!("SIGKILL, restart in {d} ms")
+                    }
+                    None => "SIGKILL".into(),
+                };
+                self.event("kill", &name, detail);
+            }
+            Kind::Pause => {
+                let i = self.target(f).await?;
+                let name = self.cluster.nodes[i].name.clone();
+                self.cluster.signal(i, libc::SIGSTOP)?;
+                self.down.entry(name.clone()).or_default().push((now_us(), u64::MAX));
+                let d = f.duration_ms.unwrap_or(0);
+                later.push((at + d, Action::Resume(i)));
+                self.event("pause", &name, format!("SIGSTOP for {d} ms"));
+            }
+            Kind::Drain => {
+                let i = self.target(f).await?;
+                let name = self.cluster.nodes[i].name.clone();
+                self.client.drain(&name).await?;
+                self.event("drain", &name, "cluster drain, then SIGTERM".into());
+                let status = self.cluster.stop(i, Duration::from_secs(60)).await?;
+                self.expected_exit[i] = true;
+                self.down.entry(name.clone()).or_default().push((now_us(), u64::MAX));
+                if !status.success() {
+                    bail!("{name} did not exit cleanly after a drain: {status}");
+                }
+            }
+            Kind::Join => {
+                let i = self.cluster.add_node()?;
+                self.expected_exit.push(false);
+                self.write_net()?;
+                self.cluster.start(i)?;
+                let name = self.cluster.nodes[i].name.clone();
+                self.event("join", &name, "new node started".into());
+            }
+            Kind::Isolate => {
+                let i = self.target(f).await?;
+                let name = self.cluster.nodes[i].name.clone();
+                let me = self.cluster.nodes[i].quic;
+                for n in self.names() {
+                    if n != name {
+                        let other = self.cluster.nodes[self.index(&n)?].quic;
+                        self.block(&name, other, false);
+                        self.block(&n, me, false);
+                    }
+                }
+                self.write_net()?;
+                let d = f.duration_ms.unwrap_or(0);
+                later.push((at + d, Action::HealNet));
+                self.event("isolate", &name, format!("no traffic with any node for {d} ms"));
+            }
+            Kind::Split => {
+                let k = f.minority.unwrap_or(1);
+                let mut order: Vec<usize> = (0..self.cluster.nodes.len()).collect();
+                for i in (1..order.len()).rev() {
+                    let j = self.rng.random_range(0..=i);
+                    order.swap(i, j);
+                }
+                let (minority, majority) = order.split_at(k.min(order.len()));
+                for &a in minority {
+                    for &b in majority {
+                        let (na, nb) = (self.cluster.nodes[a].name.clone(), self.cluster.nodes[b].name.clone());
+                        let (qa, qb) = (self.cluster.nodes[a].quic, self.cluster.nodes[b].quic);
+                        self.block(&na, qb, false);
+                        self.block(&nb, qa, false);
+                    }
+                }
+                self.write_net()?;
+                let d = f.duration_ms.unwrap_or(0);
+                later.push((at + d, Action::HealNet));
+                let names: Vec<&str> = minority.iter().map(|&i| self.cluster.nodes[i].name.as_str()).collect();
+                self.event("split", &names.join(","), format!("minority cut off from the rest for {d} ms"));
+            }
+            Kind::OneWay => {
+                let i = self.target(f).await?;
+                let name = self.cluster.nodes[i].name.clone();
+                let peer = f.peer.clone().unwrap_or_default();
+                let to = self.cluster.nodes[self.index(&peer)?].quic;
+                self.block(&name, to, true);
+                self.write_net()?;
+                let d = f.duration_ms.unwrap_or(0);
+                later.push((at + d, Action::HealNet));
+                self.event("one_way", &name, format!("{name} -> {peer} dropped for {d} ms"));
+            }
+            Kind::Netem => {
+                for n in self.names() {
+                    let spec = self.net.specs.entry(n).or_default();
+                    spec.default.drop_rate = f.drop_rate;
+                    spec.default.delay_ms = f.delay_ms;
+                    spec.default.jitter_ms = f.jitter_ms;
+                    spec.default.duplicate_rate = f.duplicate_rate;
+                }
+                self.write_net()?;
+                let d = f.duration_ms.unwrap_or(0);
+                later.push((at + d, Action::HealNet));
+                self.event(
+                    "netem",
+                    "all",
+                    format!(
+                        "loss {:.0}%, delay {} ms +- {} ms, duplicates {:.0}% for {d} ms",
+                        f.drop_rate * 100.0,
+                        f.delay_ms,
+                        f.jitter_ms,
+                        f.duplicate_rate * 100.0
+                    ),
+                );
+            }
+        }
+        Ok(later)
+    }
+
+    fn end_down(&mut self, name: &str) {
+        if let Some(open) = self
+            .down
+            .get_mut(name)
+            .and_then(|v| v.iter_mut().rev().find(|p| p.1 == u64::MAX))
+        {
+            open.1 = now_us();
+        }
+    }
+
+    async fn act(&mut self, a: Action) -> Result<()> {
+        match a {
+            Action::Restart(i) => {
+                let name = self.cluster.nodes[i].name.clone();
+                self.cluster.start(i)?;
+                self.expected_exit[i] = false;
+                self.end_down(&name);
+                self.event("restart", &name, "started again with the same identity".into());
+            }
+            Action::Resume(i) => {
+                let name = self.cluster.nodes[i].name.clone();
+                self.cluster.signal(i, libc::SIGCONT)?;
+                self.end_down(&name);
+                self.event("resume", &name, "SIGCONT".into());
+            }
+            Action::HealNet => {
+                self.net.specs.clear();
+                self.write_net()?;
+                self.event("heal", "all", "network faults removed".into());
+            }
+        }
+        self.last_heal = Instant::now();
+        Ok(())
+    }
+
+    /// Checker 3: every shard served by a live node, no node above the placement cap.
+    async fn converge(&mut self, timeout: Duration) -> (Option<u64>, Vec<String>) {
+        let deadline = Instant::now() + timeout;
+        let mut live: Vec<String> = Vec::new();
+        for i in 0..self.cluster.nodes.len() {
+            if self.cluster.running(i) {
+                live.push(self.cluster.nodes[i].name.clone());
+            }
+        }
+        let mut last = String::new();
+        loop {
+            if let Ok(shards) = self.client.shards().await {
+                let mut per: HashMap<&str, usize> = HashMap::new();
+                for s in &shards {
+                    *per.entry(s.owner.as_str()).or_default() += 1;
+                }
+                let cap = (shards.len() as f64 / live.len().max(1) as f64 * 1.25).ceil() as usize;
+                let bad: Vec<String> = shards
+                    .iter()
+                    .filter(|s| s.state != "serving" || !live.contains(&s.owner))
+                    .map(|s| format!("shard {} {} by {:?}", s.id, s.state, s.owner))
+                    .chain(
+                        per.iter()
+                            .filter(|(_, &n)| n > cap)
+                            .map(|(o, n)| format!("{o} owns {n} shards, cap {cap}")),
+                    )
+                    .collect();
+                if bad.is_empty() {
+                    return (Some(self.last_heal.elapsed().as_millis() as u64), Vec::new());
+                }
+                last = bad.into_iter().take(5).collect::<Vec<_>>().join("; ");
+            }
+            if Instant::now() > deadline {
+                return (
+                    None,
+                    vec![format!("not converged within {timeout:?} after healing: {last}")],
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await; // poll interval
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    Restart(usize),
+    Resume(usize),
+    HealNet,
+}
+
+/// The training job of a scenario, and its fault-free result computed in this process with the
+/// same maps and exact merging (so it is what any correct run must produce).
+fn training(shards: u32) -> Result<(dataset::Table, String, serde_json::Value)> {
+    let table = datasets::builtin("breast_cancer")?;
+    let (train, _) = datasets::split(&table, 0.2, 7);
+    let spec_text = "[job]\nkind = \"sgd\"\ndataset = \"cancer\"\n[model]\ntype = \"logistic\"\n\
+        [train]\nepochs = 10\nbatch_size = 64\nlearning_rate = 0.1\nl2 = 0.0001\nseed = 7\ncheckpoint_every = 10\n"
+        .to_string();
+    let spec = JobSpec::parse(&spec_text)?;
+    let rec = DatasetRecord {
+        name: "cancer".into(),
+        features: train.features.clone(),
+        label: train.label.clone(),
+        rows: train.rows as u64,
+        shards,
+        source: DatasetSource::Synthetic {
+            kind: String::new(),
+            seed: 0,
+        },
+    };
+    let job = registry::build("reference", &spec, &rec).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let parts = dataset::partition(&train, shards);
+    let data: Vec<ShardData<'_>> = parts
+        .iter()
+        .enumerate()
+        .map(|(s, p)| ShardData {
+            shard: s as u32,
+            features: p.n_features(),
+            x: p.features(),
+            y: p.labels(),
+        })
+        .collect();
+    let want = registry::run_local(job, &data).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((train, spec_text, want))
+}
+
+/// Runs one scenario with one seed.
+pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
+    let network = s.faults.iter().any(|f| f.kind.is_network());
+    if network && !cfg!(feature = "fault-injection") {
+        bail!(
+            "scenario {} injects network faults: build with `--features fault-injection` \
+             (cargo run --release --features fault-injection -- chaos run ...)",
+            s.scenario.name
+        );
+    }
+    if opts.unsafe_skip_durability && !cfg!(feature = "fault-injection") {
+        bail!("--unsafe-skip-durability needs a `fault-injection` build");
+    }
+    let exe = std::env::current_exe().context("locating the tidepool binary")?;
+    let m = &s.scenario;
+    let mut cluster = LocalCluster::create(&exe, m.nodes, m.shards, m.voters)?;
+    std::fs::create_dir_all(cluster.root().join("faults"))?;
+    if cfg!(feature = "fault-injection") {
+        let path = cluster.root().join("faults").join("{name}.json");
+        cluster
+            .env
+            .push(("TIDEPOOL_FAULT_FILE".into(), path.display().to_string()));
+        cluster
+            .env
+            .push(("TIDEPOOL_FAULT_SEED".into(), opts.seed.to_string()));
+    }
+    if opts.unsafe_skip_durability {
+        cluster
+            .env
+            .push(("TIDEPOOL_UNSAFE_SKIP_DURABILITY".into(), "1".into()));
+    }
+    println!(
+        "chaos {} seed {}: {} nodes ({} voters), {} shards, dir {}",
+        m.name,
+        opts.seed,
+        m.nodes,
+        m.voters,
+        m.shards,
+        cluster.root().display()
+    );
+    let mut net_init = Net::default();
+    net_init.specs.clear();
+    for n in &cluster.nodes {
+        std::fs::write(
+            cluster.root().join("faults").join(format!("{}.json", n.name)),
+            b"{}",
+        )?;
+    }
+    cluster.start_all()?;
+    cluster.wait_ready(Duration::from_secs(120)).await?;
+    let tls = TlsMaterial::load_client(&cluster.admin_dir())?;
+    let copts = ClientOptions {
+        retry_for: Duration::from_secs(90),
+        request_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let client = Arc::new(ClusterClient::connect(&cluster.seeds(), &tls, copts).await?);
+    wait_all_up(&client, m.nodes, Duration::from_secs(90)).await?;
+    wait_stable(&client, Duration::from_secs(120)).await?;
+    let expected_exit = vec![false; cluster.nodes.len()];
+    let mut run = Run {
+        s,
+        cluster,
+        client: client.clone(),
+        rng: rand::rngs::StdRng::seed_from_u64(opts.seed),
+        started: Instant::now(),
+        events: Vec::new(),
+        expected_exit,
+        down: HashMap::new(),
+        net: net_init,
+        job: None,
+        last_heal: Instant::now(),
+    };
+    let result = drive(&mut run, opts).await;
+    let exits = check_exits(&mut run);
+    let stopped = run.cluster.stop_all(Duration::from_secs(60)).await;
+    let mut report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let dir = run.cluster.keep();
+            bail!("chaos run failed to complete: {e:#} (logs in {})", dir.display());
+        }
+    };
+    report.checks.insert("5_unexpected_exits".into(), exits);
+    if let Err(e) = stopped {
+        report
+            .checks
+            .get_mut("5_unexpected_exits")
+            .map(|v| v.push(format!("stopping: {e}")));
+    }
+    // Checker 2 runs on the logs after every node stopped (their last events are written).
+    let names: Vec<String> = run.cluster.nodes.iter().map(|n| n.name.clone()).collect();
+    let ivs = checkers::intervals(&run.cluster.root().join("data"), &names);
+    report
+        .checks
+        .insert("2_one_owner".into(), checkers::ownership(&ivs, &run.down));
+    report.passed = report.checks.values().all(Vec::is_empty);
+    report.elapsed_ms = run.started.elapsed().as_millis() as u64;
+    if opts.keep || !report.passed {
+        let dir = run.cluster.keep();
+        println!("  logs kept in {}", dir.display());
+    }
+    Ok(report)
+}
+
+fn check_exits(run: &mut Run<'_>) -> Vec<String> {
+    let mut out = Vec::new();
+    for i in 0..run.cluster.nodes.len() {
+        if !run.expected_exit[i] && !run.cluster.running(i) {
+            out.push(format!("{} exited without being killed", run.cluster.nodes[i].name));
+        }
+    }
+    out
+}
+
+async fn drive(run: &mut Run<'_>, opts: &RunOptions) -> Result<RunReport> {
+    let s = run.s;
+    let mut reference = None;
+    if s.workload.training {
+        let (train, spec, want) = training(s.scenario.shards)?;
+        jobs_cli::import_table(&run.client, &train, "cancer").await?;
+        let id = jobs_cli::submit(&run.client, &spec).await?;
+        run.job = Some(id);
+        reference = Some(want);
+    }
+    let work = tokio::spawn(workload::run_increments(
+        run.client.clone(),
+        s.workload.ops,
+        s.workload.keys,
+        s.workload.concurrency,
+    ));
+    run.started = Instant::now();
+    let mut timeline: Vec<(u64, Option<usize>, Option<Action>)> = s
+        .faults
+        .iter()
+        .enumerate()
+        .map(|(i, f)| (f.at_ms, Some(i), None))
+        .collect();
+    while !timeline.is_empty() {
+        timeline.sort_by_key(|t| t.0);
+        let (at, fault, action) = timeline.remove(0);
+        let due = run.started + Duration::from_millis(at);
+        tokio::time::sleep_until(due.into()).await; // the scenario's schedule, not a sync wait
+        if let Some(i) = fault {
+            let later = run.apply(&s.faults[i]).await?;
+            timeline.extend(later.into_iter().map(|(t, a)| (t, None, Some(a))));
+        }
+        if let Some(a) = action {
+            run.act(a).await?;
+        }
+    }
+    let report = work.await.context("workload task")?;
+    let mut checks = BTreeMap::new();
+    let (convergence_ms, conv) = run
+        .converge(Duration::from_millis(s.converge.timeout_ms))
+        .await;
+    checks.insert("3_convergence".into(), conv);
+    checks.insert(
+        "1_acked_ops".into(),
+        checkers::ops(&run.client, &report, s.workload.keys).await,
+    );
+    if let (Some(id), Some(want)) = (run.job.clone(), reference) {
+        let rec = jobs_cli::wait(&run.client, &id, false, Duration::from_secs(300)).await?;
+        let got = if rec.state == tidepool_runtime::control::JobState::Succeeded {
+            checkers::model(&jobs_cli::result(&run.client, &id).await?, &want)
+        } else {
+            vec![format!("training job ended {}: {:?}", rec.state.as_str(), rec.error)]
+        };
+        checks.insert("4_model".into(), got);
+    }
+    let _ = opts;
+    Ok(RunReport {
+        scenario: s.scenario.name.clone(),
+        seed: opts.seed,
+        faults: run.events.clone(),
+        ops: report.ops,
+        acked: report.acked,
+        unacked: report.unacked,
+        duplicates_deduplicated: report.duplicates,
+        convergence_ms,
+        checks,
+        passed: false,
+        elapsed_ms: 0,
+    })
+}
+
+/// Prints a run's human summary.
+pub fn summarize(r: &RunReport) {
+    println!(
+        "{} seed {}: {} ({} faults, {} ops: {} acknowledged, {} unacknowledged, {} retries deduplicated; converged {})",
+        r.scenario,
+        r.seed,
+        if r.passed { "PASSED" } else { "VIOLATIONS" },
+        r.faults.len(),
+        r.ops,
+        r.acked,
+        r.unacked,
+        r.duplicates_deduplicated,
+        r.convergence_ms
+            .map_or("never".into(), |ms| format!("{ms} ms after the last heal"))
+    );
+    for (name, v) in &r.checks {
+        if v.is_empty() {
+            println!("  ok    {name}");
+        } else {
+            println!("  FAIL  {name}: {} violations", v.len());
+            for line in v.iter().take(10) {
+                println!("          {line}");
+            }
+        }
+    }
+}
+
+/// `tidepool chaos run`: one scenario (`--seed`), or every scenario of a directory for
+/// `seeds` seeds each (`--matrix`). Returns the process exit code (1 on any violation).
+pub async fn main(
+    path: &Path,
+    matrix: bool,
+    seed: Option<u64>,
+    seeds: Option<u64>,
+    report_path: Option<PathBuf>,
+    keep: bool,
+    unsafe_skip_durability: bool,
+) -> Result<i32> {
+    let mut files = Vec::new();
+    if matrix {
+        for e in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
+            let p = e?.path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                files.push(p);
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let mut reports = Vec::new();
+    for file in &files {
+        let s = Scenario::load(file)?;
+        let list: Vec<u64> = match (seed, seeds) {
+            (Some(one), _) => vec![one],
+            (None, Some(n)) => (1..=n).collect(),
+            (None, None) => (1..=s.scenario.seeds).collect(),
+        };
+        for seed in list {
+            let opts = RunOptions {
+                seed,
+                keep,
+                unsafe_skip_durability,
+            };
+            let r = run_one(&s, &opts).await?;
+            summarize(&r);
+            reports.push(r);
+        }
+    }
+    let failed = reports.iter().filter(|r| !r.passed).count();
+    println!(
+        "\nchaos: {} runs, {} with violations, {} faults injected, {} ops checked",
+        reports.len(),
+        failed,
+        reports.iter().map(|r| r.faults.len()).sum::<usize>(),
+        reports.iter().map(|r| r.acked).sum::<u64>()
+    );
+    if let Some(p) = report_path {
+        let doc = if reports.len() == 1 {
+            serde_json::to_value(&reports[0])?
+        } else {
+            serde_json::json!({ "runs": reports })
+        };
+        std::fs::write(&p, serde_json::to_vec_pretty(&doc)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(i32::from(failed > 0))
+}

@@ -1,0 +1,183 @@
+//! Chaos scenario files (`config/chaos/*.toml`): the cluster, the workload, and the faults on a
+//! schedule. Every error names the key.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+/// A scenario file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Scenario {
+    pub scenario: Meta,
+    pub workload: Workload,
+    #[serde(default, rename = "fault")]
+    pub faults: Vec<Fault>,
+    #[serde(default)]
+    pub converge: Converge,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Meta {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default = "five")]
+    pub nodes: usize,
+    #[serde(default = "three")]
+    pub voters: usize,
+    #[serde(default = "shards")]
+    pub shards: u32,
+    /// Seeds of the long run (`--matrix`); `--seed N` replays one.
+    #[serde(default = "three_u64")]
+    pub seeds: u64,
+}
+
+fn five() -> usize {
+    5
+}
+fn three() -> usize {
+    3
+}
+fn three_u64() -> u64 {
+    3
+}
+fn shards() -> u32 {
+    32
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workload {
+    /// Idempotent increments, every acknowledgement recorded.
+    pub ops: u64,
+    #[serde(default = "keys")]
+    pub keys: u64,
+    #[serde(default = "concurrency")]
+    pub concurrency: usize,
+    /// Also train logistic regression (synchronous SGD) and compare with the fault-free model.
+    #[serde(default)]
+    pub training: bool,
+}
+
+fn keys() -> u64 {
+    200
+}
+fn concurrency() -> usize {
+    16
+}
+
+/// What a fault does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// SIGKILL; restarted after `restart_after_ms` if given.
+    Kill,
+    /// SIGSTOP for `duration_ms`, then SIGCONT.
+    Pause,
+    /// `cluster drain` (graceful), then SIGTERM.
+    Drain,
+    /// A new node joins.
+    Join,
+    /// The target cannot talk to anyone (both ways) for `duration_ms`.
+    Isolate,
+    /// The first `minority` nodes are cut off from the rest for `duration_ms`.
+    Split,
+    /// The target's datagrams to `peer` are dropped (one way) for `duration_ms`.
+    OneWay,
+    /// Loss, delay, jitter (reordering) and duplication on every link for `duration_ms`.
+    Netem,
+}
+
+impl Kind {
+    /// Needs the fault-injecting socket (a `fault-injection` build).
+    pub fn is_network(self) -> bool {
+        matches!(self, Kind::Isolate | Kind::Split | Kind::OneWay | Kind::Netem)
+    }
+}
+
+/// One fault on the schedule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fault {
+    /// Milliseconds after the workload starts.
+    pub at_ms: u64,
+    pub kind: Kind,
+    /// `random` (seeded), `leader`, `coordinator`, `non_voter`, or a node name.
+    #[serde(default = "random")]
+    pub target: String,
+    /// For one-way partitions: the peer that stops hearing the target.
+    pub peer: Option<String>,
+    pub duration_ms: Option<u64>,
+    pub restart_after_ms: Option<u64>,
+    pub minority: Option<usize>,
+    #[serde(default)]
+    pub drop_rate: f64,
+    #[serde(default)]
+    pub delay_ms: u64,
+    #[serde(default)]
+    pub jitter_ms: u64,
+    #[serde(default)]
+    pub duplicate_rate: f64,
+}
+
+fn random() -> String {
+    "random".into()
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Converge {
+    /// After healing, every shard must be served by a live node within this bound.
+    #[serde(default = "converge_ms")]
+    pub timeout_ms: u64,
+}
+
+impl Default for Converge {
+    fn default() -> Self {
+        Converge {
+            timeout_ms: converge_ms(),
+        }
+    }
+}
+
+fn converge_ms() -> u64 {
+    60_000
+}
+
+impl Scenario {
+    pub fn load(path: &Path) -> Result<Scenario> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let s: Scenario =
+            toml::from_str(&text).with_context(|| format!("scenario {}", path.display()))?;
+        s.validate()
+            .with_context(|| format!("scenario {}", path.display()))?;
+        Ok(s)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let m = &self.scenario;
+        if m.nodes == 0 || m.voters == 0 || m.voters > m.nodes {
+            bail!("scenario.voters must be in 1..=scenario.nodes");
+        }
+        if m.shards == 0 {
+            bail!("scenario.shards must be at least 1");
+        }
+        for (i, f) in self.faults.iter().enumerate() {
+            let needs_duration = matches!(f.kind, Kind::Pause) || f.kind.is_network();
+            if needs_duration && f.duration_ms.is_none() {
+                bail!("fault[{i}].duration_ms is required for {:?}", f.kind);
+            }
+            if f.kind == Kind::Split && f.minority.is_none_or(|k| k == 0 || k >= m.nodes) {
+                bail!("fault[{i}].minority must be in 1..scenario.nodes");
+            }
+            if f.kind == Kind::OneWay && f.peer.is_none() {
+                bail!("fault[{i}].peer is required for one_way");
+            }
+        }
+        Ok(())
+    }
+}
