@@ -313,7 +313,10 @@ async fn accuracy_matches_smartcore_and_jobs_survive_failover_and_cancel() {
     for i in 0..c.nodes.len() {
         let text = c.metrics(i).await.unwrap();
         tasks += tidepool::http::sum_metric(&text, "tidepool_task_duration_seconds_count", &[]);
-        assert!(text.contains("tidepool_worker_utilization_ratio"), "node {i}");
+        assert!(
+            text.contains("tidepool_worker_utilization_ratio"),
+            "node {i}"
+        );
         assert!(text.contains("tidepool_quic_rtt_seconds"), "node {i}");
     }
     assert!(tasks > 0.0, "worker tasks were timed");
@@ -323,7 +326,10 @@ async fn accuracy_matches_smartcore_and_jobs_survive_failover_and_cancel() {
         if status["autoscale"].is_object() {
             break status["autoscale"].clone();
         }
-        assert!(Instant::now() < deadline, "no autoscale recommendation: {status}");
+        assert!(
+            Instant::now() < deadline,
+            "no autoscale recommendation: {status}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await; // poll interval
     };
     assert!(auto["desired"].as_u64().unwrap() >= 1, "{auto}");

@@ -51,12 +51,18 @@ fn rules_use_only_exported_metrics() {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/prometheus/rules.yml"),
     )
     .unwrap();
-    let known: Vec<&str> = tidepool_runtime::metrics::ALL.iter().map(|m| m.name).collect();
+    let known: Vec<&str> = tidepool_runtime::metrics::ALL
+        .iter()
+        .map(|m| m.name)
+        .collect();
     let mut checked = 0;
     for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':')) {
         // Recorded series are named tidepool:...; raw metrics tidepool_...
         if let Some(name) = word.strip_prefix("tidepool_").map(|_| word) {
-            assert!(known.contains(&name), "rules.yml uses unknown metric {name}");
+            assert!(
+                known.contains(&name),
+                "rules.yml uses unknown metric {name}"
+            );
             checked += 1;
         }
     }

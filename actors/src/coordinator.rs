@@ -97,6 +97,8 @@ pub async fn run(ctx: CoordinatorCtx, rec: JobRecord) {
     };
     warn!(job = %id, error = %error, "job failed");
     metrics::counter!(m::JOBS_FINISHED, "state" => "failed").increment(1);
+    // (The failed report below may be the last thing this task does before the manager sees the
+    // terminal state and aborts it; the counter is already counted.)
     let update = JobUpdate {
         error: Some(error),
         coordinator: Some(ctx.me.clone()),
@@ -301,8 +303,10 @@ impl<'a> Coordinator<'a> {
             coordinator: Some(self.ctx.me.clone()),
             ..JobUpdate::state(JobState::Succeeded)
         };
+        // Counted before the report: the manager aborts this task once the map shows the job
+        // finished, which can be before `report` returns.
+        metrics::counter!(m::JOBS_FINISHED, "state" => "succeeded").increment(1);
         if report(&self.ctx.control, &self.rec.id, done).await {
-            metrics::counter!(m::JOBS_FINISHED, "state" => "succeeded").increment(1);
             info!(job = %self.rec.id, steps = self.step, "job succeeded");
         }
         Ok(())

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
-use tidepool_runtime::codec::{ArchivedBody, Body, Dest, Envelope};
 use tidepool_runtime::autoscale::{AutoscalePolicy, Autoscaler, LoadSample};
+use tidepool_runtime::codec::{ArchivedBody, Body, Dest, Envelope};
 use tidepool_runtime::control::{AutoscaleStatus, ClusterMap, Command, ControlPlane, MemberState};
 use tidepool_runtime::lease::{LeaseConfig, LeaseHolder, LeaseTable};
 use tidepool_runtime::metrics as m;
@@ -82,9 +82,10 @@ impl ClusterLoad {
 
     /// `node` reported `utilization` (0..=1) and `backlog` now.
     pub fn record(&self, node: &str, utilization: f64, backlog: u64) {
-        self.nodes
-            .lock()
-            .insert(node.to_string(), (Instant::now(), utilization.clamp(0.0, 1.0), backlog));
+        self.nodes.lock().insert(
+            node.to_string(),
+            (Instant::now(), utilization.clamp(0.0, 1.0), backlog),
+        );
     }
 
     /// Mean utilisation and total backlog over `up` members, from reports younger than
@@ -126,7 +127,12 @@ pub async fn autoscale_loop(
         if !control.is_leader() {
             scaler.reset();
             recorded = None;
-            for g in [m::AUTOSCALE_DESIRED, m::AUTOSCALE_CURRENT, m::AUTOSCALE_UTILIZATION, m::AUTOSCALE_BACKLOG] {
+            for g in [
+                m::AUTOSCALE_DESIRED,
+                m::AUTOSCALE_CURRENT,
+                m::AUTOSCALE_UTILIZATION,
+                m::AUTOSCALE_BACKLOG,
+            ] {
                 metrics::gauge!(g).set(0.0);
             }
             continue;
@@ -155,7 +161,9 @@ pub async fn autoscale_loop(
             metrics::counter!(m::AUTOSCALE_CHANGES).increment(1);
             info!(desired = rec.desired, current = rec.current, reason = %rec.reason, "autoscaling recommendation changed");
         }
-        let stale = recorded.is_none_or(|(d, at)| d != rec.desired || now.duration_since(at) >= Duration::from_secs(30));
+        let stale = recorded.is_none_or(|(d, at)| {
+            d != rec.desired || now.duration_since(at) >= Duration::from_secs(30)
+        });
         if stale {
             let status = AutoscaleStatus {
                 desired: rec.desired,
@@ -165,7 +173,9 @@ pub async fn autoscale_loop(
                 reason: rec.reason.clone(),
                 by: me.clone(),
             };
-            if let Ok(Ok(r)) = tokio::time::timeout(every, control.propose(Command::SetAutoscale(status))).await {
+            if let Ok(Ok(r)) =
+                tokio::time::timeout(every, control.propose(Command::SetAutoscale(status))).await
+            {
                 if r.is_ok() {
                     recorded = Some((rec.desired, now));
                 }

@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use ractor::{Actor, ActorRef};
 use tidepool_runtime::certs::Identity;
 use tidepool_runtime::codec::{
-    AdminOp, Body, ControlKind, DatasetPart, Dest, Envelope, ErrorCode, JobPartial, JobTask,
-    AutoscaleInfo, MemberInfo, StatusInfo,
+    AdminOp, AutoscaleInfo, Body, ControlKind, DatasetPart, Dest, Envelope, ErrorCode, JobPartial,
+    JobTask, MemberInfo, StatusInfo,
 };
 use tidepool_runtime::config::NodeConfig;
 use tidepool_runtime::control::{
@@ -30,12 +30,12 @@ use crate::coordinator::CoordinatorCtx;
 use crate::driver::{self, DriverConfig};
 use crate::job_admin::{self, JobAdmin};
 use crate::job_exec::{JobExecutor, DEFAULT_CACHE_BYTES};
+use crate::leader::ClusterLoad;
 use crate::leader::{self, Leases};
+use crate::load::{self, LoadMeter};
 use crate::restart::RestartBudget;
 use crate::router::{futures_box, NodeServices, Router, RouterConfig};
 use crate::supervisor::{NodeSupervisor, SupervisorArgs, SupervisorMsg};
-use crate::leader::ClusterLoad;
-use crate::load::{self, LoadMeter};
 use crate::worker::WorkerPool;
 
 /// Why a node could not start.
@@ -314,10 +314,10 @@ impl Node {
             Arc::new(ClusterPolicy),
             tcfg,
         )?;
-        let addr = cfg
-            .node
-            .advertise
-            .map_or_else(|| advertised(cfg.node.listen, &transport), |a| a.to_string());
+        let addr = cfg.node.advertise.map_or_else(
+            || advertised(cfg.node.listen, &transport),
+            |a| a.to_string(),
+        );
 
         // Voters' addresses come from the seeds (their certificates say who they are).
         transport.listen();

@@ -30,6 +30,7 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
         .install_recorder()
         .context("installing the metrics recorder")?;
     m::describe_all();
+    m::register_zeros();
     metrics::gauge!(m::NODE_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     let upkeep = handle.clone();
     tokio::spawn(async move {

@@ -26,4 +26,3 @@ pub struct FaultSpec {
     pub default: RuleSpec,
     pub peers: BTreeMap<SocketAddr, RuleSpec>,
 }
-

@@ -20,14 +20,14 @@
 pub mod admin;
 pub mod bench;
 pub mod bench_train;
+pub mod chaos;
 pub mod conn;
 pub mod daemon;
-pub mod chaos;
 pub mod datasets;
-pub mod fault_spec;
+pub mod demo;
 #[cfg(feature = "fault-injection")]
 pub mod fault_file;
-pub mod demo;
+pub mod fault_spec;
 pub mod http;
 pub mod jobs_cli;
 pub mod jobs_cmd;

@@ -160,7 +160,10 @@ impl Autoscaler {
         let since = *self.since.get_or_insert(now);
         let observed = now.saturating_sub(since);
         self.history.push_back((now, raw));
-        let keep = self.policy.scale_down_window.max(self.policy.scale_up_window);
+        let keep = self
+            .policy
+            .scale_down_window
+            .max(self.policy.scale_up_window);
         while self
             .history
             .front()
@@ -174,14 +177,20 @@ impl Autoscaler {
                 .filter(move |(t, _)| now.saturating_sub(*t) <= w)
                 .map(|(_, r)| *r)
         };
-        let current = s.current.clamp(self.policy.min_nodes, self.policy.max_nodes.max(self.policy.min_nodes));
+        let current = s.current.clamp(
+            self.policy.min_nodes,
+            self.policy.max_nodes.max(self.policy.min_nodes),
+        );
         let up = within(self.policy.scale_up_window).min().unwrap_or(raw);
         let down = within(self.policy.scale_down_window).max().unwrap_or(raw);
         let up_ready = observed >= self.policy.scale_up_window;
         let down_ready = observed >= self.policy.scale_down_window;
         let (desired, reason) = if up > current && up_ready {
             let held = if up < raw {
-                format!(" (held to {up} by the {:?} scale-up window)", self.policy.scale_up_window)
+                format!(
+                    " (held to {up} by the {:?} scale-up window)",
+                    self.policy.scale_up_window
+                )
             } else {
                 String::new()
             };

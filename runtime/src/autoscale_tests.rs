@@ -63,7 +63,9 @@ fn util(work: f64, n: u32) -> f64 {
 }
 
 fn changes(rs: &[Recommendation]) -> usize {
-    rs.windows(2).filter(|w| w[0].desired != w[1].desired).count()
+    rs.windows(2)
+        .filter(|w| w[0].desired != w[1].desired)
+        .count()
 }
 
 #[test]
@@ -76,7 +78,13 @@ fn steady_load_near_target_changes_nothing() {
 #[test]
 fn step_up_scales_after_the_up_window_then_holds() {
     // Work jumps from 2 to 5 node-equivalents at t = 100 s.
-    let rs = run(120, 3, 1, |t, n| (util(if t < 100 { 2.0 } else { 5.0 }, n), 0.0), |_| 0);
+    let rs = run(
+        120,
+        3,
+        1,
+        |t, n| (util(if t < 100 { 2.0 } else { 5.0 }, n), 0.0),
+        |_| 0,
+    );
     let first_up = rs.iter().position(|r| r.desired > 3).unwrap();
     assert!(
         (26..=28).contains(&first_up),
@@ -105,17 +113,34 @@ fn a_short_spike_is_ignored() {
         },
         |_| 0,
     );
-    assert!(rs.iter().all(|r| r.desired == 3), "{:?}", rs.iter().map(|r| r.desired).collect::<Vec<_>>());
+    assert!(
+        rs.iter().all(|r| r.desired == 3),
+        "{:?}",
+        rs.iter().map(|r| r.desired).collect::<Vec<_>>()
+    );
 }
 
 #[test]
 fn slow_ramp_grows_monotonically_within_bounds() {
     // Work grows from 1 to 9 node-equivalents over 20 minutes.
-    let rs = run(240, 3, 1, |t, n| (util(1.0 + 8.0 * t as f64 / 1200.0, n), 0.0), |_| 0);
+    let rs = run(
+        240,
+        3,
+        1,
+        |t, n| (util(1.0 + 8.0 * t as f64 / 1200.0, n), 0.0),
+        |_| 0,
+    );
     let desired: Vec<u32> = rs.iter().map(|r| r.desired).collect();
-    assert!(desired.windows(2).all(|w| w[1] >= w[0]), "never scales down on a ramp: {desired:?}");
+    assert!(
+        desired.windows(2).all(|w| w[1] >= w[0]),
+        "never scales down on a ramp: {desired:?}"
+    );
     assert_eq!(*desired.last().unwrap(), 10, "capped at max_nodes");
-    assert!(rs.last().unwrap().reason.contains("clamped"), "{}", rs.last().unwrap().reason);
+    assert!(
+        rs.last().unwrap().reason.contains("clamped"),
+        "{}",
+        rs.last().unwrap().reason
+    );
 }
 
 #[test]
@@ -127,13 +152,20 @@ fn oscillating_load_does_not_flap() {
         1,
         |t, n| {
             let phase = (t % 120) as f64 / 120.0;
-            (util(3.0 + 1.5 * (std::f64::consts::TAU * phase).sin(), n), 0.0)
+            (
+                util(3.0 + 1.5 * (std::f64::consts::TAU * phase).sin(), n),
+                0.0,
+            )
         },
         |_| 0,
     );
     let desired: Vec<u32> = rs.iter().map(|r| r.desired).collect();
     // It may scale up once to cover the peaks, but must not follow every swing down and up.
-    assert!(changes(&rs) <= 3, "flapping: {} changes in {desired:?}", changes(&rs));
+    assert!(
+        changes(&rs) <= 3,
+        "flapping: {} changes in {desired:?}",
+        changes(&rs)
+    );
     let tail = &desired[200..];
     assert!(tail.iter().all(|&d| d == tail[0]), "not settled: {tail:?}");
 }
@@ -153,7 +185,10 @@ fn without_stabilisation_the_same_oscillation_flaps() {
         1,
         |t, n| {
             let phase = (t % 120) as f64 / 120.0;
-            (util(3.0 + 1.5 * (std::f64::consts::TAU * phase).sin(), n), 0.0)
+            (
+                util(3.0 + 1.5 * (std::f64::consts::TAU * phase).sin(), n),
+                0.0,
+            )
         },
         |_| 0,
     );
@@ -170,7 +205,10 @@ fn node_loss_raises_utilisation_and_the_recommendation() {
         |_, n| (util(4.0, n), 0.0),
         |t| if t == 200 { 2 } else { 0 },
     );
-    assert!(rs[..40].iter().all(|r| r.desired == 6), "steady before the loss");
+    assert!(
+        rs[..40].iter().all(|r| r.desired == 6),
+        "steady before the loss"
+    );
     let last = rs.last().unwrap();
     assert_eq!(last.current, 4);
     // 4 units on 4 nodes: utilisation 1.0: ceil(4 x 1.0 / 0.7) = 6.
@@ -190,6 +228,10 @@ fn backlog_drives_scale_up_when_utilisation_is_fine() {
 fn scale_down_waits_for_the_long_window() {
     let rs = run(100, 8, usize::MAX, |_, n| (util(1.0, n), 0.0), |_| 0);
     let first_down = rs.iter().position(|r| r.desired < 8).unwrap();
-    assert!(first_down * 5 >= 300, "scaled down after {} s", first_down * 5);
+    assert!(
+        first_down * 5 >= 300,
+        "scaled down after {} s",
+        first_down * 5
+    );
     assert_eq!(rs.last().unwrap().desired, 3, "down to min_nodes");
 }

@@ -504,7 +504,10 @@ impl NodeConfig {
         let a = &self.autoscale;
         positive("autoscale.min_nodes", u64::from(a.min_nodes))?;
         if a.max_nodes < a.min_nodes {
-            let reason = format!("{} is below autoscale.min_nodes ({})", a.max_nodes, a.min_nodes);
+            let reason = format!(
+                "{} is below autoscale.min_nodes ({})",
+                a.max_nodes, a.min_nodes
+            );
             return Err(ConfigError::new("autoscale.max_nodes", reason));
         }
         if !(a.target_utilization > 0.0 && a.target_utilization <= 1.0) {
@@ -513,7 +516,10 @@ impl NodeConfig {
         }
         if !(a.target_backlog_per_node > 0.0 && a.target_backlog_per_node.is_finite()) {
             let reason = format!("{} must be a positive number", a.target_backlog_per_node);
-            return Err(ConfigError::new("autoscale.target_backlog_per_node", reason));
+            return Err(ConfigError::new(
+                "autoscale.target_backlog_per_node",
+                reason,
+            ));
         }
         if !(0.0..1.0).contains(&a.tolerance) {
             let reason = format!("{} is not in [0, 1)", a.tolerance);

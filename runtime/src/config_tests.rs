@@ -766,7 +766,10 @@ fn wildcard_listen_needs_a_dialable_advertise_address() {
 
 #[test]
 fn autoscale_bounds_are_checked() {
-    assert_eq!(invalid(|c| c.autoscale.min_nodes = 0), "autoscale.min_nodes");
+    assert_eq!(
+        invalid(|c| c.autoscale.min_nodes = 0),
+        "autoscale.min_nodes"
+    );
     assert_eq!(
         invalid(|c| {
             c.autoscale.min_nodes = 5;
@@ -774,7 +777,16 @@ fn autoscale_bounds_are_checked() {
         }),
         "autoscale.max_nodes"
     );
-    assert_eq!(invalid(|c| c.autoscale.target_utilization = 1.5), "autoscale.target_utilization");
-    assert_eq!(invalid(|c| c.autoscale.tolerance = 1.0), "autoscale.tolerance");
-    assert_eq!(invalid(|c| c.autoscale.sample_ms = 0), "autoscale.sample_ms");
+    assert_eq!(
+        invalid(|c| c.autoscale.target_utilization = 1.5),
+        "autoscale.target_utilization"
+    );
+    assert_eq!(
+        invalid(|c| c.autoscale.tolerance = 1.0),
+        "autoscale.tolerance"
+    );
+    assert_eq!(
+        invalid(|c| c.autoscale.sample_ms = 0),
+        "autoscale.sample_ms"
+    );
 }

@@ -175,6 +175,64 @@ pub const HISTOGRAM_BUCKETS: &[f64] = &[
     2.5, 5.0, 10.0,
 ];
 
+/// The closed label sets of the counters that may stay at zero for a long time, so they are
+/// exported (as 0) from the start: a dashboard or alert on them has data before the first event.
+pub const ZERO_SERIES: &[(&str, &str, &[&str])] = &[
+    (
+        WIRE_REJECTED_FRAMES,
+        "reason",
+        &["oversized", "truncated", "malformed", "version"],
+    ),
+    (
+        TRANSPORT_HANDSHAKE_FAILURES,
+        "direction",
+        &["inbound", "outbound"],
+    ),
+    (
+        TRANSPORT_SEND_DROPPED,
+        "reason",
+        &["disconnected", "encode", "stream_reset"],
+    ),
+    (
+        SHARD_REJECTED,
+        "reason",
+        &[
+            "not_owner",
+            "overloaded",
+            "forbidden",
+            "bad_request",
+            "shutting_down",
+        ],
+    ),
+    (ROUTER_FORWARDED, "result", &["ok", "error"]),
+    (SHARD_RESTORES, "result", &["ok", "error"]),
+    (JOB_SHARD_TASKS, "result", &["done", "refused"]),
+    (
+        JOBS_FINISHED,
+        "state",
+        &["succeeded", "failed", "cancelled"],
+    ),
+];
+
+/// Exports every unlabelled counter and every series of [`ZERO_SERIES`] at 0, and the
+/// unlabelled gauges that are event-driven (handoff buffer) at 0.
+pub fn register_zeros() {
+    for m in ALL.iter().filter(|m| m.labels.is_empty()) {
+        match m.kind {
+            MetricKind::Counter => metrics::counter!(m.name).increment(0),
+            MetricKind::Gauge if m.name == HANDOFF_BUFFERED => {
+                metrics::gauge!(m.name).increment(0.0)
+            }
+            _ => {}
+        }
+    }
+    for (name, label, values) in ZERO_SERIES {
+        for v in *values {
+            metrics::counter!(*name, *label => *v).increment(0);
+        }
+    }
+}
+
 /// Registers help text and units with the installed recorder.
 pub fn describe_all() {
     for m in ALL {

@@ -64,7 +64,8 @@ pub struct Interval {
 pub fn intervals(data_dir: &Path, nodes: &[String]) -> BTreeMap<u64, Vec<Interval>> {
     let mut out: BTreeMap<u64, Vec<Interval>> = BTreeMap::new();
     for n in nodes {
-        let text = std::fs::read_to_string(data_dir.join(n).join("ownership.log")).unwrap_or_default();
+        let text =
+            std::fs::read_to_string(data_dir.join(n).join("ownership.log")).unwrap_or_default();
         for line in text.lines() {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
                 continue; // a line torn by kill -9
@@ -186,7 +187,10 @@ mod tests {
     fn overlapping_owners_are_reported_and_pauses_end_intervals() {
         let mut map = BTreeMap::new();
         map.insert(3, vec![iv("n1", 0, Some(100)), iv("n2", 100, None)]);
-        assert!(ownership(&map, &HashMap::new()).is_empty(), "back to back is fine");
+        assert!(
+            ownership(&map, &HashMap::new()).is_empty(),
+            "back to back is fine"
+        );
         map.insert(4, vec![iv("n1", 0, Some(150)), iv("n2", 100, None)]);
         let v = ownership(&map, &HashMap::new());
         assert_eq!(v.len(), 1, "{v:?}");

@@ -129,7 +129,10 @@ impl Run<'_> {
                 self.index(&leader)
             }
             "coordinator" => {
-                let id = self.job.clone().context("no training job to find a coordinator of")?;
+                let id = self
+                    .job
+                    .clone()
+                    .context("no training job to find a coordinator of")?;
                 let rec = jobs_cli::status(&self.client, &id).await?;
                 match rec.coordinator {
                     Some(c) => self.index(&c),
@@ -154,7 +157,11 @@ impl Run<'_> {
     fn write_net(&self) -> Result<()> {
         for n in &self.cluster.nodes {
             let spec = self.net.specs.get(&n.name).cloned().unwrap_or_default();
-            let path = self.cluster.root().join("faults").join(format!("{}.json", n.name));
+            let path = self
+                .cluster
+                .root()
+                .join("faults")
+                .join(format!("{}.json", n.name));
             std::fs::write(&path, serde_json::to_vec(&spec)?)?;
         }
         Ok(())
@@ -176,7 +183,10 @@ impl Run<'_> {
                 let name = self.cluster.nodes[i].name.clone();
                 self.cluster.kill(i).await?;
                 self.expected_exit[i] = true;
-                self.down.entry(name.clone()).or_default().push((now_us(), u64::MAX));
+                self.down
+                    .entry(name.clone())
+                    .or_default()
+                    .push((now_us(), u64::MAX));
                 let detail = match f.restart_after_ms {
                     Some(d) => {
                         later.push((at + d, Action::Restart(i)));
@@ -190,7 +200,10 @@ impl Run<'_> {
                 let i = self.target(f).await?;
                 let name = self.cluster.nodes[i].name.clone();
                 self.cluster.signal(i, libc::SIGSTOP)?;
-                self.down.entry(name.clone()).or_default().push((now_us(), u64::MAX));
+                self.down
+                    .entry(name.clone())
+                    .or_default()
+                    .push((now_us(), u64::MAX));
                 let d = f.duration_ms.unwrap_or(0);
                 later.push((at + d, Action::Resume(i)));
                 self.event("pause", &name, format!("SIGSTOP for {d} ms"));
@@ -202,7 +215,10 @@ impl Run<'_> {
                 self.event("drain", &name, "cluster drain, then SIGTERM".into());
                 let status = self.cluster.stop(i, Duration::from_secs(60)).await?;
                 self.expected_exit[i] = true;
-                self.down.entry(name.clone()).or_default().push((now_us(), u64::MAX));
+                self.down
+                    .entry(name.clone())
+                    .or_default()
+                    .push((now_us(), u64::MAX));
                 if !status.success() {
                     bail!("{name} did not exit cleanly after a drain: {status}");
                 }
@@ -229,7 +245,11 @@ impl Run<'_> {
                 self.write_net()?;
                 let d = f.duration_ms.unwrap_or(0);
                 later.push((at + d, Action::HealNet));
-                self.event("isolate", &name, format!("no traffic with any node for {d} ms"));
+                self.event(
+                    "isolate",
+                    &name,
+                    format!("no traffic with any node for {d} ms"),
+                );
             }
             Kind::Split => {
                 let k = f.minority.unwrap_or(1);
@@ -241,7 +261,10 @@ impl Run<'_> {
                 let (minority, majority) = order.split_at(k.min(order.len()));
                 for &a in minority {
                     for &b in majority {
-                        let (na, nb) = (self.cluster.nodes[a].name.clone(), self.cluster.nodes[b].name.clone());
+                        let (na, nb) = (
+                            self.cluster.nodes[a].name.clone(),
+                            self.cluster.nodes[b].name.clone(),
+                        );
                         let (qa, qb) = (self.cluster.nodes[a].quic, self.cluster.nodes[b].quic);
                         self.block(&na, qb, false);
                         self.block(&nb, qa, false);
@@ -250,8 +273,15 @@ impl Run<'_> {
                 self.write_net()?;
                 let d = f.duration_ms.unwrap_or(0);
                 later.push((at + d, Action::HealNet));
-                let names: Vec<&str> = minority.iter().map(|&i| self.cluster.nodes[i].name.as_str()).collect();
-                self.event("split", &names.join(","), format!("minority cut off from the rest for {d} ms"));
+                let names: Vec<&str> = minority
+                    .iter()
+                    .map(|&i| self.cluster.nodes[i].name.as_str())
+                    .collect();
+                self.event(
+                    "split",
+                    &names.join(","),
+                    format!("minority cut off from the rest for {d} ms"),
+                );
             }
             Kind::OneWay => {
                 let i = self.target(f).await?;
@@ -262,7 +292,11 @@ impl Run<'_> {
                 self.write_net()?;
                 let d = f.duration_ms.unwrap_or(0);
                 later.push((at + d, Action::HealNet));
-                self.event("one_way", &name, format!("{name} -> {peer} dropped for {d} ms"));
+                self.event(
+                    "one_way",
+                    &name,
+                    format!("{name} -> {peer} dropped for {d} ms"),
+                );
             }
             Kind::Netem => {
                 for n in self.names() {
@@ -308,7 +342,11 @@ impl Run<'_> {
                 self.cluster.start(i)?;
                 self.expected_exit[i] = false;
                 self.end_down(&name);
-                self.event("restart", &name, "started again with the same identity".into());
+                self.event(
+                    "restart",
+                    &name,
+                    "started again with the same identity".into(),
+                );
             }
             Action::Resume(i) => {
                 let name = self.cluster.nodes[i].name.clone();
@@ -354,14 +392,19 @@ impl Run<'_> {
                     )
                     .collect();
                 if bad.is_empty() {
-                    return (Some(self.last_heal.elapsed().as_millis() as u64), Vec::new());
+                    return (
+                        Some(self.last_heal.elapsed().as_millis() as u64),
+                        Vec::new(),
+                    );
                 }
                 last = bad.into_iter().take(5).collect::<Vec<_>>().join("; ");
             }
             if Instant::now() > deadline {
                 return (
                     None,
-                    vec![format!("not converged within {timeout:?} after healing: {last}")],
+                    vec![format!(
+                        "not converged within {timeout:?} after healing: {last}"
+                    )],
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await; // poll interval
@@ -456,7 +499,10 @@ pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
     net_init.specs.clear();
     for n in &cluster.nodes {
         std::fs::write(
-            cluster.root().join("faults").join(format!("{}.json", n.name)),
+            cluster
+                .root()
+                .join("faults")
+                .join(format!("{}.json", n.name)),
             b"{}",
         )?;
     }
@@ -492,15 +538,17 @@ pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
         Ok(r) => r,
         Err(e) => {
             let dir = run.cluster.keep();
-            bail!("chaos run failed to complete: {e:#} (logs in {})", dir.display());
+            bail!(
+                "chaos run failed to complete: {e:#} (logs in {})",
+                dir.display()
+            );
         }
     };
     report.checks.insert("5_unexpected_exits".into(), exits);
     if let Err(e) = stopped {
-        report
-            .checks
-            .get_mut("5_unexpected_exits")
-            .map(|v| v.push(format!("stopping: {e}")));
+        if let Some(v) = report.checks.get_mut("5_unexpected_exits") {
+            v.push(format!("stopping: {e}"));
+        }
     }
     // Checker 2 runs on the logs after every node stopped (their last events are written).
     let names: Vec<String> = run.cluster.nodes.iter().map(|n| n.name.clone()).collect();
@@ -521,7 +569,10 @@ fn check_exits(run: &mut Run<'_>) -> Vec<String> {
     let mut out = Vec::new();
     for i in 0..run.cluster.nodes.len() {
         if !run.expected_exit[i] && !run.cluster.running(i) {
-            out.push(format!("{} exited without being killed", run.cluster.nodes[i].name));
+            out.push(format!(
+                "{} exited without being killed",
+                run.cluster.nodes[i].name
+            ));
         }
     }
     out
@@ -578,7 +629,11 @@ async fn drive(run: &mut Run<'_>, opts: &RunOptions) -> Result<RunReport> {
         let got = if rec.state == tidepool_runtime::control::JobState::Succeeded {
             checkers::model(&jobs_cli::result(&run.client, &id).await?, &want)
         } else {
-            vec![format!("training job ended {}: {:?}", rec.state.as_str(), rec.error)]
+            vec![format!(
+                "training job ended {}: {:?}",
+                rec.state.as_str(),
+                rec.error
+            )]
         };
         checks.insert("4_model".into(), got);
     }

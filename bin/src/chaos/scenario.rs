@@ -94,7 +94,10 @@ pub enum Kind {
 impl Kind {
     /// Needs the fault-injecting socket (a `fault-injection` build).
     pub fn is_network(self) -> bool {
-        matches!(self, Kind::Isolate | Kind::Split | Kind::OneWay | Kind::Netem)
+        matches!(
+            self,
+            Kind::Isolate | Kind::Split | Kind::OneWay | Kind::Netem
+        )
     }
 }
 

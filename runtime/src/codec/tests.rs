@@ -74,18 +74,20 @@ fn arb_body() -> impl Strategy<Value = Body> {
             proptest::collection::vec(arb_member(), 0..5),
             proptest::option::of((0u32..100, 0u32..100, "[ -~]{0,40}")),
         )
-            .prop_map(|(leader, term, members, auto)| Body::StatusReply(StatusInfo {
-                leader,
-                term,
-                members,
-                autoscale: auto.map(|(desired, current, reason)| AutoscaleInfo {
-                    desired,
-                    current,
-                    utilization: 0.5,
-                    backlog: 3.0,
-                    reason,
-                }),
-            })),
+            .prop_map(
+                |(leader, term, members, auto)| Body::StatusReply(StatusInfo {
+                    leader,
+                    term,
+                    members,
+                    autoscale: auto.map(|(desired, current, reason)| AutoscaleInfo {
+                        desired,
+                        current,
+                        utilization: 0.5,
+                        backlog: 3.0,
+                        reason,
+                    }),
+                })
+            ),
         Just(Body::ShardsRequest),
         proptest::collection::vec(
             (
@@ -118,13 +120,15 @@ fn arb_body() -> impl Strategy<Value = Body> {
         )
             .prop_map(|(kind, payload)| Body::Control { kind, payload }),
         proptest::collection::vec(any::<u8>(), 0..64).prop_map(Body::ControlReply),
-        (any::<u64>(), 0u32..=1000, any::<u64>()).prop_map(|(sent_at, utilization_milli, backlog)| {
-            Body::LeaseRenew {
-                sent_at,
-                utilization_milli,
-                backlog,
+        (any::<u64>(), 0u32..=1000, any::<u64>()).prop_map(
+            |(sent_at, utilization_milli, backlog)| {
+                Body::LeaseRenew {
+                    sent_at,
+                    utilization_milli,
+                    backlog,
+                }
             }
-        }),
+        ),
         (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(sent_at, ttl_ms, term)| {
             Body::LeaseGrant {
                 sent_at,

@@ -96,8 +96,8 @@ impl FaultPlan {
         let mut s = self.state.lock();
         let rule = s.peers.get(&peer).copied().unwrap_or(s.default);
         let blocked = rule.blocked && (outgoing || !rule.outgoing_only);
-        let lost = blocked
-            || (rule.drop_rate > 0.0 && s.rng.random_bool(rule.drop_rate.clamp(0.0, 1.0)));
+        let lost =
+            blocked || (rule.drop_rate > 0.0 && s.rng.random_bool(rule.drop_rate.clamp(0.0, 1.0)));
         if lost {
             s.dropped += 1;
             return None;
@@ -111,8 +111,8 @@ impl FaultPlan {
             let nanos = u64::try_from(rule.jitter.as_nanos()).unwrap_or(u64::MAX);
             Duration::from_nanos(s.rng.random_range(0..nanos))
         };
-        let dup = rule.duplicate_rate > 0.0
-            && s.rng.random_bool(rule.duplicate_rate.clamp(0.0, 1.0));
+        let dup =
+            rule.duplicate_rate > 0.0 && s.rng.random_bool(rule.duplicate_rate.clamp(0.0, 1.0));
         Some((rule.delay + jitter, dup))
     }
 }
