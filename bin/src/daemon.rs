@@ -56,9 +56,14 @@ pub async fn run(cfg: NodeConfig) -> Result<i32> {
     let socket = crate::fault_file::socket_from_env(cfg.node.listen)?;
     #[cfg(not(feature = "fault-injection"))]
     let socket = None;
-    let mut node = Node::start(&cfg, socket)
-        .await
-        .context("starting the node")?;
+    // Signal handlers before the (possibly long) start: SIGTERM while joining stops cleanly.
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut node = tokio::select! {
+        node = Node::start(&cfg, socket) => node.context("starting the node")?,
+        _ = term.recv() => { info!("SIGTERM while starting: stopping"); return Ok(0); }
+        _ = int.recv() => { info!("SIGINT while starting: stopping"); return Ok(0); }
+    };
     let readiness = node.readiness();
     let _ = slot.set(readiness.clone());
     info!(node = %cfg.node.name, quic = %cfg.node.listen, admin = %cfg.node.admin, "tidepool node running");
@@ -66,8 +71,6 @@ pub async fn run(cfg: NodeConfig) -> Result<i32> {
     sd_notify_state(&[sd_notify::NotifyState::Ready]);
     spawn_sd_watchdog();
 
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let code = tokio::select! {
         _ = term.recv() => { info!("SIGTERM: stopping"); 0 }
         _ = int.recv() => { info!("SIGINT: stopping"); 0 }
