@@ -4,120 +4,22 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 use tidepool::http::sum_metric;
+use tidepool::hostile::{no_cert_config, ping_frame, probe};
 use tidepool::local_cluster::LocalCluster;
 use tidepool::workload;
 use tidepool_runtime::certs::{self, Role, Subject, Validity};
 use tidepool_runtime::client::{ClientOptions, ClusterClient};
-use tidepool_runtime::codec::{self, ArchivedBody, Body, Dest, Envelope, FRAME_HEADER_LEN};
+use tidepool_runtime::codec::{self, ArchivedBody, FRAME_HEADER_LEN};
 use tidepool_runtime::transport::tls::{self, ANY_NODE};
 use tidepool_runtime::transport::TlsMaterial;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidepool");
-
-fn ping_frame(n: u64) -> Vec<u8> {
-    codec::encode(&Envelope::new("probe", Dest::Peer, n, Body::Ping(n)))
-        .unwrap()
-        .to_vec()
-}
-
-/// Connects with `config`, sends a Ping and waits for the Pong. `Ok` only if the node answered.
-async fn probe(
-    config: quinn::ClientConfig,
-    addr: SocketAddr,
-    server_name: &str,
-) -> Result<(), String> {
-    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).map_err(|e| e.to_string())?;
-    let attempt = async {
-        let conn = ep
-            .connect_with(config, addr, server_name)
-            .map_err(|e| e.to_string())?
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
-        s.write_all(&ping_frame(7))
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut r = conn.accept_uni().await.map_err(|e| e.to_string())?;
-        let f = codec::read_frame(&mut r, 1 << 20)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("no reply")?;
-        match f.envelope().body {
-            ArchivedBody::Pong(_) => Ok(()),
-            _ => Err("not a pong".to_string()),
-        }
-    };
-    let out = tokio::time::timeout(Duration::from_secs(10), attempt)
-        .await
-        .unwrap_or_else(|_| Err("timed out".into()));
-    ep.close(0u32.into(), b"");
-    out
-}
-
-/// A client that presents no certificate at all (and trusts any server, to get that far).
-fn no_cert_config() -> quinn::ClientConfig {
-    #[derive(Debug)]
-    struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-    impl rustls::client::danger::ServerCertVerifier for AnyServer {
-        fn verify_server_cert(
-            &self,
-            _: &rustls::pki_types::CertificateDer<'_>,
-            _: &[rustls::pki_types::CertificateDer<'_>],
-            _: &rustls::pki_types::ServerName<'_>,
-            _: &[u8],
-            _: rustls::pki_types::UnixTime,
-        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-            Ok(rustls::client::danger::ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            m: &[u8],
-            c: &rustls::pki_types::CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn verify_tls13_signature(
-            &self,
-            m: &[u8],
-            c: &rustls::pki_types::CertificateDer<'_>,
-            d: &rustls::DigitallySignedStruct,
-        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(
-                m,
-                c,
-                d,
-                &self.0.signature_verification_algorithms,
-            )
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0.signature_verification_algorithms.supported_schemes()
-        }
-    }
-    let provider = tls::provider();
-    let mut c = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
-        .with_no_client_auth();
-    c.alpn_protocols = vec![tls::ALPN.to_vec()];
-    quinn::ClientConfig::new(Arc::new(
-        quinn::crypto::rustls::QuicClientConfig::try_from(c).unwrap(),
-    ))
-}
 
 async fn metric(cluster: &LocalCluster, i: usize, name: &str, labels: &[(&str, &str)]) -> f64 {
     sum_metric(&cluster.metrics(i).await.unwrap(), name, labels)

@@ -5,6 +5,7 @@
 //! - [`admin`]: the admin HTTP server (`/metrics`, `/livez`, `/readyz`).
 //! - [`local_cluster`]: starts real `tidepool node run` processes on loopback with fresh certs.
 //! - [`workload`]: the idempotent-increment workload and its exactly-once check.
+//! - [`hostile`]: hostile peers (F9), shared by tests/hostile.rs and the chaos harness.
 //! - [`http`]: a minimal HTTP/1.1 GET for polling admin endpoints.
 //! - [`demo`]: `tidepool demo`: logistic regression on breast cancer across a node kill.
 //! - [`kv_demo`]: `tidepool demo --kv`: the exactly-once key-value demo.
@@ -28,6 +29,7 @@ pub mod demo;
 #[cfg(feature = "fault-injection")]
 pub mod fault_file;
 pub mod fault_spec;
+pub mod hostile;
 pub mod http;
 pub mod jobs_cli;
 pub mod jobs_cmd;

@@ -89,6 +89,9 @@ struct Run<'a> {
     net: Net,
     job: Option<String>,
     last_heal: Instant,
+    /// Hostile attempts that were not refused (checker 6).
+    hostile: Vec<String>,
+    seed: u64,
 }
 
 impl Run<'_> {
@@ -152,6 +155,13 @@ impl Run<'_> {
             target: target.into(),
             detail,
         });
+    }
+
+    fn storage_file(&self, name: &str) -> PathBuf {
+        self.cluster
+            .root()
+            .join("faults")
+            .join(format!("{name}.storage.json"))
     }
 
     fn write_net(&self) -> Result<()> {
@@ -298,6 +308,53 @@ impl Run<'_> {
                     format!("{name} -> {peer} dropped for {d} ms"),
                 );
             }
+            Kind::Hostile => {
+                let i = self.target(f).await?;
+                let name = self.cluster.nodes[i].name.clone();
+                let admin = TlsMaterial::load_client(&self.cluster.admin_dir())?;
+                let scratch = self
+                    .cluster
+                    .root()
+                    .join(format!("hostile-{}", self.events.len()));
+                std::fs::create_dir_all(&scratch)?;
+                let r = crate::hostile::attack(
+                    self.cluster.nodes[i].quic,
+                    &self.cluster.ca_dir(),
+                    &admin,
+                    &scratch,
+                    self.seed,
+                )
+                .await?;
+                self.hostile.extend(r.accepted.iter().map(|a| format!("{name}: {a}")));
+                self.event(
+                    "hostile",
+                    &name,
+                    format!(
+                        "{} refused handshakes, {} flood attempts, {} garbage datagrams, {} bad frames",
+                        r.refused_handshakes, r.flood_attempts, r.garbage_datagrams, r.bad_frames
+                    ),
+                );
+            }
+            Kind::Storage => {
+                let i = self.target(f).await?;
+                let name = self.cluster.nodes[i].name.clone();
+                let rule = serde_json::json!({
+                    "write_error_rate": f.drop_rate,
+                    "write_delay_ms": f.delay_ms,
+                });
+                std::fs::write(self.storage_file(&name), serde_json::to_vec(&rule)?)?;
+                let d = f.duration_ms.unwrap_or(0);
+                later.push((at + d, Action::HealStorage(i)));
+                self.event(
+                    "storage",
+                    &name,
+                    format!(
+                        "{:.0}% write errors, writes delayed {} ms, for {d} ms",
+                        f.drop_rate * 100.0,
+                        f.delay_ms
+                    ),
+                );
+            }
             Kind::Netem => {
                 for n in self.names() {
                     let spec = self.net.specs.entry(n).or_default();
@@ -353,6 +410,11 @@ impl Run<'_> {
                 self.cluster.signal(i, libc::SIGCONT)?;
                 self.end_down(&name);
                 self.event("resume", &name, "SIGCONT".into());
+            }
+            Action::HealStorage(i) => {
+                let name = self.cluster.nodes[i].name.clone();
+                std::fs::write(self.storage_file(&name), b"{}")?;
+                self.event("heal", &name, "storage faults removed".into());
             }
             Action::HealNet => {
                 self.net.specs.clear();
@@ -417,6 +479,7 @@ enum Action {
     Restart(usize),
     Resume(usize),
     HealNet,
+    HealStorage(usize),
 }
 
 /// The training job of a scenario, and its fault-free result computed in this process with the
@@ -480,6 +543,10 @@ pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
         cluster
             .env
             .push(("TIDEPOOL_FAULT_SEED".into(), opts.seed.to_string()));
+        let storage = cluster.root().join("faults").join("{name}.storage.json");
+        cluster
+            .env
+            .push(("TIDEPOOL_STORAGE_FAULT_FILE".into(), storage.display().to_string()));
     }
     if opts.unsafe_skip_durability {
         cluster
@@ -530,6 +597,8 @@ pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
         net: net_init,
         job: None,
         last_heal: Instant::now(),
+        hostile: Vec::new(),
+        seed: opts.seed,
     };
     let result = drive(&mut run, opts).await;
     let exits = check_exits(&mut run);
@@ -620,6 +689,9 @@ async fn drive(run: &mut Run<'_>, opts: &RunOptions) -> Result<RunReport> {
         .converge(Duration::from_millis(s.converge.timeout_ms))
         .await;
     checks.insert("3_convergence".into(), conv);
+    if s.faults.iter().any(|f| f.kind == Kind::Hostile) {
+        checks.insert("6_hostile_refused".into(), run.hostile.clone());
+    }
     checks.insert(
         "1_acked_ops".into(),
         checkers::ops(&run.client, &report, s.workload.keys).await,

@@ -89,10 +89,16 @@ pub enum Kind {
     OneWay,
     /// Loss, delay, jitter (reordering) and duplication on every link for `duration_ms`.
     Netem,
+    /// Hostile peers against the target: refused handshakes, a connection flood, garbage
+    /// datagrams, malformed frames.
+    Hostile,
+    /// Storage faults on the target: write errors at `drop_rate`, writes delayed `delay_ms`,
+    /// for `duration_ms`.
+    Storage,
 }
 
 impl Kind {
-    /// Needs the fault-injecting socket (a `fault-injection` build).
+    /// Needs a `fault-injection` build (the fault-injecting socket or storage).
     pub fn is_network(self) -> bool {
         matches!(
             self,
@@ -170,7 +176,7 @@ impl Scenario {
             bail!("scenario.shards must be at least 1");
         }
         for (i, f) in self.faults.iter().enumerate() {
-            let needs_duration = matches!(f.kind, Kind::Pause) || f.kind.is_network();
+            let needs_duration = matches!(f.kind, Kind::Pause | Kind::Storage) || f.kind.is_network();
             if needs_duration && f.duration_ms.is_none() {
                 bail!("fault[{i}].duration_ms is required for {:?}", f.kind);
             }
