@@ -3,6 +3,11 @@
 //! writes to PATH (JSON, polled every 100 ms): per-peer blocks (partitions, one-way with
 //! `outgoing_only`), loss, delay, jitter (reordering) and duplication. Without the variable the
 //! node binds a plain socket.
+//!
+//! Storage faults are the runtime's (`tidepool_runtime::storage::faulty`): with
+//! `TIDEPOOL_STORAGE_FAULT_FILE=PATH`, `Store::open` wraps the node's object store and applies
+//! the JSON written to PATH (`{"write_error_rate":0.2,"write_delay_ms":50,"read_error_rate":0.0}`,
+//! polled every 100 ms; empty or missing = no faults). Nothing to do here.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

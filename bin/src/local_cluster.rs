@@ -39,6 +39,8 @@ pub struct LocalCluster {
     /// Extra environment for every node process (config overrides such as
     /// `TIDEPOOL_WORKERS__THREADS`); `{name}` in a value becomes the node's name.
     pub env: Vec<(String, String)>,
+    /// Extra environment for one node, by name (after `env`).
+    pub node_env: std::collections::BTreeMap<String, Vec<(String, String)>>,
 }
 
 /// A free loopback port for UDP and TCP alike (the OS picks; we release it right away).
@@ -81,6 +83,7 @@ impl LocalCluster {
             shards,
             voters: Vec::new(),
             env: Vec::new(),
+            node_env: Default::default(),
         };
         let voters = voters.clamp(1, n.max(1));
         for i in 0..n {
@@ -188,6 +191,7 @@ impl LocalCluster {
                     .iter()
                     .map(|(k, v)| (k.clone(), v.replace("{name}", &node.name))),
             )
+            .envs(self.node_env.get(&node.name).into_iter().flatten().cloned())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -518,6 +518,21 @@ fn training(shards: u32) -> Result<(dataset::Table, String, serde_json::Value)> 
     Ok((train, spec_text, want))
 }
 
+/// libfaketime, for wall-clock skew (Debian package `faketime`).
+fn faketime_library() -> Result<PathBuf> {
+    let candidates = [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+        "/usr/local/lib/faketime/libfaketime.so.1",
+    ];
+    candidates
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .context("wall-clock skew needs libfaketime: apt-get install faketime")
+}
+
 /// Runs one scenario with one seed.
 pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
     let network = s.faults.iter().any(|f| f.kind.is_network());
@@ -547,6 +562,20 @@ pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
         cluster
             .env
             .push(("TIDEPOOL_STORAGE_FAULT_FILE".into(), storage.display().to_string()));
+    }
+    if !s.skew_ms.is_empty() {
+        let lib = faketime_library()?;
+        for (name, skew) in &s.skew_ms {
+            let secs = *skew as f64 / 1000.0;
+            cluster.node_env.insert(
+                name.clone(),
+                vec![
+                    ("LD_PRELOAD".into(), lib.display().to_string()),
+                    ("FAKETIME".into(), format!("{secs:+}")),
+                    ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+                ],
+            );
+        }
     }
     if opts.unsafe_skip_durability {
         cluster
@@ -621,7 +650,18 @@ pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
     }
     // Checker 2 runs on the logs after every node stopped (their last events are written).
     let names: Vec<String> = run.cluster.nodes.iter().map(|n| n.name.clone()).collect();
-    let ivs = checkers::intervals(&run.cluster.root().join("data"), &names);
+    let mut ivs = checkers::intervals(&run.cluster.root().join("data"), &names);
+    // A skewed node logs skewed wall-clock times: shift them back (the checker compares
+    // instants across processes).
+    for list in ivs.values_mut() {
+        for iv in list.iter_mut() {
+            if let Some(skew) = s.skew_ms.get(&iv.node) {
+                let shift = |t: u64| t.saturating_add_signed(-skew * 1000);
+                iv.start = shift(iv.start);
+                iv.stop = iv.stop.map(shift);
+            }
+        }
+    }
     report
         .checks
         .insert("2_one_owner".into(), checkers::ownership(&ivs, &run.down));

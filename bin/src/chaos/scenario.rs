@@ -16,6 +16,9 @@ pub struct Scenario {
     pub faults: Vec<Fault>,
     #[serde(default)]
     pub converge: Converge,
+    /// Wall-clock skew per node name, in milliseconds (libfaketime; monotonic time untouched).
+    #[serde(default)]
+    pub skew_ms: std::collections::BTreeMap<String, i64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

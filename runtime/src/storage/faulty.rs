@@ -458,9 +458,15 @@ mod tests {
 
         faults.set(rule(1.0, 0, 0.0));
         for _ in 0..3 {
-            let err = store.append(3, 1, 2, 1, Bytes::from("b")).await.unwrap_err();
+            let err = store
+                .append(3, 1, 2, 1, Bytes::from("b"))
+                .await
+                .unwrap_err();
             assert!(
-                matches!(err, StorageError::Store(object_store::Error::Generic { .. })),
+                matches!(
+                    err,
+                    StorageError::Store(object_store::Error::Generic { .. })
+                ),
                 "{err:?}"
             );
         }

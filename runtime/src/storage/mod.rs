@@ -120,6 +120,8 @@
 
 mod blobs;
 mod checkpoint;
+#[cfg(feature = "fault-injection")]
+pub mod faulty;
 mod format;
 mod log;
 mod open;

@@ -48,7 +48,7 @@ impl Store {
                 "query strings and fragments are not supported".to_string()
             ));
         }
-        match scheme {
+        let store = match scheme {
             "file" | "memory" if !options.is_empty() => {
                 Err(bad(format!("{scheme}:// URLs take no options")))
             }
@@ -58,7 +58,11 @@ impl Store {
             other => Err(bad(format!(
                 "unsupported scheme {other:?}: expected file, s3, gs, az or memory"
             ))),
-        }
+        }?;
+        // Chaos hook: inject storage faults when TIDEPOOL_STORAGE_FAULT_FILE is set.
+        #[cfg(feature = "fault-injection")]
+        let store = super::faulty::wrap_from_env(store);
+        Ok(store)
     }
 }
 
