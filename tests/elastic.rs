@@ -9,6 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tidepool::chaos::checkers::{self, Interval};
 use tidepool::http::sum_metric;
 use tidepool::local_cluster::{wait_all_up, wait_applied, wait_stable, LocalCluster};
 use tidepool::workload::{self, WorkloadReport};
@@ -237,43 +238,10 @@ async fn sigterm_drains_without_failure_driven_reassignment() {
     c.stop_all(Duration::from_secs(60)).await.unwrap();
 }
 
-#[derive(Debug)]
-struct Interval {
-    node: String,
-    start: u64,
-    stop: Option<u64>,
-}
-
-/// Ownership intervals per shard from every node's ownership.log.
+/// Ownership intervals per shard from every node's ownership.log (the chaos checker's parser).
 fn intervals(c: &LocalCluster) -> BTreeMap<u64, Vec<Interval>> {
-    let mut out: BTreeMap<u64, Vec<Interval>> = BTreeMap::new();
-    for n in &c.nodes {
-        let text =
-            std::fs::read_to_string(c.root().join("data").join(&n.name).join("ownership.log"))
-                .unwrap_or_default();
-        for line in text.lines() {
-            let v: serde_json::Value = serde_json::from_str(line).unwrap();
-            let (shard, ts) = (v["shard"].as_u64().unwrap(), v["ts_us"].as_u64().unwrap());
-            let list = out.entry(shard).or_default();
-            match v["event"].as_str().unwrap() {
-                "start" => list.push(Interval {
-                    node: n.name.clone(),
-                    start: ts,
-                    stop: None,
-                }),
-                _ => {
-                    if let Some(open) = list
-                        .iter_mut()
-                        .rev()
-                        .find(|i| i.node == n.name && i.stop.is_none())
-                    {
-                        open.stop = Some(ts);
-                    }
-                }
-            }
-        }
-    }
-    out
+    let names: Vec<String> = c.nodes.iter().map(|n| n.name.clone()).collect();
+    checkers::intervals(&c.root().join("data"), &names)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

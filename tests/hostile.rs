@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use tidepool::http::sum_metric;
 use tidepool::hostile::{no_cert_config, ping_frame, probe};
+use tidepool::http::sum_metric;
 use tidepool::local_cluster::LocalCluster;
 use tidepool::workload;
 use tidepool_runtime::certs::{self, Role, Subject, Validity};

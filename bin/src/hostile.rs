@@ -28,7 +28,8 @@ pub async fn probe(
     addr: SocketAddr,
     server_name: &str,
 ) -> Result<(), String> {
-    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("static TLS config")).map_err(|e| e.to_string())?;
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().expect("static TLS config"))
+        .map_err(|e| e.to_string())?;
     let attempt = async {
         let conn = ep
             .connect_with(config, addr, server_name)
@@ -135,11 +136,16 @@ pub async fn attack(
     seed: u64,
 ) -> Result<HostileReport> {
     let mut r = HostileReport::default();
-    let refused = |what: &str, res: std::result::Result<(), String>, r: &mut HostileReport| match res {
-        Ok(()) => r.accepted.push(format!("{what} was ACCEPTED")),
-        Err(_) => r.refused_handshakes += 1,
-    };
-    refused("no client certificate", probe(no_cert_config(), target, "n1").await, &mut r);
+    let refused =
+        |what: &str, res: std::result::Result<(), String>, r: &mut HostileReport| match res {
+            Ok(()) => r.accepted.push(format!("{what} was ACCEPTED")),
+            Err(_) => r.refused_handshakes += 1,
+        };
+    refused(
+        "no client certificate",
+        probe(no_cert_config(), target, "n1").await,
+        &mut r,
+    );
     let foreign = scratch.join("foreign-ca");
     certs::init_ca(&foreign)?;
     certs::issue(
@@ -152,7 +158,11 @@ pub async fn attack(
         Validity::days_from_now(1),
     )?;
     let m = TlsMaterial::load_client(&scratch.join("foreign"))?;
-    refused("a foreign CA's certificate", probe(tls::client_config(&m)?, target, ANY_NODE).await, &mut r);
+    refused(
+        "a foreign CA's certificate",
+        probe(tls::client_config(&m)?, target, ANY_NODE).await,
+        &mut r,
+    );
     let now = time::OffsetDateTime::now_utc();
     certs::issue(
         ca_dir,
@@ -167,18 +177,25 @@ pub async fn attack(
         },
     )?;
     let m = TlsMaterial::load_client(&scratch.join("expired"))?;
-    refused("an expired certificate", probe(tls::client_config(&m)?, target, ANY_NODE).await, &mut r);
+    refused(
+        "an expired certificate",
+        probe(tls::client_config(&m)?, target, ANY_NODE).await,
+        &mut r,
+    );
     refused(
         "a server with another node's name",
         probe(tls::client_config(admin)?, target, "not-this-node").await,
         &mut r,
     );
     // A flood of certificate-less connection attempts, all at once.
-    let flood: Vec<_> = (0..50).map(|_| probe(no_cert_config(), target, "n1")).collect();
+    let flood: Vec<_> = (0..50)
+        .map(|_| probe(no_cert_config(), target, "n1"))
+        .collect();
     for res in futures::future::join_all(flood).await {
         r.flood_attempts += 1;
         if res.is_ok() {
-            r.accepted.push("a flood connection without a certificate was ACCEPTED".into());
+            r.accepted
+                .push("a flood connection without a certificate was ACCEPTED".into());
         }
     }
     // Garbage datagrams.
@@ -202,7 +219,9 @@ pub async fn attack(
     let mut version = good.clone();
     version[4..6].copy_from_slice(&9u16.to_le_bytes());
     let mut malformed = good.clone();
-    malformed[FRAME_HEADER_LEN..].iter_mut().for_each(|b| *b = 0xff);
+    malformed[FRAME_HEADER_LEN..]
+        .iter_mut()
+        .for_each(|b| *b = 0xff);
     let truncated = good[..good.len() - 3].to_vec();
     for bad in [oversized, version, malformed, truncated] {
         let mut s = conn.open_uni().await?;
@@ -226,9 +245,9 @@ pub async fn attack(
     };
     match tokio::time::timeout(Duration::from_secs(10), answered).await {
         Ok(Ok(())) => {}
-        other => r
-            .accepted
-            .push(format!("the authenticated connection stopped working after bad frames: {other:?}")),
+        other => r.accepted.push(format!(
+            "the authenticated connection stopped working after bad frames: {other:?}"
+        )),
     }
     conn.close(0u32.into(), b"");
     ep.close(0u32.into(), b"");

@@ -325,7 +325,8 @@ impl Run<'_> {
                     self.seed,
                 )
                 .await?;
-                self.hostile.extend(r.accepted.iter().map(|a| format!("{name}: {a}")));
+                self.hostile
+                    .extend(r.accepted.iter().map(|a| format!("{name}: {a}")));
                 self.event(
                     "hostile",
                     &name,
@@ -559,9 +560,10 @@ pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
             .env
             .push(("TIDEPOOL_FAULT_SEED".into(), opts.seed.to_string()));
         let storage = cluster.root().join("faults").join("{name}.storage.json");
-        cluster
-            .env
-            .push(("TIDEPOOL_STORAGE_FAULT_FILE".into(), storage.display().to_string()));
+        cluster.env.push((
+            "TIDEPOOL_STORAGE_FAULT_FILE".into(),
+            storage.display().to_string(),
+        ));
     }
     if !s.skew_ms.is_empty() {
         let lib = faketime_library()?;

@@ -179,7 +179,8 @@ impl Scenario {
             bail!("scenario.shards must be at least 1");
         }
         for (i, f) in self.faults.iter().enumerate() {
-            let needs_duration = matches!(f.kind, Kind::Pause | Kind::Storage) || f.kind.is_network();
+            let needs_duration =
+                matches!(f.kind, Kind::Pause | Kind::Storage) || f.kind.is_network();
             if needs_duration && f.duration_ms.is_none() {
                 bail!("fault[{i}].duration_ms is required for {:?}", f.kind);
             }
