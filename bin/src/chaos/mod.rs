@@ -658,9 +658,9 @@ pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
     for list in ivs.values_mut() {
         for iv in list.iter_mut() {
             if let Some(skew) = s.skew_ms.get(&iv.node) {
-                let shift = |t: u64| t.saturating_add_signed(-skew * 1000);
-                iv.start = shift(iv.start);
-                iv.stop = iv.stop.map(shift);
+                let shift = -skew * 1000;
+                iv.start = iv.start.saturating_add_signed(shift);
+                iv.stop = iv.stop.map(|t| t.saturating_add_signed(shift));
             }
         }
     }
