@@ -38,6 +38,9 @@ pub mod storage;
 pub mod transport;
 
 #[cfg(test)]
+mod sim_cluster;
+
+#[cfg(test)]
 pub(crate) mod test_support {
     /// `default` proptest cases unless `PROPTEST_CASES` says otherwise (for long runs).
     pub(crate) fn cases(default: u32) -> u32 {

@@ -604,17 +604,13 @@ pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
             b"{}",
         )?;
     }
-    cluster.start_all()?;
-    cluster.wait_ready(Duration::from_secs(120)).await?;
-    let tls = TlsMaterial::load_client(&cluster.admin_dir())?;
-    let copts = ClientOptions {
-        retry_for: Duration::from_secs(90),
-        request_timeout: Duration::from_secs(3),
-        ..Default::default()
+    let client = match start_cluster(&mut cluster, m.nodes).await {
+        Ok(c) => c,
+        Err(e) => {
+            let dir = cluster.keep();
+            bail!("cluster did not start: {e:#} (logs in {})", dir.display());
+        }
     };
-    let client = Arc::new(ClusterClient::connect(&cluster.seeds(), &tls, copts).await?);
-    wait_all_up(&client, m.nodes, Duration::from_secs(90)).await?;
-    wait_stable(&client, Duration::from_secs(120)).await?;
     let expected_exit = vec![false; cluster.nodes.len()];
     let mut run = Run {
         s,
@@ -674,6 +670,21 @@ pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
         println!("  logs kept in {}", dir.display());
     }
     Ok(report)
+}
+
+async fn start_cluster(cluster: &mut LocalCluster, nodes: usize) -> Result<Arc<ClusterClient>> {
+    cluster.start_all()?;
+    cluster.wait_ready(Duration::from_secs(120)).await?;
+    let tls = TlsMaterial::load_client(&cluster.admin_dir())?;
+    let copts = ClientOptions {
+        retry_for: Duration::from_secs(90),
+        request_timeout: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let client = Arc::new(ClusterClient::connect(&cluster.seeds(), &tls, copts).await?);
+    wait_all_up(&client, nodes, Duration::from_secs(90)).await?;
+    wait_stable(&client, Duration::from_secs(120)).await?;
+    Ok(client)
 }
 
 fn check_exits(run: &mut Run<'_>) -> Vec<String> {
@@ -831,7 +842,23 @@ pub async fn main(
                 keep,
                 unsafe_skip_durability,
             };
-            let r = run_one(&s, &opts).await?;
+            // A run that could not complete is a failed run, not the end of the matrix.
+            let r = match run_one(&s, &opts).await {
+                Ok(r) => r,
+                Err(e) => RunReport {
+                    scenario: s.scenario.name.clone(),
+                    seed,
+                    faults: Vec::new(),
+                    ops: 0,
+                    acked: 0,
+                    unacked: 0,
+                    duplicates_deduplicated: 0,
+                    convergence_ms: None,
+                    checks: BTreeMap::from([("0_run_completed".to_string(), vec![format!("{e:#}")])]),
+                    passed: false,
+                    elapsed_ms: 0,
+                },
+            };
             summarize(&r);
             reports.push(r);
         }

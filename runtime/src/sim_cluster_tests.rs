@@ -1,0 +1,242 @@
+//! The simulation's tests: many seeds of the real protocol must pass every checker, the same seed
+//! must replay the same history, and each deliberately broken variant must be caught.
+//!
+//! - `SIM_SEEDS=N`: how many seeds [`seeds_keep_every_invariant`] runs (default 200, from 0).
+//! - `SIM_SEED=N`: run only seed N (and print its whole trace), to replay a failure.
+//! - `SIM_BUG=ignore-lease|eager-reassign|ack-before-durable`: run those seeds with a broken
+//!   variant (to look at how the checkers report it).
+//! - `SIM_FIXES=proposed|as-is|NAME,NAME`: which [`Fixes`] the ports apply (default `proposed`;
+//!   `as-is` is the code in `actors/` today).
+
+use std::time::Instant;
+
+use super::*;
+
+/// Seeds the broken variants get to show a violation in.
+const BROKEN_SEEDS: u64 = 200;
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+fn env_fixes() -> Fixes {
+    let Ok(name) = std::env::var("SIM_FIXES") else {
+        return Fixes::PROPOSED;
+    };
+    Fixes::parse(name.trim()).unwrap_or_else(|| {
+        panic!("SIM_FIXES={name:?}: expected proposed, as-is or a comma list of fix names")
+    })
+}
+
+fn env_bug() -> Option<Bug> {
+    let name = std::env::var("SIM_BUG").ok()?;
+    let bug = Bug::parse(name.trim());
+    assert!(
+        bug.is_some(),
+        "SIM_BUG={name:?}: expected one of {:?}",
+        Bug::ALL.map(Bug::name)
+    );
+    bug
+}
+
+#[test]
+fn seeds_keep_every_invariant() {
+    let (bug, fixes) = (env_bug(), env_fixes());
+    let (seeds, verbose): (Vec<u64>, bool) = match env_u64("SIM_SEED") {
+        Some(seed) => (vec![seed], true),
+        None => ((0..env_u64("SIM_SEEDS").unwrap_or(200)).collect(), false),
+    };
+    let started = Instant::now();
+    let mut failed: Vec<Outcome> = Vec::new();
+    let mut total = Stats::default();
+    let mut slowest_convergence = 0;
+    for &seed in &seeds {
+        let o = run_seed(seed, bug, fixes);
+        if verbose {
+            println!("{}", o.report(usize::MAX));
+            println!("{:?}", o.stats);
+        }
+        total.events += o.stats.events;
+        total.ops += o.stats.ops;
+        total.acked += o.stats.acked;
+        total.faults += o.stats.faults;
+        total.elections += o.stats.elections;
+        total.reassigns += o.stats.reassigns;
+        total.handoffs += o.stats.handoffs;
+        total.fenced_writes += o.stats.fenced_writes;
+        total.lease_expiries += o.stats.lease_expiries;
+        total.storage_calls += o.stats.storage_calls;
+        slowest_convergence = slowest_convergence.max(o.stats.converged_after.unwrap_or(0));
+        if o.violation.is_some() {
+            failed.push(o);
+        }
+    }
+    println!(
+        "sim_cluster: {} seeds (fixes {}) in {:.1?}: {} events, {} ops ({} acknowledged), {} faults, {} elections, \
+         {} failovers, {} handoffs, {} fenced writes, {} lease expiries, {} storage calls; \
+         slowest convergence {} ms after healing (bound {} ms)",
+        seeds.len(),
+        fixes.name(),
+        started.elapsed(),
+        total.events,
+        total.ops,
+        total.acked,
+        total.faults,
+        total.elections,
+        total.reassigns,
+        total.handoffs,
+        total.fenced_writes,
+        total.lease_expiries,
+        total.storage_calls,
+        slowest_convergence,
+        CONVERGE_BOUND_MS,
+    );
+    for o in failed.iter().take(3) {
+        eprintln!("{}", o.report(60));
+    }
+    for o in &failed {
+        if let Some(v) = &o.violation {
+            eprintln!("seed {}: {v}", o.seed);
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {} seeds failed: {}",
+        failed.len(),
+        seeds.len(),
+        failed
+            .iter()
+            .map(|o| format!(
+                "seed {} ({})",
+                o.seed,
+                o.violation.as_ref().map_or("?", Violation::kind)
+            ))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+}
+
+#[test]
+fn a_seed_replays_exactly() {
+    let fixes = Fixes::PROPOSED;
+    for (seed, bug) in [(3, None), (11, None), (5, Some(Bug::EagerReassign))] {
+        let a = run_seed(seed, bug, fixes);
+        let b = run_seed(seed, bug, fixes);
+        assert_eq!(a.trace, b.trace, "seed {seed}: traces differ");
+        assert_eq!(a.stats, b.stats, "seed {seed}");
+        assert_eq!(a.violation, b.violation, "seed {seed}");
+        assert_eq!(a.fingerprint(), b.fingerprint(), "seed {seed}");
+        assert!(a.stats.events > 1000, "seed {seed}: {:?}", a.stats);
+    }
+    // And different seeds give different histories.
+    assert_ne!(
+        run_seed(3, None, fixes).fingerprint(),
+        run_seed(4, None, fixes).fingerprint()
+    );
+}
+
+/// Runs seeds `0..BROKEN_SEEDS` until one fails with a violation of one of `kinds`.
+fn first_caught(bug: Option<Bug>, fixes: Fixes, kinds: &[&str]) -> Outcome {
+    for seed in 0..BROKEN_SEEDS {
+        let o = run_seed(seed, bug, fixes);
+        if o.violation.as_ref().is_some_and(|v| kinds.contains(&v.kind())) {
+            println!("{}", o.report(25));
+            return o;
+        }
+    }
+    panic!(
+        "bug {:?} with fixes {} went unnoticed for {BROKEN_SEEDS} seeds (wanted a {kinds:?} violation)",
+        bug.map(Bug::name),
+        fixes.name()
+    );
+}
+
+#[test]
+fn serving_without_a_lease_is_caught() {
+    let o = first_caught(Some(Bug::IgnoreLease), Fixes::PROPOSED, &["one-owner"]);
+    assert!(matches!(o.violation, Some(Violation::TwoOwners { .. })));
+}
+
+#[test]
+fn reassigning_before_the_lease_must_have_expired_is_caught() {
+    let o = first_caught(Some(Bug::EagerReassign), Fixes::PROPOSED, &["one-owner"]);
+    assert!(matches!(o.violation, Some(Violation::TwoOwners { .. })));
+}
+
+#[test]
+fn acknowledging_before_durable_is_caught() {
+    let o = first_caught(Some(Bug::AckBeforeDurable), Fixes::PROPOSED, &["lost-op"]);
+    assert!(matches!(
+        o.violation,
+        Some(Violation::LostOp { .. } | Violation::CountOutOfBounds { .. })
+    ));
+}
+
+#[test]
+fn payload_encodings_round_trip() {
+    let mut d = ShardData::default();
+    assert!(d.apply(7, 3));
+    assert!(d.apply(9, 3));
+    assert!(!d.apply(7, 3), "an op id applies once");
+    assert_eq!(d.counts[&3], 2);
+    assert_eq!(ShardData::from_snapshot(&d.snapshot()), Ok(d));
+    assert!(ShardData::from_snapshot(&[1, 0]).is_err());
+    let recs = vec![(1, 2), (u64::MAX, u32::MAX)];
+    assert_eq!(decode_records(&encode_records(&recs)), Ok(recs));
+    assert!(decode_records(&[0; 13]).is_err());
+}
+
+#[test]
+fn rebuild_refuses_an_op_logged_twice() {
+    let store = Store::in_memory();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let r = rt.block_on(async {
+        let f = store.fence(0, 1).await.unwrap();
+        store
+            .append(0, 1, f + 1, 2, encode_records(&[(5, 1), (6, 1)]))
+            .await
+            .unwrap();
+        store
+            .append(0, 1, f + 3, 1, encode_records(&[(5, 1)]))
+            .await
+            .unwrap();
+        store.restore(0).await.unwrap()
+    });
+    assert!(matches!(rebuild(0, &r), Err(Violation::AppliedTwice(_))));
+}
+
+// ---- Bugs found in `actors/` (see `Fixes`): the as-is ports must still show them ----
+
+#[test]
+fn actors_bug_forgetting_a_down_member_drops_its_fresh_grant() {
+    let fixes = Fixes::PROPOSED.without("forget-after-expiry").unwrap();
+    let o = first_caught(None, fixes, &["one-owner"]);
+    assert!(o.trace.iter().any(|l| l.contains("forgets its grants")));
+}
+
+#[test]
+fn actors_bug_handoff_checkpoint_without_an_actor_never_completes() {
+    let fixes = Fixes::PROPOSED.without("checkpoint-restored").unwrap();
+    let o = first_caught(None, fixes, &["convergence"]);
+    assert!(o.trace.iter().any(|l| l.contains("no actor")));
+}
+
+#[test]
+fn actors_bug_a_lost_handoff_report_is_never_retried() {
+    let fixes = Fixes::PROPOSED.without("retry-report").unwrap();
+    let o = first_caught(None, fixes, &["convergence"]);
+    assert!(o.trace.iter().any(|l| l.contains("report for shard")));
+}
+
+#[test]
+fn fixes_names_round_trip() {
+    for f in [Fixes::PROPOSED, Fixes::AS_IS, Fixes::AS_IS.without("x").unwrap_or(Fixes::AS_IS)] {
+        assert_eq!(Fixes::parse(&f.name()), Some(f));
+    }
+    let one = Fixes::PROPOSED.without("retry-report").unwrap();
+    assert_eq!(one.name(), "forget-after-expiry,checkpoint-restored");
+    assert_eq!(Fixes::parse(&one.name()), Some(one));
+    assert_eq!(Fixes::parse("nope"), None);
+}
