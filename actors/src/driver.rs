@@ -186,8 +186,25 @@ impl Driver {
             }
             Effect::WriteCheckpoint { epoch } => {
                 let (router, done) = (self.router.clone(), self.done.clone());
+                // A shard restored here but handed off before it started serving (the leader
+                // moved it on while it was restoring) has no actor: its checkpoint is the
+                // restored state itself, at the restored log position.
+                let unserved = match (router.serving(shard), self.restored.get(&shard)) {
+                    (None, Some((e, r))) if *e == epoch => Some((
+                        r.state.snapshot(r.next_seq.saturating_sub(1)),
+                        r.next_seq.saturating_sub(1),
+                    )),
+                    _ => None,
+                };
+                let store = self.store.clone();
                 tokio::spawn(async move {
-                    match checkpoint(&router, shard).await {
+                    let written = match unserved {
+                        Some((snapshot, seq)) => {
+                            checkpoint_restored(&store, shard, epoch, seq, &snapshot).await
+                        }
+                        None => checkpoint(&router, shard).await,
+                    };
+                    match written {
                         Ok(seq) => {
                             let _ = done
                                 .send(Done::Event(shard, Event::CheckpointWritten { epoch, seq }));
@@ -333,6 +350,25 @@ fn assigned(a: &ShardAssignment) -> Event {
         epoch: a.epoch,
         owner: a.owner.clone().unwrap_or_default(),
         handoff_to: a.handoff_to.clone(),
+    }
+}
+
+/// Checkpoints a restored, never-served shard from its restored state.
+async fn checkpoint_restored(
+    store: &Store,
+    shard: u32,
+    epoch: u64,
+    seq: u64,
+    snapshot: &tidepool_runtime::codec::ShardSnapshot,
+) -> Result<u64, String> {
+    let bytes = tidepool_runtime::codec::encode_snapshot(snapshot).map_err(|e| e.to_string())?;
+    match store
+        .put_checkpoint(shard, epoch, seq, bytes::Bytes::from(bytes))
+        .await
+    {
+        Ok(()) => Ok(seq),
+        Err(tidepool_runtime::storage::StorageError::Fenced { .. }) => Err("NotOwner".into()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
