@@ -344,7 +344,13 @@ async fn leader_step(
             return Ok(());
         };
         for m in map.members.values() {
-            if m.state == MemberState::Down && !forgotten.contains(&m.name) {
+            // Forget a member marked down only once its lease must have expired: a grant made
+            // after the mark (it renewed meanwhile) must keep counting, or its shards would be
+            // reassigned while it still serves them (found by the deterministic simulation).
+            if m.state == MemberState::Down
+                && !forgotten.contains(&m.name)
+                && table.must_have_expired(&m.name, now)
+            {
                 table.remove(&m.name);
                 forgotten.insert(m.name.clone());
             }

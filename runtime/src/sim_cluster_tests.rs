@@ -3,9 +3,9 @@
 //!
 //! - `SIM_SEEDS=N`: how many seeds [`seeds_keep_every_invariant`] runs (default 200, from 0).
 //! - `SIM_SEED=N`: run only seed N (and print its whole trace), to replay a failure.
-//! - `SIM_BUG=ignore-lease|eager-reassign|ack-before-durable`: run those seeds with a broken
-//!   variant (to look at how the checkers report it).
-//! - `SIM_FIXES=proposed|as-is|NAME,NAME`: which [`Fixes`] the ports apply (default `proposed`;
+//! - `SIM_BUG=ignore-lease|eager-reassign|ack-before-durable|no-actor-checkpoint`: run those
+//!   seeds with a broken variant (to look at how the checkers report it).
+//! - `SIM_FIXES=proposed|as-is|NAME,NAME`: which [`Fixes`] the ports apply (default `as-is`, the code as it is;
 //!   `as-is` is the code in `actors/` today).
 
 use std::time::Instant;
@@ -21,7 +21,7 @@ fn env_u64(name: &str) -> Option<u64> {
 
 fn env_fixes() -> Fixes {
     let Ok(name) = std::env::var("SIM_FIXES") else {
-        return Fixes::PROPOSED;
+        return Fixes::AS_IS;
     };
     Fixes::parse(name.trim()).unwrap_or_else(|| {
         panic!("SIM_FIXES={name:?}: expected proposed, as-is or a comma list of fix names")
@@ -126,7 +126,10 @@ fn a_seed_replays_exactly() {
         assert_eq!(a.stats, b.stats, "seed {seed}");
         assert_eq!(a.violation, b.violation, "seed {seed}");
         assert_eq!(a.fingerprint(), b.fingerprint(), "seed {seed}");
-        assert!(a.stats.events > 1000, "seed {seed}: {:?}", a.stats);
+        if bug.is_none() {
+            assert!(a.stats.events > 1000, "seed {seed}: {:?}", a.stats);
+            assert_eq!(a.violation, None, "{}", a.report(40));
+        }
     }
     // And different seeds give different histories.
     assert_ne!(
@@ -139,7 +142,10 @@ fn a_seed_replays_exactly() {
 fn first_caught(bug: Option<Bug>, fixes: Fixes, kinds: &[&str]) -> Outcome {
     for seed in 0..BROKEN_SEEDS {
         let o = run_seed(seed, bug, fixes);
-        if o.violation.as_ref().is_some_and(|v| kinds.contains(&v.kind())) {
+        if o.violation
+            .as_ref()
+            .is_some_and(|v| kinds.contains(&v.kind()))
+        {
             println!("{}", o.report(25));
             return o;
         }
@@ -216,27 +222,50 @@ fn actors_bug_forgetting_a_down_member_drops_its_fresh_grant() {
     assert!(o.trace.iter().any(|l| l.contains("forgets its grants")));
 }
 
+/// The stuck handoff fixed in f0799c5 (found by the chaos harness) is caught here too.
 #[test]
-fn actors_bug_handoff_checkpoint_without_an_actor_never_completes() {
-    let fixes = Fixes::PROPOSED.without("checkpoint-restored").unwrap();
-    let o = first_caught(None, fixes, &["convergence"]);
+fn the_driver_before_f0799c5_is_caught() {
+    let o = first_caught(
+        Some(Bug::NoActorCheckpoint),
+        Fixes::PROPOSED,
+        &["convergence"],
+    );
     assert!(o.trace.iter().any(|l| l.contains("no actor")));
 }
 
 #[test]
-fn actors_bug_a_lost_handoff_report_is_never_retried() {
-    let fixes = Fixes::PROPOSED.without("retry-report").unwrap();
+fn actors_bug_a_previous_writer_of_the_same_epoch_fences_the_new_one() {
+    let fixes = Fixes::PROPOSED.without("reset-when-fenced").unwrap();
     let o = first_caught(None, fixes, &["convergence"]);
-    assert!(o.trace.iter().any(|l| l.contains("report for shard")));
+    assert!(o.trace.iter().any(|l| l.ends_with("fenced")));
+}
+
+/// Rare under these faults (about one seed in 2000): pinned. If a change to the model moves it,
+/// find another with `SIM_FIXES=forget-after-expiry,reset-when-fenced SIM_SEEDS=3000`.
+#[test]
+fn actors_bug_a_grant_can_outrun_the_map_that_took_the_shards_away() {
+    let fixes = Fixes::PROPOSED.without("map-with-grant").unwrap();
+    let o = run_seed(352, None, fixes);
+    println!("{}", o.report(20));
+    assert!(
+        matches!(o.violation, Some(Violation::TwoOwners { .. })),
+        "{}",
+        o.report(20)
+    );
+    assert_eq!(run_seed(352, None, Fixes::PROPOSED).violation, None);
 }
 
 #[test]
 fn fixes_names_round_trip() {
-    for f in [Fixes::PROPOSED, Fixes::AS_IS, Fixes::AS_IS.without("x").unwrap_or(Fixes::AS_IS)] {
+    for f in [
+        Fixes::PROPOSED,
+        Fixes::AS_IS,
+        Fixes::AS_IS.without("x").unwrap_or(Fixes::AS_IS),
+    ] {
         assert_eq!(Fixes::parse(&f.name()), Some(f));
     }
-    let one = Fixes::PROPOSED.without("retry-report").unwrap();
-    assert_eq!(one.name(), "forget-after-expiry,checkpoint-restored");
+    let one = Fixes::PROPOSED.without("reset-when-fenced").unwrap();
+    assert_eq!(one.name(), "forget-after-expiry,map-with-grant");
     assert_eq!(Fixes::parse(&one.name()), Some(one));
     assert_eq!(Fixes::parse("nope"), None);
 }

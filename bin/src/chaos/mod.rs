@@ -854,7 +854,10 @@ pub async fn main(
                     unacked: 0,
                     duplicates_deduplicated: 0,
                     convergence_ms: None,
-                    checks: BTreeMap::from([("0_run_completed".to_string(), vec![format!("{e:#}")])]),
+                    checks: BTreeMap::from([(
+                        "0_run_completed".to_string(),
+                        vec![format!("{e:#}")],
+                    )]),
                     passed: false,
                     elapsed_ms: 0,
                 },
