@@ -318,6 +318,3 @@ pub async fn manage(ctx: CoordinatorCtx) {
         let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
     }
 }
-
-/// For the router: the shared admin handle.
-pub type SharedAdmin = Arc<JobAdmin>;

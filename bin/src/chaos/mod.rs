@@ -593,8 +593,6 @@ pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
         m.shards,
         cluster.root().display()
     );
-    let mut net_init = Net::default();
-    net_init.specs.clear();
     for n in &cluster.nodes {
         std::fs::write(
             cluster
@@ -621,7 +619,7 @@ pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
         events: Vec::new(),
         expected_exit,
         down: HashMap::new(),
-        net: net_init,
+        net: Net::default(),
         job: None,
         last_heal: Instant::now(),
         hostile: Vec::new(),
@@ -762,7 +760,6 @@ async fn drive(run: &mut Run<'_>, opts: &RunOptions) -> Result<RunReport> {
         };
         checks.insert("4_model".into(), got);
     }
-    let _ = opts;
     Ok(RunReport {
         scenario: s.scenario.name.clone(),
         seed: opts.seed,
