@@ -80,6 +80,14 @@ pub async fn run(
                 let valid = leases.valid();
                 if valid != d.lease_valid {
                     d.lease_valid = valid;
+                    // The exact wall-clock instant the lease ran out (admission stopped there),
+                    // for the ownership log; this tick may come later.
+                    let lost_at = (!valid).then(|| {
+                        let until = leases.holder.lock().valid_until();
+                        let ago = until.map_or(Duration::ZERO, |u| Instant::now().saturating_duration_since(u));
+                        std::time::SystemTime::now() - ago
+                    });
+                    d.router.set_lease_lost_at(lost_at);
                     let ev = if valid { Event::LeaseRegained } else { Event::LeaseLost };
                     for s in 0..d.cfg.shards { d.feed(s, ev.clone()).await; }
                 }

@@ -114,9 +114,11 @@ fn record_ownership(
     shard: u32,
     epoch: u64,
     event: &str,
+    at: Option<std::time::SystemTime>,
 ) {
     let Some(path) = path else { return };
-    let ts_us = std::time::SystemTime::now()
+    let ts_us = at
+        .unwrap_or_else(std::time::SystemTime::now)
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros());
     let line = format!("{{\"ts_us\":{ts_us},\"node\":\"{node}\",\"shard\":{shard},\"epoch\":{epoch},\"event\":\"{event}\"}}\n");
@@ -140,6 +142,9 @@ struct Inner {
     services: std::sync::OnceLock<Arc<dyn NodeServices>>,
     forwards: Arc<Semaphore>,
     shutting_down: AtomicBool,
+    /// When this node's lease ran out (wall clock), while it is out: admission stopped then,
+    /// so that is when an ownership interval closed by the lease loss really ended.
+    lease_lost_at: Mutex<Option<std::time::SystemTime>>,
 }
 
 /// The node's router. Cheap to clone.
@@ -184,6 +189,7 @@ impl Router {
                 services: std::sync::OnceLock::new(),
                 forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
                 shutting_down: AtomicBool::new(false),
+                lease_lost_at: Mutex::new(None),
             }),
         }
     }
@@ -228,6 +234,7 @@ impl Router {
                 shard,
                 epoch,
                 "start",
+                None,
             );
         }
     }
@@ -258,15 +265,24 @@ impl Router {
     /// Stops admitting new ops to a slot, recording the end of this node's ownership interval.
     fn close_slot(&self, shard: u32, s: &mut Slot) {
         if s.accepting {
+            let at = *self.inner.lease_lost_at.lock();
             record_ownership(
                 &self.inner.cfg.ownership_log,
                 &self.inner.cfg.name,
                 shard,
                 s.epoch,
                 "stop",
+                at,
             );
         }
         s.accepting = false;
+    }
+
+    /// The driver saw the lease run out at `at` (wall clock; `None` once it is valid again).
+    /// Requests were refused from that instant (`lease_valid` is checked on admission), so
+    /// ownership intervals closed while it is out end there, not when the slot closes.
+    pub fn set_lease_lost_at(&self, at: Option<std::time::SystemTime>) {
+        *self.inner.lease_lost_at.lock() = at;
     }
 
     /// Ops admitted to `shard` and not yet answered.
