@@ -18,23 +18,17 @@ use tidepool_actors::jobs::stats::Stats;
 use tidepool_runtime::client::{ClientOptions, ClusterClient};
 use tidepool_runtime::control::{JobRecord, JobState};
 use tidepool_runtime::dataset::Table;
-use tidepool_runtime::transport::TlsMaterial;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidepool");
 const SHARDS: u32 = 32;
 
 async fn connect(c: &LocalCluster) -> Arc<ClusterClient> {
-    let tls = TlsMaterial::load_client(&c.admin_dir()).unwrap();
     let opts = ClientOptions {
         retry_for: Duration::from_secs(60),
         request_timeout: Duration::from_secs(5),
         ..Default::default()
     };
-    Arc::new(
-        ClusterClient::connect(&c.seeds(), &tls, opts)
-            .await
-            .unwrap(),
-    )
+    Arc::new(c.admin_client(opts).await.unwrap())
 }
 
 async fn start(n: usize, voters: usize) -> (LocalCluster, Arc<ClusterClient>) {

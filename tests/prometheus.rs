@@ -31,7 +31,6 @@ use tidepool::local_cluster::{wait_all_up, wait_stable, LocalCluster};
 use tidepool::{datasets, jobs_cli, workload};
 use tidepool_runtime::client::{ClientOptions, ClusterClient};
 use tidepool_runtime::control::JobState;
-use tidepool_runtime::transport::TlsMaterial;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidepool");
@@ -426,17 +425,12 @@ fn promtool_check_metrics(promtool: &Path, text: &str) -> (bool, String) {
 // ------------------------------------------------------------------ the cluster
 
 async fn connect(c: &LocalCluster) -> Arc<ClusterClient> {
-    let tls = TlsMaterial::load_client(&c.admin_dir()).unwrap();
     let opts = ClientOptions {
         retry_for: Duration::from_secs(60),
         request_timeout: Duration::from_secs(5),
         ..Default::default()
     };
-    Arc::new(
-        ClusterClient::connect(&c.seeds(), &tls, opts)
-            .await
-            .unwrap(),
-    )
+    Arc::new(c.admin_client(opts).await.unwrap())
 }
 
 /// Long enough (about ten scrapes in a debug build) that every rate and histogram panel sees

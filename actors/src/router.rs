@@ -447,26 +447,22 @@ impl Router {
             }
             ArchivedBody::Control { kind: ck, payload } if peer.role == Role::Node => {
                 let (ck, payload) = (control_kind(ck), payload.as_slice().to_vec());
-                tokio::spawn(async move {
-                    let body = match services.control(peer, ck, payload).await {
+                return self.reply_later(link, corr, async move {
+                    match services.control(peer, ck, payload).await {
                         Ok(bytes) => Body::ControlReply(bytes),
                         Err(code) => error_body(code, "control request failed"),
-                    };
-                    reply(&link, self.name(), corr, body).await;
+                    }
                 });
-                return;
             }
             ArchivedBody::Drain { node } if peer.role == Role::Admin => {
                 let node = node.as_str().to_string();
                 self.inner.audit.record(&peer, "drain", &node).await;
-                tokio::spawn(async move {
-                    let body = match services.drain(node).await {
+                return self.reply_later(link, corr, async move {
+                    match services.drain(node).await {
                         Ok(()) => Body::ControlReply(Vec::new()),
                         Err(code) => error_body(code, "drain failed"),
-                    };
-                    reply(&link, self.name(), corr, body).await;
+                    }
                 });
-                return;
             }
             ArchivedBody::Admin { op, payload }
                 if peer.role == Role::Admin
@@ -476,17 +472,15 @@ impl Router {
                 if !op.read_only() {
                     self.inner.audit.record(&peer, op.as_str(), "").await;
                 }
-                tokio::spawn(async move {
-                    let body = match services.admin(op, payload).await {
+                return self.reply_later(link, corr, async move {
+                    match services.admin(op, payload).await {
                         Ok(bytes) => Body::ControlReply(bytes),
                         Err((code, message)) => error_body(code, &message),
-                    };
-                    reply(&link, self.name(), corr, body).await;
+                    }
                 });
-                return;
             }
             ArchivedBody::DatasetPart(_) if peer.role == Role::Admin => {
-                let Ok(Body::DatasetPart(part)) = frame.to_owned_envelope().map(|e| e.body) else {
+                let Some(Body::DatasetPart(part)) = owned_body(&frame) else {
                     return reply(
                         &link,
                         self.name(),
@@ -495,17 +489,15 @@ impl Router {
                     )
                     .await;
                 };
-                tokio::spawn(async move {
-                    let body = match services.dataset_part(part).await {
+                return self.reply_later(link, corr, async move {
+                    match services.dataset_part(part).await {
                         Ok(()) => Body::ControlReply(Vec::new()),
                         Err((code, message)) => error_body(code, &message),
-                    };
-                    reply(&link, self.name(), corr, body).await;
+                    }
                 });
-                return;
             }
             ArchivedBody::JobTask(_) if peer.role == Role::Node => {
-                let Ok(Body::JobTask(task)) = frame.to_owned_envelope().map(|e| e.body) else {
+                let Some(Body::JobTask(task)) = owned_body(&frame) else {
                     return reply(
                         &link,
                         self.name(),
@@ -514,11 +506,9 @@ impl Router {
                     )
                     .await;
                 };
-                tokio::spawn(async move {
-                    let partial = services.job_task(task).await;
-                    reply(&link, self.name(), corr, Body::JobPartial(partial)).await;
+                return self.reply_later(link, corr, async move {
+                    Body::JobPartial(services.job_task(task).await)
                 });
-                return;
             }
             ArchivedBody::LeaseRenew { .. }
             | ArchivedBody::Control { .. }
@@ -535,6 +525,20 @@ impl Router {
             _ => error_body(ErrorCode::BadRequest, "not a request"),
         };
         reply(&link, self.name(), corr, body).await;
+    }
+
+    /// Answers a request whose work takes a while: runs `body` on its own task and replies with
+    /// its result, so the connection's reader is not held up.
+    fn reply_later(
+        self,
+        link: Link,
+        corr: u64,
+        body: impl std::future::Future<Output = Body> + Send + 'static,
+    ) {
+        tokio::spawn(async move {
+            let body = body.await;
+            reply(&link, self.name(), corr, body).await;
+        });
     }
 
     pub fn shards(&self) -> Vec<ShardInfo> {
@@ -733,8 +737,12 @@ fn admin_op(k: &tidepool_runtime::codec::ArchivedAdminOp) -> AdminOp {
     }
 }
 
+fn owned_body(frame: &Frame) -> Option<Body> {
+    frame.to_owned_envelope().ok().map(|e| e.body)
+}
+
 fn owned_request(frame: &Frame) -> Option<ShardRequest> {
-    match frame.to_owned_envelope().ok()?.body {
+    match owned_body(frame)? {
         Body::ShardRequest(r) => Some(r),
         _ => None,
     }

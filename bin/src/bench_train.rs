@@ -17,7 +17,6 @@ use tidepool_actors::jobs::sgd::{apply_step, minibatch_indices};
 use tidepool_runtime::client::{ClientOptions, ClusterClient};
 use tidepool_runtime::control::JobState;
 use tidepool_runtime::dataset::{synthetic_shard, SyntheticKind};
-use tidepool_runtime::transport::TlsMaterial;
 
 use crate::jobs_cli;
 use crate::local_cluster::{wait_all_up, wait_stable, LocalCluster};
@@ -142,8 +141,7 @@ async fn cluster_run(
         .push(("TIDEPOOL_WORKERS__THREADS".into(), o.workers.to_string()));
     cluster.start_all()?;
     cluster.wait_ready(Duration::from_secs(120)).await?;
-    let tls = TlsMaterial::load_client(&cluster.admin_dir())?;
-    let client = ClusterClient::connect(&cluster.seeds(), &tls, ClientOptions::default()).await?;
+    let client = cluster.admin_client(ClientOptions::default()).await?;
     wait_all_up(&client, n, Duration::from_secs(60)).await?;
     wait_stable(&client, Duration::from_secs(120)).await?;
     jobs_cli::create_synthetic(&client, "synth", o.rows, o.features, "logistic", 1).await?;

@@ -9,9 +9,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tidepool_actors::jobs::model_file::ModelFile;
-use tidepool_runtime::client::{ClientOptions, ClusterClient};
+use tidepool_runtime::client::ClientOptions;
 use tidepool_runtime::control::JobState;
-use tidepool_runtime::transport::TlsMaterial;
 
 use crate::local_cluster::{wait_all_up, wait_stable, LocalCluster};
 use crate::{datasets, jobs_cli, predict};
@@ -83,8 +82,7 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
 }
 
 async fn train_and_score(cluster: &mut LocalCluster, opts: &DemoOptions) -> Result<()> {
-    let tls = TlsMaterial::load_client(&cluster.admin_dir())?;
-    let client = ClusterClient::connect(&cluster.seeds(), &tls, ClientOptions::default()).await?;
+    let client = cluster.admin_client(ClientOptions::default()).await?;
     wait_all_up(&client, opts.nodes, Duration::from_secs(60)).await?;
     wait_stable(&client, Duration::from_secs(90)).await?;
 

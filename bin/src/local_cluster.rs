@@ -171,6 +171,15 @@ impl LocalCluster {
         self.root().join("ca")
     }
 
+    /// A client with the admin certificate, connected through every node.
+    pub async fn admin_client(
+        &self,
+        opts: tidepool_runtime::client::ClientOptions,
+    ) -> Result<tidepool_runtime::client::ClusterClient> {
+        let tls = tidepool_runtime::transport::TlsMaterial::load_client(&self.admin_dir())?;
+        Ok(tidepool_runtime::client::ClusterClient::connect(&self.seeds(), &tls, opts).await?)
+    }
+
     pub fn seeds(&self) -> Vec<SocketAddr> {
         self.nodes.iter().map(|n| n.quic).collect()
     }

@@ -673,13 +673,12 @@ pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
 async fn start_cluster(cluster: &mut LocalCluster, nodes: usize) -> Result<Arc<ClusterClient>> {
     cluster.start_all()?;
     cluster.wait_ready(Duration::from_secs(120)).await?;
-    let tls = TlsMaterial::load_client(&cluster.admin_dir())?;
     let copts = ClientOptions {
         retry_for: Duration::from_secs(90),
         request_timeout: Duration::from_secs(3),
         ..Default::default()
     };
-    let client = Arc::new(ClusterClient::connect(&cluster.seeds(), &tls, copts).await?);
+    let client = Arc::new(cluster.admin_client(copts).await?);
     wait_all_up(&client, nodes, Duration::from_secs(90)).await?;
     wait_stable(&client, Duration::from_secs(120)).await?;
     Ok(client)
