@@ -68,13 +68,16 @@ pub async fn run(
         handoff_started: HashMap::new(),
         lease_valid: false,
     };
+    map_rx.borrow_and_update();
+    leases.set_acted_index(d.on_map().await);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             changed = map_rx.changed() => {
                 if changed.is_err() { return; }
-                d.on_map().await;
+                let index = d.on_map().await;
+                leases.set_acted_index(index);
             }
             _ = tick.tick() => {
                 let valid = leases.valid();
@@ -123,7 +126,8 @@ struct Driver {
 }
 
 impl Driver {
-    async fn on_map(&mut self) {
+    /// Feeds every changed assignment to its shard's machine; returns the map index acted on.
+    async fn on_map(&mut self) -> u64 {
         let map = self.control.map().borrow().clone();
         for (s, a) in map.shards.iter().enumerate() {
             let s = s as u32;
@@ -135,6 +139,7 @@ impl Driver {
             }
             self.feed(s, assigned(a)).await;
         }
+        map.applied_index
     }
 
     /// Throws away a shard's machine and state and starts over from the current assignment

@@ -3,6 +3,7 @@
 //! `runtime::rebalance`; this module only drives them with real time and the real control plane.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -41,6 +42,17 @@ pub struct Leases {
     pub cfg: LeaseConfig,
     pub holder: Mutex<LeaseHolder>,
     pub leader: Mutex<LeaderLeases>,
+    /// The map index the ownership driver has acted on (stopped what the map moved away).
+    /// Grants count only once this caught up with theirs ([`LeaseHolder::is_valid_at`]).
+    acted_index: AtomicU64,
+}
+
+/// A lease grant: ttl, the leader's term, and the leader's applied map index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub ttl: Duration,
+    pub term: u64,
+    pub map_index: u64,
 }
 
 impl Leases {
@@ -48,16 +60,26 @@ impl Leases {
         Arc::new(Leases {
             holder: Mutex::new(LeaseHolder::new(cfg)),
             leader: Mutex::new(LeaderLeases::default()),
+            acted_index: AtomicU64::new(0),
             cfg,
         })
     }
 
+    /// Whether this node may serve now: lease time left, and the map acted on up to the grants.
     pub fn valid(&self) -> bool {
-        self.holder.lock().is_valid(Instant::now())
+        self.holder
+            .lock()
+            .is_valid_at(Instant::now(), self.acted_index.load(Ordering::Acquire))
     }
 
-    /// Grants `node` a lease if this node leads: (ttl, term).
-    pub fn grant(&self, node: &str, now: Instant) -> Option<(Duration, u64)> {
+    /// The ownership driver has acted on the map up to `index`.
+    pub fn set_acted_index(&self, index: u64) {
+        self.acted_index.fetch_max(index, Ordering::AcqRel);
+    }
+
+    /// Grants `node` a lease if this node leads, carrying `map_index`, the leader's applied map
+    /// index (everything committed before the last quorum confirmation is applied by then).
+    pub fn grant(&self, node: &str, now: Instant, map_index: u64) -> Option<Grant> {
         let mut l = self.leader.lock();
         if l.confirmed
             .is_none_or(|t| now.saturating_duration_since(t) > CONFIRMED_GRANT_WINDOW)
@@ -65,7 +87,11 @@ impl Leases {
             return None;
         }
         let (term, table) = l.table.as_mut()?;
-        Some((table.grant(node, now), *term))
+        Some(Grant {
+            ttl: table.grant(node, now),
+            term: *term,
+            map_index,
+        })
     }
 }
 
@@ -218,11 +244,12 @@ pub async fn renew_loop(
         let (utilization, backlog) = meter.latest();
         if leader.name == me {
             load.record(&me, utilization, backlog);
-            if let Some((ttl, term)) = leases.grant(&me, now) {
+            let index = control.map().borrow().applied_index;
+            if let Some(g) = leases.grant(&me, now, index) {
                 leases
                     .holder
                     .lock()
-                    .on_grant(Instant::now(), token, ttl, term);
+                    .on_grant(Instant::now(), token, g.ttl, g.term, g.map_index);
             }
             continue;
         }
@@ -250,6 +277,7 @@ pub async fn renew_loop(
                         sent_at,
                         ttl_ms,
                         term,
+                        map_index,
                     } = &f.envelope().body
                     {
                         leases.holder.lock().on_grant(
@@ -257,6 +285,7 @@ pub async fn renew_loop(
                             sent_at.to_native(),
                             Duration::from_millis(ttl_ms.to_native()),
                             term.to_native(),
+                            map_index.to_native(),
                         );
                     }
                 }

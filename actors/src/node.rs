@@ -31,7 +31,7 @@ use crate::driver::{self, DriverConfig};
 use crate::job_admin::{self, JobAdmin};
 use crate::job_exec::{JobExecutor, DEFAULT_CACHE_BYTES};
 use crate::leader::ClusterLoad;
-use crate::leader::{self, Leases};
+use crate::leader::{self, Grant, Leases};
 use crate::load::{self, LoadMeter};
 use crate::restart::RestartBudget;
 use crate::router::{futures_box, NodeServices, Router, RouterConfig};
@@ -174,18 +174,14 @@ impl NodeServices for Services {
         })
     }
 
-    fn renew_lease(
-        &self,
-        from: &str,
-        utilization: f64,
-        backlog: u64,
-    ) -> Result<(Duration, u64), ErrorCode> {
+    fn renew_lease(&self, from: &str, utilization: f64, backlog: u64) -> Result<Grant, ErrorCode> {
         if !self.control.is_leader() {
             return Err(ErrorCode::NotLeader);
         }
         self.load.record(from, utilization, backlog);
+        let index = self.control.map().borrow().applied_index;
         self.leases
-            .grant(from, Instant::now())
+            .grant(from, Instant::now(), index)
             .ok_or(ErrorCode::NotLeader)
     }
 

@@ -49,7 +49,7 @@ pub trait NodeServices: Send + Sync + 'static {
         from: &str,
         utilization: f64,
         backlog: u64,
-    ) -> Result<(Duration, u64), ErrorCode>;
+    ) -> Result<crate::leader::Grant, ErrorCode>;
     /// Admin: drain `node`.
     fn drain(&self, node: String) -> futures_box::Fut<Result<(), ErrorCode>>;
     /// `cluster status`.
@@ -437,10 +437,11 @@ impl Router {
             } if peer.role == Role::Node => {
                 let utilization = f64::from(utilization_milli.to_native().min(1000)) / 1000.0;
                 match services.renew_lease(&peer.name, utilization, backlog.to_native()) {
-                    Ok((ttl, term)) => Body::LeaseGrant {
+                    Ok(g) => Body::LeaseGrant {
                         sent_at: sent_at.to_native(),
-                        ttl_ms: ttl.as_millis() as u64,
-                        term,
+                        ttl_ms: g.ttl.as_millis() as u64,
+                        term: g.term,
+                        map_index: g.map_index,
                     },
                     Err(code) => error_body(code, "not the leader"),
                 }

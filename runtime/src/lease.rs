@@ -31,6 +31,12 @@
 //!   has seen, but that alone cannot stop a deposed leader that does not know it was deposed.
 //! - Grants echo the holder's token; a grant for a token the holder does not remember is ignored,
 //!   because its send instant (the only safe start of validity) is unknown.
+//! - A grant carries the leader's applied map index, and the holder's node serves on it only once
+//!   its own copy of the map has been applied *and acted on* up to that index
+//!   ([`LeaseHolder::is_valid_at`]). A node the leader declared expired may have lost shards in
+//!   the same breath; without this, its next grant could arrive before the map that moved them,
+//!   and it would serve them at its old epoch next to their new owner (found by the
+//!   deterministic simulation, then by the chaos harness under packet loss).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -147,6 +153,8 @@ pub struct LeaseHolder {
     valid_until: Option<Instant>,
     /// Highest leader term a grant came from; grants of older terms are ignored.
     term: Option<u64>,
+    /// Highest map index an accepted grant carried (see [`is_valid_at`](Self::is_valid_at)).
+    map_index: u64,
     /// A grant made the lease valid and its lapse has not been noted yet.
     armed: bool,
     /// Lapses noted (by [`on_grant`]) but not yet returned by [`poll_expired`].
@@ -163,6 +171,7 @@ impl LeaseHolder {
             last_send: None,
             valid_until: None,
             term: None,
+            map_index: 0,
             armed: false,
             unpolled_expiries: 0,
         }
@@ -187,14 +196,15 @@ impl LeaseHolder {
         token
     }
 
-    /// A grant of `ttl` for renewal `token` from the leader of `term` arrived at `now`.
+    /// A grant of `ttl` for renewal `token` from the leader of `term`, made when the leader's map
+    /// had applied log index `map_index`, arrived at `now`.
     ///
     /// Validity becomes `send(token) + ttl - drift_margin` if that is later than the current
     /// validity; a grant never shortens it, and a late grant for an old token cannot extend past
     /// its own send instant plus ttl. Ignored: unknown or forgotten tokens (their send instant is
     /// unknown, and the receive instant would be unsafe), grants from a term older than one seen,
     /// and ttls not longer than the drift margin. All of this keeps invariant 1.
-    pub fn on_grant(&mut self, now: Instant, token: u64, ttl: Duration, term: u64) {
+    pub fn on_grant(&mut self, now: Instant, token: u64, ttl: Duration, term: u64, map_index: u64) {
         if self.term.is_some_and(|seen| term < seen) {
             return;
         }
@@ -202,6 +212,7 @@ impl LeaseHolder {
             return;
         };
         self.term = Some(term);
+        self.map_index = self.map_index.max(map_index);
         self.note_lapse(now);
         let Some(until) = ttl
             .checked_sub(self.cfg.drift_margin)
@@ -218,9 +229,22 @@ impl LeaseHolder {
         }
     }
 
-    /// Whether this node may serve at `now`: a granted lease covers `now` (invariant 1).
+    /// Whether a granted lease covers `now`. Serving needs [`is_valid_at`](Self::is_valid_at).
     pub fn is_valid(&self, now: Instant) -> bool {
         self.valid_until.is_some_and(|until| now < until)
+    }
+
+    /// Whether this node may serve at `now` (invariant 1): a granted lease covers `now`, and the
+    /// node has acted on its copy of the map up to `applied` >= the highest map index a grant
+    /// carried. Map indices of committed entries only grow and reach every member, so the wait
+    /// ends once the map catches up.
+    pub fn is_valid_at(&self, now: Instant, applied: u64) -> bool {
+        self.is_valid(now) && applied >= self.map_index
+    }
+
+    /// The highest map index an accepted grant carried.
+    pub fn map_index(&self) -> u64 {
+        self.map_index
     }
 
     /// The first instant at which the lease is no longer valid, if one was ever granted.

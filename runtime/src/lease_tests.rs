@@ -84,7 +84,7 @@ fn holder_validity_counts_from_send_minus_margin() {
     for (send, recv, ttl, want) in table {
         let mut h = LeaseHolder::new(cfg());
         let t = h.on_send(base + ms(send));
-        h.on_grant(base + ms(recv), t, ms(ttl), 1);
+        h.on_grant(base + ms(recv), t, ms(ttl), 1, 0);
         assert_eq!(
             h.valid_until(),
             want.map(|w| base + ms(w)),
@@ -108,7 +108,7 @@ fn drift_margin_shortens_validity() {
         };
         let mut h = LeaseHolder::new(c);
         let t = h.on_send(base);
-        h.on_grant(base, t, c.ttl, 1);
+        h.on_grant(base, t, c.ttl, 1, 0);
         assert_eq!(
             h.valid_until(),
             Some(base + ms(2000 - margin)),
@@ -123,18 +123,40 @@ fn late_grant_for_old_token_does_not_extend_past_its_send() {
     let mut h = LeaseHolder::new(cfg());
     let old = h.on_send(base);
     let new = h.on_send(base + ms(500));
-    h.on_grant(base + ms(510), new, ms(2000), 1);
+    h.on_grant(base + ms(510), new, ms(2000), 1, 0);
     assert_eq!(h.valid_until(), Some(base + ms(2300)));
     // The grant of the first renewal arrives last: it would end at 1800 < 2300, so no change.
-    h.on_grant(base + ms(600), old, ms(2000), 1);
+    h.on_grant(base + ms(600), old, ms(2000), 1, 0);
     assert_eq!(h.valid_until(), Some(base + ms(2300)));
 
     // Alone, the old token's late grant ends at its own send + ttl - margin, not receive + ...
     let mut h = LeaseHolder::new(cfg());
     let old = h.on_send(base);
     let _lost = h.on_send(base + ms(500));
-    h.on_grant(base + ms(1500), old, ms(2000), 1);
+    h.on_grant(base + ms(1500), old, ms(2000), 1, 0);
     assert_eq!(h.valid_until(), Some(base + ms(1800)));
+}
+
+#[test]
+fn a_grant_counts_only_once_the_map_caught_up_with_it() {
+    let base = Instant::now();
+    let mut h = LeaseHolder::new(cfg());
+    // An ignored grant (unknown token) raises nothing.
+    h.on_grant(base, 42, ms(2000), 1, 99);
+    assert_eq!(h.map_index(), 0);
+    let t1 = h.on_send(base);
+    h.on_grant(base + ms(1), t1, ms(2000), 1, 17);
+    assert!(h.is_valid(base + ms(2)));
+    assert!(!h.is_valid_at(base + ms(2), 16), "map behind the grant");
+    assert!(h.is_valid_at(base + ms(2), 17));
+    assert!(h.is_valid_at(base + ms(2), 40));
+    // A later grant made with an older map index (reordered) never lowers the requirement.
+    let t2 = h.on_send(base + ms(500));
+    h.on_grant(base + ms(501), t2, ms(2000), 1, 5);
+    assert_eq!(h.map_index(), 17);
+    assert!(!h.is_valid_at(base + ms(502), 16));
+    // Time still rules: a caught-up map does not extend an expired lease.
+    assert!(!h.is_valid_at(base + ms(5000), 1000));
 }
 
 #[test]
@@ -142,26 +164,26 @@ fn unknown_duplicate_and_older_term_grants_are_ignored() {
     let base = Instant::now();
     let mut h = LeaseHolder::new(cfg());
     // Never sent.
-    h.on_grant(base, 42, ms(2000), 1);
+    h.on_grant(base, 42, ms(2000), 1, 0);
     assert_eq!(h.valid_until(), None);
 
     let t1 = h.on_send(base);
-    h.on_grant(base + ms(1), t1, ms(2000), 3);
+    h.on_grant(base + ms(1), t1, ms(2000), 3, 0);
     let until = h.valid_until();
     assert_eq!(h.term(), Some(3));
     // Duplicate delivery of the same grant: the token is consumed.
     let t2 = h.on_send(base + ms(500));
-    h.on_grant(base + ms(501), t1, ms(2000), 3);
+    h.on_grant(base + ms(501), t1, ms(2000), 3, 0);
     assert_eq!(h.valid_until(), until);
     // A grant from a deposed leader (term 2 < 3) is ignored even for a live token ...
-    h.on_grant(base + ms(502), t2, ms(2000), 2);
+    h.on_grant(base + ms(502), t2, ms(2000), 2, 0);
     assert_eq!(h.valid_until(), until);
     // ... and the token is still usable by the current leader.
-    h.on_grant(base + ms(503), t2, ms(2000), 3);
+    h.on_grant(base + ms(503), t2, ms(2000), 3, 0);
     assert_eq!(h.valid_until(), Some(base + ms(2300)));
     // A newer term is accepted.
     let t3 = h.on_send(base + ms(1000));
-    h.on_grant(base + ms(1001), t3, ms(2000), 4);
+    h.on_grant(base + ms(1001), t3, ms(2000), 4, 0);
     assert_eq!(
         (h.valid_until(), h.term()),
         (Some(base + ms(2800)), Some(4))
@@ -179,9 +201,9 @@ fn pending_renewals_are_bounded() {
     }
     assert!(h.pending.len() <= MAX_PENDING_RENEWALS);
     // The oldest was forgotten: its grant is now unknown.
-    h.on_grant(base + ms(100), first, ms(2000), 1);
+    h.on_grant(base + ms(100), first, ms(2000), 1, 0);
     assert_eq!(h.valid_until(), None);
-    h.on_grant(base + ms(100), last, ms(2000), 1);
+    h.on_grant(base + ms(100), last, ms(2000), 1, 0);
     assert!(h.valid_until().is_some());
 }
 
@@ -194,7 +216,7 @@ fn renew_due_cadence() {
     assert!(!h.renew_due(base + ms(499)));
     assert!(h.renew_due(base + ms(500)));
     // Granted or not, the cadence follows the sends.
-    h.on_grant(base + ms(10), t, ms(2000), 1);
+    h.on_grant(base + ms(10), t, ms(2000), 1, 0);
     assert!(!h.renew_due(base + ms(499)));
     h.on_send(base + ms(500));
     assert!(!h.renew_due(base + ms(999)));
@@ -213,7 +235,7 @@ fn partitioned_holder_stops_serving_by_itself() {
     while now < base + ms(3000) {
         if h.renew_due(now) {
             let t = h.on_send(now);
-            h.on_grant(now + ms(20), t, ms(2000), 1);
+            h.on_grant(now + ms(20), t, ms(2000), 1, 0);
             last_granted_send = now;
         }
         assert!(h.is_valid(now + ms(20)));
@@ -239,7 +261,7 @@ fn poll_expired_once_per_lapse() {
         "never valid, never expired"
     );
     let t = h.on_send(base);
-    h.on_grant(base, t, ms(2000), 1);
+    h.on_grant(base, t, ms(2000), 1, 0);
     assert!(!h.poll_expired(base + ms(1799)));
     assert!(h.poll_expired(base + ms(1800)));
     assert!(!h.poll_expired(base + ms(1801)));
@@ -247,9 +269,9 @@ fn poll_expired_once_per_lapse() {
 
     // A lapse covered by a later grant before anyone polled is still counted, once.
     let t = h.on_send(base + ms(9000));
-    h.on_grant(base + ms(9000), t, ms(2000), 1);
+    h.on_grant(base + ms(9000), t, ms(2000), 1, 0);
     let t = h.on_send(base + ms(12_000));
-    h.on_grant(base + ms(12_000), t, ms(2000), 1);
+    h.on_grant(base + ms(12_000), t, ms(2000), 1, 0);
     assert!(h.is_valid(base + ms(12_001)));
     assert!(h.poll_expired(base + ms(12_001)));
     assert!(!h.poll_expired(base + ms(12_002)));
@@ -257,7 +279,7 @@ fn poll_expired_once_per_lapse() {
     // A grant that arrives already expired does not arm a lapse.
     let mut h = LeaseHolder::new(cfg());
     let t = h.on_send(base);
-    h.on_grant(base + ms(1900), t, ms(2000), 1);
+    h.on_grant(base + ms(1900), t, ms(2000), 1, 0);
     assert!(!h.poll_expired(base + ms(5000)));
 }
 
@@ -459,7 +481,7 @@ impl Sim {
                 }
             }
             Msg::Grant { token, ttl, term } => {
-                self.holder.on_grant(self.h(self.now), token, ttl, term);
+                self.holder.on_grant(self.h(self.now), token, ttl, term, 0);
             }
         }
     }

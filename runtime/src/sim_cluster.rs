@@ -70,12 +70,12 @@
 //!
 //! The simulation found three bugs in that glue (none in the sans-IO cores or the storage
 //! layer); each is described on its [`Fixes`] flag, and a test shows the port fails without it.
-//! Two are fixed in `actors/` and on in [`Fixes::AS_IS`] (the default, the code as it is):
-//! [`Fixes::forget_after_expiry`] (two owners; `leader.rs`) and [`Fixes::reset_when_fenced`] (a
-//! live owner parked as fenced by its own late write; `driver.rs`). The third,
-//! [`Fixes::map_with_grant`] (two owners; rare, about one seed in 2000, first at seed 352), is
-//! NOT fixed in `actors/` yet: [`Fixes::PROPOSED`] has it on; the 200 seeds CI runs (0..200) do
-//! not hit it. A fourth bug, a handoff
+//! All three are fixed in `actors/` and on in [`Fixes::AS_IS`] (the default, the code as it is):
+//! [`Fixes::forget_after_expiry`] (two owners; `leader.rs`), [`Fixes::reset_when_fenced`] (a
+//! live owner parked as fenced by its own late write; `driver.rs`) and
+//! [`Fixes::map_with_grant`] (two owners; rare here, about one seed in 2000, first at seed 352,
+//! and later hit by the chaos harness's F5 under packet loss; `lease.rs`, `leader.rs`,
+//! `driver.rs`). A fourth bug, a handoff
 //! stuck on "no actor", was found here and by the chaos harness at the same time, and is fixed in
 //! `driver.rs` (f0799c5); [`Bug::NoActorCheckpoint`] keeps it as a broken variant. The other
 //! broken variants ([`Bug`]) show that each checker catches what it should.
@@ -200,10 +200,10 @@ impl Bug {
     }
 }
 
-/// Fixes of bugs the simulation found in the glue of `actors/`, applied to the ports here. Each
-/// flag is `false` in [`Fixes::AS_IS`] (the code as it is in `actors/` today) and `true` in
-/// [`Fixes::PROPOSED`]. `sim_cluster_tests.rs` checks that the as-is port fails with each one
-/// off, and that the proposed port passes every seed.
+/// Fixes of bugs the simulation found in the glue of `actors/`, applied to the ports here. All
+/// are `true` in [`Fixes::AS_IS`] (the code in `actors/` today, which has every one);
+/// `sim_cluster_tests.rs` checks that the port fails with each one off, and passes every seed
+/// with all of them on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Fixes {
     /// `leader.rs` `leader_step` forgets a member marked down (`LeaseTable::remove`) at its next
@@ -220,7 +220,7 @@ pub(crate) struct Fixes {
     /// for a live owner, so the shard stays down. The fix resets the shard instead (a fresh
     /// restore, whose fence reports `FencedByStorage` if a newer epoch really owns the log).
     pub reset_when_fenced: bool,
-    /// Lease grants carry no map version, yet `handoff.rs` requires that "a node whose lease the
+    /// Lease grants carried no map version, yet `handoff.rs` requires that "a node whose lease the
     /// leader declared expired learns the cluster map that came with its next grant before it
     /// reports `LeaseRegained`". A node cut off long enough to be declared expired, whose shards
     /// were just reassigned, can be granted a new lease before its copy of the map shows the
@@ -232,15 +232,9 @@ pub(crate) struct Fixes {
 }
 
 impl Fixes {
-    /// The ports as the code in `actors/` is today: the first two fixes landed in `leader.rs` and
-    /// `driver.rs`; the grant does not carry a map version yet.
+    /// The ports as the code in `actors/` is today: every fix (`leader.rs`, `driver.rs`, and the
+    /// grant's map index in `lease.rs`/`leader.rs`).
     pub(crate) const AS_IS: Fixes = Fixes {
-        forget_after_expiry: true,
-        reset_when_fenced: true,
-        map_with_grant: false,
-    };
-    /// Every proposed fix.
-    pub(crate) const PROPOSED: Fixes = Fixes {
         forget_after_expiry: true,
         reset_when_fenced: true,
         map_with_grant: true,
@@ -265,11 +259,9 @@ impl Fixes {
         Some(self)
     }
 
-    /// The names of the fixes on, as `SIM_FIXES` takes them: `proposed`, `as-is`, or a comma
-    /// list.
+    /// The names of the fixes on, as `SIM_FIXES` takes them: `as-is`, or a comma list.
     pub(crate) fn name(self) -> String {
         match self {
-            Fixes::PROPOSED => "proposed".into(),
             Fixes::AS_IS => "as-is".into(),
             mut f => Self::NAMES
                 .iter()
@@ -284,7 +276,6 @@ impl Fixes {
     /// Parses [`Fixes::name`].
     pub(crate) fn parse(s: &str) -> Option<Fixes> {
         match s {
-            "proposed" => Some(Fixes::PROPOSED),
             "as-is" => Some(Fixes::AS_IS),
             list => {
                 let mut f = Fixes {
@@ -808,8 +799,6 @@ struct Node {
     wait_inflight: BTreeSet<u32>,
     /// Handoff reports waiting for the leader's answer, by shard.
     reports: BTreeMap<u32, Report>,
-    /// The highest commit index a grant carried ([`Fixes::map_with_grant`]).
-    lease_index: u64,
     /// Restores issued per shard (kept across crashes: only for the trace).
     restores: Vec<u64>,
 }
@@ -836,7 +825,6 @@ impl Node {
             slots: Vec::new(),
             wait_inflight: BTreeSet::new(),
             reports: BTreeMap::new(),
-            lease_index: 0,
             restores: vec![0; shards as usize],
         };
         n.reset_volatile(shards, cfg);
@@ -858,7 +846,6 @@ impl Node {
         self.slots = (0..shards).map(|_| Slot::default()).collect();
         self.wait_inflight.clear();
         self.reports.clear();
-        self.lease_index = 0;
     }
 }
 
@@ -1264,9 +1251,8 @@ impl Sim {
                 index,
             } => {
                 let now = self.local(n);
-                let node = &mut self.nodes[n];
-                node.holder.on_grant(now, token, ttl, term);
-                node.lease_index = node.lease_index.max(index);
+                let index = if self.fixes.map_with_grant { index } else { 0 };
+                self.nodes[n].holder.on_grant(now, token, ttl, term, index);
             }
             Msg::Map {
                 index,
@@ -1469,10 +1455,12 @@ impl Sim {
         if leader == n {
             let me = self.name(n).to_string();
             if let Some((ttl, term)) = self.grant(n, &me) {
-                let index = self.raft.index;
-                let node = &mut self.nodes[n];
-                node.holder.on_grant(now, token, ttl, term);
-                node.lease_index = node.lease_index.max(index);
+                let index = if self.fixes.map_with_grant {
+                    self.raft.index
+                } else {
+                    0
+                };
+                self.nodes[n].holder.on_grant(now, token, ttl, term, index);
             }
             return;
         }
@@ -1964,12 +1952,11 @@ impl Sim {
 
     // ---- The router and the shard actor ----
 
-    /// `Leases::valid`: the holder's lease covers now (and, with [`Fixes::map_with_grant`], the
-    /// map copy has caught up with the grants).
+    /// `Leases::valid`: the holder's lease covers now and the map copy has caught up with the
+    /// grants (grants carry index 0 without [`Fixes::map_with_grant`]).
     fn lease_valid(&self, n: usize) -> bool {
         let node = &self.nodes[n];
-        node.holder.is_valid(self.local(n))
-            && (!self.fixes.map_with_grant || node.map_index >= node.lease_index)
+        node.holder.is_valid_at(self.local(n), node.map_index)
     }
 
     /// Serving = what the router would admit now (invariant 1's rule).

@@ -5,8 +5,8 @@
 //! - `SIM_SEED=N`: run only seed N (and print its whole trace), to replay a failure.
 //! - `SIM_BUG=ignore-lease|eager-reassign|ack-before-durable|no-actor-checkpoint`: run those
 //!   seeds with a broken variant (to look at how the checkers report it).
-//! - `SIM_FIXES=proposed|as-is|NAME,NAME`: which [`Fixes`] the ports apply (default `as-is`, the code as it is;
-//!   `as-is` is the code in `actors/` today).
+//! - `SIM_FIXES=as-is|NAME,NAME`: which [`Fixes`] the ports apply (default `as-is`, the code
+//!   in `actors/` today, with every fix).
 
 use std::time::Instant;
 
@@ -24,7 +24,7 @@ fn env_fixes() -> Fixes {
         return Fixes::AS_IS;
     };
     Fixes::parse(name.trim()).unwrap_or_else(|| {
-        panic!("SIM_FIXES={name:?}: expected proposed, as-is or a comma list of fix names")
+        panic!("SIM_FIXES={name:?}: expected as-is or a comma list of fix names")
     })
 }
 
@@ -118,7 +118,7 @@ fn seeds_keep_every_invariant() {
 
 #[test]
 fn a_seed_replays_exactly() {
-    let fixes = Fixes::PROPOSED;
+    let fixes = Fixes::AS_IS;
     for (seed, bug) in [(3, None), (11, None), (5, Some(Bug::EagerReassign))] {
         let a = run_seed(seed, bug, fixes);
         let b = run_seed(seed, bug, fixes);
@@ -159,19 +159,19 @@ fn first_caught(bug: Option<Bug>, fixes: Fixes, kinds: &[&str]) -> Outcome {
 
 #[test]
 fn serving_without_a_lease_is_caught() {
-    let o = first_caught(Some(Bug::IgnoreLease), Fixes::PROPOSED, &["one-owner"]);
+    let o = first_caught(Some(Bug::IgnoreLease), Fixes::AS_IS, &["one-owner"]);
     assert!(matches!(o.violation, Some(Violation::TwoOwners { .. })));
 }
 
 #[test]
 fn reassigning_before_the_lease_must_have_expired_is_caught() {
-    let o = first_caught(Some(Bug::EagerReassign), Fixes::PROPOSED, &["one-owner"]);
+    let o = first_caught(Some(Bug::EagerReassign), Fixes::AS_IS, &["one-owner"]);
     assert!(matches!(o.violation, Some(Violation::TwoOwners { .. })));
 }
 
 #[test]
 fn acknowledging_before_durable_is_caught() {
-    let o = first_caught(Some(Bug::AckBeforeDurable), Fixes::PROPOSED, &["lost-op"]);
+    let o = first_caught(Some(Bug::AckBeforeDurable), Fixes::AS_IS, &["lost-op"]);
     assert!(matches!(
         o.violation,
         Some(Violation::LostOp { .. } | Violation::CountOutOfBounds { .. })
@@ -213,11 +213,11 @@ fn rebuild_refuses_an_op_logged_twice() {
     assert!(matches!(rebuild(0, &r), Err(Violation::AppliedTwice(_))));
 }
 
-// ---- Bugs found in `actors/` (see `Fixes`): the as-is ports must still show them ----
+// ---- Bugs found in `actors/` (see `Fixes`): the port without each fix must still show it ----
 
 #[test]
 fn actors_bug_forgetting_a_down_member_drops_its_fresh_grant() {
-    let fixes = Fixes::PROPOSED.without("forget-after-expiry").unwrap();
+    let fixes = Fixes::AS_IS.without("forget-after-expiry").unwrap();
     let o = first_caught(None, fixes, &["one-owner"]);
     assert!(o.trace.iter().any(|l| l.contains("forgets its grants")));
 }
@@ -225,17 +225,13 @@ fn actors_bug_forgetting_a_down_member_drops_its_fresh_grant() {
 /// The stuck handoff fixed in f0799c5 (found by the chaos harness) is caught here too.
 #[test]
 fn the_driver_before_f0799c5_is_caught() {
-    let o = first_caught(
-        Some(Bug::NoActorCheckpoint),
-        Fixes::PROPOSED,
-        &["convergence"],
-    );
+    let o = first_caught(Some(Bug::NoActorCheckpoint), Fixes::AS_IS, &["convergence"]);
     assert!(o.trace.iter().any(|l| l.contains("no actor")));
 }
 
 #[test]
 fn actors_bug_a_previous_writer_of_the_same_epoch_fences_the_new_one() {
-    let fixes = Fixes::PROPOSED.without("reset-when-fenced").unwrap();
+    let fixes = Fixes::AS_IS.without("reset-when-fenced").unwrap();
     let o = first_caught(None, fixes, &["convergence"]);
     assert!(o.trace.iter().any(|l| l.ends_with("fenced")));
 }
@@ -244,7 +240,7 @@ fn actors_bug_a_previous_writer_of_the_same_epoch_fences_the_new_one() {
 /// find another with `SIM_FIXES=forget-after-expiry,reset-when-fenced SIM_SEEDS=3000`.
 #[test]
 fn actors_bug_a_grant_can_outrun_the_map_that_took_the_shards_away() {
-    let fixes = Fixes::PROPOSED.without("map-with-grant").unwrap();
+    let fixes = Fixes::AS_IS.without("map-with-grant").unwrap();
     let o = run_seed(352, None, fixes);
     println!("{}", o.report(20));
     assert!(
@@ -252,19 +248,19 @@ fn actors_bug_a_grant_can_outrun_the_map_that_took_the_shards_away() {
         "{}",
         o.report(20)
     );
-    assert_eq!(run_seed(352, None, Fixes::PROPOSED).violation, None);
+    assert_eq!(run_seed(352, None, Fixes::AS_IS).violation, None);
 }
 
 #[test]
 fn fixes_names_round_trip() {
     for f in [
-        Fixes::PROPOSED,
         Fixes::AS_IS,
+        Fixes::AS_IS.without("map-with-grant").unwrap(),
         Fixes::AS_IS.without("x").unwrap_or(Fixes::AS_IS),
     ] {
         assert_eq!(Fixes::parse(&f.name()), Some(f));
     }
-    let one = Fixes::PROPOSED.without("reset-when-fenced").unwrap();
+    let one = Fixes::AS_IS.without("reset-when-fenced").unwrap();
     assert_eq!(one.name(), "forget-after-expiry,map-with-grant");
     assert_eq!(Fixes::parse(&one.name()), Some(one));
     assert_eq!(Fixes::parse("nope"), None);

@@ -32,7 +32,7 @@ pub use tensor::TensorView;
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Wire protocol version. Bump on any change to the archived layout.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Default cap on one frame's archive bytes (64 MiB); `transport.max_frame_bytes` overrides it.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
@@ -228,11 +228,13 @@ pub enum Body {
         /// Runnable backlog: tasks waiting for a worker plus messages queued at its shards.
         backlog: u64,
     },
-    /// Lease granted for `ttl_ms` from the renewal's send time, by the leader of `term`.
+    /// Lease granted for `ttl_ms` from the renewal's send time, by the leader of `term`, whose
+    /// map had applied log index `map_index` (the node serves on it once its map caught up).
     LeaseGrant {
         sent_at: u64,
         ttl_ms: u64,
         term: u64,
+        map_index: u64,
     },
     /// Admin: move every shard off `node`, then mark it drained.
     Drain {

@@ -129,13 +129,14 @@ fn arb_body() -> impl Strategy<Value = Body> {
                 }
             }
         ),
-        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(sent_at, ttl_ms, term)| {
-            Body::LeaseGrant {
+        (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
+            |(sent_at, ttl_ms, term, map_index)| Body::LeaseGrant {
                 sent_at,
                 ttl_ms,
                 term,
+                map_index,
             }
-        }),
+        ),
         "[a-z0-9]{1,8}".prop_map(|node| Body::Drain { node }),
     ]
 }

@@ -194,7 +194,10 @@ impl StateMachine {
             Some(c) => (c.meta.last_log_id, c.meta.last_membership, c.map),
             None => (None, StoredMembership::default(), ClusterMap::default()),
         };
-        let map = Arc::new(map);
+        let map = Arc::new(ClusterMap {
+            applied_index: last_applied.map_or(0, |l| l.index),
+            ..map
+        });
         let (map_tx, _) = watch::channel(map.clone());
         Ok(Self {
             last_applied,
@@ -228,7 +231,8 @@ impl StateMachine {
             };
             out.push(resp);
         }
-        if !entries.is_empty() {
+        if let Some(last) = entries.last() {
+            Arc::make_mut(&mut self.map).applied_index = last.get_log_id().index;
             self.map_tx.send_replace(self.map.clone());
         }
         out
@@ -254,8 +258,9 @@ impl StateMachine {
         data: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
         let data = data.into_inner();
-        let map: ClusterMap = serde_json::from_slice(&data)
+        let mut map: ClusterMap = serde_json::from_slice(&data)
             .map_err(|e| snap_err(Some(meta), false, format!("decoding snapshot: {e}")))?;
+        map.applied_index = meta.last_log_id.map_or(0, |l| l.index);
         let map = Arc::new(map);
         self.snapshots
             .store(meta.clone(), map.clone(), data)

@@ -150,6 +150,10 @@ pub struct ClusterMap {
     /// The leader's latest autoscaling recommendation.
     #[serde(default)]
     pub autoscale: Option<AutoscaleStatus>,
+    /// Index of the last Raft log entry applied to this copy (0 before any). Lease grants carry
+    /// the leader's, and a node serves on a grant only once its own copy has caught up with it.
+    #[serde(default)]
+    pub applied_index: u64,
 }
 
 impl ClusterMap {
