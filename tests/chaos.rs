@@ -65,3 +65,86 @@ fn every_scenario_passes_and_the_broken_mode_is_caught() {
         "{report}"
     );
 }
+
+/// Whether this machine can run `--netns` (root, iproute2, nftables, namespaces allowed).
+fn netns_available() -> Result<(), String> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let root = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        == Some("0");
+    if !root {
+        return Err("not root".into());
+    }
+    for (prog, arg) in [("ip", "-V"), ("nft", "--version")] {
+        if Command::new(prog).arg(arg).output().is_err() {
+            return Err(format!("{prog} is not installed"));
+        }
+    }
+    let probe = format!("tidepool-probe-{}", std::process::id());
+    let ok = Command::new("ip")
+        .args(["netns", "add", &probe])
+        .status()
+        .is_ok_and(|s| s.success());
+    let _ = Command::new("ip").args(["netns", "del", &probe]).status();
+    if ok {
+        Ok(())
+    } else {
+        Err("cannot create network namespaces here".into())
+    }
+}
+
+fn namespaces() -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|n| n.starts_with("tidepool-"))
+        .collect()
+}
+
+/// `--netns`: every node in its own namespace; partitions as nftables DROP rules (F4) and a link
+/// set down (F10), every checker passing; the namespaces are gone afterwards. Runs wherever
+/// the machine allows it; `TIDEPOOL_REQUIRE_NETNS=1` (set by `.ci/run` when it can) makes a
+/// missing prerequisite a failure instead of a skip.
+#[test]
+fn netns_mode_partitions_with_firewall_rules_and_link_down() {
+    if let Err(why) = netns_available() {
+        assert!(
+            std::env::var("TIDEPOOL_REQUIRE_NETNS").as_deref() != Ok("1"),
+            "TIDEPOOL_REQUIRE_NETNS=1 but --netns cannot run: {why}"
+        );
+        eprintln!("SKIPPED: --netns cannot run here: {why}");
+        return;
+    }
+    let before = namespaces();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/chaos");
+    for file in ["f4-partitions.toml", "f10-link-down.toml"] {
+        let path = dir.join(file);
+        let (code, text, report) = chaos(&[path.to_str().unwrap(), "--seed", "1", "--netns"]);
+        assert_eq!(code, 0, "{file} under --netns:\n{text}");
+        assert!(
+            report["network"].as_str().unwrap().starts_with("netns 10."),
+            "{report}"
+        );
+        let faults = report["faults"].as_array().unwrap();
+        let details: Vec<&str> = faults
+            .iter()
+            .map(|f| f["detail"].as_str().unwrap())
+            .collect();
+        if file.starts_with("f4") {
+            assert!(
+                details.iter().any(|d| d.contains("nftables DROP")),
+                "{details:?}"
+            );
+        } else {
+            assert!(
+                details.iter().any(|d| d.contains("eth0 down")),
+                "{details:?}"
+            );
+        }
+        assert!(report["acked"].as_u64().unwrap() > 0, "{report}");
+    }
+    assert_eq!(namespaces(), before, "namespaces left behind");
+}

@@ -4,6 +4,7 @@
 //! - [`daemon`]: `tidepool node run`: config, logging, metrics, admin HTTP, signals.
 //! - [`admin`]: the admin HTTP server (`/metrics`, `/livez`, `/readyz`).
 //! - [`local_cluster`]: starts real `tidepool node run` processes on loopback with fresh certs.
+//! - [`netns`]: network namespaces, veth, bridge and nftables faults for `chaos run --netns`.
 //! - [`workload`]: the idempotent-increment workload and its exactly-once check.
 //! - [`hostile`]: hostile peers (F9), shared by tests/hostile.rs and the chaos harness.
 //! - [`http`]: a minimal HTTP/1.1 GET for polling admin endpoints.
@@ -35,5 +36,6 @@ pub mod jobs_cli;
 pub mod jobs_cmd;
 pub mod kv_demo;
 pub mod local_cluster;
+pub mod netns;
 pub mod predict;
 pub mod workload;

@@ -1,5 +1,6 @@
-//! A real local cluster: N `tidepool node run` processes on 127.0.0.1, with a throwaway CA and
-//! certificates in a temp dir. Used by `tidepool demo` and the multi-process tests.
+//! A real local cluster: N `tidepool node run` processes on 127.0.0.1 (or each in its own
+//! network namespace, [`crate::netns`]), with a throwaway CA and certificates in a temp dir. Used
+//! by `tidepool demo`, the chaos harness and the multi-process tests.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -41,7 +42,14 @@ pub struct LocalCluster {
     pub env: Vec<(String, String)>,
     /// Extra environment for one node, by name (after `env`).
     pub node_env: std::collections::BTreeMap<String, Vec<(String, String)>>,
+    /// The network namespaces the nodes run in (`None`: loopback). Declared after `nodes`, so
+    /// the processes are killed before their namespaces go.
+    pub net: Option<crate::netns::NetLab>,
 }
+
+/// The ports every node uses inside its own namespace.
+const NETNS_QUIC_PORT: u16 = 7000;
+const NETNS_ADMIN_PORT: u16 = 7001;
 
 /// A free loopback port for UDP and TCP alike (the OS picks; we release it right away).
 fn free_port() -> Result<u16> {
@@ -58,6 +66,17 @@ impl LocalCluster {
     /// Makes the CA, certificates and configs of `n` nodes, the first `voters` of them control
     /// plane voters (the seeds). Starts nothing.
     pub fn create(bin: &Path, n: usize, shards: u32, voters: usize) -> Result<Self> {
+        Self::create_in(bin, n, shards, voters, None)
+    }
+
+    /// [`LocalCluster::create`], with every node in its own namespace of `net` if given.
+    pub fn create_in(
+        bin: &Path,
+        n: usize,
+        shards: u32,
+        voters: usize,
+        net: Option<crate::netns::NetLab>,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("tidepool-")
             .tempdir()
@@ -84,6 +103,7 @@ impl LocalCluster {
             voters: Vec::new(),
             env: Vec::new(),
             node_env: Default::default(),
+            net,
         };
         let voters = voters.clamp(1, n.max(1));
         for i in 0..n {
@@ -109,8 +129,19 @@ impl LocalCluster {
             &root.join("certs").join(&name),
             Validity::days_from_now(30),
         )?;
-        let quic = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let (quic, admin) = match self.net.as_mut() {
+            Some(net) => {
+                let ip = net.add_node(i)?;
+                (
+                    SocketAddr::from((ip, NETNS_QUIC_PORT)),
+                    SocketAddr::from((ip, NETNS_ADMIN_PORT)),
+                )
+            }
+            None => (
+                SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+                SocketAddr::from(([127, 0, 0, 1], free_port()?)),
+            ),
+        };
         self.nodes.push(NodeProc {
             config: root.join(format!("{name}.toml")),
             log: root.join(format!("{name}.log")),
@@ -191,7 +222,11 @@ impl LocalCluster {
             .create(true)
             .append(true)
             .open(&node.log)?;
-        let child = Command::new(&self.bin)
+        let mut cmd = match &self.net {
+            Some(net) => net.command(i, &self.bin),
+            None => Command::new(&self.bin),
+        };
+        let child = cmd
             .args(["node", "run", "--config"])
             .arg(&node.config)
             .env_remove("TIDEPOOL_LOG")

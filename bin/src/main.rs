@@ -127,6 +127,10 @@ enum ChaosCmd {
         /// checkers catch it; needs a fault-injection build).
         #[arg(long, hide = true)]
         unsafe_skip_durability: bool,
+        /// Run every node in its own network namespace (root; needs iproute2 and nftables):
+        /// partitions become nftables DROP rules, and `link_down` faults run.
+        #[arg(long)]
+        netns: bool,
     },
 }
 
@@ -387,6 +391,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             report,
             keep,
             unsafe_skip_durability,
+            netns,
         }) => {
             let (path, is_matrix) = match (scenario, matrix) {
                 (_, Some(dir)) => (dir, true),
@@ -401,6 +406,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 report,
                 keep,
                 unsafe_skip_durability,
+                netns,
             )
             .await?;
             if code != 0 {

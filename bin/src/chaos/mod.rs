@@ -34,6 +34,9 @@ pub struct RunOptions {
     /// The deliberately broken mode: nodes acknowledge ops without logging them. The checkers
     /// must report violations.
     pub unsafe_skip_durability: bool,
+    /// Every node in its own network namespace (root): partitions become nftables DROP rules,
+    /// and `link_down` faults are possible.
+    pub netns: bool,
 }
 
 /// One injected fault, as it happened.
@@ -50,6 +53,8 @@ pub struct FaultEvent {
 pub struct RunReport {
     pub scenario: String,
     pub seed: u64,
+    /// `loopback`, or `netns 10.a.b.0/24` (one namespace per node).
+    pub network: String,
     pub faults: Vec<FaultEvent>,
     pub ops: u64,
     pub acked: u64,
@@ -61,6 +66,19 @@ pub struct RunReport {
     pub checks: BTreeMap<String, Vec<String>>,
     pub passed: bool,
     pub elapsed_ms: u64,
+}
+
+/// How much a node's resident memory may grow during one hostile attack (checker 6).
+const HOSTILE_RSS_GROWTH_KIB: u64 = 64 * 1024;
+
+/// A process's resident set size in KiB (`VmRSS` in `/proc/PID/status`).
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
 }
 
 fn now_us() -> u64 {
@@ -177,11 +195,30 @@ impl Run<'_> {
         Ok(())
     }
 
-    fn block(&mut self, from: &str, to: std::net::SocketAddr, one_way: bool) {
-        let spec = self.net.specs.entry(from.to_string()).or_default();
-        let rule = spec.peers.entry(to).or_default();
+    /// Cuts node `from`'s traffic with node `to`: outgoing only (`one_way`) or both ways. With
+    /// `--netns`, nftables DROP rules in `from`'s namespace; else its fault-injecting socket.
+    fn cut(&mut self, from: usize, to: usize, one_way: bool) -> Result<()> {
+        if let Some(lab) = self.cluster.net.as_mut() {
+            return lab.drop_between(from, to, one_way);
+        }
+        let (name, addr) = (
+            self.cluster.nodes[from].name.clone(),
+            self.cluster.nodes[to].quic,
+        );
+        let spec = self.net.specs.entry(name).or_default();
+        let rule = spec.peers.entry(addr).or_default();
         rule.blocked = true;
         rule.outgoing_only = one_way;
+        Ok(())
+    }
+
+    /// How partitions are made, for the fault lines.
+    fn cut_by(&self) -> &'static str {
+        if self.cluster.net.is_some() {
+            "nftables DROP"
+        } else {
+            "fault socket"
+        }
     }
 
     async fn apply(&mut self, f: &Fault) -> Result<Vec<(u64, Action)>> {
@@ -244,21 +281,20 @@ impl Run<'_> {
             Kind::Isolate => {
                 let i = self.target(f).await?;
                 let name = self.cluster.nodes[i].name.clone();
-                let me = self.cluster.nodes[i].quic;
-                for n in self.names() {
-                    if n != name {
-                        let other = self.cluster.nodes[self.index(&n)?].quic;
-                        self.block(&name, other, false);
-                        self.block(&n, me, false);
+                for j in 0..self.cluster.nodes.len() {
+                    if j != i {
+                        self.cut(i, j, false)?;
+                        self.cut(j, i, false)?;
                     }
                 }
                 self.write_net()?;
                 let d = f.duration_ms.unwrap_or(0);
                 later.push((at + d, Action::HealNet));
+                let by = self.cut_by();
                 self.event(
                     "isolate",
                     &name,
-                    format!("no traffic with any node for {d} ms"),
+                    format!("no traffic with any node for {d} ms ({by})"),
                 );
             }
             Kind::Split => {
@@ -271,13 +307,8 @@ impl Run<'_> {
                 let (minority, majority) = order.split_at(k.min(order.len()));
                 for &a in minority {
                     for &b in majority {
-                        let (na, nb) = (
-                            self.cluster.nodes[a].name.clone(),
-                            self.cluster.nodes[b].name.clone(),
-                        );
-                        let (qa, qb) = (self.cluster.nodes[a].quic, self.cluster.nodes[b].quic);
-                        self.block(&na, qb, false);
-                        self.block(&nb, qa, false);
+                        self.cut(a, b, false)?;
+                        self.cut(b, a, false)?;
                     }
                 }
                 self.write_net()?;
@@ -287,25 +318,43 @@ impl Run<'_> {
                     .iter()
                     .map(|&i| self.cluster.nodes[i].name.as_str())
                     .collect();
-                self.event(
-                    "split",
-                    &names.join(","),
-                    format!("minority cut off from the rest for {d} ms"),
+                let detail = format!(
+                    "minority cut off from the rest for {d} ms ({})",
+                    self.cut_by()
                 );
+                self.event("split", &names.join(","), detail);
             }
             Kind::OneWay => {
                 let i = self.target(f).await?;
                 let name = self.cluster.nodes[i].name.clone();
                 let peer = f.peer.clone().unwrap_or_default();
-                let to = self.cluster.nodes[self.index(&peer)?].quic;
-                self.block(&name, to, true);
+                let to = self.index(&peer)?;
+                self.cut(i, to, true)?;
                 self.write_net()?;
                 let d = f.duration_ms.unwrap_or(0);
                 later.push((at + d, Action::HealNet));
+                let by = self.cut_by();
                 self.event(
                     "one_way",
                     &name,
-                    format!("{name} -> {peer} dropped for {d} ms"),
+                    format!("{name} -> {peer} dropped for {d} ms ({by})"),
+                );
+            }
+            Kind::LinkDown => {
+                let i = self.target(f).await?;
+                let name = self.cluster.nodes[i].name.clone();
+                let lab = self
+                    .cluster
+                    .net
+                    .as_mut()
+                    .context("link_down needs --netns")?;
+                lab.set_link(i, false)?;
+                let d = f.duration_ms.unwrap_or(0);
+                later.push((at + d, Action::HealNet));
+                self.event(
+                    "link_down",
+                    &name,
+                    format!("eth0 down in its namespace for {d} ms"),
                 );
             }
             Kind::Hostile => {
@@ -317,6 +366,8 @@ impl Run<'_> {
                     .root()
                     .join(format!("hostile-{}", self.events.len()));
                 std::fs::create_dir_all(&scratch)?;
+                let pid = self.cluster.nodes[i].pid();
+                let rss_before = pid.and_then(rss_kib);
                 let r = crate::hostile::attack(
                     self.cluster.nodes[i].quic,
                     &self.cluster.ca_dir(),
@@ -327,11 +378,27 @@ impl Run<'_> {
                 .await?;
                 self.hostile
                     .extend(r.accepted.iter().map(|a| format!("{name}: {a}")));
+                // Memory stays bounded: the target's resident set may not grow by more than
+                // HOSTILE_RSS_GROWTH_KIB over the attack (it holds no state for refused peers).
+                let rss_after = pid.and_then(rss_kib);
+                let rss = match (rss_before, rss_after) {
+                    (Some(b), Some(a)) => {
+                        if a > b + HOSTILE_RSS_GROWTH_KIB {
+                            self.hostile.push(format!(
+                                "{name}: resident memory grew {} KiB during the attack (bound {} KiB)",
+                                a - b,
+                                HOSTILE_RSS_GROWTH_KIB
+                            ));
+                        }
+                        format!(", RSS {} -> {} MiB", b / 1024, a / 1024)
+                    }
+                    _ => String::new(),
+                };
                 self.event(
                     "hostile",
                     &name,
                     format!(
-                        "{} refused handshakes, {} flood attempts, {} garbage datagrams, {} bad frames",
+                        "{} refused handshakes, {} flood attempts, {} garbage datagrams, {} bad frames{rss}",
                         r.refused_handshakes, r.flood_attempts, r.garbage_datagrams, r.bad_frames
                     ),
                 );
@@ -420,6 +487,9 @@ impl Run<'_> {
             Action::HealNet => {
                 self.net.specs.clear();
                 self.write_net()?;
+                if let Some(lab) = self.cluster.net.as_mut() {
+                    lab.heal()?;
+                }
                 self.event("heal", "all", "network faults removed".into());
             }
         }
@@ -536,8 +606,11 @@ fn faketime_library() -> Result<PathBuf> {
 
 /// Runs one scenario with one seed.
 pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
-    let network = s.faults.iter().any(|f| f.kind.is_network());
-    if network && !cfg!(feature = "fault-injection") {
+    let socket_faults = s
+        .faults
+        .iter()
+        .any(|f| f.kind == Kind::Netem || (f.kind.is_partition() && !opts.netns));
+    if socket_faults && !cfg!(feature = "fault-injection") {
         bail!(
             "scenario {} injects network faults: build with `--features fault-injection` \
              (cargo run --release --features fault-injection -- chaos run ...)",
@@ -549,7 +622,18 @@ pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
     }
     let exe = std::env::current_exe().context("locating the tidepool binary")?;
     let m = &s.scenario;
-    let mut cluster = LocalCluster::create(&exe, m.nodes, m.shards, m.voters)?;
+    if s.scenario.needs_netns && !opts.netns {
+        bail!("scenario {} needs --netns", s.scenario.name);
+    }
+    let lab = if opts.netns {
+        Some(crate::netns::NetLab::create()?)
+    } else {
+        None
+    };
+    let network = lab
+        .as_ref()
+        .map_or("loopback".to_string(), |l| format!("netns {}", l.subnet()));
+    let mut cluster = LocalCluster::create_in(&exe, m.nodes, m.shards, m.voters, lab)?;
     std::fs::create_dir_all(cluster.root().join("faults"))?;
     if cfg!(feature = "fault-injection") {
         let path = cluster.root().join("faults").join("{name}.json");
@@ -585,7 +669,7 @@ pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
             .push(("TIDEPOOL_UNSAFE_SKIP_DURABILITY".into(), "1".into()));
     }
     println!(
-        "chaos {} seed {}: {} nodes ({} voters), {} shards, dir {}",
+        "chaos {} seed {}: {} nodes ({} voters), {} shards, {network}, dir {}",
         m.name,
         opts.seed,
         m.nodes,
@@ -625,7 +709,7 @@ pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
         hostile: Vec::new(),
         seed: opts.seed,
     };
-    let result = drive(&mut run, opts).await;
+    let result = drive(&mut run, opts, network).await;
     let exits = check_exits(&mut run);
     let stopped = run.cluster.stop_all(Duration::from_secs(60)).await;
     let mut report = match result {
@@ -697,7 +781,7 @@ fn check_exits(run: &mut Run<'_>) -> Vec<String> {
     out
 }
 
-async fn drive(run: &mut Run<'_>, opts: &RunOptions) -> Result<RunReport> {
+async fn drive(run: &mut Run<'_>, opts: &RunOptions, network: String) -> Result<RunReport> {
     let s = run.s;
     let mut reference = None;
     if s.workload.training {
@@ -762,6 +846,7 @@ async fn drive(run: &mut Run<'_>, opts: &RunOptions) -> Result<RunReport> {
     Ok(RunReport {
         scenario: s.scenario.name.clone(),
         seed: opts.seed,
+        network,
         faults: run.events.clone(),
         ops: report.ops,
         acked: report.acked,
@@ -811,6 +896,7 @@ pub async fn main(
     report_path: Option<PathBuf>,
     keep: bool,
     unsafe_skip_durability: bool,
+    netns: bool,
 ) -> Result<i32> {
     let mut files = Vec::new();
     if matrix {
@@ -827,6 +913,13 @@ pub async fn main(
     let mut reports = Vec::new();
     for file in &files {
         let s = Scenario::load(file)?;
+        if matrix && s.scenario.needs_netns && !netns {
+            println!(
+                "{}: skipped (needs --netns: every node in its own network namespace, as root)",
+                s.scenario.name
+            );
+            continue;
+        }
         let list: Vec<u64> = match (seed, seeds) {
             (Some(one), _) => vec![one],
             (None, Some(n)) => (1..=n).collect(),
@@ -837,6 +930,7 @@ pub async fn main(
                 seed,
                 keep,
                 unsafe_skip_durability,
+                netns,
             };
             // A run that could not complete is a failed run, not the end of the matrix.
             let r = match run_one(&s, &opts).await {
@@ -844,6 +938,7 @@ pub async fn main(
                 Err(e) => RunReport {
                     scenario: s.scenario.name.clone(),
                     seed,
+                    network: if netns { "netns" } else { "loopback" }.into(),
                     faults: Vec::new(),
                     ops: 0,
                     acked: 0,

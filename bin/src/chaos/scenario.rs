@@ -36,6 +36,10 @@ pub struct Meta {
     /// Seeds of the long run (`--matrix`); `--seed N` replays one.
     #[serde(default = "three_u64")]
     pub seeds: u64,
+    /// Only runs with `--netns` (it injects kernel-level faults: `link_down`). A matrix without
+    /// `--netns` skips it and says so.
+    #[serde(default)]
+    pub needs_netns: bool,
 }
 
 fn five() -> usize {
@@ -98,15 +102,20 @@ pub enum Kind {
     /// Storage faults on the target: write errors at `drop_rate`, writes delayed `delay_ms`,
     /// for `duration_ms`.
     Storage,
+    /// `--netns` only: the target's link set down (no traffic at all, clients' included) for
+    /// `duration_ms`.
+    LinkDown,
 }
 
 impl Kind {
-    /// Needs a `fault-injection` build (the fault-injecting socket or storage).
+    /// A network fault (it lasts `duration_ms`, then the network heals).
     pub fn is_network(self) -> bool {
-        matches!(
-            self,
-            Kind::Isolate | Kind::Split | Kind::OneWay | Kind::Netem
-        )
+        self.is_partition() || matches!(self, Kind::Netem | Kind::LinkDown)
+    }
+
+    /// A partition: the fault-injecting socket on loopback, nftables DROP rules with `--netns`.
+    pub fn is_partition(self) -> bool {
+        matches!(self, Kind::Isolate | Kind::Split | Kind::OneWay)
     }
 }
 
@@ -189,6 +198,9 @@ impl Scenario {
             }
             if f.kind == Kind::OneWay && f.peer.is_none() {
                 bail!("fault[{i}].peer is required for one_way");
+            }
+            if f.kind == Kind::LinkDown && !m.needs_netns {
+                bail!("fault[{i}] is link_down: set scenario.needs_netns = true");
             }
         }
         Ok(())
