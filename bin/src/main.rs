@@ -404,9 +404,12 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 seed,
                 seeds,
                 report,
-                keep,
-                unsafe_skip_durability,
-                netns,
+                tidepool::chaos::RunOptions {
+                    seed: 0,
+                    keep,
+                    unsafe_skip_durability,
+                    netns,
+                },
             )
             .await?;
             if code != 0 {

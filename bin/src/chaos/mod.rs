@@ -887,17 +887,17 @@ pub fn summarize(r: &RunReport) {
 }
 
 /// `tidepool chaos run`: one scenario (`--seed`), or every scenario of a directory for
-/// `seeds` seeds each (`--matrix`). Returns the process exit code (1 on any violation).
+/// `seeds` seeds each (`--matrix`), each run with `base` (its seed replaced). Returns the process
+/// exit code (1 on any violation).
 pub async fn main(
     path: &Path,
     matrix: bool,
     seed: Option<u64>,
     seeds: Option<u64>,
     report_path: Option<PathBuf>,
-    keep: bool,
-    unsafe_skip_durability: bool,
-    netns: bool,
+    base: RunOptions,
 ) -> Result<i32> {
+    let netns = base.netns;
     let mut files = Vec::new();
     if matrix {
         for e in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
@@ -928,9 +928,7 @@ pub async fn main(
         for seed in list {
             let opts = RunOptions {
                 seed,
-                keep,
-                unsafe_skip_durability,
-                netns,
+                ..base.clone()
             };
             // A run that could not complete is a failed run, not the end of the matrix.
             let r = match run_one(&s, &opts).await {
