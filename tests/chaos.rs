@@ -11,6 +11,16 @@ use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidepool");
 
+/// One chaos cluster at a time: two at once on a small CI machine would only measure CPU
+/// starvation (lease renewals late, convergence slow), not the protocol.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 fn chaos(args: &[&str]) -> (i32, String, serde_json::Value) {
     let report = tempfile::NamedTempFile::new().unwrap();
     let out = Command::new(BIN)
@@ -38,6 +48,7 @@ fn every_scenario_passes_and_the_broken_mode_is_caught() {
         eprintln!("SKIPPED: needs the fault-injection feature (cargo test --all-features)");
         return;
     }
+    let _serial = serial();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/chaos");
     let (code, text, report) = chaos(&["--matrix", dir.to_str().unwrap(), "--seeds", "1"]);
     assert_eq!(code, 0, "violations in the chaos matrix:\n{text}");
@@ -118,6 +129,7 @@ fn netns_mode_partitions_with_firewall_rules_and_link_down() {
         eprintln!("SKIPPED: --netns cannot run here: {why}");
         return;
     }
+    let _serial = serial();
     let before = namespaces();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/chaos");
     for file in ["f4-partitions.toml", "f10-link-down.toml"] {
