@@ -206,6 +206,21 @@ async fn sigterm_drains_without_failure_driven_reassignment() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
     }
+    // n2's last lease grant is still fresh when it leaves. Until well past its expiry (TTL +
+    // margin = 2.2 s) the leader must neither revive it (a left node is not a paused one that
+    // renews again) nor move shards as if it had failed. A bounded watch for something that
+    // must not happen, not a synchronisation wait.
+    let watch_until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < watch_until {
+        let st = client.status().await.unwrap();
+        let state = st
+            .members
+            .iter()
+            .find(|m| m.name == "n2")
+            .map(|m| m.state.clone());
+        assert_eq!(state.as_deref(), Some("down"), "n2 left and must stay down");
+        tokio::time::sleep(Duration::from_millis(100)).await; // observation interval
+    }
     let leader_metrics = c.metrics(0).await.unwrap();
     assert_eq!(
         sum_metric(

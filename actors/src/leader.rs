@@ -28,6 +28,10 @@ pub struct LeaderLeases {
     /// Members seen down and dropped from the lease table: only a renewal after that (a paused
     /// node waking up) brings one back, not the grants it had before it went down or left.
     forgotten: BTreeSet<String>,
+    /// When this leader first saw each member down. Only a grant after that revives one (a
+    /// paused node renewing again); a node that left still holds a fresh grant from before it
+    /// left, which must not bring it back.
+    down_since: BTreeMap<String, Instant>,
 }
 
 /// A leader grants leases only this soon after a quorum confirmed it still leads: a leader cut
@@ -329,6 +333,7 @@ pub async fn leader_loop(
                 info!(term, "leading the control plane; lease table reset");
                 l.table = Some((term, LeaseTable::new_leader(leases.cfg, now)));
                 l.forgotten.clear();
+                l.down_since.clear();
             }
         }
         was_leader = true;
@@ -364,14 +369,26 @@ async fn leader_step(
         return Ok(());
     }
     // Failure detection and promotion.
-    let (expired, renewing): (BTreeSet<String>, BTreeSet<String>) = {
+    let (expired, renewing, revived): (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) = {
         let mut l = leases.leader.lock();
         let LeaderLeases {
-            table, forgotten, ..
+            table,
+            forgotten,
+            down_since,
+            ..
         } = &mut *l;
         let Some((_, table)) = table.as_mut() else {
             return Ok(());
         };
+        // Seen now, after this map was read: any grant from before the member left is older.
+        let seen = Instant::now();
+        for m in map.members.values() {
+            if m.state == MemberState::Down {
+                down_since.entry(m.name.clone()).or_insert(seen);
+            } else {
+                down_since.remove(&m.name);
+            }
+        }
         for m in map.members.values() {
             // Forget a member marked down only once its lease must have expired: a grant made
             // after the mark (it renewed meanwhile) must keep counting, or its shards would be
@@ -391,12 +408,20 @@ async fn leader_step(
             .expired_nodes(live.iter().copied(), now)
             .into_iter()
             .collect();
-        let renewing = live
+        let renewing: BTreeSet<String> = live
             .iter()
             .filter(|n| table.last_grant(n).is_some() && !expired.contains(**n))
             .map(|n| n.to_string())
             .collect();
-        (expired, renewing)
+        let revived = renewing
+            .iter()
+            .filter(|n| {
+                let (grant, down) = (table.last_grant(n), down_since.get(*n));
+                grant.zip(down).is_some_and(|(g, d)| g > *d)
+            })
+            .cloned()
+            .collect();
+        (expired, renewing, revived)
     };
     let mut cmds = Vec::new();
     for m in map.members.values() {
@@ -411,8 +436,8 @@ async fn leader_step(
                 name: m.name.clone(),
                 state: MemberState::Up,
             });
-        } else if m.state == MemberState::Down && renewing.contains(&m.name) {
-            // Renewing again after it was marked down (a pause that ended): back as joining.
+        } else if m.state == MemberState::Down && revived.contains(&m.name) {
+            // Renewed after it was marked down (a pause that ended): back as joining.
             info!(node = %m.name, "down member renews its lease again: rejoining");
             leases.leader.lock().forgotten.remove(&m.name);
             cmds.push(Command::SetMemberState {

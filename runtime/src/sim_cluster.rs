@@ -732,6 +732,7 @@ struct LeaderLeases {
     table: Option<(u64, LeaseTable)>,
     confirmed: Option<Instant>,
     forgotten: BTreeSet<String>,
+    down_since: BTreeMap<String, Instant>,
     was_leader: bool,
 }
 
@@ -1491,6 +1492,7 @@ impl Sim {
         if lead.table.as_ref().is_none_or(|(t, _)| *t != term) {
             lead.table = Some((term, LeaseTable::new_leader(cfg, now)));
             lead.forgotten.clear();
+            lead.down_since.clear();
         }
         lead.was_leader = true;
         let confirmed = self.raft.leader == Some(n) && self.raft.term == term && self.healthy(n);
@@ -1518,11 +1520,18 @@ impl Sim {
         let me = self.name(n).to_string();
         let (bug, cfg, fixes) = (self.bug, self.cfg, self.fixes);
         let mut forgot = Vec::new();
-        let (expired, renewing) = {
+        let (expired, renewing, revived) = {
             let lead = &mut self.nodes[n].lead;
             let Some((_, table)) = lead.table.as_mut() else {
                 return;
             };
+            for m in map.members.values() {
+                if m.state == MemberState::Down {
+                    lead.down_since.entry(m.name.clone()).or_insert(now);
+                } else {
+                    lead.down_since.remove(&m.name);
+                }
+            }
             for m in map.members.values() {
                 if m.state == MemberState::Down && !lead.forgotten.contains(&m.name) {
                     if fixes.forget_after_expiry && !table.must_have_expired(&m.name, now) {
@@ -1557,7 +1566,15 @@ impl Sim {
                 .filter(|m| table.last_grant(m).is_some() && !expired.contains(**m))
                 .map(|m| m.to_string())
                 .collect();
-            (expired, renewing)
+            let revived: BTreeSet<String> = renewing
+                .iter()
+                .filter(|m| {
+                    let (grant, down) = (table.last_grant(m), lead.down_since.get(*m));
+                    grant.zip(down).is_some_and(|(g, d)| g > *d)
+                })
+                .cloned()
+                .collect();
+            (expired, renewing, revived)
         };
         for f in forgot {
             self.log(format!("{me} forgets its grants to {f} (marked down)"));
@@ -1574,7 +1591,7 @@ impl Sim {
                     name: m.name.clone(),
                     state: MemberState::Up,
                 });
-            } else if m.state == MemberState::Down && renewing.contains(&m.name) {
+            } else if m.state == MemberState::Down && revived.contains(&m.name) {
                 self.nodes[n].lead.forgotten.remove(&m.name);
                 cmds.push(Command::SetMemberState {
                     name: m.name.clone(),
