@@ -77,10 +77,15 @@ impl LocalCluster {
         voters: usize,
         net: Option<crate::netns::NetLab>,
     ) -> Result<Self> {
-        let dir = tempfile::Builder::new()
+        let mut dir = tempfile::Builder::new()
             .prefix("tidepool-")
             .tempdir()
             .context("temp dir")?;
+        // For post-mortems of a failing multi-process test: keep every node's log and data.
+        if std::env::var_os("TIDEPOOL_KEEP_CLUSTER_DIRS").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("keeping the cluster dir {}", dir.path().display());
+        }
         let root = dir.path();
         certs::init_ca(&root.join("ca"))?;
         for (client, role) in [("demo-admin", Role::Admin), ("demo-reader", Role::Reader)] {

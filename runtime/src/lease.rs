@@ -31,9 +31,9 @@
 //!   has seen, but that alone cannot stop a deposed leader that does not know it was deposed.
 //! - Grants echo the holder's token; a grant for a token the holder does not remember is ignored,
 //!   because its send instant (the only safe start of validity) is unknown.
-//! - A grant carries the leader's applied map index, and the holder's node serves on it only once
-//!   its own copy of the map has been applied *and acted on* up to that index
-//!   ([`LeaseHolder::is_valid_at`]). A node the leader declared expired may have lost shards in
+//! - A grant carries the leader's applied map index, and a grant that finds the lease lapsed
+//!   makes the holder's node serve only once its own copy of the map has been applied *and acted
+//!   on* up to that index ([`LeaseHolder::is_valid_at`]). A node the leader declared expired may have lost shards in
 //!   the same breath; without this, its next grant could arrive before the map that moved them,
 //!   and it would serve them at its old epoch next to their new owner (found by the
 //!   deterministic simulation, then by the chaos harness under packet loss).
@@ -153,7 +153,8 @@ pub struct LeaseHolder {
     valid_until: Option<Instant>,
     /// Highest leader term a grant came from; grants of older terms are ignored.
     term: Option<u64>,
-    /// Highest map index an accepted grant carried (see [`is_valid_at`](Self::is_valid_at)).
+    /// Highest map index carried by a grant that found the lease lapsed
+    /// (see [`is_valid_at`](Self::is_valid_at)).
     map_index: u64,
     /// A grant made the lease valid and its lapse has not been noted yet.
     armed: bool,
@@ -212,7 +213,14 @@ impl LeaseHolder {
             return;
         };
         self.term = Some(term);
-        self.map_index = self.map_index.max(map_index);
+        // Only a grant that finds the lease lapsed (or never granted) can follow a reassignment
+        // of this node's shards: while the lease is still valid here, the leader cannot have
+        // declared it expired (it waits `2 * drift_margin` longer than the holder serves). So
+        // only such a grant makes the node wait for its map; a renewal of a valid lease does not
+        // interrupt service while the map is a few entries behind.
+        if !self.is_valid(now) {
+            self.map_index = self.map_index.max(map_index);
+        }
         self.note_lapse(now);
         let Some(until) = ttl
             .checked_sub(self.cfg.drift_margin)
@@ -235,14 +243,14 @@ impl LeaseHolder {
     }
 
     /// Whether this node may serve at `now` (invariant 1): a granted lease covers `now`, and the
-    /// node has acted on its copy of the map up to `applied` >= the highest map index a grant
-    /// carried. Map indices of committed entries only grow and reach every member, so the wait
-    /// ends once the map catches up.
+    /// node has acted on its copy of the map up to `applied` >= the highest map index carried by
+    /// a grant that found the lease lapsed. Map indices of committed entries only grow and reach
+    /// every member, so the wait ends once the map catches up.
     pub fn is_valid_at(&self, now: Instant, applied: u64) -> bool {
         self.is_valid(now) && applied >= self.map_index
     }
 
-    /// The highest map index an accepted grant carried.
+    /// The map index this node must have acted on to serve (see [`is_valid_at`](Self::is_valid_at)).
     pub fn map_index(&self) -> u64 {
         self.map_index
     }

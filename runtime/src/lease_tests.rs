@@ -144,19 +144,30 @@ fn a_grant_counts_only_once_the_map_caught_up_with_it() {
     // An ignored grant (unknown token) raises nothing.
     h.on_grant(base, 42, ms(2000), 1, 99);
     assert_eq!(h.map_index(), 0);
+    // The first grant finds no valid lease: the node must catch up with the leader's map.
     let t1 = h.on_send(base);
     h.on_grant(base + ms(1), t1, ms(2000), 1, 17);
     assert!(h.is_valid(base + ms(2)));
     assert!(!h.is_valid_at(base + ms(2), 16), "map behind the grant");
     assert!(h.is_valid_at(base + ms(2), 17));
     assert!(h.is_valid_at(base + ms(2), 40));
-    // A later grant made with an older map index (reordered) never lowers the requirement.
+    // A renewal of a still-valid lease does not make the node wait for a newer map (the leader
+    // cannot have declared it expired meanwhile), and never lowers the requirement.
     let t2 = h.on_send(base + ms(500));
-    h.on_grant(base + ms(501), t2, ms(2000), 1, 5);
+    h.on_grant(base + ms(501), t2, ms(2000), 1, 30);
     assert_eq!(h.map_index(), 17);
-    assert!(!h.is_valid_at(base + ms(502), 16));
+    assert!(h.is_valid_at(base + ms(502), 17));
+    // The lease lapses (valid until 500 + 1800 = 2300); the next grant finds it lapsed and
+    // carries the map that may have moved this node's shards away.
+    assert!(!h.is_valid(base + ms(2300)));
+    let t3 = h.on_send(base + ms(2400));
+    h.on_grant(base + ms(2401), t3, ms(2000), 1, 25);
+    assert_eq!(h.map_index(), 25);
+    assert!(h.is_valid(base + ms(2402)));
+    assert!(!h.is_valid_at(base + ms(2402), 24));
+    assert!(h.is_valid_at(base + ms(2402), 25));
     // Time still rules: a caught-up map does not extend an expired lease.
-    assert!(!h.is_valid_at(base + ms(5000), 1000));
+    assert!(!h.is_valid_at(base + ms(9000), 1000));
 }
 
 #[test]
