@@ -26,7 +26,8 @@ use crate::supervisor::SupervisorMsg;
 #[derive(Debug)]
 enum Done {
     Event(u32, Event),
-    Restored(u32, u64, Box<Restored>),
+    /// (shard, epoch, attempt, state)
+    Restored(u32, u64, u64, Box<Restored>),
     Retry(u32),
 }
 
@@ -161,10 +162,31 @@ impl Driver {
     async fn on_done(&mut self, done: Done) {
         match done {
             Done::Event(s, ev) => self.feed(s, ev).await,
-            Done::Restored(s, epoch, r) => {
+            Done::Restored(s, epoch, attempt, r) => {
                 let seq = r.next_seq.saturating_sub(1);
-                self.restored.insert(s, (epoch, r));
-                self.feed(s, Event::Restored { epoch, seq }).await;
+                // Only the restore the machine waits for is kept: an earlier one at the same
+                // epoch, finishing late, read the log before writes acknowledged since.
+                let awaited = self
+                    .machines
+                    .get(s as usize)
+                    .and_then(ShardHandoff::awaiting_restore);
+                if awaited == Some((epoch, attempt)) {
+                    self.restored.insert(s, (epoch, r));
+                } else {
+                    debug!(
+                        shard = s,
+                        epoch, attempt, "superseded restore finished; dropped"
+                    );
+                }
+                self.feed(
+                    s,
+                    Event::Restored {
+                        epoch,
+                        seq,
+                        attempt,
+                    },
+                )
+                .await;
             }
             Done::Retry(s) => self.feed(s, Event::Retry).await,
         }
@@ -263,14 +285,14 @@ impl Driver {
                     }
                 });
             }
-            Effect::Restore { epoch } => {
+            Effect::Restore { epoch, attempt } => {
                 let (store, done) = (self.store.clone(), self.done.clone());
                 tokio::spawn(async move {
                     match restore_shard(&store, shard, epoch).await {
                         Ok(r) => {
                             metrics::counter!(m::SHARD_RESTORES, "result" => "ok").increment(1);
                             info!(shard, epoch, replayed = r.replayed, "shard restored");
-                            let _ = done.send(Done::Restored(shard, epoch, Box::new(r)));
+                            let _ = done.send(Done::Restored(shard, epoch, attempt, Box::new(r)));
                         }
                         Err(RestoreError::Storage(StorageError::Fenced { .. })) => {
                             metrics::counter!(m::SHARD_RESTORES, "result" => "fenced").increment(1);
@@ -283,6 +305,7 @@ impl Driver {
                                 shard,
                                 Event::RestoreFailed {
                                     reason: e.to_string(),
+                                    attempt,
                                 },
                             ));
                             tokio::time::sleep(Duration::from_millis(300)).await; // retry backoff

@@ -28,7 +28,10 @@
 //!   [`Effect::DeliverBuffered`].
 //! - **Lease lost**: stop serving at once ([`Effect::StopServing`]) and buffer. On regaining the
 //!   lease while still assigned, restore again before serving: the restore's fence is what
-//!   proves that nobody took the shard meanwhile.
+//!   proves that nobody took the shard meanwhile. Restores are numbered, and only the latest
+//!   attempt's result counts: an earlier restore at the same epoch that finishes late read the log
+//!   before the writes acknowledged since (by this node, between two lease losses), and serving
+//!   its state would answer reads without them.
 //! - **Fenced by storage** (a write was refused because a newer epoch fenced the log): stop and
 //!   stay [`ShardRole::Fenced`] until an assignment with a newer epoch arrives.
 //! - **Stale assignments** (an epoch older than one already seen, or the same epoch naming another
@@ -122,18 +125,25 @@ pub enum Event {
         /// For logs.
         reason: String,
     },
-    /// [`Effect::Restore`] finished: the log is fenced at `epoch` and the state is loaded up to
-    /// `seq`.
+    /// [`Effect::Restore`] number `attempt` finished: the log is fenced at `epoch` and the state
+    /// is loaded up to `seq`. Only the latest attempt counts: an earlier restore at the same
+    /// epoch that finishes late read the log before writes acknowledged since, and serving its
+    /// state would answer reads without them.
     Restored {
         /// The epoch the log was fenced at.
         epoch: u64,
         /// The last op-log sequence number applied.
         seq: u64,
+        /// The [`Effect::Restore`] this answers.
+        attempt: u64,
     },
-    /// Restoring failed (not fenced: e.g. storage unavailable). Waits for [`Event::Retry`].
+    /// Restore `attempt` failed (not fenced: e.g. storage unavailable). Waits for
+    /// [`Event::Retry`].
     RestoreFailed {
         /// For logs.
         reason: String,
+        /// The [`Effect::Restore`] this answers.
+        attempt: u64,
     },
     /// A storage write (restore fence, op-log append or checkpoint) carrying `epoch` was refused
     /// because a newer epoch fenced the log. Reports for an epoch older than the current
@@ -174,6 +184,8 @@ pub enum Effect {
     Restore {
         /// The epoch being taken over.
         epoch: u64,
+        /// Numbers this machine's restores; the answer carries it back.
+        attempt: u64,
     },
     /// Start (or resume) accepting operations at `epoch`, on the restored state.
     StartServing {
@@ -204,8 +216,10 @@ struct Assignment {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RestoreState {
     Idle,
-    InFlight(u64),
-    Failed(u64),
+    /// (epoch, attempt)
+    InFlight(u64, u64),
+    /// (epoch, attempt)
+    Failed(u64, u64),
     Done(u64),
 }
 
@@ -235,6 +249,8 @@ pub struct ShardHandoff {
     assignment: Option<Assignment>,
     lease_valid: bool,
     restore: RestoreState,
+    /// Restores issued so far (the last one's number is the only answer taken).
+    restore_attempts: u64,
     drain: Option<Drain>,
     /// The last handoff target seen while this node owned the shard, and its epoch: once a
     /// handoff began at an epoch, this node never serves at that epoch again.
@@ -263,6 +279,7 @@ impl ShardHandoff {
             assignment: None,
             lease_valid: false,
             restore: RestoreState::Idle,
+            restore_attempts: 0,
             drain: None,
             handoff_seen: None,
             handoff_changed: false,
@@ -301,6 +318,16 @@ impl ShardHandoff {
         self.assignment.as_ref().map(|a| a.epoch)
     }
 
+    /// The restore this machine waits for, as `(epoch, attempt)`: the only
+    /// [`Event::Restored`] it will take. The caller keeps the restored state of that attempt
+    /// alone (an earlier attempt's, finishing late, may miss acknowledged writes).
+    pub fn awaiting_restore(&self) -> Option<(u64, u64)> {
+        match self.restore {
+            RestoreState::InFlight(e, a) | RestoreState::Failed(e, a) => Some((e, a)),
+            _ => None,
+        }
+    }
+
     /// Whether the router should buffer this shard's messages now (between
     /// [`Effect::StopAccepting`] and [`Effect::DeliverBuffered`]).
     pub fn is_buffering(&self) -> bool {
@@ -336,15 +363,17 @@ impl ShardHandoff {
                     d.phase = DrainPhase::CheckpointFailed;
                 }
             }
-            Event::Restored { epoch, .. } => {
-                if matches!(self.restore, RestoreState::InFlight(e) | RestoreState::Failed(e) if e == epoch)
+            Event::Restored { epoch, attempt, .. } => {
+                if matches!(self.restore, RestoreState::InFlight(e, a) | RestoreState::Failed(e, a) if e == epoch && a == attempt)
                 {
                     self.restore = RestoreState::Done(epoch);
                 }
             }
-            Event::RestoreFailed { .. } => {
-                if let RestoreState::InFlight(e) = self.restore {
-                    self.restore = RestoreState::Failed(e);
+            Event::RestoreFailed { attempt, .. } => {
+                if let RestoreState::InFlight(e, a) = self.restore {
+                    if a == attempt {
+                        self.restore = RestoreState::Failed(e, a);
+                    }
                 }
             }
             Event::FencedByStorage { epoch } => self.on_fenced(epoch),
@@ -420,9 +449,8 @@ impl ShardHandoff {
     }
 
     fn on_retry(&mut self, fx: &mut Vec<Effect>) {
-        if let RestoreState::Failed(e) = self.restore {
-            self.restore = RestoreState::InFlight(e);
-            fx.push(Effect::Restore { epoch: e });
+        if let RestoreState::Failed(e, _) = self.restore {
+            self.start_restore(e, fx);
         }
         if let Some(d) = self
             .drain
@@ -469,15 +497,14 @@ impl ShardHandoff {
         }
         match self.restore {
             RestoreState::Done(e) if e == a.epoch => {}
-            RestoreState::InFlight(e) | RestoreState::Failed(e) if e == a.epoch => {
+            RestoreState::InFlight(e, _) | RestoreState::Failed(e, _) if e == a.epoch => {
                 self.buffer(fx);
                 return;
             }
             _ => {
                 self.stand_down(fx, "epoch changed");
                 self.buffer(fx);
-                self.restore = RestoreState::InFlight(a.epoch);
-                fx.push(Effect::Restore { epoch: a.epoch });
+                self.start_restore(a.epoch, fx);
                 return;
             }
         }
@@ -528,6 +555,14 @@ impl ShardHandoff {
             DrainPhase::Checkpointing
         };
         self.drain = Some(Drain { epoch, to, phase });
+    }
+
+    /// Issues restore attempt number `restore_attempts + 1` at `epoch`.
+    fn start_restore(&mut self, epoch: u64, fx: &mut Vec<Effect>) {
+        self.restore_attempts += 1;
+        let attempt = self.restore_attempts;
+        self.restore = RestoreState::InFlight(epoch, attempt);
+        fx.push(Effect::Restore { epoch, attempt });
     }
 
     /// Stops the actor (if running) and forgets restore and drain progress: serving again needs a

@@ -50,11 +50,15 @@ fn serve_a(epoch: u64) -> Vec<(Event, Vec<Effect>, ShardRole)> {
         (Event::LeaseRegained, vec![], R::NotOwner),
         (
             assigned(epoch, "a", None),
-            vec![F::StopAccepting, F::Restore { epoch }],
+            vec![F::StopAccepting, F::Restore { epoch, attempt: 1 }],
             R::Restoring { epoch },
         ),
         (
-            Event::Restored { epoch, seq: 0 },
+            Event::Restored {
+                epoch,
+                seq: 0,
+                attempt: 1,
+            },
             vec![F::StartServing { epoch }, F::DeliverBuffered],
             serving(epoch),
         ),
@@ -79,11 +83,18 @@ fn starts_not_owner_and_needs_a_lease() {
             (assigned(1, "a", None), vec![F::StopAccepting], R::NotOwner),
             (
                 Event::LeaseRegained,
-                vec![F::Restore { epoch: 1 }],
+                vec![F::Restore {
+                    epoch: 1,
+                    attempt: 1,
+                }],
                 R::Restoring { epoch: 1 },
             ),
             (
-                Event::Restored { epoch: 1, seq: 0 },
+                Event::Restored {
+                    epoch: 1,
+                    seq: 0,
+                    attempt: 1,
+                },
                 vec![F::StartServing { epoch: 1 }, F::DeliverBuffered],
                 serving(1),
             ),
@@ -149,17 +160,28 @@ fn graceful_handoff_new_owner() {
             ),
             (
                 assigned(4, "b", None),
-                vec![F::Restore { epoch: 4 }],
+                vec![F::Restore {
+                    epoch: 4,
+                    attempt: 1,
+                }],
                 R::Restoring { epoch: 4 },
             ),
             // A restore result for another epoch is not ours.
             (
-                Event::Restored { epoch: 3, seq: 40 },
+                Event::Restored {
+                    epoch: 3,
+                    seq: 40,
+                    attempt: 1,
+                },
                 vec![],
                 R::Restoring { epoch: 4 },
             ),
             (
-                Event::Restored { epoch: 4, seq: 41 },
+                Event::Restored {
+                    epoch: 4,
+                    seq: 41,
+                    attempt: 1,
+                },
                 vec![F::StartServing { epoch: 4 }, F::DeliverBuffered],
                 serving(4),
             ),
@@ -199,23 +221,37 @@ fn crash_takeover() {
             // No handoff: the control plane assigns epoch 4 to b directly.
             (
                 assigned(4, "b", None),
-                vec![F::StopAccepting, F::Restore { epoch: 4 }],
+                vec![
+                    F::StopAccepting,
+                    F::Restore {
+                        epoch: 4,
+                        attempt: 1,
+                    },
+                ],
                 R::Restoring { epoch: 4 },
             ),
             (
                 Event::RestoreFailed {
                     reason: "503".into(),
+                    attempt: 1,
                 },
                 vec![],
                 R::Restoring { epoch: 4 },
             ),
             (
                 Event::Retry,
-                vec![F::Restore { epoch: 4 }],
+                vec![F::Restore {
+                    epoch: 4,
+                    attempt: 2,
+                }],
                 R::Restoring { epoch: 4 },
             ),
             (
-                Event::Restored { epoch: 4, seq: 9 },
+                Event::Restored {
+                    epoch: 4,
+                    seq: 9,
+                    attempt: 2,
+                },
                 vec![F::StartServing { epoch: 4 }, F::DeliverBuffered],
                 serving(4),
             ),
@@ -286,7 +322,10 @@ fn newer_epoch_for_the_same_owner_restores_again() {
                 vec![
                     stop("epoch changed"),
                     F::StopAccepting,
-                    F::Restore { epoch: 6 },
+                    F::Restore {
+                        epoch: 6,
+                        attempt: 2,
+                    },
                 ],
                 R::Restoring { epoch: 6 },
             )],
@@ -311,11 +350,18 @@ fn lease_loss_while_serving() {
                 // Regained: restore again (the fence proves nobody took the shard meanwhile).
                 (
                     Event::LeaseRegained,
-                    vec![F::Restore { epoch: 2 }],
+                    vec![F::Restore {
+                        epoch: 2,
+                        attempt: 2,
+                    }],
                     R::Restoring { epoch: 2 },
                 ),
                 (
-                    Event::Restored { epoch: 2, seq: 5 },
+                    Event::Restored {
+                        epoch: 2,
+                        seq: 5,
+                        attempt: 2,
+                    },
                     vec![F::StartServing { epoch: 2 }, F::DeliverBuffered],
                     serving(2),
                 ),
@@ -329,14 +375,31 @@ fn lease_loss_while_serving() {
             (Event::LeaseRegained, vec![], R::NotOwner),
             (
                 assigned(2, "a", None),
-                vec![F::StopAccepting, F::Restore { epoch: 2 }],
+                vec![
+                    F::StopAccepting,
+                    F::Restore {
+                        epoch: 2,
+                        attempt: 1,
+                    },
+                ],
                 R::Restoring { epoch: 2 },
             ),
             (Event::LeaseLost, vec![], R::NotOwner),
-            (Event::Restored { epoch: 2, seq: 5 }, vec![], R::NotOwner),
+            (
+                Event::Restored {
+                    epoch: 2,
+                    seq: 5,
+                    attempt: 1,
+                },
+                vec![],
+                R::NotOwner,
+            ),
             (
                 Event::LeaseRegained,
-                vec![F::Restore { epoch: 2 }],
+                vec![F::Restore {
+                    epoch: 2,
+                    attempt: 2,
+                }],
                 R::Restoring { epoch: 2 },
             ),
         ],
@@ -365,12 +428,19 @@ fn lease_loss_while_draining() {
                 ),
                 (
                     Event::LeaseRegained,
-                    vec![F::Restore { epoch: 3 }],
+                    vec![F::Restore {
+                        epoch: 3,
+                        attempt: 2,
+                    }],
                     R::Restoring { epoch: 3 },
                 ),
                 // Restored but not serving: nothing in flight, checkpoint at once.
                 (
-                    Event::Restored { epoch: 3, seq: 7 },
+                    Event::Restored {
+                        epoch: 3,
+                        seq: 7,
+                        attempt: 2,
+                    },
                     vec![F::WriteCheckpoint { epoch: 3 }],
                     draining(3, "b"),
                 ),
@@ -481,7 +551,13 @@ fn handoff_abort_and_retarget() {
                 // The control plane cancels properly: the same owner at a newer epoch.
                 (
                     assigned(4, "a", None),
-                    vec![stop("epoch changed"), F::Restore { epoch: 4 }],
+                    vec![
+                        stop("epoch changed"),
+                        F::Restore {
+                            epoch: 4,
+                            attempt: 2,
+                        },
+                    ],
                     R::Restoring { epoch: 4 },
                 ),
                 (
@@ -490,7 +566,11 @@ fn handoff_abort_and_retarget() {
                     R::Restoring { epoch: 4 },
                 ),
                 (
-                    Event::Restored { epoch: 4, seq: 8 },
+                    Event::Restored {
+                        epoch: 4,
+                        seq: 8,
+                        attempt: 2,
+                    },
                     vec![F::StartServing { epoch: 4 }, F::DeliverBuffered],
                     serving(4),
                 ),
@@ -512,11 +592,18 @@ fn handoff_abort_and_retarget() {
                 (assigned(3, "a", None), vec![], R::NotOwner),
                 (
                     Event::LeaseRegained,
-                    vec![F::Restore { epoch: 3 }],
+                    vec![F::Restore {
+                        epoch: 3,
+                        attempt: 2,
+                    }],
                     R::Restoring { epoch: 3 },
                 ),
                 (
-                    Event::Restored { epoch: 3, seq: 8 },
+                    Event::Restored {
+                        epoch: 3,
+                        seq: 8,
+                        attempt: 2,
+                    },
                     vec![F::WriteCheckpoint { epoch: 3 }],
                     draining(3, "b"),
                 ),
@@ -621,7 +708,13 @@ fn fenced_by_storage() {
             (Event::LeaseRegained, vec![], R::NotOwner),
             (
                 assigned(3, "a", None),
-                vec![F::StopAccepting, F::Restore { epoch: 3 }],
+                vec![
+                    F::StopAccepting,
+                    F::Restore {
+                        epoch: 3,
+                        attempt: 1,
+                    },
+                ],
                 R::Restoring { epoch: 3 },
             ),
             (
@@ -630,17 +723,28 @@ fn fenced_by_storage() {
                 R::Fenced { epoch: 3 },
             ),
             (
-                Event::Restored { epoch: 3, seq: 1 },
+                Event::Restored {
+                    epoch: 3,
+                    seq: 1,
+                    attempt: 1,
+                },
                 vec![],
                 R::Fenced { epoch: 3 },
             ),
             (
                 assigned(6, "a", None),
-                vec![F::Restore { epoch: 6 }],
+                vec![F::Restore {
+                    epoch: 6,
+                    attempt: 2,
+                }],
                 R::Restoring { epoch: 6 },
             ),
             (
-                Event::Restored { epoch: 6, seq: 9 },
+                Event::Restored {
+                    epoch: 6,
+                    seq: 9,
+                    attempt: 2,
+                },
                 vec![F::StartServing { epoch: 6 }, F::DeliverBuffered],
                 serving(6),
             ),
@@ -664,7 +768,11 @@ fn handoff_to_self_is_no_handoff_and_role_since_tracks_changes() {
     assert!(m.is_buffering());
     m.handle(
         base + Duration::from_secs(2),
-        Event::Restored { epoch: 2, seq: 0 },
+        Event::Restored {
+            epoch: 2,
+            seq: 0,
+            attempt: 1,
+        },
     );
     assert_eq!(
         (m.role(), m.epoch(), m.is_buffering()),
@@ -735,7 +843,8 @@ const NODES: [&str; 2] = ["a", "b"];
 /// A storage operation a node asked for and that has not run yet.
 #[derive(Debug, Clone, Copy)]
 enum StorageOp {
-    Restore(u64),
+    /// (epoch, attempt)
+    Restore(u64, u64),
     Checkpoint(u64),
 }
 
@@ -751,6 +860,10 @@ struct Node {
     waiting_inflight: bool,
     /// Router buffer state as told by the effects.
     buffering: bool,
+    /// The restored state the driver keeps (log length it read), for the awaited attempt only.
+    restored_pos: Option<u64>,
+    /// The serving actor's state, as the number of acknowledged writes it holds.
+    state_pos: Option<u64>,
     /// The epoch the shard actor takes new operations at, as told by the effects
     /// (StartServing .. StopAccepting or StopServing).
     accepting: Option<u64>,
@@ -778,6 +891,8 @@ struct World {
     reports: Vec<(usize, u64, u64)>,
     fence: u64,
     ckpt_seq: u64,
+    /// Writes acknowledged (durable in the log) so far.
+    log_len: u64,
 }
 
 fn assignment_event(cp: &Cp) -> Event {
@@ -794,6 +909,8 @@ impl World {
             storage_ops: Vec::new(),
             waiting_inflight: false,
             buffering: false,
+            restored_pos: None,
+            state_pos: None,
             accepting: None,
             seen_epoch: 0,
         };
@@ -812,6 +929,7 @@ impl World {
             reports: Vec::new(),
             fence: 0,
             ckpt_seq: 0,
+            log_len: 0,
         };
         w.commit(cp);
         w
@@ -830,6 +948,18 @@ impl World {
         let now = self.base + Duration::from_millis(self.now);
         if let Event::Assigned { epoch, .. } = &ev {
             self.nodes[i].seen_epoch = self.nodes[i].seen_epoch.max(*epoch);
+        }
+        // The driver keeps a restored state only for the attempt the machine waits for.
+        if let Event::Restored {
+            epoch,
+            seq,
+            attempt,
+            ..
+        } = &ev
+        {
+            if self.nodes[i].m.awaiting_restore() == Some((*epoch, *attempt)) {
+                self.nodes[i].restored_pos = Some(*seq);
+            }
         }
         let shown = format!("{ev:?}");
         let fx = self.nodes[i].m.handle(now, ev);
@@ -850,15 +980,29 @@ impl World {
                     n.buffering = true;
                     n.accepting = None;
                 }
-                F::StartServing { epoch } => n.accepting = Some(epoch),
-                F::StopServing { .. } => n.accepting = None,
+                F::StartServing { epoch } => {
+                    n.accepting = Some(epoch);
+                    n.state_pos = n.restored_pos.take();
+                    prop_assert_eq!(
+                        n.state_pos,
+                        Some(self.log_len),
+                        "node {} serves a state missing acknowledged writes",
+                        i
+                    );
+                }
+                F::StopServing { .. } => {
+                    n.accepting = None;
+                    n.state_pos = None;
+                }
                 F::DeliverBuffered => {
                     prop_assert!(n.buffering, "DeliverBuffered without StopAccepting");
                     n.buffering = false;
                 }
                 F::WaitInflight => n.waiting_inflight = true,
                 F::WriteCheckpoint { epoch } => n.storage_ops.push(StorageOp::Checkpoint(epoch)),
-                F::Restore { epoch } => n.storage_ops.push(StorageOp::Restore(epoch)),
+                F::Restore { epoch, attempt } => {
+                    n.storage_ops.push(StorageOp::Restore(epoch, attempt))
+                }
                 F::ReportHandoffDone { epoch, seq } => self.reports.push((i, epoch, seq)),
                 F::StaleIgnored => {}
             }
@@ -904,19 +1048,22 @@ impl World {
         }
         let op = ops.remove(pick % ops.len());
         let result = match op {
-            StorageOp::Restore(e) if e < self.fence => Event::FencedByStorage { epoch: e },
+            StorageOp::Restore(e, _) if e < self.fence => Event::FencedByStorage { epoch: e },
             StorageOp::Checkpoint(e) if e < self.fence => Event::FencedByStorage { epoch: e },
-            StorageOp::Restore(_) if fail => Event::RestoreFailed {
+            StorageOp::Restore(_, attempt) if fail => Event::RestoreFailed {
                 reason: "injected".into(),
+                attempt,
             },
             StorageOp::Checkpoint(_) if fail => Event::CheckpointFailed {
                 reason: "injected".into(),
             },
-            StorageOp::Restore(e) => {
+            StorageOp::Restore(e, attempt) => {
                 self.fence = e;
+                // The restored state holds every write acknowledged so far (fence, then read).
                 Event::Restored {
                     epoch: e,
-                    seq: self.ckpt_seq,
+                    seq: self.log_len,
+                    attempt,
                 }
             }
             StorageOp::Checkpoint(e) => {
@@ -975,7 +1122,16 @@ impl World {
     }
 
     fn step(&mut self, action: u8, i: usize, arg: usize) -> Result<(), TestCaseError> {
-        match action % 12 {
+        match action % 13 {
+            12 => {
+                // The serving node acknowledges a write, durable at its epoch (a stale owner's
+                // write would collide with the newer fence and never be acknowledged).
+                let n = &mut self.nodes[i];
+                if n.accepting.is_some_and(|e| e == self.fence) {
+                    self.log_len += 1;
+                    n.state_pos = n.state_pos.map(|p| p + 1);
+                }
+            }
             0 | 1 => {
                 if let Some(ev) = self.nodes[i].assignments.pop_front() {
                     self.handle(i, ev)?;
@@ -1147,8 +1303,10 @@ proptest! {
 
     /// Invariant 1 (and 4's buffering discipline): whatever order assignments, storage results,
     /// lease changes, failures, retries, reports and stale replays arrive in, never do both
-    /// nodes serve the shard at once, the one serving holds the newest fence, and once things
-    /// heal exactly the control plane's owner serves, with every buffer delivered.
+    /// nodes serve the shard at once, the one serving holds the newest fence and every write
+    /// acknowledged so far (invariant 3: a late, superseded restore must not become the state),
+    /// and once things heal exactly the control plane's owner serves, with every buffer
+    /// delivered.
     #[test]
     fn one_owner_at_any_instant(
         steps in proptest::collection::vec((any::<u8>(), 0usize..2, any::<usize>()), 0..300),

@@ -605,6 +605,8 @@ enum StoreReq {
         epoch: u64,
         /// Counts the node's restores of the shard, to trace superseded ones.
         gen: u64,
+        /// The machine's restore attempt this answers.
+        attempt: u64,
     },
     Append {
         shard: u32,
@@ -627,6 +629,7 @@ enum StoreRes {
     Restored {
         shard: u32,
         epoch: u64,
+        attempt: u64,
         res: Result<(ShardData, u64), StoreFail>,
     },
     Appended {
@@ -1759,10 +1762,18 @@ impl Sim {
                 }
             }
             Effect::ReportHandoffDone { epoch, .. } => self.report_handoff(n, shard, epoch),
-            Effect::Restore { epoch } => {
+            Effect::Restore { epoch, attempt } => {
                 let gen = self.nodes[n].restores[s] + 1;
                 self.nodes[n].restores[s] = gen;
-                self.storage(n, StoreReq::Restore { shard, epoch, gen });
+                self.storage(
+                    n,
+                    StoreReq::Restore {
+                        shard,
+                        epoch,
+                        gen,
+                        attempt,
+                    },
+                );
             }
             Effect::StartServing { epoch } => self.start_serving(n, shard, epoch),
             Effect::StopServing { reason } => {
@@ -2142,7 +2153,12 @@ impl Sim {
         };
         let store = self.store.clone();
         let res = match req {
-            StoreReq::Restore { shard, epoch, .. } => {
+            StoreReq::Restore {
+                shard,
+                epoch,
+                attempt,
+                ..
+            } => {
                 let res = match fail {
                     Some(false) => Err(injected(false)),
                     _ => {
@@ -2158,7 +2174,12 @@ impl Sim {
                         }
                     }
                 };
-                StoreRes::Restored { shard, epoch, res }
+                StoreRes::Restored {
+                    shard,
+                    epoch,
+                    attempt,
+                    res,
+                }
             }
             StoreReq::Append {
                 shard,
@@ -2234,9 +2255,9 @@ impl Sim {
     fn note_late_landing(&mut self, node: usize, inc: u32, req: &StoreReq) {
         let dead = !self.alive(node, inc);
         let (what, shard, epoch) = match req {
-            StoreReq::Restore { shard, epoch, gen }
-                if dead || self.nodes[node].restores[*shard as usize] != *gen =>
-            {
+            StoreReq::Restore {
+                shard, epoch, gen, ..
+            } if dead || self.nodes[node].restores[*shard as usize] != *gen => {
                 ("restore (fence)", *shard, *epoch)
             }
             StoreReq::Append {
@@ -2282,13 +2303,30 @@ impl Sim {
 
     fn store_done(&mut self, n: usize, res: StoreRes) {
         match res {
-            StoreRes::Restored { shard, epoch, res } => match res {
+            StoreRes::Restored {
+                shard,
+                epoch,
+                attempt,
+                res,
+            } => match res {
                 Ok((data, next_seq)) => {
-                    self.nodes[n]
-                        .restored
-                        .insert(shard, (epoch, data, next_seq));
+                    // `driver.rs`: only the attempt the machine waits for is kept.
+                    let awaited = self.nodes[n].machines[shard as usize].awaiting_restore();
+                    if awaited == Some((epoch, attempt)) {
+                        self.nodes[n]
+                            .restored
+                            .insert(shard, (epoch, data, next_seq));
+                    }
                     let seq = next_seq - 1;
-                    self.feed(n, shard, Event::Restored { epoch, seq });
+                    self.feed(
+                        n,
+                        shard,
+                        Event::Restored {
+                            epoch,
+                            seq,
+                            attempt,
+                        },
+                    );
                 }
                 Err(StoreFail::Fenced) => {
                     self.log(format!(
@@ -2298,7 +2336,7 @@ impl Sim {
                     self.feed(n, shard, Event::FencedByStorage { epoch });
                 }
                 Err(StoreFail::Failed(reason)) => {
-                    self.feed(n, shard, Event::RestoreFailed { reason });
+                    self.feed(n, shard, Event::RestoreFailed { reason, attempt });
                     self.done(n, shard, Event::Retry, RETRY_BACKOFF_MS);
                 }
             },
