@@ -332,6 +332,15 @@ fn decoder_survives_seeded_mutations() {
             })
             .collect()
     };
+    // `TIDEPOOL_FUZZ_SEED_DIR=runtime/fuzz/corpus/decode` writes these valid frames there, as
+    // the seed corpus of the open-ended cargo-fuzz run.
+    if let Some(dir) = std::env::var_os("TIDEPOOL_FUZZ_SEED_DIR") {
+        let dir = std::path::PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (i, wire) in corpus.iter().enumerate() {
+            std::fs::write(dir.join(format!("seed-{i:02}")), wire).unwrap();
+        }
+    }
     let (mut ok, mut rejected) = (0u32, 0u32);
     for i in 0..20_000 {
         let mut wire = corpus[i % corpus.len()].clone();
