@@ -182,6 +182,30 @@ impl Run<'_> {
             .join(format!("{name}.storage.json"))
     }
 
+    /// Waits until node `name` is in the middle of a (slowed) checkpoint write: its storage fault
+    /// file's marker exists. Returns the fault line's note.
+    async fn wait_checkpoint_in_flight(&self, name: &str) -> Result<String> {
+        #[cfg(feature = "fault-injection")]
+        {
+            let marker =
+                tidepool_runtime::storage::faulty::checkpoint_marker(&self.storage_file(name));
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !marker.exists() {
+                if Instant::now() > deadline {
+                    bail!("{name} wrote no checkpoint within 30 s (kill during_checkpoint)");
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await; // poll interval
+            }
+            // The process dies with the write asleep; the marker would outlive it.
+            let _ = std::fs::remove_file(&marker);
+            Ok(" in the middle of a checkpoint write".into())
+        }
+        #[cfg(not(feature = "fault-injection"))]
+        {
+            bail!("kill during_checkpoint of {name} needs a `fault-injection` build")
+        }
+    }
+
     fn write_net(&self) -> Result<()> {
         for n in &self.cluster.nodes {
             let spec = self.net.specs.get(&n.name).cloned().unwrap_or_default();
@@ -228,6 +252,11 @@ impl Run<'_> {
             Kind::Kill => {
                 let i = self.target(f).await?;
                 let name = self.cluster.nodes[i].name.clone();
+                let when = if f.during_checkpoint {
+                    self.wait_checkpoint_in_flight(&name).await?
+                } else {
+                    String::new()
+                };
                 self.cluster.kill(i).await?;
                 self.expected_exit[i] = true;
                 self.down
@@ -236,10 +265,13 @@ impl Run<'_> {
                     .push((now_us(), u64::MAX));
                 let detail = match f.restart_after_ms {
                     Some(d) => {
-                        later.push((at + d, Action::Restart(i)));
-                        format!("SIGKILL, restart in {d} ms")
+                        // Relative to when the kill really happened (a kill during a checkpoint
+                        // waits for one).
+                        let now = self.started.elapsed().as_millis() as u64;
+                        later.push((now.max(at) + d, Action::Restart(i)));
+                        format!("SIGKILL{when}, restart in {d} ms")
                     }
-                    None => "SIGKILL".into(),
+                    None => format!("SIGKILL{when}"),
                 };
                 self.event("kill", &name, detail);
             }
@@ -409,6 +441,7 @@ impl Run<'_> {
                 let rule = serde_json::json!({
                     "write_error_rate": f.drop_rate,
                     "write_delay_ms": f.delay_ms,
+                    "checkpoint_delay_ms": f.checkpoint_delay_ms,
                 });
                 std::fs::write(self.storage_file(&name), serde_json::to_vec(&rule)?)?;
                 let d = f.duration_ms.unwrap_or(0);
@@ -417,9 +450,10 @@ impl Run<'_> {
                     "storage",
                     &name,
                     format!(
-                        "{:.0}% write errors, writes delayed {} ms, for {d} ms",
+                        "{:.0}% write errors, writes delayed {} ms, checkpoint writes {} ms more, for {d} ms",
                         f.drop_rate * 100.0,
-                        f.delay_ms
+                        f.delay_ms,
+                        f.checkpoint_delay_ms
                     ),
                 );
             }

@@ -142,6 +142,13 @@ pub struct Fault {
     pub jitter_ms: u64,
     #[serde(default)]
     pub duplicate_rate: f64,
+    /// For `storage`: checkpoint writes sleep this much longer (and show a marker file meanwhile).
+    #[serde(default)]
+    pub checkpoint_delay_ms: u64,
+    /// For `kill`: wait (up to 30 s) until the target is in the middle of writing a checkpoint
+    /// (it needs a `storage` fault with `checkpoint_delay_ms` on it), then kill.
+    #[serde(default)]
+    pub during_checkpoint: bool,
 }
 
 fn random() -> String {
@@ -198,6 +205,9 @@ impl Scenario {
             }
             if f.kind == Kind::OneWay && f.peer.is_none() {
                 bail!("fault[{i}].peer is required for one_way");
+            }
+            if f.during_checkpoint && f.kind != Kind::Kill {
+                bail!("fault[{i}].during_checkpoint only applies to kill");
             }
             if f.kind == Kind::LinkDown && !m.needs_netns {
                 bail!("fault[{i}] is link_down: set scenario.needs_netns = true");

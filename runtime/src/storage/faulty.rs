@@ -24,6 +24,10 @@
 //!   acknowledged; retrying the same write is safe).
 //! - **Slow writes**: each of those calls first sleeps `write_delay_ms` (also when it then fails).
 //! - **Read errors**: `get*`, `head` and `list*` fail with probability `read_error_rate`.
+//! - **Slow checkpoints**: a write of a checkpoint object (`*.ckpt`) first sleeps
+//!   `checkpoint_delay_ms` more. While one sleeps, the file `PATH.checkpoint-in-flight` exists
+//!   (PATH: the fault file), so a chaos harness can kill the process in the middle of a
+//!   checkpoint write.
 //!
 //! Deletes, copies and renames are passed through untouched. Without the variable (or without
 //! the feature) `open` returns the plain store.
@@ -71,6 +75,8 @@ pub struct StorageFaultRule {
     pub write_delay_ms: u64,
     /// Probability (0.0..=1.0) that a read (get, head, list) fails.
     pub read_error_rate: f64,
+    /// Sleep this much longer before writing a checkpoint object.
+    pub checkpoint_delay_ms: u64,
 }
 
 #[derive(Debug)]
@@ -79,6 +85,8 @@ struct FaultState {
     rng: rand::rngs::StdRng,
     write_errors: u64,
     read_errors: u64,
+    /// Delayed checkpoint writes in flight (the marker file exists while this is above 0).
+    checkpoints_in_flight: u32,
 }
 
 impl FaultState {
@@ -100,6 +108,8 @@ impl FaultState {
 #[derive(Debug, Clone)]
 pub struct StorageFaults {
     state: Arc<Mutex<FaultState>>,
+    /// Exists while a delayed checkpoint write sleeps (fault-file rules only).
+    marker: Option<Arc<PathBuf>>,
 }
 
 impl StorageFaults {
@@ -111,7 +121,9 @@ impl StorageFaults {
                 rng: rand::rngs::StdRng::seed_from_u64(seed),
                 write_errors: 0,
                 read_errors: 0,
+                checkpoints_in_flight: 0,
             })),
+            marker: None,
         }
     }
 
@@ -166,6 +178,26 @@ impl StorageFaults {
         (Duration::from_millis(s.rule.write_delay_ms), fail)
     }
 
+    /// A delayed checkpoint write starts sleeping: the marker file appears.
+    fn checkpoint_started(&self) {
+        let mut s = self.state.lock();
+        s.checkpoints_in_flight += 1;
+        if let Some(m) = &self.marker {
+            let _ = std::fs::write(m.as_ref(), b"");
+        }
+    }
+
+    /// A delayed checkpoint write woke up: the marker goes when none sleeps any more.
+    fn checkpoint_ended(&self) {
+        let mut s = self.state.lock();
+        s.checkpoints_in_flight = s.checkpoints_in_flight.saturating_sub(1);
+        if s.checkpoints_in_flight == 0 {
+            if let Some(m) = &self.marker {
+                let _ = std::fs::remove_file(m.as_ref());
+            }
+        }
+    }
+
     /// Whether a read fails.
     fn roll_read(&self) -> bool {
         let mut s = self.state.lock();
@@ -200,6 +232,12 @@ impl FaultyStore {
     }
 
     async fn before_write(&self, location: &Path) -> object_store::Result<()> {
+        let slow_checkpoint = Duration::from_millis(self.faults.rule().checkpoint_delay_ms);
+        if location.as_ref().ends_with(".ckpt") && !slow_checkpoint.is_zero() {
+            self.faults.checkpoint_started();
+            tokio::time::sleep(slow_checkpoint).await;
+            self.faults.checkpoint_ended();
+        }
         let (delay, fail) = self.faults.roll_write();
         if !delay.is_zero() {
             tokio::time::sleep(delay).await;
@@ -397,7 +435,8 @@ pub fn faults_for_file(path: &FsPath) -> StorageFaults {
             .ok()
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
-        let faults = StorageFaults::new(seed);
+        let mut faults = StorageFaults::new(seed);
+        faults.marker = Some(Arc::new(checkpoint_marker(path)));
         let text = std::fs::read_to_string(path).unwrap_or_default();
         if let Err(e) = faults.apply_file_text(&text) {
             tracing::warn!(error = %e, file = %path.display(), "unreadable storage fault file; no storage faults for now");
@@ -419,6 +458,13 @@ pub fn faults_for_file(path: &FsPath) -> StorageFaults {
         }
     }
     w.faults.clone()
+}
+
+/// The file that exists while a delayed checkpoint write of the fault file `path` sleeps.
+pub fn checkpoint_marker(path: &FsPath) -> PathBuf {
+    let mut name = path.as_os_str().to_os_string();
+    name.push(".checkpoint-in-flight");
+    PathBuf::from(name)
 }
 
 async fn watch(path: PathBuf, faults: StorageFaults) {
@@ -447,6 +493,7 @@ mod tests {
             write_error_rate,
             write_delay_ms,
             read_error_rate,
+            ..StorageFaultRule::default()
         }
     }
 
@@ -607,5 +654,37 @@ mod tests {
             .await
             .expect("faults removed");
         store.append(1, 1, 2, 1, Bytes::from("b")).await.unwrap();
+    }
+
+    /// A slowed checkpoint write is visible from outside the process while it sleeps (the chaos
+    /// harness kills a node in the middle of one), and only checkpoint objects are slowed.
+    #[tokio::test]
+    async fn a_slow_checkpoint_write_shows_its_marker_while_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("node-2.storage.json");
+        std::fs::write(&file, r#"{"checkpoint_delay_ms":400}"#).unwrap();
+        let store = wrap_with(Store::in_memory(), Some(&file));
+        let marker = checkpoint_marker(&file);
+        // A log append is not slowed and leaves no marker.
+        store.append(3, 1, 1, 1, Bytes::from("a")).await.unwrap();
+        assert!(!marker.exists());
+        let write = tokio::spawn({
+            let store = store.clone();
+            async move { store.put_checkpoint(3, 1, 1, Bytes::from("snap")).await }
+        });
+        let seen = async {
+            while !marker.exists() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(5), seen)
+            .await
+            .expect("marker while the checkpoint write sleeps");
+        write.await.unwrap().unwrap();
+        assert!(
+            !marker.exists(),
+            "marker removed once the write went through"
+        );
+        assert!(store.latest_checkpoint(3).await.unwrap().is_some());
     }
 }
