@@ -146,8 +146,17 @@ impl Run<'_> {
                 pick(&mut self.rng, &nv)
             }
             "leader" => {
-                let leader = self.client.status().await?.leader;
-                self.index(&leader)
+                // Right after a heal the node asked may not know the leader yet: ask until one
+                // is known.
+                let deadline = Instant::now() + Duration::from_secs(15);
+                loop {
+                    let leader = self.client.status().await.map(|s| s.leader);
+                    match leader {
+                        Ok(l) if !l.is_empty() => break self.index(&l),
+                        _ if Instant::now() > deadline => bail!("no leader known for 15 s"),
+                        _ => tokio::time::sleep(Duration::from_millis(100)).await, // poll interval
+                    }
+                }
             }
             "coordinator" => {
                 let id = self
