@@ -53,7 +53,7 @@ fn every_scenario_passes_and_the_broken_mode_is_caught() {
     // F6 skews wall clocks with libfaketime (Debian `faketime`). `.ci/run` installs it and sets
     // TIDEPOOL_REQUIRE_FAKETIME=1; elsewhere the matrix runs without F6 and says so.
     let scratch = tempfile::tempdir().unwrap();
-    let dir = if faketime_installed() {
+    let dir = if tidepool::chaos::faketime_library().is_ok() {
         shipped.clone()
     } else {
         assert!(
@@ -97,18 +97,6 @@ fn every_scenario_passes_and_the_broken_mode_is_caught() {
         lost.iter().any(|v| v.as_str().unwrap().contains("LOST")),
         "{report}"
     );
-}
-
-/// Whether libfaketime is where the harness looks for it.
-fn faketime_installed() -> bool {
-    [
-        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
-        "/usr/lib/faketime/libfaketime.so.1",
-        "/usr/local/lib/faketime/libfaketime.so.1",
-    ]
-    .iter()
-    .any(|p| Path::new(p).exists())
 }
 
 /// Whether this machine can run `--netns` (root, iproute2, nftables, namespaces allowed).

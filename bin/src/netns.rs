@@ -33,11 +33,20 @@ pub struct NetLab {
     down: BTreeSet<usize>,
 }
 
+/// Runs `f`, which blocks on a short child process, without stalling the async runtime's other
+/// tasks (the harness's workload keeps running meanwhile).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
 /// Runs a command and fails with its stderr.
 fn run(program: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
+    let out = blocking(|| Command::new(program).args(args).output())
         .with_context(|| format!("running {program} (is it installed?)"))?;
     if !out.status.success() {
         bail!(
@@ -56,6 +65,10 @@ fn ip(args: &[&str]) -> Result<String> {
 
 /// Applies an nftables script inside namespace `ns`.
 fn nft_script(ns: &str, script: &str) -> Result<()> {
+    blocking(|| nft_script_now(ns, script))
+}
+
+fn nft_script_now(ns: &str, script: &str) -> Result<()> {
     let mut child = Command::new("ip")
         .args(["netns", "exec", ns, "nft", "-f", "-"])
         .stdin(Stdio::piped())

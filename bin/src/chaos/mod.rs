@@ -632,8 +632,9 @@ fn training(shards: u32) -> Result<(dataset::Table, String, serde_json::Value)> 
     Ok((train, spec_text, want))
 }
 
-/// libfaketime, for wall-clock skew (Debian package `faketime`).
-fn faketime_library() -> Result<PathBuf> {
+/// libfaketime, for wall-clock skew (Debian package `faketime`); also how `tests/chaos.rs`
+/// decides whether F6 can run here.
+pub fn faketime_library() -> Result<PathBuf> {
     let candidates = [
         "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
         "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
