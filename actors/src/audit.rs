@@ -31,15 +31,14 @@ impl AuditLog {
     /// Opens (appends to) `dir/audit.log` and starts its writer task.
     pub async fn open(dir: &Path, node: &str) -> Result<Self, AuditError> {
         let path = dir.join("audit.log");
-        let file = tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .await
-            .map_err(|source| AuditError::Open {
-                path: path.clone(),
-                source,
-            })?;
+        let mut open = tokio::fs::OpenOptions::new();
+        open.create(true).append(true);
+        #[cfg(unix)]
+        open.mode(0o600);
+        let file = open.open(&path).await.map_err(|source| AuditError::Open {
+            path: path.clone(),
+            source,
+        })?;
         let (tx, mut rx) = mpsc::channel::<String>(QUEUE);
         tokio::spawn(async move {
             let mut w = tokio::io::BufWriter::new(file);
@@ -60,43 +59,35 @@ impl AuditLog {
         })
     }
 
-    /// Records that `who` made an admin request of kind `what` (`detail` is free text).
-    pub async fn record(&self, who: &Identity, what: &str, detail: &str) {
-        let line = serde_line(&self.node, who, what, detail);
+    /// Records one audited action: `who` (its certificate name, serial and role) asked for `op`
+    /// on `target` (node, dataset, job or shard ids), with `result` ("ok", "denied: ...",
+    /// "error: ...", or "admitted" for requests whose outcome the client sees later).
+    pub async fn record(&self, who: &Identity, op: &str, target: &str, result: &str) {
+        let line = audit_line(&self.node, who, op, target, result);
         if self.tx.send(line).await.is_err() {
-            tracing::error!(client = %who.name, what, "audit log is closed");
+            tracing::error!(client = %who.name, op, "audit log is closed");
         }
     }
 }
 
-fn serde_line(node: &str, who: &Identity, what: &str, detail: &str) -> String {
-    let ts = std::time::SystemTime::now()
+fn audit_line(node: &str, who: &Identity, op: &str, target: &str, result: &str) -> String {
+    let ts_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
-    format!(
-        "{{\"ts_ms\":{ts},\"node\":{},\"client\":{},\"role\":\"{}\",\"request\":{},\"detail\":{}}}\n",
-        json_str(node),
-        json_str(&who.name),
-        who.role,
-        json_str(what),
-        json_str(detail)
-    )
-}
-
-fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
+    let mut line = serde_json::json!({
+        "ts_ms": ts_ms,
+        "node": node,
+        "client": who.name,
+        "serial": who.serial,
+        "role": who.role.as_str(),
+        "op": op,
+        "target": target,
+        "result": result,
+    })
+    .to_string();
+    line.push('\n');
+    line
 }
 
 #[cfg(test)]
@@ -111,14 +102,27 @@ mod tests {
         let who = Identity {
             name: "ops\"1".into(),
             role: Role::Admin,
+            serial: "0a1b".into(),
         };
-        log.record(&who, "shard_request", "incr k").await;
+        log.record(&who, "voter_add", "n4", "ok").await;
         let path = dir.path().join("audit.log");
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             let text = std::fs::read_to_string(&path).unwrap_or_default();
-            if text.contains("\"client\":\"ops\\\"1\"") {
-                assert!(text.contains("\"role\":\"admin\""));
+            if let Some(line) = text.lines().next() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert_eq!(v["client"], "ops\"1");
+                assert_eq!(v["serial"], "0a1b");
+                assert_eq!(v["role"], "admin");
+                assert_eq!(v["op"], "voter_add");
+                assert_eq!(v["target"], "n4");
+                assert_eq!(v["result"], "ok");
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+                    assert_eq!(mode, 0o600, "the audit log is private");
+                }
                 break;
             }
             assert!(

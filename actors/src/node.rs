@@ -11,7 +11,7 @@ use ractor::{Actor, ActorRef};
 use tidepool_runtime::certs::Identity;
 use tidepool_runtime::codec::{
     AdminOp, AutoscaleInfo, Body, ControlKind, DatasetPart, Dest, Envelope, ErrorCode, JobPartial,
-    JobTask, MemberInfo, StatusInfo,
+    JobTask, MemberInfo, MembershipOp, StatusInfo,
 };
 use tidepool_runtime::config::NodeConfig;
 use tidepool_runtime::control::{
@@ -69,13 +69,34 @@ pub enum NodeError {
     Join(String),
 }
 
-/// Any node certificate from the cluster CA may connect (membership is dynamic; a node proves
-/// its name with its certificate); clients of either role may connect.
-#[derive(Debug)]
-struct ClusterPolicy;
+/// Any certificate from the cluster CA may connect unless its serial is on the replicated
+/// revocation list (membership is dynamic; a node proves its name with its certificate, and
+/// what each identity may do is checked per request). The list is updated from the map.
+#[derive(Debug, Default)]
+struct ClusterPolicy {
+    revoked: parking_lot::RwLock<std::collections::BTreeSet<String>>,
+}
+
+impl ClusterPolicy {
+    /// Replaces the revocation list; true if it changed.
+    fn set_revoked(&self, serials: std::collections::BTreeSet<String>) -> bool {
+        let mut r = self.revoked.write();
+        if *r == serials {
+            return false;
+        }
+        *r = serials;
+        true
+    }
+}
 
 impl PeerPolicy for ClusterPolicy {
-    fn admit(&self, _peer: &Identity) -> Result<(), String> {
+    fn admit(&self, peer: &Identity) -> Result<(), String> {
+        if self.revoked.read().contains(&peer.serial) {
+            return Err(format!(
+                "certificate {} of {} ({}) is revoked",
+                peer.serial, peer.name, peer.role
+            ));
+        }
         Ok(())
     }
 }
@@ -153,6 +174,36 @@ struct Services {
     admin: Arc<JobAdmin>,
     exec: Arc<JobExecutor>,
     load: Arc<ClusterLoad>,
+    audit: AuditLog,
+}
+
+impl Services {
+    /// Admin operations that change membership run on the leader only, which checks the admin
+    /// certificate itself; elsewhere the client is told who leads (it retries there).
+    fn leader_only(&self) -> Result<(), (ErrorCode, String)> {
+        if self.control.is_leader() {
+            return Ok(());
+        }
+        let leader = self.control.leader().map(|l| l.name);
+        Err((
+            ErrorCode::NotLeader,
+            format!(
+                "membership changes are made by the leader ({})",
+                leader.as_deref().unwrap_or("none known")
+            ),
+        ))
+    }
+}
+
+fn control_failed(e: tidepool_runtime::control::ControlError) -> (ErrorCode, String) {
+    use tidepool_runtime::control::ControlError as E;
+    let code = match &e {
+        E::NotLeader { .. } | E::NoLeader { .. } | E::Timeout(_) => ErrorCode::NotLeader,
+        E::Invalid(_) | E::Rejected(_) => ErrorCode::BadRequest,
+        E::Refused(_) => ErrorCode::Forbidden,
+        _ => ErrorCode::Internal,
+    };
+    (code, e.to_string())
 }
 
 impl NodeServices for Services {
@@ -162,15 +213,24 @@ impl NodeServices for Services {
         kind: ControlKind,
         payload: Vec<u8>,
     ) -> futures_box::Fut<Result<Vec<u8>, ErrorCode>> {
-        let control = self.control.clone();
+        let (control, audit) = (self.control.clone(), self.audit.clone());
         Box::pin(async move {
-            control
-                .handle_rpc(from_wire(kind), &payload)
-                .await
-                .map_err(|e| {
+            let kind = from_wire(kind);
+            match control.handle_rpc(&from.name, kind, &payload).await {
+                Ok(reply) => Ok(reply),
+                Err(tidepool_runtime::control::ControlError::Refused(r)) => {
+                    metrics::counter!(m::CONTROL_REFUSED, "reason" => r.label()).increment(1);
+                    warn!(peer = %from.name, serial = %from.serial, rpc = %kind, reason = %r, "control request refused");
+                    audit
+                        .record(&from, &format!("raft_{kind}"), "", &format!("denied: {r}"))
+                        .await;
+                    ControlPlane::refusal_reply(kind, &r).ok_or(ErrorCode::Forbidden)
+                }
+                Err(e) => {
                     tracing::debug!(peer = %from.name, error = %e, "control RPC failed");
-                    ErrorCode::Internal
-                })
+                    Err(ErrorCode::Internal)
+                }
+            }
         })
     }
 
@@ -185,22 +245,77 @@ impl NodeServices for Services {
             .ok_or(ErrorCode::NotLeader)
     }
 
-    fn drain(&self, node: String) -> futures_box::Fut<Result<(), ErrorCode>> {
+    fn drain(&self, node: String) -> futures_box::Fut<Result<(), (ErrorCode, String)>> {
         let control = self.control.clone();
+        let leader = self.leader_only();
         Box::pin(async move {
+            leader?;
             if !control.map().borrow().members.contains_key(&node) {
-                return Err(ErrorCode::BadRequest);
+                return Err((ErrorCode::BadRequest, format!("no member named {node:?}")));
             }
-            match control
-                .propose(Command::SetMemberState {
-                    name: node,
-                    state: MemberState::Draining,
-                })
-                .await
-            {
-                Ok(r) if r.is_ok() => Ok(()),
-                Ok(_) => Err(ErrorCode::BadRequest),
-                Err(_) => Err(ErrorCode::Internal),
+            let cmd = Command::SetMemberState {
+                name: node,
+                state: MemberState::Draining,
+            };
+            match control.propose(cmd).await.map_err(control_failed)? {
+                r if r.is_ok() => Ok(()),
+                r => Err((ErrorCode::BadRequest, format!("{r:?}"))),
+            }
+        })
+    }
+
+    fn membership(
+        &self,
+        op: MembershipOp,
+        node: String,
+        serial: String,
+    ) -> futures_box::Fut<Result<String, (ErrorCode, String)>> {
+        let control = self.control.clone();
+        let leader = self.leader_only();
+        Box::pin(async move {
+            leader?;
+            let known = control.map().borrow().members.get(&node).cloned();
+            match op {
+                MembershipOp::Undrain => {
+                    let Some(m) = known else {
+                        return Err((ErrorCode::BadRequest, format!("no member named {node:?}")));
+                    };
+                    if m.state != MemberState::Draining {
+                        return Err((
+                            ErrorCode::BadRequest,
+                            format!("{node} is {}, not draining", m.state.as_str()),
+                        ));
+                    }
+                    let cmd = Command::SetMemberState {
+                        name: node.clone(),
+                        state: MemberState::Up,
+                    };
+                    control.propose(cmd).await.map_err(control_failed)?;
+                    Ok(format!("{node} takes shards again"))
+                }
+                MembershipOp::VoterAdd => {
+                    control.add_voter(&node).await.map_err(control_failed)?;
+                    Ok(format!("voters: {}", control.voters().join(", ")))
+                }
+                MembershipOp::VoterRemove => {
+                    control.remove_voter(&node).await.map_err(control_failed)?;
+                    Ok(format!("voters: {}", control.voters().join(", ")))
+                }
+                MembershipOp::Revoke => {
+                    let serial = serial.to_ascii_lowercase();
+                    let at_ms = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
+                    let cmd = Command::Revoke {
+                        serial: serial.clone(),
+                        name: node.clone(),
+                        at_ms,
+                    };
+                    match control.propose(cmd).await.map_err(control_failed)? {
+                        r if r.is_ok() => Ok(format!("revoked certificate {serial} of {node}")),
+                        r => Err((ErrorCode::BadRequest, format!("{r:?}"))),
+                    }
+                }
             }
         })
     }
@@ -302,12 +417,21 @@ impl Node {
             send_queue_depth: cfg.transport.send_queue_depth,
             connect_timeout: Duration::from_millis(cfg.transport.connect_timeout_ms),
             reconnect_max_backoff: Duration::from_millis(cfg.transport.reconnect_max_backoff_ms),
+            connection_inflight_bytes: cfg.transport.connection_inflight_bytes as usize,
+            node_inflight_bytes: cfg.transport.node_inflight_bytes as usize,
+            connection_send_bytes: cfg.transport.connection_send_bytes as usize,
+            send_stall: Duration::from_millis(cfg.transport.send_stall_ms),
+            receive_stall: Duration::from_millis(cfg.transport.receive_stall_ms),
+            max_requests_per_connection: cfg.transport.max_requests_per_connection,
+            max_connections_per_peer: cfg.transport.max_connections_per_peer,
+            max_streams_per_connection: cfg.transport.max_streams_per_connection,
         };
+        let policy = Arc::new(ClusterPolicy::default());
         let transport = Transport::bind(
             &name,
             socket.unwrap_or(Socket::Bind(cfg.node.listen)),
             &tls,
-            Arc::new(ClusterPolicy),
+            policy.clone(),
             tcfg,
         )?;
         let addr = cfg.node.advertise.map_or_else(
@@ -331,6 +455,8 @@ impl Node {
         let audit = AuditLog::open(&cfg.node.data_dir, &name).await?;
         // The router exists before the control plane talks, so no early request finds no handler.
         let control = ControlPlane::start(control_cfg, net).await?;
+        // Revocations this node already knows (its persisted map) hold before it talks.
+        policy.set_revoked(control.map().borrow().revoked.keys().cloned().collect());
         let router = Router::new(
             RouterConfig {
                 name: name.clone(),
@@ -342,7 +468,7 @@ impl Node {
             },
             transport.clone(),
             control.map(),
-            audit,
+            audit.clone(),
         );
         let lease_cfg = LeaseConfig {
             ttl: Duration::from_millis(cfg.lease.ttl_ms),
@@ -368,6 +494,7 @@ impl Node {
             admin,
             exec: exec.clone(),
             load: cluster_load.clone(),
+            audit,
         }));
         let coordinators = CoordinatorCtx {
             me: name.clone(),
@@ -444,6 +571,7 @@ impl Node {
         tasks.push(tokio::spawn(watch_members(
             control.clone(),
             transport.clone(),
+            policy,
         )));
         join(
             &control,
@@ -689,11 +817,18 @@ async fn drain_self(control: &ControlPlane, me: &str) -> Result<(), String> {
 }
 
 /// Keeps the transport's address book and the member metrics in step with the map.
-async fn watch_members(control: ControlPlane, transport: Transport) {
+async fn watch_members(control: ControlPlane, transport: Transport, policy: Arc<ClusterPolicy>) {
     let mut rx = control.map();
     loop {
         {
             let map = rx.borrow().clone();
+            if policy.set_revoked(map.revoked.keys().cloned().collect()) {
+                let closed = transport.enforce_policy();
+                info!(
+                    revoked = map.revoked.len(),
+                    closed, "revocation list changed; closed the connections it refuses"
+                );
+            }
             let mut counts = std::collections::BTreeMap::from([
                 ("joining", 0),
                 ("up", 0),

@@ -18,7 +18,7 @@ use ractor::ActorRef;
 use tidepool_runtime::certs::{Identity, Role};
 use tidepool_runtime::codec::{
     AdminOp, ArchivedBody, ArchivedDest, Body, ControlKind, DatasetPart, Dest, Envelope, ErrorCode,
-    Frame, JobPartial, JobTask, ShardInfo, ShardRequest, StatusInfo,
+    Frame, JobPartial, JobTask, MembershipOp, ShardInfo, ShardRequest, StatusInfo,
 };
 use tidepool_runtime::control::ClusterMap;
 use tidepool_runtime::metrics as m;
@@ -50,8 +50,15 @@ pub trait NodeServices: Send + Sync + 'static {
         utilization: f64,
         backlog: u64,
     ) -> Result<crate::leader::Grant, ErrorCode>;
-    /// Admin: drain `node`.
-    fn drain(&self, node: String) -> futures_box::Fut<Result<(), ErrorCode>>;
+    /// Admin, on the leader only: drain `node`.
+    fn drain(&self, node: String) -> futures_box::Fut<Result<(), (ErrorCode, String)>>;
+    /// Admin, on the leader only: a membership operation (undrain, voters, revocation).
+    fn membership(
+        &self,
+        op: MembershipOp,
+        node: String,
+        serial: String,
+    ) -> futures_box::Fut<Result<String, (ErrorCode, String)>>;
     /// `cluster status`.
     fn status(&self) -> StatusInfo;
     /// Whether this node's lease is valid now.
@@ -457,11 +464,33 @@ impl Router {
             }
             ArchivedBody::Drain { node } if peer.role == Role::Admin => {
                 let node = node.as_str().to_string();
-                self.inner.audit.record(&peer, "drain", &node).await;
+                let audit = self.inner.audit.clone();
                 return self.reply_later(link, corr, async move {
-                    match services.drain(node).await {
+                    let result = services.drain(node.clone()).await;
+                    audit.record(&peer, "drain", &node, &outcome(&result)).await;
+                    match result {
                         Ok(()) => Body::ControlReply(Vec::new()),
-                        Err(code) => error_body(code, "drain failed"),
+                        Err((code, message)) => error_body(code, &message),
+                    }
+                });
+            }
+            ArchivedBody::Membership { op, node, serial } if peer.role == Role::Admin => {
+                let op = membership_op(op);
+                let (node, serial) = (node.as_str().to_string(), serial.as_str().to_string());
+                let audit = self.inner.audit.clone();
+                return self.reply_later(link, corr, async move {
+                    let result = services.membership(op, node.clone(), serial.clone()).await;
+                    let target = if serial.is_empty() {
+                        node
+                    } else {
+                        format!("{node} serial={serial}")
+                    };
+                    audit
+                        .record(&peer, op.as_str(), &target, &outcome(&result))
+                        .await;
+                    match result {
+                        Ok(text) => Body::ControlReply(text.into_bytes()),
+                        Err((code, message)) => error_body(code, &message),
                     }
                 });
             }
@@ -470,11 +499,16 @@ impl Router {
                     || (peer.role == Role::Reader && admin_op(op).read_only()) =>
             {
                 let (op, payload) = (admin_op(op), payload.as_slice().to_vec());
-                if !op.read_only() {
-                    self.inner.audit.record(&peer, op.as_str(), "").await;
-                }
+                let audit = (!op.read_only()).then(|| self.inner.audit.clone());
                 return self.reply_later(link, corr, async move {
-                    match services.admin(op, payload).await {
+                    let target = audit.as_ref().map(|_| admin_target(&payload));
+                    let result = services.admin(op, payload).await;
+                    if let (Some(audit), Some(target)) = (audit, target) {
+                        audit
+                            .record(&peer, op.as_str(), &target, &outcome(&result))
+                            .await;
+                    }
+                    match result {
                         Ok(bytes) => Body::ControlReply(bytes),
                         Err((code, message)) => error_body(code, &message),
                     }
@@ -490,8 +524,17 @@ impl Router {
                     )
                     .await;
                 };
+                let audit = self.inner.audit.clone();
                 return self.reply_later(link, corr, async move {
-                    match services.dataset_part(part).await {
+                    let target = format!(
+                        "dataset={} import={} shard={} seg={}",
+                        part.dataset, part.import, part.shard, part.seg
+                    );
+                    let result = services.dataset_part(part).await;
+                    audit
+                        .record(&peer, "dataset_part", &target, &outcome(&result))
+                        .await;
+                    match result {
                         Ok(()) => Body::ControlReply(Vec::new()),
                         Err((code, message)) => error_body(code, &message),
                     }
@@ -516,12 +559,15 @@ impl Router {
             | ArchivedBody::Admin { .. }
             | ArchivedBody::DatasetPart(_)
             | ArchivedBody::JobTask(_)
+            | ArchivedBody::Membership { .. }
             | ArchivedBody::Drain { .. } => {
                 metrics::counter!(m::SHARD_REJECTED, "reason" => "forbidden").increment(1);
-                error_body(
-                    ErrorCode::Forbidden,
-                    &format!("role {} may not send {}", peer.role, kind.as_str()),
-                )
+                let why = format!("role {} may not send {}", peer.role, kind.as_str());
+                self.inner
+                    .audit
+                    .record(&peer, kind.as_str(), "", &format!("denied: {why}"))
+                    .await;
+                error_body(ErrorCode::Forbidden, &why)
             }
             _ => error_body(ErrorCode::BadRequest, "not a request"),
         };
@@ -586,11 +632,17 @@ impl Router {
                 format!("no shard {shard}"),
             ))
         } else if op.is_write() && peer.role == Role::Reader {
-            Some(refuse(
-                ErrorCode::Forbidden,
-                "forbidden",
-                format!("role {} may not write", peer.role),
-            ))
+            let why = format!("role {} may not write", peer.role);
+            self.inner
+                .audit
+                .record(
+                    &peer,
+                    &format!("shard_{}", op.name()),
+                    &format!("shard={shard}"),
+                    &format!("denied: {why}"),
+                )
+                .await;
+            Some(refuse(ErrorCode::Forbidden, "forbidden", why))
         } else if self.inner.shutting_down.load(Ordering::SeqCst) {
             Some(refuse(
                 ErrorCode::ShuttingDown,
@@ -615,8 +667,9 @@ impl Router {
                 .audit
                 .record(
                     &peer,
-                    "shard_request",
-                    &format!("{} shard={shard}", op.name()),
+                    &format!("shard_{}", op.name()),
+                    &format!("shard={shard}"),
+                    "admitted",
                 )
                 .await;
         }
@@ -679,7 +732,8 @@ impl Router {
                 return;
             };
             let Some(owned_req) = owned_request(&frame) else {
-                return;
+                let body = refuse(ErrorCode::BadRequest, "bad_request", "bad request".into());
+                return reply(&link, self.name(), corr, body).await;
             };
             tokio::spawn(async move {
                 let _permit = permit;
@@ -722,6 +776,42 @@ fn control_kind(k: &tidepool_runtime::codec::ArchivedControlKind) -> ControlKind
         A::Propose => ControlKind::Propose,
         A::Join => ControlKind::Join,
     }
+}
+
+fn membership_op(k: &tidepool_runtime::codec::ArchivedMembershipOp) -> MembershipOp {
+    use tidepool_runtime::codec::ArchivedMembershipOp as A;
+    match k {
+        A::Undrain => MembershipOp::Undrain,
+        A::VoterAdd => MembershipOp::VoterAdd,
+        A::VoterRemove => MembershipOp::VoterRemove,
+        A::Revoke => MembershipOp::Revoke,
+    }
+}
+
+/// The audit log's `result` of an admin request.
+fn outcome<T>(r: &Result<T, (ErrorCode, String)>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err((ErrorCode::Forbidden, m)) => format!("denied: {m}"),
+        Err((code, m)) => format!("error: {code:?}: {m}"),
+    }
+}
+
+/// The ids an admin request names (dataset, import, job), for the audit log: read from its
+/// JSON payload; whatever is not there is left out.
+fn admin_target(payload: &[u8]) -> String {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return String::new();
+    };
+    ["name", "import", "id", "dataset"]
+        .iter()
+        .filter_map(|k| {
+            v.get(*k)
+                .and_then(|x| x.as_str())
+                .map(|x| format!("{k}={x}"))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn admin_op(k: &tidepool_runtime::codec::ArchivedAdminOp) -> AdminOp {

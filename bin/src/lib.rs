@@ -36,6 +36,7 @@ pub mod jobs_cli;
 pub mod jobs_cmd;
 pub mod kv_demo;
 pub mod local_cluster;
+pub mod members_cmd;
 pub mod netns;
 pub mod predict;
 pub mod workload;

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use tidepool::conn::{connect, Conn};
 use tidepool::jobs_cmd::{self, DatasetCmd, JobCmd};
+use tidepool::members_cmd;
 use tidepool::{daemon, demo, kv_demo};
 use tidepool_runtime::certs::{self, Role, Subject, Validity};
 
@@ -211,6 +212,9 @@ enum CertsCmd {
         #[arg(long, default_value_t = 365)]
         days: i64,
     },
+    /// Revoke a certificate (admin role, through the cluster): its handshakes are refused and
+    /// its live connections closed within seconds, on every node.
+    Revoke(members_cmd::RevokeArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -235,6 +239,16 @@ enum ClusterCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Let a draining NODE take shards again (admin role).
+    Undrain {
+        /// The node to undrain.
+        node: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Change the control-plane voters (admin role; Raft joint consensus).
+    #[command(subcommand)]
+    Voters(members_cmd::VotersCmd),
 }
 
 fn main() -> ExitCode {
@@ -430,6 +444,9 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Cluster(ClusterCmd::Drain { node, conn, wait }) => {
             cluster_drain(node, conn, wait).await
         }
+        Cmd::Cluster(ClusterCmd::Undrain { node, conn }) => members_cmd::undrain(node, conn).await,
+        Cmd::Cluster(ClusterCmd::Voters(cmd)) => members_cmd::voters(cmd).await,
+        Cmd::Certs(CertsCmd::Revoke(args)) => members_cmd::revoke(args).await,
     }
 }
 

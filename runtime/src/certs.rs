@@ -140,6 +140,8 @@ pub struct Identity {
     pub name: String,
     /// What the holder may do.
     pub role: Role,
+    /// The certificate's serial number, lowercase hex (what `certs revoke` names).
+    pub serial: String,
 }
 
 impl fmt::Display for Identity {
@@ -334,7 +336,19 @@ pub fn identity_from_der(cert: &[u8]) -> Result<Identity, CertError> {
             return Err(CertError::NameMismatch { cn: name, sans });
         }
     }
-    Ok(Identity { name, role })
+    let serial = x509
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(Identity { name, role, serial })
+}
+
+/// The DER bytes of the first certificate in a PEM file (`certs revoke --cert`).
+pub fn first_cert_der(pem: &[u8]) -> Result<Vec<u8>, CertError> {
+    let (_, parsed) = x509_parser::pem::parse_x509_pem(pem)
+        .map_err(|e| CertError::Parse(format!("not a PEM certificate: {e}")))?;
+    Ok(parsed.contents)
 }
 
 /// The common name of a certificate, if it can be read; for log lines about certificates we
@@ -490,13 +504,9 @@ mod tests {
             fs::read(ca.join("ca.pem")).unwrap()
         );
         let id = identity_from_der(&read_der(&cert)).unwrap();
-        assert_eq!(
-            id,
-            Identity {
-                name: "n1".into(),
-                role: Role::Node
-            }
-        );
+        let got = id;
+        assert_eq!((got.name.as_str(), got.role), ("n1", Role::Node));
+        assert!(!got.serial.is_empty());
 
         #[cfg(unix)]
         {
@@ -522,13 +532,9 @@ mod tests {
             assert_eq!(cert, out.join("client.pem"));
             assert!(out.join("client.key").exists());
             let id = identity_from_der(&read_der(&cert)).unwrap();
-            assert_eq!(
-                id,
-                Identity {
-                    name: "ops".into(),
-                    role
-                }
-            );
+            let got = id;
+            assert_eq!((got.name.as_str(), got.role), ("ops", role));
+            assert!(!got.serial.is_empty());
         }
         // Issuing into the CA directory itself must not clobber ca.pem.
         let ca_before = fs::read(dir.path().join("ca.pem")).unwrap();

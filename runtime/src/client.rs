@@ -15,8 +15,8 @@ use backon::{ExponentialBuilder, Retryable};
 use parking_lot::Mutex;
 
 use crate::codec::{
-    AdminOp, Body, DatasetPart, Dest, Envelope, ErrorCode, Frame, IdemKey, Op, OpResult, ShardInfo,
-    ShardRequest, StatusInfo,
+    AdminOp, Body, DatasetPart, Dest, Envelope, ErrorCode, Frame, IdemKey, MembershipOp, Op,
+    OpResult, ShardInfo, ShardRequest, StatusInfo,
 };
 use crate::placement::shard_for_key;
 use crate::transport::tls::{self, ANY_NODE};
@@ -231,17 +231,58 @@ impl ClusterClient {
         expect_shards(&self.ask_any(Body::ShardsRequest).await?)
     }
 
-    /// `cluster drain NODE` (admin role): moves every shard off `node`.
+    /// `cluster drain NODE` (admin role): moves every shard off `node`. Sent to the leader,
+    /// which checks the admin certificate itself (no node relays an admin's authority).
     pub async fn drain(&self, node: &str) -> Result<(), ClientError> {
-        let frame = self
-            .ask_any(Body::Drain {
+        self.ask_leader(Body::Drain {
+            node: node.to_string(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// An admin membership operation (`cluster undrain`, `cluster voters add|remove`, `certs
+    /// revoke`), carried out by the leader. Returns the leader's answer text.
+    pub async fn membership(
+        &self,
+        op: MembershipOp,
+        node: &str,
+        serial: &str,
+    ) -> Result<String, ClientError> {
+        let bytes = self
+            .ask_leader(Body::Membership {
+                op,
                 node: node.to_string(),
+                serial: serial.to_string(),
             })
             .await?;
-        match frame.to_owned_envelope().map(|e| e.body) {
-            Ok(Body::ControlReply(_)) => Ok(()),
-            _ => Err(refusal(&frame)),
-        }
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Sends `body` to the current Raft leader (found through any node's status), following
+    /// leader changes, for up to `retry_for`. Returns the `ControlReply` payload.
+    async fn ask_leader(&self, body: Body) -> Result<Vec<u8>, ClientError> {
+        self.retrying(|| async {
+            let status = self.status().await?;
+            {
+                let mut v = self.view.lock();
+                for m in &status.members {
+                    if let Ok(a) = m.addr.parse() {
+                        v.addrs.insert(m.name.clone(), a);
+                    }
+                }
+            }
+            if status.leader.is_empty() {
+                return Err(ClientError::Retryable("no leader elected yet".into()));
+            }
+            let link = self.link_to(&status.leader).await?;
+            let frame = self.call(&link, Dest::Peer, body.clone()).await?;
+            match frame.to_owned_envelope().map(|e| e.body) {
+                Ok(Body::ControlReply(bytes)) => Ok(bytes),
+                _ => Err(refusal(&frame)),
+            }
+        })
+        .await
     }
 
     /// A dataset or job admin request (`dataset`/`job` commands): JSON in, JSON out. Retried

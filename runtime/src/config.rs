@@ -185,6 +185,27 @@ pub struct TransportSection {
     pub request_timeout_ms: u64,
     /// Ceiling of the exponential reconnect backoff in milliseconds, > 0. Default 5000.
     pub reconnect_max_backoff_ms: u64,
+    /// Bytes one connection may hold in frames being received or not yet handled,
+    /// >= `max_frame_bytes`. Default 134217728 (128 MiB).
+    pub connection_inflight_bytes: u64,
+    /// Bytes all connections together may hold that way, >= `connection_inflight_bytes`.
+    /// Default 536870912 (512 MiB).
+    pub node_inflight_bytes: u64,
+    /// Bytes queued for sending to one peer, >= `max_frame_bytes`. Default 67108864 (64 MiB).
+    pub connection_send_bytes: u64,
+    /// Milliseconds a frame may wait for send budget; a peer that does not read for this long
+    /// has its connection closed (and the memory returned). > 0. Default 10000.
+    pub send_stall_ms: u64,
+    /// Milliseconds a peer may pause in the middle of a frame before the stream is reset, and
+    /// a received frame may wait for memory budget. > 0. Default 10000.
+    pub receive_stall_ms: u64,
+    /// Requests one connection may have outstanding (read, not yet answered); further ones
+    /// wait in the peer's stream (backpressure), >= 1. Default 256.
+    pub max_requests_per_connection: usize,
+    /// Connections one certificate name may hold open to a node at once, >= 1. Default 16.
+    pub max_connections_per_peer: usize,
+    /// Concurrent incoming QUIC streams per connection (quinn's limit), >= 1. Default 256.
+    pub max_streams_per_connection: u32,
 }
 
 impl Default for TransportSection {
@@ -195,6 +216,14 @@ impl Default for TransportSection {
             connect_timeout_ms: 5_000,
             request_timeout_ms: 10_000,
             reconnect_max_backoff_ms: 5_000,
+            connection_inflight_bytes: 128 * MIB,
+            node_inflight_bytes: 512 * MIB,
+            connection_send_bytes: 64 * MIB,
+            send_stall_ms: 10_000,
+            receive_stall_ms: 10_000,
+            max_requests_per_connection: 256,
+            max_connections_per_peer: 16,
+            max_streams_per_connection: 256,
         }
     }
 }
@@ -490,6 +519,38 @@ impl NodeConfig {
         positive(
             "transport.reconnect_max_backoff_ms",
             t.reconnect_max_backoff_ms,
+        )?;
+        at_least(
+            "transport.connection_inflight_bytes",
+            t.connection_inflight_bytes,
+            "transport.max_frame_bytes",
+            t.max_frame_bytes,
+        )?;
+        at_least(
+            "transport.node_inflight_bytes",
+            t.node_inflight_bytes,
+            "transport.connection_inflight_bytes",
+            t.connection_inflight_bytes,
+        )?;
+        at_least(
+            "transport.connection_send_bytes",
+            t.connection_send_bytes,
+            "transport.max_frame_bytes",
+            t.max_frame_bytes,
+        )?;
+        positive("transport.send_stall_ms", t.send_stall_ms)?;
+        positive("transport.receive_stall_ms", t.receive_stall_ms)?;
+        positive(
+            "transport.max_requests_per_connection",
+            t.max_requests_per_connection as u64,
+        )?;
+        positive(
+            "transport.max_connections_per_peer",
+            t.max_connections_per_peer as u64,
+        )?;
+        positive(
+            "transport.max_streams_per_connection",
+            u64::from(t.max_streams_per_connection),
         )
     }
 
@@ -584,6 +645,16 @@ fn reject_static_members(figment: &Figment, env: &EnvVars) -> Result<(), ConfigE
 fn positive(key: &str, value: u64) -> Result<(), ConfigError> {
     if value == 0 {
         return Err(ConfigError::new(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+fn at_least(key: &str, value: u64, other_key: &str, other: u64) -> Result<(), ConfigError> {
+    if value < other {
+        return Err(ConfigError::new(
+            key,
+            format!("{value} is less than {other_key} ({other})"),
+        ));
     }
     Ok(())
 }

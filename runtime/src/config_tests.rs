@@ -584,7 +584,47 @@ fn max_frame_bytes_out_of_range() {
     c.transport.max_frame_bytes = 1024;
     assert_eq!(c.validate(), Ok(()));
     c.transport.max_frame_bytes = 1 << 30;
+    // The budgets must hold one frame of the largest size.
+    assert_eq!(
+        c.validate().unwrap_err().key,
+        "transport.connection_inflight_bytes"
+    );
+    c.transport.connection_inflight_bytes = 1 << 30;
+    c.transport.node_inflight_bytes = 1 << 31;
+    c.transport.connection_send_bytes = 1 << 30;
     assert_eq!(c.validate(), Ok(()));
+}
+
+#[test]
+fn memory_budgets_hold_a_frame_and_nest() {
+    assert_eq!(
+        invalid(|c| c.transport.connection_inflight_bytes = c.transport.max_frame_bytes - 1),
+        "transport.connection_inflight_bytes"
+    );
+    assert_eq!(
+        invalid(|c| c.transport.node_inflight_bytes = c.transport.connection_inflight_bytes - 1),
+        "transport.node_inflight_bytes"
+    );
+    assert_eq!(
+        invalid(|c| c.transport.connection_send_bytes = c.transport.max_frame_bytes - 1),
+        "transport.connection_send_bytes"
+    );
+    for key in [
+        "send_stall_ms",
+        "receive_stall_ms",
+        "max_requests_per_connection",
+        "max_connections_per_peer",
+        "max_streams_per_connection",
+    ] {
+        let got = invalid(|c| match key {
+            "send_stall_ms" => c.transport.send_stall_ms = 0,
+            "receive_stall_ms" => c.transport.receive_stall_ms = 0,
+            "max_requests_per_connection" => c.transport.max_requests_per_connection = 0,
+            "max_connections_per_peer" => c.transport.max_connections_per_peer = 0,
+            _ => c.transport.max_streams_per_connection = 0,
+        });
+        assert_eq!(got, format!("transport.{key}"));
+    }
 }
 
 #[test]

@@ -22,6 +22,7 @@
 #![deny(unsafe_code)]
 
 pub mod autoscale;
+pub mod budget;
 pub mod certs;
 pub mod client;
 pub mod codec;

@@ -57,6 +57,14 @@ metric_table! {
         "Frames waiting in per-peer send queues (peer: node name, or client).";
     TRANSPORT_SEND_DROPPED = "tidepool_transport_send_dropped_total", Counter, None, ["reason"],
         "Frames dropped before reaching the wire (disconnected, encode).";
+    TRANSPORT_SLOW_PEERS_CLOSED = "tidepool_transport_slow_peers_closed_total", Counter, None, [],
+        "Connections closed because the peer left the send budget exhausted (it was not reading).";
+    TRANSPORT_INFLIGHT_BYTES = "tidepool_transport_inflight_bytes", Gauge, Some(Unit::Bytes), [],
+        "Bytes of received frames held node-wide (being read or not yet handled), against transport.node_inflight_bytes.";
+    TRANSPORT_PEERS_REFUSED = "tidepool_transport_peers_refused_total", Counter, None, ["reason"],
+        "Connections refused or closed for who the peer is (revoked, duplicate_identity, too_many_connections).";
+    CONTROL_REFUSED = "tidepool_control_refused_total", Counter, None, ["reason"],
+        "Control-plane requests refused for their sender's identity or for malformed content (not_voter, impersonation, malformed_entries, forbidden_command, wrong_name, not_leader_admin).";
     TRANSPORT_REQUEST_TIMEOUTS = "tidepool_transport_request_timeouts_total", Counter, None, [],
         "Requests that got no reply within the request timeout.";
     TRANSPORT_LATE_REPLIES = "tidepool_transport_late_replies_total", Counter, None, [],
@@ -181,7 +189,31 @@ pub const ZERO_SERIES: &[(&str, &str, &[&str])] = &[
     (
         WIRE_REJECTED_FRAMES,
         "reason",
-        &["oversized", "truncated", "malformed", "version"],
+        &[
+            "oversized",
+            "truncated",
+            "malformed",
+            "version",
+            "over_budget",
+            "stalled",
+            "duplicate_correlation",
+        ],
+    ),
+    (
+        TRANSPORT_PEERS_REFUSED,
+        "reason",
+        &["revoked", "duplicate_identity", "too_many_connections"],
+    ),
+    (
+        CONTROL_REFUSED,
+        "reason",
+        &[
+            "not_voter",
+            "impersonation",
+            "malformed_entries",
+            "forbidden_command",
+            "wrong_name",
+        ],
     ),
     (
         TRANSPORT_HANDSHAKE_FAILURES,
@@ -191,7 +223,7 @@ pub const ZERO_SERIES: &[(&str, &str, &[&str])] = &[
     (
         TRANSPORT_SEND_DROPPED,
         "reason",
-        &["disconnected", "encode", "stream_reset"],
+        &["disconnected", "encode", "stream_reset", "peer_not_reading"],
     ),
     (
         SHARD_REJECTED,

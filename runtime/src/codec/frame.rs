@@ -1,9 +1,13 @@
 //! Length-prefixed frames: header parsing, bounded reads into aligned buffers, validation.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use rkyv::rancor;
 use rkyv::util::AlignedVec;
 use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::budget::{Budgets, Held};
 
 use super::{ArchivedEnvelope, CodecError, Envelope, PROTOCOL_VERSION};
 
@@ -18,6 +22,8 @@ type Buf = AlignedVec<16>;
 /// Reading the envelope is free after [`Frame::decode`]: no copy, no per-field decode.
 pub struct Frame {
     buf: Buf,
+    /// The budget reservation that paid for `buf` (network frames): returned with it.
+    held: Held,
 }
 
 impl std::fmt::Debug for Frame {
@@ -38,7 +44,21 @@ impl Frame {
                 got: env.version.to_native(),
             });
         }
-        Ok(Frame { buf })
+        Ok(Frame {
+            buf,
+            held: Held::default(),
+        })
+    }
+
+    /// Attaches the budget reservation that paid for this frame's buffer.
+    fn holding(mut self, held: Held) -> Self {
+        self.held = held;
+        self
+    }
+
+    /// Budgeted bytes this frame holds (0 for frames not read from a peer).
+    pub fn held_bytes(&self) -> usize {
+        self.held.bytes()
     }
 
     /// Parses one whole frame (header + archive) from a byte slice. For tests and fuzzing; the
@@ -133,33 +153,105 @@ async fn read_full<R: AsyncRead + Unpin>(r: &mut R, dst: &mut [u8]) -> Result<us
     Ok(got)
 }
 
-/// Reads one frame. `Ok(None)` is a clean end of stream between frames.
+/// Reads one frame. `Ok(None)` is a clean end of stream between frames. The buffer grows as
+/// bytes arrive (never to the announced length up front); nothing is counted against a
+/// budget. Peers' streams are read with [`read_frame_limited`].
 pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     max: usize,
 ) -> Result<Option<Frame>, CodecError> {
+    read_frame_limited(r, max, None).await
+}
+
+/// How the network path limits one frame read.
+#[derive(Debug, Clone)]
+pub struct ReadLimits {
+    /// Budgets the growing buffer is reserved from, step by step, before it is allocated. The
+    /// frame keeps its reservation until it is dropped.
+    pub budgets: Budgets,
+    /// Longest wait for the next bytes once a frame has started: a sender that announces a
+    /// frame and stalls loses the stream (and the memory) after this.
+    pub stall: Duration,
+}
+
+/// The first step a frame's buffer grows by; later steps double it (amortised copies).
+const GROW_STEP: usize = 64 * 1024;
+
+/// Reads one frame against `limits` (if any): see [`read_frame`].
+pub async fn read_frame_limited<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    limits: Option<&ReadLimits>,
+) -> Result<Option<Frame>, CodecError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
-    match read_full(r, &mut header).await? {
-        0 => return Ok(None),
-        FRAME_HEADER_LEN => {}
-        got => {
-            return Err(CodecError::Truncated {
-                expected: FRAME_HEADER_LEN as u64,
-                got: got as u64,
-            })
-        }
+    // Between frames a stream may idle (a long-lived stream of small frames); once a header
+    // has started, the stall limit applies.
+    let first = r.read(&mut header).await?;
+    if first == 0 {
+        return Ok(None);
     }
-    let len = parse_header(header, max)?;
-    let mut buf = Buf::with_capacity(len);
-    buf.resize(len, 0);
-    let got = read_full(r, &mut buf).await?;
-    if got < len {
+    let got = first
+        + stalling(
+            limits,
+            read_full(r, &mut header[first..]),
+            first as u64,
+            FRAME_HEADER_LEN as u64,
+        )
+        .await??;
+    if got < FRAME_HEADER_LEN {
         return Err(CodecError::Truncated {
-            expected: len as u64,
+            expected: FRAME_HEADER_LEN as u64,
             got: got as u64,
         });
     }
-    Frame::decode(buf).map(Some)
+    let len = parse_header(header, max)?;
+    let mut buf = Buf::new();
+    let mut held = Held::default();
+    let mut got = 0usize;
+    while got < len {
+        if got == buf.capacity() {
+            let cap = buf.capacity();
+            let new_cap = len.min(cap.saturating_mul(2).max(GROW_STEP));
+            if let Some(l) = limits {
+                l.budgets
+                    .reserve(&mut held, new_cap - cap)
+                    .await
+                    .map_err(|e| CodecError::OverBudget(e.to_string()))?;
+            }
+            buf.reserve_exact(new_cap - buf.len());
+        }
+        let end = buf.capacity().min(len);
+        buf.resize(end, 0);
+        let n = stalling(limits, r.read(&mut buf[got..end]), got as u64, len as u64).await??;
+        if n == 0 {
+            return Err(CodecError::Truncated {
+                expected: len as u64,
+                got: got as u64,
+            });
+        }
+        got += n;
+        buf.resize(got, 0);
+    }
+    Frame::decode(buf).map(|f| Some(f.holding(held)))
+}
+
+/// Runs one read under the stall limit.
+async fn stalling<T>(
+    limits: Option<&ReadLimits>,
+    read: impl std::future::Future<Output = T>,
+    got: u64,
+    expected: u64,
+) -> Result<T, CodecError> {
+    match limits {
+        Some(l) => tokio::time::timeout(l.stall, read)
+            .await
+            .map_err(|_| CodecError::Stalled {
+                got,
+                expected,
+                after: l.stall,
+            }),
+        None => Ok(read.await),
+    }
 }
 
 /// An outgoing frame: header plus archive, ready for a vectored write.

@@ -18,7 +18,9 @@ mod job;
 mod persist;
 mod tensor;
 
-pub use frame::{encode, read_frame, EncodedFrame, Frame, FRAME_HEADER_LEN};
+pub use frame::{
+    encode, read_frame, read_frame_limited, EncodedFrame, Frame, ReadLimits, FRAME_HEADER_LEN,
+};
 pub use job::{
     AdminOp, ArchivedAdminOp, DatasetPart, JobPartial, JobTask, ShardEpoch, FIXED_FRAC_BITS,
     FIXED_MAX,
@@ -32,7 +34,7 @@ pub use tensor::TensorView;
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Wire protocol version. Bump on any change to the archived layout.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Default cap on one frame's archive bytes (64 MiB); `transport.max_frame_bytes` overrides it.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
@@ -199,6 +201,32 @@ pub enum ControlKind {
     Join,
 }
 
+/// Admin membership operations (`cluster undrain`, `cluster voters add|remove`, `certs
+/// revoke`). Carried out only by the Raft leader, for an admin certificate, and audited.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MembershipOp {
+    /// A draining member takes shards again.
+    Undrain,
+    /// Makes a member a Raft voter (joint consensus).
+    VoterAdd,
+    /// Removes a member from the Raft voters (it stays a learner).
+    VoterRemove,
+    /// Puts a certificate serial on the revocation list and closes its connections.
+    Revoke,
+}
+
+impl MembershipOp {
+    /// Stable name (audit log).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MembershipOp::Undrain => "undrain",
+            MembershipOp::VoterAdd => "voter_add",
+            MembershipOp::VoterRemove => "voter_remove",
+            MembershipOp::Revoke => "revoke",
+        }
+    }
+}
+
 /// The message kinds. The variant is the "message kind" of the envelope.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum Body {
@@ -240,6 +268,13 @@ pub enum Body {
     Drain {
         node: String,
     },
+    /// Admin, to the leader: a membership operation on `node` (for `Revoke`, the certificate
+    /// `serial` in hex, and `node` the name it was issued to).
+    Membership {
+        op: MembershipOp,
+        node: String,
+        serial: String,
+    },
     /// Client: dataset and job administration (JSON payload; reply `ControlReply`).
     Admin {
         op: AdminOp,
@@ -270,6 +305,7 @@ pub enum Kind {
     LeaseRenew,
     LeaseGrant,
     Drain,
+    Membership,
     Admin,
     DatasetPart,
     JobTask,
@@ -293,6 +329,7 @@ impl Kind {
             Kind::LeaseRenew => "lease_renew",
             Kind::LeaseGrant => "lease_grant",
             Kind::Drain => "drain",
+            Kind::Membership => "membership",
             Kind::Admin => "admin",
             Kind::DatasetPart => "dataset_part",
             Kind::JobTask => "job_task",
@@ -316,6 +353,23 @@ impl Kind {
     }
 }
 
+impl Body {
+    /// Whether this body answers a request (see [`Kind::is_reply`]).
+    pub fn is_reply(&self) -> bool {
+        matches!(
+            self,
+            Body::ShardReply(_)
+                | Body::StatusReply(_)
+                | Body::ShardsReply(_)
+                | Body::Pong(_)
+                | Body::Error { .. }
+                | Body::ControlReply(_)
+                | Body::LeaseGrant { .. }
+                | Body::JobPartial(_)
+        )
+    }
+}
+
 impl ArchivedBody {
     pub fn kind(&self) -> Kind {
         match self {
@@ -333,6 +387,7 @@ impl ArchivedBody {
             ArchivedBody::LeaseRenew { .. } => Kind::LeaseRenew,
             ArchivedBody::LeaseGrant { .. } => Kind::LeaseGrant,
             ArchivedBody::Drain { .. } => Kind::Drain,
+            ArchivedBody::Membership { .. } => Kind::Membership,
             ArchivedBody::Admin { .. } => Kind::Admin,
             ArchivedBody::DatasetPart(_) => Kind::DatasetPart,
             ArchivedBody::JobTask(_) => Kind::JobTask,
@@ -386,6 +441,17 @@ pub enum CodecError {
     /// Serializing an outgoing envelope failed (a bug, not peer input).
     #[error("encode failed: {0}")]
     Encode(String),
+    /// The node's or the connection's memory budget for frames in flight stayed exhausted;
+    /// what was read of the frame is dropped.
+    #[error("frame refused: {0}")]
+    OverBudget(String),
+    /// The sender started a frame and then sent nothing for too long.
+    #[error("stream stalled {got} bytes into a frame of {expected} for {after:?}")]
+    Stalled {
+        got: u64,
+        expected: u64,
+        after: std::time::Duration,
+    },
     /// Reading the stream failed (connection lost, stream reset by the peer).
     #[error("read failed: {0}")]
     Io(#[from] std::io::Error),
@@ -400,6 +466,8 @@ impl CodecError {
             CodecError::Truncated { .. } => Some("truncated"),
             CodecError::Malformed(_) => Some("malformed"),
             CodecError::Version { .. } => Some("version"),
+            CodecError::OverBudget(_) => Some("over_budget"),
+            CodecError::Stalled { .. } => Some("stalled"),
             CodecError::Encode(_) | CodecError::Io(_) => None,
         }
     }

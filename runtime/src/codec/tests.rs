@@ -138,6 +138,11 @@ fn arb_body() -> impl Strategy<Value = Body> {
             }
         ),
         "[a-z0-9]{1,8}".prop_map(|node| Body::Drain { node }),
+        ("[a-z0-9]{1,8}", "[0-9a-f]{0,40}").prop_map(|(node, serial)| Body::Membership {
+            op: MembershipOp::VoterAdd,
+            node,
+            serial
+        }),
     ]
 }
 
@@ -374,4 +379,80 @@ fn decoder_survives_seeded_mutations() {
         rejected > 10_000,
         "mutations should mostly be caught: ok={ok} rejected={rejected}"
     );
+}
+
+fn limits(conn: usize, node: usize, stall_ms: u64) -> ReadLimits {
+    use crate::budget::{Budget, Budgets};
+    ReadLimits {
+        budgets: Budgets {
+            connection: Budget::new("connection", conn),
+            node: Budget::new("node", node),
+            wait: std::time::Duration::from_millis(stall_ms),
+        },
+        stall: std::time::Duration::from_millis(stall_ms),
+    }
+}
+
+/// A header announcing the maximum frame, then a few bytes, then silence: the reader holds
+/// only what arrived (rounded up to one growth step), not the announced length, and gives
+/// the stream up after the stall limit with the budget returned.
+#[tokio::test]
+async fn an_announced_length_is_not_allocated_up_front() {
+    let l = limits(1 << 20, 4 << 20, 50);
+    let (mut tx, mut rx) = tokio::io::duplex(1 << 16);
+    let mut header = encode(&sample()).unwrap().to_vec()[..FRAME_HEADER_LEN].to_vec();
+    header[..4].copy_from_slice(&(DEFAULT_MAX_FRAME_BYTES as u32).to_le_bytes());
+    use tokio::io::AsyncWriteExt;
+    tx.write_all(&header).await.unwrap();
+    tx.write_all(&[7u8; 100]).await.unwrap();
+    let reading = tokio::spawn({
+        let l = l.clone();
+        async move { read_frame_limited(&mut rx, DEFAULT_MAX_FRAME_BYTES, Some(&l)).await }
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while l.budgets.node.in_use() == 0 {
+        assert!(std::time::Instant::now() < deadline, "reader never started");
+        tokio::task::yield_now().await;
+    }
+    assert!(
+        l.budgets.node.in_use() <= 64 * 1024,
+        "holds {} bytes for 108 received",
+        l.budgets.node.in_use()
+    );
+    let err = reading.await.unwrap().unwrap_err();
+    assert!(matches!(err, CodecError::Stalled { got: 100, .. }), "{err}");
+    assert_eq!(err.reject_reason(), Some("stalled"));
+    assert_eq!(l.budgets.node.in_use(), 0);
+    assert_eq!(l.budgets.connection.in_use(), 0);
+    drop(tx);
+}
+
+/// A frame larger than what the connection's budget has left is refused (and counted as
+/// `over_budget`) once the wait runs out; a frame that fits keeps its bytes until dropped.
+#[tokio::test]
+async fn frames_hold_their_budget_until_dropped() {
+    let mut big = sample();
+    big.body = Body::ControlReply(vec![1u8; 300 * 1024]);
+    let wire = encode(&big).unwrap().to_vec();
+    let l = limits(512 * 1024, 4 << 20, 50);
+    let mut r = &wire[..];
+    let first = read_frame_limited(&mut r, DEFAULT_MAX_FRAME_BYTES, Some(&l))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(first.held_bytes() >= wire.len() - FRAME_HEADER_LEN);
+    assert_eq!(l.budgets.connection.in_use(), first.held_bytes());
+    let mut r = &wire[..];
+    let err = read_frame_limited(&mut r, DEFAULT_MAX_FRAME_BYTES, Some(&l))
+        .await
+        .unwrap_err();
+    assert_eq!(err.reject_reason(), Some("over_budget"), "{err}");
+    drop(first);
+    assert_eq!(l.budgets.connection.in_use(), 0);
+    let mut r = &wire[..];
+    let again = read_frame_limited(&mut r, DEFAULT_MAX_FRAME_BYTES, Some(&l))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(again.to_owned_envelope().unwrap(), big);
 }

@@ -33,6 +33,7 @@
 //!   taken by a deposed leader either go through [`ControlPlane::propose`] (which cannot commit
 //!   without a quorum) or call [`ControlPlane::linearizable_map`] first.
 
+pub mod authz;
 mod log_store;
 pub mod network;
 pub mod records;
@@ -71,7 +72,7 @@ pub use network::{RaftTransport, RpcKind};
 pub use records::{AutoscaleStatus, DatasetRecord, DatasetSource, JobRecord, JobState, JobUpdate};
 use store::RaftStore;
 pub use types::{
-    apply, node_id, ClusterMap, Command, CommandResponse, Member, MemberState, NodeInfo,
+    apply, node_id, ClusterMap, Command, CommandResponse, Member, MemberState, NodeInfo, Revoked,
     ShardAssignment, TypeConfig,
 };
 
@@ -222,6 +223,13 @@ pub enum ControlError {
     /// The leader failed to carry out a forwarded request (its error, as text).
     #[error("leader failed: {0}")]
     Remote(String),
+    /// The sender may not make this request (see [`authz`]); nothing was done.
+    #[error("refused: {0}")]
+    Refused(#[from] authz::Refused),
+    /// An admin membership operation that cannot be carried out as asked (unknown node, last
+    /// voter); nothing was changed.
+    #[error("{0}")]
+    Invalid(String),
     /// [`ControlPlane::shutdown`] was called.
     #[error("control plane is shut down")]
     ShutDown,
@@ -477,15 +485,51 @@ impl ControlPlane {
 
     /// Handles a control RPC that arrived from a peer: decodes `payload` (errors, never panics),
     /// runs it against the local Raft node, and returns the encoded reply for the sender.
-    pub async fn handle_rpc(&self, kind: RpcKind, payload: &[u8]) -> Result<Vec<u8>, ControlError> {
+    pub async fn handle_rpc(
+        &self,
+        from: &str,
+        kind: RpcKind,
+        payload: &[u8],
+    ) -> Result<Vec<u8>, ControlError> {
+        use authz::{check_entries, check_propose, check_raft, RaftRpc};
         self.check_running()?;
         let raft = &self.inner.raft;
         match kind {
-            RpcKind::Append => encode(&raft.append_entries(decode(kind, payload)?).await),
-            RpcKind::Vote => encode(&raft.vote(decode(kind, payload)?).await),
-            RpcKind::Snapshot => encode(&raft.install_snapshot(decode(kind, payload)?).await),
+            RpcKind::Append => {
+                let req: openraft::raft::AppendEntriesRequest<TypeConfig> = decode(kind, payload)?;
+                check_raft(
+                    &self.raft_view(),
+                    from,
+                    req.vote.leader_id.voted_for(),
+                    RaftRpc::Append,
+                )?;
+                check_entries(from, &req)?;
+                encode(&raft.append_entries(req).await)
+            }
+            RpcKind::Vote => {
+                let req: openraft::raft::VoteRequest<u64> = decode(kind, payload)?;
+                check_raft(
+                    &self.raft_view(),
+                    from,
+                    req.vote.leader_id.voted_for(),
+                    RaftRpc::Vote,
+                )?;
+                encode(&raft.vote(req).await)
+            }
+            RpcKind::Snapshot => {
+                let req: openraft::raft::InstallSnapshotRequest<TypeConfig> =
+                    decode(kind, payload)?;
+                check_raft(
+                    &self.raft_view(),
+                    from,
+                    req.vote.leader_id.voted_for(),
+                    RaftRpc::Snapshot,
+                )?;
+                encode(&raft.install_snapshot(req).await)
+            }
             RpcKind::Propose => {
                 let req: ProposeRequest = decode(kind, payload)?;
+                check_propose(&self.inner.map_rx.borrow(), from, &req.cmd)?;
                 encode(
                     &self
                         .serve_forwarded(|deadline| self.propose_local(req.cmd.clone(), deadline))
@@ -494,6 +538,13 @@ impl ControlPlane {
             }
             RpcKind::Join => {
                 let req: JoinRequest = decode(kind, payload)?;
+                if req.info.name != from {
+                    return Err(authz::Refused::WrongName {
+                        from: from.to_string(),
+                        claimed: req.info.name,
+                    }
+                    .into());
+                }
                 encode(
                     &self
                         .serve_forwarded(|deadline| {
@@ -502,6 +553,118 @@ impl ControlPlane {
                         .await,
                 )
             }
+        }
+    }
+
+    /// The reply a refused forwarded request gets (`None` for Raft RPCs, which are answered
+    /// with an error): the sender stops retrying and reports the reason.
+    pub fn refusal_reply(kind: RpcKind, refused: &authz::Refused) -> Option<Vec<u8>> {
+        match kind {
+            RpcKind::Propose | RpcKind::Join => {
+                encode(&ForwardReply::Failed(format!("refused: {refused}"))).ok()
+            }
+            RpcKind::Append | RpcKind::Vote | RpcKind::Snapshot => None,
+        }
+    }
+
+    /// This node's view of the Raft membership, for [`authz::check_raft`].
+    fn raft_view(&self) -> authz::RaftView {
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow();
+        let mem = m.membership_config.membership();
+        authz::RaftView {
+            voters: mem.voter_ids().collect(),
+            members: mem.nodes().map(|(id, _)| *id).collect(),
+            configured_voters: self.inner.cfg.voters.iter().map(NodeInfo::id).collect(),
+        }
+    }
+
+    /// Current Raft voters, by name.
+    pub fn voters(&self) -> Vec<String> {
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow();
+        let mem = m.membership_config.membership();
+        let ids: std::collections::BTreeSet<u64> = mem.voter_ids().collect();
+        mem.nodes()
+            .filter(|(id, _)| ids.contains(id))
+            .map(|(_, n)| n.name.clone())
+            .collect()
+    }
+
+    /// Admin, on the leader: makes member `name` a voter (caught up as a learner first), by
+    /// Raft joint consensus, and records it in the map.
+    pub async fn add_voter(&self, name: &str) -> Result<(), ControlError> {
+        let deadline = self.leader_deadline()?;
+        let info = self.member_info(name)?;
+        if self.voters().iter().any(|v| v == name) {
+            return Ok(());
+        }
+        self.change_membership(Change::AddLearner(info.clone(), true), deadline)
+            .await?;
+        let promote = ChangeMembers::AddVoterIds([info.id()].into());
+        self.change_membership(Change::Members(promote), deadline)
+            .await?;
+        self.record_voter(&info, true, deadline).await
+    }
+
+    /// Admin, on the leader: removes `name` from the voters (it stays a learner, so a live node
+    /// keeps receiving the map), by Raft joint consensus. The last voter cannot be removed.
+    pub async fn remove_voter(&self, name: &str) -> Result<(), ControlError> {
+        let deadline = self.leader_deadline()?;
+        let info = self.member_info(name)?;
+        let voters = self.voters();
+        if !voters.iter().any(|v| v == name) {
+            return Ok(());
+        }
+        if voters.len() == 1 {
+            return Err(ControlError::Invalid(format!(
+                "{name} is the only voter; add another voter first"
+            )));
+        }
+        let demote = ChangeMembers::RemoveVoters([info.id()].into());
+        self.change_membership(Change::Members(demote), deadline)
+            .await?;
+        self.record_voter(&info, false, deadline).await
+    }
+
+    fn leader_deadline(&self) -> Result<Instant, ControlError> {
+        self.check_running()?;
+        if !self.is_leader() {
+            return Err(ControlError::NotLeader {
+                leader: self.leader(),
+            });
+        }
+        Ok(Instant::now() + self.inner.cfg.propose_timeout)
+    }
+
+    /// A member's Raft node info (its current address), by name.
+    fn member_info(&self, name: &str) -> Result<NodeInfo, ControlError> {
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow();
+        let mem = m.membership_config.membership();
+        mem.get_node(&node_id(name))
+            .filter(|n| n.name == name)
+            .cloned()
+            .ok_or_else(|| {
+                ControlError::Invalid(format!(
+                    "{name} is not a member of the Raft group (it must have joined first)"
+                ))
+            })
+    }
+
+    async fn record_voter(
+        &self,
+        info: &NodeInfo,
+        voter: bool,
+        deadline: Instant,
+    ) -> Result<(), ControlError> {
+        let cmd = Command::SetVoter {
+            name: info.name.clone(),
+            voter,
+        };
+        match self.propose_local(cmd, deadline).await? {
+            CommandResponse::Rejected(r) => Err(ControlError::Rejected(r)),
+            _ => Ok(()),
         }
     }
 
@@ -709,19 +872,14 @@ impl ControlPlane {
             }
             Some(_) => {}
         }
-        let voter = if voter && !is_voter {
-            if existing.is_some() {
-                // Already a learner: wait until it has caught up before it counts in quorums.
-                self.change_membership(Change::AddLearner(info.clone(), true), deadline)
-                    .await?;
-            }
-            let promote = ChangeMembers::AddVoterIds([id].into());
-            self.change_membership(Change::Members(promote), deadline)
-                .await?;
-            true
-        } else {
-            is_voter
-        };
+        if voter && !is_voter {
+            // Voters are managed (`cluster voters add`), never self-declared: a node whose
+            // config claims a vote the cluster does not give it runs as a learner.
+            tracing::warn!(node = %info.name,
+                "node's config lists it as a voter but the cluster does not; it joins as a learner (an admin can run `tidepool cluster voters add {}`)",
+                info.name);
+        }
+        let voter = is_voter;
         let cmd = Command::Join {
             name: info.name,
             addr: info.addr,

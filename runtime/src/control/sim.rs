@@ -12,7 +12,9 @@ use parking_lot::Mutex;
 use tempfile::TempDir;
 use tokio::time::Instant;
 
-use super::{ClusterMap, ControlConfig, ControlPlane, NodeInfo, RaftTransport, RpcKind};
+use super::{
+    ClusterMap, ControlConfig, ControlError, ControlPlane, NodeInfo, RaftTransport, RpcKind,
+};
 
 /// Shared state of the simulated network.
 #[derive(Default)]
@@ -52,10 +54,14 @@ impl RaftTransport for SimTransport {
         let Some(node) = node else {
             return Err(format!("{} is down", target.name));
         };
-        let reply = node
-            .handle_rpc(kind, &payload)
-            .await
-            .map_err(|e| e.to_string())?;
+        // Like the node: a refused forwarded request is answered with the refusal.
+        let reply = match node.handle_rpc(&self.me, kind, &payload).await {
+            Ok(r) => r,
+            Err(ControlError::Refused(r)) => {
+                ControlPlane::refusal_reply(kind, &r).ok_or_else(|| r.to_string())?
+            }
+            Err(e) => return Err(e.to_string()),
+        };
         // The reply travels back over the same link: a partition that starts mid-call drops it.
         if self
             .net

@@ -111,26 +111,47 @@ async fn proposal_via_follower_is_forwarded_and_cas_rejects_stale_epoch() {
     let follower = followers(&voters, &leader).remove(0);
     assert!(!follower.is_leader());
 
+    let (f, l) = (follower.me().name.clone(), leader.me().name.clone());
     assert_eq!(
-        follower.propose(Command::Init { shards: 4 }).await.unwrap(),
+        leader.propose(Command::Init { shards: 4 }).await.unwrap(),
         CommandResponse::Ok
     );
+    let handoff = Command::Assign {
+        shard: 2,
+        expect_epoch: 0,
+        owner: Some(f.clone()),
+        epoch: 1,
+        handoff_to: Some(l.clone()),
+    };
+    assert_eq!(leader.propose(handoff).await.unwrap(), CommandResponse::Ok);
+    // Forwarded: the follower completes the handoff of a shard it owns (what a node may ask).
+    let complete = Command::Assign {
+        shard: 2,
+        expect_epoch: 1,
+        owner: Some(l.clone()),
+        epoch: 2,
+        handoff_to: None,
+    };
     assert_eq!(
-        follower.propose(assign(2, 0, "v1", 1)).await.unwrap(),
+        follower.propose(complete.clone()).await.unwrap(),
         CommandResponse::Ok
     );
     // Returned after commit + apply on the leader: the leader's map already has it.
-    assert_eq!(leader.map().borrow().shards[2].epoch, 1);
+    assert_eq!(leader.map().borrow().shards[2].epoch, 2);
     // The same decision again (a retry, or a deposed leader's) must not apply twice.
-    let stale = follower.propose(assign(2, 0, "v2", 1)).await.unwrap();
+    let stale = leader.propose(complete).await.unwrap();
     assert!(
-        matches!(&stale, CommandResponse::Rejected(r) if r.contains("expected 0")),
+        matches!(&stale, CommandResponse::Rejected(r) if r.contains("expected 1")),
         "{stale:?}"
     );
-    let stale = leader.propose(assign(2, 0, "v3", 7)).await.unwrap();
-    assert!(matches!(stale, CommandResponse::Rejected(_)));
-    maps_satisfy(&voters, "shard 2 owned by v1 at epoch 1", |m| {
-        m.shards.len() == 4 && m.shards[2].owner.as_deref() == Some("v1") && m.shards[2].epoch == 1
+    // A command the follower may not propose (it no longer owns shard 2) is refused by the
+    // leader, with the reason, at once.
+    let err = follower.propose(assign(2, 2, &f, 3)).await.unwrap_err();
+    assert!(err.to_string().contains("may not propose"), "{err}");
+    maps_satisfy(&voters, "shard 2 owned by the leader at epoch 2", |m| {
+        m.shards.len() == 4
+            && m.shards[2].owner.as_deref() == Some(l.as_str())
+            && m.shards[2].epoch == 2
     })
     .await;
     c.stop_all().await;
@@ -171,10 +192,9 @@ async fn killing_the_leader_elects_a_new_one_with_the_map_intact() {
         "committed entries survive the leader"
     );
 
-    // Still a quorum (2 of 3): proposals commit, through a survivor and to the learner.
-    let via = survivors.iter().find(|n| !n.is_leader()).unwrap_or(&new);
+    // Still a quorum (2 of 3): proposals commit, on the new leader and to the learner.
     assert_eq!(
-        via.propose(assign(0, 1, "v2", 2)).await.unwrap(),
+        new.propose(assign(0, 1, "v2", 2)).await.unwrap(),
         CommandResponse::Ok
     );
     let mut live = survivors.clone();
@@ -363,7 +383,7 @@ async fn single_voter_bad_payloads_and_config_checks() {
             b"{\"x\":1}",
             b"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[",
         ] {
-            let err = n.handle_rpc(kind, payload).await.unwrap_err();
+            let err = n.handle_rpc("n2", kind, payload).await.unwrap_err();
             assert!(
                 matches!(err, ControlError::BadPayload { .. }),
                 "{kind}: {err}"

@@ -154,6 +154,19 @@ pub struct ClusterMap {
     /// the leader's, and a node serves on a grant only once its own copy has caught up with it.
     #[serde(default)]
     pub applied_index: u64,
+    /// Revoked certificates by serial (lowercase hex): handshakes presenting one are refused
+    /// and live connections of one are closed.
+    #[serde(default)]
+    pub revoked: BTreeMap<String, Revoked>,
+}
+
+/// A revoked certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revoked {
+    /// The name the certificate was issued to (for operators; the serial is what counts).
+    pub name: String,
+    /// When it was revoked (milliseconds since the Unix epoch, from the admin's request).
+    pub at_ms: u64,
 }
 
 impl ClusterMap {
@@ -176,6 +189,15 @@ pub enum Command {
         name: String,
         addr: String,
         voter: bool,
+    },
+    /// Records whether a known member is a Raft voter (after an admin changed the voter set by
+    /// joint consensus); `Rejected` for an unknown name.
+    SetVoter { name: String, voter: bool },
+    /// Puts a certificate serial on the revocation list (idempotent; never undone).
+    Revoke {
+        serial: String,
+        name: String,
+        at_ms: u64,
     },
     /// Sets a known member's state; `Rejected` for an unknown name.
     SetMemberState { name: String, state: MemberState },
@@ -229,6 +251,29 @@ pub fn apply(map: &mut ClusterMap, cmd: &Command) -> CommandResponse {
     match cmd {
         Command::Init { shards } => init(map, *shards),
         Command::Join { name, addr, voter } => join(map, name, addr, *voter),
+        Command::SetVoter { name, voter } => match map.members.get_mut(name) {
+            Some(m) => {
+                m.voter = *voter;
+                CommandResponse::Ok
+            }
+            None => CommandResponse::Rejected(format!("unknown member {name:?}")),
+        },
+        Command::Revoke {
+            serial,
+            name,
+            at_ms,
+        } => {
+            if serial.is_empty() || !serial.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return CommandResponse::Rejected(format!("{serial:?} is not a hex serial"));
+            }
+            map.revoked
+                .entry(serial.to_ascii_lowercase())
+                .or_insert_with(|| Revoked {
+                    name: name.clone(),
+                    at_ms: *at_ms,
+                });
+            CommandResponse::Ok
+        }
         Command::SetMemberState { name, state } => match map.members.get_mut(name) {
             Some(m) => {
                 m.state = *state;

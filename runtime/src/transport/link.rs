@@ -7,12 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tracing::{debug, warn};
 
 use super::{Inbound, TransportError};
+use crate::budget::{Budget, Held};
 use crate::certs::{Identity, Role};
-use crate::codec::{self, EncodedFrame, Envelope, Frame};
+use crate::codec::{self, EncodedFrame, Envelope, Frame, ReadLimits};
 use crate::metrics as m;
 
 /// Frames at least this large get a QUIC stream of their own, so a tensor never holds up the
@@ -22,6 +23,25 @@ pub const LARGE_FRAME_BYTES: usize = 256 * 1024;
 const WRITE_BATCH: usize = 64;
 /// Large frames in flight at once per link.
 const LARGE_STREAMS: usize = 4;
+/// QUIC application error code used when we close a connection whose peer stopped reading.
+pub const SLOW_PEER_CODE: u32 = 0x11;
+
+/// The memory limits of one link (from [`super::TransportConfig::link_limits`]).
+#[derive(Debug, Clone)]
+pub(crate) struct LinkLimits {
+    pub max_frame: usize,
+    pub queue_depth: usize,
+    /// Receive budgets (the connection's own and the node's shared one) and stall limit.
+    pub read: ReadLimits,
+    /// Bytes queued for sending on this connection.
+    pub send: Budget,
+    pub send_stall: Duration,
+    /// Requests read and not yet answered.
+    pub max_requests: usize,
+}
+
+/// A frame queued for the writer, with the send budget it holds until written.
+type Queued = (EncodedFrame, Held);
 /// QUIC application error code used when we reset a stream over a rejected frame.
 pub const REJECTED_FRAME_CODE: u32 = 0x10;
 
@@ -38,8 +58,14 @@ pub struct Link {
 struct LinkInner {
     peer: Identity,
     conn: quinn::Connection,
-    tx: mpsc::Sender<EncodedFrame>,
+    tx: mpsc::Sender<Queued>,
     pending: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
+    /// Requests this peer sent that we have not answered yet, by correlation id; each holds a
+    /// permit of `requests`, returned when the reply is queued.
+    awaiting: Mutex<HashMap<u64, OwnedSemaphorePermit>>,
+    requests: Arc<Semaphore>,
+    send_budget: Budget,
+    send_stall: Duration,
     next_correlation: AtomicU64,
     /// `peer` label for the queue-depth gauge: node name, or "client" (bounded label set).
     label: String,
@@ -59,11 +85,10 @@ impl Link {
     pub(crate) fn start(
         conn: quinn::Connection,
         peer: Identity,
-        queue_depth: usize,
-        max_frame: usize,
+        limits: LinkLimits,
         handler: Handler,
     ) -> Link {
-        let (tx, rx) = mpsc::channel(queue_depth.max(1));
+        let (tx, rx) = mpsc::channel(limits.queue_depth.max(1));
         let label = if peer.role == Role::Node {
             peer.name.clone()
         } else {
@@ -75,12 +100,16 @@ impl Link {
                 conn: conn.clone(),
                 tx,
                 pending: Mutex::new(HashMap::new()),
+                awaiting: Mutex::new(HashMap::new()),
+                requests: Arc::new(Semaphore::new(limits.max_requests.max(1))),
+                send_budget: limits.send.clone(),
+                send_stall: limits.send_stall,
                 next_correlation: AtomicU64::new(1),
                 label,
             }),
         };
         tokio::spawn(write_loop(conn, rx, link.inner.label.clone()));
-        tokio::spawn(accept_loop(link.clone(), max_frame, handler));
+        tokio::spawn(accept_loop(link.clone(), limits, handler));
         link
     }
 
@@ -121,21 +150,57 @@ impl Link {
         self.inner.conn.close(0u32.into(), reason.as_bytes());
     }
 
+    /// Closes the connection with an application error code and a reason the peer can log.
+    pub fn close_with(&self, code: u32, reason: &str) {
+        self.inner.conn.close(code.into(), reason.as_bytes());
+    }
+
     /// Resolves when the connection has closed, for whatever reason.
     pub async fn closed(&self) -> quinn::ConnectionError {
         self.inner.conn.closed().await
     }
 
     /// Queues one envelope. Waits while the peer's queue is full: that wait is the backpressure.
+    /// A reply also returns the request slot its request held.
     pub async fn send(&self, env: &Envelope) -> Result<(), TransportError> {
-        let frame = codec::encode(env).inspect_err(|_| {
+        let encoded = codec::encode(env).inspect_err(|_| {
             metrics::counter!(m::TRANSPORT_SEND_DROPPED, "reason" => "encode").increment(1);
-        })?;
-        self.send_encoded(frame).await
+        });
+        let out = match encoded {
+            Ok(frame) => self.send_encoded(frame).await,
+            Err(e) => Err(e.into()),
+        };
+        if env.body.is_reply() {
+            self.inner.awaiting.lock().remove(&env.correlation);
+        }
+        out
     }
 
     /// Queues an already encoded frame (lets a sender encode once for several peers or retries).
+    ///
+    /// The frame's bytes are paid for from the connection's send budget until written; a peer
+    /// that leaves it exhausted for `send_stall` (it is not reading) has its connection closed,
+    /// which returns everything queued for it.
     pub async fn send_encoded(&self, frame: EncodedFrame) -> Result<(), TransportError> {
+        let mut held = Held::default();
+        if let Err(e) = self
+            .inner
+            .send_budget
+            .reserve_into(&mut held, frame.len(), self.inner.send_stall)
+            .await
+        {
+            metrics::counter!(m::TRANSPORT_SEND_DROPPED, "reason" => "peer_not_reading")
+                .increment(1);
+            metrics::counter!(m::TRANSPORT_SLOW_PEERS_CLOSED).increment(1);
+            warn!(peer = %self.inner.peer, remote = %self.remote_address(), error = %e,
+                "peer is not reading what we send; closing its connection");
+            self.inner
+                .conn
+                .close(SLOW_PEER_CODE.into(), b"not reading: send budget exhausted");
+            return Err(TransportError::Closed {
+                peer: self.inner.peer.name.clone(),
+            });
+        }
         if self.is_closed() {
             metrics::counter!(m::TRANSPORT_SEND_DROPPED, "reason" => "disconnected").increment(1);
             return Err(TransportError::Closed {
@@ -144,7 +209,7 @@ impl Link {
         }
         metrics::gauge!(m::TRANSPORT_SEND_QUEUE_DEPTH, "peer" => self.inner.label.clone())
             .increment(1.0);
-        if self.inner.tx.send(frame).await.is_err() {
+        if self.inner.tx.send((frame, held)).await.is_err() {
             metrics::gauge!(m::TRANSPORT_SEND_QUEUE_DEPTH, "peer" => self.inner.label.clone())
                 .decrement(1.0);
             metrics::counter!(m::TRANSPORT_SEND_DROPPED, "reason" => "disconnected").increment(1);
@@ -210,15 +275,17 @@ impl Drop for PendingGuard<'_> {
 
 /// Drains the send queue onto the connection: small frames batched on one long-lived stream
 /// (ordered), large frames each on a stream of their own.
-async fn write_loop(conn: quinn::Connection, mut rx: mpsc::Receiver<EncodedFrame>, label: String) {
+async fn write_loop(conn: quinn::Connection, mut rx: mpsc::Receiver<Queued>, label: String) {
     let large = Arc::new(Semaphore::new(LARGE_STREAMS));
     let mut stream: Option<quinn::SendStream> = None;
     let mut batch = Vec::with_capacity(WRITE_BATCH * 2);
+    // Send budget of the frames in `batch`: returned once they are written (or dropped).
+    let mut batch_held: Vec<Held> = Vec::with_capacity(WRITE_BATCH);
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         let mut n = 0;
         let mut bytes = 0;
-        while let Some(frame) = next.take() {
+        while let Some((frame, held)) = next.take() {
             n += 1;
             bytes += frame.len();
             if frame.len() >= LARGE_FRAME_BYTES {
@@ -228,6 +295,7 @@ async fn write_loop(conn: quinn::Connection, mut rx: mpsc::Receiver<EncodedFrame
                 let conn = conn.clone();
                 tokio::spawn(async move {
                     let _permit = permit;
+                    let _held = held;
                     if let Err(e) = write_own_stream(&conn, frame).await {
                         debug!(error = %e, "large frame write failed");
                         metrics::counter!(m::TRANSPORT_SEND_DROPPED, "reason" => "disconnected")
@@ -236,6 +304,7 @@ async fn write_loop(conn: quinn::Connection, mut rx: mpsc::Receiver<EncodedFrame
                 });
             } else {
                 batch.extend(frame.into_chunks());
+                batch_held.push(held);
             }
             if n < WRITE_BATCH {
                 next = rx.try_recv().ok();
@@ -274,6 +343,7 @@ async fn write_loop(conn: quinn::Connection, mut rx: mpsc::Receiver<EncodedFrame
             }
         }
         batch.clear();
+        batch_held.clear();
     }
     // Whatever is still queued will never be sent.
     rx.close();
@@ -308,11 +378,17 @@ async fn write_own_stream(
 }
 
 /// Accepts the peer's streams until the connection closes, then fails pending requests.
-async fn accept_loop(link: Link, max_frame: usize, handler: Handler) {
+async fn accept_loop(link: Link, limits: LinkLimits, handler: Handler) {
+    let limits = Arc::new(limits);
     loop {
         match link.inner.conn.accept_uni().await {
             Ok(recv) => {
-                tokio::spawn(read_stream(link.clone(), recv, max_frame, handler.clone()));
+                tokio::spawn(read_stream(
+                    link.clone(),
+                    recv,
+                    limits.clone(),
+                    handler.clone(),
+                ));
             }
             Err(e) => {
                 debug!(peer = %link.inner.peer.name, reason = %e, "connection closed");
@@ -322,13 +398,19 @@ async fn accept_loop(link: Link, max_frame: usize, handler: Handler) {
     }
     // Dropping the senders wakes every waiting request with an error.
     link.inner.pending.lock().clear();
+    link.inner.awaiting.lock().clear();
 }
 
 /// Reads frames from one stream. A bad frame resets the stream (STOP_SENDING) and is counted;
 /// the connection and every other stream keep working.
-async fn read_stream(link: Link, mut recv: quinn::RecvStream, max_frame: usize, handler: Handler) {
+async fn read_stream(
+    link: Link,
+    mut recv: quinn::RecvStream,
+    limits: Arc<LinkLimits>,
+    handler: Handler,
+) {
     loop {
-        match codec::read_frame(&mut recv, max_frame).await {
+        match codec::read_frame_limited(&mut recv, limits.max_frame, Some(&limits.read)).await {
             Ok(Some(frame)) => {
                 let kind = frame.envelope().body.kind();
                 metrics::counter!(m::WIRE_FRAMES_RECEIVED, "kind" => kind.as_str()).increment(1);
@@ -336,6 +418,26 @@ async fn read_stream(link: Link, mut recv: quinn::RecvStream, max_frame: usize, 
                 if kind.is_reply() {
                     link.complete(frame);
                 } else if let Some(h) = handler.get() {
+                    // One request slot per unanswered request: a peer that sends requests
+                    // and never reads the replies runs out of slots, and its stream waits.
+                    let Ok(slot) = link.inner.requests.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let corr = frame.envelope().correlation.to_native();
+                    let duplicate = match link.inner.awaiting.lock().entry(corr) {
+                        std::collections::hash_map::Entry::Occupied(_) => true,
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            v.insert(slot);
+                            false
+                        }
+                    };
+                    if duplicate {
+                        metrics::counter!(m::WIRE_REJECTED_FRAMES, "reason" => "duplicate_correlation")
+                            .increment(1);
+                        warn!(peer = %link.inner.peer, corr, "request reuses an unanswered correlation id; resetting stream");
+                        let _ = recv.stop(REJECTED_FRAME_CODE.into());
+                        return;
+                    }
                     // Returns once the request is admitted, so this stream keeps flowing while
                     // the work runs; a full shard queue holds the stream (backpressure).
                     h.on_request(link.clone(), frame).await;

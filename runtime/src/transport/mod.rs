@@ -23,8 +23,9 @@ use tracing::{debug, info, warn};
 pub use link::{Link, LARGE_FRAME_BYTES, REJECTED_FRAME_CODE};
 pub use tls::{PeerPolicy, TlsMaterial};
 
+use crate::budget::{Budget, Budgets};
 use crate::certs::{Identity, Role};
-use crate::codec::{CodecError, Frame};
+use crate::codec::{CodecError, Frame, ReadLimits};
 use crate::metrics as m;
 
 /// A future the transport awaits per incoming request.
@@ -46,15 +47,61 @@ pub struct TransportConfig {
     pub send_queue_depth: usize,
     pub connect_timeout: Duration,
     pub reconnect_max_backoff: Duration,
+    /// Bytes one connection may hold in received frames not yet dropped.
+    pub connection_inflight_bytes: usize,
+    /// Bytes all connections together may hold that way.
+    pub node_inflight_bytes: usize,
+    /// Bytes queued for sending on one connection.
+    pub connection_send_bytes: usize,
+    /// How long a frame may wait for send budget before the connection is closed.
+    pub send_stall: Duration,
+    /// How long a peer may pause mid-frame, and a frame may wait for receive budget.
+    pub receive_stall: Duration,
+    /// Requests read and not yet answered, per connection.
+    pub max_requests_per_connection: usize,
+    /// Connections one certificate name may hold to this node.
+    pub max_connections_per_peer: usize,
+    /// Concurrent incoming streams per connection.
+    pub max_streams_per_connection: u32,
 }
 
 impl Default for TransportConfig {
     fn default() -> Self {
+        const MIB: usize = 1 << 20;
         TransportConfig {
             max_frame_bytes: crate::codec::DEFAULT_MAX_FRAME_BYTES,
             send_queue_depth: 1024,
             connect_timeout: Duration::from_secs(5),
             reconnect_max_backoff: Duration::from_secs(5),
+            connection_inflight_bytes: 128 * MIB,
+            node_inflight_bytes: 512 * MIB,
+            connection_send_bytes: 64 * MIB,
+            send_stall: Duration::from_secs(10),
+            receive_stall: Duration::from_secs(10),
+            max_requests_per_connection: 256,
+            max_connections_per_peer: 16,
+            max_streams_per_connection: 256,
+        }
+    }
+}
+
+impl TransportConfig {
+    /// The limits of one new connection; `node` is the node-wide receive budget it shares.
+    pub(crate) fn link_limits(&self, node: &Budget) -> link::LinkLimits {
+        link::LinkLimits {
+            max_frame: self.max_frame_bytes,
+            queue_depth: self.send_queue_depth,
+            read: ReadLimits {
+                budgets: Budgets {
+                    connection: Budget::new("connection", self.connection_inflight_bytes),
+                    node: node.clone(),
+                    wait: self.receive_stall,
+                },
+                stall: self.receive_stall,
+            },
+            send: Budget::new("send", self.connection_send_bytes),
+            send_stall: self.send_stall,
+            max_requests: self.max_requests_per_connection,
         }
     }
 }
@@ -94,6 +141,33 @@ pub enum TransportError {
     ShuttingDown,
 }
 
+/// QUIC application error code of a connection refused for who its peer is.
+pub const REFUSED_CODE: u32 = 0x12;
+/// How long the old connection of a node identity gets to prove it is alive when a new one
+/// arrives from another address.
+const DUPLICATE_PROBE: Duration = Duration::from_millis(1500);
+
+/// Why a connection was refused after its handshake.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("{0}")]
+    Policy(String),
+    #[error("too many connections under this certificate name ({0} open)")]
+    TooMany(usize),
+    #[error("this node identity is already live at {0}; a second process may not use it")]
+    Duplicate(SocketAddr),
+}
+
+impl Refusal {
+    fn label(&self) -> &'static str {
+        match self {
+            Refusal::Policy(_) => "revoked",
+            Refusal::TooMany(_) => "too_many_connections",
+            Refusal::Duplicate(_) => "duplicate_identity",
+        }
+    }
+}
+
 /// Per-peer dialing state: at most one dial in flight, and a backoff after failures.
 #[derive(Default)]
 struct PeerSlot {
@@ -108,6 +182,12 @@ struct Inner {
     endpoint: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     cfg: TransportConfig,
+    policy: Arc<dyn PeerPolicy>,
+    /// Node-wide budget of received frames' bytes, shared by every link.
+    recv_budget: Budget,
+    /// Every live link (nodes and clients) by connection id, to enforce the policy on live
+    /// connections (revocation) and count connections per certificate name.
+    links: Mutex<HashMap<usize, Link>>,
     addrs: Mutex<HashMap<String, SocketAddr>>,
     peers: Mutex<HashMap<String, PeerSlot>>,
     handler: link::Handler,
@@ -146,7 +226,8 @@ impl Transport {
         policy: Arc<dyn PeerPolicy>,
         cfg: TransportConfig,
     ) -> Result<Transport, TransportError> {
-        let server = tls::server_config(tls, policy)?;
+        let mut server = tls::server_config(tls, policy.clone())?;
+        server.transport_config(tls::transport_config_with(cfg.max_streams_per_connection));
         let client_config = tls::client_config(tls)?;
         let runtime: Arc<dyn quinn::Runtime> = Arc::new(quinn::TokioRuntime);
         let endpoint = match socket {
@@ -174,7 +255,10 @@ impl Transport {
                 name: name.to_string(),
                 endpoint,
                 client_config,
+                recv_budget: Budget::new("node", cfg.node_inflight_bytes),
                 cfg,
+                policy,
+                links: Mutex::new(HashMap::new()),
                 addrs: Mutex::new(HashMap::new()),
                 peers: Mutex::new(HashMap::new()),
                 handler: Arc::new(OnceLock::new()),
@@ -239,6 +323,10 @@ impl Transport {
                 };
                 match tls::peer_identity(&conn) {
                     Ok(id) => {
+                        if let Err(why) = this.check_inbound(&conn, &id).await {
+                            this.refuse(&conn, &id, why);
+                            return;
+                        }
                         this.adopt(conn, id, false);
                     }
                     Err(e) => {
@@ -250,16 +338,100 @@ impl Transport {
         }
     }
 
+    /// Whether an inbound connection from `id` may stay: the policy (revocation), the cap on
+    /// connections per certificate name, and, for a node identity, that no other live process
+    /// holds it (a second process with the same node certificate is refused; the first keeps
+    /// serving).
+    async fn check_inbound(&self, conn: &quinn::Connection, id: &Identity) -> Result<(), Refusal> {
+        self.inner.policy.admit(id).map_err(Refusal::Policy)?;
+        let same_name = self
+            .inner
+            .links
+            .lock()
+            .values()
+            .filter(|l| !l.is_closed() && l.peer().name == id.name && l.peer().role == id.role)
+            .count();
+        if same_name >= self.inner.cfg.max_connections_per_peer {
+            return Err(Refusal::TooMany(same_name));
+        }
+        if id.role != Role::Node {
+            return Ok(());
+        }
+        let existing = self
+            .inner
+            .peers
+            .lock()
+            .get(&id.name)
+            .and_then(|s| s.link.clone())
+            .filter(|l| !l.is_closed());
+        let Some(old) = existing else { return Ok(()) };
+        // The same process dials from the address it listens on; a new address with the old
+        // connection still answering is a second process under the same name. (A restarted
+        // process does not answer on the old connection; a node that moved gets no answer
+        // there either.)
+        if old.remote_address() == conn.remote_address() {
+            return Ok(());
+        }
+        let ping = crate::codec::Envelope::new(
+            &self.inner.name,
+            crate::codec::Dest::Peer,
+            0,
+            crate::codec::Body::Ping(0),
+        );
+        match old.request(ping, DUPLICATE_PROBE).await {
+            Ok(_) => Err(Refusal::Duplicate(old.remote_address())),
+            Err(_) => Ok(()),
+        }
+    }
+
+    /// Closes a connection refused for who its peer is, saying why (the peer logs it).
+    fn refuse(&self, conn: &quinn::Connection, id: &Identity, why: Refusal) {
+        let text = why.to_string();
+        metrics::counter!(m::TRANSPORT_PEERS_REFUSED, "reason" => why.label()).increment(1);
+        match why {
+            Refusal::Duplicate(_) => {
+                tracing::error!(peer = %id.name, serial = %id.serial, remote = %conn.remote_address(), reason = %text,
+                    "refused a second process presenting a live node identity")
+            }
+            _ => {
+                warn!(peer = %id.name, role = %id.role, serial = %id.serial, remote = %conn.remote_address(), reason = %text,
+                    "connection refused")
+            }
+        }
+        conn.close(REFUSED_CODE.into(), text.as_bytes());
+    }
+
+    /// Closes every live connection whose peer the policy no longer admits (a certificate was
+    /// revoked). Returns how many were closed.
+    pub fn enforce_policy(&self) -> usize {
+        let refused: Vec<Link> = self
+            .inner
+            .links
+            .lock()
+            .values()
+            .filter(|l| !l.is_closed() && self.inner.policy.admit(l.peer()).is_err())
+            .cloned()
+            .collect();
+        for l in &refused {
+            let why = self.inner.policy.admit(l.peer()).err().unwrap_or_default();
+            metrics::counter!(m::TRANSPORT_PEERS_REFUSED, "reason" => "revoked").increment(1);
+            warn!(peer = %l.peer().name, serial = %l.peer().serial, reason = %why, "closing a live connection the policy no longer admits");
+            l.close_with(REFUSED_CODE, &why);
+        }
+        refused.len()
+    }
+
     /// Wraps a new connection in a link, registering node links in the peer table.
     fn adopt(&self, conn: quinn::Connection, id: Identity, dialed: bool) -> Link {
         let role = id.role.to_string();
+        let conn_id = conn.stable_id();
         let link = Link::start(
             conn,
             id.clone(),
-            self.inner.cfg.send_queue_depth,
-            self.inner.cfg.max_frame_bytes,
+            self.inner.cfg.link_limits(&self.inner.recv_budget),
             self.inner.handler.clone(),
         );
+        self.inner.links.lock().insert(conn_id, link.clone());
         metrics::gauge!(m::TRANSPORT_CONNECTIONS, "role" => role.clone()).increment(1.0);
         info!(peer = %id.name, role = %id.role, remote = %link.remote_address(), dialed, "connection up");
         if id.role == Role::Node {
@@ -279,8 +451,17 @@ impl Transport {
         let watch = link.clone();
         tokio::spawn(async move {
             let why = watch.closed().await;
+            this.inner.links.lock().remove(&conn_id);
             metrics::gauge!(m::TRANSPORT_CONNECTIONS, "role" => role).decrement(1.0);
-            debug!(peer = %watch.peer().name, reason = %why, "connection down");
+            match &why {
+                quinn::ConnectionError::ApplicationClosed(c)
+                    if c.error_code == REFUSED_CODE.into() =>
+                {
+                    tracing::error!(peer = %watch.peer().name, reason = %String::from_utf8_lossy(&c.reason),
+                        "the peer refused this node's connection")
+                }
+                _ => debug!(peer = %watch.peer().name, reason = %why, "connection down"),
+            }
             if let Some(slot) = this.inner.peers.lock().get_mut(&watch.peer().name) {
                 if slot
                     .link
@@ -348,6 +529,13 @@ impl Transport {
                 drop(peers);
                 metrics::counter!(m::TRANSPORT_DIALS, "result" => "ok").increment(1);
                 let id = tls::peer_identity(&conn)?;
+                if let Err(why) = self.inner.policy.admit(&id) {
+                    self.refuse(&conn, &id, Refusal::Policy(why.clone()));
+                    return Err(TransportError::Unreachable {
+                        peer: peer.to_string(),
+                        reason: why,
+                    });
+                }
                 Ok(self.adopt(conn, id, true))
             }
             Err(e) => {
@@ -394,6 +582,13 @@ impl Transport {
     pub async fn dial_any(&self, addr: SocketAddr) -> Result<Link, TransportError> {
         let conn = self.dial(tls::ANY_NODE, addr).await?;
         let id = tls::peer_identity(&conn)?;
+        if let Err(why) = self.inner.policy.admit(&id) {
+            self.refuse(&conn, &id, Refusal::Policy(why.clone()));
+            return Err(TransportError::Unreachable {
+                peer: id.name,
+                reason: why,
+            });
+        }
         if id.name == self.inner.name {
             conn.close(0u32.into(), b"self");
             return Err(TransportError::Unreachable {
@@ -497,8 +692,7 @@ impl Client {
         let link = Link::start(
             conn,
             id,
-            cfg.send_queue_depth,
-            cfg.max_frame_bytes,
+            cfg.link_limits(&Budget::new("node", cfg.node_inflight_bytes)),
             Arc::default(),
         );
         Ok(Client { endpoint, link })

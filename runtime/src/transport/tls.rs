@@ -177,6 +177,19 @@ pub fn provider() -> Arc<CryptoProvider> {
 ///   frame cap) flows without stalling on window updates every few KiB over a fast link.
 /// - 1024 concurrent streams each way: one stream per request, many requests in flight.
 pub fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut t = base_transport_config(1024);
+    t.max_concurrent_bidi_streams(VarInt::from_u32(1024));
+    Arc::new(t)
+}
+
+/// [`transport_config`] with another cap on the peer's concurrent streams.
+/// Tidepool itself uses only unidirectional streams, so a node's endpoint grants a peer none
+/// of the other kind (data on streams nobody reads would only sit in buffers).
+pub fn transport_config_with(max_streams: u32) -> Arc<quinn::TransportConfig> {
+    Arc::new(base_transport_config(max_streams))
+}
+
+fn base_transport_config(max_streams: u32) -> quinn::TransportConfig {
     const MIB: u32 = 1 << 20;
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(1)))
@@ -184,9 +197,9 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
         .stream_receive_window(VarInt::from_u32(16 * MIB))
         .receive_window(VarInt::from_u32(64 * MIB))
         .send_window(64 * u64::from(MIB))
-        .max_concurrent_uni_streams(VarInt::from_u32(1024))
-        .max_concurrent_bidi_streams(VarInt::from_u32(1024));
-    Arc::new(t)
+        .max_concurrent_uni_streams(VarInt::from_u32(max_streams))
+        .max_concurrent_bidi_streams(VarInt::from_u32(0));
+    t
 }
 
 /// Server side of the QUIC endpoint: presents our node certificate, requires a client
