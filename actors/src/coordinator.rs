@@ -276,7 +276,7 @@ impl<'a> Coordinator<'a> {
             return;
         };
         for key in keys.iter().rev().skip(CHECKPOINTS_KEPT) {
-            if let Err(e) = self.ctx.store.delete_blobs(key).await {
+            if let Err(e) = self.ctx.store.delete_blob(key).await {
                 warn!(job = %self.rec.id, %key, error = %e, "old checkpoint not deleted");
             }
         }
