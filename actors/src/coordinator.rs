@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use tidepool_runtime::admission;
 use tidepool_runtime::codec::{Body, Dest, Envelope, JobPartial, JobTask, ShardEpoch};
 use tidepool_runtime::control::{
     ClusterMap, Command, ControlPlane, JobRecord, JobState, JobUpdate,
@@ -39,6 +40,15 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 pub fn checkpoint_key(job: &str, step: u64) -> String {
     format!("jobs/{job}/ckpt/{step:020}.json")
 }
+
+/// Storage prefix of a job's checkpoints (deleted once the job is over).
+pub fn checkpoint_prefix(job: &str) -> String {
+    format!("jobs/{job}/ckpt")
+}
+
+/// Checkpoints kept while a job runs: the newest, and the one before in case the newest is
+/// damaged. Older ones are deleted as new ones are written, so a long job's do not pile up.
+const CHECKPOINTS_KEPT: usize = 2;
 
 /// Storage key of a finished job's result document.
 pub fn result_key(job: &str) -> String {
@@ -154,12 +164,35 @@ impl<'a> Coordinator<'a> {
             .datasets
             .get(&rec.dataset)
             .ok_or_else(|| Stop::Failed(format!("dataset {:?} is gone", rec.dataset)))?;
+        // Admission again, with this node's limits: a job recorded as running that cannot run
+        // here (limits lowered, or admitted by a node with larger ones) fails with the reason
+        // instead of putting every node that maps it into a crash loop.
+        let limits = ctx.exec.limits();
+        let admitted = spec
+            .check_caps(ds.rows, &limits.caps)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                admission::admit_job(
+                    &spec,
+                    rec.spec.len() as u64,
+                    ds.rows,
+                    ds.features.len() as u64,
+                    map.shard_count(),
+                    &limits.admission,
+                )
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+            });
+        if let Err(e) = admitted {
+            metrics::counter!(m::JOB_ADMISSIONS_REFUSED, "stage" => "start").increment(1);
+            return Err(Stop::Failed(format!("not admitted on {}: {e}", ctx.me)));
+        }
         let job = ctx.exec.job(&rec.id, &rec.spec, ds).map_err(Stop::Failed)?;
         let mut driver = job.driver();
         let mut step = 0;
         let ckpts = ctx
             .store
-            .list_blobs(&format!("jobs/{}/ckpt", rec.id))
+            .list_blobs(&checkpoint_prefix(&rec.id))
             .await
             .map_err(|e| Stop::Failed(format!("listing checkpoints: {e}")))?;
         // Newest valid checkpoint; a damaged one falls back to the one before.
@@ -231,7 +264,22 @@ impl<'a> Coordinator<'a> {
             .await
             .map_err(|e| Stop::Failed(format!("checkpoint: {e}")))?;
         metrics::counter!(m::JOB_CHECKPOINTS).increment(1);
+        self.prune_checkpoints().await;
         Ok(())
+    }
+
+    /// Deletes all but the newest [`CHECKPOINTS_KEPT`] checkpoints (best effort: a leftover is
+    /// only space, and is deleted with the rest when the job ends).
+    async fn prune_checkpoints(&self) {
+        let prefix = checkpoint_prefix(&self.rec.id);
+        let Ok(keys) = self.ctx.store.list_blobs(&prefix).await else {
+            return;
+        };
+        for key in keys.iter().rev().skip(CHECKPOINTS_KEPT) {
+            if let Err(e) = self.ctx.store.delete_blob(key).await {
+                warn!(job = %self.rec.id, %key, error = %e, "old checkpoint not deleted");
+            }
+        }
     }
 
     async fn drive(&mut self) -> Result<(), Stop> {
@@ -318,6 +366,13 @@ impl<'a> Coordinator<'a> {
         let mut pending: BTreeSet<u32> = (0..shards).collect();
         let mut acc = ExactSum::default();
         let mut backoff = Duration::from_millis(20);
+        // A task too large for a frame can never be sent: fail the job with the numbers rather
+        // than retry it for ever (softmax learns its class count only at run time).
+        let values = task.broadcast.len() as u64;
+        let bytes = admission::task_bytes(values, self.rec.spec.len() as u64);
+        let limits = self.ctx.exec.limits().admission;
+        admission::check_frame("task", bytes, values, &limits)
+            .map_err(|e| Stop::Failed(format!("step {}: {e}", self.step)))?;
         loop {
             if pending.is_empty() {
                 return Ok(acc);

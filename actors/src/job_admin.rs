@@ -6,14 +6,24 @@
 //! and stored create-once under the import's own prefix) and then commits the dataset record
 //! through Raft; a dataset is visible only after the commit, and a failed commit (or an
 //! explicit abort) deletes the import's objects, so nothing half-imported is left behind.
+//! Every payload is checked first ([`crate::admin_checks`]): a commit or abort touches only the
+//! import it names, and never a committed dataset's objects; `dataset delete` removes a dataset
+//! (record through Raft, then its objects) unless a pending or running job reads it.
+//!
+//! Jobs are admitted at submit ([`tidepool_runtime::admission`], [`JobSpec::check_caps`]): one
+//! that cannot fit this node's memory budget or frame cap, or runs longer than the caps, is
+//! refused with the numbers. Results are read in slices ([`AdminOp::JobResultChunk`]) so a model
+//! of any size the job could train can be fetched.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use parking_lot::Mutex;
 use serde::Deserialize;
-use tidepool_runtime::codec::{AdminOp, DatasetPart, ErrorCode};
+use tidepool_runtime::admission::{self, MESSAGE_OVERHEAD};
+use tidepool_runtime::codec::{AdminOp, DatasetPart, ErrorCode, RESULT_CHUNK_HEADER};
 use tidepool_runtime::control::{
     ClusterMap, Command, ControlPlane, DatasetRecord, DatasetSource, JobRecord, JobState, JobUpdate,
 };
@@ -25,8 +35,13 @@ use tidepool_runtime::storage::Store;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
-use crate::coordinator::{self, result_key, CoordinatorCtx};
-use crate::job_exec::{import_prefix, segment_key};
+pub use crate::admin_checks::valid_name;
+use crate::admin_checks::{self, Commit, Delete};
+use crate::coordinator::{self, checkpoint_prefix, result_key, CoordinatorCtx};
+use crate::job_exec::{import_prefix, segment_key, JobLimits};
+
+/// Largest result slice one [`AdminOp::JobResultChunk`] reply carries.
+pub const MAX_RESULT_CHUNK: u64 = 8 << 20;
 
 /// An admin error: code plus a message for the user.
 pub type AdminError = (ErrorCode, String);
@@ -52,30 +67,52 @@ struct SubmitArg {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct AbortArg {
     name: String,
     import: String,
 }
 
-/// Valid dataset and import names: `[A-Za-z0-9_.-]{1,64}`, not starting with a dot.
-pub fn valid_name(name: &str) -> bool {
-    (1..=64).contains(&name.len())
-        && !name.starts_with('.')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NameArg {
+    name: String,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChunkArg {
+    id: String,
+    offset: u64,
+    length: u64,
+}
+
+/// The last result read for chunked fetches (one entry: fetching a result is sequential).
+type ResultCache = Arc<Mutex<Option<(String, Bytes)>>>;
 
 /// Handles the admin requests of one node.
 #[derive(Clone, Debug)]
 pub struct JobAdmin {
     control: ControlPlane,
     store: Store,
+    limits: JobLimits,
+    result: ResultCache,
 }
 
 impl JobAdmin {
     pub fn new(control: ControlPlane, store: Store) -> Self {
-        JobAdmin { control, store }
+        JobAdmin {
+            control,
+            store,
+            limits: JobLimits::default(),
+            result: ResultCache::default(),
+        }
+    }
+
+    /// Sets this node's job limits (admission at submit and `dataset synth`).
+    pub fn with_limits(mut self, limits: JobLimits) -> Self {
+        self.limits = limits;
+        self
     }
 
     fn parse<T: for<'de> Deserialize<'de>>(payload: &[u8]) -> Result<T, AdminError> {
@@ -139,16 +176,13 @@ impl JobAdmin {
             AdminOp::DatasetCommit => self.commit(Self::parse(payload)?).await,
             AdminOp::DatasetAbort => {
                 let a: AbortArg = Self::parse(payload)?;
-                if !valid_name(&a.name) || !valid_name(&a.import) {
-                    return Err(bad("bad dataset or import name"));
-                }
-                let n = self
-                    .store
-                    .delete_blobs(&import_prefix(&a.name, &a.import))
-                    .await
-                    .map_err(internal)?;
+                let map = self.control.map().borrow().clone();
+                let prefix = admin_checks::check_abort(&a.name, &a.import, &map)
+                    .map_err(|e| bad(e.to_string()))?;
+                let n = self.store.delete_blobs(&prefix).await.map_err(internal)?;
                 Self::json(&serde_json::json!({ "deleted": n }))
             }
+            AdminOp::DatasetDelete => self.delete(Self::parse(payload)?).await,
             AdminOp::DatasetList => {
                 let map = self.control.map().borrow().clone();
                 Self::json(
@@ -178,8 +212,15 @@ impl JobAdmin {
                     update: JobUpdate::state(JobState::Cancelled),
                 })
                 .await?;
+                // A cancelled job's checkpoints are of no use; the manager deletes them too (in
+                // case its coordinator writes one more before it sees the cancel).
+                let prefix = checkpoint_prefix(&a.id);
+                if let Err(e) = self.store.delete_blobs(&prefix).await {
+                    warn!(%prefix, error = %e, "could not delete a cancelled job's checkpoints");
+                }
                 Self::json(&serde_json::json!({ "id": a.id, "state": "cancelled" }))
             }
+            AdminOp::JobResultChunk => self.result_chunk(Self::parse(payload)?).await,
             AdminOp::JobResult => {
                 let a: IdArg = Self::parse(payload)?;
                 let map = self
@@ -188,22 +229,114 @@ impl JobAdmin {
                 let state = map.jobs.get(&a.id).map(|j| j.state);
                 match state {
                     None => Err(bad(format!("no job {:?}", a.id))),
-                    Some(JobState::Succeeded) => self
-                        .store
-                        .get_blob(&result_key(&a.id))
-                        .await
-                        .map_err(internal)?
-                        .map(|b| b.to_vec())
-                        .ok_or_else(|| internal("result object missing")),
+                    Some(JobState::Succeeded) => {
+                        let blob = self.result_blob(&a.id).await?;
+                        let cap = self.limits.admission.max_frame_bytes;
+                        if blob.len() as u64 + MESSAGE_OVERHEAD > cap {
+                            return Err(bad(format!(
+                                "result of job {} is {} bytes, over transport.max_frame_bytes = \
+                                 {cap}; fetch it in chunks (job_result_chunk)",
+                                a.id,
+                                blob.len()
+                            )));
+                        }
+                        Ok(blob.to_vec())
+                    }
                     Some(s) => Err(bad(format!("job {} is {}, no result", a.id, s.as_str()))),
                 }
             }
         }
     }
 
+    /// A succeeded job's stored result (the last one read is kept for the next chunk).
+    async fn result_blob(&self, id: &str) -> Result<Bytes, AdminError> {
+        if let Some((cached, bytes)) = self.result.lock().as_ref() {
+            if cached == id {
+                return Ok(bytes.clone());
+            }
+        }
+        let bytes = self
+            .store
+            .get_blob(&result_key(id))
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| internal("result object missing"))?;
+        *self.result.lock() = Some((id.to_string(), bytes.clone()));
+        Ok(bytes)
+    }
+
+    /// `[total size: u64 LE][bytes offset..offset+n]`, `n` capped to fit a frame.
+    async fn result_chunk(&self, a: ChunkArg) -> Result<Vec<u8>, AdminError> {
+        let map = self
+            .map_where(|m| m.jobs.get(&a.id).is_some_and(|j| j.state.is_terminal()))
+            .await;
+        match map.jobs.get(&a.id).map(|j| j.state) {
+            None => return Err(bad(format!("no job {:?}", a.id))),
+            Some(JobState::Succeeded) => {}
+            Some(s) => return Err(bad(format!("job {} is {}, no result", a.id, s.as_str()))),
+        }
+        let blob = self.result_blob(&a.id).await?;
+        let total = blob.len() as u64;
+        if a.offset > total {
+            return Err(bad(format!(
+                "offset {} is past the result's {total} bytes",
+                a.offset
+            )));
+        }
+        let fits = self
+            .limits
+            .admission
+            .max_frame_bytes
+            .saturating_sub(MESSAGE_OVERHEAD)
+            .max(256);
+        let n = a
+            .length
+            .min(fits)
+            .min(MAX_RESULT_CHUNK)
+            .min(total - a.offset);
+        // Both fit in usize: offset <= total = blob.len(), and n <= total - offset.
+        let (start, end) = (a.offset as usize, (a.offset + n) as usize);
+        let mut out = Vec::with_capacity(RESULT_CHUNK_HEADER + (end - start));
+        out.extend_from_slice(&total.to_le_bytes());
+        out.extend_from_slice(&blob[start..end]);
+        Ok(out)
+    }
+
+    async fn delete(&self, a: NameArg) -> Result<Vec<u8>, AdminError> {
+        let map = self.control.map().borrow().clone();
+        let plan = admin_checks::check_delete(&a.name, &map).map_err(|e| bad(e.to_string()))?;
+        let Delete::Remove { prefix } = plan else {
+            return Self::json(&serde_json::json!({ "name": a.name, "deleted": false }));
+        };
+        // Raft re-checks that no pending or running job reads it (a submit may have raced us);
+        // only once the record is gone are the objects deleted.
+        self.propose(Command::DeleteDataset {
+            name: a.name.clone(),
+        })
+        .await?;
+        let mut objects = 0;
+        if let Some(prefix) = prefix {
+            objects = self.store.delete_blobs(&prefix).await.map_err(internal)?;
+        }
+        info!(dataset = %a.name, objects, "dataset deleted");
+        Self::json(&serde_json::json!({ "name": a.name, "deleted": true, "objects": objects }))
+    }
+
     async fn commit(&self, rec: DatasetRecord) -> Result<Vec<u8>, AdminError> {
-        if !valid_name(&rec.name) {
-            return Err(bad("dataset names must be [A-Za-z0-9_.-]{1,64}"));
+        let map = self.control.map().borrow().clone();
+        let checked = admin_checks::check_commit(&rec, &map, &self.limits.admission);
+        let plan = match checked {
+            Ok(plan) => plan,
+            Err(e) => {
+                if matches!(e, admin_checks::PayloadError::TooLarge(..)) {
+                    metrics::counter!(m::JOB_ADMISSIONS_REFUSED, "stage" => "synth").increment(1);
+                }
+                self.clean_refused(&rec, &map).await;
+                return Err(bad(e.to_string()));
+            }
+        };
+        if plan == Commit::Retry {
+            return Self::json(&serde_json::json!({ "name": rec.name, "rows": rec.rows }));
         }
         if let DatasetSource::Imported { import, segments } = &rec.source {
             let have: std::collections::BTreeSet<String> = self
@@ -223,15 +356,24 @@ impl JobAdmin {
             }
         }
         let result = self.propose(Command::PutDataset(rec.clone())).await;
-        if let (Err(_), DatasetSource::Imported { import, .. }) = (&result, &rec.source) {
-            let prefix = import_prefix(&rec.name, import);
-            if let Err(e) = self.store.delete_blobs(&prefix).await {
-                warn!(%prefix, error = %e, "could not delete a refused import");
-            }
+        if result.is_err() {
+            // Against the map after the refusal: the same import may have just been committed
+            // (a retried commit that raced), and then it is kept.
+            let map = self.control.map().borrow().clone();
+            self.clean_refused(&rec, &map).await;
         }
         result?;
         info!(dataset = %rec.name, rows = rec.rows, "dataset registered");
         Self::json(&serde_json::json!({ "name": rec.name, "rows": rec.rows }))
+    }
+
+    /// Deletes a refused commit's own uploads, and only those ([`admin_checks`]).
+    async fn clean_refused(&self, rec: &DatasetRecord, map: &ClusterMap) {
+        if let Some(prefix) = admin_checks::refused_commit_cleanup(rec, map) {
+            if let Err(e) = self.store.delete_blobs(&prefix).await {
+                warn!(%prefix, error = %e, "could not delete a refused import");
+            }
+        }
     }
 
     async fn submit(&self, a: SubmitArg) -> Result<Vec<u8>, AdminError> {
@@ -243,9 +385,24 @@ impl JobAdmin {
             .datasets
             .get(&spec.dataset)
             .ok_or_else(|| bad(format!("no dataset {:?} (import it first)", spec.dataset)))?;
-        if ds.features.len() > 100_000 {
+        if ds.features.len() > admin_checks::MAX_FEATURES {
             return Err(bad("too many features"));
         }
+        let refused = |e: String| {
+            metrics::counter!(m::JOB_ADMISSIONS_REFUSED, "stage" => "submit").increment(1);
+            bad(format!("job refused: {e}"))
+        };
+        spec.check_caps(ds.rows, &self.limits.caps)
+            .map_err(|e| refused(e.to_string()))?;
+        admission::admit_job(
+            &spec,
+            a.spec.len() as u64,
+            ds.rows,
+            ds.features.len() as u64,
+            map.shard_count(),
+            &self.limits.admission,
+        )
+        .map_err(|e| refused(e.to_string()))?;
         let id = match a.id {
             Some(id) if valid_name(&id) => id,
             Some(_) => return Err(bad("job ids must be [A-Za-z0-9_.-]{1,64}")),
@@ -295,12 +452,31 @@ impl Drop for Running {
 pub async fn manage(ctx: CoordinatorCtx) {
     let mut rx = ctx.control.map();
     let mut running = Running::default();
+    // Finished jobs whose checkpoints this process has deleted (again after a restart: deleting
+    // an empty prefix is a cheap list).
+    let mut cleaned = std::collections::HashSet::new();
     loop {
         let map = rx.borrow_and_update().clone();
         running.0.retain(|_, h| !h.is_finished());
         for job in map.jobs.values() {
-            let mine =
-                !job.state.is_terminal() && ctx.router.serving(job.coordinator_shard).is_some();
+            let serving = ctx.router.serving(job.coordinator_shard).is_some();
+            let mine = !job.state.is_terminal() && serving;
+            if job.state.is_terminal() && serving && !cleaned.contains(&job.id) {
+                if let Some(h) = running.0.remove(&job.id) {
+                    h.abort();
+                }
+                // Checkpoints of a finished, failed or cancelled job are never read again (a
+                // succeeded job keeps its result).
+                let prefix = checkpoint_prefix(&job.id);
+                match ctx.store.delete_blobs(&prefix).await {
+                    Ok(_) => {
+                        cleaned.insert(job.id.clone());
+                    }
+                    Err(e) => {
+                        warn!(%prefix, error = %e, "could not delete a finished job's checkpoints")
+                    }
+                }
+            }
             match (mine, running.0.contains_key(&job.id)) {
                 (true, false) => {
                     let handle = tokio::spawn(coordinator::run(ctx.clone(), job.clone()));

@@ -16,10 +16,12 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
+use tidepool_runtime::admission::{self, Limits};
 use tidepool_runtime::codec::{JobPartial, JobTask};
+use tidepool_runtime::config::NodeConfig;
 use tidepool_runtime::control::{DatasetRecord, DatasetSource};
 use tidepool_runtime::dataset::{self, Partition, PartitionBuf, SyntheticKind};
-use tidepool_runtime::jobspec::JobSpec;
+use tidepool_runtime::jobspec::{JobCaps, JobSpec};
 use tidepool_runtime::metrics as m;
 use tidepool_runtime::storage::Store;
 use tracing::{debug, warn};
@@ -31,6 +33,38 @@ use crate::worker::WorkerPool;
 
 /// Default cap on cached partition bytes per node.
 pub const DEFAULT_CACHE_BYTES: usize = 4 << 30;
+
+/// A node's job limits (`[jobs]` and `transport.max_frame_bytes`): what admission checks, and
+/// what the executor checks before it allocates a partition or sends a partial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobLimits {
+    pub admission: Limits,
+    pub caps: JobCaps,
+}
+
+impl JobLimits {
+    pub fn from_config(cfg: &NodeConfig) -> Self {
+        JobLimits {
+            admission: cfg.admission_limits(),
+            caps: cfg.job_caps(),
+        }
+    }
+}
+
+impl Default for JobLimits {
+    fn default() -> Self {
+        Self::from_config(&NodeConfig::default())
+    }
+}
+
+/// Why a shard's partition is not available here.
+#[derive(Debug)]
+enum LoadError {
+    /// Storage trouble, a missing object: another try (maybe on another owner) may work.
+    Retry(String),
+    /// Over this node's memory budget: no retry can fix it, the job fails.
+    Budget(String),
+}
 
 /// Storage key of one partition segment of an import.
 pub fn segment_key(dataset: &str, import: &str, shard: u32, seg: u32) -> String {
@@ -80,9 +114,21 @@ impl Loaded {
     }
 }
 
+/// Cache key: the dataset's identity (name and import or seed, so a dataset deleted and
+/// imported again under its name is not served from the old partitions) and the shard.
+type CacheKey = (String, u32);
+
+fn cache_key(ds: &DatasetRecord, shard: u32) -> CacheKey {
+    let source = match &ds.source {
+        DatasetSource::Imported { import, .. } => format!("i/{import}"),
+        DatasetSource::Synthetic { kind, seed } => format!("s/{kind}/{seed}/{}", ds.rows),
+    };
+    (format!("{}/{source}", ds.name), shard)
+}
+
 #[derive(Debug, Default)]
 struct Cache {
-    entries: HashMap<(String, u32), (Arc<Loaded>, u64)>,
+    entries: HashMap<CacheKey, (Arc<Loaded>, u64)>,
     clock: u64,
     bytes: usize,
 }
@@ -97,6 +143,7 @@ pub struct JobExecutor {
     pool: WorkerPool,
     threads: usize,
     cap_bytes: usize,
+    limits: JobLimits,
     cache: Mutex<Cache>,
     jobs: Mutex<HashMap<String, BuiltJob>>,
 }
@@ -140,9 +187,23 @@ impl JobExecutor {
             pool: WorkerPool::with_meter(threads, threads * 4, meter),
             threads,
             cap_bytes,
+            limits: JobLimits::default(),
             cache: Mutex::new(Cache::default()),
             jobs: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Sets this node's job limits (the partition cache is capped at the memory budget too).
+    pub fn with_limits(mut self, limits: JobLimits) -> Self {
+        self.limits = limits;
+        let budget = usize::try_from(limits.admission.memory_budget_bytes).unwrap_or(usize::MAX);
+        self.cap_bytes = self.cap_bytes.min(budget);
+        self
+    }
+
+    /// This node's job limits.
+    pub fn limits(&self) -> JobLimits {
+        self.limits
     }
 
     /// The runnable job of a task (cached by job id and spec).
@@ -190,9 +251,15 @@ impl JobExecutor {
             }
             match self.partition(&ds, se.shard).await {
                 Ok(p) => mine.push((se.shard, p)),
-                Err(e) => {
+                Err(LoadError::Retry(e)) => {
                     warn!(dataset = %ds.name, shard = se.shard, error = %e, "partition not loadable");
                     refused.push(se.shard);
+                }
+                Err(LoadError::Budget(e)) => {
+                    warn!(dataset = %ds.name, shard = se.shard, error = %e, "partition over the memory budget");
+                    metrics::counter!(m::JOB_ADMISSIONS_REFUSED, "stage" => "partition")
+                        .increment(1);
+                    return refuse_all(&task, Some(e));
                 }
             }
         }
@@ -207,6 +274,21 @@ impl JobExecutor {
         metrics::counter!(m::JOB_SHARD_TASKS, "result" => "done").increment(mine.len() as u64);
         metrics::counter!(m::JOB_SHARD_TASKS, "result" => "refused")
             .increment(refused.len() as u64);
+        // A partial that cannot be sent would be asked for again for ever: fail the job instead.
+        let extrema = (acc.min.len() + acc.max.len()) as u64;
+        let bytes = admission::partial_bytes(acc.sum.len() as u64, extrema);
+        let values = acc.sum.len() as u64 + extrema;
+        if let Err(e) = admission::check_frame("partial", bytes, values, &self.limits.admission) {
+            return JobPartial {
+                done: Vec::new(),
+                refused: task.shards.iter().map(|s| s.shard).collect(),
+                rows: 0,
+                sum: Vec::new(),
+                min: Vec::new(),
+                max: Vec::new(),
+                error: Some(format!("job {}: {e}", task.job)),
+            };
+        }
         JobPartial {
             done: mine.iter().map(|(s, _)| *s).collect(),
             refused,
@@ -273,8 +355,8 @@ impl JobExecutor {
         metrics::gauge!(m::JOB_CACHE_BYTES).set(c.bytes as f64);
     }
 
-    async fn partition(&self, ds: &DatasetRecord, shard: u32) -> Result<Arc<Loaded>, String> {
-        let key = (ds.name.clone(), shard);
+    async fn partition(&self, ds: &DatasetRecord, shard: u32) -> Result<Arc<Loaded>, LoadError> {
+        let key = cache_key(ds, shard);
         {
             let mut c = self.cache.lock();
             c.clock += 1;
@@ -308,7 +390,16 @@ impl JobExecutor {
         Ok(loaded)
     }
 
-    async fn load(&self, ds: &DatasetRecord, shard: u32) -> Result<Loaded, String> {
+    /// Refuses (before allocating) a partition of `rows` rows over this node's budget.
+    fn within_budget(&self, ds: &DatasetRecord, shard: u32, rows: u64) -> Result<(), LoadError> {
+        let features = ds.features.len() as u64;
+        admission::check_partition(rows, features, &self.limits.admission)
+            .map(|_| ())
+            .map_err(|e| LoadError::Budget(format!("dataset {:?} shard {shard}: {e}", ds.name)))
+    }
+
+    async fn load(&self, ds: &DatasetRecord, shard: u32) -> Result<Loaded, LoadError> {
+        let retry = |e: String| LoadError::Retry(e);
         match &ds.source {
             DatasetSource::Synthetic { kind, seed } => {
                 let kind = match kind.as_str() {
@@ -316,31 +407,43 @@ impl JobExecutor {
                     _ => SyntheticKind::Logistic,
                 };
                 let (rows, f, seed, shards) = (ds.rows, ds.features.len(), *seed, ds.shards);
+                self.within_budget(
+                    ds,
+                    shard,
+                    admission::synthetic_shard_rows(rows, shard, shards),
+                )?;
                 let p = self
                     .pool
                     .run(move || dataset::synthetic_shard(rows, f, kind, seed, shard, shards))
                     .await
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| retry(e.to_string()))?;
                 Ok(Loaded::Owned(p))
             }
             DatasetSource::Imported { import, segments } => {
                 let count = segments.get(shard as usize).copied().unwrap_or(0);
                 let mut blobs: Vec<Bytes> = Vec::new();
+                let mut bytes_so_far = 0u64;
+                let row_bytes = admission::data_bytes(1, ds.features.len() as u64).max(1);
                 for seg in 0..count {
                     let key = segment_key(&ds.name, import, shard, seg);
                     let bytes = self
                         .store
                         .get_blob(&key)
                         .await
-                        .map_err(|e| e.to_string())?
-                        .ok_or_else(|| format!("missing partition object {key}"))?;
+                        .map_err(|e| retry(e.to_string()))?
+                        .ok_or_else(|| retry(format!("missing partition object {key}")))?;
+                    // Decoding several segments copies them into one partition: check the
+                    // rows they hold so far before holding (and copying) more.
+                    bytes_so_far += bytes.len() as u64;
+                    self.within_budget(ds, shard, bytes_so_far / row_bytes)?;
                     blobs.push(bytes);
                 }
                 let features = ds.features.len();
                 self.pool
                     .run(move || decode_segments(&blobs, features))
                     .await
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| retry(e.to_string()))?
+                    .map_err(retry)
             }
         }
     }

@@ -13,8 +13,11 @@
 //! - [`job_exec`]: a node's side of a job step: map its shards, pre-sum, reply; partition cache.
 //! - [`coordinator`]: the JobCoordinator of one job, on the owner of its coordinator shard.
 //! - [`job_admin`]: dataset import / job admin requests, and the manager that runs coordinators.
+//! - [`admin_checks`]: sans-IO validation of dataset admin payloads (what a commit, abort or
+//!   delete may touch).
 //! - [`jobs`]: the pure math of the learning jobs (statistics, models, k-means, synchronous SGD).
 
+pub mod admin_checks;
 pub mod audit;
 pub mod coordinator;
 pub mod dedup;

@@ -29,7 +29,7 @@ use crate::audit::{AuditError, AuditLog};
 use crate::coordinator::CoordinatorCtx;
 use crate::driver::{self, DriverConfig};
 use crate::job_admin::{self, JobAdmin};
-use crate::job_exec::{JobExecutor, DEFAULT_CACHE_BYTES};
+use crate::job_exec::{JobExecutor, JobLimits, DEFAULT_CACHE_BYTES};
 use crate::leader::ClusterLoad;
 use crate::leader::{self, Grant, Leases};
 use crate::load::{self, LoadMeter};
@@ -478,14 +478,18 @@ impl Node {
         let leases = Leases::new(lease_cfg);
         let meter = LoadMeter::new();
         let cluster_load = ClusterLoad::new();
-        let exec = Arc::new(JobExecutor::new(
-            router.clone(),
-            store.clone(),
-            cfg.workers.threads,
-            DEFAULT_CACHE_BYTES,
-            meter.clone(),
-        ));
-        let admin = Arc::new(JobAdmin::new(control.clone(), store.clone()));
+        let job_limits = JobLimits::from_config(cfg);
+        let exec = Arc::new(
+            JobExecutor::new(
+                router.clone(),
+                store.clone(),
+                cfg.workers.threads,
+                DEFAULT_CACHE_BYTES,
+                meter.clone(),
+            )
+            .with_limits(job_limits),
+        );
+        let admin = Arc::new(JobAdmin::new(control.clone(), store.clone()).with_limits(job_limits));
         router.set_services(Arc::new(Services {
             me: name.clone(),
             control: control.clone(),

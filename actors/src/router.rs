@@ -825,6 +825,8 @@ fn admin_op(k: &tidepool_runtime::codec::ArchivedAdminOp) -> AdminOp {
         A::JobList => AdminOp::JobList,
         A::JobCancel => AdminOp::JobCancel,
         A::JobResult => AdminOp::JobResult,
+        A::DatasetDelete => AdminOp::DatasetDelete,
+        A::JobResultChunk => AdminOp::JobResultChunk,
     }
 }
 

@@ -3,19 +3,37 @@
 //!
 //! It is bound before the node starts, so liveness and metrics answer while the node discovers
 //! its voters and joins (which can take a while on a fresh Kubernetes rollout).
+//!
+//! Limits (`[admin]`): anyone who can reach the port can open connections, and each one is a file
+//! descriptor the node's op-log appends and QUIC sockets also need. So at most
+//! `max_connections` are open at once (more are closed as soon as they are accepted), a
+//! connection that does not send a request's headers within `header_read_timeout_ms` (after
+//! connecting or after its previous answer) is closed, a request is answered within
+//! `request_timeout_ms` (503 after that), and no connection lives longer than the two timeouts
+//! together (a client that does not read its answer cannot hold one either).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tidepool_actors::node::Readiness;
+use tidepool_runtime::config::AdminSection;
+use tidepool_runtime::metrics as m;
+use tokio::sync::Semaphore;
+use tower_http::timeout::TimeoutLayer;
 
 /// Set once the node has started; `/readyz` is 503 until then.
 pub type ReadinessSlot = Arc<OnceLock<Readiness>>;
+
+/// Pause after a failed accept (out of file descriptors): retrying at once would spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 #[derive(Clone)]
 struct AdminState {
@@ -28,18 +46,58 @@ pub async fn bind(
     addr: SocketAddr,
     metrics: PrometheusHandle,
     ready: ReadinessSlot,
+    limits: &AdminSection,
 ) -> Result<impl std::future::Future<Output = ()>> {
+    let request_timeout = Duration::from_millis(limits.request_timeout_ms);
+    let header_timeout = Duration::from_millis(limits.header_read_timeout_ms);
     let app = axum::Router::new()
         .route("/metrics", get(render))
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            request_timeout,
+        ))
         .with_state(AdminState { metrics, ready });
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot bind admin HTTP on {addr}"))?;
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let lifetime = header_timeout + request_timeout;
     Ok(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "admin HTTP server failed");
+        loop {
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    metrics::counter!(m::ADMIN_HTTP_CLOSED, "reason" => "accept_error")
+                        .increment(1);
+                    tracing::warn!(error = %e, "admin HTTP accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                // Closed at once: the descriptor is back before the next accept.
+                metrics::counter!(m::ADMIN_HTTP_CLOSED, "reason" => "limit").increment(1);
+                drop(stream);
+                continue;
+            };
+            let conn =
+                http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+            tokio::spawn(async move {
+                let _permit = permit;
+                let timed_out = match tokio::time::timeout(lifetime, conn).await {
+                    Ok(Ok(())) => false,
+                    Ok(Err(e)) => e.is_timeout(),
+                    Err(_) => true,
+                };
+                if timed_out {
+                    metrics::counter!(m::ADMIN_HTTP_CLOSED, "reason" => "timeout").increment(1);
+                }
+            });
         }
     })
 }

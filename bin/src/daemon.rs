@@ -50,7 +50,7 @@ pub async fn run(cfg: NodeConfig) -> Result<i32> {
     // Admin HTTP first: /livez and /metrics answer while the node joins; /readyz says 503 until
     // the node has started.
     let slot = crate::admin::ReadinessSlot::default();
-    let admin = crate::admin::bind(cfg.node.admin, metrics, slot.clone()).await?;
+    let admin = crate::admin::bind(cfg.node.admin, metrics, slot.clone(), &cfg.admin).await?;
     tokio::spawn(admin);
     #[cfg(feature = "fault-injection")]
     let socket = crate::fault_file::socket_from_env(cfg.node.listen)?;

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use futures::{StreamExt, TryStreamExt};
 use indicatif::{ProgressBar, ProgressStyle};
 use tidepool_runtime::client::ClusterClient;
-use tidepool_runtime::codec::{AdminOp, DatasetPart};
+use tidepool_runtime::codec::{AdminOp, DatasetPart, RESULT_CHUNK_HEADER};
 use tidepool_runtime::control::{DatasetRecord, DatasetSource, JobRecord, JobState};
 use tidepool_runtime::dataset::{self, Partition, Table};
 use tidepool_runtime::jobspec::JobSpec;
@@ -147,6 +147,16 @@ pub async fn create_synthetic(
     Ok(rec)
 }
 
+/// `tidepool dataset delete NAME`: removes the dataset's record and partition objects; refused
+/// while a pending or running job uses it. Returns whether there was such a dataset.
+pub async fn delete_dataset(client: &ClusterClient, name: &str) -> Result<bool> {
+    let bytes = client
+        .admin(AdminOp::DatasetDelete, &serde_json::json!({ "name": name }))
+        .await?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+    Ok(v["deleted"].as_bool().unwrap_or(false))
+}
+
 /// Datasets the cluster knows.
 pub async fn list_datasets(client: &ClusterClient) -> Result<Vec<DatasetRecord>> {
     let bytes = client
@@ -201,12 +211,54 @@ pub async fn cancel(client: &ClusterClient, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Bytes asked for per result chunk (a node may answer fewer, to fit its frame cap).
+pub const RESULT_CHUNK_BYTES: u64 = 4 << 20;
+
+/// A finished job's result document exactly as the coordinator stored it, fetched in chunks
+/// (`job_result_chunk`), so results larger than a frame come through.
+pub async fn result_bytes(client: &ClusterClient, id: &str) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut total = None;
+    loop {
+        let offset = out.len() as u64;
+        let reply = client
+            .admin(
+                AdminOp::JobResultChunk,
+                &serde_json::json!({ "id": id, "offset": offset, "length": RESULT_CHUNK_BYTES }),
+            )
+            .await?;
+        let Some((head, data)) = reply.split_first_chunk::<RESULT_CHUNK_HEADER>() else {
+            bail!(
+                "job {id}: result chunk reply of {} bytes has no header",
+                reply.len()
+            );
+        };
+        let size = u64::from_le_bytes(*head);
+        match total {
+            None => {
+                total = Some(size);
+                // Reserve only what a reply has shown exists, never a size read off the wire.
+                out.reserve(data.len());
+            }
+            Some(t) if t != size => bail!("job {id}: result changed size ({t} -> {size})"),
+            Some(_) => {}
+        }
+        out.extend_from_slice(data);
+        if out.len() as u64 > size {
+            bail!("job {id}: got {} bytes of a {size}-byte result", out.len());
+        }
+        if out.len() as u64 == size {
+            return Ok(out);
+        }
+        if data.is_empty() {
+            bail!("job {id}: empty chunk at offset {offset} of {size}");
+        }
+    }
+}
+
 /// A finished job's result document (the model for training jobs).
 pub async fn result(client: &ClusterClient, id: &str) -> Result<serde_json::Value> {
-    let bytes = client
-        .admin(AdminOp::JobResult, &serde_json::json!({ "id": id }))
-        .await?;
-    Ok(serde_json::from_slice(&bytes)?)
+    Ok(serde_json::from_slice(&result_bytes(client, id).await?)?)
 }
 
 /// Polls until the job reaches a terminal state (or `timeout`), optionally drawing a progress

@@ -42,6 +42,13 @@ pub enum DatasetCmd {
     },
     /// List datasets.
     List(Conn),
+    /// Delete a dataset: its record and its stored partitions (admin role). Refused while a
+    /// pending or running job uses it.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Write a built-in dataset (breast_cancer, digits) as DIR/train.csv and DIR/test.csv.
     Builtin {
         name: String,
@@ -157,6 +164,19 @@ pub async fn dataset(cmd: DatasetCmd) -> Result<()> {
             }
             Ok(())
         }
+        DatasetCmd::Delete { name, conn } => {
+            let client = connect(&conn).await?;
+            let existed = jobs_cli::delete_dataset(&client, &name).await?;
+            if conn.json {
+                return print_json(&serde_json::json!({ "name": name, "deleted": existed }));
+            }
+            if existed {
+                println!("deleted dataset {name:?}");
+            } else {
+                println!("no dataset {name:?}");
+            }
+            Ok(())
+        }
         DatasetCmd::Builtin {
             name,
             out,
@@ -229,10 +249,11 @@ pub async fn job(cmd: JobCmd) -> Result<()> {
         }
         JobCmd::Result { id, out, conn } => {
             let client = connect(&conn).await?;
-            let v = jobs_cli::result(&client, &id).await?;
+            let bytes = jobs_cli::result_bytes(&client, &id).await?;
             match out {
                 Some(path) => {
-                    std::fs::write(&path, serde_json::to_vec_pretty(&v)?)
+                    // The stored document as is (assembled from chunks): byte-identical.
+                    std::fs::write(&path, &bytes)
                         .with_context(|| format!("writing {}", path.display()))?;
                     if conn.json {
                         print_json(&serde_json::json!({ "id": id, "out": path }))?;
@@ -240,7 +261,10 @@ pub async fn job(cmd: JobCmd) -> Result<()> {
                         println!("result of {id} written to {}", path.display());
                     }
                 }
-                None => println!("{}", serde_json::to_string_pretty(&v)?),
+                None => {
+                    let v: serde_json::Value = serde_json::from_slice(&bytes)?;
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                }
             }
             Ok(())
         }

@@ -66,6 +66,10 @@ pub struct NodeConfig {
     pub lease: LeaseSection,
     /// The autoscaling recommendation the Raft leader computes and exports.
     pub autoscale: AutoscaleSection,
+    /// Limits of the admin HTTP listener (`node.admin`).
+    pub admin: AdminSection,
+    /// Job admission: memory budget and step caps.
+    pub jobs: JobsSection,
 }
 
 /// `[node]`: this node's identity and local addresses.
@@ -351,6 +355,89 @@ impl AutoscaleSection {
     }
 }
 
+/// `[admin]`: limits of the admin HTTP listener (`/metrics`, `/livez`, `/readyz`), so that idle
+/// or slow clients cannot hold the node's file descriptors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminSection {
+    /// Milliseconds a connection may take to send a request's headers, and may sit idle between
+    /// requests, before it is closed. > 0. Default 5000 (5 s).
+    pub header_read_timeout_ms: u64,
+    /// Milliseconds a request may take to be answered (503 after that). > 0. Default 10000.
+    pub request_timeout_ms: u64,
+    /// Open admin connections at once; further connections are closed as soon as they are
+    /// accepted. >= 1. Default 64.
+    pub max_connections: usize,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            header_read_timeout_ms: 5_000,
+            request_timeout_ms: 10_000,
+            max_connections: 64,
+        }
+    }
+}
+
+/// `[jobs]`: admission control (see `crate::admission`): a job or synthetic dataset that does
+/// not fit is refused at submit, with the numbers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobsSection {
+    /// Bytes of job data and model one node may hold: a job's whole dataset (a cluster shrunk to
+    /// one node must still run it) plus its model and messages, and the partition cache.
+    /// 1 MiB..=1 TiB. Default 8589934592 (8 GiB).
+    pub memory_budget_bytes: u64,
+    /// Most steps a job may plan (epochs x steps per epoch, k-means iterations). >= 1.
+    /// Default 10000000.
+    pub max_steps: u64,
+    /// Most epochs a training job may ask for. >= 1. Default 100000.
+    pub max_epochs: u64,
+}
+
+impl Default for JobsSection {
+    fn default() -> Self {
+        Self {
+            memory_budget_bytes: 8 * GIB,
+            max_steps: 10_000_000,
+            max_epochs: 100_000,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// The limits job admission checks against on this node.
+    pub fn admission_limits(&self) -> crate::admission::Limits {
+        crate::admission::Limits {
+            memory_budget_bytes: self.jobs.memory_budget_bytes,
+            max_frame_bytes: self.transport.max_frame_bytes,
+        }
+    }
+
+    /// The caps on a job spec's steps and epochs on this node.
+    pub fn job_caps(&self) -> crate::jobspec::JobCaps {
+        crate::jobspec::JobCaps {
+            max_steps: self.jobs.max_steps,
+            max_epochs: self.jobs.max_epochs,
+        }
+    }
+
+    fn validate_admin_and_jobs(&self) -> Result<(), ConfigError> {
+        let a = &self.admin;
+        positive("admin.header_read_timeout_ms", a.header_read_timeout_ms)?;
+        positive("admin.request_timeout_ms", a.request_timeout_ms)?;
+        positive("admin.max_connections", a.max_connections as u64)?;
+        let j = &self.jobs;
+        if !(MIB..=1024 * GIB).contains(&j.memory_budget_bytes) {
+            let reason = format!("{} bytes is outside 1 MiB..=1 TiB", j.memory_budget_bytes);
+            return Err(ConfigError::new("jobs.memory_budget_bytes", reason));
+        }
+        positive("jobs.max_steps", j.max_steps)?;
+        positive("jobs.max_epochs", j.max_epochs)
+    }
+}
+
 /// A configuration problem: which key, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("config key `{key}`: {reason}")]
@@ -430,6 +517,7 @@ impl NodeConfig {
         self.validate_limits()?;
         self.validate_lease()?;
         self.validate_autoscale()?;
+        self.validate_admin_and_jobs()?;
         validate_storage_url(&self.storage.url)
     }
 

@@ -830,3 +830,57 @@ fn autoscale_bounds_are_checked() {
         "autoscale.sample_ms"
     );
 }
+
+#[test]
+fn admin_http_limits() {
+    let c = NodeConfig::default();
+    assert_eq!(
+        c.admin,
+        AdminSection {
+            header_read_timeout_ms: 5_000,
+            request_timeout_ms: 10_000,
+            max_connections: 64,
+        }
+    );
+    for (key, edit) in [
+        (
+            "admin.header_read_timeout_ms",
+            Box::new(|c: &mut NodeConfig| c.admin.header_read_timeout_ms = 0)
+                as Box<dyn FnOnce(&mut NodeConfig)>,
+        ),
+        (
+            "admin.request_timeout_ms",
+            Box::new(|c: &mut NodeConfig| c.admin.request_timeout_ms = 0),
+        ),
+        (
+            "admin.max_connections",
+            Box::new(|c: &mut NodeConfig| c.admin.max_connections = 0),
+        ),
+    ] {
+        assert_eq!(invalid(edit), key);
+    }
+    let vars = env(&[("TIDEPOOL_ADMIN__MAX_CONNECTIONS", "8")]);
+    assert_eq!(
+        NodeConfig::load_from(None, &vars).map(|c| c.admin.max_connections),
+        Ok(8)
+    );
+}
+
+#[test]
+fn job_admission_limits() {
+    let c = NodeConfig::default();
+    assert_eq!(c.jobs.memory_budget_bytes, 8 << 30);
+    assert_eq!(c.admission_limits().max_frame_bytes, 64 << 20);
+    assert_eq!(c.job_caps().max_steps, 10_000_000);
+    assert_eq!(c.job_caps().max_epochs, 100_000);
+    let key = "jobs.memory_budget_bytes";
+    assert_eq!(invalid(|c| c.jobs.memory_budget_bytes = (1 << 20) - 1), key);
+    assert_eq!(invalid(|c| c.jobs.memory_budget_bytes = (1 << 40) + 1), key);
+    assert_eq!(invalid(|c| c.jobs.max_steps = 0), "jobs.max_steps");
+    assert_eq!(invalid(|c| c.jobs.max_epochs = 0), "jobs.max_epochs");
+    let vars = env(&[("TIDEPOOL_JOBS__MEMORY_BUDGET_BYTES", "1048576")]);
+    assert_eq!(
+        NodeConfig::load_from(None, &vars).map(|c| c.jobs.memory_budget_bytes),
+        Ok(1 << 20)
+    );
+}

@@ -37,6 +37,15 @@ pub enum JobSpecError {
     Invalid { key: &'static str, reason: String },
 }
 
+/// Caps on how long a job may run, from the node's config (`jobs.max_steps`,
+/// `jobs.max_epochs`): a spec asking for more is refused at submit instead of running (and
+/// checkpointing) for ever.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JobCaps {
+    pub max_steps: u64,
+    pub max_epochs: u64,
+}
+
 /// What a job computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -235,6 +244,32 @@ impl JobSpec {
         })
     }
 
+    /// Checks the spec against `caps` on a dataset of `rows` rows; the error names the key and
+    /// the cap's config key.
+    pub fn check_caps(&self, rows: u64, caps: &JobCaps) -> Result<(), JobSpecError> {
+        if let Some(e) = self.epochs.filter(|&e| e > caps.max_epochs) {
+            return Err(invalid(
+                "train.epochs",
+                format!("{e} is over jobs.max_epochs = {}", caps.max_epochs),
+            ));
+        }
+        let (key, steps) = match self.kind {
+            JobKind::Sgd | JobKind::LocalSgd => match self.steps {
+                Some(s) => ("train.steps", s),
+                None => ("train.epochs", self.train_steps(rows)),
+            },
+            JobKind::Kmeans => ("train.max_iter", self.max_iter),
+            JobKind::Stats => return Ok(()),
+        };
+        if steps > caps.max_steps {
+            return Err(invalid(
+                key,
+                format!("{steps} steps is over jobs.max_steps = {}", caps.max_steps),
+            ));
+        }
+        Ok(())
+    }
+
     /// Training steps for `rows` rows: `steps`, or `epochs * ceil(rows / batch_size)`
     /// (for local SGD, averaging rounds: that divided by `local_steps`, at least 1).
     pub fn train_steps(&self, rows: u64) -> u64 {
@@ -305,6 +340,48 @@ mod tests {
             let err = JobSpec::parse(text).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?}: {err}");
         }
+    }
+
+    #[test]
+    fn caps_come_from_config() {
+        let caps = JobCaps {
+            max_steps: 1000,
+            max_epochs: 10,
+        };
+        let sgd = |train: &str| {
+            JobSpec::parse(&format!(
+                "[job]\nkind = \"sgd\"\ndataset = \"d\"\n[model]\ntype = \"linear\"\n[train]\n{train}"
+            ))
+            .unwrap()
+        };
+        // (spec, rows, refused key)
+        let cases = [
+            (sgd("epochs = 10\nbatch_size = 10"), 1000, None),
+            (
+                sgd("epochs = 11\nbatch_size = 10"),
+                10,
+                Some("train.epochs"),
+            ),
+            (sgd("epochs = 1000000000000"), 10, Some("train.epochs")),
+            (sgd("epochs = 2\nbatch_size = 1"), 501, Some("train.epochs")),
+            (sgd("steps = 1000"), 1, None),
+            (sgd("steps = 1001"), 1, Some("train.steps")),
+        ];
+        for (spec, rows, want) in cases {
+            let got = spec.check_caps(rows, &caps);
+            match (want, got) {
+                (None, Ok(())) => {}
+                (Some(key), Err(JobSpecError::Invalid { key: k, reason })) => {
+                    assert_eq!(k, key, "{reason}");
+                    assert!(reason.contains("jobs.max_"), "{reason}");
+                }
+                (want, got) => panic!("{spec:?}: want {want:?}, got {got:?}"),
+            }
+        }
+        let km =
+            JobSpec::parse("[job]\nkind = \"kmeans\"\ndataset = \"d\"\n[train]\nmax_iter = 5000")
+                .unwrap();
+        assert!(km.check_caps(10, &caps).is_err());
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //!   partition format viewed in place, and a seeded synthetic generator.
 #![deny(unsafe_code)]
 
+pub mod admission;
 pub mod autoscale;
 pub mod budget;
 pub mod certs;

@@ -143,6 +143,10 @@ metric_table! {
         "Jobs that ended here, by final state (succeeded, failed, cancelled).";
     JOBS_RUNNING = "tidepool_jobs_running", Gauge, None, [],
         "Job coordinators running on this node.";
+    JOB_ADMISSIONS_REFUSED = "tidepool_job_admissions_refused_total", Counter, None, ["stage"],
+        "Jobs and datasets refused for their size or length: at submit, at synth, at a coordinator's (re)start, or a partition over the memory budget.";
+    ADMIN_HTTP_CLOSED = "tidepool_admin_http_connections_closed_total", Counter, None, ["reason"],
+        "Admin HTTP connections closed by the node: over max_connections, header or idle timeout, or an accept error.";
     DATASET_PARTS = "tidepool_dataset_parts_stored_total", Counter, None, [],
         "Dataset partition objects stored by imports through this node.";
     WORKER_THREADS = "tidepool_worker_threads", Gauge, None, [],
@@ -239,6 +243,16 @@ pub const ZERO_SERIES: &[(&str, &str, &[&str])] = &[
     (ROUTER_FORWARDED, "result", &["ok", "error"]),
     (SHARD_RESTORES, "result", &["ok", "error"]),
     (JOB_SHARD_TASKS, "result", &["done", "refused"]),
+    (
+        JOB_ADMISSIONS_REFUSED,
+        "stage",
+        &["submit", "synth", "start", "partition"],
+    ),
+    (
+        ADMIN_HTTP_CLOSED,
+        "reason",
+        &["limit", "timeout", "accept_error"],
+    ),
     (
         JOBS_FINISHED,
         "state",

@@ -36,14 +36,29 @@ pub enum AdminOp {
     JobCancel,
     /// A finished job's result document (payload: `{"id"}`).
     JobResult,
+    /// Remove a dataset: its record (through Raft) and its partition objects (payload:
+    /// `{"name"}`); refused while a pending or running job uses it.
+    DatasetDelete,
+    /// A slice of a finished job's result (payload: `{"id", "offset", "length"}`). The reply is
+    /// binary, not JSON: [`RESULT_CHUNK_HEADER`] bytes of little-endian `u64` total size, then
+    /// at most `length` bytes from `offset` (fewer at the end, or when the node caps the slice
+    /// to fit a frame). Results of any size are fetched this way.
+    JobResultChunk,
 }
+
+/// Bytes before the data in a [`AdminOp::JobResultChunk`] reply (the result's total size).
+pub const RESULT_CHUNK_HEADER: usize = 8;
 
 impl AdminOp {
     /// Whether a `reader` client may send it (reads only).
     pub fn read_only(self) -> bool {
         matches!(
             self,
-            AdminOp::DatasetList | AdminOp::JobStatus | AdminOp::JobList | AdminOp::JobResult
+            AdminOp::DatasetList
+                | AdminOp::JobStatus
+                | AdminOp::JobList
+                | AdminOp::JobResult
+                | AdminOp::JobResultChunk
         )
     }
 
@@ -57,6 +72,8 @@ impl AdminOp {
             AdminOp::JobList => "job_list",
             AdminOp::JobCancel => "job_cancel",
             AdminOp::JobResult => "job_result",
+            AdminOp::DatasetDelete => "dataset_delete",
+            AdminOp::JobResultChunk => "job_result_chunk",
         }
     }
 }

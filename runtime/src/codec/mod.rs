@@ -23,7 +23,7 @@ pub use frame::{
 };
 pub use job::{
     AdminOp, ArchivedAdminOp, DatasetPart, JobPartial, JobTask, ShardEpoch, FIXED_FRAC_BITS,
-    FIXED_MAX,
+    FIXED_MAX, RESULT_CHUNK_HEADER,
 };
 pub use persist::{
     decode_log, decode_snapshot, encode_log, encode_snapshot, LogRecord, SenderWindow,

@@ -198,6 +198,25 @@ pub(super) fn submit_job(map: &mut ClusterMap, rec: &JobRecord) -> CommandRespon
     }
 }
 
+/// Removes a dataset record. Deleting a dataset that is not there is `Ok` (a retried proposal);
+/// one that a pending or running job still reads is `Rejected`, naming the job: its shards would
+/// lose their partitions mid-run. Terminal jobs keep their records (and results).
+pub(super) fn delete_dataset(map: &mut ClusterMap, name: &str) -> CommandResponse {
+    if let Some(job) = map
+        .jobs
+        .values()
+        .find(|j| j.dataset == name && !j.state.is_terminal())
+    {
+        return CommandResponse::Rejected(format!(
+            "dataset {name:?} is used by job {} ({}); cancel it first",
+            job.id,
+            job.state.as_str()
+        ));
+    }
+    map.datasets.remove(name);
+    CommandResponse::Ok
+}
+
 /// Applies a coordinator's (or a cancel's) update. `Rejected` for an unknown job, for any
 /// update of a job already in a terminal state (unless it restates that state), and for a step
 /// that goes back.
@@ -312,6 +331,27 @@ mod tests {
         let mut missing = job("k");
         missing.dataset = "nope".into();
         assert!(!apply(&mut map, &Command::SubmitJob(missing)).is_ok());
+    }
+
+    #[test]
+    fn a_dataset_in_use_is_not_deleted() {
+        let mut map = map_with_dataset();
+        assert!(apply(&mut map, &Command::SubmitJob(job("j"))).is_ok());
+        let delete = Command::DeleteDataset { name: "d".into() };
+        let refused = apply(&mut map, &delete);
+        assert!(
+            matches!(&refused, CommandResponse::Rejected(r) if r.contains("job j")),
+            "{refused:?}"
+        );
+        assert!(map.datasets.contains_key("d"));
+        assert!(update(&mut map, "j", JobUpdate::state(JobState::Cancelled)));
+        assert!(apply(&mut map, &delete).is_ok());
+        assert!(!map.datasets.contains_key("d"));
+        assert!(apply(&mut map, &delete).is_ok(), "retry");
+        assert!(
+            !apply(&mut map, &Command::SubmitJob(job("k"))).is_ok(),
+            "no jobs on a deleted dataset"
+        );
     }
 
     #[test]

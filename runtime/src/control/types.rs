@@ -224,6 +224,9 @@ pub enum Command {
     UpdateJob { id: String, update: JobUpdate },
     /// Records the leader's autoscaling recommendation (always applies).
     SetAutoscale(AutoscaleStatus),
+    /// Removes a dataset record (`dataset delete`); `Rejected` while a pending or running job
+    /// uses it. Appended last: the log's existing entries keep their meaning.
+    DeleteDataset { name: String },
 }
 
 /// The result of applying one [`Command`].
@@ -291,6 +294,7 @@ pub fn apply(map: &mut ClusterMap, cmd: &Command) -> CommandResponse {
         Command::Batch(cmds) => batch(map, cmds),
         Command::PutDataset(rec) => records::put_dataset(map, rec),
         Command::SubmitJob(rec) => records::submit_job(map, rec),
+        Command::DeleteDataset { name } => records::delete_dataset(map, name),
         Command::UpdateJob { id, update } => records::update_job(map, id, update),
         Command::SetAutoscale(status) => {
             map.autoscale = Some(status.clone());

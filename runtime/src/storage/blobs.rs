@@ -68,15 +68,20 @@ impl Store {
         Ok(names)
     }
 
+    /// Deletes blob `key`; a blob already gone is `Ok` (a retry).
+    pub async fn delete_blob(&self, key: &str) -> Result<(), StorageError> {
+        match self.inner.delete(&self.blob_path(key)).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Deletes every blob under `prefix` (an abandoned import, a finished job's checkpoints).
     /// Returns how many were deleted.
     pub async fn delete_blobs(&self, prefix: &str) -> Result<usize, StorageError> {
         let names = self.list_blobs(prefix).await?;
         for name in &names {
-            match self.inner.delete(&self.blob_path(name)).await {
-                Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-                Err(e) => return Err(e.into()),
-            }
+            self.delete_blob(name).await?;
         }
         Ok(names.len())
     }
