@@ -312,9 +312,16 @@ impl NodeServices for Services {
                         at_ms,
                     };
                     match control.propose(cmd).await.map_err(control_failed)? {
-                        r if r.is_ok() => Ok(format!("revoked certificate {serial} of {node}")),
-                        r => Err((ErrorCode::BadRequest, format!("{r:?}"))),
+                        r if r.is_ok() => {}
+                        r => return Err((ErrorCode::BadRequest, format!("{r:?}"))),
                     }
+                    // A revoked node that is only a learner leaves the Raft group too, so the
+                    // leader stops replicating to it; a voter needs `cluster voters remove`.
+                    let mut text = format!("revoked certificate {serial} of {node}");
+                    if known.is_some() && control.forget_learner(&node).await.unwrap_or(false) {
+                        text.push_str(&format!("; {node} left the Raft group"));
+                    }
+                    Ok(text)
                 }
             }
         })
@@ -339,6 +346,7 @@ impl NodeServices for Services {
                 state: mb.state.as_str().to_string(),
                 reachable: mb.name == self.me || live.contains(&mb.name),
                 shards: counts.get(&mb.name).copied().unwrap_or(0),
+                voter: mb.voter,
             })
             .collect();
         let autoscale = map.autoscale.as_ref().map(|a| AutoscaleInfo {

@@ -865,7 +865,7 @@ pub fn decode_reply(frame: &Frame) -> OpReply {
 }
 
 async fn reply(link: &Link, me: &str, corr: u64, body: Body) {
-    if let Err(e) = link.send(&Envelope::new(me, Dest::Peer, corr, body)).await {
+    if let Err(e) = link.reply(Envelope::new(me, Dest::Peer, corr, body)).await {
         debug!(peer = %link.peer().name, error = %e, "reply not sent");
     }
 }

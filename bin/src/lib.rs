@@ -31,6 +31,7 @@ pub mod demo;
 pub mod fault_file;
 pub mod fault_spec;
 pub mod hostile;
+pub mod hostile_peer;
 pub mod http;
 pub mod jobs_cli;
 pub mod jobs_cmd;

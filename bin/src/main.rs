@@ -257,6 +257,7 @@ fn main() -> ExitCode {
     if let Cmd::Node(NodeCmd::Run { config }) = &cli.cmd {
         return match daemon::load_config(config) {
             Ok(cfg) => {
+                daemon::tune_allocator();
                 daemon::init_logging(matches!(cli.log_format, LogFormat::Json));
                 exit(runtime().and_then(|rt| rt.block_on(daemon::run(cfg))))
             }
@@ -457,7 +458,7 @@ async fn cluster_status(c: Conn) -> Result<()> {
         let members: Vec<_> = s
             .members
             .iter()
-            .map(|m| serde_json::json!({"name": m.name, "addr": m.addr, "state": m.state, "reachable": m.reachable, "shards": m.shards}))
+            .map(|m| serde_json::json!({"name": m.name, "addr": m.addr, "state": m.state, "reachable": m.reachable, "shards": m.shards, "voter": m.voter}))
             .collect();
         let autoscale = s.autoscale.as_ref().map(|a| {
             serde_json::json!({"desired": a.desired, "current": a.current, "utilization": a.utilization, "backlog": a.backlog, "reason": a.reason})
@@ -474,13 +475,13 @@ async fn cluster_status(c: Conn) -> Result<()> {
         };
         println!("leader: {leader}   term: {}", s.term);
         println!(
-            "{:<12} {:<24} {:<9} {:<10} {:>6}",
-            "NAME", "ADDR", "STATE", "REACHABLE", "SHARDS"
+            "{:<12} {:<24} {:<9} {:<6} {:<10} {:>6}",
+            "NAME", "ADDR", "STATE", "VOTER", "REACHABLE", "SHARDS"
         );
         for m in &s.members {
             println!(
-                "{:<12} {:<24} {:<9} {:<10} {:>6}",
-                m.name, m.addr, m.state, m.reachable, m.shards
+                "{:<12} {:<24} {:<9} {:<6} {:<10} {:>6}",
+                m.name, m.addr, m.state, m.voter, m.reachable, m.shards
             );
         }
         match &s.autoscale {

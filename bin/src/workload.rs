@@ -41,16 +41,33 @@ pub async fn run_increments(
     keys: u64,
     concurrency: usize,
 ) -> WorkloadReport {
+    run_increments_while(client, total, keys, concurrency, None).await
+}
+
+/// [`run_increments`], stopping early once `go` turns false (a workload that runs for as long
+/// as an experiment does).
+pub async fn run_increments_while(
+    client: Arc<ClusterClient>,
+    total: u64,
+    keys: u64,
+    concurrency: usize,
+    go: Option<Arc<std::sync::atomic::AtomicBool>>,
+) -> WorkloadReport {
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     let concurrency = concurrency.max(1) as u64;
     for t in 0..concurrency {
         let client = client.clone();
+        let go = go.clone();
         tasks.spawn(async move {
             let mut r = WorkloadReport::default();
             let mut counts = Counts::new();
             let mut i = t;
-            while i < total {
+            let going = || {
+                go.as_ref()
+                    .is_none_or(|g| g.load(std::sync::atomic::Ordering::Relaxed))
+            };
+            while i < total && going() {
                 let key = format!("k{}", i % keys);
                 r.ops += 1;
                 match client

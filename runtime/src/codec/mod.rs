@@ -155,6 +155,8 @@ pub struct MemberInfo {
     /// Whether the answering node has a live QUIC connection to it (always true for itself).
     pub reachable: bool,
     pub shards: u32,
+    /// Whether it votes in the control plane (voters are changed by `cluster voters`).
+    pub voter: bool,
 }
 
 /// `cluster status` reply.

@@ -48,13 +48,15 @@ fn arb_member() -> impl Strategy<Value = MemberInfo> {
         "up|down|joining|draining",
         any::<bool>(),
         any::<u32>(),
+        any::<bool>(),
     )
-        .prop_map(|(name, addr, state, reachable, shards)| MemberInfo {
+        .prop_map(|(name, addr, state, reachable, shards, voter)| MemberInfo {
             name,
             addr,
             state,
             reachable,
             shards,
+            voter,
         })
 }
 

@@ -17,7 +17,8 @@
 //! - **Forwarded proposals** (a node asks the leader to commit a command): a node may change
 //!   only its own state (drain itself, leave), complete the handoff of a shard it owns to the
 //!   target the map already names, report job progress and relay the dataset and job records of
-//!   admin requests it audited. Every other command (membership of others, shard moves, voters,
+//!   admin requests it audited (import, delete, submit, cancel): a member node is trusted to run
+//!   jobs, and those requests were checked against the admin's certificate where they arrived. Every other command (membership of others, shard moves, voters,
 //!   revocations, the shard count, autoscaling) is the leader's own or an admin operation.
 
 use std::collections::BTreeSet;
@@ -200,7 +201,10 @@ pub fn check_propose(map: &ClusterMap, from: &str, cmd: &Command) -> Result<(), 
                 forbidden(format!("an assignment of shard {shard}"))
             }
         }
-        Command::UpdateJob { .. } | Command::PutDataset(_) | Command::SubmitJob(_) => Ok(()),
+        Command::UpdateJob { .. }
+        | Command::PutDataset(_)
+        | Command::SubmitJob(_)
+        | Command::DeleteDataset { .. } => Ok(()),
         other => forbidden(command_name(other).into()),
     }
 }
@@ -219,6 +223,7 @@ pub fn command_name(cmd: &Command) -> &'static str {
         Command::SetAutoscale(_) => "set_autoscale",
         Command::SetVoter { .. } => "set_voter",
         Command::Revoke { .. } => "revoke",
+        Command::DeleteDataset { .. } => "delete_dataset",
     }
 }
 

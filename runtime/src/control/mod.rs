@@ -627,6 +627,23 @@ impl ControlPlane {
         self.record_voter(&info, false, deadline).await
     }
 
+    /// Admin, on the leader: drops `name` from the Raft membership if it is a learner (after its
+    /// certificate was revoked, the leader stops replicating to it). Voters must be removed
+    /// with [`remove_voter`](Self::remove_voter) first. Returns whether it was dropped.
+    pub async fn forget_learner(&self, name: &str) -> Result<bool, ControlError> {
+        let deadline = self.leader_deadline()?;
+        let Ok(info) = self.member_info(name) else {
+            return Ok(false);
+        };
+        if self.voters().iter().any(|v| v == name) {
+            return Ok(false);
+        }
+        let drop_it = ChangeMembers::RemoveNodes([info.id()].into());
+        self.change_membership(Change::Members(drop_it), deadline)
+            .await?;
+        Ok(true)
+    }
+
     fn leader_deadline(&self) -> Result<Instant, ControlError> {
         self.check_running()?;
         if !self.is_leader() {
@@ -862,7 +879,7 @@ impl ControlPlane {
         }
         match &existing {
             None => {
-                self.change_membership(Change::AddLearner(info.clone(), voter), deadline)
+                self.change_membership(Change::AddLearner(info.clone(), false), deadline)
                     .await?
             }
             Some(n) if n.addr != info.addr => {

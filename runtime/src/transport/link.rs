@@ -176,6 +176,22 @@ impl Link {
         out
     }
 
+    /// Queues a reply: encodes it and drops the body before waiting for send budget (a reply
+    /// that waits holds only its frame), then returns the request slot of its request.
+    pub async fn reply(&self, env: Envelope) -> Result<(), TransportError> {
+        let corr = env.correlation;
+        let encoded = codec::encode(&env).inspect_err(|_| {
+            metrics::counter!(m::TRANSPORT_SEND_DROPPED, "reason" => "encode").increment(1);
+        });
+        drop(env);
+        let out = match encoded {
+            Ok(frame) => self.send_encoded(frame).await,
+            Err(e) => Err(e.into()),
+        };
+        self.inner.awaiting.lock().remove(&corr);
+        out
+    }
+
     /// Queues an already encoded frame (lets a sender encode once for several peers or retries).
     ///
     /// The frame's bytes are paid for from the connection's send budget until written; a peer

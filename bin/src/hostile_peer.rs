@@ -1,0 +1,277 @@
+//! Authenticated but malicious peers (fault class F9, second half): a holder of a valid
+//! certificate from the cluster CA who sends what the node's own code never would. Shared by
+//! `tests/trust.rs` and the chaos harness.
+//!
+//! Frames are built here byte by byte where the attack is in the framing (announced lengths),
+//! and Raft payloads are written as JSON by hand (not through openraft's types), the way an
+//! independent client would.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tidepool_runtime::codec::{
+    self, Body, ControlKind, Dest, Envelope, ErrorCode, IdemKey, Op, ShardRequest,
+    FRAME_HEADER_LEN, PROTOCOL_VERSION,
+};
+use tidepool_runtime::control::node_id;
+use tidepool_runtime::transport::tls::{self, ANY_NODE};
+use tidepool_runtime::transport::TlsMaterial;
+
+/// A raw QUIC connection under some certificate.
+pub struct Attacker {
+    ep: quinn::Endpoint,
+    pub conn: quinn::Connection,
+    /// The name the certificate carries.
+    pub name: String,
+    /// Replies read by a background reader, by correlation id (`None`: replies are not read).
+    replies: Option<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<(u64, Answer)>>>,
+}
+
+impl std::fmt::Debug for Attacker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Attacker")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// What a node answered to one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// `ControlReply` payload (as text).
+    Reply(String),
+    /// An error reply.
+    Error(ErrorCode, String),
+    /// No answer in time (dropped, or the stream was reset).
+    Nothing,
+}
+
+impl Attacker {
+    /// Connects to `target` presenting `m` (a node's or a client's material) and reads every
+    /// reply the node sends.
+    pub async fn connect(target: SocketAddr, m: &TlsMaterial) -> Result<Attacker> {
+        Self::connect_with(target, m, true).await
+    }
+
+    /// Connects; with `read` false nothing the node sends is ever read.
+    pub async fn connect_with(target: SocketAddr, m: &TlsMaterial, read: bool) -> Result<Attacker> {
+        let ep = quinn::Endpoint::client("127.0.0.1:0".parse().context("addr")?)?;
+        let conn = ep
+            .connect_with(tls::client_config(m)?, target, ANY_NODE)?
+            .await
+            .context("handshake")?;
+        let replies = read.then(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(1024);
+            tokio::spawn(read_replies(conn.clone(), tx));
+            tokio::sync::Mutex::new(rx)
+        });
+        Ok(Attacker {
+            ep,
+            conn,
+            name: m.identity.name.clone(),
+            replies,
+        })
+    }
+
+    /// Sends one request envelope on a stream of its own and waits up to `wait` for the reply.
+    pub async fn ask(&self, corr: u64, body: Body, wait: Duration) -> Result<Answer> {
+        let env = Envelope::new(&self.name, Dest::Peer, corr, body);
+        let mut s = self.conn.open_uni().await?;
+        s.write_all(&codec::encode(&env)?.to_vec()).await?;
+        let _ = s.finish();
+        let Some(replies) = &self.replies else {
+            return Ok(Answer::Nothing);
+        };
+        let read = async {
+            let mut rx = replies.lock().await;
+            while let Some((c, answer)) = rx.recv().await {
+                if c == corr {
+                    return answer;
+                }
+            }
+            Answer::Nothing
+        };
+        Ok(tokio::time::timeout(wait, read)
+            .await
+            .unwrap_or(Answer::Nothing))
+    }
+
+    /// A control-plane RPC with a hand-written JSON payload.
+    pub async fn control(&self, corr: u64, kind: ControlKind, json: String) -> Result<Answer> {
+        let body = Body::Control {
+            kind,
+            payload: json.into_bytes(),
+        };
+        self.ask(corr, body, Duration::from_secs(5)).await
+    }
+
+    pub async fn close(self) {
+        self.conn.close(0u32.into(), b"");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.ep.wait_idle()).await;
+    }
+}
+
+/// Reads every frame on every stream the node opens and passes replies on.
+async fn read_replies(conn: quinn::Connection, tx: tokio::sync::mpsc::Sender<(u64, Answer)>) {
+    while let Ok(mut r) = conn.accept_uni().await {
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(f)) = codec::read_frame(&mut r, 64 << 20).await {
+                let Ok(env) = f.to_owned_envelope() else {
+                    return;
+                };
+                let answer = match env.body {
+                    Body::ControlReply(b) => {
+                        Answer::Reply(String::from_utf8_lossy(&b).into_owned())
+                    }
+                    Body::Error { code, message } => Answer::Error(code, message),
+                    other => Answer::Reply(format!("{other:?}")),
+                };
+                if tx.send((env.correlation, answer)).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// RequestVote from `candidate` (a node name) at `term`, as openraft's JSON.
+pub fn vote_json(candidate: &str, term: u64) -> String {
+    format!(
+        r#"{{"vote":{{"leader_id":{{"term":{term},"node_id":{}}},"committed":false}},"last_log_id":{{"leader_id":{{"term":{term},"node_id":{}}},"index":1000000}}}}"#,
+        node_id(candidate),
+        node_id(candidate)
+    )
+}
+
+/// AppendEntries from `leader` at `term`: a heartbeat (`entries` empty) or blank entries at
+/// the given indexes after `prev` (`(term, index)`).
+pub fn append_json(leader: &str, term: u64, prev: Option<(u64, u64)>, entries: &[u64]) -> String {
+    let id = node_id(leader);
+    let lid = |t: u64| format!(r#"{{"term":{t},"node_id":{id}}}"#);
+    let prev = prev.map_or("null".to_string(), |(t, i)| {
+        format!(r#"{{"leader_id":{},"index":{i}}}"#, lid(t))
+    });
+    let entries: Vec<String> = entries
+        .iter()
+        .map(|i| {
+            format!(
+                r#"{{"log_id":{{"leader_id":{},"index":{i}}},"payload":"Blank"}}"#,
+                lid(term)
+            )
+        })
+        .collect();
+    format!(
+        r#"{{"vote":{{"leader_id":{},"committed":true}},"prev_log_id":{prev},"entries":[{}],"leader_commit":null}}"#,
+        lid(term),
+        entries.join(",")
+    )
+}
+
+/// A forwarded proposal to set `name`'s member state.
+pub fn propose_state_json(name: &str, state: &str) -> String {
+    format!(r#"{{"cmd":{{"SetMemberState":{{"name":"{name}","state":"{state}"}}}}}}"#)
+}
+
+/// A join request for `name` at `addr`.
+pub fn join_json(name: &str, addr: &str, voter: bool) -> String {
+    format!(r#"{{"info":{{"name":"{name}","addr":"{addr}"}},"voter":{voter}}}"#)
+}
+
+/// Opens `streams` streams on one connection, each announcing a frame of `announce` bytes and
+/// sending only `send` of them, and keeps them open (the attack holds while the returned
+/// attacker lives).
+pub async fn announce_oversized(
+    target: SocketAddr,
+    m: &TlsMaterial,
+    streams: usize,
+    announce: u32,
+    send: usize,
+) -> Result<(Attacker, Vec<quinn::SendStream>)> {
+    let a = Attacker::connect(target, m).await?;
+    let mut open = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        let mut s = a.conn.open_uni().await?;
+        let mut head = [0u8; FRAME_HEADER_LEN];
+        head[..4].copy_from_slice(&announce.to_le_bytes());
+        head[4..6].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
+        s.write_all(&head).await?;
+        s.write_all(&vec![0x5a; send]).await?;
+        open.push(s);
+    }
+    Ok((a, open))
+}
+
+/// Sends `n` Gets of `key` (on `shard` at `epoch`) and never reads a reply: the client's
+/// receive windows fill and the node's replies have nowhere to go. Returns the attacker (the
+/// connection stays open, unread, while it lives).
+pub async fn never_read(
+    target: SocketAddr,
+    m: &TlsMaterial,
+    shard: u32,
+    epoch: u64,
+    key: &str,
+    n: u64,
+) -> Result<Attacker> {
+    let a = Attacker::connect_with(target, m, false).await?;
+    let mut s = a.conn.open_uni().await?;
+    let started = Instant::now();
+    for seq in 1..=n {
+        let env = Envelope::new(
+            &a.name,
+            Dest::Shard { shard, epoch },
+            seq,
+            Body::ShardRequest(ShardRequest {
+                idem: IdemKey {
+                    sender: 0x6d61_6c6c,
+                    seq,
+                },
+                op: Op::Get { key: key.into() },
+            }),
+        );
+        // The node may stop reading our stream (request slots full): that is the point.
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            s.write_all(&codec::encode(&env)?.to_vec()),
+        )
+        .await
+        {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => break,
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("sending {n} requests took over 30 s");
+        }
+    }
+    Ok(a)
+}
+
+/// Resident set size of a process in KiB (`VmRSS`).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Samples `pid`'s RSS every 50 ms while `f` runs; returns `f`'s output and the peak in KiB.
+pub async fn peak_rss<T>(pid: u32, f: impl std::future::Future<Output = T>) -> (T, u64) {
+    let peak = Arc::new(std::sync::atomic::AtomicU64::new(rss_kib(pid).unwrap_or(0)));
+    let sampler = {
+        let peak = peak.clone();
+        tokio::spawn(async move {
+            loop {
+                if let Some(r) = rss_kib(pid) {
+                    peak.fetch_max(r, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await; // sampling interval
+            }
+        })
+    };
+    let out = f.await;
+    sampler.abort();
+    (out, peak.load(std::sync::atomic::Ordering::Relaxed))
+}
