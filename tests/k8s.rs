@@ -433,11 +433,7 @@ fn ports_probes_and_services_match_the_daemon() {
     let cfg = pod_config(&docs, 0).unwrap();
     let quic = cfg.node.listen.port() as u64;
     let admin = cfg.node.admin.port() as u64;
-    assert_eq!(
-        (quic, admin),
-        (7400, 7401),
-        "the documented ports (DESIGN.md)"
-    );
+    assert_eq!((quic, admin), (7400, 7401), "the documented ports (README)");
     assert_eq!(container_port(&c, &"quic".into()), (quic, "UDP".into()));
     assert_eq!(container_port(&c, &"admin".into()), (admin, "TCP".into()));
     assert_eq!(

@@ -63,6 +63,7 @@ pub async fn sample_loop(meter: Arc<LoadMeter>, router: Router, transport: Trans
     let mut quic: HashMap<String, (u64, u64)> = HashMap::new();
     loop {
         tick.tick().await;
+        metrics::gauge!(m::TRANSPORT_INFLIGHT_BYTES).set(transport.inflight_bytes() as f64);
         let now = Instant::now();
         let busy = meter.busy_nanos.load(Ordering::Relaxed);
         window.push_back((now, busy));

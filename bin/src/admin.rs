@@ -102,13 +102,21 @@ pub async fn bind(
     })
 }
 
+/// Readiness now, also exported as `tidepool_node_ready` (so the gauge is current whenever it
+/// is scraped, whether or not anyone probes `/readyz`).
+fn ready_now(s: &AdminState) -> bool {
+    let ready = s.ready.get().is_some_and(Readiness::is_ready);
+    metrics::gauge!(tidepool_runtime::metrics::NODE_READY).set(if ready { 1.0 } else { 0.0 });
+    ready
+}
+
 async fn render(State(s): State<AdminState>) -> String {
+    ready_now(&s);
     s.metrics.render()
 }
 
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
-    let ready = s.ready.get().is_some_and(Readiness::is_ready);
-    metrics::gauge!(tidepool_runtime::metrics::NODE_READY).set(if ready { 1.0 } else { 0.0 });
+    let ready = ready_now(&s);
     if ready {
         (StatusCode::OK, "ready\n")
     } else {

@@ -275,3 +275,101 @@ pub async fn peak_rss<T>(pid: u32, f: impl std::future::Future<Output = T>) -> (
     sampler.abort();
     (out, peak.load(std::sync::atomic::Ordering::Relaxed))
 }
+
+/// What one round of authenticated attacks did; `accepted` lists anything not refused.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct MaliciousReport {
+    pub control_refused: usize,
+    pub oversized_streams: usize,
+    pub accepted: Vec<String>,
+}
+
+/// One round of attacks by holders of valid certificates against the node at `target`: a vote
+/// storm, a made-up leader and an impersonating vote from a spare node certificate issued for
+/// the occasion, a proposal and a join about another node, and 32 streams announcing 64 MiB
+/// frames from a reader (held for a second). `ca_dir` issues the certificates into `scratch`.
+pub async fn malicious_round(
+    target: SocketAddr,
+    ca_dir: &std::path::Path,
+    scratch: &std::path::Path,
+    seed: u64,
+) -> Result<MaliciousReport> {
+    use tidepool_runtime::certs::{self, Role, Subject, Validity};
+    let mut r = MaliciousReport::default();
+    let spare_name = format!("spare{}", seed % 1000);
+    let spare_dir = scratch.join(&spare_name);
+    certs::issue(
+        ca_dir,
+        &Subject::Node(spare_name.clone()),
+        &spare_dir,
+        Validity::days_from_now(1),
+    )?;
+    let spare = TlsMaterial::load_node(&spare_dir)?;
+    let reader_dir = scratch.join("mallory-reader");
+    certs::issue(
+        ca_dir,
+        &Subject::Client {
+            name: "mallory".into(),
+            role: Role::Reader,
+        },
+        &reader_dir,
+        Validity::days_from_now(1),
+    )?;
+    let reader = TlsMaterial::load_client(&reader_dir)?;
+
+    let a = Attacker::connect(target, &spare).await?;
+    let mut corr = 1u64;
+    let mut rpcs: Vec<(&str, ControlKind, String)> = Vec::new();
+    for term in 0..15u64 {
+        rpcs.push((
+            "vote storm",
+            ControlKind::RaftVote,
+            vote_json(&spare_name, 1_000 + term),
+        ));
+    }
+    rpcs.push((
+        "fake leader",
+        ControlKind::RaftAppend,
+        append_json(&spare_name, 2_000, None, &[]),
+    ));
+    rpcs.push((
+        "impersonated vote",
+        ControlKind::RaftVote,
+        vote_json("n1", 3_000),
+    ));
+    rpcs.push((
+        "proposal about another node",
+        ControlKind::Propose,
+        propose_state_json("n1", "draining"),
+    ));
+    rpcs.push((
+        "join under another name",
+        ControlKind::Join,
+        join_json("n1", "127.0.0.1:9", false),
+    ));
+    for (what, kind, json) in rpcs {
+        let answer = a.control(corr, kind, json).await?;
+        corr += 1;
+        let refused = match &answer {
+            Answer::Error(ErrorCode::Forbidden, _) => true,
+            // Forwarded requests are answered with the refusal itself.
+            Answer::Reply(t) => t.contains("refused") || t.contains("NotLeader"),
+            _ => false,
+        };
+        if refused {
+            r.control_refused += 1;
+        } else {
+            r.accepted.push(format!(
+                "{what} from a non-member node certificate: {answer:?}"
+            ));
+        }
+    }
+    a.close().await;
+
+    let (a, streams) = announce_oversized(target, &reader, 32, 64 << 20, 1024).await?;
+    r.oversized_streams = streams.len();
+    tokio::time::sleep(Duration::from_secs(1)).await; // the attack holds for a second
+    drop(streams);
+    a.close().await;
+    Ok(r)
+}

@@ -7,7 +7,7 @@
 //! raw values. With a label column (`--label`, or by default the model's own label column when
 //! the CSV has it) it also reports accuracy (logistic, softmax) or RMSE (linear).
 //!
-//! `--json` prints the stable shape of DESIGN.md §3, `{"rows": 320, "accuracy": 0.95}` (or
+//! `--json` prints the stable shape the README documents, `{"rows": 320, "accuracy": 0.95}` (or
 //! `"rmse"`), plus `"predictions"`, one per row in file order.
 
 use std::collections::HashMap;

@@ -1,5 +1,5 @@
 //! Sans-IO shard handoff: one shard's ownership, seen from one node, as a state machine that
-//! takes events and returns effects (DESIGN.md §2, invariants 1 "one owner", 3 "acknowledged
+//! takes events and returns effects (ARCHITECTURE.md, invariants 1 "one owner", 3 "acknowledged
 //! means durable" and 4 "lossless handoff").
 //!
 //! [`ShardHandoff::handle`] takes the instant and an [`Event`] (a cluster-map assignment, a lease

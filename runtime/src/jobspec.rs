@@ -1,5 +1,5 @@
 //! Job specs: the TOML a user submits (`tidepool job submit SPEC.toml`), parsed and validated
-//! before anything runs. Keys and meanings are DESIGN.md §3's; every error names the key.
+//! before anything runs. Keys and meanings are the README's; every error names the key.
 //!
 //! ```toml
 //! [job]

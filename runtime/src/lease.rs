@@ -1,5 +1,5 @@
 //! Sans-IO lease arithmetic: when a node may serve its shards, and when the control-plane leader
-//! may take them away (DESIGN.md §2, invariant 1, "one owner").
+//! may take them away (ARCHITECTURE.md, invariant 1, "one owner").
 //!
 //! Two pure state machines, driven by the caller with a monotonic `now` (an [`Instant`] on the
 //! caller's clock) and never reading a clock themselves:

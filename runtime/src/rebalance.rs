@@ -1,5 +1,5 @@
 //! Sans-IO rebalancing policy of the control-plane leader: from the cluster map and the set of
-//! nodes whose lease must have expired, the next shard changes to propose (DESIGN.md §2,
+//! nodes whose lease must have expired, the next shard changes to propose (ARCHITECTURE.md,
 //! invariant 1 "one owner"; invariant 7 applies to the pace of movement).
 //!
 //! [`plan`] is a pure function: same inputs, same changes, in shard-id order. The leader runs it

@@ -1,5 +1,5 @@
 //! Deterministic simulation of the cluster's ownership protocol over the real sans-IO cores, in
-//! the style of raft-rs's `harness/` (DESIGN.md §4 level 3; issue 6).
+//! the style of raft-rs's `harness/` (the deterministic-simulation tier of the tests).
 //!
 //! One seed drives one run: a [`StdRng`] seeded with it decides every delay, loss, fault and
 //! client operation, and a virtual millisecond clock advances from event to event (no sleeps, no

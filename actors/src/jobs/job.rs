@@ -13,7 +13,7 @@
 //! are taken element-wise, `rows` is added. Sums are converted per shard to fixed point
 //! ([`FIXED_FRAC_BITS`] fraction bits in an `i128`) and added as integers, which is associative:
 //! a node pre-sums all the shards it owns into one message, and the total is bit-identical
-//! whichever node ran which shard (DESIGN.md invariant 6). Converting back to `f64` happens once,
+//! whichever node ran which shard (ARCHITECTURE.md invariant 6). Converting back to `f64` happens once,
 //! on the coordinator.
 
 use serde::de::DeserializeOwned;

@@ -6,7 +6,7 @@
 //!   prediction, metrics, [`models::Standardizer`], the learning-rate schedule.
 //! - [`kmeans`]: seeded k-means++ init and Lloyd steps as mergeable partials.
 //! - [`sgd`]: the synchronous-SGD step as a pure function of per-shard partials taken in
-//!   shard-id order, and per-shard minibatch selection (DESIGN.md §2, invariant 6).
+//!   shard-id order, and per-shard minibatch selection (ARCHITECTURE.md, invariant 6).
 //!
 //! Not wired yet: the job coordinator actor, the user-job trait and the wire types of partials,
 //! dataset import and partition loading, local SGD, checkpointing of job state, and the CLI

@@ -1,7 +1,7 @@
 //! A small seeded RNG (xoshiro256** seeded through splitmix64) for the learning jobs.
 //!
 //! Every random choice a job makes comes from an [`Rng`] keyed by `(seed, step, shard)`, so a
-//! task re-run on another node after a failover draws exactly the same numbers (DESIGN.md §2,
+//! task re-run on another node after a failover draws exactly the same numbers (ARCHITECTURE.md,
 //! invariant 6). The generator is written out here rather than taken from a crate so its output
 //! can never change under us with a dependency upgrade: checkpoints and test expectations rely on
 //! the exact stream.

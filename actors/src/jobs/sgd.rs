@@ -1,4 +1,4 @@
-//! The synchronous-SGD step as a pure function (DESIGN.md §2, invariant 6).
+//! The synchronous-SGD step as a pure function (ARCHITECTURE.md, invariant 6).
 //!
 //! Each step, every shard draws its minibatch with [`minibatch_indices`] (seeded by
 //! `(seed, step, shard)`) and computes a [`ShardPartial`]; the coordinator passes all partials,

@@ -419,6 +419,17 @@ impl Run<'_> {
                 .await?;
                 self.hostile
                     .extend(r.accepted.iter().map(|a| format!("{name}: {a}")));
+                // Then holders of valid certificates: a spare node certificate speaking Raft,
+                // proposals and joins about others, announced frames that never come.
+                let mal = crate::hostile_peer::malicious_round(
+                    self.cluster.nodes[i].quic,
+                    &self.cluster.ca_dir(),
+                    &scratch,
+                    self.seed.wrapping_add(self.events.len() as u64),
+                )
+                .await?;
+                self.hostile
+                    .extend(mal.accepted.iter().map(|a| format!("{name}: {a}")));
                 // Memory stays bounded: the target's resident set may not grow by more than
                 // HOSTILE_RSS_GROWTH_KIB over the attack (it holds no state for refused peers).
                 let rss_after = pid.and_then(rss_kib);
@@ -439,8 +450,9 @@ impl Run<'_> {
                     "hostile",
                     &name,
                     format!(
-                        "{} refused handshakes, {} flood attempts, {} garbage datagrams, {} bad frames{rss}",
-                        r.refused_handshakes, r.flood_attempts, r.garbage_datagrams, r.bad_frames
+                        "{} refused handshakes, {} flood attempts, {} garbage datagrams, {} bad frames, {} refused control requests from a spare node certificate, {} announced 64 MiB frames{rss}",
+                        r.refused_handshakes, r.flood_attempts, r.garbage_datagrams, r.bad_frames,
+                        mal.control_refused, mal.oversized_streams
                     ),
                 );
             }

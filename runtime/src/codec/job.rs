@@ -4,7 +4,7 @@
 //! Partials are merged *exactly*: each shard's sums are converted to 2^-[`FIXED_FRAC_BITS`]
 //! fixed point (`i128`), so adding them is associative and a node can pre-sum all its shards
 //! into one message while the coordinator's total stays bit-identical however the shards are
-//! spread over nodes (DESIGN.md invariant 6). Minima and maxima merge exactly as they are.
+//! spread over nodes (ARCHITECTURE.md invariant 6). Minima and maxima merge exactly as they are.
 
 use rkyv::{Archive, Deserialize, Serialize};
 

@@ -116,7 +116,7 @@ pub struct Member {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardAssignment {
     pub owner: Option<String>,
-    /// Fencing epoch (DESIGN.md §2 invariant 2): every change of ownership bumps it.
+    /// Fencing epoch (ARCHITECTURE.md invariant 2): every change of ownership bumps it.
     pub epoch: u64,
     pub handoff_to: Option<String>,
 }

@@ -1,6 +1,6 @@
 //! Durable shard storage on an object store: per-shard op logs and epoch-fenced checkpoints.
 //!
-//! This layer makes DESIGN.md §2 invariants 2 (**fencing**) and 3 (**acknowledged means
+//! This layer makes ARCHITECTURE.md invariants 2 (**fencing**) and 3 (**acknowledged means
 //! durable**) true for shard state. Payloads are opaque [`Bytes`]: the codec encodes records and
 //! snapshots, this module only names, frames, checksums, orders and fences them.
 //!

@@ -619,6 +619,11 @@ impl Transport {
             .collect()
     }
 
+    /// Bytes of received frames held now, node-wide (against the node's receive budget).
+    pub fn inflight_bytes(&self) -> usize {
+        self.inner.recv_budget.in_use()
+    }
+
     /// Names of members with a live link now.
     pub fn live_peers(&self) -> Vec<String> {
         self.inner
