@@ -2,7 +2,7 @@
 //!
 //! This layer makes DESIGN.md §2 invariants 2 (**fencing**) and 3 (**acknowledged means
 //! durable**) true for shard state. Payloads are opaque [`Bytes`]: the codec encodes records and
-//! snapshots, this module only names, frames, checksums, orders and fences them.
+//! snapshots, this module only names, frames, seals, orders and fences them.
 //!
 //! # Objects
 //!
@@ -16,11 +16,16 @@
 //!   [`PutMode::Create`] (one writer per `(epoch, seq)`); `seq` is the last log seq the snapshot
 //!   covers (0 = before any record).
 //!
-//! Every object starts with a 48-byte header: magic `b"TDPL"`, format version (u16), kind
-//! (1 = log segment, 2 = checkpoint), flags (bit 0 = fence segment), epoch, seq (a segment's
-//! first seq or a checkpoint's covered seq), record count, payload length, and an xxh3-64
-//! checksum, then the payload. The checksum covers the header fields as well as the payload,
-//! because epoch/seq/count decide what a restore replays. The exact layout is in `format.rs`.
+//! Every object is sealed at rest (`seal.rs`): a 56-byte header (magic `b"TDPL"`, format
+//! version 2, kind (1 = log segment, 2 = checkpoint, 3 = blob), flags (bit 0 = fence segment),
+//! epoch, seq (a segment's first seq or a checkpoint's covered seq), record count, payload length,
+//! data key id, nonce), then the payload encrypted with AES-256-GCM under the cluster data key
+//! ([`keys`]), then the 16-byte tag. The header and the object's name relative to the store root
+//! are the associated data: epoch/seq/count decide what a restore replays, and a valid object
+//! moved to another name must not pass for it. Anything that does not open (damaged, forged,
+//! moved, truncated, an unknown key id, format version 1) is refused, counted in
+//! `tidepool_storage_rejected_objects_total{reason}` and never returned as data. The exact layout
+//! is in `format.rs`.
 //!
 //! # Fencing (invariant 2)
 //!
@@ -62,7 +67,7 @@
 //! [`Store::restore`] = [`Store::latest_checkpoint`] + [`Store::read_log`] after its seq. The
 //! first returned segment may start before `checkpoint.seq + 1` (segments are not split);
 //! [`Segment::records_to_skip`] says how many of its leading records the checkpoint already
-//! covers. Corrupt checkpoints (short, wrong magic, bad checksum, header not matching the name)
+//! covers. Corrupt checkpoints (short, wrong magic, failing the tag (forged), header not matching the name)
 //! are skipped with a warning, falling back to older ones and older epochs, and counted in
 //! [`RestoreReport::skipped_corrupt`] (the caller owns the metric). A corrupt *log segment*
 //! cannot be skipped (that would drop acknowledged operations): it is a hard
@@ -95,7 +100,7 @@
 //!   therefore fsyncs the new file and its directory (and, once per process, each directory up
 //!   to the store root) before returning `Ok`, which makes local objects durable on filesystems
 //!   that honour fsync. Deletions (compaction) are not fsynced: a resurrected old segment is
-//!   harmless. If the disk lies about flushes, a torn object fails its checksum on read.
+//!   harmless. If the disk lies about flushes, a torn object fails its tag on read.
 //! - **memory://** ([`InMemory`]): process-local, lost at exit. For tests and demos only.
 //!
 //! # URLs ([`Store::open`])
@@ -167,8 +172,8 @@ pub enum StorageError {
         "shard {shard}: seq {seq} is already taken (fenced by a newer owner, or a racing writer)"
     )]
     Fenced { shard: u32, seq: u64 },
-    /// An object that must be read is damaged (short, wrong magic/version, checksum mismatch,
-    /// header not matching its name) or the log it belongs to has a gap, an overlap or an epoch
+    /// An object that must be read is damaged or forged (short, wrong magic/version, failing
+    /// its AEAD tag, sealed with an unknown key, header not matching its name) or the log it belongs to has a gap, an overlap or an epoch
     /// going backwards. Nothing was changed; restoring this shard needs an operator.
     #[error("corrupt storage object {path}: {reason}")]
     Corrupt { path: String, reason: String },
