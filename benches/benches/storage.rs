@@ -12,6 +12,10 @@
 //! - `append_4KiB/*`: `Store::append` of one 4 KiB segment (a group commit of a few dozen ops)
 //!   at the next seq: what one durable acknowledgement costs; 1/time is durable op-log appends
 //!   per second for one writer.
+//! - `RESULT storage append_4KiB_interleaved.*`: the same appends, sealed and unsealed
+//!   alternating one by one (400 each), medians and p99 of each and the ratio of the medians.
+//!   The criterion rows above measure the variants seconds apart, and on a shared disk the fsync
+//!   time drifts more than sealing costs; alternating exposes both to the same drift.
 //! - `put_4KiB_memory/*`: `Store::put_blob` of 4 KiB to `memory://` (deleted again untimed):
 //!   no fsync, so the CPU cost of sealing is not hidden behind the disk.
 //! - `checkpoint_put_4MiB/*`: `Store::put_blob` of a 4 MiB job checkpoint (what a training job's
@@ -72,6 +76,11 @@ fn storage(c: &mut Criterion) {
         });
     }
     g.finish();
+    interleaved_appends(
+        &rt,
+        &format!("file://{}/log2", dir.path().display()),
+        &records,
+    );
 
     puts(
         c,
@@ -97,6 +106,36 @@ fn storage(c: &mut Criterion) {
         });
     }
     g.finish();
+}
+
+/// Sealed and unsealed appends alternating, each timed; reports medians, p99s and the ratio.
+fn interleaved_appends(rt: &tokio::runtime::Runtime, url: &str, records: &Bytes) {
+    const N: usize = 400;
+    let [sealed, unsealed] = stores(url);
+    let mut times = [Vec::with_capacity(N), Vec::with_capacity(N)];
+    for i in 0..N {
+        for (shard, (_, store)) in [&sealed, &unsealed].into_iter().enumerate() {
+            let t = Instant::now();
+            rt.block_on(store.append(shard as u32, 1, i as u64 + 1, 32, records.clone()))
+                .expect("append");
+            times[shard].push(t.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    let mut medians = [0.0; 2];
+    for (k, (label, _)) in [&sealed, &unsealed].into_iter().enumerate() {
+        let ts = &mut times[k];
+        ts.sort_by(f64::total_cmp);
+        medians[k] = ts[N / 2];
+        let key = format!("append_4KiB_interleaved.{label}");
+        tidepool_benches::report("storage", &format!("{key}.p50_us"), ts[N / 2], "us");
+        tidepool_benches::report("storage", &format!("{key}.p99_us"), ts[N * 99 / 100], "us");
+    }
+    tidepool_benches::report(
+        "storage",
+        "append_4KiB_interleaved.sealed_over_unsealed_p50",
+        medians[0] / medians[1],
+        "ratio",
+    );
 }
 
 /// `put_blob` of `body`, timed; each blob is deleted again outside the timed region so that
