@@ -313,10 +313,11 @@ fn warn_if_readable_by_others(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path) {
         let mode = meta.permissions().mode();
-        // Not refused: Kubernetes mounts secrets 0644 unless told otherwise, inside a pod only
-        // the node runs. Said loudly instead.
-        if mode & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "the data key file is readable by group or others; chmod 600 it");
+        // Not refused, and group access is fine: the documented deployments give it to the
+        // node's group (systemd: root:tidepool 0640; Kubernetes: fsGroup, 0440). Access for
+        // everyone else is said loudly.
+        if mode & 0o007 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "the data key file is readable by other users; chmod o-rwx it");
         }
     }
 }
