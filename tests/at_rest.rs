@@ -166,3 +166,84 @@ async fn a_node_writes_owner_only_files_and_sealed_objects() {
     assert!(segments >= 2, "a fence and the write: {segments} segments");
     assert!(found.0 >= 3 && found.1 >= 4, "dirs, files: {found:?}");
 }
+
+/// A job result edited on the storage, or swapped for another job's valid result, is refused by
+/// `job result` (never served as a model) and counted in the metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_job_result_is_refused_and_counted() {
+    use tidepool::http::sum_metric;
+    use tidepool::{datasets, jobs_cli};
+    use tidepool_runtime::control::JobState;
+
+    let mut cluster = LocalCluster::create(Path::new(BIN), 1, 8, 1).unwrap();
+    cluster.start_all().unwrap();
+    cluster.wait_ready(Duration::from_secs(60)).await.unwrap();
+    let opts = ClientOptions {
+        retry_for: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let client = cluster.admin_client(opts).await.unwrap();
+    local_cluster::wait_all_up(&client, 1, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let table = datasets::builtin("breast_cancer").unwrap();
+    jobs_cli::import_table(&client, &table, "bc").await.unwrap();
+    let spec = "[job]\nkind = \"stats\"\ndataset = \"bc\"\n[train]\nbins = 4\n";
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let id = jobs_cli::submit(&client, spec).await.unwrap();
+        let rec = jobs_cli::wait(&client, &id, false, Duration::from_secs(120))
+            .await
+            .unwrap();
+        assert_eq!(rec.state, JobState::Succeeded, "{rec:?}");
+        jobs_cli::result(&client, &id).await.unwrap();
+        ids.push(id);
+    }
+    let result_file = |id: &str| {
+        cluster
+            .root()
+            .join("shared/jobs")
+            .join(id)
+            .join("result.json")
+    };
+    let rejected = |text: &str, reason: &str| {
+        sum_metric(
+            text,
+            "tidepool_storage_rejected_objects_total",
+            &[("reason", reason)],
+        )
+    };
+    let before = cluster.metrics(0).await.unwrap();
+    assert_eq!(rejected(&before, "forged"), 0.0);
+
+    // The client retries an internal error until `retry_for`; every attempt is refused (and
+    // counted) again, so a short budget keeps this quick.
+    let once = ClientOptions {
+        retry_for: Duration::from_millis(1),
+        ..Default::default()
+    };
+    let client = cluster.admin_client(once).await.unwrap();
+
+    // Job 0's result replaced by job 1's (valid, sealed, same contents): moved, refused.
+    std::fs::copy(result_file(&ids[1]), result_file(&ids[0])).unwrap();
+    // Job 1's result edited in place.
+    let mut bytes = std::fs::read(result_file(&ids[1])).unwrap();
+    let last = bytes.len() - 20;
+    bytes[last] ^= 0x01;
+    std::fs::write(result_file(&ids[1]), bytes).unwrap();
+    for id in &ids {
+        let e = jobs_cli::result(&client, id).await.unwrap_err();
+        assert!(
+            format!("{e:#}").contains("authentication failed"),
+            "{id}: {e:#}"
+        );
+    }
+    let after = cluster.metrics(0).await.unwrap();
+    assert!(rejected(&after, "forged") >= 2.0, "{after}");
+    assert_eq!(
+        rejected(&after, "version") + rejected(&after, "unknown_key"),
+        0.0
+    );
+    client.close().await;
+    cluster.stop_all(Duration::from_secs(20)).await.unwrap();
+}
