@@ -67,11 +67,11 @@
 //! [`Store::restore`] = [`Store::latest_checkpoint`] + [`Store::read_log`] after its seq. The
 //! first returned segment may start before `checkpoint.seq + 1` (segments are not split);
 //! [`Segment::records_to_skip`] says how many of its leading records the checkpoint already
-//! covers. Corrupt checkpoints (short, wrong magic, failing the tag (forged), header not matching the name)
-//! are skipped with a warning, falling back to older ones and older epochs, and counted in
-//! [`RestoreReport::skipped_corrupt`] (the caller owns the metric). A corrupt *log segment*
-//! cannot be skipped (that would drop acknowledged operations): it is a hard
-//! [`StorageError::Corrupt`], as are gaps and overlaps in the needed part of the log.
+//! covers. Corrupt checkpoints (short, wrong magic, failing the tag: damaged or forged, header
+//! not matching the name) are skipped with a warning, falling back to older ones and older
+//! epochs, and counted in [`RestoreReport::skipped_corrupt`] (the caller owns the metric). A
+//! corrupt *log segment* cannot be skipped (that would drop acknowledged operations): it is a
+//! hard [`StorageError::Corrupt`], as are gaps and overlaps in the needed part of the log.
 //!
 //! # Garbage collection
 //!
@@ -173,8 +173,9 @@ pub enum StorageError {
     )]
     Fenced { shard: u32, seq: u64 },
     /// An object that must be read is damaged or forged (short, wrong magic/version, failing
-    /// its AEAD tag, sealed with an unknown key, header not matching its name) or the log it belongs to has a gap, an overlap or an epoch
-    /// going backwards. Nothing was changed; restoring this shard needs an operator.
+    /// its AEAD tag, sealed with an unknown key, header not matching its name) or the log it
+    /// belongs to has a gap, an overlap or an epoch going backwards. Nothing was changed;
+    /// restoring this shard needs an operator.
     #[error("corrupt storage object {path}: {reason}")]
     Corrupt { path: String, reason: String },
     /// The arguments cannot describe a valid write (seq 0, count 0, seq overflow). Nothing was
@@ -193,8 +194,8 @@ pub enum StorageError {
     /// A blob with this name already exists with different contents; nothing was written.
     #[error("blob {0:?} already exists with different contents")]
     Exists(String),
-    /// The payload cannot be sealed (larger than one AES-GCM message, about 64 GiB). Nothing
-    /// was written.
+    /// The payload cannot be sealed (larger than one AES-GCM message, about 64 GiB, or no
+    /// random numbers from the OS for its nonce). Nothing was written.
     #[error("cannot seal {path}: {reason}")]
     Seal { path: String, reason: String },
     /// Flushing a local (`file://`) object to disk failed. The object exists but may not survive
