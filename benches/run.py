@@ -38,6 +38,7 @@ VARIANTS = {
     "tensor-malloc-tuned": ("tensor", NO_ACTORS, MALLOC_TUNED, "tensor/4MiB_acked/(tidepool|quinn_raw)"),
     "decode": ("decode", NO_ACTORS, {}, None),
     "local": ("local", [], {}, None),
+    "storage": ("storage", NO_ACTORS, {}, None),
 }
 MIB4 = 4 * 1024 * 1024
 
@@ -131,6 +132,12 @@ def derive(m, prefix=""):
             d[f"local.{row}_over_ractor_call"] = t / rcall
         if t and rcast:
             d[f"local.{row}_over_ractor_cast"] = t / rcast
+    for group in ("append_4KiB", "put_4KiB_memory", "checkpoint_put_4MiB", "checkpoint_get_4MiB"):
+        sealed, unsealed = c(f"storage/{group}/sealed"), c(f"storage/{group}/unsealed")
+        if sealed and unsealed:
+            d[f"storage.{group}.sealed_over_unsealed"] = sealed / unsealed
+            d[f"storage.{group}.sealed_per_s"] = 1e9 / sealed
+            d[f"storage.{group}.unsealed_per_s"] = 1e9 / unsealed
     return d
 
 

@@ -288,7 +288,15 @@ async fn chunked_result(f: &Fixture) {
         "result only {} bytes",
         fetched.len()
     );
-    let store = Store::open(&format!("file://{}", shared(&f.c).display())).unwrap();
+    let keys = tidepool_runtime::storage::keys::KeyRing::load(
+        &f.c.root().join("certs").join("n1").join("data.key"),
+    )
+    .unwrap();
+    let store = Store::open(
+        &format!("file://{}", shared(&f.c).display()),
+        std::sync::Arc::new(keys),
+    )
+    .unwrap();
     let stored = store
         .get_blob(&tidepool_actors::coordinator::result_key(&id))
         .await

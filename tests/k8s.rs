@@ -612,12 +612,13 @@ fn volumes_args_and_certificates_fit_the_config() {
     );
     let tls = mount("tls");
     assert_eq!(Path::new(tls["mountPath"].as_str().unwrap()), cfg.tls.dir);
+    assert_eq!(cfg.data_key_file(), cfg.tls.dir.join("data.key"));
     assert_eq!(tls["subPathExpr"], "$(POD_NAME)");
     let env = pod_env(&sts, 4);
     assert!(env.contains(&("POD_NAME".into(), "tidepool-4".into())));
 
-    // The Secret has ca.pem + NAME.pem + NAME.key for every pod the autoscalers may create,
-    // each mapped to NAME/{ca.pem,node.pem,node.key}, the files the daemon loads.
+    // The Secret has ca.pem + data.key + NAME.pem + NAME.key for every pod the autoscalers may
+    // create, each mapped to NAME/{ca.pem,data.key,node.pem,node.key}, the files the daemon loads.
     let secret = volume("tls")["secret"].clone();
     let items: BTreeSet<(String, String)> = secret["items"]
         .as_array()
@@ -634,6 +635,7 @@ fn volumes_args_and_certificates_fit_the_config() {
     for ordinal in 0..max_replicas(&docs) {
         let (name, _) = pod(&sts, ordinal);
         expected.insert(("ca.pem".to_owned(), format!("{name}/ca.pem")));
+        expected.insert(("data.key".to_owned(), format!("{name}/data.key")));
         expected.insert((format!("{name}.pem"), format!("{name}/node.pem")));
         expected.insert((format!("{name}.key"), format!("{name}/node.key")));
     }

@@ -20,7 +20,7 @@ use tidepool_runtime::control::{
 use tidepool_runtime::lease::LeaseConfig;
 use tidepool_runtime::metrics as m;
 use tidepool_runtime::rebalance::RebalanceConfig;
-use tidepool_runtime::storage::Store;
+use tidepool_runtime::storage::{KeyRing, Store};
 use tidepool_runtime::transport::{PeerPolicy, Socket, TlsMaterial, Transport, TransportConfig};
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
@@ -54,6 +54,9 @@ pub enum NodeError {
     Transport(#[from] tidepool_runtime::transport::TransportError),
     #[error("storage: {0}")]
     Storage(#[from] tidepool_runtime::storage::StorageError),
+    /// The data key file (`storage.key_file`) is missing, unreadable or malformed.
+    #[error("storage.key_file: {0}")]
+    DataKey(#[from] tidepool_runtime::storage::KeyError),
     #[error("control plane: {0}")]
     Control(#[from] tidepool_runtime::control::ControlError),
     #[error("cannot create {path}: {source}")]
@@ -419,7 +422,9 @@ impl Node {
             path: cfg.node.data_dir.display().to_string(),
             source,
         })?;
-        let store = Store::open(&cfg.storage.url)?;
+        // Before binding anything: without its data keys a node can neither write nor read.
+        let keys = KeyRing::load(&cfg.data_key_file())?;
+        let store = Store::open(&cfg.storage.url, Arc::new(keys))?;
         let tcfg = TransportConfig {
             max_frame_bytes: cfg.transport.max_frame_bytes as usize,
             send_queue_depth: cfg.transport.send_queue_depth,

@@ -9,6 +9,7 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tidepool_actors::node::Node;
 use tidepool_runtime::config::{ConfigError, NodeConfig};
 use tidepool_runtime::metrics as m;
+use tidepool_runtime::storage::KeyRing;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
@@ -17,9 +18,30 @@ pub const EXIT_CONFIG: i32 = 64;
 /// Exit code after the supervisor escalated (EX_SOFTWARE): the node left instead of limping.
 pub const EXIT_ESCALATED: i32 = 70;
 
-/// Loads config; on failure prints which key is wrong and why.
+/// Loads config and checks that its data key file loads; on failure says which key is wrong
+/// and why. The key file is read here, before anything is bound, so a missing, unreadable or
+/// malformed one is a configuration error (exit 64) rather than a failure of a half-started node.
 pub fn load_config(path: &Path) -> Result<NodeConfig, ConfigError> {
-    NodeConfig::load(Some(path))
+    let cfg = NodeConfig::load(Some(path))?;
+    let key_file = cfg.data_key_file();
+    if let Err(e) = KeyRing::load(&key_file) {
+        let reason = format!("{e} (made by `tidepool certs init`, copied by `certs issue --node`)");
+        return Err(ConfigError::new("storage.key_file", reason));
+    }
+    Ok(cfg)
+}
+
+/// Makes everything the daemon creates from here on owner-only (files 0600, directories 0700):
+/// the data dir, the Raft log and snapshots, the audit and ownership logs, file:// objects.
+/// A umask covers every writer, including libraries (redb, object_store) that create files
+/// with the default 0666/0777. Called first thing in `tidepool node run`, before any thread.
+pub fn restrict_umask() {
+    #[allow(unsafe_code)]
+    // SAFETY: umask(2) takes and returns a plain integer, cannot fail, and touches no memory of
+    // ours. It is process-wide, which is what we want; no other thread exists yet.
+    unsafe {
+        libc::umask(0o077);
+    }
 }
 
 /// Installs the Prometheus recorder with explicit histogram buckets and every metric described.

@@ -191,12 +191,19 @@ enum NodeCmd {
 
 #[derive(Subcommand, Debug)]
 enum CertsCmd {
-    /// Create a cluster CA (ca.pem, ca.key) in DIR.
+    /// Create a cluster CA (ca.pem, ca.key) and a data key file (data.key) in DIR.
     Init {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Issue a node certificate (--node NAME) or a client certificate (--client NAME --role ROLE).
+    /// Add a fresh key to the CA dir's data key file (step 1 of a rotation; `current` is
+    /// unchanged). Copy the file to every node afterwards.
+    RotateDataKey {
+        #[arg(long)]
+        ca: PathBuf,
+    },
+    /// Issue a node certificate (--node NAME; the node dir also gets the CA dir's data.key) or a
+    /// client certificate (--client NAME --role ROLE).
     Issue {
         #[arg(long)]
         ca: PathBuf,
@@ -255,6 +262,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Config is validated before logging, sockets or threads exist.
     if let Cmd::Node(NodeCmd::Run { config }) = &cli.cmd {
+        daemon::restrict_umask();
         return match daemon::load_config(config) {
             Ok(cfg) => {
                 daemon::tune_allocator();
@@ -327,7 +335,17 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Node(NodeCmd::Run { .. }) => unreachable!("handled in main"),
         Cmd::Certs(CertsCmd::Init { out }) => {
             certs::init_ca(&out)?;
-            println!("cluster CA written to {}", out.display());
+            println!("cluster CA and data key written to {}", out.display());
+            Ok(())
+        }
+        Cmd::Certs(CertsCmd::RotateDataKey { ca }) => {
+            let id = certs::add_data_key(&ca)?;
+            let file = ca.join(certs::DATA_KEY_FILE);
+            println!(
+                "data key {id} added to {}; copy it to every node and restart them one by one, \
+                 then set `current = {id}` in it, copy and restart again",
+                file.display()
+            );
             Ok(())
         }
         Cmd::Certs(CertsCmd::Issue {

@@ -6,10 +6,14 @@
 //! dialing side) checks it too. Nothing else (config, handshake payloads) is trusted to say who
 //! a peer is.
 //!
-//! Files, all PEM:
-//! - CA directory: `ca.pem`, `ca.key` (0600).
-//! - Node directory: `ca.pem`, `node.pem`, `node.key` (0600).
+//! Files, all PEM except `data.key`:
+//! - CA directory: `ca.pem`, `ca.key` (0600), `data.key` (0600).
+//! - Node directory: `ca.pem`, `node.pem`, `node.key` (0600), `data.key` (0600).
 //! - Client directory: `ca.pem`, `client.pem`, `client.key` (0600).
+//!
+//! `data.key` is not a TLS key: it is the cluster's data key file, which seals storage objects
+//! at rest ([`crate::storage::keys`]). It lives with the CA because it is distributed the same
+//! way, to nodes only (clients never read the storage).
 //!
 //! Keys are ECDSA P-256: small, fast to verify, and supported by the `ring` provider.
 
@@ -26,6 +30,8 @@ use rcgen::{
 use time::{Duration, OffsetDateTime};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
+
+pub use crate::config::DATA_KEY_FILE;
 
 /// Common name of the cluster CA certificate.
 pub const CA_COMMON_NAME: &str = "tidepool cluster CA";
@@ -80,6 +86,9 @@ pub enum CertError {
         /// The DNS names in the SAN extension.
         sans: Vec<String>,
     },
+    /// Making, reading or copying the data key file failed.
+    #[error(transparent)]
+    DataKey(#[from] crate::storage::KeyError),
     /// `not_after` is not later than `not_before`.
     #[error(
         "validity period is empty: not_before {not_before} is not before not_after {not_after}"
@@ -212,8 +221,9 @@ pub fn valid_name(name: &str) -> bool {
 }
 
 /// Creates a new cluster CA in `out`: `ca.pem` and `ca.key` (mode 0600), valid for
-/// [`CA_VALIDITY_DAYS`]. Refuses to overwrite an existing `ca.key`: losing the CA key means
-/// re-issuing every certificate in the cluster.
+/// [`CA_VALIDITY_DAYS`], and a fresh data key file `data.key` (mode 0600) unless one is there.
+/// Refuses to overwrite an existing `ca.key`: losing the CA key means re-issuing every
+/// certificate in the cluster.
 pub fn init_ca(out: &Path) -> Result<(), CertError> {
     create_dir(out)?;
     let key_path = out.join("ca.key");
@@ -240,11 +250,34 @@ pub fn init_ca(out: &Path) -> Result<(), CertError> {
         let _ = fs::remove_file(&key_path);
         return Err(e);
     }
+    ensure_data_key(out)?;
     Ok(())
 }
 
+/// Makes `dir/data.key` with one fresh key unless it exists. An existing one is kept: losing a
+/// data key loses every object sealed with it.
+fn ensure_data_key(dir: &Path) -> Result<PathBuf, CertError> {
+    let path = dir.join(DATA_KEY_FILE);
+    match crate::storage::keys::write_new_key_file(&path) {
+        Ok(()) | Err(crate::storage::KeyError::Exists(_)) => Ok(path),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Step 1 of a data key rotation: appends a fresh key to the CA directory's `data.key` (made
+/// first if missing), leaving `current` alone. Returns the new key's id. The file must then be
+/// copied to every node (see README, "Encryption at rest").
+pub fn add_data_key(ca_dir: &Path) -> Result<crate::storage::KeyId, CertError> {
+    let path = ensure_data_key(ca_dir)?;
+    let text = read_to_string(&path)?;
+    let (text, id) = crate::storage::keys::add_key_to_file_text(&text)?;
+    crate::storage::keys::write_secret(&path, text.as_bytes(), false)?;
+    Ok(id)
+}
+
 /// Issues a certificate for `subject`, signed by the CA in `ca_dir`, into `out` (created if
-/// missing), together with a copy of the CA certificate. Returns the path of the new
+/// missing), together with a copy of the CA certificate and, for a node, of the data key file
+/// (`data.key`, made in `ca_dir` first if that CA predates it). Returns the path of the new
 /// certificate (`node.pem` or `client.pem`). Existing files of the same names are replaced
 /// (re-issuing is how certificates are rotated).
 pub fn issue(
@@ -301,6 +334,12 @@ pub fn issue(
     write_atomic(&cert_path, cert.pem().as_bytes(), false)?;
     // Written from memory rather than fs::copy: `out` may be `ca_dir` itself.
     write_atomic(&out.join("ca.pem"), ca_pem.as_bytes(), false)?;
+    if role == Role::Node {
+        let data_key = read_to_string(&ensure_data_key(ca_dir)?)?;
+        // Checked before it is handed out: a node must not get a file it would refuse.
+        crate::storage::KeyRing::parse(&data_key)?;
+        crate::storage::keys::write_secret(&out.join(DATA_KEY_FILE), data_key.as_bytes(), false)?;
+    }
     Ok(cert_path)
 }
 
@@ -661,5 +700,66 @@ mod tests {
             identity_from_der(b"garbage"),
             Err(CertError::Parse(_))
         ));
+    }
+
+    #[test]
+    fn nodes_get_the_cas_data_key_and_clients_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        init_ca(&ca).unwrap();
+        let text = fs::read_to_string(ca.join(DATA_KEY_FILE)).unwrap();
+        crate::storage::KeyRing::parse(&text).unwrap();
+        let (n1, c1) = (dir.path().join("n1"), dir.path().join("c1"));
+        let days = Validity::days_from_now(30);
+        issue(&ca, &Subject::Node("n1".into()), &n1, days).unwrap();
+        let client = Subject::Client {
+            name: "c1".into(),
+            role: Role::Admin,
+        };
+        issue(&ca, &client, &c1, days).unwrap();
+        assert_eq!(fs::read_to_string(n1.join(DATA_KEY_FILE)).unwrap(), text);
+        assert!(!c1.join(DATA_KEY_FILE).exists());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            for f in [ca.join(DATA_KEY_FILE), n1.join(DATA_KEY_FILE)] {
+                let mode = fs::metadata(&f).unwrap().permissions().mode();
+                assert_eq!(mode & 0o777, 0o600, "{}", f.display());
+            }
+        }
+
+        // Rotation step 1: a new key, the current one unchanged; the next issue copies it.
+        let id = add_data_key(&ca).unwrap();
+        assert_eq!(id, crate::storage::KeyId(2));
+        issue(&ca, &Subject::Node("n1".into()), &n1, days).unwrap();
+        let ring = crate::storage::KeyRing::load(&n1.join(DATA_KEY_FILE)).unwrap();
+        use crate::storage::KeyProvider;
+        assert_eq!(ring.current().id(), crate::storage::KeyId(1));
+        assert!(ring.get(id).is_some());
+    }
+
+    #[test]
+    fn a_ca_from_before_data_keys_gets_one_on_the_next_issue() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca");
+        init_ca(&ca).unwrap();
+        fs::remove_file(ca.join(DATA_KEY_FILE)).unwrap();
+        let n1 = dir.path().join("n1");
+        issue(
+            &ca,
+            &Subject::Node("n1".into()),
+            &n1,
+            Validity::days_from_now(1),
+        )
+        .unwrap();
+        assert_eq!(
+            fs::read(ca.join(DATA_KEY_FILE)).unwrap(),
+            fs::read(n1.join(DATA_KEY_FILE)).unwrap()
+        );
+        // init_ca keeps an existing data key (here, after the CA key is gone).
+        fs::remove_file(ca.join("ca.key")).unwrap();
+        let before = fs::read(ca.join(DATA_KEY_FILE)).unwrap();
+        init_ca(&ca).unwrap();
+        assert_eq!(fs::read(ca.join(DATA_KEY_FILE)).unwrap(), before);
     }
 }

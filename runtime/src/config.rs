@@ -164,15 +164,23 @@ pub struct StorageSection {
     /// object_store URL; scheme one of `file`, `s3`, `gs`, `az`, `memory`.
     /// Default `file://./data/shared`.
     pub url: String,
+    /// The data key file that seals every storage object at rest (format in
+    /// `storage::keys`). Default (unset): `data.key` in the `[tls]` directory, where
+    /// `tidepool certs issue --node` puts it. Every node of a cluster needs the same keys.
+    pub key_file: Option<PathBuf>,
 }
 
 impl Default for StorageSection {
     fn default() -> Self {
         Self {
             url: "file://./data/shared".into(),
+            key_file: None,
         }
     }
 }
+
+/// Name of the data key file in a certificate directory.
+pub const DATA_KEY_FILE: &str = "data.key";
 
 /// `[transport]`: QUIC transport limits and timeouts.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -518,7 +526,20 @@ impl NodeConfig {
         self.validate_lease()?;
         self.validate_autoscale()?;
         self.validate_admin_and_jobs()?;
-        validate_storage_url(&self.storage.url)
+        validate_storage_url(&self.storage.url)?;
+        if self.storage.key_file.as_deref() == Some(Path::new("")) {
+            let reason = "is empty; leave it out for data.key in the [tls] dir";
+            return Err(ConfigError::new("storage.key_file", reason));
+        }
+        Ok(())
+    }
+
+    /// The data key file: `storage.key_file`, or `data.key` in `tls.dir`.
+    pub fn data_key_file(&self) -> PathBuf {
+        self.storage
+            .key_file
+            .clone()
+            .unwrap_or_else(|| self.tls.dir.join(DATA_KEY_FILE))
     }
 
     /// Whether this node (`node.name`) is one of the control-plane voters (`cluster.voters`).

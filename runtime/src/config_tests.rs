@@ -54,6 +54,19 @@ fn defaults_are_valid() {
 }
 
 #[test]
+fn the_data_key_file_defaults_to_the_tls_dir() {
+    let c = NodeConfig::default();
+    assert_eq!(c.storage.key_file, None);
+    assert_eq!(c.data_key_file(), Path::new("./certs/n1/data.key"));
+    let c = load_toml("[tls]\ndir = \"/etc/tp\"\n").unwrap();
+    assert_eq!(c.data_key_file(), Path::new("/etc/tp/data.key"));
+    let c = load_toml("[storage]\nkey_file = \"/run/secrets/k\"\n").unwrap();
+    assert_eq!(c.data_key_file(), Path::new("/run/secrets/k"));
+    let e = load_toml("[storage]\nkey_file = \"\"\n").unwrap_err();
+    assert_eq!(e.key, "storage.key_file");
+}
+
+#[test]
 fn no_file_no_env_gives_defaults() {
     assert_eq!(NodeConfig::load_from(None, &[]), Ok(NodeConfig::default()));
 }

@@ -89,6 +89,10 @@ metric_table! {
         "Requests buffered at the router for shards in handoff (bounded per shard).";
     SHARD_RESTORES = "tidepool_shard_restores_total", Counter, None, ["result"],
         "Shard restores from checkpoint + op log when this node became an owner (ok, error).";
+    STORAGE_REJECTED_OBJECTS = "tidepool_storage_rejected_objects_total", Counter, None, ["reason"],
+        "Storage objects refused on read and never served (truncated, malformed, version, unknown_key, forged).";
+    STORAGE_SEALED_OBJECTS = "tidepool_storage_sealed_objects_total", Counter, None, [],
+        "Storage objects sealed (AES-256-GCM, random nonce) by this node; rotate the data key well before 2^32 per key.";
     RAFT_LEADER_CHANGES = "tidepool_raft_leader_changes_total", Counter, None, [],
         "Control-plane leadership changes seen by this node.";
     RAFT_COMMIT_LATENCY = "tidepool_raft_commit_latency_seconds", Histogram, Some(Unit::Seconds), [],
@@ -242,6 +246,11 @@ pub const ZERO_SERIES: &[(&str, &str, &[&str])] = &[
     ),
     (ROUTER_FORWARDED, "result", &["ok", "error"]),
     (SHARD_RESTORES, "result", &["ok", "error"]),
+    (
+        STORAGE_REJECTED_OBJECTS,
+        "reason",
+        &["truncated", "malformed", "version", "unknown_key", "forged"],
+    ),
     (JOB_SHARD_TASKS, "result", &["done", "refused"]),
     (
         JOB_ADMISSIONS_REFUSED,

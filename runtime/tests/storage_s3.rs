@@ -11,7 +11,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tidepool_runtime::storage::{StorageError, Store};
+use std::sync::{Arc, OnceLock};
+use tidepool_runtime::storage::{KeyProvider, KeyRing, StorageError, Store};
 
 const BUCKET: &str = "tidepool-test";
 
@@ -142,7 +143,15 @@ fn open(moto: &Moto, prefix: &str) -> Store {
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
     .collect();
-    Store::open_with_options(&format!("s3://{BUCKET}/{prefix}"), &options).expect("open s3 store")
+    Store::open_with_options(&format!("s3://{BUCKET}/{prefix}"), &options, keys())
+        .expect("open s3 store")
+}
+
+/// One data key ring for every store of this test, so that all of them read each other.
+fn keys() -> Arc<dyn KeyProvider> {
+    static KEYS: OnceLock<Arc<KeyRing>> = OnceLock::new();
+    KEYS.get_or_init(|| Arc::new(KeyRing::ephemeral().expect("a random data key")))
+        .clone()
 }
 
 fn fenced<T: std::fmt::Debug>(r: Result<T, StorageError>) -> bool {

@@ -1,8 +1,8 @@
 //! Named blobs outside the shards' logs: dataset partitions, job checkpoints and job results.
 //!
-//! Every blob is written create-once with the same checksummed header as log segments
-//! (kind 3), so a torn or flipped object is reported as [`StorageError::Corrupt`], never
-//! returned as data, and two writers of one name cannot silently overwrite each other: an
+//! Every blob is written create-once and sealed like log segments (kind 3), so a torn,
+//! flipped, forged or moved object is reported as [`StorageError::Corrupt`], never returned as
+//! data, and two writers of one name cannot silently overwrite each other: an
 //! identical retry is `Ok`, different contents are [`StorageError::Fenced`]-like
 //! [`StorageError::Exists`].
 
@@ -14,7 +14,7 @@ use super::format::{Header, Kind};
 use super::{Created, StorageError, Store};
 
 impl Store {
-    fn blob_path(&self, key: &str) -> Path {
+    pub(super) fn blob_path(&self, key: &str) -> Path {
         key.split('/')
             .filter(|p| !p.is_empty())
             .fold(self.root.clone(), |p, part| p.child(part))
@@ -36,7 +36,7 @@ impl Store {
         }
     }
 
-    /// Reads blob `key` and checks its checksum; `Ok(None)` if there is no such blob.
+    /// Reads blob `key` and opens it (see `seal.rs`); `Ok(None)` if there is no such blob.
     pub async fn get_blob(&self, key: &str) -> Result<Option<Bytes>, StorageError> {
         let path = self.blob_path(key);
         match self.get_checked(&path, Kind::Blob).await {

@@ -613,7 +613,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("node-1.storage.json");
         std::fs::write(&file, r#"{"write_error_rate":1.0}"#).unwrap();
-        let plain = Store::open(&format!("file://{}/store", dir.path().display())).unwrap();
+        let plain = Store::open(
+            &format!("file://{}/store", dir.path().display()),
+            super::super::test_keys(),
+        )
+        .unwrap();
         let store = wrap_with(plain, Some(&file));
         assert!(store.inner.to_string().starts_with("FaultyStore"));
         assert!(store.local.is_some());

@@ -126,7 +126,7 @@ impl Store {
     }
 
     /// Every segment holding records after `after_seq`, in seq order, fences included, each
-    /// checksum-verified. The log must be contiguous from the segment holding `after_seq + 1`
+    /// opened and verified. The log must be contiguous from the segment holding `after_seq + 1`
     /// on: a gap, an overlap, an epoch going backwards or a corrupt segment is `Corrupt`.
     /// The first segment may start before `after_seq + 1` (see [`Segment::records_to_skip`]).
     pub async fn read_log(&self, shard: u32, after_seq: u64) -> Result<Vec<Segment>, StorageError> {
@@ -288,6 +288,9 @@ impl Store {
                 break;
             }
             // The next name bounds the end only if the log is well formed: check the header.
+            // Only the header is read, so it is not authenticated (the tag covers the whole
+            // object): a forged one can at worst make this keep a segment, or delete one, which
+            // whoever can write such a header can do directly. Nothing read here is served.
             let head = self.inner.get_range(path, 0..HEADER_LEN as u64).await?;
             let header = match format::decode_header(&head, Kind::Segment) {
                 Ok((h, _)) if h.seq == *seq => h,

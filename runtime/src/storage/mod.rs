@@ -2,7 +2,7 @@
 //!
 //! This layer makes ARCHITECTURE.md invariants 2 (**fencing**) and 3 (**acknowledged means
 //! durable**) true for shard state. Payloads are opaque [`Bytes`]: the codec encodes records and
-//! snapshots, this module only names, frames, checksums, orders and fences them.
+//! snapshots, this module only names, frames, seals, orders and fences them.
 //!
 //! # Objects
 //!
@@ -16,11 +16,16 @@
 //!   [`PutMode::Create`] (one writer per `(epoch, seq)`); `seq` is the last log seq the snapshot
 //!   covers (0 = before any record).
 //!
-//! Every object starts with a 48-byte header: magic `b"TDPL"`, format version (u16), kind
-//! (1 = log segment, 2 = checkpoint), flags (bit 0 = fence segment), epoch, seq (a segment's
-//! first seq or a checkpoint's covered seq), record count, payload length, and an xxh3-64
-//! checksum, then the payload. The checksum covers the header fields as well as the payload,
-//! because epoch/seq/count decide what a restore replays. The exact layout is in `format.rs`.
+//! Every object is sealed at rest (`seal.rs`): a 56-byte header (magic `b"TDPL"`, format
+//! version 2, kind (1 = log segment, 2 = checkpoint, 3 = blob), flags (bit 0 = fence segment),
+//! epoch, seq (a segment's first seq or a checkpoint's covered seq), record count, payload length,
+//! data key id, nonce), then the payload encrypted with AES-256-GCM under the cluster data key
+//! ([`keys`]), then the 16-byte tag. The header and the object's name relative to the store root
+//! are the associated data: epoch/seq/count decide what a restore replays, and a valid object
+//! moved to another name must not pass for it. Anything that does not open (damaged, forged,
+//! moved, truncated, an unknown key id, format version 1) is refused, counted in
+//! `tidepool_storage_rejected_objects_total{reason}` and never returned as data. The exact layout
+//! is in `format.rs`.
 //!
 //! # Fencing (invariant 2)
 //!
@@ -62,11 +67,11 @@
 //! [`Store::restore`] = [`Store::latest_checkpoint`] + [`Store::read_log`] after its seq. The
 //! first returned segment may start before `checkpoint.seq + 1` (segments are not split);
 //! [`Segment::records_to_skip`] says how many of its leading records the checkpoint already
-//! covers. Corrupt checkpoints (short, wrong magic, bad checksum, header not matching the name)
-//! are skipped with a warning, falling back to older ones and older epochs, and counted in
-//! [`RestoreReport::skipped_corrupt`] (the caller owns the metric). A corrupt *log segment*
-//! cannot be skipped (that would drop acknowledged operations): it is a hard
-//! [`StorageError::Corrupt`], as are gaps and overlaps in the needed part of the log.
+//! covers. Corrupt checkpoints (short, wrong magic, failing the tag: damaged or forged, header
+//! not matching the name) are skipped with a warning, falling back to older ones and older
+//! epochs, and counted in [`RestoreReport::skipped_corrupt`] (the caller owns the metric). A
+//! corrupt *log segment* cannot be skipped (that would drop acknowledged operations): it is a
+//! hard [`StorageError::Corrupt`], as are gaps and overlaps in the needed part of the log.
 //!
 //! # Garbage collection
 //!
@@ -95,7 +100,7 @@
 //!   therefore fsyncs the new file and its directory (and, once per process, each directory up
 //!   to the store root) before returning `Ok`, which makes local objects durable on filesystems
 //!   that honour fsync. Deletions (compaction) are not fsynced: a resurrected old segment is
-//!   harmless. If the disk lies about flushes, a torn object fails its checksum on read.
+//!   harmless. If the disk lies about flushes, a torn object fails its tag on read.
 //! - **memory://** ([`InMemory`]): process-local, lost at exit. For tests and demos only.
 //!
 //! # URLs ([`Store::open`])
@@ -123,11 +128,22 @@ mod checkpoint;
 #[cfg(feature = "fault-injection")]
 pub mod faulty;
 mod format;
+pub mod keys;
 mod log;
 mod open;
+mod seal;
 
 #[cfg(test)]
 mod tests;
+
+/// One key ring for every store a test opens, so that two opens of one URL read each other.
+#[cfg(test)]
+pub(crate) fn test_keys() -> Arc<dyn KeyProvider> {
+    static KEYS: std::sync::OnceLock<Arc<KeyRing>> = std::sync::OnceLock::new();
+    #[allow(clippy::unwrap_used)]
+    let keys = KEYS.get_or_init(|| Arc::new(KeyRing::ephemeral().unwrap()));
+    keys.clone()
+}
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -138,6 +154,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, PutMode, PutPayload};
 
 use format::{Header, Kind};
+pub use keys::{DataKey, KeyError, KeyId, KeyProvider, KeyRing};
 
 /// How many times [`Store::fence`] re-reads the log end after losing the race for it.
 pub const MAX_FENCE_ATTEMPTS: u32 = 64;
@@ -155,9 +172,10 @@ pub enum StorageError {
         "shard {shard}: seq {seq} is already taken (fenced by a newer owner, or a racing writer)"
     )]
     Fenced { shard: u32, seq: u64 },
-    /// An object that must be read is damaged (short, wrong magic/version, checksum mismatch,
-    /// header not matching its name) or the log it belongs to has a gap, an overlap or an epoch
-    /// going backwards. Nothing was changed; restoring this shard needs an operator.
+    /// An object that must be read is damaged or forged (short, wrong magic/version, failing
+    /// its AEAD tag, sealed with an unknown key, header not matching its name) or the log it
+    /// belongs to has a gap, an overlap or an epoch going backwards. Nothing was changed;
+    /// restoring this shard needs an operator.
     #[error("corrupt storage object {path}: {reason}")]
     Corrupt { path: String, reason: String },
     /// The arguments cannot describe a valid write (seq 0, count 0, seq overflow). Nothing was
@@ -176,6 +194,10 @@ pub enum StorageError {
     /// A blob with this name already exists with different contents; nothing was written.
     #[error("blob {0:?} already exists with different contents")]
     Exists(String),
+    /// The payload cannot be sealed (larger than one AES-GCM message, about 64 GiB, or no
+    /// random numbers from the OS for its nonce). Nothing was written.
+    #[error("cannot seal {path}: {reason}")]
+    Seal { path: String, reason: String },
     /// Flushing a local (`file://`) object to disk failed. The object exists but may not survive
     /// power loss; retrying the same write returns `Ok` once the flush succeeds.
     #[error("fsync of {path}: {source}")]
@@ -257,6 +279,11 @@ pub struct Store {
     root: Path,
     /// For file:// stores: the directory the store is rooted at, to fsync written objects.
     local: Option<Arc<LocalSync>>,
+    /// The data keys every object is sealed and opened with.
+    keys: Arc<dyn KeyProvider>,
+    /// Bench-only: frame objects without sealing (see `seal::baseline`).
+    #[cfg(feature = "bench-baseline")]
+    baseline: bool,
 }
 
 /// fsync bookkeeping of a file:// store.
@@ -276,13 +303,106 @@ enum Created {
 }
 
 impl Store {
-    /// A private, empty in-memory store (tests, demos).
+    /// A private, empty in-memory store (tests, demos), sealing with a fresh random key that
+    /// lives as long as the process.
+    ///
+    /// # Panics
+    ///
+    /// If the operating system has no random numbers for the key.
     pub fn in_memory() -> Store {
+        #[allow(clippy::expect_used)]
+        let keys = KeyRing::ephemeral().expect("random numbers for an ephemeral data key");
+        Store::in_memory_with_keys(Arc::new(keys))
+    }
+
+    /// A private, empty in-memory store sealing with `keys`.
+    pub fn in_memory_with_keys(keys: Arc<dyn KeyProvider>) -> Store {
+        Store::from_parts(
+            Arc::new(object_store::memory::InMemory::new()),
+            Path::default(),
+            None,
+            keys,
+        )
+    }
+
+    fn from_parts(
+        inner: Arc<dyn ObjectStore>,
+        root: Path,
+        local: Option<Arc<LocalSync>>,
+        keys: Arc<dyn KeyProvider>,
+    ) -> Store {
         Store {
-            inner: Arc::new(object_store::memory::InMemory::new()),
-            root: Path::default(),
-            local: None,
+            inner,
+            root,
+            local,
+            keys,
+            #[cfg(feature = "bench-baseline")]
+            baseline: false,
         }
+    }
+
+    /// Bench-only: this store without sealing, objects framed as before encryption at rest
+    /// (header + unkeyed xxh3), so a bench can measure what sealing costs. A node never uses it.
+    #[cfg(feature = "bench-baseline")]
+    pub fn unsealed_baseline(mut self) -> Store {
+        self.baseline = true;
+        self
+    }
+
+    /// The name `path` is sealed under: relative to the store root, so that a whole store can be
+    /// copied to another bucket or prefix, while an object moved within it is refused.
+    fn location(&self, path: &Path) -> String {
+        match path.prefix_match(&self.root) {
+            Some(parts) => parts
+                .map(|p| p.as_ref().to_string())
+                .collect::<Vec<_>>()
+                .join("/"),
+            None => path.to_string(),
+        }
+    }
+
+    /// `header` + `payload` as stored: sealed with the current data key and a fresh nonce.
+    fn seal(&self, path: &Path, header: &Header, payload: &[u8]) -> Result<Bytes, StorageError> {
+        #[cfg(feature = "bench-baseline")]
+        if self.baseline {
+            return Ok(seal::baseline::frame(header, payload));
+        }
+        let failed = |reason: String| StorageError::Seal {
+            path: path.to_string(),
+            reason,
+        };
+        let mut nonce = [0u8; format::NONCE_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut nonce)
+            .map_err(|_| failed("no random numbers from the operating system".to_string()))?;
+        let key = self.keys.current();
+        let sealed = seal::seal(header, &self.location(path), payload, key, nonce)
+            .map_err(|e| failed(e.to_string()))?;
+        metrics::counter!(crate::metrics::STORAGE_SEALED_OBJECTS).increment(1);
+        Ok(sealed)
+    }
+
+    /// Opens a stored object; a refusal is counted (by reason) and logged, never returned as
+    /// data.
+    fn open_object(
+        &self,
+        path: &Path,
+        object: Bytes,
+        kind: Kind,
+    ) -> Result<(Header, Bytes), String> {
+        #[cfg(feature = "bench-baseline")]
+        let opened = if self.baseline {
+            seal::baseline::unframe(object, kind)
+        } else {
+            seal::open(object, kind, &self.location(path), self.keys.as_ref())
+        };
+        #[cfg(not(feature = "bench-baseline"))]
+        let opened = seal::open(object, kind, &self.location(path), self.keys.as_ref());
+        opened.map_err(|refused| {
+            metrics::counter!(crate::metrics::STORAGE_REJECTED_OBJECTS, "reason" => refused.reason())
+                .increment(1);
+            tracing::warn!(%path, reason = refused.reason(), error = %refused, "refused a storage object");
+            refused.to_string()
+        })
     }
 
     fn shard_prefix(&self, shard: u32) -> Path {
@@ -298,8 +418,7 @@ impl Store {
         header: Header,
         payload: Bytes,
     ) -> Result<Created, StorageError> {
-        let head = header.encode(&payload);
-        let body = PutPayload::from_iter([head.clone(), payload.clone()]);
+        let body = PutPayload::from(self.seal(path, &header, &payload)?);
         match self
             .inner
             .put_opts(path, body, PutMode::Create.into())
@@ -307,10 +426,12 @@ impl Store {
         {
             Ok(_) => {}
             Err(object_store::Error::AlreadyExists { .. }) => {
+                // Nonces are random, so a retry's bytes differ from the first attempt's: compare
+                // what they say, not how they are sealed. An object that does not open is not ours.
                 let existing = self.inner.get(path).await?.bytes().await?;
-                let same = existing.len() == head.len() + payload.len()
-                    && existing[..head.len()] == head[..]
-                    && existing[head.len()..] == payload[..];
+                let same = self
+                    .open_object(path, existing, header.kind)
+                    .is_ok_and(|(h, p)| h == header && p == payload);
                 if !same {
                     return Ok(Created::Taken);
                 }
@@ -322,14 +443,15 @@ impl Store {
         Ok(Created::Ok)
     }
 
-    /// Reads a whole object and checks its header and checksum; `Ok(Err(reason))` if corrupt.
+    /// Reads a whole object and opens it (header, length, key, tag); `Ok(Err(reason))` if it is
+    /// refused (damaged, forged, moved, or sealed with a key this store does not hold).
     async fn get_checked(
         &self,
         path: &Path,
         kind: Kind,
     ) -> Result<Result<(Header, Bytes), String>, StorageError> {
         let bytes = self.inner.get(path).await?.bytes().await?;
-        Ok(format::decode(bytes, kind))
+        Ok(self.open_object(path, bytes, kind))
     }
 
     /// fsyncs a just-written local object, its directory, and (once per process) the

@@ -12,7 +12,7 @@ use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::ObjectStore;
 
-use super::{LocalSync, StorageError, Store};
+use super::{KeyProvider, LocalSync, StorageError, Store};
 
 /// `memory://NAME` stores of this process.
 fn memory_stores() -> &'static parking_lot::Mutex<HashMap<String, Arc<InMemory>>> {
@@ -22,9 +22,9 @@ fn memory_stores() -> &'static parking_lot::Mutex<HashMap<String, Arc<InMemory>>
 
 impl Store {
     /// Opens the store at `url` (see the module docs for the forms), taking cloud options from
-    /// the environment.
-    pub fn open(url: &str) -> Result<Store, StorageError> {
-        Self::open_with_options(url, &[])
+    /// the environment. Every object is sealed and opened with `keys`.
+    pub fn open(url: &str, keys: Arc<dyn KeyProvider>) -> Result<Store, StorageError> {
+        Self::open_with_options(url, &[], keys)
     }
 
     /// Like [`Store::open`], with object_store config options (e.g. `("aws_endpoint",
@@ -33,6 +33,7 @@ impl Store {
     pub fn open_with_options(
         url: &str,
         options: &[(String, String)],
+        keys: Arc<dyn KeyProvider>,
     ) -> Result<Store, StorageError> {
         let bad = |reason: String| StorageError::BadUrl {
             url: url.to_string(),
@@ -52,9 +53,9 @@ impl Store {
             "file" | "memory" if !options.is_empty() => {
                 Err(bad(format!("{scheme}:// URLs take no options")))
             }
-            "file" => open_local(rest).map_err(bad),
-            "memory" => Ok(open_memory(rest)),
-            "s3" | "gs" | "az" => open_cloud(scheme, rest, options).map_err(bad),
+            "file" => open_local(rest, keys).map_err(bad),
+            "memory" => Ok(open_memory(rest, keys)),
+            "s3" | "gs" | "az" => open_cloud(scheme, rest, options, keys).map_err(bad),
             other => Err(bad(format!(
                 "unsupported scheme {other:?}: expected file, s3, gs, az or memory"
             ))),
@@ -66,16 +67,12 @@ impl Store {
     }
 }
 
-fn open_memory(name: &str) -> Store {
+fn open_memory(name: &str, keys: Arc<dyn KeyProvider>) -> Store {
     let store = Arc::clone(memory_stores().lock().entry(name.to_string()).or_default());
-    Store {
-        inner: store,
-        root: Path::default(),
-        local: None,
-    }
+    Store::from_parts(store, Path::default(), None, keys)
 }
 
-fn open_local(rest: &str) -> Result<Store, String> {
+fn open_local(rest: &str, keys: Arc<dyn KeyProvider>) -> Result<Store, String> {
     if rest.is_empty() {
         return Err("empty path: use file:///absolute/path or file://relative/path".to_string());
     }
@@ -90,17 +87,24 @@ fn open_local(rest: &str) -> Result<Store, String> {
             .and_then(|f| f.sync_all())
             .map_err(|e| format!("cannot fsync {}: {e}", parent.display()))?;
     }
-    Ok(Store {
-        inner: Arc::new(fs),
-        root: Path::default(),
-        local: Some(Arc::new(LocalSync {
-            dir,
-            synced_dirs: Default::default(),
-        })),
-    })
+    let local = LocalSync {
+        dir,
+        synced_dirs: Default::default(),
+    };
+    Ok(Store::from_parts(
+        Arc::new(fs),
+        Path::default(),
+        Some(Arc::new(local)),
+        keys,
+    ))
 }
 
-fn open_cloud(scheme: &str, rest: &str, options: &[(String, String)]) -> Result<Store, String> {
+fn open_cloud(
+    scheme: &str,
+    rest: &str,
+    options: &[(String, String)],
+    keys: Arc<dyn KeyProvider>,
+) -> Result<Store, String> {
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
         return Err(format!(
@@ -137,9 +141,5 @@ fn open_cloud(scheme: &str, rest: &str, options: &[(String, String)]) -> Result<
             Arc::new(b.build().map_err(|e| e.to_string())?)
         }
     };
-    Ok(Store {
-        inner,
-        root,
-        local: None,
-    })
+    Ok(Store::from_parts(inner, root, None, keys))
 }
