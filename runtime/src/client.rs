@@ -78,6 +78,9 @@ struct View {
     owners: Vec<String>,
     epochs: Vec<u64>,
     links: HashMap<String, Arc<Client>>,
+    /// One dial at a time per node: concurrent callers wait for it instead of each opening a
+    /// connection of their own (nodes cap connections per certificate name).
+    dialing: HashMap<String, Arc<tokio::sync::Mutex<()>>>,
     /// Nodes that just failed to answer, skipped until then (unless nothing else is left).
     shunned: HashMap<String, std::time::Instant>,
 }
@@ -128,14 +131,20 @@ impl ClusterClient {
             .map(Arc::new)
     }
 
-    /// The link to `node`, connecting if needed.
+    /// The link to `node`, connecting if needed (one dial per node at a time).
     async fn link_to(&self, node: &str) -> Result<Link, ClientError> {
+        let cached = |v: &View| v.links.get(node).filter(|c| !c.link().is_closed()).cloned();
+        let dial = {
+            let mut v = self.view.lock();
+            if let Some(c) = cached(&v) {
+                return Ok(c.link().clone());
+            }
+            v.dialing.entry(node.to_string()).or_default().clone()
+        };
+        let _one = dial.lock().await;
         let (cached, addr) = {
             let v = self.view.lock();
-            (
-                v.links.get(node).filter(|c| !c.link().is_closed()).cloned(),
-                v.addrs.get(node).copied(),
-            )
+            (cached(&v), v.addrs.get(node).copied())
         };
         if let Some(c) = cached {
             return Ok(c.link().clone());

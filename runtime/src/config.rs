@@ -214,7 +214,7 @@ pub struct TransportSection {
     /// Requests one connection may have outstanding (read, not yet answered); further ones
     /// wait in the peer's stream (backpressure), >= 1. Default 256.
     pub max_requests_per_connection: usize,
-    /// Connections one certificate name may hold open to a node at once, >= 1. Default 16.
+    /// Connections one certificate name may hold open to a node at once, >= 1. Default 64.
     pub max_connections_per_peer: usize,
     /// Concurrent incoming QUIC streams per connection (quinn's limit), >= 1. Default 256.
     pub max_streams_per_connection: u32,
@@ -234,7 +234,7 @@ impl Default for TransportSection {
             send_stall_ms: 10_000,
             receive_stall_ms: 10_000,
             max_requests_per_connection: 256,
-            max_connections_per_peer: 16,
+            max_connections_per_peer: 64,
             max_streams_per_connection: 256,
         }
     }

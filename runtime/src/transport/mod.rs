@@ -79,7 +79,7 @@ impl Default for TransportConfig {
             send_stall: Duration::from_secs(10),
             receive_stall: Duration::from_secs(10),
             max_requests_per_connection: 256,
-            max_connections_per_peer: 16,
+            max_connections_per_peer: 64,
             max_streams_per_connection: 256,
         }
     }
