@@ -230,7 +230,7 @@ impl JobAdmin {
                 match state {
                     None => Err(bad(format!("no job {:?}", a.id))),
                     Some(JobState::Succeeded) => {
-                        let blob = self.result_blob(&a.id).await?;
+                        let blob = self.result_blob(&a.id, 0).await?;
                         let cap = self.limits.admission.max_frame_bytes;
                         if blob.len() as u64 + MESSAGE_OVERHEAD > cap {
                             return Err(bad(format!(
@@ -248,11 +248,14 @@ impl JobAdmin {
         }
     }
 
-    /// A succeeded job's stored result (the last one read is kept for the next chunk).
-    async fn result_blob(&self, id: &str) -> Result<Bytes, AdminError> {
-        if let Some((cached, bytes)) = self.result.lock().as_ref() {
-            if cached == id {
-                return Ok(bytes.clone());
+    /// A succeeded job's stored result. A fetch starts at offset 0, which always reads (and
+    /// so verifies) the stored object; the later chunks of that fetch reuse what it read.
+    async fn result_blob(&self, id: &str, offset: u64) -> Result<Bytes, AdminError> {
+        if offset > 0 {
+            if let Some((cached, bytes)) = self.result.lock().as_ref() {
+                if cached == id {
+                    return Ok(bytes.clone());
+                }
             }
         }
         let bytes = self
@@ -275,7 +278,7 @@ impl JobAdmin {
             Some(JobState::Succeeded) => {}
             Some(s) => return Err(bad(format!("job {} is {}, no result", a.id, s.as_str()))),
         }
-        let blob = self.result_blob(&a.id).await?;
+        let blob = self.result_blob(&a.id, a.offset).await?;
         let total = blob.len() as u64;
         if a.offset > total {
             return Err(bad(format!(

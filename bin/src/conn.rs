@@ -12,9 +12,15 @@ use tidepool_runtime::transport::TlsMaterial;
 
 #[derive(Args, Debug)]
 pub struct Conn {
-    /// Any node's QUIC address.
-    #[arg(long, env = "TIDEPOOL_CONNECT", default_value = "127.0.0.1:7400")]
-    pub connect: SocketAddr,
+    /// Any node's QUIC address, HOST:PORT (a name or an IP); several separated by commas. Names
+    /// are resolved when the command runs, to every address they have.
+    #[arg(
+        long,
+        env = "TIDEPOOL_CONNECT",
+        default_value = "127.0.0.1:7400",
+        value_delimiter = ','
+    )]
+    pub connect: Vec<String>,
     /// Directory with ca.pem, client.pem, client.key.
     #[arg(long, env = "TIDEPOOL_CERT_DIR")]
     pub cert_dir: PathBuf,
@@ -32,5 +38,26 @@ pub async fn connect(c: &Conn) -> Result<ClusterClient> {
         retry_for: Duration::from_secs(10),
         ..Default::default()
     };
-    Ok(ClusterClient::connect(&[c.connect], &tls, opts).await?)
+    let seeds = resolve(&c.connect).await?;
+    Ok(ClusterClient::connect(&seeds, &tls, opts).await?)
+}
+
+/// Resolves `HOST:PORT` entries (names or IP literals) to socket addresses; an entry that does
+/// not resolve is an error naming it.
+pub async fn resolve(entries: &[String]) -> Result<Vec<SocketAddr>> {
+    let mut out = Vec::new();
+    for e in entries {
+        let e = e.trim();
+        if e.is_empty() {
+            continue;
+        }
+        let found = tokio::net::lookup_host(e)
+            .await
+            .with_context(|| format!("--connect {e}: expected HOST:PORT that resolves"))?;
+        out.extend(found);
+    }
+    if out.is_empty() {
+        anyhow::bail!("--connect names no address");
+    }
+    Ok(out)
 }

@@ -164,12 +164,15 @@ async fn train_and_score(cluster: &mut LocalCluster, opts: &DemoOptions) -> Resu
         "  smartcore (single node, same split)     {:.2}%",
         theirs * 100.0
     );
-    println!(
-        "  model written to {} (try: tidepool predict --model {} --data {})",
-        model_path.display(),
-        model_path.display(),
-        test_csv.display()
-    );
+    // The files are removed with the cluster's directory unless it is kept.
+    if opts.keep {
+        println!(
+            "  model written to {} (try: tidepool predict --model {} --data {})",
+            model_path.display(),
+            model_path.display(),
+            test_csv.display()
+        );
+    }
     println!("\nmetrics (Prometheus text) while it runs:");
     for n in cluster.nodes.iter().filter(|n| n.pid().is_some()) {
         println!("  {}: http://{}/metrics", n.name, n.admin);

@@ -281,6 +281,8 @@ pub async fn peak_rss<T>(pid: u32, f: impl std::future::Future<Output = T>) -> (
 pub struct MaliciousReport {
     pub control_refused: usize,
     pub oversized_streams: usize,
+    /// Admin HTTP connections opened idle or half-sent.
+    pub slow_http: usize,
     pub accepted: Vec<String>,
 }
 
@@ -290,6 +292,7 @@ pub struct MaliciousReport {
 /// frames from a reader (held for a second). `ca_dir` issues the certificates into `scratch`.
 pub async fn malicious_round(
     target: SocketAddr,
+    admin_http: SocketAddr,
     ca_dir: &std::path::Path,
     scratch: &std::path::Path,
     seed: u64,
@@ -368,7 +371,31 @@ pub async fn malicious_round(
 
     let (a, streams) = announce_oversized(target, &reader, 32, 64 << 20, 1024).await?;
     r.oversized_streams = streams.len();
+    // Meanwhile, slow HTTP clients on the admin port: idle and half-sent requests.
+    let mut held = Vec::new();
+    for i in 0..40 {
+        if let Ok(mut c) = tokio::net::TcpStream::connect(admin_http).await {
+            if i % 2 == 0 {
+                use tokio::io::AsyncWriteExt;
+                let _ = c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await;
+            }
+            held.push(c);
+        }
+    }
+    r.slow_http = held.len();
     tokio::time::sleep(Duration::from_secs(1)).await; // the attack holds for a second
+    match tokio::time::timeout(
+        Duration::from_secs(5),
+        crate::http::get(admin_http, "/livez"),
+    )
+    .await
+    {
+        Ok(Ok((200, _))) => {}
+        other => r.accepted.push(format!(
+            "the admin port stopped answering under slow clients: {other:?}"
+        )),
+    }
+    drop(held);
     drop(streams);
     a.close().await;
     Ok(r)

@@ -275,8 +275,21 @@ fn main() -> ExitCode {
             }
         };
     }
+    default_sigpipe();
     daemon::init_logging(matches!(cli.log_format, LogFormat::Json));
     exit(runtime().and_then(|rt| rt.block_on(dispatch(cli.cmd)).map(|()| 0)))
+}
+
+/// Client commands end quietly when their output pipe closes (`tidepool cluster shards | head
+/// -1`), like other Unix tools, instead of panicking on the failed write. Rust ignores SIGPIPE
+/// by default; the daemon keeps that (a peer closing a socket must not kill it).
+fn default_sigpipe() {
+    #[cfg(unix)]
+    #[allow(unsafe_code)]
+    // SAFETY: restores the default disposition of one signal, before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -423,6 +423,7 @@ impl Run<'_> {
                 // proposals and joins about others, announced frames that never come.
                 let mal = crate::hostile_peer::malicious_round(
                     self.cluster.nodes[i].quic,
+                    self.cluster.nodes[i].admin,
                     &self.cluster.ca_dir(),
                     &scratch,
                     self.seed.wrapping_add(self.events.len() as u64),
@@ -450,9 +451,9 @@ impl Run<'_> {
                     "hostile",
                     &name,
                     format!(
-                        "{} refused handshakes, {} flood attempts, {} garbage datagrams, {} bad frames, {} refused control requests from a spare node certificate, {} announced 64 MiB frames{rss}",
+                        "{} refused handshakes, {} flood attempts, {} garbage datagrams, {} bad frames, {} refused control requests from a spare node certificate, {} announced 64 MiB frames, {} slow admin HTTP clients{rss}",
                         r.refused_handshakes, r.flood_attempts, r.garbage_datagrams, r.bad_frames,
-                        mal.control_refused, mal.oversized_streams
+                        mal.control_refused, mal.oversized_streams, mal.slow_http
                     ),
                 );
             }
