@@ -213,3 +213,65 @@ fn bad_config_exits_64_and_names_the_key() {
         );
     }
 }
+
+/// What the config points to is checked before anything binds: a certificate directory that
+/// is missing or holds another node's certificate, and a data dir that cannot be written, each
+/// give one message naming the key and exit 64 (which the systemd unit does not restart).
+#[test]
+fn wrong_paths_exit_64_once_before_binding() {
+    use tidepool_runtime::certs::{self, Subject, Validity};
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    certs::init_ca(&ca).unwrap();
+    for n in ["n1", "n2"] {
+        certs::issue(
+            &ca,
+            &Subject::Node(n.into()),
+            &dir.path().join(n),
+            Validity::days_from_now(1),
+        )
+        .unwrap();
+    }
+    let not_a_dir = dir.path().join("file");
+    std::fs::write(&not_a_dir, b"x").unwrap();
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let cases = [
+        (
+            dir.path().join("missing"),
+            dir.path().join("data"),
+            "tls.dir",
+        ),
+        (dir.path().join("n2"), dir.path().join("data"), "tls.dir"),
+        (
+            dir.path().join("n1"),
+            not_a_dir.join("data"),
+            "node.data_dir",
+        ),
+    ];
+    for (i, (tls, data, key)) in cases.iter().enumerate() {
+        let path = dir.path().join(format!("paths{i}.toml"));
+        let toml = format!(
+            "[node]\nname = \"n1\"\nadmin = \"{admin}\"\ndata_dir = \"{}\"\n[tls]\ndir = \"{}\"\n[storage]\nkey_file = \"{}\"\n",
+            data.display(),
+            tls.display(),
+            ca.join("data.key").display()
+        );
+        std::fs::write(&path, toml).unwrap();
+        let out = Command::new(BIN)
+            .args(["node", "run", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "case {i}: {stderr}");
+        assert_eq!(
+            stderr.matches(key).count(),
+            1,
+            "case {i}: named once: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "case {i}: nothing started");
+    }
+}

@@ -733,7 +733,13 @@ async fn discover_voters(
     if cfg.is_voter() {
         found.insert(me.to_string(), addr.to_string());
     }
-    let deadline = Instant::now() + Duration::from_secs(if cfg.is_voter() { 10 } else { 3 });
+    // A voter of a cluster that has never formed (no Raft state on disk) waits for the other
+    // voters as long as it takes: they may be started by hand minutes apart, or pulled slowly
+    // by Kubernetes. A voter with state (a restart) and a non-voter look for a few seconds.
+    let pristine = cfg.is_voter() && !cfg.node.data_dir.join("control").join("raft.redb").exists();
+    let deadline = (!pristine)
+        .then(|| Instant::now() + Duration::from_secs(if cfg.is_voter() { 10 } else { 3 }));
+    let mut told = Instant::now();
     // Seeds may be names (`node-2.example:7400`, a Kubernetes headless service): resolved on
     // every round, so a peer whose DNS record appears while we wait is still found.
     loop {
@@ -753,8 +759,23 @@ async fn discover_voters(
             }
         }
         let all_voters = cfg.cluster.voters.iter().all(|v| found.contains_key(v));
-        if all_voters || Instant::now() > deadline {
+        if all_voters || deadline.is_some_and(|d| Instant::now() > d) {
             break;
+        }
+        if told.elapsed() >= Duration::from_secs(5) {
+            told = Instant::now();
+            let missing: Vec<&str> = cfg
+                .cluster
+                .voters
+                .iter()
+                .filter(|v| !found.contains_key(*v))
+                .map(String::as_str)
+                .collect();
+            info!(
+                waiting_for = %missing.join(", "),
+                seeds = %cfg.cluster.seeds.join(", "),
+                "forming the cluster: waiting until every configured voter answers at a seed address"
+            );
         }
         tokio::time::sleep(Duration::from_millis(200)).await; // retry interval while peers start
     }

@@ -28,7 +28,41 @@ pub fn load_config(path: &Path) -> Result<NodeConfig, ConfigError> {
         let reason = format!("{e} (made by `tidepool certs init`, copied by `certs issue --node`)");
         return Err(ConfigError::new("storage.key_file", reason));
     }
+    check_paths(&cfg)?;
     Ok(cfg)
+}
+
+/// Everything else the config points to, checked before any port is bound, so a wrong path is
+/// one message and exit 64 (which the systemd unit does not restart), not a failure after start.
+fn check_paths(cfg: &NodeConfig) -> Result<(), ConfigError> {
+    let tls = tidepool_runtime::transport::TlsMaterial::load_node(&cfg.tls.dir).map_err(|e| {
+        ConfigError::new(
+            "tls.dir",
+            format!("{e} (expects ca.pem, node.pem, node.key from `tidepool certs issue --node`)"),
+        )
+    })?;
+    if tls.identity.name != cfg.node.name {
+        return Err(ConfigError::new(
+            "tls.dir",
+            format!(
+                "the certificate in {} is for {:?}, but node.name is {:?}",
+                cfg.tls.dir.display(),
+                tls.identity.name,
+                cfg.node.name
+            ),
+        ));
+    }
+    let dir = &cfg.node.data_dir;
+    let probe = dir.join(".tidepool-write-check");
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&probe, b"ok"))
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| {
+            ConfigError::new(
+                "node.data_dir",
+                format!("{} is not a writable directory: {e}", dir.display()),
+            )
+        })
 }
 
 /// Makes everything the daemon creates from here on owner-only (files 0600, directories 0700):

@@ -104,7 +104,14 @@ enum Cmd {
 #[derive(Subcommand, Debug)]
 enum ChaosCmd {
     /// Run a scenario (config/chaos/*.toml) with one seed, or a directory of them (--matrix).
-    /// Exits 1 if any checker found a violation.
+    ///
+    /// Exit codes: 0 every checker passed; 1 a checker found a violation; 2 a setup problem
+    /// (nothing was run: the message says what is missing).
+    ///
+    /// Requirements: network faults (netem, partitions without --netns), kills during a
+    /// checkpoint and storage faults need a build with `--features fault-injection`; clock-skew
+    /// scenarios need libfaketime (Debian: `faketime`); `--netns` needs root, iproute2 (`ip`) and
+    /// nftables (`nft`); scenarios marked `needs_netns` run only with `--netns`.
     Run {
         /// The scenario file.
         #[arg(required_unless_present = "matrix")]
@@ -500,7 +507,7 @@ async fn cluster_status(c: Conn) -> Result<()> {
         );
     } else {
         let leader = if s.leader.is_empty() {
-            "none (static membership)"
+            "none (no leader elected: the cluster has not formed yet, or a majority of voters is down)"
         } else {
             &s.leader
         };

@@ -92,7 +92,7 @@ fn nft_script_now(ns: &str, script: &str) -> Result<()> {
 }
 
 /// Whether the effective uid is 0 (from `/proc/self/status`, no unsafe code).
-fn is_root() -> bool {
+pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

@@ -661,27 +661,72 @@ pub fn faketime_library() -> Result<PathBuf> {
         .context("wall-clock skew needs libfaketime: apt-get install faketime")
 }
 
-/// Runs one scenario with one seed.
-pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
+/// Exit code of `chaos run` for a setup problem (nothing ran), as opposed to 1, a violation.
+pub const EXIT_SETUP: i32 = 2;
+
+/// What a scenario needs from this build and machine; `Err` says what is missing. Checked
+/// before anything starts, so a setup problem is never reported as a violation.
+pub fn check_setup(s: &Scenario, opts: &RunOptions) -> Result<(), String> {
+    let name = &s.scenario.name;
+    let fi = cfg!(feature = "fault-injection");
     let socket_faults = s
         .faults
         .iter()
         .any(|f| f.kind == Kind::Netem || (f.kind.is_partition() && !opts.netns));
-    if socket_faults && !cfg!(feature = "fault-injection") {
-        bail!(
-            "scenario {} injects network faults: build with `--features fault-injection` \
-             (cargo run --release --features fault-injection -- chaos run ...)",
-            s.scenario.name
-        );
+    if socket_faults && !fi {
+        return Err(format!(
+            "scenario {name} injects network faults: build with `--features fault-injection` \
+             (cargo run --release --features fault-injection -- chaos run ...)"
+        ));
     }
-    if opts.unsafe_skip_durability && !cfg!(feature = "fault-injection") {
-        bail!("--unsafe-skip-durability needs a `fault-injection` build");
+    let storage_faults = s
+        .faults
+        .iter()
+        .any(|f| f.kind == Kind::Storage || f.during_checkpoint);
+    if storage_faults && !fi {
+        return Err(format!(
+            "scenario {name} injects storage faults or kills during a checkpoint: build with \
+             `--features fault-injection`"
+        ));
+    }
+    if opts.unsafe_skip_durability && !fi {
+        return Err("--unsafe-skip-durability needs a `fault-injection` build".into());
+    }
+    if s.scenario.needs_netns && !opts.netns {
+        return Err(format!(
+            "scenario {name} needs --netns (root, iproute2, nftables)"
+        ));
+    }
+    if opts.netns {
+        if !crate::netns::is_root() {
+            return Err("--netns needs root (it creates network namespaces)".into());
+        }
+        for tool in ["ip", "nft"] {
+            if !on_path(tool) {
+                return Err(format!(
+                    "--netns needs `{tool}` (Debian: apt-get install iproute2 nftables)"
+                ));
+            }
+        }
+    }
+    if !s.skew_ms.is_empty() {
+        faketime_library().map_err(|e| format!("scenario {name}: {e:#}"))?;
+    }
+    Ok(())
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
+/// Runs one scenario with one seed.
+pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
+    if let Err(e) = check_setup(s, opts) {
+        bail!("{e}");
     }
     let exe = std::env::current_exe().context("locating the tidepool binary")?;
     let m = &s.scenario;
-    if s.scenario.needs_netns && !opts.netns {
-        bail!("scenario {} needs --netns", s.scenario.name);
-    }
     let lab = if opts.netns {
         Some(crate::netns::NetLab::create()?)
     } else {
@@ -968,6 +1013,7 @@ pub async fn main(
         files.push(path.to_path_buf());
     }
     let mut reports = Vec::new();
+    let mut scenarios = Vec::new();
     for file in &files {
         let s = Scenario::load(file)?;
         if matrix && s.scenario.needs_netns && !netns {
@@ -977,6 +1023,14 @@ pub async fn main(
             );
             continue;
         }
+        // Setup problems first, for every scenario: none of them is a violation.
+        if let Err(e) = check_setup(&s, &base) {
+            eprintln!("chaos: setup problem, nothing was run: {e}");
+            return Ok(EXIT_SETUP);
+        }
+        scenarios.push(s);
+    }
+    for s in scenarios {
         let list: Vec<u64> = match (seed, seeds) {
             (Some(one), _) => vec![one],
             (None, Some(n)) => (1..=n).collect(),

@@ -1,0 +1,64 @@
+//! What an operator does by hand: voters started far apart still form a cluster, saying what
+//! they wait for meanwhile.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use tidepool::local_cluster::LocalCluster;
+use tidepool_runtime::client::ClientOptions;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tidepool");
+
+/// n1 starts alone and waits (logging which voters it waits for every 5 s); n2 and n3 start
+/// 20 s later; the three form one cluster with a leader and every node ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn voters_started_20_s_apart_form_a_cluster() {
+    let mut cluster = LocalCluster::create(Path::new(BIN), 3, 16, 3).unwrap();
+    cluster.start(0).unwrap();
+    let started = Instant::now();
+    // The gap is the scenario; it is measured by n1's own progress lines, not slept.
+    loop {
+        let log = std::fs::read_to_string(&cluster.nodes[0].log).unwrap_or_default();
+        let waits = log
+            .matches("waiting until every configured voter answers")
+            .count();
+        if waits >= 1 && started.elapsed() >= Duration::from_secs(20) {
+            assert!(
+                log.contains("n2, n3"),
+                "n1 names the voters it waits for:\n{log}"
+            );
+            break;
+        }
+        assert!(
+            cluster.running(0),
+            "n1 gave up waiting:\n{}",
+            cluster.tail_log(0)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no progress line from n1"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await; // poll interval
+    }
+    cluster.start(1).unwrap();
+    cluster.start(2).unwrap();
+    cluster
+        .wait_ready(Duration::from_secs(90))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.tail_log(0)));
+    let client = cluster
+        .admin_client(ClientOptions::default())
+        .await
+        .unwrap();
+    let status = client.status().await.unwrap();
+    assert!(!status.leader.is_empty(), "a leader: {status:?}");
+    assert_eq!(status.members.len(), 3);
+    assert!(
+        status.members.iter().all(|m| m.state == "up" && m.voter),
+        "{status:?}"
+    );
+    client.close().await;
+    cluster.stop_all(Duration::from_secs(20)).await.unwrap();
+}
