@@ -182,3 +182,21 @@ fn netns_mode_partitions_with_firewall_rules_and_link_down() {
     }
     assert_eq!(namespaces(), before, "namespaces left behind");
 }
+
+/// A setup problem is not a violation: a scenario that needs network namespaces, run without
+/// `--netns`, exits 2 saying what is missing, before any node starts, and writes no report.
+#[test]
+fn a_setup_problem_exits_2_and_says_what_is_missing() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let (code, text, json) = chaos(&[root
+        .join("config/chaos/f10-link-down.toml")
+        .to_str()
+        .unwrap()]);
+    assert_eq!(code, 2, "{text}");
+    assert!(
+        text.contains("setup problem") && text.contains("--netns"),
+        "{text}"
+    );
+    assert!(!text.contains("VIOLATION"), "{text}");
+    assert_eq!(json, serde_json::Value::Null, "nothing ran, no report");
+}

@@ -1,5 +1,5 @@
 //! What an operator does by hand: voters started far apart still form a cluster, saying what
-//! they wait for meanwhile.
+//! they wait for meanwhile; CLI output piped into a reader that goes away.
 
 #![allow(clippy::unwrap_used)]
 
@@ -60,5 +60,25 @@ async fn voters_started_20_s_apart_form_a_cluster() {
         "{status:?}"
     );
     client.close().await;
+
+    // `tidepool cluster shards … | head -1` where the reader is gone before the first write:
+    // the command ends quietly (SIGPIPE, as Unix tools do), not with a panic and exit 101.
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(["cluster", "shards", "--connect"])
+        .arg(cluster.nodes[0].quic.to_string())
+        .arg("--cert-dir")
+        .arg(cluster.reader_dir())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(101), "{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+        "{stderr}"
+    );
+
     cluster.stop_all(Duration::from_secs(20)).await.unwrap();
 }
