@@ -115,6 +115,23 @@ pub fn tune_allocator() {
     }
 }
 
+/// Every 10 s, hands memory glibc holds free back to the OS (`malloc_trim`, which also releases
+/// free pages inside its heaps). Buffers under the mmap threshold (replies of a few KiB to
+/// 256 KiB) otherwise stay with the process after a burst, or an attack, is over.
+async fn trim_memory_loop() {
+    let mut tick = tokio::time::interval(Duration::from_secs(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        #[allow(unsafe_code)]
+        // SAFETY: malloc_trim only returns free memory to the OS; it takes glibc's own locks.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
+}
+
 pub async fn run(cfg: NodeConfig) -> Result<i32> {
     let grace = Duration::from_millis(cfg.node.shutdown_grace_ms);
     let metrics = install_metrics()?;
@@ -123,6 +140,7 @@ pub async fn run(cfg: NodeConfig) -> Result<i32> {
     let slot = crate::admin::ReadinessSlot::default();
     let admin = crate::admin::bind(cfg.node.admin, metrics, slot.clone(), &cfg.admin).await?;
     tokio::spawn(admin);
+    tokio::spawn(trim_memory_loop());
     #[cfg(feature = "fault-injection")]
     let socket = crate::fault_file::socket_from_env(cfg.node.listen)?;
     #[cfg(not(feature = "fault-injection"))]

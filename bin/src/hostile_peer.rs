@@ -283,16 +283,21 @@ pub struct MaliciousReport {
     pub oversized_streams: usize,
     /// Admin HTTP connections opened idle or half-sent.
     pub slow_http: usize,
+    /// Whether the node closed the connection of a client that never read its replies.
+    pub never_read_closed: bool,
     pub accepted: Vec<String>,
 }
 
 /// One round of attacks by holders of valid certificates against the node at `target`: a vote
 /// storm, a made-up leader and an impersonating vote from a spare node certificate issued for
 /// the occasion, a proposal and a join about another node, and 32 streams announcing 64 MiB
-/// frames from a reader (held for a second). `ca_dir` issues the certificates into `scratch`.
+/// frames and slow admin HTTP clients (held for a second), and a reader that never reads its
+/// replies (until the node closes it). `ca_dir` issues the certificates into `scratch`;
+/// `admin` stores the value the never-reading client asks for.
 pub async fn malicious_round(
     target: SocketAddr,
     admin_http: SocketAddr,
+    admin: &TlsMaterial,
     ca_dir: &std::path::Path,
     scratch: &std::path::Path,
     seed: u64,
@@ -398,5 +403,54 @@ pub async fn malicious_round(
     drop(held);
     drop(streams);
     a.close().await;
+
+    // A reader that never reads: 1000 Gets of a 512 KiB value (500 MiB of replies). The node
+    // must close the connection once its send budget stays full (`transport.send_stall_ms`).
+    let opts = tidepool_runtime::client::ClientOptions::default();
+    let client = tidepool_runtime::client::ClusterClient::connect(&[target], admin, opts).await?;
+    // A key the target itself serves (a forwarded Get may be refused small, e.g. as stale).
+    let status = client.status().await?;
+    let me = status
+        .members
+        .iter()
+        .find(|m| m.addr == target.to_string())
+        .map(|m| m.name.clone())
+        .unwrap_or_default();
+    let shards = client.shards().await?;
+    let owned = |k: &str| {
+        let s = client.shard_of(k);
+        shards
+            .iter()
+            .find(|i| i.id == s && i.owner == me)
+            .map(|i| (s, i.epoch))
+    };
+    let Some((key, (shard, epoch))) = (0..1000)
+        .map(|i| format!("f9-never-read-{i}"))
+        .find_map(|k| owned(&k).map(|o| (k, o)))
+    else {
+        client.close().await;
+        return Ok(r);
+    };
+    client
+        .op(
+            &key,
+            Op::Put {
+                key: key.clone(),
+                value: vec![0x42; 512 << 10],
+            },
+        )
+        .await?;
+    client.close().await;
+    let quiet = never_read(target, &reader, shard, epoch, &key, 1000).await?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while quiet.conn.close_reason().is_none() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll interval
+    }
+    r.never_read_closed = quiet.conn.close_reason().is_some();
+    if !r.never_read_closed {
+        r.accepted
+            .push("a client that never reads its replies kept its connection for 30 s".into());
+    }
+    quiet.close().await;
     Ok(r)
 }

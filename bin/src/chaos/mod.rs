@@ -424,6 +424,7 @@ impl Run<'_> {
                 let mal = crate::hostile_peer::malicious_round(
                     self.cluster.nodes[i].quic,
                     self.cluster.nodes[i].admin,
+                    &admin,
                     &self.cluster.ca_dir(),
                     &scratch,
                     self.seed.wrapping_add(self.events.len() as u64),
@@ -433,7 +434,17 @@ impl Run<'_> {
                     .extend(mal.accepted.iter().map(|a| format!("{name}: {a}")));
                 // Memory stays bounded: the target's resident set may not grow by more than
                 // HOSTILE_RSS_GROWTH_KIB over the attack (it holds no state for refused peers).
-                let rss_after = pid.and_then(rss_kib);
+                // (Polled for up to 15 s: what the attack's buffers took must come back; the
+                // daemon hands freed memory to the OS every 10 s.)
+                let settle = Instant::now() + Duration::from_secs(15);
+                let mut rss_after = pid.and_then(rss_kib);
+                while let (Some(b), Some(a)) = (rss_before, rss_after) {
+                    if a <= b + HOSTILE_RSS_GROWTH_KIB || Instant::now() > settle {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await; // poll interval
+                    rss_after = pid.and_then(rss_kib);
+                }
                 let rss = match (rss_before, rss_after) {
                     (Some(b), Some(a)) => {
                         if a > b + HOSTILE_RSS_GROWTH_KIB {
@@ -451,9 +462,9 @@ impl Run<'_> {
                     "hostile",
                     &name,
                     format!(
-                        "{} refused handshakes, {} flood attempts, {} garbage datagrams, {} bad frames, {} refused control requests from a spare node certificate, {} announced 64 MiB frames, {} slow admin HTTP clients{rss}",
+                        "{} refused handshakes, {} flood attempts, {} garbage datagrams, {} bad frames, {} refused control requests from a spare node certificate, {} announced 64 MiB frames, {} slow admin HTTP clients, never-reading client closed: {}{rss}",
                         r.refused_handshakes, r.flood_attempts, r.garbage_datagrams, r.bad_frames,
-                        mal.control_refused, mal.oversized_streams, mal.slow_http
+                        mal.control_refused, mal.oversized_streams, mal.slow_http, mal.never_read_closed
                     ),
                 );
             }
