@@ -15,7 +15,7 @@ use tidepool_runtime::certs::{self, Role, Subject, Validity};
 #[derive(Parser, Debug)]
 #[command(
     name = "tidepool",
-    version,
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("TIDEPOOL_REVISION"), ")"),
     about = "Elastic cluster runtime for distributed machine learning"
 )]
 struct Cli {
@@ -87,6 +87,9 @@ enum Cmd {
     /// Chaos runs: faults against a real local cluster, checked for lost or doubled data.
     #[command(subcommand)]
     Chaos(ChaosCmd),
+    /// Node configuration files.
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Run a trained model (from `job result --out`) on a CSV: predictions, accuracy or RMSE.
     Predict {
         #[arg(long)]
@@ -184,6 +187,17 @@ enum BenchCmd {
         /// Write the results as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCmd {
+    /// Validate a node config (with `TIDEPOOL_*` overrides) and everything it points to
+    /// (certificates, data key, data dir) without starting anything. Exit 0 if valid, 64 if
+    /// not, naming the key and why.
+    Check {
+        /// The config file.
+        file: PathBuf,
     },
 }
 
@@ -353,6 +367,22 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             .await
         }
         Cmd::Node(NodeCmd::Run { .. }) => unreachable!("handled in main"),
+        Cmd::Config(ConfigCmd::Check { file }) => match daemon::load_config(&file) {
+            Ok(cfg) => {
+                println!(
+                    "{}: valid (node {}, {} voter(s), {} shards)",
+                    file.display(),
+                    cfg.node.name,
+                    cfg.cluster.voters.len(),
+                    cfg.cluster.shards
+                );
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("tidepool: invalid configuration: {e}");
+                std::process::exit(daemon::EXIT_CONFIG);
+            }
+        },
         Cmd::Certs(CertsCmd::Init { out }) => {
             certs::init_ca(&out)?;
             println!("cluster CA and data key written to {}", out.display());
