@@ -16,6 +16,7 @@ fn main() {
     });
     println!(
         "cargo:rustc-env=TIDEPOOL_REVISION={}",
-        rev.filter(|r| !r.is_empty()).unwrap_or_else(|| "unknown".into())
+        rev.filter(|r| !r.is_empty())
+            .unwrap_or_else(|| "unknown".into())
     );
 }

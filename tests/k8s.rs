@@ -1006,11 +1006,21 @@ fn the_dockerfile_builds_the_image_the_statefulset_runs() {
             .collect()
     };
     let froms = all("FROM");
-    assert_eq!(froms.len(), 2, "a build stage and a runtime stage: {froms:?}");
+    assert_eq!(
+        froms.len(),
+        2,
+        "a build stage and a runtime stage: {froms:?}"
+    );
     assert!(froms[0].ends_with("AS build"), "{froms:?}");
     let last_stage = text.rsplit_once("FROM ").unwrap().1;
-    assert!(last_stage.contains("COPY --from=build"), "the runtime stage copies the binary");
-    assert!(!last_stage.contains("cargo "), "no toolchain in the runtime stage");
+    assert!(
+        last_stage.contains("COPY --from=build"),
+        "the runtime stage copies the binary"
+    );
+    assert!(
+        !last_stage.contains("cargo "),
+        "no toolchain in the runtime stage"
+    );
     let sts = statefulset(&docs());
     let uid = sts["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
         .as_u64()
@@ -1022,11 +1032,23 @@ fn the_dockerfile_builds_the_image_the_statefulset_runs() {
         r#"["/usr/local/bin/tidepool"]"#
     );
     let expose = all("EXPOSE").join(" ");
-    assert!(expose.contains("7400/udp") && expose.contains("7401/tcp"), "{expose}");
+    assert!(
+        expose.contains("7400/udp") && expose.contains("7401/tcp"),
+        "{expose}"
+    );
     let image = container(&sts)["image"].as_str().unwrap().to_string();
-    assert!(text.contains(&format!("-t {image} ")), "the Dockerfile's build line names {image}");
+    assert!(
+        text.contains(&format!("-t {image} ")),
+        "the Dockerfile's build line names {image}"
+    );
     let k8s_readme = std::fs::read_to_string(k8s_dir().join("README.md")).unwrap();
-    assert!(k8s_readme.contains(&format!("build -t {image} ")), "config/k8s/README.md builds {image}");
+    assert!(
+        k8s_readme.contains(&format!("build -t {image} ")),
+        "config/k8s/README.md builds {image}"
+    );
     let ignore = std::fs::read_to_string(root.join(".dockerignore")).unwrap();
-    assert!(ignore.lines().any(|l| l.trim() == "target/"), "the build context leaves target/ out");
+    assert!(
+        ignore.lines().any(|l| l.trim() == "target/"),
+        "the build context leaves target/ out"
+    );
 }

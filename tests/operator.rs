@@ -60,6 +60,14 @@ async fn voters_started_20_s_apart_form_a_cluster() {
         "{status:?}"
     );
     client.close().await;
+    // Which build runs, as a metric.
+    let text = cluster.metrics(0).await.unwrap();
+    assert!(
+        text.lines().any(|l| l.starts_with("tidepool_build_info{")
+            && l.contains("revision=")
+            && l.ends_with(" 1")),
+        "tidepool_build_info is exported"
+    );
 
     // `tidepool cluster shards … | head -1` where the reader is gone before the first write:
     // the command ends quietly (SIGPIPE, as Unix tools do), not with a panic and exit 101.

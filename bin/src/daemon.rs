@@ -87,7 +87,6 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
         .context("installing the metrics recorder")?;
     m::describe_all();
     m::register_zeros();
-    metrics::gauge!(m::NODE_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     let upkeep = handle.clone();
     tokio::spawn(async move {
         let mut t = tokio::time::interval(Duration::from_secs(5));
@@ -141,6 +140,12 @@ pub async fn run(cfg: NodeConfig) -> Result<i32> {
     let admin = crate::admin::bind(cfg.node.admin, metrics, slot.clone(), &cfg.admin).await?;
     tokio::spawn(admin);
     tokio::spawn(trim_memory_loop());
+    metrics::gauge!(
+        m::BUILD_INFO,
+        "version" => env!("CARGO_PKG_VERSION"),
+        "revision" => env!("TIDEPOOL_REVISION")
+    )
+    .set(1.0);
     #[cfg(feature = "fault-injection")]
     let socket = crate::fault_file::socket_from_env(cfg.node.listen)?;
     #[cfg(not(feature = "fault-injection"))]

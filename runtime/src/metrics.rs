@@ -117,10 +117,10 @@ metric_table! {
         "Tasks waiting for a worker.";
     ADMIN_REQUESTS = "tidepool_admin_requests_total", Counter, None, ["role", "kind"],
         "Client requests by certificate role and message kind (each admin one is audited).";
+    BUILD_INFO = "tidepool_build_info", Gauge, None, ["version", "revision"],
+        "Always 1; the labels say which build runs (crate version and git revision).";
     NODE_READY = "tidepool_node_ready", Gauge, None, [],
         "1 while /readyz answers 200.";
-    NODE_INFO = "tidepool_node_info", Gauge, None, ["version"],
-        "Always 1; carries the build version.";
     JOB_TASK_SECONDS = "tidepool_job_task_duration_seconds", Histogram, Some(Unit::Seconds), [],
         "Time a node spent on one job step's task (all its shards).";
     JOB_SHARD_TASKS = "tidepool_job_shard_tasks_total", Counter, None, ["result"],
