@@ -460,6 +460,21 @@ impl ShardHandoff {
             d.phase = DrainPhase::Checkpointing;
             fx.push(Effect::WriteCheckpoint { epoch: d.epoch });
         }
+        // A report the control plane did not take (timed out, refused while the leader's map
+        // lagged) is sent again; while the shard is still ours at that epoch the handoff is
+        // otherwise stuck.
+        if let Some(d) = self.drain.as_ref() {
+            let ours = self
+                .assignment
+                .as_ref()
+                .is_some_and(|a| a.owner == self.me && a.epoch == d.epoch);
+            if let (DrainPhase::Reported { seq }, true) = (d.phase, ours) {
+                fx.push(Effect::ReportHandoffDone {
+                    epoch: d.epoch,
+                    seq,
+                });
+            }
+        }
     }
 
     /// Brings the effects in line with the inputs (assignment, lease, restore, fence). Every

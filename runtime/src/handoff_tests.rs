@@ -144,6 +144,48 @@ fn graceful_handoff_old_owner() {
     );
 }
 
+/// The control plane did not take the report (a refusal while the leader's map lagged, a
+/// timeout): the driver's retry sends it again while the shard is still ours; once the map has
+/// moved on, a retry sends nothing.
+#[test]
+fn a_report_that_was_not_taken_is_sent_again_on_retry() {
+    run_table(
+        "report retried, old owner a",
+        "a",
+        with(
+            serve_a(3),
+            vec![
+                (
+                    assigned(3, "a", Some("b")),
+                    vec![F::StopAccepting, F::WaitInflight],
+                    draining(3, "b"),
+                ),
+                (
+                    Event::InflightDrained,
+                    vec![F::WriteCheckpoint { epoch: 3 }],
+                    draining(3, "b"),
+                ),
+                (
+                    Event::CheckpointWritten { epoch: 3, seq: 41 },
+                    vec![F::ReportHandoffDone { epoch: 3, seq: 41 }],
+                    draining(3, "b"),
+                ),
+                (
+                    Event::Retry,
+                    vec![F::ReportHandoffDone { epoch: 3, seq: 41 }],
+                    draining(3, "b"),
+                ),
+                (
+                    assigned(4, "b", None),
+                    vec![stop("handed off"), F::DeliverBuffered],
+                    R::NotOwner,
+                ),
+                (Event::Retry, vec![], R::NotOwner),
+            ],
+        ),
+    );
+}
+
 #[test]
 fn graceful_handoff_new_owner() {
     run_table(

@@ -529,7 +529,16 @@ impl ControlPlane {
             }
             RpcKind::Propose => {
                 let req: ProposeRequest = decode(kind, payload)?;
-                check_propose(&self.inner.map_rx.borrow(), from, &req.cmd)?;
+                // Only the leader judges (a follower answers NotLeader below), and against a
+                // map at least as new as what the sender acted on: a refusal by a map whose
+                // apply lags the commit is checked again after a linearizable read.
+                if self.is_leader() {
+                    let stale = check_propose(&self.inner.map_rx.borrow(), from, &req.cmd);
+                    if stale.is_err() {
+                        let fresh = self.linearizable_map().await?;
+                        check_propose(&fresh, from, &req.cmd)?;
+                    }
+                }
                 encode(
                     &self
                         .serve_forwarded(|deadline| self.propose_local(req.cmd.clone(), deadline))
