@@ -5,6 +5,7 @@
 pub mod checkers;
 pub mod scenario;
 
+use crate::hostile_peer::rss_kib;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -70,16 +71,6 @@ pub struct RunReport {
 
 /// How much a node's resident memory may grow during one hostile attack (checker 6).
 const HOSTILE_RSS_GROWTH_KIB: u64 = 64 * 1024;
-
-/// A process's resident set size in KiB (`VmRSS` in `/proc/PID/status`).
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-}
 
 fn now_us() -> u64 {
     SystemTime::now()
@@ -731,11 +722,8 @@ fn on_path(tool: &str) -> bool {
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 
-/// Runs one scenario with one seed.
+/// Runs one scenario with one seed. [`main`] has checked its setup ([`check_setup`]) first.
 pub async fn run_one(s: &Scenario, opts: &RunOptions) -> Result<RunReport> {
-    if let Err(e) = check_setup(s, opts) {
-        bail!("{e}");
-    }
     let exe = std::env::current_exe().context("locating the tidepool binary")?;
     let m = &s.scenario;
     let lab = if opts.netns {

@@ -171,9 +171,14 @@ impl Link {
             Err(e) => Err(e.into()),
         };
         if env.body.is_reply() {
-            self.inner.awaiting.lock().remove(&env.correlation);
+            self.answered(env.correlation);
         }
         out
+    }
+
+    /// The reply to request `corr` is queued (or cannot be): its request slot is free again.
+    fn answered(&self, corr: u64) {
+        self.inner.awaiting.lock().remove(&corr);
     }
 
     /// Queues a reply: encodes it and drops the body before waiting for send budget (a reply
@@ -188,7 +193,7 @@ impl Link {
             Ok(frame) => self.send_encoded(frame).await,
             Err(e) => Err(e.into()),
         };
-        self.inner.awaiting.lock().remove(&corr);
+        self.answered(corr);
         out
     }
 
