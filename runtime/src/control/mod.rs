@@ -476,8 +476,12 @@ impl ControlPlane {
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "control plane: raft core did not stop cleanly");
         }
-        if let Some(h) = self.inner.watcher.lock().take() {
+        let watcher = self.inner.watcher.lock().take();
+        if let Some(h) = watcher {
             h.abort();
+            // Wait until the task has really stopped: a watcher still running on another
+            // worker thread could otherwise publish a leadership after the `None` below.
+            let _ = h.await;
         }
         self.inner.leadership_tx.send_replace(None);
         tracing::info!(name = %self.inner.me.name, "control plane stopped");
