@@ -11,13 +11,15 @@ use tidepool_runtime::client::ClientOptions;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidepool");
 
-/// n1 starts alone and waits (logging which voters it waits for every 5 s); n2 and n3 start
-/// 20 s later; the three form one cluster with a leader and every node ready.
+/// n1 starts alone and waits (logging which voters it waits for every 5 s, and saying so in
+/// its `/readyz` body and in `cluster status`); n2 and n3 start 20 s later; the three form one
+/// cluster with a leader and every node ready.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn voters_started_20_s_apart_form_a_cluster() {
     let mut cluster = LocalCluster::create(Path::new(BIN), 3, 16, 3).unwrap();
     cluster.start(0).unwrap();
     let started = Instant::now();
+    let mut checked = false;
     // The gap is the scenario; it is measured by n1's own progress lines, not slept.
     loop {
         let log = std::fs::read_to_string(&cluster.nodes[0].log).unwrap_or_default();
@@ -30,6 +32,10 @@ async fn voters_started_20_s_apart_form_a_cluster() {
                 "n1 names the voters it waits for:\n{log}"
             );
             break;
+        }
+        if waits >= 1 && !checked {
+            said_what_it_waits_for(&cluster).await;
+            checked = true;
         }
         assert!(
             cluster.running(0),
@@ -89,4 +95,38 @@ async fn voters_started_20_s_apart_form_a_cluster() {
     );
 
     cluster.stop_all(Duration::from_secs(20)).await.unwrap();
+}
+
+/// While n1 waits: `/readyz` is 503 naming n2 and n3, and `cluster status` (text and `--json`)
+/// says the cluster is forming and whom this node waits for.
+async fn said_what_it_waits_for(cluster: &LocalCluster) {
+    let (code, body) = tidepool::http::get(cluster.nodes[0].admin, "/readyz")
+        .await
+        .unwrap();
+    assert_eq!(code, 503, "{body}");
+    assert!(
+        body.contains("forming the cluster") && body.contains("n2, n3"),
+        "/readyz says whom it waits for: {body}"
+    );
+    let run = |json: bool| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["cluster", "status", "--connect"])
+            .arg(cluster.nodes[0].quic.to_string())
+            .arg("--cert-dir")
+            .arg(cluster.reader_dir());
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = run(false);
+    assert!(
+        text.contains("the cluster is forming") && text.contains("n2, n3"),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&run(true)).unwrap();
+    assert_eq!(json["waiting_for"], serde_json::json!(["n2", "n3"]), "{json}");
+    assert_eq!(json["leader"], "", "{json}");
 }

@@ -7,6 +7,8 @@
 //! - [`worker`]: the bounded `WorkerPool`; CPU work runs on blocking threads, never the reactor.
 //! - [`router`]: `send_to_shard`: local shards by actor message (no serialization), remote ones
 //!   over QUIC; answers requests arriving from the transport.
+//! - [`forming`]: the start-up phase (forming, joining, running) and the stand-in handler that
+//!   answers `cluster status` while a voter waits for the others.
 //! - [`node`]: assembles a node: transport, router, supervisor, worker pool; clean shutdown.
 //! - [`load`]: the node's load signals (utilisation, backlog, mailboxes, QUIC stats).
 //! - [`audit`]: the audit log of admin requests.
@@ -22,6 +24,7 @@ pub mod audit;
 pub mod coordinator;
 pub mod dedup;
 pub mod driver;
+pub mod forming;
 pub mod job_admin;
 pub mod job_exec;
 pub mod jobs;

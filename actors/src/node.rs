@@ -364,6 +364,7 @@ impl NodeServices for Services {
             term: self.control.term(),
             members,
             autoscale,
+            waiting_for: Vec::new(),
         }
     }
 
@@ -409,6 +410,15 @@ impl Node {
     /// Starts a node from validated config and joins the cluster. `socket` overrides the UDP
     /// socket (fault injection).
     pub async fn start(cfg: &NodeConfig, socket: Option<Socket>) -> Result<Node, NodeError> {
+        Self::start_reporting(cfg, socket, crate::forming::phase_channel()).await
+    }
+
+    /// [`Node::start`], publishing its start-up phase on `phase` (for `/readyz` and systemd).
+    pub async fn start_reporting(
+        cfg: &NodeConfig,
+        socket: Option<Socket>,
+        phase: crate::forming::PhaseTx,
+    ) -> Result<Node, NodeError> {
         let name = cfg.node.name.clone();
         let tls = TlsMaterial::load_node(&cfg.tls.dir)?;
         if tls.identity.name != name {
@@ -453,8 +463,14 @@ impl Node {
         );
 
         // Voters' addresses come from the seeds (their certificates say who they are).
-        transport.listen();
-        let voters = discover_voters(cfg, &transport, &name, &addr).await;
+        // Until the router exists, a stand-in answers `cluster status` with whom we wait for.
+        transport.start(Arc::new(crate::forming::FormingStatus::new(
+            &name,
+            &cfg.cluster.voters,
+            &phase,
+        )));
+        let voters = discover_voters(cfg, &transport, &name, &addr, &phase).await;
+        phase.send_replace(crate::forming::Phase::Joining);
         // Only a complete voter set may form a new cluster; a partial view joins instead.
         let all_voters_known = voters.len() == cfg.cluster.voters.len();
         let control_cfg =
@@ -599,6 +615,7 @@ impl Node {
         )
         .await?;
         info!(node = %name, %addr, voter = cfg.is_voter(), "node started and joined");
+        phase.send_replace(crate::forming::Phase::Running);
         Ok(Node {
             name,
             router,
@@ -696,15 +713,27 @@ pub struct Readiness {
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        !self.stopping.load(Ordering::SeqCst)
-            && self.leases.valid()
-            && self
-                .control
-                .map()
-                .borrow()
-                .members
-                .get(&self.name)
-                .is_some_and(|m| m.state == MemberState::Up)
+        self.check().is_ok()
+    }
+
+    /// Ready, or why not (the `/readyz` body).
+    pub fn check(&self) -> Result<(), String> {
+        if self.stopping.load(Ordering::SeqCst) {
+            return Err("stopping".into());
+        }
+        let state = self
+            .control
+            .map()
+            .borrow()
+            .members
+            .get(&self.name)
+            .map(|m| m.state);
+        match state {
+            Some(MemberState::Up) if self.leases.valid() => Ok(()),
+            Some(MemberState::Up) => Err("no valid lease from the leader".into()),
+            Some(s) => Err(format!("member state {}", s.as_str())),
+            None => Err("not a member yet".into()),
+        }
     }
 
     /// Marks the node as stopping (readiness 503) before the drain starts.
@@ -728,6 +757,7 @@ async fn discover_voters(
     transport: &Transport,
     me: &str,
     addr: &str,
+    phase: &crate::forming::PhaseTx,
 ) -> Vec<NodeInfo> {
     let mut found = std::collections::BTreeMap::new();
     if cfg.is_voter() {
@@ -746,7 +776,8 @@ async fn discover_voters(
         let mut seeds: Vec<SocketAddr> = Vec::new();
         for seed in &cfg.cluster.seeds {
             match tokio::net::lookup_host(seed.as_str()).await {
-                Ok(addrs) => seeds.extend(addrs.filter(|a| *a != cfg.node.listen).take(1)),
+                // Every address: a headless service name resolves to all its pods.
+                Ok(addrs) => seeds.extend(addrs.filter(|a| *a != cfg.node.listen)),
                 Err(e) => debug!(%seed, error = %e, "cannot resolve seed yet"),
             }
         }
@@ -758,19 +789,28 @@ async fn discover_voters(
                 found.insert(link.peer().name.clone(), seed.to_string());
             }
         }
-        let all_voters = cfg.cluster.voters.iter().all(|v| found.contains_key(v));
+        let missing: Vec<String> = cfg
+            .cluster
+            .voters
+            .iter()
+            .filter(|v| !found.contains_key(*v))
+            .cloned()
+            .collect();
+        phase.send_if_modified(|p| {
+            let now = crate::forming::Phase::Forming {
+                waiting_for: missing.clone(),
+                found: found.clone(),
+            };
+            let changed = *p != now;
+            *p = now;
+            changed
+        });
+        let all_voters = missing.is_empty();
         if all_voters || deadline.is_some_and(|d| Instant::now() > d) {
             break;
         }
         if told.elapsed() >= Duration::from_secs(5) {
             told = Instant::now();
-            let missing: Vec<&str> = cfg
-                .cluster
-                .voters
-                .iter()
-                .filter(|v| !found.contains_key(*v))
-                .map(String::as_str)
-                .collect();
             info!(
                 waiting_for = %missing.join(", "),
                 seeds = %cfg.cluster.seeds.join(", "),

@@ -23,6 +23,7 @@ use axum::routing::get;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use metrics_exporter_prometheus::PrometheusHandle;
+use tidepool_actors::forming::PhaseTx;
 use tidepool_actors::node::Readiness;
 use tidepool_runtime::config::AdminSection;
 use tidepool_runtime::metrics as m;
@@ -39,6 +40,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 struct AdminState {
     metrics: PrometheusHandle,
     ready: ReadinessSlot,
+    phase: PhaseTx,
 }
 
 /// Binds the admin listener (so a taken port fails startup) and returns the server future.
@@ -46,6 +48,7 @@ pub async fn bind(
     addr: SocketAddr,
     metrics: PrometheusHandle,
     ready: ReadinessSlot,
+    phase: PhaseTx,
     limits: &AdminSection,
 ) -> Result<impl std::future::Future<Output = ()>> {
     let request_timeout = Duration::from_millis(limits.request_timeout_ms);
@@ -58,7 +61,11 @@ pub async fn bind(
             StatusCode::SERVICE_UNAVAILABLE,
             request_timeout,
         ))
-        .with_state(AdminState { metrics, ready });
+        .with_state(AdminState {
+            metrics,
+            ready,
+            phase,
+        });
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot bind admin HTTP on {addr}"))?;
@@ -102,24 +109,26 @@ pub async fn bind(
     })
 }
 
-/// Readiness now, also exported as `tidepool_node_ready` (so the gauge is current whenever it
-/// is scraped, whether or not anyone probes `/readyz`).
-fn ready_now(s: &AdminState) -> bool {
-    let ready = s.ready.get().is_some_and(Readiness::is_ready);
-    metrics::gauge!(tidepool_runtime::metrics::NODE_READY).set(if ready { 1.0 } else { 0.0 });
+/// Readiness now (or why not), also exported as `tidepool_node_ready` (so the gauge is current
+/// whenever it is scraped, whether or not anyone probes `/readyz`).
+fn ready_now(s: &AdminState) -> Result<(), String> {
+    let ready = match s.ready.get() {
+        Some(r) => r.check(),
+        None => Err(s.phase.borrow().describe()),
+    };
+    metrics::gauge!(tidepool_runtime::metrics::NODE_READY).set(if ready.is_ok() { 1.0 } else { 0.0 });
     ready
 }
 
 async fn render(State(s): State<AdminState>) -> String {
-    ready_now(&s);
+    let _ = ready_now(&s);
     s.metrics.render()
 }
 
-async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
-    let ready = ready_now(&s);
-    if ready {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+/// `200 ready`, or `503 not ready: <why>` (while forming: the voters it waits for).
+async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
+    match ready_now(&s) {
+        Ok(()) => (StatusCode::OK, "ready\n".into()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
     }
 }

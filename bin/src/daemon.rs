@@ -137,7 +137,11 @@ pub async fn run(cfg: NodeConfig) -> Result<i32> {
     // Admin HTTP first: /livez and /metrics answer while the node joins; /readyz says 503 until
     // the node has started.
     let slot = crate::admin::ReadinessSlot::default();
-    let admin = crate::admin::bind(cfg.node.admin, metrics, slot.clone(), &cfg.admin).await?;
+    let phase = tidepool_actors::forming::phase_channel();
+    let admin =
+        crate::admin::bind(cfg.node.admin, metrics, slot.clone(), phase.clone(), &cfg.admin)
+            .await?;
+    tokio::spawn(sd_status_loop(phase.subscribe()));
     tokio::spawn(admin);
     tokio::spawn(trim_memory_loop());
     metrics::gauge!(
@@ -154,7 +158,7 @@ pub async fn run(cfg: NodeConfig) -> Result<i32> {
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut node = tokio::select! {
-        node = Node::start(&cfg, socket) => node.context("starting the node")?,
+        node = Node::start_reporting(&cfg, socket, phase) => node.context("starting the node")?,
         _ = term.recv() => { info!("SIGTERM while starting: stopping"); return Ok(0); }
         _ = int.recv() => { info!("SIGINT while starting: stopping"); return Ok(0); }
     };
@@ -183,6 +187,21 @@ pub async fn run(cfg: NodeConfig) -> Result<i32> {
         warn!(?grace, "shutdown overran its grace period");
     }
     Ok(code)
+}
+
+/// Mirrors the start-up phase into systemd's status line (`systemctl status tidepool` shows
+/// `forming the cluster: waiting for voter(s) n2, n3 …`). Nothing without `NOTIFY_SOCKET`.
+async fn sd_status_loop(mut phase: tokio::sync::watch::Receiver<tidepool_actors::forming::Phase>) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    loop {
+        let line = phase.borrow_and_update().describe();
+        sd_notify_state(&[sd_notify::NotifyState::Status(&line)]);
+        if phase.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Tells the service manager about a state change (`sd_notify(3)`: a datagram to the socket in

@@ -533,10 +533,17 @@ async fn cluster_status(c: Conn) -> Result<()> {
         });
         println!(
             "{}",
-            serde_json::json!({"leader": s.leader, "term": s.term, "members": members, "autoscale": autoscale})
+            serde_json::json!({"leader": s.leader, "term": s.term, "members": members, "autoscale": autoscale, "waiting_for": s.waiting_for})
         );
     } else {
-        let leader = if s.leader.is_empty() {
+        let forming;
+        let leader = if !s.waiting_for.is_empty() {
+            forming = format!(
+                "none (the cluster is forming: this node waits for voter(s) {} to start)",
+                s.waiting_for.join(", ")
+            );
+            &forming
+        } else if s.leader.is_empty() {
             "none (no leader elected: the cluster has not formed yet, or a majority of voters is down)"
         } else {
             &s.leader

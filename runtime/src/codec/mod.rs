@@ -34,7 +34,7 @@ pub use tensor::TensorView;
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Wire protocol version. Bump on any change to the archived layout.
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Default cap on one frame's archive bytes (64 MiB); `transport.max_frame_bytes` overrides it.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
@@ -167,6 +167,9 @@ pub struct StatusInfo {
     pub members: Vec<MemberInfo>,
     /// The leader's autoscaling recommendation, once it made one.
     pub autoscale: Option<AutoscaleInfo>,
+    /// While the answering node is still forming the cluster (a voter of a cluster that has
+    /// never formed): the configured voters it has not heard from yet. Empty once it runs.
+    pub waiting_for: Vec<String>,
 }
 
 /// The autoscaling recommendation in `cluster status`.

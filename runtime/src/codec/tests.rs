@@ -88,6 +88,7 @@ fn arb_body() -> impl Strategy<Value = Body> {
                         backlog: 3.0,
                         reason,
                     }),
+                    waiting_for: vec!["n2".into()],
                 })
             ),
         Just(Body::ShardsRequest),

@@ -45,9 +45,15 @@ type Queued = (EncodedFrame, Held);
 /// QUIC application error code used when we reset a stream over a rejected frame.
 pub const REJECTED_FRAME_CODE: u32 = 0x10;
 
-/// Where requests go: set once when the node starts; links made earlier see it as soon as it is
-/// set (a peer may dial us, or we it, before the router exists).
-pub type Handler = Arc<std::sync::OnceLock<Arc<dyn Inbound>>>;
+/// Where requests go: a stand-in while the node forms the cluster (it answers status only),
+/// then the router once the node starts; links made earlier see each as soon as it is set (a
+/// peer may dial us, or we it, before the router exists).
+pub type Handler = Arc<parking_lot::RwLock<Option<Arc<dyn Inbound>>>>;
+
+/// The handler now (the lock is not held across the request).
+fn current(handler: &Handler) -> Option<Arc<dyn Inbound>> {
+    handler.read().clone()
+}
 
 /// A live link to a peer. Cheap to clone; all clones share the queue and the connection.
 #[derive(Clone)]
@@ -438,7 +444,7 @@ async fn read_stream(
                 metrics::counter!(m::WIRE_BYTES_RECEIVED).increment(frame.len() as u64);
                 if kind.is_reply() {
                     link.complete(frame);
-                } else if let Some(h) = handler.get() {
+                } else if let Some(h) = current(&handler) {
                     // One request slot per unanswered request: a peer that sends requests
                     // and never reads the replies runs out of slots, and its stream waits.
                     let Ok(slot) = link.inner.requests.clone().acquire_owned().await else {

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
@@ -261,7 +261,7 @@ impl Transport {
                 links: Mutex::new(HashMap::new()),
                 addrs: Mutex::new(HashMap::new()),
                 peers: Mutex::new(HashMap::new()),
-                handler: Arc::new(OnceLock::new()),
+                handler: Arc::new(parking_lot::RwLock::new(None)),
                 accepting: std::sync::atomic::AtomicBool::new(false),
             }),
         })
@@ -300,10 +300,10 @@ impl Transport {
         }
     }
 
-    /// Routes requests to `handler` and accepts connections (if [`Transport::listen`] has not
-    /// already started that).
+    /// Routes requests to `handler` (replacing any earlier one) and accepts connections (if
+    /// [`Transport::listen`] has not already started that).
     pub fn start(&self, handler: Arc<dyn Inbound>) {
-        let _ = self.inner.handler.set(handler);
+        *self.inner.handler.write() = Some(handler);
         self.listen();
     }
 
