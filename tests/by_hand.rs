@@ -120,3 +120,29 @@ fn diagnostics(dir: &Path) -> String {
     }
     s
 }
+
+/// Everything a reader needs is in the repository: no file points at documents outside it.
+#[test]
+fn the_repository_stands_alone() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let out = Command::new("git")
+        .args(["ls-files"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "git ls-files: {out:?}");
+    // Spelled in two parts so this file does not match itself.
+    let outside = [concat!("../sha", "red/"), concat!("DESI", "GN.md")];
+    let mut found = Vec::new();
+    for file in String::from_utf8(out.stdout).unwrap().lines() {
+        let Ok(text) = std::fs::read_to_string(Path::new(root).join(file)) else {
+            continue; // binary or removed
+        };
+        for (n, line) in text.lines().enumerate() {
+            if outside.iter().any(|o| line.contains(o)) {
+                found.push(format!("{file}:{}: {line}", n + 1));
+            }
+        }
+    }
+    assert!(found.is_empty(), "references outside the repository:\n{}", found.join("\n"));
+}

@@ -50,6 +50,20 @@ async fn voters_started_20_s_apart_form_a_cluster() {
     }
     cluster.start(1).unwrap();
     cluster.start(2).unwrap();
+    // Nobody probes n1's /readyz from here on: its readiness gauge must still turn 1 by itself
+    // (bare metal without probes; the "ready nodes" panel reads it).
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let text = cluster.metrics(0).await.unwrap_or_default();
+        if text
+            .lines()
+            .any(|l| l.starts_with("tidepool_node_ready") && l.ends_with(" 1"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "tidepool_node_ready never 1:\n{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await; // poll interval
+    }
     cluster
         .wait_ready(Duration::from_secs(90))
         .await
@@ -74,6 +88,21 @@ async fn voters_started_20_s_apart_form_a_cluster() {
             && l.ends_with(" 1")),
         "tidepool_build_info is exported"
     );
+
+    // `--connect` takes host names and lists (a Kubernetes service name): "localhost" here.
+    let out = std::process::Command::new(BIN)
+        .args(["cluster", "status", "--connect"])
+        .arg(format!(
+            "localhost:{},localhost:{}",
+            cluster.nodes[0].quic.port(),
+            cluster.nodes[1].quic.port()
+        ))
+        .arg("--cert-dir")
+        .arg(cluster.reader_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "--connect localhost:PORT: {out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("leader: n"));
 
     // `tidepool cluster shards … | head -1` where the reader is gone before the first write:
     // the command ends quietly (SIGPIPE, as Unix tools do), not with a panic and exit 101.
