@@ -300,6 +300,17 @@ impl Router {
         })
     }
 
+    /// Resolves once every op admitted to `shard` has been answered (no polling: it takes all
+    /// of the slot's permits, then gives them back). Call after [`Router::stop_accepting`], so
+    /// no new op can take a permit meanwhile.
+    pub async fn inflight_drained(&self, shard: u32) {
+        let Some(slot) = self.inner.slots.get(shard as usize) else {
+            return;
+        };
+        let permits = slot.lock().permits.clone();
+        all_returned(&permits, self.inner.cfg.max_inflight.max(1)).await;
+    }
+
     /// The actor serving `shard` now, and its epoch.
     pub fn serving(&self, shard: u32) -> Option<(ActorRef<ShardMsg>, u64)> {
         let s = self.inner.slots.get(shard as usize)?.lock();
@@ -841,6 +852,14 @@ fn owned_request(frame: &Frame) -> Option<ShardRequest> {
     }
 }
 
+/// Waits until all `total` permits of `permits` are free (tokio's semaphore is fair, so later
+/// acquirers queue behind this one).
+async fn all_returned(permits: &Semaphore, total: usize) {
+    let n = u32::try_from(total).unwrap_or(u32::MAX);
+    // Err only if the semaphore is closed; nothing waits on a closed slot.
+    let _ = permits.acquire_many(n).await;
+}
+
 fn error_body(code: ErrorCode, message: &str) -> Body {
     Body::Error {
         code,
@@ -873,5 +892,32 @@ async fn reply(link: &Link, me: &str, corr: u64, body: Body) {
 impl Inbound for Router {
     fn on_request(&self, link: Link, frame: Frame) -> BoxFuture {
         Box::pin(self.clone().handle(link, frame))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The drain wait is an event: it resolves when the last admitted op gives its permit back,
+    /// not on a timer, and not before.
+    #[tokio::test]
+    async fn drain_wait_resolves_when_the_last_op_answers() {
+        let permits = Arc::new(Semaphore::new(4));
+        let a = permits.clone().acquire_owned().await.unwrap();
+        let b = permits.clone().acquire_owned().await.unwrap();
+        let wait = tokio::spawn({
+            let p = permits.clone();
+            async move { all_returned(&p, 4).await }
+        });
+        drop(a);
+        tokio::task::yield_now().await;
+        assert!(!wait.is_finished(), "one op is still in flight");
+        drop(b);
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("resolves once every permit is back")
+            .unwrap();
+        assert_eq!(permits.available_permits(), 4, "the wait gives the permits back");
     }
 }
