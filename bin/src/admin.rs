@@ -39,6 +39,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 struct AdminState {
     metrics: PrometheusHandle,
     ready: ReadinessSlot,
+    /// `process_*` metrics (CPU, memory, file descriptors, start time), read on each scrape.
+    process: metrics_process::Collector,
 }
 
 /// Binds the admin listener (so a taken port fails startup) and returns the server future.
@@ -58,7 +60,16 @@ pub async fn bind(
             StatusCode::SERVICE_UNAVAILABLE,
             request_timeout,
         ))
-        .with_state(AdminState { metrics, ready });
+        .with_state(AdminState {
+            metrics,
+            ready,
+            process: {
+                let c = metrics_process::Collector::default();
+                c.describe();
+                c.collect();
+                c
+            },
+        });
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot bind admin HTTP on {addr}"))?;
@@ -112,6 +123,7 @@ fn ready_now(s: &AdminState) -> bool {
 
 async fn render(State(s): State<AdminState>) -> String {
     ready_now(&s);
+    s.process.collect();
     s.metrics.render()
 }
 
