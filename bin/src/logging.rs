@@ -5,9 +5,6 @@
 //! keys next to `timestamp`, `level`, `node`, `target` (an event field called `node` that names
 //! another node is written as `member`).
 
-
-use std::fmt::Write as _;
-
 use serde_json::{Map, Value};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
@@ -167,7 +164,10 @@ pub fn init_node(json: bool, node: &str) {
             .event_format(NodeJson { node })
             .init();
     } else {
-        builder.with_ansi(false).event_format(NodeText { node }).init();
+        builder
+            .with_ansi(false)
+            .event_format(NodeText { node })
+            .init();
     }
 }
 

@@ -30,7 +30,10 @@ fn lines(json: bool, f: impl FnOnce()) -> Vec<String> {
             .finish();
         tracing::subscriber::with_default(sub, f);
     } else {
-        let sub = builder.with_ansi(false).event_format(NodeText { node }).finish();
+        let sub = builder
+            .with_ansi(false)
+            .event_format(NodeText { node })
+            .finish();
         tracing::subscriber::with_default(sub, f);
     }
     let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
@@ -47,7 +50,10 @@ fn json_lines_are_flat_and_name_the_node() {
         tracing::info!(node = "n7", "node stopped");
     });
     assert_eq!(out.len(), 3, "{out:?}");
-    let v: Vec<Value> = out.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let v: Vec<Value> = out
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     for l in &v {
         assert_eq!(l["node"], "n7", "{l}");
         assert!(l.get("fields").is_none(), "{l}");

@@ -579,8 +579,7 @@ impl NodeConfig {
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let c = &self.cluster;
         let name_ok = (1..=63).contains(&c.name.len())
-            && c
-                .name
+            && c.name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
         if !name_ok {

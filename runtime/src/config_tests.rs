@@ -673,10 +673,7 @@ fn zero_depths_and_timeouts() {
         invalid(|c| c.shard.handoff_buffer = 0),
         "shard.handoff_buffer"
     );
-    assert_eq!(
-        invalid(|c| c.cluster.name = "a b".into()),
-        "cluster.name"
-    );
+    assert_eq!(invalid(|c| c.cluster.name = "a b".into()), "cluster.name");
     assert_eq!(
         invalid(|c| c.cluster.max_concurrent_handoffs = 0),
         "cluster.max_concurrent_handoffs"

@@ -359,7 +359,11 @@ mod tests {
         }
         for m in ALL.iter().filter(|m| m.kind == MetricKind::Histogram) {
             let b = buckets_for(m.name);
-            assert!(b.windows(2).all(|w| w[0] < w[1]), "{}: not increasing", m.name);
+            assert!(
+                b.windows(2).all(|w| w[0] < w[1]),
+                "{}: not increasing",
+                m.name
+            );
             if ![JOB_STEP_SECONDS, JOB_TASK_SECONDS].contains(&m.name) {
                 assert!(b[0] <= 0.0001, "{}: no sub-millisecond bucket", m.name);
             }
