@@ -69,7 +69,10 @@ async fn check_metrics(c: &LocalCluster, problems: &mut Vec<String>) {
     let mut leaders = 0.0;
     for (i, n) in c.nodes.iter().enumerate() {
         let text = c.metrics(i).await.unwrap();
-        let series: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .collect();
         let names: BTreeSet<&str> = series
             .iter()
             .filter_map(|l| l.split(['{', ' ']).next())

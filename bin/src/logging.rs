@@ -19,6 +19,18 @@ use tracing_subscriber::registry::LookupSpan;
 pub const DEFAULT_FILTER: &str =
     "info,quinn=warn,rustls=warn,openraft=warn,openraft::raft::raft_inner=off";
 
+/// The level a line is written with: openraft's ERRORs are WARN. It reports at ERROR every
+/// RPC to a peer that is unreachable or slow (a vote or append timeout, "link is closed"),
+/// which happens whenever a peer restarts or the cluster stops; whatever of it matters reaches
+/// Tidepool's control plane as an error value, which logs it itself.
+fn shown_level(meta: &tracing::Metadata<'_>) -> tracing::Level {
+    if *meta.level() == tracing::Level::ERROR && meta.target().starts_with("openraft") {
+        tracing::Level::WARN
+    } else {
+        *meta.level()
+    }
+}
+
 /// Text lines: `TIMESTAMP LEVEL node=NAME span{..}: target: message key=value ...`.
 #[derive(Debug, Clone)]
 pub struct NodeText {
@@ -38,7 +50,7 @@ where
     ) -> std::fmt::Result {
         SystemTime.format_time(&mut w)?;
         let meta = event.metadata();
-        write!(w, " {:>5} node={} ", meta.level(), self.node)?;
+        write!(w, " {:>5} node={} ", shown_level(meta), self.node)?;
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
                 write!(w, "{}", span.name())?;
@@ -90,7 +102,7 @@ where
         let meta = event.metadata();
         let mut line = Map::new();
         line.insert("timestamp".into(), ts.into());
-        line.insert("level".into(), meta.level().as_str().into());
+        line.insert("level".into(), shown_level(meta).as_str().into());
         line.insert("node".into(), self.node.as_str().into());
         line.insert("target".into(), meta.target().into());
         for (k, v) in fields {

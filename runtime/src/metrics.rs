@@ -329,7 +329,41 @@ pub fn register_zeros() {
     for role in ["node", "admin", "reader"] {
         metrics::gauge!(TRANSPORT_CONNECTIONS, "role" => role).increment(0.0);
     }
+    for (name, (l1, v1), (l2, v2)) in ZERO_PAIRS {
+        for a in *v1 {
+            for b in *v2 {
+                metrics::counter!(*name, *l1 => *a, *l2 => *b).increment(0);
+            }
+        }
+    }
 }
+
+/// Counters with two labels exported at 0 for every pair of values (the client message kinds
+/// a client sends; the shard operations and their results).
+#[allow(clippy::type_complexity)]
+const ZERO_PAIRS: &[(&str, (&str, &[&str]), (&str, &[&str]))] = &[
+    (
+        SHARD_OPS,
+        ("op", &["put", "get", "incr", "add_tensor", "get_tensor"]),
+        ("result", &["applied", "duplicate", "read", "error"]),
+    ),
+    (
+        ADMIN_REQUESTS,
+        ("role", &["admin", "reader"]),
+        (
+            "kind",
+            &[
+                "shard_request",
+                "status_request",
+                "shards_request",
+                "ping",
+                "membership",
+                "admin",
+                "dataset_part",
+            ],
+        ),
+    ),
+];
 
 /// Registers help text and units with the installed recorder.
 pub fn describe_all() {
