@@ -27,9 +27,12 @@ use serde_json::Value;
 use tidepool_runtime::metrics::{MetricDef, MetricKind, ALL};
 
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+/// The one shipped scrape config (there used to be two).
+const SCRAPE_CONFIGS: &[&str] = &["config/prometheus/scrape.yml"];
 
-/// Labels Prometheus attaches to every scraped series.
-const TARGET_LABELS: &[&str] = &["instance", "job"];
+/// Labels on every scraped series: Prometheus's target labels and the node's own global labels
+/// (`node`: its name, `cluster`: `cluster.name`).
+const TARGET_LABELS: &[&str] = &["instance", "job", "node", "cluster"];
 
 /// Grafana unit ids the dashboards may use (a typo would show raw numbers).
 const UNITS: &[&str] = &[
@@ -52,7 +55,7 @@ const REQUIRED: &[(&str, &[&str])] = &[
         "tidepool-cluster.json",
         &[
             "tidepool_cluster_members",
-            "tidepool_autoscale_current_nodes", // the leader panel
+            "tidepool_raft_is_leader", // the leader panel, by name
             "tidepool_shards_owned",
             "tidepool_rebalances_total",
         ],
@@ -158,8 +161,10 @@ fn substitute(expr: &str) -> String {
         .replace("${__rate_interval}", "1m")
         .replace("$__interval", "1m")
         .replace("$__range", "1h")
-        .replace("${instance}", ".*")
-        .replace("$instance", ".*")
+        .replace("${cluster}", ".*")
+        .replace("$cluster", ".*")
+        .replace("${node}", ".*")
+        .replace("$node", ".*")
 }
 
 /// Walks a parsed expression, collecting the metric names it reads and what is wrong with it;
@@ -578,7 +583,7 @@ fn the_checker_rejects_bad_queries() {
         );
     }
     let good = [
-        "sum by (kind) (rate(tidepool_job_steps_total{instance=~\"$instance\"}[$__rate_interval]))",
+        "sum by (kind) (rate(tidepool_job_steps_total{cluster=~\"$cluster\",node=~\"$node\"}[$__rate_interval]))",
         "histogram_quantile(0.99, sum by (le, kind) (rate(tidepool_job_step_duration_seconds_bucket[$__rate_interval])))",
         "max by (instance) (tidepool_autoscale_current_nodes) > 0",
         "sum(rate(tidepool_worker_busy_seconds_total[$__rate_interval])) / sum(tidepool_worker_threads)",
@@ -594,6 +599,72 @@ fn yaml(rel: &str) -> Value {
     let path = Path::new(ROOT).join(rel);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{rel}: {e}"));
     serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{rel}: {e}"))
+}
+
+/// Every dashboard has `cluster` and `node` variables (node names from the `node` label, the
+/// node list narrowed by the cluster), and every panel query selects by both, in every selector.
+#[test]
+fn every_dashboard_filters_by_cluster_and_node() {
+    let mut problems = Vec::new();
+    for (path, _, dash) in dashboards() {
+        let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        let vars = dash["templating"]["list"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let query = |name: &str| {
+            vars.iter()
+                .find(|v| v["name"] == name && v["type"] == "query")
+                .map(|v| {
+                    v["query"]["query"]
+                        .as_str()
+                        .or(v["query"].as_str())
+                        .unwrap_or("")
+                        .to_string()
+                })
+        };
+        match query("cluster") {
+            Some(q) if q.starts_with("label_values(") && q.ends_with(", cluster)") => {}
+            q => problems.push(format!("{file}: cluster variable {q:?}")),
+        }
+        match query("node") {
+            Some(q) if q.contains("cluster=~\"$cluster\"") && q.ends_with(", node)") => {}
+            q => problems.push(format!(
+                "{file}: node variable {q:?} (label_values(..{{cluster=~\"$cluster\"}}, node))"
+            )),
+        }
+        if vars.iter().any(|v| v["name"] == "instance") {
+            problems.push(format!("{file}: still has an instance variable"));
+        }
+        for p in panels(&dash) {
+            for t in p["targets"].as_array().into_iter().flatten() {
+                let expr = t["expr"].as_str().unwrap_or("");
+                // Every selector (a `{...}` after a metric name) filters by both.
+                let selectors = expr.matches("tidepool_").count();
+                let with_both = expr
+                    .matches("{cluster=~\"$cluster\",node=~\"$node\"")
+                    .count()
+                    + expr
+                        .matches(",cluster=~\"$cluster\",node=~\"$node\"")
+                        .count();
+                if selectors == 0 || with_both != selectors {
+                    problems.push(format!("{file}: panel {:?}: {expr} does not filter every selector by $cluster and $node", p["title"]));
+                }
+                if expr.contains("instance")
+                    || t["legendFormat"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("instance")
+                {
+                    problems.push(format!(
+                        "{file}: panel {:?}: names nodes by instance, not node: {expr}",
+                        p["title"]
+                    ));
+                }
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
 #[test]
@@ -620,6 +691,13 @@ fn grafana_provisioning_files_are_complete() {
         assert!(
             interval.ends_with('s') && interval[..interval.len() - 1].parse::<u32>().is_ok(),
             "{name}: jsonData.timeInterval (the scrape interval) should be set, e.g. 5s"
+        );
+        // $__rate_interval is at least 4 x timeInterval: it must be the real scrape interval.
+        let scrape = yaml("config/prometheus/scrape.yml");
+        assert_eq!(
+            Some(interval),
+            scrape["global"]["scrape_interval"].as_str(),
+            "{name}: jsonData.timeInterval must equal scrape.yml's scrape_interval"
         );
     }
     assert_eq!(
@@ -660,7 +738,7 @@ fn grafana_provisioning_files_are_complete() {
 
 #[test]
 fn prometheus_configs_parse() {
-    for rel in ["config/prometheus.yml", "config/prometheus/scrape.yml"] {
+    for rel in SCRAPE_CONFIGS {
         let cfg = yaml(rel);
         let jobs = cfg["scrape_configs"].as_array().expect("scrape_configs");
         assert!(

@@ -35,6 +35,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidepool");
 const ROOT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+/// The one shipped scrape config (there used to be two).
+const SCRAPE_CONFIGS: &[&str] = &["config/prometheus/scrape.yml"];
 const SHARDS: u32 = 32;
 /// What Grafana's `$__rate_interval` is with a 1 s scrape interval and a 1 s step (4 scrapes),
 /// plus one for scrape jitter.
@@ -355,8 +357,10 @@ fn substitute(expr: &str) -> String {
     expr.replace("$__rate_interval", RATE_INTERVAL)
         .replace("${__rate_interval}", RATE_INTERVAL)
         .replace("$__interval", "1s")
-        .replace("${instance}", ".*")
-        .replace("$instance", ".*")
+        .replace("${cluster}", ".*")
+        .replace("$cluster", ".*")
+        .replace("${node}", ".*")
+        .replace("$node", ".*")
 }
 
 /// The metric names an expression reads.
@@ -659,7 +663,7 @@ fn promtool_accepts_the_shipped_configs() {
     let Some((_, promtool)) = prometheus_tools() else {
         return;
     };
-    for rel in ["config/prometheus.yml", "config/prometheus/scrape.yml"] {
+    for rel in SCRAPE_CONFIGS {
         let out = Command::new(&promtool)
             .args(["check", "config"])
             .arg(Path::new(ROOT).join(rel))

@@ -13,7 +13,7 @@ use tidepool_runtime::handoff::{Effect, Event, ShardHandoff};
 use tidepool_runtime::metrics as m;
 use tidepool_runtime::storage::{StorageError, Store};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::leader::Leases;
 use crate::restore::{restore_shard, RestoreError, Restored};
@@ -297,7 +297,7 @@ impl Driver {
                     match restore_shard(&store, shard, epoch).await {
                         Ok(r) => {
                             metrics::counter!(m::SHARD_RESTORES, "result" => "ok").increment(1);
-                            info!(shard, epoch, replayed = r.replayed, "shard restored");
+                            debug!(shard, epoch, replayed = r.replayed, "shard restored");
                             let _ = done.send(Done::Restored(shard, epoch, attempt, Box::new(r)));
                         }
                         Err(RestoreError::Storage(StorageError::Fenced { .. })) => {
@@ -350,7 +350,7 @@ impl Driver {
                 match rx.await {
                     Ok(Ok(actor)) => {
                         self.router.activate(shard, epoch, actor);
-                        info!(shard, epoch, "serving");
+                        debug!(shard, epoch, "serving");
                     }
                     other => warn!(shard, ?other, "could not start the shard actor"),
                 }

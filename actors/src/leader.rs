@@ -426,7 +426,7 @@ async fn leader_step(
     let mut cmds = Vec::new();
     for m in map.members.values() {
         if expired.contains(&m.name) && m.state != MemberState::Down && m.name != me {
-            warn!(node = %m.name, "lease must have expired: marking down");
+            warn!(member = %m.name, "lease must have expired: marking down");
             cmds.push(Command::SetMemberState {
                 name: m.name.clone(),
                 state: MemberState::Down,
@@ -438,7 +438,7 @@ async fn leader_step(
             });
         } else if m.state == MemberState::Down && revived.contains(&m.name) {
             // Renewed after it was marked down (a pause that ended): back as joining.
-            info!(node = %m.name, "down member renews its lease again: rejoining");
+            info!(member = %m.name, "down member renews its lease again: rejoining");
             leases.leader.lock().forgotten.remove(&m.name);
             cmds.push(Command::SetMemberState {
                 name: m.name.clone(),
@@ -456,7 +456,12 @@ async fn leader_step(
         .values()
         .map(|m| (m.name.clone(), m.state))
         .collect();
-    for change in rebalance::plan(&map.shards, &states, &expired, rcfg) {
+    let changes = rebalance::plan(&map.shards, &states, &expired, rcfg);
+    if !changes.is_empty() {
+        // Each node logs what it serves at INFO ("serving N shards"); the moves are at DEBUG.
+        debug!(moves = changes.len(), "rebalancing shards");
+    }
+    for change in changes {
         let cmd = match change {
             Change::Reassign { shard, to, epoch } => {
                 let cur = &map.shards[shard as usize];
@@ -501,7 +506,7 @@ async fn leader_step(
                 }
             }
         };
-        info!(?cmd, "rebalance");
+        debug!(?cmd, "rebalance");
         control.propose(cmd).await.map_err(|e| e.to_string())?;
     }
     Ok(())

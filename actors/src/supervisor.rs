@@ -37,7 +37,13 @@ pub enum SupervisorMsg {
     },
     /// Make a shard's actor fail (tests and chaos).
     CrashShard(u32),
+    /// Log how many shards this node serves, if that changed since the last such line.
+    Summary,
 }
+
+/// How long the shard count must have had a chance to settle before the summary line: an
+/// initial placement starts dozens of shards within a second, and is one INFO line.
+const SUMMARY_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
 
 #[derive(Debug)]
 pub struct NodeSupervisor;
@@ -60,6 +66,20 @@ pub struct SupervisorState {
     by_shard: HashMap<u32, ActorRef<ShardMsg>>,
     stopping: HashMap<ActorId, oneshot::Sender<()>>,
     escalated: bool,
+    /// The shard count of the last summary line, and whether one is scheduled.
+    summarized: usize,
+    summary_pending: bool,
+}
+
+impl SupervisorState {
+    /// Exports the shard count and schedules a summary line (per-shard lines are at DEBUG).
+    fn shards_changed(&mut self, me: &ActorRef<SupervisorMsg>) {
+        metrics::gauge!(m::SHARDS_OWNED).set(self.by_shard.len() as f64);
+        if !self.summary_pending {
+            self.summary_pending = true;
+            me.send_after(SUMMARY_DELAY, || SupervisorMsg::Summary);
+        }
+    }
 }
 
 fn event(name: &'static str) {
@@ -82,6 +102,8 @@ impl Actor for NodeSupervisor {
             by_shard: HashMap::new(),
             stopping: HashMap::new(),
             escalated: false,
+            summarized: 0,
+            summary_pending: false,
         })
     }
 
@@ -121,19 +143,27 @@ impl Actor for NodeSupervisor {
                     }
                     Err(e) => Err(e.to_string()),
                 };
-                metrics::gauge!(m::SHARDS_OWNED).set(st.by_shard.len() as f64);
+                st.shards_changed(&me);
                 let _ = reply.send(out);
             }
             SupervisorMsg::Stop { shard, done } => match st.by_shard.remove(&shard) {
                 Some(actor) => {
                     st.stopping.insert(actor.get_id(), done);
                     actor.stop(Some("not owner".into()));
-                    metrics::gauge!(m::SHARDS_OWNED).set(st.by_shard.len() as f64);
+                    st.shards_changed(&me);
                 }
                 None => {
                     let _ = done.send(());
                 }
             },
+            SupervisorMsg::Summary => {
+                st.summary_pending = false;
+                let shards = st.by_shard.len();
+                if shards != st.summarized {
+                    st.summarized = shards;
+                    info!(shards, "serving {shards} shards");
+                }
+            }
             SupervisorMsg::CrashShard(shard) => {
                 if let Some(a) = st.by_shard.get(&shard) {
                     let _ = a.cast(ShardMsg::Crash);
@@ -145,7 +175,7 @@ impl Actor for NodeSupervisor {
 
     async fn handle_supervisor_evt(
         &self,
-        _me: ActorRef<Self::Msg>,
+        me: ActorRef<Self::Msg>,
         evt: SupervisionEvent,
         st: &mut SupervisorState,
     ) -> Result<(), ActorProcessingErr> {
@@ -168,7 +198,7 @@ impl Actor for NodeSupervisor {
         if st.by_shard.get(&shard).is_some_and(|a| a.get_id() == id) {
             st.by_shard.remove(&shard);
         }
-        metrics::gauge!(m::SHARDS_OWNED).set(st.by_shard.len() as f64);
+        st.shards_changed(&me);
         let Some(reason) = failure else {
             event("terminated");
             return Ok(());

@@ -41,6 +41,8 @@ struct AdminState {
     metrics: PrometheusHandle,
     ready: ReadinessSlot,
     phase: PhaseTx,
+    /// `process_*` metrics (CPU, memory, file descriptors, start time), read on each scrape.
+    process: metrics_process::Collector,
 }
 
 /// Binds the admin listener (so a taken port fails startup) and returns the server future.
@@ -65,6 +67,12 @@ pub async fn bind(
             metrics,
             ready,
             phase,
+            process: {
+                let c = metrics_process::Collector::default();
+                c.describe();
+                c.collect();
+                c
+            },
         });
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -122,6 +130,7 @@ fn ready_now(s: &AdminState) -> Result<(), String> {
 
 async fn render(State(s): State<AdminState>) -> String {
     let _ = ready_now(&s);
+    s.process.collect();
     s.metrics.render()
 }
 

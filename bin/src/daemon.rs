@@ -78,11 +78,19 @@ pub fn restrict_umask() {
     }
 }
 
-/// Installs the Prometheus recorder with explicit histogram buckets and every metric described.
-pub fn install_metrics() -> Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), m::HISTOGRAM_BUCKETS)
-        .context("histogram buckets")?
+/// Installs the Prometheus recorder: every series labelled `node` (this node's name) and
+/// `cluster` (`cluster.name`), explicit buckets per histogram ([`m::buckets_for`]), every metric
+/// described and the series dashboards and alerts read exported from the start.
+pub fn install_metrics(cfg: &NodeConfig) -> Result<PrometheusHandle> {
+    let mut builder = PrometheusBuilder::new()
+        .add_global_label("node", cfg.node.name.clone())
+        .add_global_label("cluster", cfg.cluster.name.clone());
+    for def in m::ALL.iter().filter(|d| d.kind == m::MetricKind::Histogram) {
+        builder = builder
+            .set_buckets_for_metric(Matcher::Full(def.name.into()), m::buckets_for(def.name))
+            .with_context(|| format!("histogram buckets of {}", def.name))?;
+    }
+    let handle = builder
         .install_recorder()
         .context("installing the metrics recorder")?;
     m::describe_all();
@@ -133,7 +141,7 @@ async fn trim_memory_loop() {
 
 pub async fn run(cfg: NodeConfig) -> Result<i32> {
     let grace = Duration::from_millis(cfg.node.shutdown_grace_ms);
-    let metrics = install_metrics()?;
+    let metrics = install_metrics(&cfg)?;
     // Admin HTTP first: /livez and /metrics answer while the node joins; /readyz says 503 until
     // the node has started.
     let slot = crate::admin::ReadinessSlot::default();
@@ -229,18 +237,12 @@ fn spawn_sd_watchdog() {
     });
 }
 
-/// Sets up tracing: human-readable text (colour on a TTY) or JSON lines.
+/// Sets up tracing for the CLI: human-readable text (colour on a TTY) or flat JSON lines.
 pub fn init_logging(json: bool) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("info,quinn=warn,rustls=warn,openraft=warn")
-    });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().with_current_span(false).init();
-    } else {
-        builder.with_ansi(std::io::stderr().is_terminal()).init();
-    }
+    crate::logging::init_cli(json);
+}
+
+/// Sets up tracing for a node: text or flat JSON lines, every one carrying the node's name.
+pub fn init_node_logging(json: bool, node: &str) {
+    crate::logging::init_node(json, node);
 }

@@ -37,6 +37,7 @@ pub mod jobs_cli;
 pub mod jobs_cmd;
 pub mod kv_demo;
 pub mod local_cluster;
+pub mod logging;
 pub mod members_cmd;
 pub mod netns;
 pub mod predict;

@@ -40,6 +40,8 @@ pub struct LocalCluster {
     /// Extra environment for every node process (config overrides such as
     /// `TIDEPOOL_WORKERS__THREADS`); `{name}` in a value becomes the node's name.
     pub env: Vec<(String, String)>,
+    /// Extra arguments after `node run --config FILE` for every node (`--log-format json`).
+    pub args: Vec<String>,
     /// Extra environment for one node, by name (after `env`).
     pub node_env: std::collections::BTreeMap<String, Vec<(String, String)>>,
     /// The network namespaces the nodes run in (`None`: loopback). Declared after `nodes`, so
@@ -107,6 +109,7 @@ impl LocalCluster {
             shards,
             voters: Vec::new(),
             env: Vec::new(),
+            args: Vec::new(),
             node_env: Default::default(),
             net,
         };
@@ -234,6 +237,7 @@ impl LocalCluster {
         let child = cmd
             .args(["node", "run", "--config"])
             .arg(&node.config)
+            .args(&self.args)
             .env_remove("TIDEPOOL_LOG")
             .envs(
                 self.env

@@ -287,7 +287,10 @@ fn main() -> ExitCode {
         return match daemon::load_config(config) {
             Ok(cfg) => {
                 daemon::tune_allocator();
-                daemon::init_logging(matches!(cli.log_format, LogFormat::Json));
+                daemon::init_node_logging(
+                    matches!(cli.log_format, LogFormat::Json),
+                    &cfg.node.name,
+                );
                 exit(runtime().and_then(|rt| rt.block_on(daemon::run(cfg))))
             }
             Err(e) => {

@@ -111,6 +111,10 @@ impl Default for NodeSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterSection {
+    /// Name of the cluster, exported as the `cluster` label of every metric (dashboards and
+    /// alerts tell clusters apart by it). 1..=63 characters of `[A-Za-z0-9_.-]`. Default
+    /// `"tidepool"`.
+    pub name: String,
     /// `host:port` (port 1..=65535) of reachable nodes to join through; the node dials each and
     /// learns its name from its certificate. Empty = start a new cluster, allowed only when this
     /// node is in `voters`. A seed equal to this node's own `node.listen` is allowed and ignored
@@ -132,6 +136,7 @@ pub struct ClusterSection {
 impl Default for ClusterSection {
     fn default() -> Self {
         Self {
+            name: "tidepool".into(),
             seeds: vec!["127.0.0.1:7400".into()],
             voters: vec!["n1".into()],
             shards: 64,
@@ -573,6 +578,16 @@ impl NodeConfig {
 
     fn validate_cluster(&self) -> Result<(), ConfigError> {
         let c = &self.cluster;
+        let name_ok = (1..=63).contains(&c.name.len())
+            && c.name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if !name_ok {
+            return Err(ConfigError::new(
+                "cluster.name",
+                "must be 1 to 63 characters of A-Z, a-z, 0-9, '_', '.', '-'",
+            ));
+        }
         if c.voters.is_empty() {
             return Err(ConfigError::new(
                 "cluster.voters",

@@ -40,6 +40,7 @@ fn defaults_are_valid() {
     assert_eq!(c.cluster.seeds, vec!["127.0.0.1:7400"]);
     assert_eq!(c.cluster.voters, vec!["n1"]);
     assert_eq!(c.cluster.max_concurrent_handoffs, 4);
+    assert_eq!(c.cluster.name, "tidepool");
     assert_eq!(c.transport.max_frame_bytes, 64 * 1024 * 1024);
     assert_eq!(c.shard.max_inflight, 1024);
     assert_eq!(c.shard.handoff_buffer, 1024);
@@ -672,6 +673,7 @@ fn zero_depths_and_timeouts() {
         invalid(|c| c.shard.handoff_buffer = 0),
         "shard.handoff_buffer"
     );
+    assert_eq!(invalid(|c| c.cluster.name = "a b".into()), "cluster.name");
     assert_eq!(
         invalid(|c| c.cluster.max_concurrent_handoffs = 0),
         "cluster.max_concurrent_handoffs"

@@ -99,6 +99,10 @@ metric_table! {
         "Time for a control-plane proposal to commit and apply.";
     RAFT_TERM = "tidepool_raft_term", Gauge, None, [],
         "Current Raft term.";
+    RAFT_IS_LEADER = "tidepool_raft_is_leader", Gauge, None, [],
+        "1 while this node is the control plane's Raft leader, else 0 (the `node` label names it).";
+    CERT_EXPIRY = "tidepool_cert_expiry_timestamp_seconds", Gauge, Some(Unit::Seconds), [],
+        "Not-after time (Unix seconds) of this node's TLS certificate, read when it is loaded.";
     LEASE_EXPIRATIONS = "tidepool_lease_expirations_total", Counter, None, [],
         "Times this node's lease expired (it stopped serving by itself).";
     LEASE_VALID = "tidepool_lease_valid", Gauge, None, [],
@@ -185,11 +189,29 @@ metric_table! {
         "Times the leader's recommended node count changed.";
 }
 
-/// Explicit buckets for every latency histogram (seconds): 50 µs to 10 s.
+/// Buckets of the request-scale latency histograms (seconds): 50 µs to 10 s (shard ops, Raft
+/// commits, handoff pauses, worker tasks).
 pub const HISTOGRAM_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
     2.5, 5.0, 10.0,
 ];
+
+/// Buckets of the job histograms (seconds): a step or a node's share of it takes milliseconds
+/// on a small dataset and minutes on a large one; 10 ms to 10 min.
+pub const JOB_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// The buckets of histogram `name`.
+pub fn buckets_for(name: &str) -> &'static [f64] {
+    match name {
+        JOB_STEP_SECONDS | JOB_TASK_SECONDS => JOB_BUCKETS,
+        _ => HISTOGRAM_BUCKETS,
+    }
+}
+
+/// The label values of a job's `kind` (runtime/src/jobspec.rs `JobKind::as_str`).
+pub const JOB_KINDS: &[&str] = &["sgd", "local_sgd", "kmeans", "stats"];
 
 /// The closed label sets of the counters that may stay at zero for a long time, so they are
 /// exported (as 0) from the start: a dashboard or alert on them has data before the first event.
@@ -267,18 +289,32 @@ pub const ZERO_SERIES: &[(&str, &str, &[&str])] = &[
         "state",
         &["succeeded", "failed", "cancelled"],
     ),
+    (JOB_STEPS, "kind", JOB_KINDS),
+    (JOB_SAMPLES, "kind", JOB_KINDS),
+    (TRANSPORT_DIALS, "result", &["ok", "error"]),
+    (REBALANCES, "kind", &["initial", "handoff", "reassign"]),
+    (
+        SUPERVISOR_EVENTS,
+        "event",
+        &["started", "failed", "terminated", "restarted", "escalated"],
+    ),
 ];
 
-/// Exports every unlabelled counter and every series of [`ZERO_SERIES`] at 0, and the
-/// unlabelled gauges that are event-driven (handoff buffer) at 0.
+/// Exports, from start-up, every series a dashboard or alert reads: every unlabelled counter
+/// and gauge at 0, every series of [`ZERO_SERIES`] at 0, every unlabelled histogram and the
+/// job-step histogram per job kind with empty buckets, connections per role at 0, and the job
+/// loss per kind as NaN (no value yet, not a loss of 0). Adding 0 never overwrites a value set
+/// before.
 pub fn register_zeros() {
     for m in ALL.iter().filter(|m| m.labels.is_empty()) {
         match m.kind {
             MetricKind::Counter => metrics::counter!(m.name).increment(0),
-            MetricKind::Gauge if m.name == HANDOFF_BUFFERED => {
-                metrics::gauge!(m.name).increment(0.0)
+            // Set when the certificate loads; a 0 would read as "expired in 1970".
+            MetricKind::Gauge if m.name == CERT_EXPIRY => {}
+            MetricKind::Gauge => metrics::gauge!(m.name).increment(0.0),
+            MetricKind::Histogram => {
+                let _ = metrics::histogram!(m.name);
             }
-            _ => {}
         }
     }
     for (name, label, values) in ZERO_SERIES {
@@ -286,7 +322,48 @@ pub fn register_zeros() {
             metrics::counter!(*name, *label => *v).increment(0);
         }
     }
+    for kind in JOB_KINDS {
+        let _ = metrics::histogram!(JOB_STEP_SECONDS, "kind" => *kind);
+        metrics::gauge!(JOB_LOSS, "kind" => *kind).set(f64::NAN);
+    }
+    for role in ["node", "admin", "reader"] {
+        metrics::gauge!(TRANSPORT_CONNECTIONS, "role" => role).increment(0.0);
+    }
+    for (name, (l1, v1), (l2, v2)) in ZERO_PAIRS {
+        for a in *v1 {
+            for b in *v2 {
+                metrics::counter!(*name, *l1 => *a, *l2 => *b).increment(0);
+            }
+        }
+    }
 }
+
+/// Counters with two labels exported at 0 for every pair of values (the client message kinds
+/// a client sends; the shard operations and their results).
+#[allow(clippy::type_complexity)]
+const ZERO_PAIRS: &[(&str, (&str, &[&str]), (&str, &[&str]))] = &[
+    (
+        SHARD_OPS,
+        ("op", &["put", "get", "incr", "add_tensor", "get_tensor"]),
+        ("result", &["applied", "duplicate", "read", "error"]),
+    ),
+    (
+        ADMIN_REQUESTS,
+        ("role", &["admin", "reader"]),
+        (
+            "kind",
+            &[
+                "shard_request",
+                "status_request",
+                "shards_request",
+                "ping",
+                "membership",
+                "admin",
+                "dataset_part",
+            ],
+        ),
+    ),
+];
 
 /// Registers help text and units with the installed recorder.
 pub fn describe_all() {
@@ -306,6 +383,26 @@ pub fn describe_all() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn job_histograms_reach_minutes_and_latencies_stay_fine() {
+        for name in [JOB_STEP_SECONDS, JOB_TASK_SECONDS] {
+            let b = buckets_for(name);
+            assert!(b.last().is_some_and(|&l| l >= 600.0), "{name}: {b:?}");
+            assert!(b.iter().any(|&l| (30.0..=120.0).contains(&l)), "{name}");
+        }
+        for m in ALL.iter().filter(|m| m.kind == MetricKind::Histogram) {
+            let b = buckets_for(m.name);
+            assert!(
+                b.windows(2).all(|w| w[0] < w[1]),
+                "{}: not increasing",
+                m.name
+            );
+            if ![JOB_STEP_SECONDS, JOB_TASK_SECONDS].contains(&m.name) {
+                assert!(b[0] <= 0.0001, "{}: no sub-millisecond bucket", m.name);
+            }
+        }
+    }
 
     #[test]
     fn names_follow_conventions() {

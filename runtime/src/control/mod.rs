@@ -977,16 +977,26 @@ async fn watch_metrics(
     loop {
         {
             let m = rx.borrow_and_update();
-            metrics::gauge!("tidepool_raft_term").set(m.current_term as f64);
+            metrics::gauge!(crate::metrics::RAFT_TERM).set(m.current_term as f64);
             let now = m.current_leader.map(|l| (m.current_term, l));
+            let leading = now.is_some_and(|(_, leader)| leader == id);
+            metrics::gauge!(crate::metrics::RAFT_IS_LEADER).set(if leading { 1.0 } else { 0.0 });
             if now.is_some() && now != last_leader {
-                metrics::counter!("tidepool_raft_leader_changes_total").increment(1);
+                metrics::counter!(crate::metrics::RAFT_LEADER_CHANGES).increment(1);
                 last_leader = now;
                 if let Some((term, leader)) = now {
+                    // Operators know nodes by name; the Raft id is a hash of it.
+                    let name = m
+                        .membership_config
+                        .nodes()
+                        .find(|(nid, _)| **nid == leader)
+                        .map(|(_, n)| n.name.clone())
+                        .or_else(|| directory.read().get(&leader).map(|n| n.name.clone()))
+                        .unwrap_or_else(|| "unknown".into());
                     tracing::info!(
                         term,
-                        leader,
-                        me = leader == id,
+                        leader = %name,
+                        me = leading,
                         "control plane: leader changed"
                     );
                 }

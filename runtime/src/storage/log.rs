@@ -252,7 +252,7 @@ impl Store {
                 .await
             {
                 Ok(()) => {
-                    tracing::info!(shard, epoch, seq = end, attempt, "fenced the shard log");
+                    tracing::debug!(shard, epoch, seq = end, attempt, "fenced the shard log");
                     return Ok(end);
                 }
                 Err(StorageError::Fenced { .. }) => {

@@ -116,6 +116,9 @@ impl TlsMaterial {
                 found: m.identity,
             });
         }
+        if let Some(not_after) = m.chain.first().and_then(|c| not_after_unix(c)) {
+            metrics::gauge!(crate::metrics::CERT_EXPIRY).set(not_after as f64);
+        }
         Ok(m)
     }
 
@@ -446,6 +449,14 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
         });
     }
     Ok(certs)
+}
+
+/// The certificate's not-after time in Unix seconds (exported as
+/// `tidepool_cert_expiry_timestamp_seconds` each time a node loads its material).
+pub fn not_after_unix(cert: &CertificateDer<'_>) -> Option<i64> {
+    use x509_parser::prelude::FromDer;
+    let (_, x509) = x509_parser::certificate::X509Certificate::from_der(cert).ok()?;
+    Some(x509.validity().not_after.timestamp())
 }
 
 /// Our own expired certificate is not an error at load time (peers will refuse it, and the

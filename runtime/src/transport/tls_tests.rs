@@ -384,3 +384,15 @@ async fn any_node_accepts_only_node_certificates() {
     )
     .await;
 }
+
+/// The expiry gauge's source: a node certificate's not-after, in Unix seconds.
+#[test]
+fn not_after_is_read_from_the_node_certificate() {
+    let pki = Pki::new();
+    let validity = Validity::days_from_now(20);
+    let want = validity.not_after.unix_timestamp();
+    let dir = pki.issue(Subject::Node("n9".into()), "n9", validity);
+    let m = TlsMaterial::load_node(&dir).unwrap();
+    let got = not_after_unix(&m.chain[0]).unwrap();
+    assert!((got - want).abs() <= 1, "{got} vs {want}");
+}
