@@ -64,15 +64,29 @@ fn completions_name_the_subcommands() {
     let o = run(&["completions", "bash"]);
     assert_exit(&o, Exit::Success, "completions bash");
     let script = stdout(&o);
-    for word in ["tidepool", "cluster", "job", "watch", "dataset", "--connect"] {
+    for word in [
+        "tidepool",
+        "cluster",
+        "job",
+        "watch",
+        "dataset",
+        "--connect",
+    ] {
         assert!(script.contains(word), "bash completion lacks {word}");
     }
     for shell in ["zsh", "fish"] {
         let o = run(&["completions", shell]);
         assert_exit(&o, Exit::Success, shell);
-        assert!(stdout(&o).contains("watch"), "{shell} completion lacks job watch");
+        assert!(
+            stdout(&o).contains("watch"),
+            "{shell} completion lacks job watch"
+        );
     }
-    assert_exit(&run(&["completions", "cmd.exe"]), Exit::Usage, "unknown shell");
+    assert_exit(
+        &run(&["completions", "cmd.exe"]),
+        Exit::Usage,
+        "unknown shell",
+    );
 }
 
 #[test]
@@ -87,11 +101,18 @@ fn man_pages_render() {
     let out = dir.path().join("man1");
     let o = run(&["man", "--out", out.to_str().unwrap()]);
     assert_exit(&o, Exit::Success, "man --out");
-    for name in ["tidepool.1", "tidepool-job-watch.1", "tidepool-cluster-drain.1"] {
+    for name in [
+        "tidepool.1",
+        "tidepool-job-watch.1",
+        "tidepool-cluster-drain.1",
+    ] {
         let text = std::fs::read_to_string(out.join(name)).unwrap();
         assert!(text.contains(".TH"), "{name}: {text}");
     }
-    assert!(stdout(&o).contains("tidepool-job-watch.1"), "lists the pages");
+    assert!(
+        stdout(&o).contains("tidepool-job-watch.1"),
+        "lists the pages"
+    );
 }
 
 /// The subcommands `tidepool PATH --help` lists under "Commands:".
@@ -270,7 +291,9 @@ async fn exit_codes_and_job_watch_on_a_node() {
     wait_all_up(&client, 1, Duration::from_secs(90))
         .await
         .unwrap();
-    wait_stable(&client, Duration::from_secs(120)).await.unwrap();
+    wait_stable(&client, Duration::from_secs(120))
+        .await
+        .unwrap();
 
     // A dataset imported twice: the second is refused with a sentence, not debug text.
     let dir = tempfile::tempdir().unwrap();
@@ -298,8 +321,14 @@ async fn exit_codes_and_job_watch_on_a_node() {
         (vec!["job", "cancel", "nosuch"], "no job \"nosuch\""),
         (vec!["job", "result", "nosuch"], "no job \"nosuch\""),
         (vec!["dataset", "delete", "nosuch"], "no dataset \"nosuch\""),
-        (vec!["cluster", "drain", "ghost"], "no member named \"ghost\""),
-        (vec!["cluster", "undrain", "ghost"], "no member named \"ghost\""),
+        (
+            vec!["cluster", "drain", "ghost"],
+            "no member named \"ghost\"",
+        ),
+        (
+            vec!["cluster", "undrain", "ghost"],
+            "no member named \"ghost\"",
+        ),
         (
             vec!["cluster", "voters", "add", "ghost"],
             "no member named \"ghost\"",
@@ -354,7 +383,7 @@ async fn exit_codes_and_job_watch_on_a_node() {
     assert_exit(&o, Exit::JobFailed, "watch a failing job");
 
     // A long job watched from another process, cancelled meanwhile: exit 7.
-    let long = jobs_cli::submit(&client, &logistic("bc", 1_000_000))
+    let long = jobs_cli::submit(&client, &logistic("bc", 100_000))
         .await
         .unwrap();
     let mut watcher = Command::new(BIN)

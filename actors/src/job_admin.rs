@@ -159,7 +159,9 @@ impl JobAdmin {
     async fn propose(&self, cmd: Command) -> Result<(), AdminError> {
         match self.control.propose(cmd).await {
             Ok(r) if r.is_ok() => Ok(()),
-            Ok(r) => Err(bad(r.rejection().unwrap_or("rejected by the control plane"))),
+            Ok(r) => Err(bad(r
+                .rejection()
+                .unwrap_or("rejected by the control plane"))),
             Err(e) => Err((ErrorCode::Internal, format!("control plane: {e}"))),
         }
     }
@@ -383,10 +385,12 @@ impl JobAdmin {
             self.clean_refused(&rec, &map).await;
             // The leader saw a record this node's map had not caught up with yet: the same
             // sentence (and code) as when the check above catches it.
-            return Err(match admin_checks::check_commit(&rec, &map, &self.limits.admission) {
-                Err(p @ admin_checks::PayloadError::Exists(_)) => refused_commit(p),
-                _ => e,
-            });
+            return Err(
+                match admin_checks::check_commit(&rec, &map, &self.limits.admission) {
+                    Err(p @ admin_checks::PayloadError::Exists(_)) => refused_commit(p),
+                    _ => e,
+                },
+            );
         }
         info!(dataset = %rec.name, rows = rec.rows, "dataset registered");
         Self::json(&serde_json::json!({ "name": rec.name, "rows": rec.rows }))

@@ -115,9 +115,7 @@ impl Exit {
             ClientError::NoSeed(_) => Exit::Unreachable,
             ClientError::Refused { code, .. } => match code {
                 ErrorCode::NotFound => Exit::NotFound,
-                ErrorCode::Forbidden | ErrorCode::BadRequest | ErrorCode::Conflict => {
-                    Exit::Refused
-                }
+                ErrorCode::Forbidden | ErrorCode::BadRequest | ErrorCode::Conflict => Exit::Refused,
                 _ => Exit::Error,
             },
             _ => Exit::Error,

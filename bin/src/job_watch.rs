@@ -96,7 +96,11 @@ pub async fn follow(
                 if let Some(bar) = &bar {
                     bar.abandon();
                 }
-                bail!("job {id} still {} after {} s", rec.state.as_str(), t.as_secs());
+                bail!(
+                    "job {id} still {} after {} s",
+                    rec.state.as_str(),
+                    t.as_secs()
+                );
             }
         }
         tokio::time::sleep(POLL).await;
@@ -169,7 +173,7 @@ mod tests {
     fn the_bar_fits_in_80_columns() {
         let cases = [
             record(0, 0, None, None),
-            record(1, 100, Some(0.693_147), Some(1234.0)),
+            record(1, 100, Some(0.512_345), Some(1234.0)),
             record(9_999_999, 9_999_999, Some(-1.0e300), Some(1.0e12)),
             record(5_000, 10_000, Some(f64::NAN), Some(f64::INFINITY)),
         ];

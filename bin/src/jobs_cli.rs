@@ -105,7 +105,9 @@ pub async fn import_table(
     if let Err(e) = committed {
         let abort = serde_json::json!({ "name": name, "import": import });
         let _ = client.admin(AdminOp::DatasetAbort, &abort).await;
-        return Err(commit_failed(name, e).context(format!("import of {name:?} failed, nothing kept")));
+        return Err(
+            commit_failed(name, e).context(format!("import of {name:?} failed, nothing kept"))
+        );
     }
     Ok(rec)
 }

@@ -7,9 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use tidepool::conn::{connect, Conn};
+use tidepool::exit::Exit;
 use tidepool::jobs_cmd::{self, DatasetCmd, JobCmd};
 use tidepool::members_cmd;
-use tidepool::exit::Exit;
 use tidepool::{cli_docs, daemon, demo, kv_demo};
 use tidepool_runtime::certs::{self, Role, Subject, Validity};
 
@@ -469,7 +469,10 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             let id = certs::add_data_key(&ca)?;
             let file = ca.join(certs::DATA_KEY_FILE);
             if json {
-                println!("{}", serde_json::json!({ "file": file, "key": id.to_string() }));
+                println!(
+                    "{}",
+                    serde_json::json!({ "file": file, "key": id.to_string() })
+                );
                 return Ok(());
             }
             println!(

@@ -931,7 +931,10 @@ fn from_figment(err: figment::Error, env: &EnvVars) -> ConfigError {
         display_path(&path)
     };
     let mut reason = err.kind.to_string();
-    let from_env = err.metadata.as_ref().is_some_and(|md| md.name == ENV_PROVIDER);
+    let from_env = err
+        .metadata
+        .as_ref()
+        .is_some_and(|md| md.name == ENV_PROVIDER);
     // "Did you mean": the known key closest to an unknown one, in the form it was written in.
     let suggestion = match &err.kind {
         figment::error::Kind::UnknownField(field, known) => closest(field, known).map(|k| {

@@ -304,7 +304,10 @@ fn unknown_key_suggests_the_closest_known_key() {
     let vars = env(&[("TIDEPOOL_TRANSPORT__MAX_FRAME_BYTS", "1024")]);
     let e = NodeConfig::load_from(None, &vars).expect_err("unknown key");
     assert_eq!(e.key, "transport.max_frame_byts", "{e}");
-    assert!(e.reason.contains("TIDEPOOL_TRANSPORT__MAX_FRAME_BYTS"), "{e}");
+    assert!(
+        e.reason.contains("TIDEPOOL_TRANSPORT__MAX_FRAME_BYTS"),
+        "{e}"
+    );
     assert!(
         e.reason
             .contains("did you mean TIDEPOOL_TRANSPORT__MAX_FRAME_BYTES?"),

@@ -147,7 +147,10 @@ impl ErrorCode {
     pub fn retryable(self) -> bool {
         !matches!(
             self,
-            ErrorCode::BadRequest | ErrorCode::Forbidden | ErrorCode::NotFound | ErrorCode::Conflict
+            ErrorCode::BadRequest
+                | ErrorCode::Forbidden
+                | ErrorCode::NotFound
+                | ErrorCode::Conflict
         )
     }
 }
