@@ -20,4 +20,4 @@ cargo build --release --quiet -p tidepool
 timeout 300 ./target/release/tidepool bench train \
   --nodes "${NODES}" --workers 1 --shards "${SHARDS}" \
   --rows "${ROWS}" --features "${FEATURES}" --batch "${BATCH}" --steps "${STEPS}" \
-  --json target/scaling.json
+  --out target/scaling.json

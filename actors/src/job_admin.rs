@@ -50,6 +50,19 @@ fn bad(msg: impl Into<String>) -> AdminError {
     (ErrorCode::BadRequest, msg.into())
 }
 
+fn not_found(msg: impl Into<String>) -> AdminError {
+    (ErrorCode::NotFound, msg.into())
+}
+
+/// A refused dataset commit: a taken name is a conflict, the rest bad requests.
+fn refused_commit(e: admin_checks::PayloadError) -> AdminError {
+    let code = match e {
+        admin_checks::PayloadError::Exists(_) => ErrorCode::Conflict,
+        _ => ErrorCode::BadRequest,
+    };
+    (code, e.to_string())
+}
+
 fn internal(msg: impl std::fmt::Display) -> AdminError {
     (ErrorCode::Internal, msg.to_string())
 }
@@ -146,7 +159,9 @@ impl JobAdmin {
     async fn propose(&self, cmd: Command) -> Result<(), AdminError> {
         match self.control.propose(cmd).await {
             Ok(r) if r.is_ok() => Ok(()),
-            Ok(r) => Err(bad(format!("{r:?}"))),
+            Ok(r) => Err(bad(r
+                .rejection()
+                .unwrap_or("rejected by the control plane"))),
             Err(e) => Err((ErrorCode::Internal, format!("control plane: {e}"))),
         }
     }
@@ -196,7 +211,7 @@ impl JobAdmin {
                 let job = map
                     .jobs
                     .get(&a.id)
-                    .ok_or_else(|| bad(format!("no job {:?}", a.id)))?;
+                    .ok_or_else(|| not_found(format!("no job {:?}", a.id)))?;
                 Self::json(job)
             }
             AdminOp::JobList => {
@@ -207,6 +222,10 @@ impl JobAdmin {
             }
             AdminOp::JobCancel => {
                 let a: IdArg = Self::parse(payload)?;
+                let map = self.map_where(|m| m.jobs.contains_key(&a.id)).await;
+                if !map.jobs.contains_key(&a.id) {
+                    return Err(not_found(format!("no job {:?}", a.id)));
+                }
                 self.propose(Command::UpdateJob {
                     id: a.id.clone(),
                     update: JobUpdate::state(JobState::Cancelled),
@@ -228,7 +247,7 @@ impl JobAdmin {
                     .await;
                 let state = map.jobs.get(&a.id).map(|j| j.state);
                 match state {
-                    None => Err(bad(format!("no job {:?}", a.id))),
+                    None => Err(not_found(format!("no job {:?}", a.id))),
                     Some(JobState::Succeeded) => {
                         let blob = self.result_blob(&a.id, 0).await?;
                         let cap = self.limits.admission.max_frame_bytes;
@@ -274,7 +293,7 @@ impl JobAdmin {
             .map_where(|m| m.jobs.get(&a.id).is_some_and(|j| j.state.is_terminal()))
             .await;
         match map.jobs.get(&a.id).map(|j| j.state) {
-            None => return Err(bad(format!("no job {:?}", a.id))),
+            None => return Err(not_found(format!("no job {:?}", a.id))),
             Some(JobState::Succeeded) => {}
             Some(s) => return Err(bad(format!("job {} is {}, no result", a.id, s.as_str()))),
         }
@@ -335,7 +354,7 @@ impl JobAdmin {
                     metrics::counter!(m::JOB_ADMISSIONS_REFUSED, "stage" => "synth").increment(1);
                 }
                 self.clean_refused(&rec, &map).await;
-                return Err(bad(e.to_string()));
+                return Err(refused_commit(e));
             }
         };
         if plan == Commit::Retry {
@@ -359,13 +378,20 @@ impl JobAdmin {
             }
         }
         let result = self.propose(Command::PutDataset(rec.clone())).await;
-        if result.is_err() {
+        if let Err(e) = result {
             // Against the map after the refusal: the same import may have just been committed
             // (a retried commit that raced), and then it is kept.
             let map = self.control.map().borrow().clone();
             self.clean_refused(&rec, &map).await;
+            // The leader saw a record this node's map had not caught up with yet: the same
+            // sentence (and code) as when the check above catches it.
+            return Err(
+                match admin_checks::check_commit(&rec, &map, &self.limits.admission) {
+                    Err(p @ admin_checks::PayloadError::Exists(_)) => refused_commit(p),
+                    _ => e,
+                },
+            );
         }
-        result?;
         info!(dataset = %rec.name, rows = rec.rows, "dataset registered");
         Self::json(&serde_json::json!({ "name": rec.name, "rows": rec.rows }))
     }
@@ -387,7 +413,7 @@ impl JobAdmin {
         let ds = map
             .datasets
             .get(&spec.dataset)
-            .ok_or_else(|| bad(format!("no dataset {:?} (import it first)", spec.dataset)))?;
+            .ok_or_else(|| not_found(format!("no dataset {:?} (import it first)", spec.dataset)))?;
         if ds.features.len() > admin_checks::MAX_FEATURES {
             return Err(bad("too many features"));
         }

@@ -198,6 +198,13 @@ impl Services {
     }
 }
 
+/// A rejected command's reason, as the user reads it.
+fn rejected(r: &tidepool_runtime::control::CommandResponse) -> String {
+    r.rejection()
+        .unwrap_or("rejected by the control plane")
+        .to_string()
+}
+
 fn control_failed(e: tidepool_runtime::control::ControlError) -> (ErrorCode, String) {
     use tidepool_runtime::control::ControlError as E;
     let code = match &e {
@@ -254,7 +261,7 @@ impl NodeServices for Services {
         Box::pin(async move {
             leader?;
             if !control.map().borrow().members.contains_key(&node) {
-                return Err((ErrorCode::BadRequest, format!("no member named {node:?}")));
+                return Err((ErrorCode::NotFound, format!("no member named {node:?}")));
             }
             let cmd = Command::SetMemberState {
                 name: node,
@@ -262,7 +269,7 @@ impl NodeServices for Services {
             };
             match control.propose(cmd).await.map_err(control_failed)? {
                 r if r.is_ok() => Ok(()),
-                r => Err((ErrorCode::BadRequest, format!("{r:?}"))),
+                r => Err((ErrorCode::BadRequest, rejected(&r))),
             }
         })
     }
@@ -281,7 +288,7 @@ impl NodeServices for Services {
             match op {
                 MembershipOp::Undrain => {
                     let Some(m) = known else {
-                        return Err((ErrorCode::BadRequest, format!("no member named {node:?}")));
+                        return Err((ErrorCode::NotFound, format!("no member named {node:?}")));
                     };
                     if m.state != MemberState::Draining {
                         return Err((
@@ -295,6 +302,9 @@ impl NodeServices for Services {
                     };
                     control.propose(cmd).await.map_err(control_failed)?;
                     Ok(format!("{node} takes shards again"))
+                }
+                MembershipOp::VoterAdd | MembershipOp::VoterRemove if known.is_none() => {
+                    Err((ErrorCode::NotFound, format!("no member named {node:?}")))
                 }
                 MembershipOp::VoterAdd => {
                     control.add_voter(&node).await.map_err(control_failed)?;
@@ -316,7 +326,7 @@ impl NodeServices for Services {
                     };
                     match control.propose(cmd).await.map_err(control_failed)? {
                         r if r.is_ok() => {}
-                        r => return Err((ErrorCode::BadRequest, format!("{r:?}"))),
+                        r => return Err((ErrorCode::BadRequest, rejected(&r))),
                     }
                     // A revoked node that is only a learner leaves the Raft group too, so the
                     // leader stops replicating to it; a voter needs `cluster voters remove`.

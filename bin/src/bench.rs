@@ -28,7 +28,7 @@ pub struct FailoverOptions {
     pub nodes: usize,
     pub shards: u32,
     pub fault: Fault,
-    pub json: Option<PathBuf>,
+    pub out: Option<PathBuf>,
 }
 
 /// Percentile of sorted samples (nearest rank).
@@ -135,7 +135,7 @@ pub async fn failover(opts: FailoverOptions) -> Result<()> {
         percentile(&pauses, 99.0) * 1e3
     );
     println!("shards moved when the node came back: median {moved_median} (ideal ceil(S/N) = {ideal}; ratio {:.2})", moved_median as f64 / ideal as f64);
-    if let Some(path) = opts.json {
+    if let Some(path) = opts.out {
         let out = serde_json::json!({
             "fault": format!("{:?}", opts.fault), "runs": opts.runs, "nodes": opts.nodes, "shards": opts.shards,
             "failover_s": failovers, "failover_p50_s": percentile(&failovers, 50.0), "failover_p99_s": percentile(&failovers, 99.0),

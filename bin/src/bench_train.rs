@@ -36,7 +36,7 @@ pub struct TrainBenchOptions {
     pub workers: usize,
     /// Also compare synchronous with local SGD (time to a target loss).
     pub local: bool,
-    pub json: Option<std::path::PathBuf>,
+    pub out: Option<std::path::PathBuf>,
 }
 
 /// One measurement.
@@ -114,7 +114,11 @@ async fn timed_job(client: &ClusterClient, spec: &str) -> Result<(f64, serde_jso
     };
     let secs = started.elapsed().as_secs_f64();
     if rec.state != JobState::Succeeded {
-        bail!("job {id} ended {}: {:?}", rec.state.as_str(), rec.error);
+        bail!(
+            "job {id} ended {}: {}",
+            rec.state.as_str(),
+            rec.error.as_deref().unwrap_or("no reason given")
+        );
     }
     Ok((secs, jobs_cli::result(client, &id).await?))
 }
@@ -223,7 +227,7 @@ pub async fn run(o: TrainBenchOptions) -> Result<()> {
             );
         }
     }
-    if let Some(path) = &o.json {
+    if let Some(path) = &o.out {
         write_json(path, &out)?;
     }
     Ok(())

@@ -24,7 +24,7 @@ pub struct Conn {
     /// Directory with ca.pem, client.pem, client.key.
     #[arg(long, env = "TIDEPOOL_CERT_DIR")]
     pub cert_dir: PathBuf,
-    /// Machine-readable output (stable shape).
+    /// Print one JSON document (stable shape, see the README) instead of text.
     #[arg(long)]
     pub json: bool,
 }

@@ -134,7 +134,11 @@ async fn train_and_score(cluster: &mut LocalCluster, opts: &DemoOptions) -> Resu
         tokio::time::sleep(Duration::from_millis(100)).await; // poll interval
     };
     if rec.state != JobState::Succeeded {
-        bail!("job {id} ended {}: {:?}", rec.state.as_str(), rec.error);
+        bail!(
+            "job {id} ended {}: {}",
+            rec.state.as_str(),
+            rec.error.as_deref().unwrap_or("no reason given")
+        );
     }
     if let Some((coord, step)) = &killed {
         println!(

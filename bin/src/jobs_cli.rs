@@ -2,16 +2,17 @@
 //! CLI (`tidepool dataset ...`, `tidepool job ...`), the demo and the tests.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use futures::{StreamExt, TryStreamExt};
-use indicatif::{ProgressBar, ProgressStyle};
-use tidepool_runtime::client::ClusterClient;
-use tidepool_runtime::codec::{AdminOp, DatasetPart, RESULT_CHUNK_HEADER};
+use tidepool_runtime::client::{ClientError, ClusterClient};
+use tidepool_runtime::codec::{AdminOp, DatasetPart, ErrorCode, RESULT_CHUNK_HEADER};
 use tidepool_runtime::control::{DatasetRecord, DatasetSource, JobRecord, JobState};
 use tidepool_runtime::dataset::{self, Partition, Table};
 use tidepool_runtime::jobspec::JobSpec;
+
+use crate::exit::CliError;
 
 /// Largest partition object an import writes; bigger partitions are split into segments.
 pub const SEGMENT_BYTES: usize = 8 << 20;
@@ -56,6 +57,11 @@ pub async fn import_table(
     if shards == 0 {
         bail!("the cluster has no shards yet");
     }
+    // Checked again at commit (a concurrent import may take the name meanwhile); checking here
+    // first saves uploading the whole table for nothing.
+    if list_datasets(client).await?.iter().any(|d| d.name == name) {
+        return Err(CliError::DatasetExists(name.to_string()).into());
+    }
     let import = hex_id();
     let parts = dataset::partition(table, shards);
     let mut uploads = Vec::new();
@@ -99,9 +105,21 @@ pub async fn import_table(
     if let Err(e) = committed {
         let abort = serde_json::json!({ "name": name, "import": import });
         let _ = client.admin(AdminOp::DatasetAbort, &abort).await;
-        bail!("import of {name:?} failed, nothing kept: {e}");
+        return Err(
+            commit_failed(name, e).context(format!("import of {name:?} failed, nothing kept"))
+        );
     }
     Ok(rec)
+}
+
+/// A refused dataset commit: a taken name is [`CliError::DatasetExists`] (said once, as a
+/// sentence); anything else keeps the client's error (and so its exit code).
+fn commit_failed(name: &str, e: ClientError) -> anyhow::Error {
+    if e.refusal_code() == Some(ErrorCode::Conflict) {
+        CliError::DatasetExists(name.to_string()).into()
+    } else {
+        e.into()
+    }
 }
 
 /// `tidepool dataset import FILE.csv --name NAME --label COLUMN`.
@@ -143,7 +161,8 @@ pub async fn create_synthetic(
     };
     client
         .admin(AdminOp::DatasetCommit, &serde_json::to_value(&rec)?)
-        .await?;
+        .await
+        .map_err(|e| commit_failed(name, e))?;
     Ok(rec)
 }
 
@@ -262,54 +281,14 @@ pub async fn result(client: &ClusterClient, id: &str) -> Result<serde_json::Valu
 }
 
 /// Polls until the job reaches a terminal state (or `timeout`), optionally drawing a progress
-/// bar with step, loss, samples/s and ETA. Returns the final record.
+/// bar with step, loss and state. Returns the final record ([`crate::job_watch::follow`]).
 pub async fn wait(
     client: &ClusterClient,
     id: &str,
     progress: bool,
     timeout: Duration,
 ) -> Result<JobRecord> {
-    let deadline = Instant::now() + timeout;
-    let bar = progress.then(|| {
-        let bar = ProgressBar::new(1);
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{spinner} {prefix} [{bar:30}] step {pos}/{len} {msg} eta {eta}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar.set_prefix(id.to_string());
-        bar
-    });
-    loop {
-        let rec = status(client, id).await?;
-        if let Some(bar) = &bar {
-            bar.set_length(rec.steps.max(rec.step).max(1));
-            bar.set_position(rec.step);
-            let loss = rec.loss.map_or("-".into(), |l| format!("{l:.5}"));
-            let rate = rec
-                .samples_per_sec
-                .map_or("-".into(), |r| format!("{r:.0}"));
-            bar.set_message(format!(
-                "loss {loss} samples/s {rate} [{}{}]",
-                rec.state.as_str(),
-                rec.coordinator
-                    .as_deref()
-                    .map_or(String::new(), |c| format!(" on {c}"))
-            ));
-        }
-        if rec.state.is_terminal() {
-            if let Some(bar) = &bar {
-                bar.finish();
-            }
-            return Ok(rec);
-        }
-        if Instant::now() >= deadline {
-            bail!("job {id} still {} after {timeout:?}", rec.state.as_str());
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    crate::job_watch::follow(client, id, progress, Some(timeout)).await
 }
 
 /// The job record as the stable `job status --json` shape (plus extra fields).

@@ -7,15 +7,20 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 
+use tidepool_runtime::client::ClusterClient;
+
 use crate::conn::{connect, Conn};
-use crate::jobs_cli;
+use crate::exit::CliError;
+use crate::{job_watch, jobs_cli};
 
 #[derive(Subcommand, Debug)]
 pub enum DatasetCmd {
     /// Import a CSV (header row, numeric columns): partitioned onto the shards, stored through
     /// the storage layer, visible once complete.
     Import {
+        /// The CSV file.
         file: PathBuf,
+        /// The dataset's name (unique in the cluster; [A-Za-z0-9_.-]{1,64}).
         #[arg(long)]
         name: String,
         /// The label column.
@@ -26,15 +31,19 @@ pub enum DatasetCmd {
     },
     /// Register a seeded synthetic dataset, generated on each shard's owner (large runs).
     Synth {
+        /// The dataset's name (unique in the cluster).
         #[arg(long)]
         name: String,
+        /// Rows to generate.
         #[arg(long, default_value_t = 2_000_000)]
         rows: u64,
+        /// Feature columns.
         #[arg(long, default_value_t = 64)]
         features: usize,
         /// linear | logistic
         #[arg(long, default_value = "logistic")]
         kind: String,
+        /// Generator seed (same seed, same rows).
         #[arg(long, default_value_t = 1)]
         seed: u64,
         #[command(flatten)]
@@ -43,21 +52,29 @@ pub enum DatasetCmd {
     /// List datasets.
     List(Conn),
     /// Delete a dataset: its record and its stored partitions (admin role). Refused while a
-    /// pending or running job uses it.
+    /// pending or running job uses it; an unknown name exits with the not-found code.
     Delete {
+        /// The dataset to delete.
         name: String,
         #[command(flatten)]
         conn: Conn,
     },
     /// Write a built-in dataset (breast_cancer, digits) as DIR/train.csv and DIR/test.csv.
     Builtin {
+        /// breast_cancer or digits.
         name: String,
+        /// Directory to write train.csv and test.csv into.
         #[arg(long)]
         out: PathBuf,
+        /// Share of the rows that go to test.csv.
         #[arg(long, default_value_t = 0.2)]
         test_fraction: f64,
+        /// Seed of the train/test shuffle.
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// Print `{"train": PATH, "test": PATH, "train_rows": N, "test_rows": N}`.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -65,8 +82,9 @@ pub enum DatasetCmd {
 pub enum JobCmd {
     /// Submit a job spec (TOML); prints its id.
     Submit {
+        /// The job spec file (TOML).
         spec: PathBuf,
-        /// Wait until it ends, with a progress bar (step, loss, samples/s, ETA).
+        /// Wait until it ends, as `job watch` does (progress bar; exit code of its final state).
         #[arg(long)]
         wait: bool,
         /// Give up waiting after this many seconds.
@@ -75,8 +93,21 @@ pub enum JobCmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Follow a job (submitted from anywhere) until it ends: progress bar with step, loss and
+    /// state on stderr, then its final status. Exits 0 if it succeeded, 6 if it failed, 7 if it
+    /// was cancelled.
+    Watch {
+        /// The job id.
+        id: String,
+        /// Give up after this many seconds (default: wait for as long as it runs).
+        #[arg(long)]
+        timeout: Option<u64>,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// A job's state, step, loss.
     Status {
+        /// The job id.
         id: String,
         #[command(flatten)]
         conn: Conn,
@@ -85,19 +116,46 @@ pub enum JobCmd {
     List(Conn),
     /// Stop a job.
     Cancel {
+        /// The job id.
         id: String,
         #[command(flatten)]
         conn: Conn,
     },
     /// A finished job's result (the model for training jobs).
     Result {
+        /// The job id.
         id: String,
-        /// Write it here (MODEL.json) instead of stdout.
+        /// Write it here (MODEL.json) instead of stdout (`--json` then prints `{"id", "out"}`).
         #[arg(long)]
         out: Option<PathBuf>,
         #[command(flatten)]
         conn: Conn,
     },
+}
+
+/// Follows job `id` to its end (`job watch`, `job submit --wait`): progress bar unless `json`,
+/// then the final status (line or JSON document). A job that did not succeed is an error with
+/// its own exit code ([`CliError::JobEnded`]).
+async fn watch(
+    client: &ClusterClient,
+    id: &str,
+    json: bool,
+    timeout: Option<Duration>,
+) -> Result<()> {
+    let rec = job_watch::follow(client, id, !json, timeout).await?;
+    if json {
+        print_json(&jobs_cli::status_json(&rec))?;
+    } else {
+        println!("{}", jobs_cli::status_line(&rec));
+    }
+    if jobs_cli::succeeded(&rec) {
+        return Ok(());
+    }
+    Err(CliError::JobEnded {
+        id: id.to_string(),
+        state: rec.state,
+    }
+    .into())
 }
 
 fn print_json(v: &serde_json::Value) -> Result<()> {
@@ -168,21 +226,26 @@ pub async fn dataset(cmd: DatasetCmd) -> Result<()> {
             let client = connect(&conn).await?;
             let existed = jobs_cli::delete_dataset(&client, &name).await?;
             if conn.json {
-                return print_json(&serde_json::json!({ "name": name, "deleted": existed }));
+                print_json(&serde_json::json!({ "name": name, "deleted": existed }))?;
+                if !existed {
+                    return Err(CliError::NotFound(format!("no dataset {name:?}")).into());
+                }
+                return Ok(());
             }
             if existed {
                 println!("deleted dataset {name:?}");
+                Ok(())
             } else {
-                println!("no dataset {name:?}");
+                Err(CliError::NotFound(format!("no dataset {name:?}")).into())
             }
-            Ok(())
         }
         DatasetCmd::Builtin {
             name,
             out,
             test_fraction,
             seed,
-        } => crate::predict::builtin_main(&name, &out, test_fraction, seed),
+            json,
+        } => crate::predict::builtin_main(&name, &out, test_fraction, seed, json),
     }
 }
 
@@ -206,17 +269,11 @@ pub async fn job(cmd: JobCmd) -> Result<()> {
                 println!("{id}");
                 return Ok(());
             }
-            let rec =
-                jobs_cli::wait(&client, &id, !conn.json, Duration::from_secs(timeout)).await?;
-            if conn.json {
-                print_json(&jobs_cli::status_json(&rec))?;
-            } else {
-                println!("{}", jobs_cli::status_line(&rec));
-            }
-            if !jobs_cli::succeeded(&rec) {
-                anyhow::bail!("job {id} ended {}", rec.state.as_str());
-            }
-            Ok(())
+            watch(&client, &id, conn.json, Some(Duration::from_secs(timeout))).await
+        }
+        JobCmd::Watch { id, timeout, conn } => {
+            let client = connect(&conn).await?;
+            watch(&client, &id, conn.json, timeout.map(Duration::from_secs)).await
         }
         JobCmd::Status { id, conn } => {
             let client = connect(&conn).await?;

@@ -11,7 +11,10 @@
 //! - [`demo`]: `tidepool demo`: logistic regression on breast cancer across a node kill.
 //! - [`kv_demo`]: `tidepool demo --kv`: the exactly-once key-value demo.
 //! - [`conn`]: client connection flags.
+//! - [`cli_docs`]: shell completions and man pages from the clap definitions.
 //! - [`jobs_cli`], [`jobs_cmd`]: dataset import, job submit/wait/result (library and CLI).
+//! - [`job_watch`]: following a job to its end with a progress bar (`job watch`, `--wait`).
+//! - [`exit`]: the CLI's exit codes and the typed errors they are read from.
 //! - [`bench`]: `tidepool bench failover`.
 //! - [`bench_train`]: `tidepool bench train`: SGD throughput vs a plain loop, scaling, local SGD.
 //! - [`datasets`]: built-in real datasets, seeded train/test split, CSV export, smartcore reference.
@@ -23,16 +26,19 @@ pub mod admin;
 pub mod bench;
 pub mod bench_train;
 pub mod chaos;
+pub mod cli_docs;
 pub mod conn;
 pub mod daemon;
 pub mod datasets;
 pub mod demo;
+pub mod exit;
 #[cfg(feature = "fault-injection")]
 pub mod fault_file;
 pub mod fault_spec;
 pub mod hostile;
 pub mod hostile_peer;
 pub mod http;
+pub mod job_watch;
 pub mod jobs_cli;
 pub mod jobs_cmd;
 pub mod kv_demo;

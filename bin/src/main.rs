@@ -5,18 +5,20 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 use tidepool::conn::{connect, Conn};
+use tidepool::exit::Exit;
 use tidepool::jobs_cmd::{self, DatasetCmd, JobCmd};
 use tidepool::members_cmd;
-use tidepool::{daemon, demo, kv_demo};
+use tidepool::{cli_docs, daemon, demo, kv_demo};
 use tidepool_runtime::certs::{self, Role, Subject, Validity};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "tidepool",
     version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("TIDEPOOL_REVISION"), ")"),
-    about = "Elastic cluster runtime for distributed machine learning"
+    about = "Elastic cluster runtime for distributed machine learning",
+    after_help = Exit::table()
 )]
 struct Cli {
     /// Log format.
@@ -37,8 +39,10 @@ enum Cmd {
     /// Start a throwaway 3-node cluster, train logistic regression on breast cancer across a
     /// kill -9, compare with smartcore, stop. `--kv` runs the exactly-once key-value demo.
     Demo {
+        /// Nodes to start.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
+        /// Shards in the cluster.
         #[arg(long, default_value_t = 64)]
         shards: u32,
         /// Training epochs.
@@ -92,15 +96,30 @@ enum Cmd {
     Config(ConfigCmd),
     /// Run a trained model (from `job result --out`) on a CSV: predictions, accuracy or RMSE.
     Predict {
+        /// The model file (`job result --out`).
         #[arg(long)]
         model: PathBuf,
+        /// The CSV to predict on (header row; feature columns matched by name).
         #[arg(long)]
         data: PathBuf,
         /// Label column (default: the model's label, when the CSV has it).
         #[arg(long)]
         label: Option<String>,
+        /// Print one JSON document (`{"rows", "accuracy"}` or `{"rows", "rmse"}`).
         #[arg(long)]
         json: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout, or write tidepool.1 and one page per subcommand.
+    Man {
+        /// Write the pages into this directory instead (created if missing).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -128,7 +147,7 @@ enum ChaosCmd {
         /// Seeds 1..=N per scenario (default: each scenario's own `seeds`).
         #[arg(long, conflicts_with = "seed")]
         seeds: Option<u64>,
-        /// Write the JSON report here.
+        /// Write the JSON report here (chaos keeps `--report`: the report is a file by design).
         #[arg(long)]
         report: Option<PathBuf>,
         /// Keep every run's temp dir (logs, ownership logs), not only failing ones.
@@ -153,15 +172,19 @@ enum BenchCmd {
         /// Node counts, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "1,2")]
         nodes: Vec<usize>,
+        /// Shards in each cluster.
         #[arg(long, default_value_t = 64)]
         shards: u32,
+        /// Rows of the synthetic dataset.
         #[arg(long, default_value_t = 200_000)]
         rows: u64,
+        /// Features of the synthetic dataset.
         #[arg(long, default_value_t = 64)]
         features: usize,
         /// Global minibatch size.
         #[arg(long, default_value_t = 16_384)]
         batch: u64,
+        /// SGD steps per run.
         #[arg(long, default_value_t = 100)]
         steps: u64,
         /// Worker threads per node.
@@ -170,15 +193,19 @@ enum BenchCmd {
         /// Also run local SGD and compare time to a target loss.
         #[arg(long)]
         local: bool,
+        /// Write the measurements as JSON here.
         #[arg(long)]
-        json: Option<PathBuf>,
+        out: Option<PathBuf>,
     },
     /// Failover time after SIGKILL (or SIGSTOP) of a node, handoff pause, shards moved on rejoin.
     Failover {
+        /// Kills (or pauses) to measure.
         #[arg(long, default_value_t = 10)]
         runs: usize,
+        /// Nodes in the cluster.
         #[arg(long, default_value_t = 5)]
         nodes: usize,
+        /// Shards in the cluster.
         #[arg(long, default_value_t = 64)]
         shards: u32,
         /// SIGSTOP the node past its lease instead of SIGKILL.
@@ -186,7 +213,7 @@ enum BenchCmd {
         pause: bool,
         /// Write the results as JSON here.
         #[arg(long)]
-        json: Option<PathBuf>,
+        out: Option<PathBuf>,
     },
 }
 
@@ -198,6 +225,10 @@ enum ConfigCmd {
     Check {
         /// The config file.
         file: PathBuf,
+        /// Print `{"file", "valid", "node", "voters", "shards"}` (or `{"file", "valid": false,
+        /// "error"}`, still exiting 64).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -205,6 +236,7 @@ enum ConfigCmd {
 enum NodeCmd {
     /// Run the daemon until SIGTERM/SIGINT.
     Run {
+        /// The node's config file (`TIDEPOOL_*` environment variables override it).
         #[arg(long, default_value = "config/node.toml")]
         config: PathBuf,
     },
@@ -214,31 +246,47 @@ enum NodeCmd {
 enum CertsCmd {
     /// Create a cluster CA (ca.pem, ca.key) and a data key file (data.key) in DIR.
     Init {
+        /// Directory to create the CA and data key in.
         #[arg(long)]
         out: PathBuf,
+        /// Print `{"dir": DIR}`.
+        #[arg(long)]
+        json: bool,
     },
     /// Add a fresh key to the CA dir's data key file (step 1 of a rotation; `current` is
     /// unchanged). Copy the file to every node afterwards.
     RotateDataKey {
+        /// The CA directory (holds data.key).
         #[arg(long)]
         ca: PathBuf,
+        /// Print `{"file": PATH, "key": ID}`.
+        #[arg(long)]
+        json: bool,
     },
     /// Issue a node certificate (--node NAME; the node dir also gets the CA dir's data.key) or a
     /// client certificate (--client NAME --role ROLE).
     Issue {
+        /// The CA directory (`certs init --out`).
         #[arg(long)]
         ca: PathBuf,
+        /// Issue a node certificate for this node name.
         #[arg(long, conflicts_with_all = ["client", "role"], required_unless_present = "client")]
         node: Option<String>,
+        /// Issue a client certificate for this name.
         #[arg(long, requires = "role")]
         client: Option<String>,
+        /// The client certificate's role.
         #[arg(long, value_enum)]
         role: Option<ClientRole>,
+        /// Directory to write the certificate and key into.
         #[arg(long)]
         out: PathBuf,
         /// Validity in days.
         #[arg(long, default_value_t = 365)]
         days: i64,
+        /// Print `{"cert": PATH}`.
+        #[arg(long)]
+        json: bool,
     },
     /// Revoke a certificate (admin role, through the cluster): its handshakes are refused and
     /// its live connections closed within seconds, on every node.
@@ -328,7 +376,7 @@ fn exit(r: Result<i32>) -> ExitCode {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("tidepool: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(Exit::of(&e).code())
         }
     }
 }
@@ -370,8 +418,27 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             .await
         }
         Cmd::Node(NodeCmd::Run { .. }) => unreachable!("handled in main"),
-        Cmd::Config(ConfigCmd::Check { file }) => match daemon::load_config(&file) {
+        Cmd::Completions { shell } => {
+            cli_docs::completions(Cli::command(), shell, &mut std::io::stdout());
+            Ok(())
+        }
+        Cmd::Man { out } => {
+            let pages = cli_docs::man(Cli::command(), out.as_deref(), &mut std::io::stdout())?;
+            for page in pages {
+                println!("{}", page.display());
+            }
+            Ok(())
+        }
+        Cmd::Config(ConfigCmd::Check { file, json }) => match daemon::load_config(&file) {
             Ok(cfg) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"file": file, "valid": true, "node": cfg.node.name,
+                            "voters": cfg.cluster.voters.len(), "shards": cfg.cluster.shards})
+                    );
+                    return Ok(());
+                }
                 println!(
                     "{}: valid (node {}, {} voter(s), {} shards)",
                     file.display(),
@@ -382,18 +449,35 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 Ok(())
             }
             Err(e) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"file": file, "valid": false, "error": e.to_string()})
+                    );
+                }
                 eprintln!("tidepool: invalid configuration: {e}");
                 std::process::exit(daemon::EXIT_CONFIG);
             }
         },
-        Cmd::Certs(CertsCmd::Init { out }) => {
+        Cmd::Certs(CertsCmd::Init { out, json }) => {
             certs::init_ca(&out)?;
-            println!("cluster CA and data key written to {}", out.display());
+            if json {
+                println!("{}", serde_json::json!({ "dir": out }));
+            } else {
+                println!("cluster CA and data key written to {}", out.display());
+            }
             Ok(())
         }
-        Cmd::Certs(CertsCmd::RotateDataKey { ca }) => {
+        Cmd::Certs(CertsCmd::RotateDataKey { ca, json }) => {
             let id = certs::add_data_key(&ca)?;
             let file = ca.join(certs::DATA_KEY_FILE);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "file": file, "key": id.to_string() })
+                );
+                return Ok(());
+            }
             println!(
                 "data key {id} added to {}; copy it to every node and restart them one by one, \
                  then set `current = {id}` in it, copy and restart again",
@@ -408,6 +492,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             role,
             out,
             days,
+            json,
         }) => {
             let subject = match (node, client, role) {
                 (Some(n), None, None) => Subject::Node(n),
@@ -421,7 +506,11 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 _ => bail!("give either --node NAME, or --client NAME --role admin|reader"),
             };
             let path = certs::issue(&ca, &subject, &out, Validity::days_from_now(days))?;
-            println!("certificate written to {}", path.display());
+            if json {
+                println!("{}", serde_json::json!({ "cert": path }));
+            } else {
+                println!("certificate written to {}", path.display());
+            }
             Ok(())
         }
         Cmd::Bench(BenchCmd::Train {
@@ -433,7 +522,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             steps,
             workers,
             local,
-            json,
+            out,
         }) => {
             tidepool::bench_train::run(tidepool::bench_train::TrainBenchOptions {
                 nodes,
@@ -444,7 +533,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 steps,
                 workers,
                 local,
-                json,
+                out,
             })
             .await
         }
@@ -453,7 +542,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             nodes,
             shards,
             pause,
-            json,
+            out,
         }) => {
             let fault = if pause {
                 tidepool::bench::Fault::Pause
@@ -465,7 +554,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 nodes,
                 shards,
                 fault,
-                json,
+                out,
             })
             .await
         }
@@ -627,4 +716,61 @@ async fn cluster_shards(c: Conn) -> Result<()> {
     }
     client.close().await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every subcommand, depth first, with its path (`tidepool job watch`).
+    fn walk(cmd: &clap::Command, path: String, out: &mut Vec<(String, clap::Command)>) {
+        for sub in cmd.get_subcommands() {
+            walk(sub, format!("{path} {}", sub.get_name()), out);
+        }
+        out.push((path, cmd.clone()));
+    }
+
+    fn all() -> Vec<(String, clap::Command)> {
+        let mut cmd = Cli::command();
+        cmd.build();
+        let mut out = Vec::new();
+        walk(&cmd, "tidepool".into(), &mut out);
+        out
+    }
+
+    #[test]
+    fn the_definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn every_flag_has_help() {
+        for (path, cmd) in all() {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                assert!(arg.get_help().is_some(), "{path}: {id} has no help text");
+            }
+        }
+    }
+
+    /// `--json` is a flag printing one document on every command; paths to write are `--out`.
+    #[test]
+    fn json_is_always_a_flag() {
+        let mut with_json = 0;
+        for (path, cmd) in all() {
+            for arg in cmd.get_arguments() {
+                if arg.get_long() == Some("json") {
+                    with_json += 1;
+                    assert!(
+                        matches!(arg.get_action(), clap::ArgAction::SetTrue),
+                        "{path}: --json takes a value"
+                    );
+                }
+            }
+        }
+        assert!(with_json > 20, "only {with_json} commands have --json");
+    }
 }

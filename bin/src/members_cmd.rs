@@ -17,6 +17,7 @@ pub enum VotersCmd {
     /// Make member NAME a control-plane voter (it must have joined; it is caught up as a
     /// learner first, then added by Raft joint consensus).
     Add {
+        /// The member to make a voter.
         name: String,
         #[command(flatten)]
         conn: Conn,
@@ -24,6 +25,7 @@ pub enum VotersCmd {
     /// Remove NAME from the voters (it stays a learner). Use it to replace a dead voter:
     /// add the new voter first, then remove the dead one.
     Remove {
+        /// The voter to remove.
         name: String,
         #[command(flatten)]
         conn: Conn,

@@ -350,8 +350,21 @@ pub fn write_builtin(
 }
 
 /// `tidepool dataset builtin NAME --out DIR`: [`write_builtin`], then prints the two paths.
-pub fn builtin_main(name: &str, out: &Path, test_fraction: f64, seed: u64) -> anyhow::Result<()> {
+pub fn builtin_main(
+    name: &str,
+    out: &Path,
+    test_fraction: f64,
+    seed: u64,
+    json: bool,
+) -> anyhow::Result<()> {
     let (train, test, n_train, n_test) = write_builtin(name, out, test_fraction, seed)?;
+    if json {
+        let doc = serde_json::json!({
+            "train": train, "test": test, "train_rows": n_train, "test_rows": n_test,
+        });
+        println!("{doc}");
+        return Ok(());
+    }
     println!("{}", train.display());
     println!("{}", test.display());
     eprintln!(
@@ -524,7 +537,7 @@ mod tests {
 
         predict_main(&model, &test_path, None, false).unwrap();
         predict_main(&model, &test_path, Some("target"), true).unwrap();
-        builtin_main("digits", &dir.path().join("digits"), 0.2, 7).unwrap();
+        builtin_main("digits", &dir.path().join("digits"), 0.2, 7, false).unwrap();
         assert!(dir.path().join("digits/test.csv").is_file());
         assert!(write_builtin("breast_cancer", dir.path(), 0.0, 7).is_err());
         assert!(write_builtin("nope", dir.path(), 0.2, 7).is_err());

@@ -52,11 +52,13 @@ impl Default for ClientOptions {
 /// What went wrong with a client call.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    /// No seed answered.
-    #[error("no seed reachable: {0}")]
+    /// No node answered: none of the seeds (or known members) could be reached, or every one
+    /// of them failed to reply.
+    #[error("no node reachable: {0}")]
     NoSeed(String),
-    /// The cluster refused the request for good (bad request, forbidden).
-    #[error("refused: {code:?}: {message}")]
+    /// The cluster refused the request for good; `code` says why (bad request, forbidden, not
+    /// found, conflict) and `message` is the node's sentence for the user.
+    #[error("{message}")]
     Refused { code: ErrorCode, message: String },
     /// A retryable failure; after `retry_for` it is final and the op is NOT acknowledged (it may or
     /// may not have been applied; a later retry with the same key is still safe).
@@ -67,6 +69,14 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// The node's error code when the cluster refused the request.
+    pub fn refusal_code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
     fn retryable(&self) -> bool {
         matches!(self, ClientError::Retryable(_) | ClientError::NoSeed(_))
     }
@@ -169,7 +179,7 @@ impl ClusterClient {
     /// Asks any node: known members first, then seeds; a node that does not answer is dropped
     /// from the cache and the next one is tried.
     async fn ask_any(&self, body: Body) -> Result<Frame, ClientError> {
-        let mut last = ClientError::NoSeed("no node answered".into());
+        let mut last = String::from("no node answered");
         let known: Vec<String> = {
             let v = self.view.lock();
             let now = std::time::Instant::now();
@@ -195,22 +205,27 @@ impl ClusterClient {
                     let mut v = self.view.lock();
                     v.links.remove(&n);
                     v.shunned.insert(n, std::time::Instant::now() + SHUN_FOR);
-                    last = e;
+                    last = e.to_string();
                 }
             }
         }
         for seed in &self.seeds {
-            let Ok(c) = self.connect_node(*seed, ANY_NODE).await else {
-                continue;
+            let c = match self.connect_node(*seed, ANY_NODE).await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = format!("{seed}: {e}");
+                    continue;
+                }
             };
             let link = c.link().clone();
             self.view.lock().links.insert(link.peer().name.clone(), c);
             match self.call(&link, Dest::Peer, body.clone()).await {
                 Ok(f) => return Ok(f),
-                Err(e) => last = e,
+                Err(e) => last = e.to_string(),
             }
         }
-        Err(last)
+        // Every attempt above failed in transport (a reply, even an error, returns early).
+        Err(ClientError::NoSeed(last))
     }
 
     /// Reloads members and the shard map from any reachable node.

@@ -946,6 +946,24 @@ fn from_figment(err: figment::Error, env: &EnvVars) -> ConfigError {
         display_path(&path)
     };
     let mut reason = err.kind.to_string();
+    let from_env = err
+        .metadata
+        .as_ref()
+        .is_some_and(|md| md.name == ENV_PROVIDER);
+    // "Did you mean": the known key closest to an unknown one, in the form it was written in.
+    let suggestion = match &err.kind {
+        figment::error::Kind::UnknownField(field, known) => closest(field, known).map(|k| {
+            let mut known_path = path.clone();
+            known_path.pop();
+            known_path.push(k.to_owned());
+            if from_env {
+                env_var_name(&known_path)
+            } else {
+                format!("`{}`", display_path(&known_path))
+            }
+        }),
+        _ => None,
+    };
     match &err.metadata {
         Some(md) if md.name == ENV_PROVIDER => {
             if let Some(var) = env.var_for(&path) {
@@ -962,7 +980,35 @@ fn from_figment(err: figment::Error, env: &EnvVars) -> ConfigError {
         },
         None => {}
     }
+    if let Some(s) = suggestion {
+        reason.push_str(&format!("; did you mean {s}?"));
+    }
     ConfigError::new(key, reason)
+}
+
+/// The known key closest to `unknown` by edit distance (transpositions count once), if it is
+/// close enough to be a plausible typo: at most a third of the longer name's characters differ
+/// (at least one may), or one name is the other plus a suffix (`ttl` for `ttl_ms`).
+pub fn closest<'a>(unknown: &str, known: &[&'a str]) -> Option<&'a str> {
+    let unknown = unknown.to_ascii_lowercase();
+    known
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(&unknown, k), *k))
+        .filter(|(d, k)| {
+            let longest = unknown.chars().count().max(k.chars().count());
+            *d <= (longest / 3).max(1)
+                || (unknown.len() >= 2 && (k.starts_with(&unknown) || unknown.starts_with(*k)))
+        })
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// `["transport", "max_frame_bytes"]` -> `TIDEPOOL_TRANSPORT__MAX_FRAME_BYTES`.
+fn env_var_name(path: &[String]) -> String {
+    format!(
+        "{ENV_PREFIX}{}",
+        path.join(ENV_SEPARATOR).to_ascii_uppercase()
+    )
 }
 
 /// `["cluster", "seeds", "1"]` -> `cluster.seeds[1]`, matching validation keys.

@@ -282,6 +282,53 @@ fn unknown_key_in_file_is_named() {
 }
 
 #[test]
+fn unknown_key_suggests_the_closest_known_key() {
+    let e = load_toml("[transport]\nmax_frame_byts = 1024\n").expect_err("unknown key");
+    assert_eq!(e.key, "transport.max_frame_byts", "{e}");
+    assert!(
+        e.reason
+            .ends_with("did you mean `transport.max_frame_bytes`?"),
+        "{e}"
+    );
+    let e = load_toml("[node]\nnmae = \"n1\"\n").expect_err("unknown key");
+    assert!(e.reason.contains("did you mean `node.name`?"), "{e}");
+    let e = load_toml("[lease]\nttl = 2000\n").expect_err("unknown key");
+    assert!(e.reason.contains("did you mean `lease.ttl_ms`?"), "{e}");
+    let e = load_toml("[trasnport]\nmax_frame_bytes = 1024\n").expect_err("unknown section");
+    assert_eq!(e.key, "trasnport", "{e}");
+    assert!(e.reason.contains("did you mean `transport`?"), "{e}");
+    // Nothing close: no suggestion.
+    let e = load_toml("[node]\ncolour = \"blue\"\n").expect_err("unknown key");
+    assert!(!e.reason.contains("did you mean"), "{e}");
+
+    // From the environment the suggestion is the variable to set.
+    let vars = env(&[("TIDEPOOL_TRANSPORT__MAX_FRAME_BYTS", "1024")]);
+    let e = NodeConfig::load_from(None, &vars).expect_err("unknown key");
+    assert_eq!(e.key, "transport.max_frame_byts", "{e}");
+    assert!(
+        e.reason.contains("TIDEPOOL_TRANSPORT__MAX_FRAME_BYTS"),
+        "{e}"
+    );
+    assert!(
+        e.reason
+            .contains("did you mean TIDEPOOL_TRANSPORT__MAX_FRAME_BYTES?"),
+        "{e}"
+    );
+}
+
+#[test]
+fn closest_key_by_edit_distance() {
+    let known = ["name", "listen", "admin", "data_dir", "shutdown_grace_ms"];
+    assert_eq!(closest("nmae", &known), Some("name"));
+    assert_eq!(closest("NAME", &known), Some("name"));
+    assert_eq!(closest("datadir", &known), Some("data_dir"));
+    assert_eq!(closest("shutdown_grace", &known), Some("shutdown_grace_ms"));
+    assert_eq!(closest("lsn", &known), None);
+    assert_eq!(closest("x", &known), None);
+    assert_eq!(closest("anything", &[]), None);
+}
+
+#[test]
 fn unknown_section_in_file_is_named() {
     let e = load_toml("[nodes]\nname = \"n1\"\n").expect_err("unknown section");
     assert_eq!(e.key, "nodes");

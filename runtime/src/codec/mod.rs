@@ -136,12 +136,22 @@ pub enum ErrorCode {
     Internal,
     /// This node is not the control-plane leader; ask the leader (retryable).
     NotLeader,
+    /// What the request names (a job, a dataset, a member) does not exist.
+    NotFound,
+    /// The request clashes with what exists (a dataset name already taken).
+    Conflict,
 }
 
 impl ErrorCode {
     /// Whether the same request may succeed if sent again later.
     pub fn retryable(self) -> bool {
-        !matches!(self, ErrorCode::BadRequest | ErrorCode::Forbidden)
+        !matches!(
+            self,
+            ErrorCode::BadRequest
+                | ErrorCode::Forbidden
+                | ErrorCode::NotFound
+                | ErrorCode::Conflict
+        )
     }
 }
 
@@ -411,6 +421,8 @@ impl ArchivedErrorCode {
             ArchivedErrorCode::ShuttingDown => ErrorCode::ShuttingDown,
             ArchivedErrorCode::Internal => ErrorCode::Internal,
             ArchivedErrorCode::NotLeader => ErrorCode::NotLeader,
+            ArchivedErrorCode::NotFound => ErrorCode::NotFound,
+            ArchivedErrorCode::Conflict => ErrorCode::Conflict,
         }
     }
 }

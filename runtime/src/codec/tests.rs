@@ -27,6 +27,8 @@ fn arb_code() -> impl Strategy<Value = ErrorCode> {
         Just(ErrorCode::ShuttingDown),
         Just(ErrorCode::Internal),
         Just(ErrorCode::NotLeader),
+        Just(ErrorCode::NotFound),
+        Just(ErrorCode::Conflict),
     ]
 }
 

@@ -247,6 +247,16 @@ impl CommandResponse {
             CommandResponse::Batch(rs) => rs.iter().all(CommandResponse::is_ok),
         }
     }
+
+    /// Why the command was rejected, as a sentence for the user (the first rejection of a
+    /// batch); `None` when it was not.
+    pub fn rejection(&self) -> Option<&str> {
+        match self {
+            CommandResponse::Ok => None,
+            CommandResponse::Rejected(r) => Some(r),
+            CommandResponse::Batch(rs) => rs.iter().find_map(CommandResponse::rejection),
+        }
+    }
 }
 
 /// Applies `cmd` to `map`. Deterministic and pure: the state machine of the control plane.
