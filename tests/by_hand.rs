@@ -41,8 +41,8 @@ fn section_blocks(readme: &str, heading: &str) -> Vec<String> {
 
 #[test]
 fn readme_running_a_cluster_by_hand() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
-        .unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
     let blocks = section_blocks(&readme, "## Running a cluster by hand");
     assert!(blocks.len() >= 4, "the section has its shell blocks");
     let mut script = String::from("set -eu\n");
@@ -62,7 +62,10 @@ fn readme_running_a_cluster_by_hand() {
             script.push('\n');
         }
     }
-    assert_eq!(replaced, 2, "the build lines are where the test expects them");
+    assert_eq!(
+        replaced, 2,
+        "the build lines are where the test expects them"
+    );
 
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("walkthrough.sh"), &script).unwrap();
@@ -96,11 +99,22 @@ fn readme_running_a_cluster_by_hand() {
         libc::kill(-pgid, libc::SIGKILL);
     }
     let report = || diagnostics(dir.path());
-    let status = status.unwrap_or_else(|| panic!("the walkthrough did not end within 300 s\n{}", report()));
-    assert!(status.success(), "the walkthrough failed: {status}\n{}", report());
+    let status =
+        status.unwrap_or_else(|| panic!("the walkthrough did not end within 300 s\n{}", report()));
+    assert!(
+        status.success(),
+        "the walkthrough failed: {status}\n{}",
+        report()
+    );
     let output = std::fs::read_to_string(dir.path().join("walkthrough.out")).unwrap();
-    assert!(output.contains("valid (node n3"), "config check ran:\n{output}");
-    assert!(output.contains("n3 is drained"), "the drain finished:\n{output}");
+    assert!(
+        output.contains("valid (node n3"),
+        "config check ran:\n{output}"
+    );
+    assert!(
+        output.contains("n3 is drained"),
+        "the drain finished:\n{output}"
+    );
     for i in 1..=3 {
         let log = std::fs::read_to_string(dir.path().join(format!("n{i}.log"))).unwrap();
         assert!(!log.contains("panicked"), "n{i} panicked:\n{log}");
@@ -144,5 +158,9 @@ fn the_repository_stands_alone() {
             }
         }
     }
-    assert!(found.is_empty(), "references outside the repository:\n{}", found.join("\n"));
+    assert!(
+        found.is_empty(),
+        "references outside the repository:\n{}",
+        found.join("\n")
+    );
 }

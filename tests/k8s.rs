@@ -316,7 +316,29 @@ fn pod_config(docs: &[Doc], ordinal: usize) -> Result<NodeConfig, ConfigError> {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node.toml");
     std::fs::write(&path, node_toml(docs)).unwrap();
-    NodeConfig::load_from(Some(&path), &pod_env(&statefulset(docs), ordinal))
+    load_with_env(&path, &pod_env(&statefulset(docs), ordinal))
+}
+
+/// The daemon's own loader (`tidepool config show --json`) run with exactly `env`, as the
+/// pod's container would.
+fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<NodeConfig, ConfigError> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidepool"))
+        .args(["config", "show", "--json"])
+        .arg(path)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("config show --json: {e}: {out:?}"));
+    if doc["valid"] == true {
+        Ok(serde_json::from_value(doc["config"].clone()).unwrap())
+    } else {
+        Err(ConfigError::new(
+            doc["key"].as_str().unwrap(),
+            doc["reason"].as_str().unwrap(),
+        ))
+    }
 }
 
 fn max_replicas(docs: &[Doc]) -> usize {
@@ -373,7 +395,7 @@ fn the_configmap_loads_for_every_pod_with_the_statefulsets_environment() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("node.toml");
     std::fs::write(&path, node_toml(&docs)).unwrap();
-    let err = NodeConfig::load_from(Some(&path), &[]).unwrap_err();
+    let err = load_with_env(&path, &[]).unwrap_err();
     assert_eq!(err.key, "node.advertise", "{err}");
 }
 

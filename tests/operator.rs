@@ -61,7 +61,10 @@ async fn voters_started_20_s_apart_form_a_cluster() {
         {
             break;
         }
-        assert!(Instant::now() < deadline, "tidepool_node_ready never 1:\n{text}");
+        assert!(
+            Instant::now() < deadline,
+            "tidepool_node_ready never 1:\n{text}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await; // poll interval
     }
     cluster
@@ -156,6 +159,10 @@ async fn said_what_it_waits_for(cluster: &LocalCluster) {
         "{text}"
     );
     let json: serde_json::Value = serde_json::from_str(&run(true)).unwrap();
-    assert_eq!(json["waiting_for"], serde_json::json!(["n2", "n3"]), "{json}");
+    assert_eq!(
+        json["waiting_for"],
+        serde_json::json!(["n2", "n3"]),
+        "{json}"
+    );
     assert_eq!(json["leader"], "", "{json}");
 }

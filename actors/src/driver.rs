@@ -215,7 +215,10 @@ impl Driver {
                 let (router, done) = (self.router.clone(), self.done.clone());
                 tokio::spawn(async move {
                     let drained = router.inflight_drained(shard);
-                    if tokio::time::timeout(Duration::from_secs(30), drained).await.is_err() {
+                    if tokio::time::timeout(Duration::from_secs(30), drained)
+                        .await
+                        .is_err()
+                    {
                         // Going on is safe: the new owner fences the log, so a late append of
                         // one of these ops fails and the op is never acknowledged.
                         warn!(

@@ -9,7 +9,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tidepool_runtime::codec::{ArchivedBody, Body, Dest, Envelope, ErrorCode, MemberInfo, StatusInfo};
+use tidepool_runtime::codec::{
+    ArchivedBody, Body, Dest, Envelope, ErrorCode, MemberInfo, StatusInfo,
+};
 use tidepool_runtime::transport::{BoxFuture, Inbound, Link};
 use tokio::sync::watch;
 use tracing::debug;
@@ -156,7 +158,10 @@ mod tests {
         assert_eq!(s.members.len(), 3);
         assert!(s.members[0].reachable && !s.members[1].reachable);
         assert_eq!(s.members[0].addr, "10.0.0.1:7400");
-        assert!(tx.borrow().describe().contains("waiting for voter(s) n2, n3"));
+        assert!(tx
+            .borrow()
+            .describe()
+            .contains("waiting for voter(s) n2, n3"));
         tx.send_replace(Phase::Joining);
         assert!(fs.status().waiting_for.is_empty());
     }

@@ -918,6 +918,10 @@ mod tests {
             .await
             .expect("resolves once every permit is back")
             .unwrap();
-        assert_eq!(permits.available_permits(), 4, "the wait gives the permits back");
+        assert_eq!(
+            permits.available_permits(),
+            4,
+            "the wait gives the permits back"
+        );
     }
 }

@@ -124,7 +124,11 @@ fn ready_now(s: &AdminState) -> Result<(), String> {
         Some(r) => r.check(),
         None => Err(s.phase.borrow().describe()),
     };
-    metrics::gauge!(tidepool_runtime::metrics::NODE_READY).set(if ready.is_ok() { 1.0 } else { 0.0 });
+    metrics::gauge!(tidepool_runtime::metrics::NODE_READY).set(if ready.is_ok() {
+        1.0
+    } else {
+        0.0
+    });
     ready
 }
 
@@ -138,6 +142,9 @@ async fn render(State(s): State<AdminState>) -> String {
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
     match ready_now(&s) {
         Ok(()) => (StatusCode::OK, "ready\n".into()),
-        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }

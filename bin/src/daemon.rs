@@ -146,9 +146,14 @@ pub async fn run(cfg: NodeConfig) -> Result<i32> {
     // the node has started.
     let slot = crate::admin::ReadinessSlot::default();
     let phase = tidepool_actors::forming::phase_channel();
-    let admin =
-        crate::admin::bind(cfg.node.admin, metrics, slot.clone(), phase.clone(), &cfg.admin)
-            .await?;
+    let admin = crate::admin::bind(
+        cfg.node.admin,
+        metrics,
+        slot.clone(),
+        phase.clone(),
+        &cfg.admin,
+    )
+    .await?;
     tokio::spawn(sd_status_loop(phase.subscribe()));
     tokio::spawn(admin);
     tokio::spawn(trim_memory_loop());

@@ -230,6 +230,17 @@ enum ConfigCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print the effective configuration: defaults, then FILE, then `TIDEPOOL_*__*`
+    /// environment variables, validated (the paths it names are not checked; `config check`
+    /// does that). Exit 64 naming the key if invalid.
+    Show {
+        /// The config file (none: defaults and environment only).
+        file: Option<PathBuf>,
+        /// Print `{"valid": true, "config": {...}}` (or `{"valid": false, "key", "reason"}`,
+        /// still exiting 64) instead of TOML.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -459,6 +470,28 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 std::process::exit(daemon::EXIT_CONFIG);
             }
         },
+        Cmd::Config(ConfigCmd::Show { file, json }) => {
+            match tidepool_runtime::config::NodeConfig::load(file.as_deref()) {
+                Ok(cfg) if json => {
+                    println!("{}", serde_json::json!({"valid": true, "config": cfg}));
+                    Ok(())
+                }
+                Ok(cfg) => {
+                    print!("{}", toml::to_string_pretty(&cfg)?);
+                    Ok(())
+                }
+                Err(e) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"valid": false, "key": e.key, "reason": e.reason})
+                        );
+                    }
+                    eprintln!("tidepool: invalid configuration: {e}");
+                    std::process::exit(daemon::EXIT_CONFIG);
+                }
+            }
+        }
         Cmd::Certs(CertsCmd::Init { out, json }) => {
             certs::init_ca(&out)?;
             if json {

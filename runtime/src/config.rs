@@ -6,6 +6,8 @@
 //!
 //! # Environment variables
 //!
+//! Read with figment's own environment provider (`Env`, split on `__`); the rules around it
+//! (an upper-case prefix, no empty segments, errors naming the variable) are checked here.
 //! A variable is configuration only when its name starts with `TIDEPOOL_` *and* contains `__`.
 //! The rest of the name, lowercased, is the key path with `__` between levels:
 //! `TIDEPOOL_NODE__NAME=n2` sets `node.name`, `TIDEPOOL_CLUSTER__PLACEMENT_EPS=0.5` sets
@@ -34,9 +36,8 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Format, Toml};
-use figment::value::{Dict, Map, Value};
-use figment::{Figment, Metadata, Profile, Provider};
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
 use serde::{Deserialize, Serialize};
 
 /// Prefix of environment variables that may carry configuration.
@@ -485,25 +486,25 @@ const STORAGE_SCHEMES: [&str; 5] = ["file", "s3", "gs", "az", "memory"];
 
 impl NodeConfig {
     /// Loads the TOML file at `path` (if any) merged with the process's `TIDEPOOL_*` environment
-    /// variables (`__` for nesting: `TIDEPOOL_NODE__NAME=n2` sets `node.name`), then validates.
+    /// variables (`__` for nesting: `TIDEPOOL_NODE__NAME=n2` sets `node.name`; figment's own
+    /// `Env::prefixed(..).split("__")` provider), then validates.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let mut env = Vec::new();
+        // figment skips variables that are not UTF-8; a configuration variable must not vanish.
+        // figment would also take `__x` as a key named ``, and a lowercase prefix.
         for (name, value) in std::env::vars_os() {
             let Some(name) = name.to_str() else { continue };
             if !is_config_var(name) {
                 continue;
             }
-            let value = value.into_string().map_err(|_| {
-                ConfigError::new(env_key_path(name), format!("{name} is not valid UTF-8"))
-            })?;
-            env.push((name.to_owned(), value));
+            if value.to_str().is_none() {
+                let reason = format!("{name} is not valid UTF-8");
+                return Err(ConfigError::new(env_key_path(name), reason));
+            }
+            if env_key_path(name).split('.').any(str::is_empty) {
+                let reason = format!("{name}: empty key segment (use `__` between levels only)");
+                return Err(ConfigError::new(env_key_path(name), reason));
+            }
         }
-        Self::load_from(path, &env)
-    }
-
-    /// Like [`NodeConfig::load`] with an explicit environment, for tests. `env` may hold any
-    /// variables; only configuration variables (see the module docs) are used.
-    pub fn load_from(path: Option<&Path>, env: &[(String, String)]) -> Result<Self, ConfigError> {
         let mut figment = Figment::new();
         if let Some(path) = path {
             if !path.is_file() {
@@ -514,10 +515,16 @@ impl NodeConfig {
             }
             figment = figment.merge(Toml::file_exact(path));
         }
-        let env = EnvVars::new(env)?;
-        let figment = figment.merge(&env);
-        reject_static_members(&figment, &env)?;
-        let config: NodeConfig = figment.extract().map_err(|e| from_figment(e, &env))?;
+        // `Env::prefixed` matches the prefix in any case; ours is upper case only.
+        let env = Env::raw()
+            .filter_map(|key| {
+                let key = key.as_str();
+                is_config_var(key).then(|| key[ENV_PREFIX.len()..].to_owned().into())
+            })
+            .split(ENV_SEPARATOR);
+        let figment = figment.merge(env);
+        reject_static_members(&figment)?;
+        let config: NodeConfig = figment.extract().map_err(from_figment)?;
         config.validate()?;
         Ok(config)
     }
@@ -740,7 +747,7 @@ impl NodeConfig {
 
 /// Rejects the static member list of older configs with a reason that says what replaced it,
 /// before deserializing (which would only call it an unknown field).
-fn reject_static_members(figment: &Figment, env: &EnvVars) -> Result<(), ConfigError> {
+fn reject_static_members(figment: &Figment) -> Result<(), ConfigError> {
     const KEY: &str = "cluster.members";
     if figment.find_value(KEY).is_err() {
         return Ok(());
@@ -751,9 +758,9 @@ fn reject_static_members(figment: &Figment, env: &EnvVars) -> Result<(), ConfigE
          voters in cluster.voters and list nodes to join through in cluster.seeds",
     );
     match figment.find_metadata(KEY) {
-        Some(md) if md.name == ENV_PROVIDER => {
+        Some(md) if is_env(md) => {
             let path = [String::from("cluster"), String::from("members")];
-            if let Some(var) = env.var_for(&path) {
+            if let Some(var) = env_var_for(&path) {
                 reason.push_str(&format!(" (from {var})"));
             }
         }
@@ -839,91 +846,28 @@ fn env_key_path(name: &str) -> String {
     rest.to_ascii_lowercase().replace(ENV_SEPARATOR, ".")
 }
 
-/// Name of the figment provider for environment variables, used to recognise its errors.
-const ENV_PROVIDER: &str = "environment variable";
-
-/// A figment provider over an explicit list of environment variables, so that tests need not
-/// touch the process environment (figment's own `Env` reads only the process environment).
-struct EnvVars {
-    dict: Dict,
-    /// `(dotted key path, variable name)` of every configuration variable, sorted.
-    vars: Vec<(String, String)>,
-}
-
-impl EnvVars {
-    fn new(env: &[(String, String)]) -> Result<Self, ConfigError> {
-        let mut dict = Dict::new();
-        let mut vars = Vec::new();
-        // Sorted so that the result does not depend on the order of `env`.
-        let mut config_vars: Vec<&(String, String)> =
-            env.iter().filter(|(k, _)| is_config_var(k)).collect();
-        config_vars.sort();
-        for (name, raw) in config_vars {
-            let path = env_key_path(name);
-            let keys: Vec<&str> = path.split('.').collect();
-            if keys.iter().any(|k| k.is_empty()) {
-                let reason = format!("{name}: empty key segment (use `__` between levels only)");
-                return Err(ConfigError::new(path, reason));
-            }
-            let value: Value = raw.parse().unwrap_or_else(|e| match e {});
-            if insert_nested(&mut dict, &keys, value).is_err() {
-                let reason = format!("{name} conflicts with another variable for the same key");
-                return Err(ConfigError::new(path, reason));
-            }
-            vars.push((path, name.clone()));
+/// The configuration variable in the process environment that set `path` (or a table
+/// containing it, or a key inside it).
+fn env_var_for(path: &[String]) -> Option<String> {
+    std::env::vars().map(|(name, _)| name).find(|name| {
+        if !is_config_var(name) {
+            return false;
         }
-        Ok(Self { dict, vars })
-    }
-
-    /// The variable that set `path` (or a table containing it, or a key inside it).
-    fn var_for(&self, path: &[String]) -> Option<&str> {
-        self.vars.iter().find_map(|(var_path, name)| {
-            let var_keys: Vec<&str> = var_path.split('.').collect();
-            let n = var_keys.len().min(path.len());
-            let same = var_keys[..n].iter().zip(&path[..n]).all(|(a, b)| *a == b);
-            same.then_some(name.as_str())
-        })
-    }
+        let var_path = env_key_path(name);
+        let var_keys: Vec<&str> = var_path.split('.').collect();
+        let n = var_keys.len().min(path.len());
+        var_keys[..n].iter().zip(&path[..n]).all(|(a, b)| *a == b)
+    })
 }
 
-/// Inserts `value` at `keys` into `dict`, creating tables on the way. Fails when a prefix of
-/// `keys` already holds a non-table value, or `keys` a table (`A__B=1` and `A__B__C=2`).
-fn insert_nested(dict: &mut Dict, keys: &[&str], value: Value) -> Result<(), ()> {
-    match keys {
-        [] => Err(()),
-        [last] => match dict.get(*last) {
-            Some(Value::Dict(..)) => Err(()),
-            _ => {
-                dict.insert((*last).to_owned(), value);
-                Ok(())
-            }
-        },
-        [first, rest @ ..] => {
-            let entry = dict
-                .entry((*first).to_owned())
-                .or_insert_with(|| Value::from(Dict::new()));
-            match entry {
-                Value::Dict(_, inner) => insert_nested(inner, rest, value),
-                _ => Err(()),
-            }
-        }
-    }
-}
-
-impl Provider for EnvVars {
-    fn metadata(&self) -> Metadata {
-        Metadata::named(ENV_PROVIDER)
-    }
-
-    fn data(&self) -> Result<Map<Profile, Dict>, figment::Error> {
-        let mut map = Map::new();
-        map.insert(Profile::Default, self.dict.clone());
-        Ok(map)
-    }
+/// Whether figment's metadata is that of the environment provider (`TIDEPOOL_` environment
+/// variable(s)).
+fn is_env(md: &figment::Metadata) -> bool {
+    md.name.contains("environment variable")
 }
 
 /// Maps the first figment error to the key it concerns and where the value came from.
-fn from_figment(err: figment::Error, env: &EnvVars) -> ConfigError {
+fn from_figment(err: figment::Error) -> ConfigError {
     let Some(err) = err.into_iter().next() else {
         return ConfigError::new(ConfigError::FILE_KEY, "unknown error");
     };
@@ -946,10 +890,14 @@ fn from_figment(err: figment::Error, env: &EnvVars) -> ConfigError {
         display_path(&path)
     };
     let mut reason = err.kind.to_string();
-    let from_env = err
+    // figment may name the environment for a key that came from the file; only a variable
+    // that really set the key makes it "from the environment".
+    let var = err
         .metadata
         .as_ref()
-        .is_some_and(|md| md.name == ENV_PROVIDER);
+        .filter(|md| is_env(md))
+        .and_then(|_| env_var_for(&path));
+    let from_env = var.is_some();
     // "Did you mean": the known key closest to an unknown one, in the form it was written in.
     let suggestion = match &err.kind {
         figment::error::Kind::UnknownField(field, known) => closest(field, known).map(|k| {
@@ -965,8 +913,8 @@ fn from_figment(err: figment::Error, env: &EnvVars) -> ConfigError {
         _ => None,
     };
     match &err.metadata {
-        Some(md) if md.name == ENV_PROVIDER => {
-            if let Some(var) = env.var_for(&path) {
+        Some(_) if from_env => {
+            if let Some(var) = &var {
                 reason.push_str(&format!(" (from {var})"));
             }
             if matches!(&err.kind, figment::error::Kind::InvalidType(_, exp) if exp.contains("string"))
