@@ -8,6 +8,20 @@
 //! `tp<pid>h`), is removed on drop, and a later run removes what a killed harness left behind
 //! (namespaces whose pid no longer runs). Addresses come from a /24 in 10.200.0.0/13 that no
 //! interface of this machine uses; traffic never leaves the namespaces this module created.
+//!
+//! Why `ip` and `nft` and not netlink crates:
+//! - nftables: no maintained pure-Rust crate speaks its netlink protocol; the Rust crates wrap
+//!   the C libraries libnftnl/libmnl (a C build dependency for one test harness) or shell out to
+//!   `nft` themselves. So the rule changes go through `nft -f -` in the node's namespace.
+//! - Namespaces, veths, addresses, links: `rtnetlink` can make veths and set addresses and link
+//!   state, but not the rest of what `ip` does here. A named namespace is an `unshare` plus a
+//!   bind mount under `/run/netns`; configuring a link *inside* a namespace needs a netlink
+//!   socket opened from a thread that has `setns`-ed into it; and every node process is started
+//!   with `ip netns exec`, which would otherwise need `setns` in a `pre_exec` hook. Those are
+//!   unsafe code (denied in this workspace) or extra crates (nix, netns-rs) around the same
+//!   syscalls, for a harness where `ip` is already required (iproute2 is how operators inspect
+//!   the namespaces too). Replacing it was time-boxed and not done: `ip` stays, called with
+//!   fixed argument lists, failing with its stderr.
 
 use std::collections::BTreeSet;
 use std::io::Write;
