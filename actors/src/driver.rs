@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use ractor::ActorRef;
 use tidepool_runtime::control::{Command, ControlPlane, ShardAssignment};
 use tidepool_runtime::handoff::{Effect, Event, ShardHandoff};
@@ -28,7 +29,22 @@ enum Done {
     Event(u32, Event),
     /// (shard, epoch, attempt, state)
     Restored(u32, u64, u64, Box<Restored>),
+    /// A restore, checkpoint or handoff commit failed: retry after the shard's next backoff.
+    Backoff(u32),
     Retry(u32),
+}
+
+/// Retry delays of one shard's failing restore, checkpoint or handoff commit: exponential from
+/// 200 ms, capped at 1 s, each with up to as much again of random jitter (so the shards of a
+/// node, or the nodes of a cluster, that failed together do not retry in lockstep). Without a
+/// limit: the machine retries until the step succeeds or the assignment moves on.
+fn retry_backoff() -> ExponentialBackoff {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(1))
+        .with_jitter()
+        .without_max_times()
+        .build()
 }
 
 /// Inputs the driver needs.
@@ -67,6 +83,7 @@ pub async fn run(
         seen: vec![None; cfg.shards as usize],
         restored: HashMap::new(),
         handoff_started: HashMap::new(),
+        backoff: HashMap::new(),
         lease_valid: false,
     };
     map_rx.borrow_and_update();
@@ -123,6 +140,8 @@ struct Driver {
     seen: Vec<Option<ShardAssignment>>,
     restored: HashMap<u32, (u64, Box<Restored>)>,
     handoff_started: HashMap<u32, Instant>,
+    /// Each shard's retry delays since its last success or assignment change.
+    backoff: HashMap<u32, ExponentialBackoff>,
     lease_valid: bool,
 }
 
@@ -138,6 +157,7 @@ impl Driver {
             if let Some(slot) = self.seen.get_mut(s as usize) {
                 *slot = Some(a.clone());
             }
+            self.backoff.remove(&s);
             self.feed(s, assigned(a)).await;
         }
         map.applied_index
@@ -148,6 +168,7 @@ impl Driver {
     async fn reset(&mut self, shard: u32) {
         self.stop_actor(shard).await;
         self.restored.remove(&shard);
+        self.backoff.remove(&shard);
         if let Some(m) = self.machines.get_mut(shard as usize) {
             *m = ShardHandoff::new(self.cfg.me.clone(), shard);
         }
@@ -161,8 +182,14 @@ impl Driver {
 
     async fn on_done(&mut self, done: Done) {
         match done {
-            Done::Event(s, ev) => self.feed(s, ev).await,
+            Done::Event(s, ev) => {
+                if matches!(ev, Event::CheckpointWritten { .. }) {
+                    self.backoff.remove(&s);
+                }
+                self.feed(s, ev).await
+            }
             Done::Restored(s, epoch, attempt, r) => {
+                self.backoff.remove(&s);
                 let seq = r.next_seq.saturating_sub(1);
                 // Only the restore the machine waits for is kept: an earlier one at the same
                 // epoch, finishing late, read the log before writes acknowledged since.
@@ -187,6 +214,19 @@ impl Driver {
                     },
                 )
                 .await;
+            }
+            Done::Backoff(s) => {
+                let delay = self
+                    .backoff
+                    .entry(s)
+                    .or_insert_with(retry_backoff)
+                    .next()
+                    .unwrap_or(Duration::from_secs(1));
+                let done = self.done.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _ = done.send(Done::Retry(s));
+                });
             }
             Done::Retry(s) => self.feed(s, Event::Retry).await,
         }
@@ -262,8 +302,7 @@ impl Driver {
                             warn!(shard, %reason, "checkpoint failed; retrying");
                             let _ =
                                 done.send(Done::Event(shard, Event::CheckpointFailed { reason }));
-                            tokio::time::sleep(Duration::from_millis(300)).await; // retry backoff
-                            let _ = done.send(Done::Retry(shard));
+                            let _ = done.send(Done::Backoff(shard));
                         }
                     }
                 });
@@ -288,8 +327,7 @@ impl Driver {
                         Ok(r) if r.is_ok() => {}
                         other => {
                             warn!(shard, ?other, "handoff commit failed; retrying");
-                            tokio::time::sleep(Duration::from_millis(200)).await; // retry backoff
-                            let _ = done.send(Done::Retry(shard));
+                            let _ = done.send(Done::Backoff(shard));
                         }
                     }
                 });
@@ -317,8 +355,7 @@ impl Driver {
                                     attempt,
                                 },
                             ));
-                            tokio::time::sleep(Duration::from_millis(300)).await; // retry backoff
-                            let _ = done.send(Done::Retry(shard));
+                            let _ = done.send(Done::Backoff(shard));
                         }
                     }
                 });
@@ -429,5 +466,26 @@ async fn checkpoint(router: &Router, shard: u32) -> Result<u64, String> {
         Ok(Ok(Ok(seq))) => Ok(seq),
         Ok(Ok(Err(code))) => Err(format!("{code:?}")),
         _ => Err("checkpoint timed out".into()),
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use std::time::Duration;
+
+    /// Failed steps retry after growing, jittered pauses that stop growing at the cap (the old
+    /// loop waited a fixed 200 or 300 ms for ever).
+    #[test]
+    fn retry_delays_grow_with_jitter_up_to_a_cap() {
+        let delays: Vec<Duration> = super::retry_backoff().take(12).collect();
+        assert_eq!(delays.len(), 12, "never gives up");
+        let floor = [200, 400, 800, 1000, 1000, 1000];
+        for (d, min_ms) in delays.iter().zip(floor.iter().chain([1000; 6].iter())) {
+            let min = Duration::from_millis(*min_ms);
+            assert!(*d >= min && *d < min * 2, "{d:?} outside [{min:?}, 2x)");
+        }
+        // Jitter: two shards that failed together do not get the same pauses.
+        let other: Vec<Duration> = super::retry_backoff().take(12).collect();
+        assert_ne!(delays, other);
     }
 }

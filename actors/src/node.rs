@@ -760,6 +760,23 @@ fn advertised(listen: SocketAddr, transport: &Transport) -> String {
     }
 }
 
+/// Longest pause between two rounds of seed dialling or join requests, before jitter.
+const PEER_RETRY_MAX: Duration = Duration::from_millis(500);
+
+/// Pauses between rounds of seed dialling and join requests while the other nodes start or a
+/// leader is elected: exponential from 50 ms, capped at [`PEER_RETRY_MAX`], each with up to as
+/// much again of random jitter (voters started together do not dial in lockstep). Unlimited in
+/// count: the callers' own deadlines (wall-clock, unchanged) end the waiting.
+fn peer_backoff() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(PEER_RETRY_MAX)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 /// Dials every seed once (briefly retrying) and returns the voters whose addresses were found,
 /// this node included if it is one.
 async fn discover_voters(
@@ -780,6 +797,7 @@ async fn discover_voters(
     let deadline = (!pristine)
         .then(|| Instant::now() + Duration::from_secs(if cfg.is_voter() { 10 } else { 3 }));
     let mut told = Instant::now();
+    let mut backoff = peer_backoff();
     // Seeds may be names (`node-2.example:7400`, a Kubernetes headless service): resolved on
     // every round, so a peer whose DNS record appears while we wait is still found.
     loop {
@@ -827,7 +845,7 @@ async fn discover_voters(
                 "forming the cluster: waiting until every configured voter answers at a seed address"
             );
         }
-        tokio::time::sleep(Duration::from_millis(200)).await; // retry interval while peers start
+        tokio::time::sleep(backoff.next().unwrap_or(PEER_RETRY_MAX)).await; // retry while peers start
     }
     cfg.cluster
         .voters
@@ -846,6 +864,7 @@ async fn join(
 ) -> Result<(), NodeError> {
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
+    let mut backoff = peer_backoff();
     loop {
         let listed = control
             .map()
@@ -863,7 +882,7 @@ async fn join(
         if Instant::now() > deadline {
             return Err(NodeError::Join(last));
         }
-        tokio::time::sleep(Duration::from_millis(200)).await; // retry interval until a leader exists
+        tokio::time::sleep(backoff.next().unwrap_or(PEER_RETRY_MAX)).await; // retry until a leader exists
     }
 }
 
@@ -936,5 +955,25 @@ async fn watch_members(control: ControlPlane, transport: Transport, policy: Arc<
         if rx.changed().await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod backoff_tests {
+    use std::time::Duration;
+
+    /// Seed dialling and join requests start fast, back off to the cap, and carry jitter; the
+    /// callers' wall-clock deadlines are what ends them.
+    #[test]
+    fn peer_retries_grow_with_jitter_up_to_a_cap() {
+        let delays: Vec<Duration> = super::peer_backoff().take(20).collect();
+        assert_eq!(delays.len(), 20, "no limit on the count");
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] < Duration::from_millis(100));
+        for d in &delays {
+            assert!(*d < super::PEER_RETRY_MAX * 2, "{d:?}");
+        }
+        assert!(delays[10..].iter().all(|d| *d >= super::PEER_RETRY_MAX));
+        let other: Vec<Duration> = super::peer_backoff().take(20).collect();
+        assert_ne!(delays, other, "jittered");
     }
 }

@@ -1,53 +1,70 @@
-//! A minimal HTTP/1.1 GET over loopback, for polling `/readyz` and scraping `/metrics` from the
-//! demo and the tests (no HTTP client dependency for two endpoints we serve ourselves).
+//! HTTP GET against a node's admin server (polling `/readyz`, scraping `/metrics`) for the demo,
+//! the chaos checker and the tests, and sums over a scraped Prometheus text exposition.
+//!
+//! The client is reqwest (plain `http://`, no TLS stack of its own, proxies ignored: these are
+//! our own admin servers, usually on loopback); the exposition is parsed by the
+//! `prometheus-parse` crate. That parser splits label sets on `,` and `=`, so a label *value*
+//! holding either would be mis-read; no Tidepool metric has such a value (labels are fixed
+//! enums, names and versions; see `tidepool_runtime::metrics`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// GETs `path` and returns (status, body). Bodies are capped at 16 MiB.
+/// Bodies longer than this are an error rather than read on.
+const MAX_BODY: usize = 16 << 20;
+/// The whole request (connect, headers, body) must finish within this.
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+/// GETs `path` and returns (status, body). Bodies are capped at 16 MiB; the whole request at 5 s.
 pub async fn get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connect {addr}"))?;
-        let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-        s.write_all(req.as_bytes()).await?;
-        let mut buf = Vec::new();
-        (&mut s).take(16 << 20).read_to_end(&mut buf).await?;
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let Some((head, body)) = text.split_once("\r\n\r\n") else {
-            bail!("no HTTP header from {addr}")
-        };
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .context("bad status line")?;
-        Ok((status, body.to_string()))
-    };
-    tokio::time::timeout(Duration::from_secs(5), fut)
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(TIMEOUT)
+        .build()
+        .context("HTTP client")?;
+    let url = format!("http://{addr}{path}");
+    let mut resp = client
+        .get(&url)
+        .send()
         .await
-        .context("HTTP GET timed out")?
+        .with_context(|| format!("GET {url}"))?;
+    let status = resp.status().as_u16();
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .with_context(|| format!("GET {url}: body"))?
+    {
+        if body.len() + chunk.len() > MAX_BODY {
+            bail!("GET {url}: body over {MAX_BODY} bytes");
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
-/// Sums every sample of `name` whose labels contain all of `labels` (`k="v"` pairs) in a
-/// Prometheus text exposition.
+/// Sums every sample of `name` whose labels include all of `labels` (`k="v"` pairs) in a
+/// Prometheus text exposition. Counters, gauges and untyped samples count, including a
+/// histogram's `NAME_count` and `NAME_sum` series; bucket and quantile series do not (ask for
+/// `NAME_count` instead).
 pub fn sum_metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric, rest) = series.split_once('{').unwrap_or((series, ""));
-            if metric != name {
-                return None;
-            }
-            labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
-                .then(|| value.parse::<f64>().ok())?
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let Ok(scrape) = prometheus_parse::Scrape::parse(lines) else {
+        // Unreachable: the lines come from memory and never fail to read.
+        return 0.0;
+    };
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .filter_map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => Some(v),
+            prometheus_parse::Value::Histogram(_) | prometheus_parse::Value::Summary(_) => None,
         })
         .sum()
 }
@@ -63,5 +80,31 @@ mod tests {
             3.0
         );
         assert_eq!(super::sum_metric(text, "x_total", &[]), 12.0);
+    }
+
+    /// Typed families as metrics-exporter-prometheus writes them: a label matches by value, not
+    /// as a substring of the label set, and a histogram's `_count` is a plain series.
+    #[test]
+    fn typed_families_and_exact_label_values() {
+        let text = "\
+# TYPE tidepool_ops_total counter
+tidepool_ops_total{op=\"incr\",role=\"node\"} 4
+tidepool_ops_total{op=\"incr\",peer_role=\"node\"} 6
+# TYPE tidepool_shards_owned gauge
+tidepool_shards_owned 12
+# TYPE tidepool_task_duration_seconds histogram
+tidepool_task_duration_seconds_bucket{job=\"a\",le=\"0.5\"} 1
+tidepool_task_duration_seconds_bucket{job=\"a\",le=\"+Inf\"} 3
+tidepool_task_duration_seconds_sum{job=\"a\"} 2.5
+tidepool_task_duration_seconds_count{job=\"a\"} 3
+";
+        let sum = super::sum_metric;
+        assert_eq!(sum(text, "tidepool_ops_total", &[("role", "node")]), 4.0);
+        assert_eq!(sum(text, "tidepool_ops_total", &[]), 10.0);
+        assert_eq!(sum(text, "tidepool_shards_owned", &[]), 12.0);
+        assert_eq!(sum(text, "tidepool_task_duration_seconds_count", &[]), 3.0);
+        assert_eq!(sum(text, "tidepool_task_duration_seconds_sum", &[]), 2.5);
+        assert_eq!(sum(text, "tidepool_task_duration_seconds", &[]), 0.0);
+        assert_eq!(sum(text, "tidepool_missing", &[]), 0.0);
     }
 }

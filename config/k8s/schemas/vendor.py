@@ -8,7 +8,7 @@ schema refers into one shared `_definitions.json` of the whole API (1.4 MB); thi
 self-contained file per kind instead, holding only the definitions that kind reaches, with
 `"$ref": "#/$defs/..."` and the prose descriptions dropped (they are not needed to validate).
 
-Custom resources (KEDA ScaledObject, prometheus-operator ServiceMonitor, kustomize Kustomization)
+Custom resources (KEDA ScaledObject, prometheus-operator ServiceMonitor, cert-manager Issuer)
 have no schema in that package: their hand-written sources are in crd-src/ (see README.md there)
 and may refer to Kubernetes definitions (`#/$defs/io.k8s...`), which this script bundles the same
 way.
@@ -33,6 +33,7 @@ KINDS = [
     "statefulset-apps-v1",
     "poddisruptionbudget-policy-v1",
     "horizontalpodautoscaler-autoscaling-v2",
+    "networkpolicy-networking-v1",
 ]
 HERE = Path(__file__).resolve().parent
 EXTERNAL_PREFIX = "/api/_definitions.json#/$defs/"
