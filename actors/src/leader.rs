@@ -32,6 +32,12 @@ pub struct LeaderLeases {
     /// paused node renewing again); a node that left still holds a fresh grant from before it
     /// left, which must not bring it back.
     down_since: BTreeMap<String, Instant>,
+    /// Members this leader found expired that the map still gives shards to. No grant for them
+    /// until the map has moved those shards: the reassignment was decided on their expiry, and
+    /// a grant made while it is being proposed would let the old owner serve again (with a
+    /// valid lease and the old map) while the new owner restores: two owners (chaos F5, found
+    /// under packet loss; the fenced log kept the data whole).
+    expiring: BTreeSet<String>,
 }
 
 /// A leader grants leases only this soon after a quorum confirmed it still leads: a leader cut
@@ -88,6 +94,10 @@ impl Leases {
         if l.confirmed
             .is_none_or(|t| now.saturating_duration_since(t) > CONFIRMED_GRANT_WINDOW)
         {
+            return None;
+        }
+        if l.expiring.contains(node) {
+            metrics::counter!(m::LEASE_GRANTS_REFUSED).increment(1);
             return None;
         }
         let (term, table) = l.table.as_mut()?;
@@ -334,6 +344,7 @@ pub async fn leader_loop(
                 l.table = Some((term, LeaseTable::new_leader(leases.cfg, now)));
                 l.forgotten.clear();
                 l.down_since.clear();
+                l.expiring.clear();
             }
         }
         was_leader = true;
@@ -375,6 +386,7 @@ async fn leader_step(
             table,
             forgotten,
             down_since,
+            expiring,
             ..
         } = &mut *l;
         let Some((_, table)) = table.as_mut() else {
@@ -421,6 +433,9 @@ async fn leader_step(
             })
             .cloned()
             .collect();
+        // Decided under the same lock as grants: from here no grant reaches an expired member
+        // whose shards this step moves, until the map shows them moved.
+        rebalance::update_expiring(expiring, &expired, map, me);
         (expired, renewing, revived)
     };
     let mut cmds = Vec::new();
@@ -510,4 +525,89 @@ async fn leader_step(
         control.propose(cmd).await.map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidepool_runtime::control::{Member, ShardAssignment};
+
+    fn map(owners: &[&str], members: &[(&str, MemberState)]) -> ClusterMap {
+        ClusterMap {
+            members: members
+                .iter()
+                .map(|(n, s)| {
+                    let m = Member {
+                        name: (*n).into(),
+                        addr: String::new(),
+                        state: *s,
+                        voter: false,
+                    };
+                    ((*n).to_string(), m)
+                })
+                .collect(),
+            shards: owners
+                .iter()
+                .enumerate()
+                .map(|(i, o)| ShardAssignment {
+                    owner: Some((*o).into()),
+                    epoch: i as u64 + 1,
+                    handoff_to: None,
+                })
+                .collect(),
+            ..ClusterMap::default()
+        }
+    }
+
+    fn leading(leases: &Leases, now: Instant) {
+        let mut l = leases.leader.lock();
+        l.table = Some((1, LeaseTable::new_leader(leases.cfg, now)));
+        l.confirmed = Some(now);
+    }
+
+    /// A member found expired gets no grant while the map still gives it shards that another
+    /// member can take; once the map has moved them, it may renew (and be revived) again.
+    #[test]
+    fn no_grant_to_an_expired_owner_until_its_shards_moved() {
+        let leases = Leases::new(LeaseConfig::default());
+        let now = Instant::now();
+        leading(&leases, now);
+        let up = MemberState::Up;
+        let before = map(&["n1", "n2"], &[("n1", up), ("n2", up)]);
+        let expired = BTreeSet::from(["n2".to_string()]);
+        rebalance::update_expiring(&mut leases.leader.lock().expiring, &expired, &before, "n1");
+        assert!(
+            leases.grant("n2", now, 7).is_none(),
+            "n2's shard is being moved"
+        );
+        assert!(
+            leases.grant("n1", now, 7).is_some(),
+            "others renew as usual"
+        );
+
+        // The reassignment committed: n2 owns nothing, so a renewal is safe again.
+        let after = map(&["n1", "n1"], &[("n1", up), ("n2", MemberState::Down)]);
+        rebalance::update_expiring(&mut leases.leader.lock().expiring, &expired, &after, "n1");
+        assert!(leases.grant("n2", now, 9).is_some());
+    }
+
+    /// With nowhere to move its shards, an expired owner is not refused (it would only leave
+    /// them unserved), and the leader never refuses itself.
+    #[test]
+    fn an_owner_whose_shards_cannot_move_still_renews() {
+        let leases = Leases::new(LeaseConfig::default());
+        let now = Instant::now();
+        leading(&leases, now);
+        let m = map(
+            &["n1", "n2"],
+            &[("n1", MemberState::Draining), ("n2", MemberState::Up)],
+        );
+        let expired = BTreeSet::from(["n1".to_string(), "n2".to_string()]);
+        rebalance::update_expiring(&mut leases.leader.lock().expiring, &expired, &m, "n1");
+        assert!(
+            leases.grant("n2", now, 1).is_some(),
+            "no member could take n2's shard"
+        );
+        assert!(leases.grant("n1", now, 1).is_some(), "the leader itself");
+    }
 }

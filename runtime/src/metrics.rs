@@ -105,6 +105,8 @@ metric_table! {
         "Not-after time (Unix seconds) of this node's TLS certificate, read when it is loaded.";
     LEASE_EXPIRATIONS = "tidepool_lease_expirations_total", Counter, None, [],
         "Times this node's lease expired (it stopped serving by itself).";
+    LEASE_GRANTS_REFUSED = "tidepool_lease_grants_refused_total", Counter, None, [],
+        "Lease renewals this leader refused because the renewing member was found expired and its shards are being moved.";
     LEASE_VALID = "tidepool_lease_valid", Gauge, None, [],
         "1 while this node holds a valid lease.";
     SHARDS_OWNED = "tidepool_shards_owned", Gauge, None, [],

@@ -278,3 +278,28 @@ fn change_shard(c: &Change) -> u32 {
 #[cfg(test)]
 #[path = "rebalance_tests.rs"]
 mod tests;
+
+/// Keeps in `expiring` the members (not `me`) that are expired now or were, while the map
+/// still gives them a shard and some other member could take it (with nowhere to move the
+/// shards, refusing the owner's renewal would only keep them unserved).
+pub fn update_expiring(
+    expiring: &mut BTreeSet<String>,
+    expired: &BTreeSet<String>,
+    map: &crate::control::ClusterMap,
+    me: &str,
+) {
+    let owns = |n: &str| {
+        map.shards
+            .iter()
+            .any(|a| a.owner.as_deref() == Some(n) || a.handoff_to.as_deref() == Some(n))
+    };
+    let can_move = |n: &str| {
+        map.members.values().any(|m| {
+            m.name != n
+                && !expired.contains(&m.name)
+                && matches!(m.state, MemberState::Up | MemberState::Joining)
+        })
+    };
+    expiring.extend(expired.iter().filter(|n| n.as_str() != me).cloned());
+    expiring.retain(|n| owns(n) && can_move(n));
+}

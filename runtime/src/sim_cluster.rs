@@ -229,6 +229,13 @@ pub(crate) struct Fixes {
     /// leader's commit index, and a node counts its lease as valid (for the driver and the
     /// router) only once its map copy has applied that index.
     pub map_with_grant: bool,
+    /// `leader.rs` decides a member expired, then proposes marking it down and reassigning its
+    /// shards, one Raft round trip each. A renewal arriving meanwhile was granted with the map
+    /// index of before the reassignment: the member served its old epoch again while the new
+    /// owner restored (chaos F5 under packet loss, a 5 ms overlap; the fenced log kept the data).
+    /// The fix: no grant to a member found expired while the map still gives it shards another
+    /// member can take ([`crate::rebalance::update_expiring`]).
+    pub no_grant_while_expiring: bool,
 }
 
 impl Fixes {
@@ -238,17 +245,23 @@ impl Fixes {
         forget_after_expiry: true,
         reset_when_fenced: true,
         map_with_grant: true,
+        no_grant_while_expiring: true,
     };
 
     /// The names `SIM_FIXES` takes, in field order.
-    pub(crate) const NAMES: [&'static str; 3] =
-        ["forget-after-expiry", "reset-when-fenced", "map-with-grant"];
+    pub(crate) const NAMES: [&'static str; 4] = [
+        "forget-after-expiry",
+        "reset-when-fenced",
+        "map-with-grant",
+        "no-grant-while-expiring",
+    ];
 
-    fn flags(&mut self) -> [&mut bool; 3] {
+    fn flags(&mut self) -> [&mut bool; 4] {
         [
             &mut self.forget_after_expiry,
             &mut self.reset_when_fenced,
             &mut self.map_with_grant,
+            &mut self.no_grant_while_expiring,
         ]
     }
 
@@ -282,6 +295,7 @@ impl Fixes {
                     forget_after_expiry: false,
                     reset_when_fenced: false,
                     map_with_grant: false,
+                    no_grant_while_expiring: false,
                 };
                 for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
                     let i = Self::NAMES.iter().position(|n| *n == name)?;
@@ -736,6 +750,8 @@ struct LeaderLeases {
     confirmed: Option<Instant>,
     forgotten: BTreeSet<String>,
     down_since: BTreeMap<String, Instant>,
+    /// Expired members whose shards are being moved: no grant for them meanwhile.
+    expiring: BTreeSet<String>,
     was_leader: bool,
 }
 
@@ -1436,6 +1452,9 @@ impl Sim {
         {
             return None;
         }
+        if self.fixes.no_grant_while_expiring && lead.expiring.contains(to) {
+            return None;
+        }
         let (term, table) = lead.table.as_mut()?;
         Some((table.grant(to, now), *term))
     }
@@ -1496,6 +1515,7 @@ impl Sim {
             lead.table = Some((term, LeaseTable::new_leader(cfg, now)));
             lead.forgotten.clear();
             lead.down_since.clear();
+            lead.expiring.clear();
         }
         lead.was_leader = true;
         let confirmed = self.raft.leader == Some(n) && self.raft.term == term && self.healthy(n);
@@ -1577,6 +1597,7 @@ impl Sim {
                 })
                 .cloned()
                 .collect();
+            crate::rebalance::update_expiring(&mut lead.expiring, &expired, &map, &me);
             (expired, renewing, revived)
         };
         for f in forgot {
