@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tidepool::jobs_cli;
-use tidepool::local_cluster::{wait_all_up, wait_stable, LocalCluster};
+use tidepool::local_cluster::LocalCluster;
 use tidepool_runtime::client::{ClientOptions, ClusterClient};
 use tidepool_runtime::codec::AdminOp;
 use tidepool_runtime::control::{DatasetSource, JobState};
@@ -35,19 +35,12 @@ async fn start() -> Fixture {
         FRAME.to_string(),
     )];
     c.start_all().unwrap();
-    c.wait_ready(Duration::from_secs(90)).await.unwrap();
     let opts = ClientOptions {
         retry_for: Duration::from_secs(30),
         request_timeout: Duration::from_secs(10),
         ..Default::default()
     };
-    let client = c.admin_client(opts).await.unwrap();
-    wait_all_up(&client, 3, Duration::from_secs(90))
-        .await
-        .unwrap();
-    wait_stable(&client, Duration::from_secs(120))
-        .await
-        .unwrap();
+    let client = c.settled_admin_client(opts).await.unwrap();
     Fixture { c, client }
 }
 

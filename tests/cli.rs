@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use tidepool::datasets;
 use tidepool::exit::Exit;
 use tidepool::jobs_cli;
-use tidepool::local_cluster::{wait_all_up, wait_stable, LocalCluster};
+use tidepool::local_cluster::LocalCluster;
 use tidepool_runtime::client::ClientOptions;
 use tidepool_runtime::control::JobState;
 use tidepool_runtime::dataset::Table;
@@ -282,18 +282,11 @@ async fn exit_codes_and_job_watch_on_a_node() {
         FRAME.to_string(),
     )];
     c.start_all().unwrap();
-    c.wait_ready(Duration::from_secs(90)).await.unwrap();
     let opts = ClientOptions {
         retry_for: Duration::from_secs(60),
         ..Default::default()
     };
-    let client = c.admin_client(opts).await.unwrap();
-    wait_all_up(&client, 1, Duration::from_secs(90))
-        .await
-        .unwrap();
-    wait_stable(&client, Duration::from_secs(120))
-        .await
-        .unwrap();
+    let client = c.settled_admin_client(opts).await.unwrap();
 
     // A dataset imported twice: the second is refused with a sentence, not debug text.
     let dir = tempfile::tempdir().unwrap();

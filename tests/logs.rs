@@ -20,7 +20,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Map, Value};
-use tidepool::local_cluster::{wait_all_up, wait_stable, LocalCluster};
+use tidepool::local_cluster::LocalCluster;
 use tidepool_runtime::client::ClientOptions;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidepool");
@@ -140,18 +140,11 @@ async fn json_logs_name_the_node_stay_short_and_stop_without_errors() {
     let mut c = LocalCluster::create(Path::new(BIN), 3, 32, 3).unwrap();
     c.args = vec!["--log-format".into(), "json".into()];
     c.start_all().unwrap();
-    c.wait_ready(Duration::from_secs(90)).await.unwrap();
     let opts = ClientOptions {
         retry_for: Duration::from_secs(60),
         ..Default::default()
     };
-    let client = c.admin_client(opts).await.unwrap();
-    wait_all_up(&client, 3, Duration::from_secs(90))
-        .await
-        .unwrap();
-    wait_stable(&client, Duration::from_secs(120))
-        .await
-        .unwrap();
+    let client = c.settled_admin_client(opts).await.unwrap();
     drop(client);
 
     let mut problems = Vec::new();

@@ -219,6 +219,19 @@ impl LocalCluster {
         Ok(tidepool_runtime::client::ClusterClient::connect(&self.seeds(), &tls, opts).await?)
     }
 
+    /// Once every node is ready: an admin client, after every node is up and the shard map
+    /// has settled (the start of most multi-process tests).
+    pub async fn settled_admin_client(
+        &mut self,
+        opts: tidepool_runtime::client::ClientOptions,
+    ) -> Result<tidepool_runtime::client::ClusterClient> {
+        self.wait_ready(Duration::from_secs(90)).await?;
+        let client = self.admin_client(opts).await?;
+        wait_all_up(&client, self.nodes.len(), Duration::from_secs(90)).await?;
+        wait_stable(&client, Duration::from_secs(120)).await?;
+        Ok(client)
+    }
+
     pub fn seeds(&self) -> Vec<SocketAddr> {
         self.nodes.iter().map(|n| n.quic).collect()
     }
