@@ -19,6 +19,7 @@ use tracing::{debug, warn};
 use crate::leader::Leases;
 use crate::restore::{restore_shard, RestoreError, Restored};
 use crate::router::Router;
+use crate::serve_gate::ServeGate;
 use crate::shard::ShardMsg;
 use crate::shard_log::{LogFault, ShardLog};
 use crate::supervisor::SupervisorMsg;
@@ -85,6 +86,7 @@ pub async fn run(
         handoff_started: HashMap::new(),
         backoff: HashMap::new(),
         lease_valid: false,
+        gate: leases.holder.clone(),
     };
     map_rx.borrow_and_update();
     leases.set_acted_index(d.on_map().await);
@@ -99,16 +101,11 @@ pub async fn run(
             }
             _ = tick.tick() => {
                 let valid = leases.valid();
+                // Lease lapses and regains reach the ownership log dated when they happened
+                // (admission stopped at the lapse), however late this tick runs.
+                d.router.sync_ownership();
                 if valid != d.lease_valid {
                     d.lease_valid = valid;
-                    // The exact wall-clock instant the lease ran out (admission stopped there),
-                    // for the ownership log; this tick may come later.
-                    let lost_at = (!valid).then(|| {
-                        let until = leases.holder.lock().valid_until();
-                        let ago = until.map_or(Duration::ZERO, |u| Instant::now().saturating_duration_since(u));
-                        std::time::SystemTime::now() - ago
-                    });
-                    d.router.set_lease_lost_at(lost_at);
                     let ev = if valid { Event::LeaseRegained } else { Event::LeaseLost };
                     for s in 0..d.cfg.shards { d.feed(s, ev.clone()).await; }
                 }
@@ -143,6 +140,8 @@ struct Driver {
     /// Each shard's retry delays since its last success or assignment change.
     backoff: HashMap<u32, ExponentialBackoff>,
     lease_valid: bool,
+    /// Given to each shard's log writer: no reply leaves after this node's lease lapsed.
+    gate: Arc<ServeGate>,
 }
 
 impl Driver {
@@ -375,6 +374,7 @@ impl Driver {
                     restored.next_seq,
                     self.cfg.log_queue,
                     self.faults.clone(),
+                    self.gate.clone(),
                 );
                 let (tx, rx) = oneshot::channel();
                 let msg = SupervisorMsg::Start {

@@ -244,8 +244,7 @@ impl JobExecutor {
         let mut mine = Vec::new();
         let mut refused = Vec::new();
         for se in &task.shards {
-            let serving = self.router.serving(se.shard).map(|(_, e)| e);
-            if serving != Some(se.epoch) {
+            if !self.router.serves_now(se.shard, se.epoch) {
                 refused.push(se.shard);
                 continue;
             }

@@ -3,7 +3,6 @@
 //! `runtime::rebalance`; this module only drives them with real time and the real control plane.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,13 +10,14 @@ use parking_lot::Mutex;
 use tidepool_runtime::autoscale::{AutoscalePolicy, Autoscaler, LoadSample};
 use tidepool_runtime::codec::{ArchivedBody, Body, Dest, Envelope};
 use tidepool_runtime::control::{AutoscaleStatus, ClusterMap, Command, ControlPlane, MemberState};
-use tidepool_runtime::lease::{LeaseConfig, LeaseHolder, LeaseTable};
+use tidepool_runtime::lease::{LeaseConfig, LeaseTable};
 use tidepool_runtime::metrics as m;
 use tidepool_runtime::rebalance::{self, Change, RebalanceConfig};
 use tidepool_runtime::transport::Transport;
 use tracing::{debug, info, warn};
 
 use crate::load::LoadMeter;
+use crate::serve_gate::ServeGate;
 
 /// The leader's lease table, present only while this node leads (with the term it leads).
 #[derive(Debug, Default)]
@@ -50,11 +50,9 @@ pub const CONFIRMED_GRANT_WINDOW: Duration = Duration::from_millis(300);
 #[derive(Debug)]
 pub struct Leases {
     pub cfg: LeaseConfig,
-    pub holder: Mutex<LeaseHolder>,
+    /// This node's own lease (and the map index its ownership driver acted on).
+    pub holder: Arc<ServeGate>,
     pub leader: Mutex<LeaderLeases>,
-    /// The map index the ownership driver has acted on (stopped what the map moved away).
-    /// Grants count only once this caught up with theirs ([`LeaseHolder::is_valid_at`]).
-    acted_index: AtomicU64,
 }
 
 /// A lease grant: ttl, the leader's term, and the leader's applied map index.
@@ -68,23 +66,20 @@ pub struct Grant {
 impl Leases {
     pub fn new(cfg: LeaseConfig) -> Arc<Self> {
         Arc::new(Leases {
-            holder: Mutex::new(LeaseHolder::new(cfg)),
+            holder: Arc::new(ServeGate::new(cfg)),
             leader: Mutex::new(LeaderLeases::default()),
-            acted_index: AtomicU64::new(0),
             cfg,
         })
     }
 
     /// Whether this node may serve now: lease time left, and the map acted on up to the grants.
     pub fn valid(&self) -> bool {
-        self.holder
-            .lock()
-            .is_valid_at(Instant::now(), self.acted_index.load(Ordering::Acquire))
+        self.holder.may_serve()
     }
 
     /// The ownership driver has acted on the map up to `index`.
     pub fn set_acted_index(&self, index: u64) {
-        self.acted_index.fetch_max(index, Ordering::AcqRel);
+        self.holder.set_acted(index);
     }
 
     /// Grants `node` a lease if this node leads, carrying `map_index`, the leader's applied map

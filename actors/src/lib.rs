@@ -7,6 +7,11 @@
 //! - [`worker`]: the bounded `WorkerPool`; CPU work runs on blocking threads, never the reactor.
 //! - [`router`]: `send_to_shard`: local shards by actor message (no serialization), remote ones
 //!   over QUIC; answers requests arriving from the transport.
+//! - [`serve_gate`]: whether this node may serve at this instant (its lease on its own clock), asked
+//!   on admission, before applying and before answering; the exact serving edges for the
+//!   ownership log ([`ownership_log`]).
+//! - [`ownership_log`]: the ownership log's writer thread (intervals at the instants admission
+//!   began and ended).
 //! - [`forming`]: the start-up phase (forming, joining, running) and the stand-in handler that
 //!   answers `cluster status` while a voter waits for the others.
 //! - [`node`]: assembles a node: transport, router, supervisor, worker pool; clean shutdown.
@@ -31,9 +36,11 @@ pub mod jobs;
 pub mod leader;
 pub mod load;
 pub mod node;
+pub mod ownership_log;
 pub mod restart;
 pub mod restore;
 pub mod router;
+pub mod serve_gate;
 pub mod shard;
 pub mod shard_log;
 pub mod supervisor;

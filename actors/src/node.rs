@@ -378,10 +378,6 @@ impl NodeServices for Services {
         }
     }
 
-    fn lease_valid(&self) -> bool {
-        self.leases.valid()
-    }
-
     fn admin(
         &self,
         op: AdminOp,
@@ -496,6 +492,12 @@ impl Node {
         let control = ControlPlane::start(control_cfg, net).await?;
         // Revocations this node already knows (its persisted map) hold before it talks.
         policy.set_revoked(control.map().borrow().revoked.keys().cloned().collect());
+        let lease_cfg = LeaseConfig {
+            ttl: Duration::from_millis(cfg.lease.ttl_ms),
+            renew_every: Duration::from_millis(cfg.lease.renew_ms),
+            drift_margin: Duration::from_millis(cfg.lease.drift_margin_ms),
+        };
+        let leases = Leases::new(lease_cfg);
         let router = Router::new(
             RouterConfig {
                 name: name.clone(),
@@ -508,13 +510,8 @@ impl Node {
             transport.clone(),
             control.map(),
             audit.clone(),
+            leases.holder.clone(),
         );
-        let lease_cfg = LeaseConfig {
-            ttl: Duration::from_millis(cfg.lease.ttl_ms),
-            renew_every: Duration::from_millis(cfg.lease.renew_ms),
-            drift_margin: Duration::from_millis(cfg.lease.drift_margin_ms),
-        };
-        let leases = Leases::new(lease_cfg);
         let meter = LoadMeter::new();
         let cluster_load = ClusterLoad::new();
         let job_limits = JobLimits::from_config(cfg);
@@ -708,6 +705,7 @@ impl Node {
             .saturating_duration_since(tokio::time::Instant::now())
             .max(Duration::from_millis(200));
         self.router.transport().shutdown(left).await;
+        self.router.flush_ownership();
         info!(node = %self.name, "node stopped");
     }
 }

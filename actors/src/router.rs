@@ -27,7 +27,10 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
 use crate::audit::AuditLog;
+use crate::ownership_log::{Event, OwnershipLog};
+use crate::serve_gate::ServeGate;
 use crate::shard::{OpRef, OpReply, ShardInput, ShardMsg};
+use tidepool_runtime::lease::ServeEdge;
 
 /// Requests forwarded for clients at once (bounded memory).
 const MAX_FORWARDS: usize = 4096;
@@ -61,8 +64,6 @@ pub trait NodeServices: Send + Sync + 'static {
     ) -> futures_box::Fut<Result<String, (ErrorCode, String)>>;
     /// `cluster status`.
     fn status(&self) -> StatusInfo;
-    /// Whether this node's lease is valid now.
-    fn lease_valid(&self) -> bool;
     /// Client: a dataset or job admin request (JSON in, JSON out).
     fn admin(
         &self,
@@ -95,6 +96,8 @@ struct Slot {
     permits: Arc<Semaphore>,
     accepting: bool,
     buffer: VecDeque<Buffered>,
+    /// The ownership log has an open interval for this slot: it accepts and the node may serve.
+    logged: bool,
 }
 
 /// Router settings.
@@ -114,32 +117,6 @@ pub struct RouterConfig {
     pub ownership_log: Option<std::path::PathBuf>,
 }
 
-/// Appends one ownership event (rare: only on ownership changes).
-fn record_ownership(
-    path: &Option<std::path::PathBuf>,
-    node: &str,
-    shard: u32,
-    epoch: u64,
-    event: &str,
-    at: Option<std::time::SystemTime>,
-) {
-    let Some(path) = path else { return };
-    let ts_us = at
-        .unwrap_or_else(std::time::SystemTime::now)
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_micros());
-    let line = format!("{{\"ts_us\":{ts_us},\"node\":\"{node}\",\"shard\":{shard},\"epoch\":{epoch},\"event\":\"{event}\"}}\n");
-    use std::io::Write;
-    let written = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .and_then(|mut f| f.write_all(line.as_bytes()));
-    if let Err(e) = written {
-        tracing::warn!(error = %e, "cannot record ownership event");
-    }
-}
-
 struct Inner {
     cfg: RouterConfig,
     transport: Transport,
@@ -149,9 +126,12 @@ struct Inner {
     services: std::sync::OnceLock<Arc<dyn NodeServices>>,
     forwards: Arc<Semaphore>,
     shutting_down: AtomicBool,
-    /// When this node's lease ran out (wall clock), while it is out: admission stopped then,
-    /// so that is when an ownership interval closed by the lease loss really ended.
-    lease_lost_at: Mutex<Option<std::time::SystemTime>>,
+    /// Whether this node may serve now (its lease on its own clock).
+    gate: Arc<ServeGate>,
+    ownership: OwnershipLog,
+    /// Held while serving edges and slot changes are written to the ownership log, so its
+    /// intervals follow one order.
+    ownership_order: Mutex<()>,
 }
 
 /// The node's router. Cheap to clone.
@@ -174,6 +154,7 @@ impl Router {
         transport: Transport,
         map: watch::Receiver<Arc<ClusterMap>>,
         audit: AuditLog,
+        gate: Arc<ServeGate>,
     ) -> Self {
         let slots = (0..cfg.shards)
             .map(|_| {
@@ -183,9 +164,11 @@ impl Router {
                     permits: Arc::new(Semaphore::new(cfg.max_inflight.max(1))),
                     accepting: false,
                     buffer: VecDeque::new(),
+                    logged: false,
                 })
             })
             .collect();
+        let ownership = OwnershipLog::start(&cfg.name, cfg.ownership_log.clone());
         Router {
             inner: Arc::new(Inner {
                 cfg,
@@ -196,7 +179,9 @@ impl Router {
                 services: std::sync::OnceLock::new(),
                 forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
                 shutting_down: AtomicBool::new(false),
-                lease_lost_at: Mutex::new(None),
+                gate,
+                ownership,
+                ownership_order: Mutex::new(()),
             }),
         }
     }
@@ -223,7 +208,7 @@ impl Router {
     }
 
     fn lease_valid(&self) -> bool {
-        self.inner.services.get().is_some_and(|s| s.lease_valid())
+        self.inner.gate.may_serve()
     }
 
     // ---- slot management (driven by the ownership driver) -------------------------------------
@@ -231,18 +216,16 @@ impl Router {
     /// Starts serving `shard` at `epoch` with `actor`.
     pub fn activate(&self, shard: u32, epoch: u64, actor: ActorRef<ShardMsg>) {
         if let Some(slot) = self.inner.slots.get(shard as usize) {
+            let _order = self.sync_ownership_locked();
             let mut s = slot.lock();
             s.actor = Some(actor);
             s.epoch = epoch;
             s.accepting = true;
-            record_ownership(
-                &self.inner.cfg.ownership_log,
-                &self.inner.cfg.name,
-                shard,
-                epoch,
-                "start",
-                None,
-            );
+            let now = Instant::now();
+            if !s.logged && self.lease_valid() {
+                s.logged = true;
+                self.inner.ownership.record(shard, epoch, Event::Start, now);
+            }
         }
     }
 
@@ -250,6 +233,7 @@ impl Router {
     pub fn deactivate(&self, shard: u32) -> Option<ActorRef<ShardMsg>> {
         let slot = self.inner.slots.get(shard as usize)?;
         let (actor, buffered) = {
+            let _order = self.sync_ownership_locked();
             let mut s = slot.lock();
             self.close_slot(shard, &mut s);
             (s.actor.take(), std::mem::take(&mut s.buffer))
@@ -265,31 +249,60 @@ impl Router {
     /// Graceful handoff begins: requests for `shard` are buffered from now on.
     pub fn stop_accepting(&self, shard: u32) {
         if let Some(slot) = self.inner.slots.get(shard as usize) {
+            let _order = self.sync_ownership_locked();
             self.close_slot(shard, &mut slot.lock());
         }
     }
 
-    /// Stops admitting new ops to a slot, recording the end of this node's ownership interval.
+    /// Stops admitting new ops to a slot, recording the end of this node's ownership interval
+    /// (call with the ownership order held and the edges applied).
     fn close_slot(&self, shard: u32, s: &mut Slot) {
-        if s.accepting {
-            let at = *self.inner.lease_lost_at.lock();
-            record_ownership(
-                &self.inner.cfg.ownership_log,
-                &self.inner.cfg.name,
-                shard,
-                s.epoch,
-                "stop",
-                at,
-            );
+        if s.logged {
+            self.inner
+                .ownership
+                .record(shard, s.epoch, Event::Stop, Instant::now());
         }
+        s.logged = false;
         s.accepting = false;
     }
 
-    /// The driver saw the lease run out at `at` (wall clock; `None` once it is valid again).
-    /// Requests were refused from that instant (`lease_valid` is checked on admission), so
-    /// ownership intervals closed while it is out end there, not when the slot closes.
-    pub fn set_lease_lost_at(&self, at: Option<std::time::SystemTime>) {
-        *self.inner.lease_lost_at.lock() = at;
+    /// Writes the serving edges noted since the last call to the ownership log: a lapse closes
+    /// every open interval at the lease's own expiry instant (admission stopped there, whenever
+    /// this runs), a regain reopens the slots still accepting. The driver calls it every tick;
+    /// every slot change calls it first.
+    pub fn sync_ownership(&self) {
+        drop(self.sync_ownership_locked());
+    }
+
+    fn sync_ownership_locked(&self) -> parking_lot::MutexGuard<'_, ()> {
+        let order = self.inner.ownership_order.lock();
+        for edge in self.inner.gate.take_edges() {
+            for (shard, slot) in self.inner.slots.iter().enumerate() {
+                let mut s = slot.lock();
+                match edge {
+                    ServeEdge::Ended(at) if s.logged => {
+                        s.logged = false;
+                        self.inner
+                            .ownership
+                            .record(shard as u32, s.epoch, Event::Stop, at);
+                    }
+                    ServeEdge::Began(at) if s.accepting && !s.logged => {
+                        s.logged = true;
+                        self.inner
+                            .ownership
+                            .record(shard as u32, s.epoch, Event::Start, at);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        order
+    }
+
+    /// Waits until every ownership event recorded so far is on disk (at shutdown).
+    pub fn flush_ownership(&self) {
+        self.sync_ownership();
+        self.inner.ownership.flush();
     }
 
     /// Ops admitted to `shard` and not yet answered.
@@ -317,6 +330,16 @@ impl Router {
         s.actor.clone().map(|a| (a, s.epoch))
     }
 
+    /// Whether this node holds `shard` at `epoch` at this instant with a valid lease (its
+    /// actor runs at that epoch; invariant 1). Job tasks ask this: their partitions are
+    /// immutable, so a shard in graceful handoff may still be mapped by its old owner.
+    pub fn serves_now(&self, shard: u32, epoch: u64) -> bool {
+        self.inner.slots.get(shard as usize).is_some_and(|s| {
+            let s = s.lock();
+            s.actor.is_some() && s.epoch == epoch && self.lease_valid()
+        })
+    }
+
     /// The id of the actor serving a local shard now (changes on every restart).
     pub fn shard_actor(&self, shard: u32) -> Option<ractor::ActorId> {
         self.serving(shard).map(|(a, _)| a.get_id())
@@ -330,7 +353,14 @@ impl Router {
     }
 
     /// From now on, new requests are refused with a retryable `ShuttingDown`.
+    /// Admission ends here, so every open ownership interval ends here too.
     pub fn begin_shutdown(&self) {
+        let _order = self.sync_ownership_locked();
+        for (shard, slot) in self.inner.slots.iter().enumerate() {
+            let mut s = slot.lock();
+            self.inner.shutting_down.store(true, Ordering::SeqCst);
+            self.close_slot(shard as u32, &mut s);
+        }
         self.inner.shutting_down.store(true, Ordering::SeqCst);
     }
 
@@ -385,6 +415,9 @@ impl Router {
                 .get(shard as usize)
                 .ok_or(ErrorCode::BadRequest)?
                 .lock();
+            if self.inner.shutting_down.load(Ordering::SeqCst) {
+                return Err(ErrorCode::ShuttingDown);
+            }
             if s.actor.is_none() || s.epoch != epoch || !s.accepting || !self.lease_valid() {
                 return Err(ErrorCode::NotOwner);
             }
@@ -407,7 +440,11 @@ impl Router {
             .get(shard as usize)
             .ok_or(ErrorCode::BadRequest)?
             .lock();
-        match (&s.actor, s.epoch == epoch && s.accepting) {
+        // ... and the lease may have lapsed while this op waited for its permit.
+        match (
+            &s.actor,
+            s.epoch == epoch && s.accepting && self.lease_valid(),
+        ) {
             (Some(a), true) => Ok((permit, a.clone())),
             _ => Err(ErrorCode::NotOwner),
         }

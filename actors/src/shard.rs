@@ -383,6 +383,14 @@ impl Actor for ShardActor {
                 permit,
                 arrived,
             } => {
+                // Invariant 1: an op admitted under the lease takes no effect once it lapsed (on
+                // this node's own clock), however long the op waited in the mailbox.
+                if st.log.as_ref().is_some_and(|l| !l.may_serve()) {
+                    metrics::counter!(m::SHARD_REJECTED, "reason" => "lease_lapsed").increment(1);
+                    let _ = reply.send(Err(ErrorCode::NotOwner));
+                    drop(permit);
+                    return Ok(());
+                }
                 let (result, wrote, input) = apply_input(st, input).await;
                 match &st.log {
                     Some(log) => {

@@ -17,7 +17,9 @@ use tidepool_runtime::storage::{StorageError, Store};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tracing::{error, warn};
 
+use crate::serve_gate::ServeGate;
 use crate::shard::OpReply;
+use std::sync::Arc;
 
 /// Ops per log segment at most.
 const MAX_BATCH: usize = 512;
@@ -53,6 +55,7 @@ pub enum LogFault {
 #[derive(Debug, Clone)]
 pub struct ShardLog {
     tx: mpsc::Sender<LogItem>,
+    gate: Arc<ServeGate>,
 }
 
 impl ShardLog {
@@ -65,6 +68,7 @@ impl ShardLog {
         next_seq: u64,
         depth: usize,
         faults: mpsc::Sender<(u32, u64, LogFault)>,
+        gate: Arc<ServeGate>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(depth.max(1));
         tokio::spawn(write_loop(
@@ -75,11 +79,17 @@ impl ShardLog {
                 next_seq,
                 fault: None,
                 last_checkpoint: None,
+                gate: gate.clone(),
             },
             rx,
             faults,
         ));
-        ShardLog { tx }
+        ShardLog { tx, gate }
+    }
+
+    /// Whether this node may serve now (the shard actor asks before it applies an op).
+    pub fn may_serve(&self) -> bool {
+        self.gate.may_serve()
     }
 
     /// Queues an item (waits while the queue is full: backpressure to the shard actor).
@@ -99,6 +109,7 @@ struct Writer {
     /// Seq of the last checkpoint written at this epoch: a second one with nothing new would
     /// collide with it (create-once objects) and say nothing new.
     last_checkpoint: Option<u64>,
+    gate: Arc<ServeGate>,
 }
 
 /// The chaos harness's deliberately broken mode (`fault-injection` builds only, and only with
@@ -234,8 +245,18 @@ impl Writer {
                 }
             }
         }
+        // Invariant 1 on the answer side: nothing is answered after this node's lease lapsed (on
+        // its own clock), however long the append or a stalled process took. A read is refused
+        // (its value may be stale by now); so is a durable write, which the client retries with
+        // the same idempotency key and the new owner answers as a duplicate.
+        let lapsed = self.fault.is_none() && !self.gate.may_serve();
+        if lapsed {
+            metrics::counter!(m::SHARD_REJECTED, "reason" => "lease_lapsed")
+                .increment(ops.len() as u64);
+        }
         for item in ops {
             match (item, self.fault) {
+                (item, None) if lapsed => fail(item, ErrorCode::NotOwner),
                 (item, Some(f)) => fail(item, fault_code(f)),
                 (
                     LogItem::Op {
@@ -290,5 +311,102 @@ impl Writer {
                 Err(ErrorCode::Internal)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::{ShardActor, ShardArgs, ShardInput, ShardMsg, ShardState};
+    use crate::worker::WorkerPool;
+    use std::time::Duration;
+    use tidepool_runtime::codec::{IdemKey, Op, OpResult};
+    use tidepool_runtime::lease::LeaseConfig;
+    use tokio::sync::Semaphore;
+
+    /// A gate holding a fresh 2 s lease, or none at all.
+    fn gate(valid: bool) -> Arc<ServeGate> {
+        let g = Arc::new(ServeGate::new(LeaseConfig::default()));
+        if valid {
+            let now = Instant::now();
+            let mut h = g.lock();
+            let token = h.on_send(now);
+            h.on_grant(now, token, Duration::from_secs(2), 1, 0);
+        }
+        g
+    }
+
+    fn log(gate: Arc<ServeGate>) -> ShardLog {
+        let (faults, _rx) = mpsc::channel(4);
+        ShardLog::start(Store::in_memory(), 0, 1, 1, 16, faults, gate)
+    }
+
+    async fn read_through(log: &ShardLog) -> OpReply {
+        let (tx, rx) = oneshot::channel();
+        log.submit(LogItem::Op {
+            record: None,
+            result: Ok(OpResult::Counter(5)),
+            reply: tx,
+            permit: None,
+            arrived: Instant::now(),
+        })
+        .await;
+        rx.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn nothing_is_answered_after_the_lease_lapsed() {
+        assert_eq!(
+            read_through(&log(gate(true))).await,
+            Ok(OpResult::Counter(5))
+        );
+        // The op was applied while the lease was valid; by the time its reply is released the
+        // lease has lapsed (a stalled process): the read is refused, retryable.
+        assert_eq!(
+            read_through(&log(gate(false))).await,
+            Err(ErrorCode::NotOwner)
+        );
+    }
+
+    #[tokio::test]
+    async fn an_op_that_waited_past_the_lease_takes_no_effect() {
+        let state = Arc::new(parking_lot::Mutex::new(ShardState::default()));
+        let args = |g: Arc<ServeGate>| ShardArgs {
+            shard: 0,
+            epoch: 1,
+            state: state.clone(),
+            pool: WorkerPool::new(1, 1),
+            log: Some(log(g)),
+            since_checkpoint: 0,
+        };
+        let incr = |seq: u64| ShardRequest {
+            idem: IdemKey { sender: 9, seq },
+            op: Op::Incr {
+                key: "k".into(),
+                delta: 1,
+            },
+        };
+        let permits = Arc::new(Semaphore::new(4));
+        for (valid, want) in [
+            (false, Err(ErrorCode::NotOwner)),
+            (true, Ok(OpResult::Counter(1))),
+        ] {
+            let (actor, handle) = ractor::Actor::spawn(None, ShardActor, args(gate(valid)))
+                .await
+                .unwrap();
+            let (tx, rx) = oneshot::channel();
+            actor
+                .cast(ShardMsg::Apply {
+                    input: ShardInput::Local(incr(1)),
+                    reply: tx,
+                    permit: permits.clone().acquire_owned().await.unwrap(),
+                    arrived: Instant::now(),
+                })
+                .unwrap();
+            assert_eq!(rx.await.unwrap(), want, "lease valid: {valid}");
+            actor.stop(None);
+            handle.await.unwrap();
+        }
+        assert_eq!(state.lock().applied(), 1, "the refused op changed nothing");
     }
 }

@@ -20,6 +20,8 @@
 //! - [`datasets`]: built-in real datasets, seeded train/test split, CSV export, smartcore reference.
 //! - [`chaos`]: `tidepool chaos run`: scenarios, faults, checkers, reports.
 //! - [`fault_spec`], `fault_file` (feature `fault-injection`): the nodes' fault files.
+//! - [`starve`]: CPU starvation of node processes (cgroup quotas, SIGSTOP stalls): chaos F11 and
+//!   `TIDEPOOL_TEST_STARVE`.
 //! - [`predict`]: `tidepool predict` and `tidepool dataset builtin`.
 
 pub mod admin;
@@ -47,4 +49,5 @@ pub mod logging;
 pub mod members_cmd;
 pub mod netns;
 pub mod predict;
+pub mod starve;
 pub mod workload;

@@ -47,6 +47,9 @@ pub struct LocalCluster {
     /// The network namespaces the nodes run in (`None`: loopback). Declared after `nodes`, so
     /// the processes are killed before their namespaces go.
     pub net: Option<crate::netns::NetLab>,
+    /// CPU starvation of every node process started from now on (chaos F11; the multi-process
+    /// tests under `TIDEPOOL_TEST_STARVE=cpu=25,stall_every_ms=700,stall_max_ms=200`).
+    pub starve: Option<crate::starve::Starve>,
 }
 
 /// The ports every node uses inside its own namespace.
@@ -112,7 +115,15 @@ impl LocalCluster {
             args: Vec::new(),
             node_env: Default::default(),
             net,
+            starve: None,
         };
+        if let Ok(text) = std::env::var("TIDEPOOL_TEST_STARVE") {
+            let spec = crate::starve::StarveSpec::parse(&text)
+                .with_context(|| format!("TIDEPOOL_TEST_STARVE={text}"))?;
+            let s = crate::starve::Starve::new(spec, 1)?;
+            eprintln!("starving every node: {}", s.describe());
+            c.starve = Some(s);
+        }
         let voters = voters.clamp(1, n.max(1));
         for i in 0..n {
             c.add_node()?;
@@ -264,8 +275,20 @@ impl LocalCluster {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("spawning {}", self.bin.display()))?;
+        if let (Some(s), Some(pid)) = (&self.starve, child.id()) {
+            s.add(&node.name, pid)
+                .with_context(|| format!("starving {}", node.name))?;
+        }
         node.child = Some(child);
         Ok(())
+    }
+
+    /// Node `i` exited: no starvation bookkeeping for it any more.
+    fn exited(&mut self, i: usize) {
+        self.nodes[i].child = None;
+        if let Some(s) = &self.starve {
+            s.remove(&self.nodes[i].name);
+        }
     }
 
     pub fn start_all(&mut self) -> Result<()> {
@@ -322,7 +345,7 @@ impl LocalCluster {
         let _ = tokio::time::timeout(Duration::from_secs(10), child.wait())
             .await
             .context("killed node not reaped")??;
-        self.nodes[i].child = None;
+        self.exited(i);
         Ok(())
     }
 
@@ -373,7 +396,7 @@ impl LocalCluster {
         let status = tokio::time::timeout(timeout, child.wait())
             .await
             .context("node did not exit in time")??;
-        self.nodes[i].child = None;
+        self.exited(i);
         Ok(status)
     }
 
@@ -391,7 +414,7 @@ impl LocalCluster {
                     .await
                     .context("node did not exit in time")??;
                 out.push(status);
-                self.nodes[i].child = None;
+                self.exited(i);
             }
         }
         Ok(out)
@@ -486,7 +509,7 @@ pub async fn wait_stable(
 }
 
 #[allow(unsafe_code)]
-fn send_signal(pid: i32, sig: i32) -> i32 {
+pub(crate) fn send_signal(pid: i32, sig: i32) -> i32 {
     // SAFETY: kill(2) takes plain integers and touches no memory of ours.
     unsafe { libc::kill(pid, sig) }
 }

@@ -41,6 +41,21 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+/// The most serving edges a [`LeaseHolder`] keeps until [`LeaseHolder::take_edges`] collects them
+/// (bounded memory; the node collects them every few tens of milliseconds, and a lease changes
+/// state at most once per grant).
+pub const MAX_EDGES: usize = 1024;
+
+/// An instant at which this node's right to serve ([`LeaseHolder::may_serve`]) began or ended,
+/// exact however late it was noticed: an end is the lease's own expiry instant, a beginning the
+/// arrival of the grant (or of the map) that made the node valid again. The node's ownership log
+/// closes and reopens its intervals at these instants (invariant 1's evidence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ServeEdge {
+    Began(Instant),
+    Ended(Instant),
+}
+
 /// The most renewals a [`LeaseHolder`] remembers while waiting for their grants. Older ones are
 /// forgotten first; a grant for a forgotten token is ignored, which only costs liveness
 /// (invariant 7: bounded memory, even if the leader never answers).
@@ -160,6 +175,12 @@ pub struct LeaseHolder {
     armed: bool,
     /// Lapses noted (by [`on_grant`]) but not yet returned by [`poll_expired`].
     unpolled_expiries: u32,
+    /// The map index this node's ownership driver has acted on ([`set_acted`](Self::set_acted)).
+    acted: u64,
+    /// Since when the node may serve, while it may (as last observed).
+    serving_since: Option<Instant>,
+    /// Edges not yet collected by [`take_edges`](Self::take_edges), oldest first.
+    edges: std::collections::VecDeque<ServeEdge>,
 }
 
 impl LeaseHolder {
@@ -175,6 +196,9 @@ impl LeaseHolder {
             map_index: 0,
             armed: false,
             unpolled_expiries: 0,
+            acted: 0,
+            serving_since: None,
+            edges: std::collections::VecDeque::new(),
         }
     }
 
@@ -213,6 +237,9 @@ impl LeaseHolder {
             return;
         };
         self.term = Some(term);
+        // A lapse before this grant ends the serving period at the old expiry instant (the new
+        // grant is about to move `valid_until`).
+        self.observe(now);
         // Only a grant that finds the lease lapsed (or never granted) can follow a reassignment
         // of this node's shards: while the lease is still valid here, the leader cannot have
         // declared it expired (it waits `2 * drift_margin` longer than the holder serves). So
@@ -235,6 +262,58 @@ impl LeaseHolder {
         if self.is_valid(now) {
             self.armed = true;
         }
+        self.observe(now);
+    }
+
+    /// The ownership driver has acted on the map up to `index` at `now` (stopped serving what
+    /// the map moved away). Serving may begin again once this reaches [`map_index`](Self::map_index).
+    pub fn set_acted(&mut self, now: Instant, index: u64) {
+        self.observe(now);
+        self.acted = self.acted.max(index);
+        self.observe(now);
+    }
+
+    /// Whether this node may serve at `now`: [`is_valid_at`](Self::is_valid_at) with the map
+    /// index acted on. Notes the edge if that changed (see [`take_edges`](Self::take_edges)).
+    pub fn may_serve(&mut self, now: Instant) -> bool {
+        self.observe(now);
+        self.serving_since.is_some()
+    }
+
+    /// The serving edges since the last call, oldest first, each at the instant it happened.
+    pub fn take_edges(&mut self, now: Instant) -> Vec<ServeEdge> {
+        self.observe(now);
+        self.edges.drain(..).collect()
+    }
+
+    /// Brings `serving_since` up to date at `now`, noting edges. An end is dated at the lease's
+    /// expiry, not at `now`: admission stopped there, however late this runs. A beginning happens
+    /// only in [`on_grant`](Self::on_grant) or [`set_acted`](Self::set_acted), at their `now`.
+    fn observe(&mut self, now: Instant) {
+        let valid = self.is_valid_at(now, self.acted);
+        match (self.serving_since, valid) {
+            (Some(since), false) => {
+                let end = self
+                    .valid_until
+                    .filter(|until| *until <= now)
+                    .unwrap_or(now)
+                    .max(since);
+                self.serving_since = None;
+                self.push_edge(ServeEdge::Ended(end));
+            }
+            (None, true) => {
+                self.serving_since = Some(now);
+                self.push_edge(ServeEdge::Began(now));
+            }
+            _ => {}
+        }
+    }
+
+    fn push_edge(&mut self, e: ServeEdge) {
+        if self.edges.len() >= MAX_EDGES {
+            self.edges.pop_front();
+        }
+        self.edges.push_back(e);
     }
 
     /// Whether a granted lease covers `now`. Serving needs [`is_valid_at`](Self::is_valid_at).

@@ -635,3 +635,104 @@ proptest! {
         run_sim(cfg, holder_offset, leader_offset, 1.0 + drift * max, ops)?;
     }
 }
+
+// ---- Serving edges (the ownership log's instants) ----
+
+#[test]
+fn a_lapse_is_dated_at_the_expiry_however_late_it_is_noticed() {
+    let base = Instant::now();
+    let mut h = LeaseHolder::new(cfg());
+    let t1 = h.on_send(base);
+    h.on_grant(base + ms(5), t1, ms(2000), 1, 0);
+    assert!(h.may_serve(base + ms(6)));
+    assert_eq!(
+        h.take_edges(base + ms(6)),
+        vec![ServeEdge::Began(base + ms(5))]
+    );
+    // Valid until 0 + 2000 - 200 = 1800. The process is starved and looks again only at 3 s,
+    // when the next grant arrives: the serving period still ends at 1800, and the new one
+    // begins when that grant arrived (it found the lease lapsed: the map must catch up first).
+    let t2 = h.on_send(base + ms(2900));
+    h.on_grant(base + ms(3000), t2, ms(2000), 1, 40);
+    assert_eq!(
+        h.take_edges(base + ms(3000)),
+        vec![ServeEdge::Ended(base + ms(1800))]
+    );
+    assert!(
+        !h.may_serve(base + ms(3001)),
+        "map not acted on up to 40 yet"
+    );
+    h.set_acted(base + ms(3050), 39);
+    assert!(!h.may_serve(base + ms(3051)));
+    h.set_acted(base + ms(3100), 40);
+    assert!(h.may_serve(base + ms(3101)));
+    assert_eq!(
+        h.take_edges(base + ms(3200)),
+        vec![ServeEdge::Began(base + ms(3100))]
+    );
+    // A lapse noticed only by a later look is still dated at the expiry (2900 + 1800).
+    assert!(!h.may_serve(base + ms(9000)));
+    assert_eq!(
+        h.take_edges(base + ms(9000)),
+        vec![ServeEdge::Ended(base + ms(4700))]
+    );
+    assert!(h.take_edges(base + ms(9001)).is_empty());
+}
+
+#[test]
+fn renewals_of_a_valid_lease_make_no_edges() {
+    let base = Instant::now();
+    let mut h = LeaseHolder::new(cfg());
+    let mut edges = Vec::new();
+    for i in 0..20u64 {
+        let t = h.on_send(base + ms(500 * i));
+        h.on_grant(base + ms(500 * i + 3), t, ms(2000), 1, i);
+        edges.extend(h.take_edges(base + ms(500 * i + 4)));
+    }
+    assert_eq!(edges, vec![ServeEdge::Began(base + ms(3))]);
+}
+
+proptest! {
+    /// Over random grant delays and losses, the edges alternate Began/Ended, are in time order,
+    /// and the node may serve at an instant exactly when the edges say it began and not yet
+    /// ended: the log's intervals are the admission intervals.
+    #[test]
+    fn edges_match_admission(steps in proptest::collection::vec((0u64..900, 0u64..1500, any::<bool>()), 1..40)) {
+        let base = Instant::now();
+        let mut h = LeaseHolder::new(cfg());
+        let mut t = 0u64;
+        let mut edges = Vec::new();
+        let mut probes = Vec::new();
+        for (gap, delay, lost) in steps {
+            t += gap;
+            let token = h.on_send(base + ms(t));
+            if !lost {
+                h.on_grant(base + ms(t + delay), token, ms(2000), 1, 0);
+                t += delay;
+            }
+            probes.push((t, h.may_serve(base + ms(t))));
+            edges.extend(h.take_edges(base + ms(t)));
+        }
+        let mut last: Option<(bool, Instant)> = None;
+        for e in &edges {
+            let (began, at) = match *e { ServeEdge::Began(a) => (true, a), ServeEdge::Ended(a) => (false, a) };
+            if let Some((was, prev)) = last {
+                prop_assert!(was != began, "edges alternate: {edges:?}");
+                prop_assert!(at >= prev, "edges in order: {edges:?}");
+            }
+            last = Some((began, at));
+        }
+        for (t, serving) in probes {
+            let at = base + ms(t);
+            let mut on = false;
+            for e in &edges {
+                match *e {
+                    ServeEdge::Began(a) if a <= at => on = true,
+                    ServeEdge::Ended(a) if a <= at => on = false,
+                    _ => {}
+                }
+            }
+            prop_assert_eq!(on, serving, "at {} ms: {:?}", t, edges);
+        }
+    }
+}

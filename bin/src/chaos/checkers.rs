@@ -93,8 +93,10 @@ pub fn intervals(data_dir: &Path, nodes: &[String]) -> BTreeMap<u64, Vec<Interva
     out
 }
 
-/// Checker 2. `down[node]` = periods (µs) in which the node's process could not serve (paused,
-/// killed); an interval is cut at the first such period that starts inside it.
+/// Checker 2. `down[node]` = periods (µs) in which the node's process did not exist (killed, or
+/// exited and not yet restarted); an interval is cut at the first such period that starts inside
+/// it, since a dead process writes no `stop`. A paused, stalled or starved process gets no cut: it
+/// must date the end of its intervals itself, at its own lease expiry.
 pub fn ownership(
     intervals: &BTreeMap<u64, Vec<Interval>>,
     down: &HashMap<String, Vec<(u64, u64)>>,
@@ -184,7 +186,7 @@ mod tests {
     }
 
     #[test]
-    fn overlapping_owners_are_reported_and_pauses_end_intervals() {
+    fn overlapping_owners_are_reported_and_deaths_end_intervals() {
         let mut map = BTreeMap::new();
         map.insert(3, vec![iv("n1", 0, Some(100)), iv("n2", 100, None)]);
         assert!(
@@ -195,7 +197,7 @@ mod tests {
         let v = ownership(&map, &HashMap::new());
         assert_eq!(v.len(), 1, "{v:?}");
         assert!(v[0].contains("shard 4"));
-        // n1 was paused from 90: it could not serve after that.
+        // n1 was killed at 90: it could not serve after that.
         let down = HashMap::from([("n1".to_string(), vec![(90, 200)])]);
         assert!(ownership(&map, &down).is_empty());
     }

@@ -278,11 +278,9 @@ impl Run<'_> {
             Kind::Pause => {
                 let i = self.target(f).await?;
                 let name = self.cluster.nodes[i].name.clone();
+                // No down period: a paused node must end its ownership intervals itself, at its
+                // own lease expiry, as any starved process must (checker 2 takes its word).
                 self.cluster.signal(i, libc::SIGSTOP)?;
-                self.down
-                    .entry(name.clone())
-                    .or_default()
-                    .push((now_us(), u64::MAX));
                 let d = f.duration_ms.unwrap_or(0);
                 later.push((at + d, Action::Resume(i)));
                 self.event("pause", &name, format!("SIGSTOP for {d} ms"));
@@ -301,6 +299,56 @@ impl Run<'_> {
                 if !status.success() {
                     bail!("{name} did not exit cleanly after a drain: {status}");
                 }
+            }
+            Kind::Restart => {
+                let i = self.target(f).await?;
+                let name = self.cluster.nodes[i].name.clone();
+                let t0 = Instant::now();
+                // Starved nodes drain slowly: the bound only proves the drain ends.
+                let status = self.cluster.stop(i, Duration::from_secs(120)).await?;
+                if !status.success() {
+                    bail!("{name} did not exit cleanly on SIGTERM: {status}");
+                }
+                // Dead until it starts again (its own log closed every interval before exit).
+                let exited = now_us();
+                self.cluster.start(i)?;
+                self.down
+                    .entry(name.clone())
+                    .or_default()
+                    .push((exited, now_us()));
+                self.cluster
+                    .wait_node_ready(i, Duration::from_secs(120))
+                    .await?;
+                self.event(
+                    "restart",
+                    &name,
+                    format!(
+                        "SIGTERM, drained, started again, ready after {} ms",
+                        t0.elapsed().as_millis()
+                    ),
+                );
+            }
+            Kind::Starve => {
+                let spec = crate::starve::StarveSpec {
+                    cpu_percent: f.cpu_percent.unwrap_or(100),
+                    stall_every_ms: f.stall_every_ms,
+                    stall_max_ms: f.stall_max_ms,
+                };
+                let starve = crate::starve::Starve::new(spec, self.seed)?;
+                for n in &self.cluster.nodes {
+                    if let Some(pid) = n.pid() {
+                        starve.add(&n.name, pid)?;
+                    }
+                }
+                let detail = match f.duration_ms {
+                    Some(d) => {
+                        later.push((at + d, Action::EndStarve));
+                        format!("{} for {d} ms", starve.describe())
+                    }
+                    None => format!("{} until the run ends", starve.describe()),
+                };
+                self.cluster.starve = Some(starve);
+                self.event("starve", "all", detail);
             }
             Kind::Join => {
                 let i = self.cluster.add_node()?;
@@ -534,8 +582,12 @@ impl Run<'_> {
             Action::Resume(i) => {
                 let name = self.cluster.nodes[i].name.clone();
                 self.cluster.signal(i, libc::SIGCONT)?;
-                self.end_down(&name);
                 self.event("resume", &name, "SIGCONT".into());
+            }
+            Action::EndStarve => {
+                // Dropping it moves the processes out of their cgroups and continues any stall.
+                self.cluster.starve = None;
+                self.event("heal", "all", "CPU starvation ended".into());
             }
             Action::HealStorage(i) => {
                 let name = self.cluster.nodes[i].name.clone();
@@ -606,6 +658,7 @@ impl Run<'_> {
 #[derive(Debug, Clone, Copy)]
 enum Action {
     Restart(usize),
+    EndStarve,
     Resume(usize),
     HealNet,
     HealStorage(usize),

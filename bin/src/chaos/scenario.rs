@@ -105,6 +105,15 @@ pub enum Kind {
     /// `--netns` only: the target's link set down (no traffic at all, clients' included) for
     /// `duration_ms`.
     LinkDown,
+    /// Graceful restart: SIGTERM (the node hands its shards off and exits 0), started again at
+    /// once with the same identity, then ready (one step of a rolling restart).
+    Restart,
+    /// CPU starvation of every node, as Kubernetes CPU limits do it, for `duration_ms` (absent:
+    /// until the run ends, checks and shutdown included): each
+    /// node's process limited to `cpu_percent` of a core (cgroup quota; busy threads where no
+    /// cgroup can be written), and SIGSTOP stalls of 1..=`stall_max_ms` ms of a random node about
+    /// every `stall_every_ms`. Nodes started meanwhile are starved too.
+    Starve,
 }
 
 impl Kind {
@@ -149,6 +158,14 @@ pub struct Fault {
     /// (it needs a `storage` fault with `checkpoint_delay_ms` on it), then kill.
     #[serde(default)]
     pub during_checkpoint: bool,
+    /// For `starve`: CPU per node, percent of one core.
+    pub cpu_percent: Option<u32>,
+    /// For `starve`: mean gap between SIGSTOP stalls (0 or absent: none).
+    #[serde(default)]
+    pub stall_every_ms: u64,
+    /// For `starve`: longest stall.
+    #[serde(default)]
+    pub stall_max_ms: u64,
 }
 
 fn random() -> String {
@@ -208,6 +225,15 @@ impl Scenario {
             }
             if f.during_checkpoint && f.kind != Kind::Kill {
                 bail!("fault[{i}].during_checkpoint only applies to kill");
+            }
+            if f.kind == Kind::Starve {
+                crate::starve::StarveSpec {
+                    cpu_percent: f.cpu_percent.unwrap_or(100),
+                    stall_every_ms: f.stall_every_ms,
+                    stall_max_ms: f.stall_max_ms,
+                }
+                .validate()
+                .with_context(|| format!("fault[{i}] (starve)"))?;
             }
             if f.kind == Kind::LinkDown && !m.needs_netns {
                 bail!("fault[{i}] is link_down: set scenario.needs_netns = true");
