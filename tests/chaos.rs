@@ -99,6 +99,31 @@ fn every_scenario_passes_and_the_broken_mode_is_caught() {
     );
 }
 
+/// F11 (CPU starvation through a rolling restart, a failover and training) with two more seeds
+/// than the matrix's one: a throttled, stalled node must keep one owner per shard by itself.
+#[test]
+fn cpu_starvation_keeps_one_owner_with_more_seeds() {
+    if !cfg!(feature = "fault-injection") {
+        eprintln!("SKIPPED: needs the fault-injection feature (cargo test --all-features)");
+        return;
+    }
+    let _serial = serial();
+    let f11 = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/chaos/f11-cpu-starvation.toml");
+    for seed in ["2", "3"] {
+        let (code, text, report) = chaos(&[f11.to_str().unwrap(), "--seed", seed]);
+        assert_eq!(code, 0, "F11 seed {seed}:\n{text}");
+        let run = &report;
+        assert_eq!(run["passed"], true, "{run}");
+        assert!(run["checks"]["2_one_owner"].as_array().unwrap().is_empty());
+        let starved = run["faults"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["kind"] == "starve");
+        assert!(starved, "{run}");
+    }
+}
+
 /// Whether this machine can run `--netns` (root, iproute2, nftables, namespaces allowed).
 fn netns_available() -> Result<(), String> {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
