@@ -187,7 +187,10 @@ impl<'a> Coordinator<'a> {
             metrics::counter!(m::JOB_ADMISSIONS_REFUSED, "stage" => "start").increment(1);
             return Err(Stop::Failed(format!("not admitted on {}: {e}", ctx.me)));
         }
-        let job = ctx.exec.job(&rec.id, &rec.spec, ds).map_err(Stop::Failed)?;
+        let job = ctx
+            .exec
+            .job(&rec.id, &rec.spec, ds)
+            .map_err(|e| Stop::Failed(e.to_string()))?;
         let mut driver = job.driver();
         let mut step = 0;
         let ckpts = ctx

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use ractor::ActorRef;
+use tidepool_runtime::codec::ErrorCode;
 use tidepool_runtime::control::{Command, ControlPlane, ShardAssignment};
 use tidepool_runtime::handoff::{Effect, Event, ShardHandoff};
 use tidepool_runtime::metrics as m;
@@ -294,10 +295,11 @@ impl Driver {
                             let _ = done
                                 .send(Done::Event(shard, Event::CheckpointWritten { epoch, seq }));
                         }
-                        Err(reason) if reason == "NotOwner" => {
+                        Err(CheckpointError::Fenced) => {
                             let _ = done.send(Done::Event(shard, Event::FencedByStorage { epoch }));
                         }
-                        Err(reason) => {
+                        Err(e) => {
+                            let reason = e.to_string();
                             warn!(shard, %reason, "checkpoint failed; retrying");
                             let _ =
                                 done.send(Done::Event(shard, Event::CheckpointFailed { reason }));
@@ -437,6 +439,26 @@ fn assigned(a: &ShardAssignment) -> Event {
     }
 }
 
+/// Why a checkpoint was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A newer epoch fenced the shard's log: this node is no longer the owner.
+    #[error("fenced by a newer epoch")]
+    Fenced,
+    #[error("no actor serves the shard")]
+    NoActor,
+    #[error("the shard actor is gone")]
+    ActorGone,
+    #[error("the shard refused: {0:?}")]
+    Refused(ErrorCode),
+    #[error("checkpoint timed out")]
+    TimedOut,
+    #[error("encoding the snapshot: {0}")]
+    Encode(String),
+    #[error(transparent)]
+    Storage(StorageError),
+}
+
 /// Checkpoints a restored, never-served shard from its restored state.
 async fn checkpoint_restored(
     store: &Store,
@@ -444,28 +466,32 @@ async fn checkpoint_restored(
     epoch: u64,
     seq: u64,
     snapshot: &tidepool_runtime::codec::ShardSnapshot,
-) -> Result<u64, String> {
-    let bytes = tidepool_runtime::codec::encode_snapshot(snapshot).map_err(|e| e.to_string())?;
+) -> Result<u64, CheckpointError> {
+    let bytes = tidepool_runtime::codec::encode_snapshot(snapshot)
+        .map_err(|e| CheckpointError::Encode(e.to_string()))?;
     match store
         .put_checkpoint(shard, epoch, seq, bytes::Bytes::from(bytes))
         .await
     {
         Ok(()) => Ok(seq),
-        Err(tidepool_runtime::storage::StorageError::Fenced { .. }) => Err("NotOwner".into()),
-        Err(e) => Err(e.to_string()),
+        Err(StorageError::Fenced { .. }) => Err(CheckpointError::Fenced),
+        Err(e) => Err(CheckpointError::Storage(e)),
     }
 }
 
-async fn checkpoint(router: &Router, shard: u32) -> Result<u64, String> {
-    let (actor, _) = router.serving(shard).ok_or("no actor")?;
+async fn checkpoint(router: &Router, shard: u32) -> Result<u64, CheckpointError> {
+    let (actor, _) = router.serving(shard).ok_or(CheckpointError::NoActor)?;
     let (tx, rx) = oneshot::channel();
     actor
         .cast(ShardMsg::Checkpoint { done: tx })
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| CheckpointError::ActorGone)?;
     match tokio::time::timeout(Duration::from_secs(10), rx).await {
         Ok(Ok(Ok(seq))) => Ok(seq),
-        Ok(Ok(Err(code))) => Err(format!("{code:?}")),
-        _ => Err("checkpoint timed out".into()),
+        // The log writer answers a fenced log as stale: `NotOwner`.
+        Ok(Ok(Err(ErrorCode::NotOwner))) => Err(CheckpointError::Fenced),
+        Ok(Ok(Err(code))) => Err(CheckpointError::Refused(code)),
+        Ok(Err(_)) => Err(CheckpointError::ActorGone),
+        Err(_) => Err(CheckpointError::TimedOut),
     }
 }
 

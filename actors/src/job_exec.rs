@@ -57,13 +57,38 @@ impl Default for JobLimits {
     }
 }
 
+/// Why a job task could not be mapped here (its text travels to the coordinator).
+#[derive(Debug, thiserror::Error)]
+pub enum JobExecError {
+    #[error("job spec: {0}")]
+    Spec(#[from] tidepool_runtime::jobspec::JobSpecError),
+    #[error(transparent)]
+    Job(#[from] JobError),
+    #[error("partition: {0}")]
+    Partition(#[from] tidepool_runtime::dataset::DatasetError),
+    #[error("storage: {0}")]
+    Storage(#[from] tidepool_runtime::storage::StorageError),
+    #[error("worker pool: {0}")]
+    Worker(#[from] crate::worker::WorkerError),
+    #[error("missing partition object {0}")]
+    MissingObject(String),
+    #[error("partition has {got} features, dataset {want}")]
+    Features { got: usize, want: usize },
+}
+
 /// Why a shard's partition is not available here.
 #[derive(Debug)]
 enum LoadError {
     /// Storage trouble, a missing object: another try (maybe on another owner) may work.
-    Retry(String),
+    Retry(JobExecError),
     /// Over this node's memory budget: no retry can fix it, the job fails.
     Budget(String),
+}
+
+impl<E: Into<JobExecError>> From<E> for LoadError {
+    fn from(e: E) -> Self {
+        LoadError::Retry(e.into())
+    }
 }
 
 /// Storage key of one partition segment of an import.
@@ -93,10 +118,14 @@ impl Loaded {
         }
     }
 
-    fn with_data<T>(&self, shard: u32, f: impl FnOnce(&ShardData<'_>) -> T) -> Result<T, String> {
+    fn with_data<T>(
+        &self,
+        shard: u32,
+        f: impl FnOnce(&ShardData<'_>) -> T,
+    ) -> Result<T, JobExecError> {
         match self {
             Loaded::InPlace(b) => {
-                let v = b.view().map_err(|e| e.to_string())?;
+                let v = b.view()?;
                 Ok(f(&ShardData {
                     shard,
                     features: v.n_features(),
@@ -212,14 +241,14 @@ impl JobExecutor {
         id: &str,
         spec_text: &str,
         ds: &DatasetRecord,
-    ) -> Result<Arc<dyn ErasedJob>, String> {
+    ) -> Result<Arc<dyn ErasedJob>, JobExecError> {
         if let Some((spec, job)) = self.jobs.lock().get(id) {
             if spec == spec_text {
                 return Ok(job.clone());
             }
         }
-        let spec = JobSpec::parse(spec_text).map_err(|e| e.to_string())?;
-        let job = registry::build(id, &spec, ds).map_err(|e| e.to_string())?;
+        let spec = JobSpec::parse(spec_text)?;
+        let job = registry::build(id, &spec, ds)?;
         let mut jobs = self.jobs.lock();
         if jobs.len() > 64 {
             jobs.clear();
@@ -238,7 +267,7 @@ impl JobExecutor {
         };
         let job = match self.job(&task.job, &task.spec, &ds) {
             Ok(j) => j,
-            Err(e) => return refuse_all(&task, Some(e)),
+            Err(e) => return refuse_all(&task, Some(e.to_string())),
         };
         self.evict_unowned();
         let mut mine = Vec::new();
@@ -318,7 +347,7 @@ impl JobExecutor {
                 for (shard, loaded) in bucket {
                     let p = loaded
                         .with_data(shard, |d| job.map(step, &task, d))
-                        .map_err(JobError::Data)??;
+                        .map_err(|e| JobError::Data(e.to_string()))??;
                     acc.add(&p)?;
                 }
                 Ok(acc)
@@ -398,7 +427,6 @@ impl JobExecutor {
     }
 
     async fn load(&self, ds: &DatasetRecord, shard: u32) -> Result<Loaded, LoadError> {
-        let retry = |e: String| LoadError::Retry(e);
         match &ds.source {
             DatasetSource::Synthetic { kind, seed } => {
                 let kind = match kind.as_str() {
@@ -414,8 +442,7 @@ impl JobExecutor {
                 let p = self
                     .pool
                     .run(move || dataset::synthetic_shard(rows, f, kind, seed, shard, shards))
-                    .await
-                    .map_err(|e| retry(e.to_string()))?;
+                    .await?;
                 Ok(Loaded::Owned(p))
             }
             DatasetSource::Imported { import, segments } => {
@@ -428,9 +455,8 @@ impl JobExecutor {
                     let bytes = self
                         .store
                         .get_blob(&key)
-                        .await
-                        .map_err(|e| retry(e.to_string()))?
-                        .ok_or_else(|| retry(format!("missing partition object {key}")))?;
+                        .await?
+                        .ok_or_else(|| LoadError::Retry(JobExecError::MissingObject(key)))?;
                     // Decoding several segments copies them into one partition: check the
                     // rows they hold so far before holding (and copying) more.
                     bytes_so_far += bytes.len() as u64;
@@ -438,40 +464,39 @@ impl JobExecutor {
                     blobs.push(bytes);
                 }
                 let features = ds.features.len();
-                self.pool
+                Ok(self
+                    .pool
                     .run(move || decode_segments(&blobs, features))
-                    .await
-                    .map_err(|e| retry(e.to_string()))?
-                    .map_err(retry)
+                    .await??)
             }
         }
     }
 }
 
-fn decode_segments(blobs: &[Bytes], features: usize) -> Result<Loaded, String> {
-    if let [one] = blobs {
-        let buf = PartitionBuf::from_bytes(one).map_err(|e| e.to_string())?;
-        let nf = buf.view().map_err(|e| e.to_string())?.n_features();
-        if nf != features {
-            return Err(format!("partition has {nf} features, dataset {features}"));
+fn decode_segments(blobs: &[Bytes], features: usize) -> Result<Loaded, JobExecError> {
+    let check = |got: usize| {
+        if got == features {
+            Ok(())
+        } else {
+            Err(JobExecError::Features {
+                got,
+                want: features,
+            })
         }
+    };
+    if let [one] = blobs {
+        let buf = PartitionBuf::from_bytes(one)?;
+        check(buf.view()?.n_features())?;
         return Ok(Loaded::InPlace(buf));
     }
     let (mut ids, mut y, mut x) = (Vec::new(), Vec::new(), Vec::new());
     for b in blobs {
-        let buf = PartitionBuf::from_bytes(b).map_err(|e| e.to_string())?;
-        let v = buf.view().map_err(|e| e.to_string())?;
-        if v.n_features() != features {
-            return Err(format!(
-                "partition has {} features, dataset {features}",
-                v.n_features()
-            ));
-        }
+        let buf = PartitionBuf::from_bytes(b)?;
+        let v = buf.view()?;
+        check(v.n_features())?;
         ids.extend_from_slice(v.row_ids());
         y.extend_from_slice(v.labels());
         x.extend_from_slice(v.features());
     }
-    Partition::new(features, ids, y, x)
-        .map(Loaded::Owned)
-        .map_err(|e| e.to_string())
+    Ok(Loaded::Owned(Partition::new(features, ids, y, x)?))
 }

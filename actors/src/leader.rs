@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tidepool_runtime::autoscale::{AutoscalePolicy, Autoscaler, LoadSample};
 use tidepool_runtime::codec::{ArchivedBody, Body, Dest, Envelope};
-use tidepool_runtime::control::{AutoscaleStatus, ClusterMap, Command, ControlPlane, MemberState};
+use tidepool_runtime::control::{
+    AutoscaleStatus, ClusterMap, Command, ControlError, ControlPlane, MemberState,
+};
 use tidepool_runtime::lease::{LeaseConfig, LeaseTable};
 use tidepool_runtime::metrics as m;
 use tidepool_runtime::rebalance::{self, Change, RebalanceConfig};
@@ -366,12 +368,9 @@ async fn leader_step(
     rcfg: &RebalanceConfig,
     map: &ClusterMap,
     now: Instant,
-) -> Result<(), String> {
+) -> Result<(), ControlError> {
     if map.shards.is_empty() {
-        control
-            .propose(Command::Init { shards })
-            .await
-            .map_err(|e| e.to_string())?;
+        control.propose(Command::Init { shards }).await?;
         return Ok(());
     }
     // Failure detection and promotion.
@@ -457,7 +456,7 @@ async fn leader_step(
         }
     }
     for c in cmds {
-        control.propose(c).await.map_err(|e| e.to_string())?;
+        control.propose(c).await?;
     }
     // Rebalance against the map as it is now.
     let map = control.map().borrow().clone();
@@ -517,7 +516,7 @@ async fn leader_step(
             }
         };
         debug!(?cmd, "rebalance");
-        control.propose(cmd).await.map_err(|e| e.to_string())?;
+        control.propose(cmd).await?;
     }
     Ok(())
 }

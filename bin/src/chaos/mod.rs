@@ -24,7 +24,7 @@ use tidepool_runtime::transport::TlsMaterial;
 
 use crate::local_cluster::{wait_all_up, wait_stable, LocalCluster};
 use crate::{datasets, jobs_cli, workload};
-use scenario::{Fault, Kind, Scenario};
+use scenario::{Fault, Scenario, Target, What};
 
 /// How a run is asked for.
 #[derive(Debug, Clone)]
@@ -116,7 +116,7 @@ impl Run<'_> {
             .with_context(|| format!("no node {name}"))
     }
 
-    async fn target(&mut self, f: &Fault) -> Result<usize> {
+    async fn target(&mut self, target: &Target) -> Result<usize> {
         let running: Vec<usize> = (0..self.cluster.nodes.len())
             .filter(|&i| self.cluster.running(i) && !self.expected_exit[i])
             .collect();
@@ -126,9 +126,9 @@ impl Run<'_> {
             }
             Ok(from[rng.random_range(0..from.len())])
         };
-        match f.target.as_str() {
-            "random" => pick(&mut self.rng, &running),
-            "non_voter" => {
+        match target {
+            Target::Random => pick(&mut self.rng, &running),
+            Target::NonVoter => {
                 let nv: Vec<usize> = running
                     .iter()
                     .copied()
@@ -136,7 +136,7 @@ impl Run<'_> {
                     .collect();
                 pick(&mut self.rng, &nv)
             }
-            "leader" => {
+            Target::Leader => {
                 // Right after a heal the node asked may not know the leader yet: ask until one
                 // is known.
                 let deadline = Instant::now() + Duration::from_secs(15);
@@ -149,7 +149,7 @@ impl Run<'_> {
                     }
                 }
             }
-            "coordinator" => {
+            Target::Coordinator => {
                 let id = self
                     .job
                     .clone()
@@ -160,7 +160,7 @@ impl Run<'_> {
                     None => pick(&mut self.rng, &running),
                 }
             }
-            name => self.index(name),
+            Target::Node(name) => self.index(name),
         }
     }
 
@@ -248,11 +248,15 @@ impl Run<'_> {
     async fn apply(&mut self, f: &Fault) -> Result<Vec<(u64, Action)>> {
         let mut later = Vec::new();
         let at = f.at_ms;
-        match f.kind {
-            Kind::Kill => {
-                let i = self.target(f).await?;
+        match &f.what {
+            What::Kill {
+                target,
+                restart_after_ms,
+                during_checkpoint,
+            } => {
+                let i = self.target(target).await?;
                 let name = self.cluster.nodes[i].name.clone();
-                let when = if f.during_checkpoint {
+                let when = if *during_checkpoint {
                     self.wait_checkpoint_in_flight(&name).await?
                 } else {
                     String::new()
@@ -263,7 +267,7 @@ impl Run<'_> {
                     .entry(name.clone())
                     .or_default()
                     .push((now_us(), u64::MAX));
-                let detail = match f.restart_after_ms {
+                let detail = match restart_after_ms {
                     Some(d) => {
                         // Relative to when the kill really happened (a kill during a checkpoint
                         // waits for one).
@@ -275,18 +279,21 @@ impl Run<'_> {
                 };
                 self.event("kill", &name, detail);
             }
-            Kind::Pause => {
-                let i = self.target(f).await?;
+            What::Pause {
+                target,
+                duration_ms,
+            } => {
+                let i = self.target(target).await?;
                 let name = self.cluster.nodes[i].name.clone();
                 // No down period: a paused node must end its ownership intervals itself, at its
                 // own lease expiry, as any starved process must (checker 2 takes its word).
                 self.cluster.signal(i, libc::SIGSTOP)?;
-                let d = f.duration_ms.unwrap_or(0);
+                let d = *duration_ms;
                 later.push((at + d, Action::Resume(i)));
                 self.event("pause", &name, format!("SIGSTOP for {d} ms"));
             }
-            Kind::Drain => {
-                let i = self.target(f).await?;
+            What::Drain { target } => {
+                let i = self.target(target).await?;
                 let name = self.cluster.nodes[i].name.clone();
                 self.client.drain(&name).await?;
                 self.event("drain", &name, "cluster drain, then SIGTERM".into());
@@ -300,8 +307,8 @@ impl Run<'_> {
                     bail!("{name} did not exit cleanly after a drain: {status}");
                 }
             }
-            Kind::Restart => {
-                let i = self.target(f).await?;
+            What::Restart { target } => {
+                let i = self.target(target).await?;
                 let name = self.cluster.nodes[i].name.clone();
                 let t0 = Instant::now();
                 // Starved nodes drain slowly: the bound only proves the drain ends.
@@ -328,19 +335,15 @@ impl Run<'_> {
                     ),
                 );
             }
-            Kind::Starve => {
-                let spec = crate::starve::StarveSpec {
-                    cpu_percent: f.cpu_percent.unwrap_or(100),
-                    stall_every_ms: f.stall_every_ms,
-                    stall_max_ms: f.stall_max_ms,
-                };
+            What::Starve { duration_ms, .. } => {
+                let spec = f.what.starve_spec().context("a starve fault")?;
                 let starve = crate::starve::Starve::new(spec, self.seed)?;
                 for n in &self.cluster.nodes {
                     if let Some(pid) = n.pid() {
                         starve.add(&n.name, pid)?;
                     }
                 }
-                let detail = match f.duration_ms {
+                let detail = match *duration_ms {
                     Some(d) => {
                         later.push((at + d, Action::EndStarve));
                         format!("{} for {d} ms", starve.describe())
@@ -350,7 +353,7 @@ impl Run<'_> {
                 self.cluster.starve = Some(starve);
                 self.event("starve", "all", detail);
             }
-            Kind::Join => {
+            What::Join {} => {
                 let i = self.cluster.add_node()?;
                 self.expected_exit.push(false);
                 self.write_net()?;
@@ -358,8 +361,11 @@ impl Run<'_> {
                 let name = self.cluster.nodes[i].name.clone();
                 self.event("join", &name, "new node started".into());
             }
-            Kind::Isolate => {
-                let i = self.target(f).await?;
+            What::Isolate {
+                target,
+                duration_ms,
+            } => {
+                let i = self.target(target).await?;
                 let name = self.cluster.nodes[i].name.clone();
                 for j in 0..self.cluster.nodes.len() {
                     if j != i {
@@ -368,7 +374,7 @@ impl Run<'_> {
                     }
                 }
                 self.write_net()?;
-                let d = f.duration_ms.unwrap_or(0);
+                let d = *duration_ms;
                 later.push((at + d, Action::HealNet));
                 let by = self.cut_by();
                 self.event(
@@ -377,8 +383,11 @@ impl Run<'_> {
                     format!("no traffic with any node for {d} ms ({by})"),
                 );
             }
-            Kind::Split => {
-                let k = f.minority.unwrap_or(1);
+            What::Split {
+                minority: k,
+                duration_ms,
+            } => {
+                let k = *k;
                 let mut order: Vec<usize> = (0..self.cluster.nodes.len()).collect();
                 for i in (1..order.len()).rev() {
                     let j = self.rng.random_range(0..=i);
@@ -392,7 +401,7 @@ impl Run<'_> {
                     }
                 }
                 self.write_net()?;
-                let d = f.duration_ms.unwrap_or(0);
+                let d = *duration_ms;
                 later.push((at + d, Action::HealNet));
                 let names: Vec<&str> = minority
                     .iter()
@@ -404,14 +413,17 @@ impl Run<'_> {
                 );
                 self.event("split", &names.join(","), detail);
             }
-            Kind::OneWay => {
-                let i = self.target(f).await?;
+            What::OneWay {
+                target,
+                peer,
+                duration_ms,
+            } => {
+                let i = self.target(target).await?;
                 let name = self.cluster.nodes[i].name.clone();
-                let peer = f.peer.clone().unwrap_or_default();
-                let to = self.index(&peer)?;
+                let to = self.index(peer)?;
                 self.cut(i, to, true)?;
                 self.write_net()?;
-                let d = f.duration_ms.unwrap_or(0);
+                let d = *duration_ms;
                 later.push((at + d, Action::HealNet));
                 let by = self.cut_by();
                 self.event(
@@ -420,8 +432,11 @@ impl Run<'_> {
                     format!("{name} -> {peer} dropped for {d} ms ({by})"),
                 );
             }
-            Kind::LinkDown => {
-                let i = self.target(f).await?;
+            What::LinkDown {
+                target,
+                duration_ms,
+            } => {
+                let i = self.target(target).await?;
                 let name = self.cluster.nodes[i].name.clone();
                 let lab = self
                     .cluster
@@ -429,7 +444,7 @@ impl Run<'_> {
                     .as_mut()
                     .context("link_down needs --netns")?;
                 lab.set_link(i, false)?;
-                let d = f.duration_ms.unwrap_or(0);
+                let d = *duration_ms;
                 later.push((at + d, Action::HealNet));
                 self.event(
                     "link_down",
@@ -437,8 +452,8 @@ impl Run<'_> {
                     format!("eth0 down in its namespace for {d} ms"),
                 );
             }
-            Kind::Hostile => {
-                let i = self.target(f).await?;
+            What::Hostile { target } => {
+                let i = self.target(target).await?;
                 let name = self.cluster.nodes[i].name.clone();
                 let admin = TlsMaterial::load_client(&self.cluster.admin_dir())?;
                 let scratch = self
@@ -507,48 +522,60 @@ impl Run<'_> {
                     ),
                 );
             }
-            Kind::Storage => {
-                let i = self.target(f).await?;
+            What::Storage {
+                target,
+                duration_ms,
+                drop_rate,
+                delay_ms,
+                checkpoint_delay_ms,
+            } => {
+                let i = self.target(target).await?;
                 let name = self.cluster.nodes[i].name.clone();
                 let rule = serde_json::json!({
-                    "write_error_rate": f.drop_rate,
-                    "write_delay_ms": f.delay_ms,
-                    "checkpoint_delay_ms": f.checkpoint_delay_ms,
+                    "write_error_rate": drop_rate,
+                    "write_delay_ms": delay_ms,
+                    "checkpoint_delay_ms": checkpoint_delay_ms,
                 });
                 std::fs::write(self.storage_file(&name), serde_json::to_vec(&rule)?)?;
-                let d = f.duration_ms.unwrap_or(0);
+                let d = *duration_ms;
                 later.push((at + d, Action::HealStorage(i)));
                 self.event(
                     "storage",
                     &name,
                     format!(
                         "{:.0}% write errors, writes delayed {} ms, checkpoint writes {} ms more, for {d} ms",
-                        f.drop_rate * 100.0,
-                        f.delay_ms,
-                        f.checkpoint_delay_ms
+                        drop_rate * 100.0,
+                        delay_ms,
+                        checkpoint_delay_ms
                     ),
                 );
             }
-            Kind::Netem => {
+            What::Netem {
+                duration_ms,
+                drop_rate,
+                delay_ms,
+                jitter_ms,
+                duplicate_rate,
+            } => {
                 for n in self.names() {
                     let spec = self.net.specs.entry(n).or_default();
-                    spec.default.drop_rate = f.drop_rate;
-                    spec.default.delay_ms = f.delay_ms;
-                    spec.default.jitter_ms = f.jitter_ms;
-                    spec.default.duplicate_rate = f.duplicate_rate;
+                    spec.default.drop_rate = *drop_rate;
+                    spec.default.delay_ms = *delay_ms;
+                    spec.default.jitter_ms = *jitter_ms;
+                    spec.default.duplicate_rate = *duplicate_rate;
                 }
                 self.write_net()?;
-                let d = f.duration_ms.unwrap_or(0);
+                let d = *duration_ms;
                 later.push((at + d, Action::HealNet));
                 self.event(
                     "netem",
                     "all",
                     format!(
                         "loss {:.0}%, delay {} ms +- {} ms, duplicates {:.0}% for {d} ms",
-                        f.drop_rate * 100.0,
-                        f.delay_ms,
-                        f.jitter_ms,
-                        f.duplicate_rate * 100.0
+                        drop_rate * 100.0,
+                        delay_ms,
+                        jitter_ms,
+                        duplicate_rate * 100.0
                     ),
                 );
             }
@@ -727,17 +754,23 @@ pub fn check_setup(s: &Scenario, opts: &RunOptions) -> Result<(), String> {
     let socket_faults = s
         .faults
         .iter()
-        .any(|f| f.kind == Kind::Netem || (f.kind.is_partition() && !opts.netns));
+        .any(|f| matches!(f.what, What::Netem { .. }) || (f.what.is_partition() && !opts.netns));
     if socket_faults && !fi {
         return Err(format!(
             "scenario {name} injects network faults: build with `--features fault-injection` \
              (cargo run --release --features fault-injection -- chaos run ...)"
         ));
     }
-    let storage_faults = s
-        .faults
-        .iter()
-        .any(|f| f.kind == Kind::Storage || f.during_checkpoint);
+    let storage_faults = s.faults.iter().any(|f| {
+        matches!(
+            f.what,
+            What::Storage { .. }
+                | What::Kill {
+                    during_checkpoint: true,
+                    ..
+                }
+        )
+    });
     if storage_faults && !fi {
         return Err(format!(
             "scenario {name} injects storage faults or kills during a checkpoint: build with \
@@ -977,7 +1010,10 @@ async fn drive(run: &mut Run<'_>, opts: &RunOptions, network: String) -> Result<
         .converge(Duration::from_millis(s.converge.timeout_ms))
         .await;
     checks.insert("3_convergence".into(), conv);
-    if s.faults.iter().any(|f| f.kind == Kind::Hostile) {
+    if s.faults
+        .iter()
+        .any(|f| matches!(f.what, What::Hostile { .. }))
+    {
         checks.insert("6_hostile_refused".into(), run.hostile.clone());
     }
     checks.insert(
