@@ -191,7 +191,7 @@ async fn write_loop(
 }
 
 impl Writer {
-    async fn flush(&mut self, ops: Vec<LogItem>) {
+    async fn flush(&mut self, mut ops: Vec<LogItem>) {
         if ops.is_empty() {
             return;
         }
@@ -199,13 +199,12 @@ impl Writer {
             ops.into_iter().for_each(|i| fail(i, fault_code(f)));
             return;
         }
+        // The records move into the segment (no copy of their payloads, tensors included).
         let records: Vec<LogRecord> = ops
-            .iter()
+            .iter_mut()
             .filter_map(|i| match i {
-                LogItem::Op {
-                    record: Some(r), ..
-                } => Some(r.clone()),
-                _ => None,
+                LogItem::Op { record, .. } => record.take(),
+                LogItem::Checkpoint { .. } => None,
             })
             .enumerate()
             .map(|(i, req)| LogRecord {
