@@ -441,20 +441,7 @@ impl Node {
         // Before binding anything: without its data keys a node can neither write nor read.
         let keys = KeyRing::load(&cfg.data_key_file())?;
         let store = Store::open(&cfg.storage.url, Arc::new(keys))?;
-        let tcfg = TransportConfig {
-            max_frame_bytes: cfg.transport.max_frame_bytes as usize,
-            send_queue_depth: cfg.transport.send_queue_depth,
-            connect_timeout: Duration::from_millis(cfg.transport.connect_timeout_ms),
-            reconnect_max_backoff: Duration::from_millis(cfg.transport.reconnect_max_backoff_ms),
-            connection_inflight_bytes: cfg.transport.connection_inflight_bytes as usize,
-            node_inflight_bytes: cfg.transport.node_inflight_bytes as usize,
-            connection_send_bytes: cfg.transport.connection_send_bytes as usize,
-            send_stall: Duration::from_millis(cfg.transport.send_stall_ms),
-            receive_stall: Duration::from_millis(cfg.transport.receive_stall_ms),
-            max_requests_per_connection: cfg.transport.max_requests_per_connection,
-            max_connections_per_peer: cfg.transport.max_connections_per_peer,
-            max_streams_per_connection: cfg.transport.max_streams_per_connection,
-        };
+        let tcfg = TransportConfig::from(&cfg.transport);
         let policy = Arc::new(ClusterPolicy::default());
         let transport = Transport::bind(
             &name,
@@ -492,12 +479,7 @@ impl Node {
         let control = ControlPlane::start(control_cfg, net).await?;
         // Revocations this node already knows (its persisted map) hold before it talks.
         policy.set_revoked(control.map().borrow().revoked.keys().cloned().collect());
-        let lease_cfg = LeaseConfig {
-            ttl: Duration::from_millis(cfg.lease.ttl_ms),
-            renew_every: Duration::from_millis(cfg.lease.renew_ms),
-            drift_margin: Duration::from_millis(cfg.lease.drift_margin_ms),
-        };
-        let leases = Leases::new(lease_cfg);
+        let leases = Leases::new(LeaseConfig::from(&cfg.lease));
         let router = Router::new(
             RouterConfig {
                 name: name.clone(),
@@ -565,10 +547,7 @@ impl Node {
                 .await
                 .map_err(|e| NodeError::Spawn(e.to_string()))?;
 
-        let rcfg = RebalanceConfig {
-            max_concurrent_handoffs: cfg.cluster.max_concurrent_handoffs,
-            eps: cfg.cluster.placement_eps,
-        };
+        let rcfg = RebalanceConfig::from(&cfg.cluster);
         let mut tasks = vec![
             tokio::spawn(leader::renew_loop(
                 name.clone(),

@@ -369,6 +369,45 @@ impl AutoscaleSection {
     }
 }
 
+impl From<&LeaseSection> for crate::lease::LeaseConfig {
+    fn from(l: &LeaseSection) -> Self {
+        crate::lease::LeaseConfig {
+            ttl: std::time::Duration::from_millis(l.ttl_ms),
+            renew_every: std::time::Duration::from_millis(l.renew_ms),
+            drift_margin: std::time::Duration::from_millis(l.drift_margin_ms),
+        }
+    }
+}
+
+impl From<&TransportSection> for crate::transport::TransportConfig {
+    fn from(t: &TransportSection) -> Self {
+        use std::time::Duration;
+        crate::transport::TransportConfig {
+            max_frame_bytes: t.max_frame_bytes as usize,
+            send_queue_depth: t.send_queue_depth,
+            connect_timeout: Duration::from_millis(t.connect_timeout_ms),
+            reconnect_max_backoff: Duration::from_millis(t.reconnect_max_backoff_ms),
+            connection_inflight_bytes: t.connection_inflight_bytes as usize,
+            node_inflight_bytes: t.node_inflight_bytes as usize,
+            connection_send_bytes: t.connection_send_bytes as usize,
+            send_stall: Duration::from_millis(t.send_stall_ms),
+            receive_stall: Duration::from_millis(t.receive_stall_ms),
+            max_requests_per_connection: t.max_requests_per_connection,
+            max_connections_per_peer: t.max_connections_per_peer,
+            max_streams_per_connection: t.max_streams_per_connection,
+        }
+    }
+}
+
+impl From<&ClusterSection> for crate::rebalance::RebalanceConfig {
+    fn from(c: &ClusterSection) -> Self {
+        crate::rebalance::RebalanceConfig {
+            max_concurrent_handoffs: c.max_concurrent_handoffs,
+            eps: c.placement_eps,
+        }
+    }
+}
+
 /// `[admin]`: limits of the admin HTTP listener (`/metrics`, `/livez`, `/readyz`), so that idle
 /// or slow clients cannot hold the node's file descriptors.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -582,3 +582,20 @@ fn autoscale_bounds_are_checked() {
         "autoscale.sample_ms"
     );
 }
+
+#[test]
+fn sections_convert_to_the_components_they_configure() {
+    let c = NodeConfig::default();
+    assert_eq!(
+        crate::lease::LeaseConfig::from(&c.lease),
+        crate::lease::LeaseConfig::default()
+    );
+    let t = crate::transport::TransportConfig::from(&c.transport);
+    assert_eq!(t.max_frame_bytes as u64, c.transport.max_frame_bytes);
+    assert_eq!(
+        t.connect_timeout,
+        std::time::Duration::from_millis(c.transport.connect_timeout_ms)
+    );
+    let r = crate::rebalance::RebalanceConfig::from(&c.cluster);
+    assert_eq!(r.max_concurrent_handoffs, c.cluster.max_concurrent_handoffs);
+}
