@@ -2,7 +2,7 @@
 //! paced rebalancing). The arithmetic lives in the sans-IO `runtime::lease` and
 //! `runtime::rebalance`; this module only drives them with real time and the real control plane.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,35 +12,15 @@ use tidepool_runtime::codec::{ArchivedBody, Body, Dest, Envelope};
 use tidepool_runtime::control::{
     AutoscaleStatus, ClusterMap, Command, ControlError, ControlPlane, MemberState,
 };
-use tidepool_runtime::lease::{LeaseConfig, LeaseTable};
+use tidepool_runtime::leader_core::{rebalance_commands, LeaderCore, MoveKind, Refusal};
+use tidepool_runtime::lease::LeaseConfig;
 use tidepool_runtime::metrics as m;
-use tidepool_runtime::rebalance::{self, Change, RebalanceConfig};
+use tidepool_runtime::rebalance::RebalanceConfig;
 use tidepool_runtime::transport::Transport;
 use tracing::{debug, info, warn};
 
 use crate::load::LoadMeter;
 use crate::serve_gate::ServeGate;
-
-/// The leader's lease table, present only while this node leads (with the term it leads).
-#[derive(Debug, Default)]
-pub struct LeaderLeases {
-    table: Option<(u64, LeaseTable)>,
-    /// When a quorum last confirmed this node's leadership (taken before asking).
-    confirmed: Option<Instant>,
-    /// Members seen down and dropped from the lease table: only a renewal after that (a paused
-    /// node waking up) brings one back, not the grants it had before it went down or left.
-    forgotten: BTreeSet<String>,
-    /// When this leader first saw each member down. Only a grant after that revives one (a
-    /// paused node renewing again); a node that left still holds a fresh grant from before it
-    /// left, which must not bring it back.
-    down_since: BTreeMap<String, Instant>,
-    /// Members this leader found expired that the map still gives shards to. No grant for them
-    /// until the map has moved those shards: the reassignment was decided on their expiry, and
-    /// a grant made while it is being proposed would let the old owner serve again (with a
-    /// valid lease and the old map) while the new owner restores: two owners (chaos F5, found
-    /// under packet loss; the fenced log kept the data whole).
-    expiring: BTreeSet<String>,
-}
 
 /// A leader grants leases only this soon after a quorum confirmed it still leads: a leader cut
 /// off from the majority keeps believing it leads (openraft does not step down on its own), and
@@ -54,22 +34,17 @@ pub struct Leases {
     pub cfg: LeaseConfig,
     /// This node's own lease (and the map index its ownership driver acted on).
     pub holder: Arc<ServeGate>,
-    pub leader: Mutex<LeaderLeases>,
+    /// The grantor's state and decisions (sans-IO, shared with the simulation).
+    pub leader: Mutex<LeaderCore>,
 }
 
-/// A lease grant: ttl, the leader's term, and the leader's applied map index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Grant {
-    pub ttl: Duration,
-    pub term: u64,
-    pub map_index: u64,
-}
+pub use tidepool_runtime::leader_core::Grant;
 
 impl Leases {
-    pub fn new(cfg: LeaseConfig) -> Arc<Self> {
+    pub fn new(me: &str, cfg: LeaseConfig) -> Arc<Self> {
         Arc::new(Leases {
             holder: Arc::new(ServeGate::new(cfg)),
-            leader: Mutex::new(LeaderLeases::default()),
+            leader: Mutex::new(LeaderCore::new(me, cfg, CONFIRMED_GRANT_WINDOW)),
             cfg,
         })
     }
@@ -87,22 +62,14 @@ impl Leases {
     /// Grants `node` a lease if this node leads, carrying `map_index`, the leader's applied map
     /// index (everything committed before the last quorum confirmation is applied by then).
     pub fn grant(&self, node: &str, now: Instant, map_index: u64) -> Option<Grant> {
-        let mut l = self.leader.lock();
-        if l.confirmed
-            .is_none_or(|t| now.saturating_duration_since(t) > CONFIRMED_GRANT_WINDOW)
-        {
-            return None;
+        match self.leader.lock().grant(node, now, map_index) {
+            Ok(g) => Some(g),
+            Err(Refusal::Expiring) => {
+                metrics::counter!(m::LEASE_GRANTS_REFUSED).increment(1);
+                None
+            }
+            Err(_) => None,
         }
-        if l.expiring.contains(node) {
-            metrics::counter!(m::LEASE_GRANTS_REFUSED).increment(1);
-            return None;
-        }
-        let (term, table) = l.table.as_mut()?;
-        Some(Grant {
-            ttl: table.grant(node, now),
-            term: *term,
-            map_index,
-        })
     }
 }
 
@@ -309,7 +276,6 @@ pub async fn renew_loop(
 /// The leader's loop: keeps the lease table, marks members whose lease must have expired as
 /// down, promotes joining members that renew, and proposes paced rebalancing.
 pub async fn leader_loop(
-    me: String,
     shards: u32,
     control: ControlPlane,
     leases: Arc<Leases>,
@@ -317,51 +283,37 @@ pub async fn leader_loop(
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut was_leader = false;
     loop {
         tick.tick().await;
         let now = Instant::now();
         if !control.is_leader() {
-            if was_leader {
+            if leases.leader.lock().not_leading() {
                 info!("no longer the control-plane leader");
-                let mut l = leases.leader.lock();
-                l.table = None;
-                l.confirmed = None;
             }
-            was_leader = false;
             continue;
         }
         let term = control.term();
-        {
-            let mut l = leases.leader.lock();
-            if l.table.as_ref().is_none_or(|(t, _)| *t != term) {
-                // A new leader does not know what its predecessor granted: it waits ttl+margin
-                // before declaring anyone expired (invariant 1).
-                info!(term, "leading the control plane; lease table reset");
-                l.table = Some((term, LeaseTable::new_leader(leases.cfg, now)));
-                l.forgotten.clear();
-                l.down_since.clear();
-                l.expiring.clear();
-            }
+        if leases.leader.lock().leading(term, now) {
+            // A new leader does not know what its predecessor granted: it waits ttl+margin
+            // before declaring anyone expired (invariant 1).
+            info!(term, "leading the control plane; lease table reset");
         }
-        was_leader = true;
         let asked = Instant::now();
         match tokio::time::timeout(Duration::from_millis(500), control.linearizable_map()).await {
-            Ok(Ok(_)) => leases.leader.lock().confirmed = Some(asked),
+            Ok(Ok(_)) => leases.leader.lock().confirmed(asked),
             _ => {
                 debug!("leadership not confirmed by a quorum; not granting leases");
                 continue;
             }
         }
         let map = control.map().borrow().clone();
-        if let Err(e) = leader_step(&me, shards, &control, &leases, &rcfg, &map, now).await {
+        if let Err(e) = leader_step(shards, &control, &leases, &rcfg, &map, now).await {
             debug!(error = %e, "leader step failed; retrying next tick");
         }
     }
 }
 
 async fn leader_step(
-    me: &str,
     shards: u32,
     control: &ControlPlane,
     leases: &Leases,
@@ -373,235 +325,37 @@ async fn leader_step(
         control.propose(Command::Init { shards }).await?;
         return Ok(());
     }
-    // Failure detection and promotion.
-    let (expired, renewing, revived): (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) = {
-        let mut l = leases.leader.lock();
-        let LeaderLeases {
-            table,
-            forgotten,
-            down_since,
-            expiring,
-            ..
-        } = &mut *l;
-        let Some((_, table)) = table.as_mut() else {
-            return Ok(());
-        };
-        // Seen now, after this map was read: any grant from before the member left is older.
-        let seen = Instant::now();
-        for m in map.members.values() {
-            if m.state == MemberState::Down {
-                down_since.entry(m.name.clone()).or_insert(seen);
-            } else {
-                down_since.remove(&m.name);
-            }
-        }
-        for m in map.members.values() {
-            // Forget a member marked down only once its lease must have expired: a grant made
-            // after the mark (it renewed meanwhile) must keep counting, or its shards would be
-            // reassigned while it still serves them (found by the deterministic simulation).
-            if m.state == MemberState::Down
-                && !forgotten.contains(&m.name)
-                && table.must_have_expired(&m.name, now)
-            {
-                table.remove(&m.name);
-                forgotten.insert(m.name.clone());
-            }
-        }
-        // Every member counts, down ones included: a shard still owned by a member marked down
-        // moves only once that member's lease must have expired.
-        let live: Vec<&str> = map.members.values().map(|m| m.name.as_str()).collect();
-        let expired: BTreeSet<String> = table
-            .expired_nodes(live.iter().copied(), now)
-            .into_iter()
-            .collect();
-        let renewing: BTreeSet<String> = live
-            .iter()
-            .filter(|n| table.last_grant(n).is_some() && !expired.contains(**n))
-            .map(|n| n.to_string())
-            .collect();
-        let revived = renewing
-            .iter()
-            .filter(|n| {
-                let (grant, down) = (table.last_grant(n), down_since.get(*n));
-                grant.zip(down).is_some_and(|(g, d)| g > *d)
-            })
-            .cloned()
-            .collect();
-        // Decided under the same lock as grants: from here no grant reaches an expired member
-        // whose shards this step moves, until the map shows them moved.
-        rebalance::update_expiring(expiring, &expired, map, me);
-        (expired, renewing, revived)
-    };
-    let mut cmds = Vec::new();
-    for m in map.members.values() {
-        if expired.contains(&m.name) && m.state != MemberState::Down && m.name != me {
-            warn!(member = %m.name, "lease must have expired: marking down");
-            cmds.push(Command::SetMemberState {
-                name: m.name.clone(),
-                state: MemberState::Down,
-            });
-        } else if m.state == MemberState::Joining && renewing.contains(&m.name) {
-            cmds.push(Command::SetMemberState {
-                name: m.name.clone(),
-                state: MemberState::Up,
-            });
-        } else if m.state == MemberState::Down && revived.contains(&m.name) {
-            // Renewed after it was marked down (a pause that ended): back as joining.
-            info!(member = %m.name, "down member renews its lease again: rejoining");
-            leases.leader.lock().forgotten.remove(&m.name);
-            cmds.push(Command::SetMemberState {
-                name: m.name.clone(),
-                state: MemberState::Joining,
-            });
-        }
+    // Failure detection and promotion (seen: after this map was read, so any grant from before
+    // a member left is older).
+    let decided = leases.leader.lock().membership(map, now, Instant::now());
+    for name in &decided.forgot {
+        debug!(member = %name, "forgetting the grants of a member marked down");
     }
-    for c in cmds {
+    for c in decided.commands {
+        if let Command::SetMemberState { name, state } = &c {
+            match state {
+                MemberState::Down => warn!(member = %name, "lease must have expired: marking down"),
+                MemberState::Joining => {
+                    info!(member = %name, "down member renews its lease again: rejoining")
+                }
+                _ => {}
+            }
+        }
         control.propose(c).await?;
     }
     // Rebalance against the map as it is now.
     let map = control.map().borrow().clone();
-    let states: BTreeMap<String, MemberState> = map
-        .members
-        .values()
-        .map(|m| (m.name.clone(), m.state))
-        .collect();
-    let changes = rebalance::plan(&map.shards, &states, &expired, rcfg);
-    if !changes.is_empty() {
+    let moves = rebalance_commands(&map, &decided.expired, rcfg);
+    if !moves.is_empty() {
         // Each node logs what it serves at INFO ("serving N shards"); the moves are at DEBUG.
-        debug!(moves = changes.len(), "rebalancing shards");
+        debug!(moves = moves.len(), "rebalancing shards");
     }
-    for change in changes {
-        let cmd = match change {
-            Change::Reassign { shard, to, epoch } => {
-                let cur = &map.shards[shard as usize];
-                // First placement of a never-owned shard is not a failure-driven move.
-                let kind = if cur.owner.is_none() && cur.epoch == 0 {
-                    "initial"
-                } else {
-                    "reassign"
-                };
-                metrics::counter!(m::REBALANCES, "kind" => kind).increment(1);
-                Command::Assign {
-                    shard,
-                    expect_epoch: cur.epoch,
-                    owner: Some(to),
-                    epoch,
-                    handoff_to: None,
-                }
-            }
-            Change::BeginHandoff { shard, to, epoch } => {
-                metrics::counter!(m::REBALANCES, "kind" => "handoff").increment(1);
-                let cur = &map.shards[shard as usize];
-                Command::Assign {
-                    shard,
-                    expect_epoch: cur.epoch,
-                    owner: cur.owner.clone(),
-                    epoch,
-                    handoff_to: Some(to),
-                }
-            }
-            Change::CancelHandoff {
-                shard,
-                owner,
-                epoch,
-            } => {
-                let cur = &map.shards[shard as usize];
-                Command::Assign {
-                    shard,
-                    expect_epoch: cur.epoch,
-                    owner: Some(owner),
-                    epoch,
-                    handoff_to: None,
-                }
-            }
-        };
+    for (kind, cmd) in moves {
+        if kind != MoveKind::Cancel {
+            metrics::counter!(m::REBALANCES, "kind" => kind.as_str()).increment(1);
+        }
         debug!(?cmd, "rebalance");
         control.propose(cmd).await?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use tidepool_runtime::control::{Member, ShardAssignment};
-
-    fn map(owners: &[&str], members: &[(&str, MemberState)]) -> ClusterMap {
-        ClusterMap {
-            members: members
-                .iter()
-                .map(|(n, s)| {
-                    let m = Member {
-                        name: (*n).into(),
-                        addr: String::new(),
-                        state: *s,
-                        voter: false,
-                    };
-                    ((*n).to_string(), m)
-                })
-                .collect(),
-            shards: owners
-                .iter()
-                .enumerate()
-                .map(|(i, o)| ShardAssignment {
-                    owner: Some((*o).into()),
-                    epoch: i as u64 + 1,
-                    handoff_to: None,
-                })
-                .collect(),
-            ..ClusterMap::default()
-        }
-    }
-
-    fn leading(leases: &Leases, now: Instant) {
-        let mut l = leases.leader.lock();
-        l.table = Some((1, LeaseTable::new_leader(leases.cfg, now)));
-        l.confirmed = Some(now);
-    }
-
-    /// A member found expired gets no grant while the map still gives it shards that another
-    /// member can take; once the map has moved them, it may renew (and be revived) again.
-    #[test]
-    fn no_grant_to_an_expired_owner_until_its_shards_moved() {
-        let leases = Leases::new(LeaseConfig::default());
-        let now = Instant::now();
-        leading(&leases, now);
-        let up = MemberState::Up;
-        let before = map(&["n1", "n2"], &[("n1", up), ("n2", up)]);
-        let expired = BTreeSet::from(["n2".to_string()]);
-        rebalance::update_expiring(&mut leases.leader.lock().expiring, &expired, &before, "n1");
-        assert!(
-            leases.grant("n2", now, 7).is_none(),
-            "n2's shard is being moved"
-        );
-        assert!(
-            leases.grant("n1", now, 7).is_some(),
-            "others renew as usual"
-        );
-
-        // The reassignment committed: n2 owns nothing, so a renewal is safe again.
-        let after = map(&["n1", "n1"], &[("n1", up), ("n2", MemberState::Down)]);
-        rebalance::update_expiring(&mut leases.leader.lock().expiring, &expired, &after, "n1");
-        assert!(leases.grant("n2", now, 9).is_some());
-    }
-
-    /// With nowhere to move its shards, an expired owner is not refused (it would only leave
-    /// them unserved), and the leader never refuses itself.
-    #[test]
-    fn an_owner_whose_shards_cannot_move_still_renews() {
-        let leases = Leases::new(LeaseConfig::default());
-        let now = Instant::now();
-        leading(&leases, now);
-        let m = map(
-            &["n1", "n2"],
-            &[("n1", MemberState::Draining), ("n2", MemberState::Up)],
-        );
-        let expired = BTreeSet::from(["n1".to_string(), "n2".to_string()]);
-        rebalance::update_expiring(&mut leases.leader.lock().expiring, &expired, &m, "n1");
-        assert!(
-            leases.grant("n2", now, 1).is_some(),
-            "no member could take n2's shard"
-        );
-        assert!(leases.grant("n1", now, 1).is_some(), "the leader itself");
-    }
 }

@@ -479,7 +479,7 @@ impl Node {
         let control = ControlPlane::start(control_cfg, net).await?;
         // Revocations this node already knows (its persisted map) hold before it talks.
         policy.set_revoked(control.map().borrow().revoked.keys().cloned().collect());
-        let leases = Leases::new(LeaseConfig::from(&cfg.lease));
+        let leases = Leases::new(&name, LeaseConfig::from(&cfg.lease));
         let router = Router::new(
             RouterConfig {
                 name: name.clone(),
@@ -566,7 +566,6 @@ impl Node {
             )),
             tokio::spawn(load::sample_loop(meter, router.clone(), transport.clone())),
             tokio::spawn(leader::leader_loop(
-                name.clone(),
                 cfg.cluster.shards,
                 control.clone(),
                 leases.clone(),

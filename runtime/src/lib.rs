@@ -32,6 +32,7 @@ pub mod control;
 pub mod dataset;
 pub mod handoff;
 pub mod jobspec;
+pub mod leader_core;
 pub mod lease;
 pub mod metrics;
 pub mod placement;

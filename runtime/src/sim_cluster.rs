@@ -11,16 +11,16 @@
 //! # The model
 //!
 //! - **Real code under test**: [`LeaseHolder`] and [`LeaseTable`] (lease arithmetic),
-//!   [`ShardHandoff`] (one per node per shard), [`rebalance::plan`] and [`placement`] (the
-//!   leader's policy), [`apply`] (the cluster-map state machine) and [`Store`]
+//!   [`LeaderCore`] (the leader's grants, failure detection, promotion and revival, the very
+//!   code `actors/src/leader.rs` runs), [`ShardHandoff`] (one per node per shard),
+//!   [`rebalance_commands`] over `rebalance::plan` and [`placement`] (the leader's policy), [`apply`] (the cluster-map state machine) and [`Store`]
 //!   ([`Store::in_memory`]: create-once log segments, fences, checkpoints, restore, compaction),
 //!   driven through a current-thread tokio runtime with `block_on`, one call at a time.
 //! - **Ports of the glue in `actors/`** (kept close to the originals, with their constants
 //!   scaled by 1/2 together with the lease ttl): the ownership driver (`driver.rs`: feeds map
 //!   changes, lease validity every [`DRIVER_TICK_MS`], storage results; runs the effects), the
-//!   renewal loop and the leader loop (`leader.rs`: grants only within
-//!   [`CONFIRMED_GRANT_WINDOW_MS`] of a quorum confirmation, a new leader starts a fresh
-//!   [`LeaseTable::new_leader`], failure detection, promotion, paced rebalancing), the router's
+//!   renewal loop and the leader loop's I/O around the core (`leader.rs`: when to confirm, what
+//!   to propose; the core's grant window is [`CONFIRMED_GRANT_WINDOW_MS`] here), the router's
 //!   admission rule (`router.rs`: the actor runs at the request's epoch, accepts, and the lease is
 //!   valid *now*), the shard log writer (`shard_log.rs`: group commit, one append in flight,
 //!   acknowledge only after the append returned `Ok`, checkpoint then compact), `restore.rs`
@@ -70,7 +70,9 @@
 //!
 //! The simulation found three bugs in that glue (none in the sans-IO cores or the storage
 //! layer); each is described on its [`Fixes`] flag, and a test shows the port fails without it.
-//! All three are fixed in `actors/` and on in [`Fixes::AS_IS`] (the default, the code as it is):
+//! All three are fixed and on in [`Fixes::AS_IS`] (the default, the code as it is); the leader's
+//! two now live once, in [`LeaderCore`], whose own table tests pin them, and the broken variants
+//! here wrap that core from outside (test-only hooks that undo the fix before each step):
 //! [`Fixes::forget_after_expiry`] (two owners; `leader.rs`), [`Fixes::reset_when_fenced`] (a
 //! live owner parked as fenced by its own late write; `driver.rs`) and
 //! [`Fixes::map_with_grant`] (two owners; rare here, about one seed in 2000, first at seed 352,
@@ -104,9 +106,10 @@ use crate::control::types::{
     apply, ClusterMap, Command, CommandResponse, MemberState, ShardAssignment,
 };
 use crate::handoff::{Effect, Event, ShardHandoff};
-use crate::lease::{LeaseConfig, LeaseHolder, LeaseTable};
+use crate::leader_core::{rebalance_commands, LeaderCore, MoveKind};
+use crate::lease::{LeaseConfig, LeaseHolder};
 use crate::placement;
-use crate::rebalance::{self, Change, RebalanceConfig};
+use crate::rebalance::RebalanceConfig;
 use crate::storage::{Restore, StorageError, Store};
 
 /// Virtual milliseconds since the start of a run.
@@ -743,18 +746,6 @@ struct Clock {
     ppm: i64,
 }
 
-/// The leader's lease state on one node (`leader.rs`: `LeaderLeases`).
-#[derive(Debug, Default)]
-struct LeaderLeases {
-    table: Option<(u64, LeaseTable)>,
-    confirmed: Option<Instant>,
-    forgotten: BTreeSet<String>,
-    down_since: BTreeMap<String, Instant>,
-    /// Expired members whose shards are being moved: no grant for them meanwhile.
-    expiring: BTreeSet<String>,
-    was_leader: bool,
-}
-
 #[derive(Debug)]
 enum Item {
     Op { op: u64, key: u32 },
@@ -810,7 +801,8 @@ struct Node {
     leader_view: Option<usize>,
     /// `control.is_leader()`: the term this node believes it leads.
     believes: Option<u64>,
-    lead: LeaderLeases,
+    /// The leader's lease and membership decisions: the real core.
+    lead: LeaderCore,
     driver_valid: bool,
     machines: Vec<ShardHandoff>,
     seen: Vec<Option<ShardAssignment>>,
@@ -825,6 +817,7 @@ struct Node {
 
 impl Node {
     fn new(name: String, clock: Clock, shards: u32, cfg: LeaseConfig) -> Node {
+        let lead = LeaderCore::new(&name, cfg, Duration::from_millis(CONFIRMED_GRANT_WINDOW_MS));
         let mut n = Node {
             name,
             clock,
@@ -837,7 +830,7 @@ impl Node {
             known_term: 0,
             leader_view: None,
             believes: None,
-            lead: LeaderLeases::default(),
+            lead,
             driver_valid: false,
             machines: Vec::new(),
             seen: Vec::new(),
@@ -856,7 +849,11 @@ impl Node {
         self.holder = LeaseHolder::new(cfg);
         self.leader_view = None;
         self.believes = None;
-        self.lead = LeaderLeases::default();
+        self.lead = LeaderCore::new(
+            &self.name,
+            cfg,
+            Duration::from_millis(CONFIRMED_GRANT_WINDOW_MS),
+        );
         self.driver_valid = false;
         self.machines = (0..shards)
             .map(|s| ShardHandoff::new(self.name.clone(), s))
@@ -1445,18 +1442,11 @@ impl Sim {
     fn grant(&mut self, l: usize, to: &str) -> Option<(Duration, u64)> {
         let now = self.local(l);
         let lead = &mut self.nodes[l].lead;
-        let window = Duration::from_millis(CONFIRMED_GRANT_WINDOW_MS);
-        if lead
-            .confirmed
-            .is_none_or(|t| now.saturating_duration_since(t) > window)
-        {
-            return None;
+        if !self.fixes.no_grant_while_expiring {
+            // The code before the fix, from outside: the expiring set never holds anyone.
+            lead.forget_expiring();
         }
-        if self.fixes.no_grant_while_expiring && lead.expiring.contains(to) {
-            return None;
-        }
-        let (term, table) = lead.table.as_mut()?;
-        Some((table.grant(to, now), *term))
+        lead.grant(to, now, 0).ok().map(|g| (g.ttl, g.term))
     }
 
     /// `leader.rs`: `renew_loop`, one tick.
@@ -1500,24 +1490,13 @@ impl Sim {
         let now = self.local(n);
         let inc = self.nodes[n].inc;
         self.after(LEADER_TICK_MS, Ev::LeaderTick(n, inc));
-        let cfg = self.cfg;
         let believes = self.nodes[n].believes;
         let lead = &mut self.nodes[n].lead;
         let Some(term) = believes else {
-            if lead.was_leader {
-                lead.table = None;
-                lead.confirmed = None;
-            }
-            lead.was_leader = false;
+            lead.not_leading();
             return;
         };
-        if lead.table.as_ref().is_none_or(|(t, _)| *t != term) {
-            lead.table = Some((term, LeaseTable::new_leader(cfg, now)));
-            lead.forgotten.clear();
-            lead.down_since.clear();
-            lead.expiring.clear();
-        }
-        lead.was_leader = true;
+        lead.leading(term, now);
         let confirmed = self.raft.leader == Some(n) && self.raft.term == term && self.healthy(n);
         if !confirmed {
             // It learns of the newer term as soon as it can talk to a majority.
@@ -1531,7 +1510,7 @@ impl Sim {
             }
             return;
         }
-        self.nodes[n].lead.confirmed = Some(now);
+        self.nodes[n].lead.confirmed(now);
         self.catch_up(n);
         self.leader_step(n, now);
         self.broadcast_map(n);
@@ -1542,139 +1521,46 @@ impl Sim {
         let map = self.raft.map.clone();
         let me = self.name(n).to_string();
         let (bug, cfg, fixes) = (self.bug, self.cfg, self.fixes);
+        let lead = &mut self.nodes[n].lead;
+        // The deliberately broken variants wrap the real core from outside.
         let mut forgot = Vec::new();
-        let (expired, renewing, revived) = {
-            let lead = &mut self.nodes[n].lead;
-            let Some((_, table)) = lead.table.as_mut() else {
-                return;
-            };
-            for m in map.members.values() {
-                if m.state == MemberState::Down {
-                    lead.down_since.entry(m.name.clone()).or_insert(now);
-                } else {
-                    lead.down_since.remove(&m.name);
-                }
-            }
-            for m in map.members.values() {
-                if m.state == MemberState::Down && !lead.forgotten.contains(&m.name) {
-                    if fixes.forget_after_expiry && !table.must_have_expired(&m.name, now) {
-                        continue;
-                    }
-                    if table.last_grant(&m.name).is_some() {
-                        forgot.push(m.name.clone());
-                    }
-                    table.remove(&m.name);
-                    lead.forgotten.insert(m.name.clone());
-                }
-            }
-            let live: Vec<&str> = map.members.values().map(|m| m.name.as_str()).collect();
-            let expired: BTreeSet<String> = if bug == Some(Bug::EagerReassign) {
+        if !fixes.forget_after_expiry {
+            // The code before the fix: a member marked down is forgotten at once, with any
+            // grant made since the mark.
+            forgot = lead.forget_down_now(&map);
+        }
+        if bug == Some(Bug::EagerReassign) {
+            // Counts a member expired after two missed renewals instead of ttl + margin.
+            if let Some(table) = lead.table_mut() {
                 let eager = cfg.renew_every * 2;
-                live.iter()
+                let stale: Vec<String> = map
+                    .members
+                    .keys()
                     .filter(|m| {
                         table
                             .last_grant(m)
-                            .is_none_or(|g| now.saturating_duration_since(g) >= eager)
+                            .is_some_and(|g| now.saturating_duration_since(g) >= eager)
                     })
-                    .map(|m| m.to_string())
-                    .collect()
-            } else {
-                table
-                    .expired_nodes(live.iter().copied(), now)
-                    .into_iter()
-                    .collect()
-            };
-            let renewing: BTreeSet<String> = live
-                .iter()
-                .filter(|m| table.last_grant(m).is_some() && !expired.contains(**m))
-                .map(|m| m.to_string())
-                .collect();
-            let revived: BTreeSet<String> = renewing
-                .iter()
-                .filter(|m| {
-                    let (grant, down) = (table.last_grant(m), lead.down_since.get(*m));
-                    grant.zip(down).is_some_and(|(g, d)| g > *d)
-                })
-                .cloned()
-                .collect();
-            crate::rebalance::update_expiring(&mut lead.expiring, &expired, &map, &me);
-            (expired, renewing, revived)
-        };
-        for f in forgot {
-            self.log(format!("{me} forgets its grants to {f} (marked down)"));
-        }
-        let mut cmds = Vec::new();
-        for m in map.members.values() {
-            if expired.contains(&m.name) && m.state != MemberState::Down && m.name != me {
-                cmds.push(Command::SetMemberState {
-                    name: m.name.clone(),
-                    state: MemberState::Down,
-                });
-            } else if m.state == MemberState::Joining && renewing.contains(&m.name) {
-                cmds.push(Command::SetMemberState {
-                    name: m.name.clone(),
-                    state: MemberState::Up,
-                });
-            } else if m.state == MemberState::Down && revived.contains(&m.name) {
-                self.nodes[n].lead.forgotten.remove(&m.name);
-                cmds.push(Command::SetMemberState {
-                    name: m.name.clone(),
-                    state: MemberState::Joining,
-                });
+                    .cloned()
+                    .collect();
+                stale.iter().for_each(|m| table.remove(m));
             }
         }
-        for c in cmds {
-            if self.propose(n, &c).is_none() {
+        let decided = lead.membership(&map, now, now);
+        forgot.extend(decided.forgot.iter().cloned());
+        for f in &forgot {
+            self.log(format!("{me} forgets its grants to {f} (marked down)"));
+        }
+        for c in &decided.commands {
+            if self.propose(n, c).is_none() {
                 return;
             }
         }
         let map = self.raft.map.clone();
-        let states: BTreeMap<String, MemberState> = map
-            .members
-            .values()
-            .map(|m| (m.name.clone(), m.state))
-            .collect();
-        for change in rebalance::plan(&map.shards, &states, &expired, &self.rcfg) {
-            let failover = matches!(&change, Change::Reassign { shard, .. } if map.shards[*shard as usize].owner.is_some());
-            let cmd = match change {
-                Change::Reassign { shard, to, epoch } => {
-                    let cur = &map.shards[shard as usize];
-                    Command::Assign {
-                        shard,
-                        expect_epoch: cur.epoch,
-                        owner: Some(to),
-                        epoch,
-                        handoff_to: None,
-                    }
-                }
-                Change::BeginHandoff { shard, to, epoch } => {
-                    let cur = &map.shards[shard as usize];
-                    Command::Assign {
-                        shard,
-                        expect_epoch: cur.epoch,
-                        owner: cur.owner.clone(),
-                        epoch,
-                        handoff_to: Some(to),
-                    }
-                }
-                Change::CancelHandoff {
-                    shard,
-                    owner,
-                    epoch,
-                } => {
-                    let cur = &map.shards[shard as usize];
-                    Command::Assign {
-                        shard,
-                        expect_epoch: cur.epoch,
-                        owner: Some(owner),
-                        epoch,
-                        handoff_to: None,
-                    }
-                }
-            };
+        for (kind, cmd) in rebalance_commands(&map, &decided.expired, &self.rcfg) {
             match self.propose(n, &cmd) {
                 None => return,
-                Some(r) if r.is_ok() && failover => self.stats.reassigns += 1,
+                Some(r) if r.is_ok() && kind == MoveKind::Reassign => self.stats.reassigns += 1,
                 Some(_) => {}
             }
         }

@@ -1,0 +1,198 @@
+//! The leader core's rules, one table each. The first three are bugs the simulation and the
+//! chaos harness found in the leader's glue before this code was one copy: each row shows the
+//! fixed behaviour where the old one broke invariant 1.
+
+use super::*;
+use crate::control::{Member, ShardAssignment};
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn cfg() -> LeaseConfig {
+    LeaseConfig::default() // ttl 2 s, margin 200 ms: expiry after 2.2 s without a grant
+}
+
+/// Members `n1..=nN` (all up), `shards` shards owned round-robin by `owners`.
+fn map(members: &[(&str, MemberState)], owners: &[&str], shards: usize) -> ClusterMap {
+    let mut m = ClusterMap::default();
+    for (name, state) in members {
+        m.members.insert(
+            name.to_string(),
+            Member {
+                name: name.to_string(),
+                addr: String::new(),
+                state: *state,
+                voter: false,
+            },
+        );
+    }
+    m.shards = (0..shards)
+        .map(|i| ShardAssignment {
+            owner: Some(owners[i % owners.len()].to_string()),
+            epoch: 1,
+            handoff_to: None,
+        })
+        .collect();
+    m
+}
+
+fn leader(base: Instant) -> LeaderCore {
+    let mut c = LeaderCore::new("n1", cfg(), ms(300));
+    assert!(c.leading(1, base));
+    c
+}
+
+use MemberState::{Down, Joining, Up};
+
+#[test]
+fn grants_need_a_recent_quorum_confirmation_and_a_term() {
+    let base = Instant::now();
+    let mut c = LeaderCore::new("n1", cfg(), ms(300));
+    c.confirmed(base);
+    assert_eq!(c.grant("n2", base, 7), Err(Refusal::NotLeading));
+    assert!(c.leading(3, base));
+    assert!(!c.leading(3, base + ms(1)), "same term: same table");
+    assert_eq!(c.grant("n2", base + ms(301), 7), Err(Refusal::Unconfirmed));
+    let g = c.grant("n2", base + ms(300), 7).unwrap();
+    assert_eq!((g.ttl, g.term, g.map_index), (ms(2000), 3, 7));
+    assert!(c.not_leading());
+    assert_eq!(c.grant("n2", base + ms(300), 7), Err(Refusal::NotLeading));
+    assert!(!c.not_leading());
+}
+
+#[test]
+fn a_new_leader_declares_nobody_expired_for_ttl_plus_margin() {
+    let base = Instant::now();
+    let mut c = leader(base);
+    let m = map(&[("n1", Up), ("n2", Up)], &["n2"], 4);
+    assert!(c.membership(&m, base + ms(2199), base).expired.is_empty());
+    let d = c.membership(&m, base + ms(2201), base + ms(2201));
+    assert!(d.expired.contains("n2"));
+    // The leader counts itself too (it renews through the same table), but never marks itself
+    // down.
+    assert_eq!(
+        d.commands,
+        vec![Command::SetMemberState {
+            name: "n2".into(),
+            state: Down
+        }]
+    );
+}
+
+/// Was `Fixes::forget_after_expiry` (found by the simulation): a member marked down that renewed
+/// since must keep its grant until that grant must have expired; forgetting it at once made it
+/// count as never granted, so expired, while it still served.
+#[test]
+fn a_down_member_is_forgotten_only_once_its_grant_must_have_expired() {
+    let base = Instant::now();
+    let mut c = leader(base);
+    c.confirmed(base + ms(3000));
+    c.grant("n2", base + ms(3000), 0).unwrap();
+    let m = map(&[("n1", Up), ("n2", Down)], &["n2"], 2);
+    for (t, forgotten, expired) in [
+        (3001, false, false),
+        (5199, false, false),
+        (5201, true, true),
+    ] {
+        let d = c.membership(&m, base + ms(t), base + ms(t));
+        assert_eq!(d.forgot.contains(&"n2".to_string()), forgotten, "at {t}");
+        assert_eq!(d.expired.contains("n2"), expired, "at {t}");
+    }
+}
+
+/// Was `Fixes::no_grant_while_expiring` (chaos F5 under loss): between finding a member expired
+/// and the commit that moves its shards, it gets no grant; once nothing of it can move, it may.
+#[test]
+fn no_grant_to_an_expired_member_until_its_shards_moved() {
+    let base = Instant::now();
+    let mut c = leader(base);
+    let at = base + ms(2300);
+    c.confirmed(at);
+    let owning = map(&[("n1", Up), ("n2", Up), ("n3", Up)], &["n2", "n3"], 4);
+    c.grant("n3", at, 0).unwrap();
+    let d = c.membership(&owning, at, at);
+    assert!(d.expired.contains("n2"));
+    assert!(d.commands.contains(&Command::SetMemberState {
+        name: "n2".into(),
+        state: Down
+    }));
+    assert_eq!(c.grant("n2", at, 5), Err(Refusal::Expiring));
+    // The reassignment committed: n2 owns nothing now and may renew (and rejoin).
+    let moved = map(&[("n1", Up), ("n2", Down), ("n3", Up)], &["n3"], 4);
+    c.membership(&moved, at + ms(10), at + ms(10));
+    assert!(c.grant("n2", at + ms(10), 9).is_ok());
+    // Nobody could take its shards: refusing it would only leave them unserved.
+    let mut alone = leader(base);
+    alone.confirmed(at);
+    let only = map(&[("n1", Down), ("n2", Up)], &["n2"], 2);
+    alone.membership(&only, at, at);
+    assert!(alone.grant("n2", at, 1).is_ok());
+}
+
+#[test]
+fn joining_members_that_renew_are_promoted_and_revived_members_rejoin() {
+    let base = Instant::now();
+    let mut c = leader(base);
+    let at = base + ms(100);
+    c.confirmed(at);
+    let m = map(&[("n1", Up), ("n2", Joining), ("n3", Down)], &["n1"], 2);
+    // n3 is seen down first, then renews: a grant after the mark revives it.
+    c.membership(&m, at, at);
+    c.grant("n2", at + ms(1), 0).unwrap();
+    c.grant("n3", at + ms(1), 0).unwrap();
+    let d = c.membership(&m, at + ms(2), at + ms(2));
+    assert_eq!(
+        d.commands,
+        vec![
+            Command::SetMemberState {
+                name: "n2".into(),
+                state: Up
+            },
+            Command::SetMemberState {
+                name: "n3".into(),
+                state: Joining
+            },
+        ]
+    );
+    // The leader never marks itself down.
+    let mut lone = leader(base);
+    let d = lone.membership(
+        &map(&[("n1", Up)], &["n1"], 1),
+        base + ms(9000),
+        base + ms(9000),
+    );
+    assert!(d.expired.contains("n1") && d.commands.is_empty());
+}
+
+#[test]
+fn rebalance_commands_are_guarded_by_epoch_and_labelled() {
+    let mut m = map(&[("n1", Up), ("n2", Up)], &["n1"], 4);
+    m.shards[3] = ShardAssignment::default();
+    let expired = BTreeSet::from(["n1".to_string()]);
+    let rcfg = RebalanceConfig {
+        max_concurrent_handoffs: 4,
+        eps: 0.25,
+    };
+    let cmds = rebalance_commands(&m, &expired, &rcfg);
+    assert!(!cmds.is_empty());
+    for (kind, cmd) in &cmds {
+        let Command::Assign {
+            shard,
+            expect_epoch,
+            owner,
+            ..
+        } = cmd
+        else {
+            panic!("{cmd:?}");
+        };
+        assert_eq!(*expect_epoch, m.shards[*shard as usize].epoch);
+        let want = if *shard == 3 {
+            MoveKind::Initial
+        } else {
+            MoveKind::Reassign
+        };
+        assert_eq!(*kind, want, "{cmd:?}");
+        assert_eq!(owner.as_deref(), Some("n2"));
+    }
+}
