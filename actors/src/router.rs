@@ -31,6 +31,7 @@ use crate::ownership_log::{Event, OwnershipLog};
 use crate::serve_gate::ServeGate;
 use crate::shard::{OpRef, OpReply, ShardInput, ShardMsg};
 use tidepool_runtime::lease::ServeEdge;
+use tidepool_runtime::serving;
 
 /// Requests forwarded for clients at once (bounded memory).
 const MAX_FORWARDS: usize = 4096;
@@ -98,6 +99,15 @@ struct Slot {
     buffer: VecDeque<Buffered>,
     /// The ownership log has an open interval for this slot: it accepts and the node may serve.
     logged: bool,
+}
+
+impl Slot {
+    fn view(&self) -> serving::SlotView {
+        serving::SlotView {
+            epoch: self.actor.as_ref().map(|_| self.epoch),
+            accepting: self.accepting,
+        }
+    }
 }
 
 /// Router settings.
@@ -418,9 +428,7 @@ impl Router {
             if self.inner.shutting_down.load(Ordering::SeqCst) {
                 return Err(ErrorCode::ShuttingDown);
             }
-            if s.actor.is_none() || s.epoch != epoch || !s.accepting || !self.lease_valid() {
-                return Err(ErrorCode::NotOwner);
-            }
+            serving::admit(s.view(), epoch, self.lease_valid()).map_err(|_| ErrorCode::NotOwner)?;
             s.permits.clone()
         };
         let permit =
@@ -441,13 +449,9 @@ impl Router {
             .ok_or(ErrorCode::BadRequest)?
             .lock();
         // ... and the lease may have lapsed while this op waited for its permit.
-        match (
-            &s.actor,
-            s.epoch == epoch && s.accepting && self.lease_valid(),
-        ) {
-            (Some(a), true) => Ok((permit, a.clone())),
-            _ => Err(ErrorCode::NotOwner),
-        }
+        serving::admit(s.view(), epoch, self.lease_valid()).map_err(|_| ErrorCode::NotOwner)?;
+        let actor = s.actor.clone().ok_or(ErrorCode::NotOwner)?;
+        Ok((permit, actor))
     }
 
     async fn forward_buffered(&self, shard: u32, buffered: VecDeque<Buffered>) {

@@ -37,6 +37,7 @@ pub mod lease;
 pub mod metrics;
 pub mod placement;
 pub mod rebalance;
+pub mod serving;
 pub mod storage;
 pub mod transport;
 

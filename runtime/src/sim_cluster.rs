@@ -1899,10 +1899,14 @@ impl Sim {
         let node = &self.nodes[n];
         let slot = &node.slots[shard as usize];
         let lease = self.bug == Some(Bug::IgnoreLease) || self.lease_valid(n);
-        match &slot.actor {
-            Some(a) if node.up && slot.accepting && lease => Some(a.epoch),
-            _ => None,
-        }
+        let view = crate::serving::SlotView {
+            epoch: slot.actor.as_ref().map(|a| a.epoch),
+            accepting: node.up && slot.accepting,
+        };
+        let epoch = view.epoch?;
+        crate::serving::admit(view, epoch, lease)
+            .ok()
+            .map(|()| epoch)
     }
 
     fn admit(&mut self, n: usize, op: u64, key: u32, shard: u32, epoch: u64) {
