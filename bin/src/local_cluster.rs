@@ -325,6 +325,15 @@ impl LocalCluster {
     pub fn signal(&self, i: usize, sig: i32) -> Result<()> {
         let pid = self.nodes[i].pid().context("node is not running")?;
         let pid = i32::try_from(pid).context("pid out of range")?;
+        // A node stopped on purpose gets no starvation stalls: a stall's SIGCONT would end the
+        // pause early. (`hold` waits for a stall of it in progress to end first.)
+        if let Some(s) = &self.starve {
+            match sig {
+                libc::SIGSTOP => s.hold(&self.nodes[i].name),
+                libc::SIGCONT => s.release(&self.nodes[i].name),
+                _ => {}
+            }
+        }
         // We hold the un-reaped child, so the pid cannot have been reused by another process.
         if send_signal(pid, sig) != 0 {
             bail!(

@@ -96,6 +96,8 @@ pub struct Starve {
     mode: Mode,
     /// Node name -> pid, for the stall thread (and the cgroups).
     pids: Arc<Mutex<BTreeMap<String, u32>>>,
+    /// Nodes paused on purpose (no stalls meanwhile).
+    held: Mutex<BTreeMap<String, u32>>,
     stalls: Option<Stalls>,
 }
 
@@ -120,6 +122,7 @@ impl Starve {
             spec,
             mode,
             pids,
+            held: Mutex::new(BTreeMap::new()),
             stalls,
         })
     }
@@ -173,9 +176,43 @@ impl Starve {
         Ok(())
     }
 
+    /// Node `name` is paused on purpose: no stalls for it until [`Starve::release`]. Waits for
+    /// a stall in progress to end (the stall thread holds the table while it stalls a node).
+    pub fn hold(&self, name: &str) {
+        let mut p = self
+            .pids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(pid) = p.remove(name) {
+            self.held
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(name.to_string(), pid);
+        }
+    }
+
+    /// Node `name`'s pause ended: stalls may hit it again.
+    pub fn release(&self, name: &str) {
+        let held = self
+            .held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(name);
+        if let Some(pid) = held {
+            self.pids
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(name.to_string(), pid);
+        }
+    }
+
     /// Node `name` exited (killed or stopped): no more stalls for it.
     pub fn remove(&self, name: &str) {
         self.pids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(name);
+        self.held
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .remove(name);
@@ -312,23 +349,23 @@ impl Stalls {
                 // The fault schedule (exponential-ish gaps around the mean), not a sync wait.
                 let gap = rng.random_range(spec.stall_every_ms / 2..=spec.stall_every_ms * 3 / 2);
                 std::thread::sleep(Duration::from_millis(gap.max(1)));
-                let target = {
-                    let p = pids
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    if p.is_empty() {
-                        continue;
-                    }
-                    let i = rng.random_range(0..p.len());
-                    p.values().nth(i).copied()
-                };
-                let Some(pid) = target.and_then(|p| i32::try_from(p).ok()) else {
+                // The table stays locked through the stall, so a node paused on purpose
+                // (`hold`) is never continued by a stall's SIGCONT.
+                let p = pids
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if p.is_empty() {
+                    continue;
+                }
+                let i = rng.random_range(0..p.len());
+                let Some(pid) = p.values().nth(i).and_then(|p| i32::try_from(*p).ok()) else {
                     continue;
                 };
                 let stall = rng.random_range(1..=spec.stall_max_ms);
                 crate::local_cluster::send_signal(pid, libc::SIGSTOP);
                 std::thread::sleep(Duration::from_millis(stall)); // the stall itself
                 crate::local_cluster::send_signal(pid, libc::SIGCONT);
+                drop(p);
             }
         });
         Stalls {
