@@ -141,10 +141,7 @@ impl Router {
                 return self.reply_later(link, corr, async move {
                     let result = services.drain(node.clone()).await;
                     audit.record(&peer, "drain", &node, &outcome(&result)).await;
-                    match result {
-                        Ok(()) => Body::ControlReply(Vec::new()),
-                        Err((code, message)) => error_body(code, &message),
-                    }
+                    control_reply(result, |()| Vec::new())
                 });
             }
             ArchivedBody::Membership { op, node, serial } => {
@@ -161,10 +158,7 @@ impl Router {
                     audit
                         .record(&peer, op.as_str(), &target, &outcome(&result))
                         .await;
-                    match result {
-                        Ok(text) => Body::ControlReply(text.into_bytes()),
-                        Err((code, message)) => error_body(code, &message),
-                    }
+                    control_reply(result, String::into_bytes)
                 });
             }
             ArchivedBody::Admin { op, payload } => {
@@ -178,10 +172,7 @@ impl Router {
                             .record(&peer, op.as_str(), &target, &outcome(&result))
                             .await;
                     }
-                    match result {
-                        Ok(bytes) => Body::ControlReply(bytes),
-                        Err((code, message)) => error_body(code, &message),
-                    }
+                    control_reply(result, |bytes| bytes)
                 });
             }
             ArchivedBody::DatasetPart(_) => {
@@ -204,10 +195,7 @@ impl Router {
                     audit
                         .record(&peer, "dataset_part", &target, &outcome(&result))
                         .await;
-                    match result {
-                        Ok(()) => Body::ControlReply(Vec::new()),
-                        Err((code, message)) => error_body(code, &message),
-                    }
+                    control_reply(result, |()| Vec::new())
                 });
             }
             ArchivedBody::JobTask(_) => {
@@ -405,6 +393,14 @@ fn membership_op(k: &tidepool_runtime::codec::ArchivedMembershipOp) -> Membershi
         A::VoterAdd => MembershipOp::VoterAdd,
         A::VoterRemove => MembershipOp::VoterRemove,
         A::Revoke => MembershipOp::Revoke,
+    }
+}
+
+/// The reply to an admin or control request: its bytes, or its error.
+fn control_reply<T>(r: Result<T, (ErrorCode, String)>, bytes: impl FnOnce(T) -> Vec<u8>) -> Body {
+    match r {
+        Ok(v) => Body::ControlReply(bytes(v)),
+        Err((code, message)) => error_body(code, &message),
     }
 }
 
