@@ -25,7 +25,8 @@ use std::collections::BTreeSet;
 
 use openraft::raft::AppendEntriesRequest;
 
-use super::types::{node_id, ClusterMap, Command, MemberState, TypeConfig};
+use super::types::{node_id, ClusterMap, Command, MemberState};
+use super::TypeConfig;
 
 /// Why a control request was refused. Each is counted (`tidepool_control_refused_total`) and
 /// audited by the node.

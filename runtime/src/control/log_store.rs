@@ -21,7 +21,7 @@ use redb::{Database, DatabaseError, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::types::TypeConfig;
+use super::TypeConfig;
 
 type Entry = openraft::Entry<TypeConfig>;
 type StorageResult<T> = Result<T, StorageError<u64>>;

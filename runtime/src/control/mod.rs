@@ -36,10 +36,10 @@
 pub mod authz;
 mod log_store;
 pub mod network;
-pub mod records;
+pub use tidepool_core::control::records;
 mod state_machine;
 mod store;
-pub mod types;
+pub use tidepool_core::control::types;
 
 #[cfg(test)]
 mod sim;
@@ -73,8 +73,20 @@ pub use records::{AutoscaleStatus, DatasetRecord, DatasetSource, JobRecord, JobS
 use store::RaftStore;
 pub use types::{
     apply, node_id, ClusterMap, Command, CommandResponse, Member, MemberState, NodeInfo, Revoked,
-    ShardAssignment, TypeConfig,
+    ShardAssignment,
 };
+
+openraft::declare_raft_types!(
+    /// The openraft type configuration of the control plane.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResponse,
+        NodeId = u64,
+        Node = NodeInfo,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
 
 use network::{Directory, ForwardReply, JoinRequest, NetworkFactory, ProposeRequest};
 

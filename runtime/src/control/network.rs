@@ -27,7 +27,8 @@ use parking_lot::RwLock;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::types::{Command, CommandResponse, NodeInfo, TypeConfig};
+use super::types::{Command, CommandResponse, NodeInfo};
+use super::TypeConfig;
 
 /// The kind of a control-plane RPC; the transport carries it beside the payload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -22,7 +22,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::types::{apply, ClusterMap, CommandResponse, NodeInfo, TypeConfig};
+use super::types::{apply, ClusterMap, CommandResponse, NodeInfo};
+use super::TypeConfig;
 
 type StorageResult<T> = Result<T, StorageError<u64>>;
 type Entry = openraft::Entry<TypeConfig>;

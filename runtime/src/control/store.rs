@@ -18,7 +18,8 @@ use tokio::sync::watch;
 
 use super::log_store::LogStore;
 use super::state_machine::{SnapshotBuilder, StateMachine};
-use super::types::{ClusterMap, CommandResponse, NodeInfo, TypeConfig};
+use super::types::{ClusterMap, CommandResponse, NodeInfo};
+use super::TypeConfig;
 
 type StorageResult<T> = Result<T, StorageError<u64>>;
 type Entry = openraft::Entry<TypeConfig>;

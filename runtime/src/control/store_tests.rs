@@ -12,7 +12,8 @@ use tempfile::TempDir;
 
 use super::state_machine::SNAPSHOT_FILE;
 use super::store::RaftStore;
-use super::types::{Command, CommandResponse, TypeConfig};
+use super::types::{Command, CommandResponse};
+use super::TypeConfig;
 
 type Half = Adaptor<TypeConfig, RaftStore>;
 

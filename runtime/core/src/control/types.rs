@@ -9,24 +9,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::records::{self, AutoscaleStatus, DatasetRecord, JobRecord, JobUpdate};
-
-openraft::declare_raft_types!(
-    /// The openraft type configuration of the control plane.
-    pub TypeConfig:
-        D = Command,
-        R = CommandResponse,
-        NodeId = u64,
-        Node = NodeInfo,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
-        AsyncRuntime = openraft::TokioRuntime,
-);
 
 /// Seed of [`node_id`]: ASCII "raftnode". Changing it renames every Raft node: never change it.
 const NODE_ID_SEED: u64 = 0x7261_6674_6e6f_6465;
@@ -37,7 +24,7 @@ const NODE_ID_SEED: u64 = 0x7261_6674_6e6f_6465;
 /// address) keeps its id without storing it. Two different names could in principle hash to the
 /// same id (about 2^-64 per pair); the control plane refuses to start with colliding voters and
 /// refuses to join a node whose id is already held by a different name
-/// ([`ControlError::IdCollision`](super::ControlError::IdCollision)): rename the node.
+/// (`ControlError::IdCollision` in the runtime's control plane): rename the node.
 pub fn node_id(name: &str) -> u64 {
     xxh3_64_with_seed(name.as_bytes(), NODE_ID_SEED)
 }

@@ -217,20 +217,23 @@ impl LeaderCore {
     }
 
     /// The simulation's deliberately broken variants reach in from outside through these.
-    #[cfg(test)]
-    pub(crate) fn table_mut(&mut self) -> Option<&mut LeaseTable> {
+    #[cfg(feature = "sim-hooks")]
+    #[doc(hidden)]
+    pub fn table_mut(&mut self) -> Option<&mut LeaseTable> {
         self.table.as_mut().map(|(_, t)| t)
     }
 
-    #[cfg(test)]
-    pub(crate) fn forget_expiring(&mut self) {
+    #[cfg(feature = "sim-hooks")]
+    #[doc(hidden)]
+    pub fn forget_expiring(&mut self) {
         self.expiring.clear();
     }
 
     /// Forgets every member marked down at once, fresh grants and all; returns those that had
     /// one.
-    #[cfg(test)]
-    pub(crate) fn forget_down_now(&mut self, map: &ClusterMap) -> Vec<String> {
+    #[cfg(feature = "sim-hooks")]
+    #[doc(hidden)]
+    pub fn forget_down_now(&mut self, map: &ClusterMap) -> Vec<String> {
         let Some((_, table)) = self.table.as_mut() else {
             return Vec::new();
         };

@@ -1,0 +1,10 @@
+//! The replicated cluster map ([`types`]) and the records it holds ([`records`]).
+
+pub mod records;
+pub mod types;
+
+pub use records::{AutoscaleStatus, DatasetRecord, DatasetSource, JobRecord, JobState, JobUpdate};
+pub use types::{
+    apply, node_id, ClusterMap, Command, CommandResponse, Member, MemberState, NodeInfo, Revoked,
+    ShardAssignment,
+};
