@@ -12,7 +12,7 @@ use tidepool_runtime::codec::{ArchivedBody, Body, Dest, Envelope};
 use tidepool_runtime::control::{
     AutoscaleStatus, ClusterMap, Command, ControlError, ControlPlane, MemberState,
 };
-use tidepool_runtime::leader_core::{rebalance_commands, LeaderCore, MoveKind, Refusal};
+use tidepool_runtime::leader_core::{LeaderCore, MoveKind, Refusal};
 use tidepool_runtime::lease::LeaseConfig;
 use tidepool_runtime::metrics as m;
 use tidepool_runtime::rebalance::RebalanceConfig;
@@ -343,9 +343,10 @@ async fn leader_step(
         }
         control.propose(c).await?;
     }
-    // Rebalance against the map as it is now.
+    // Rebalance against the map as it is now, deciding again who must have expired (a member
+    // may have renewed while the commands above were proposed).
     let map = control.map().borrow().clone();
-    let moves = rebalance_commands(&map, &decided.expired, rcfg);
+    let moves = leases.leader.lock().moves(&map, Instant::now(), rcfg);
     if !moves.is_empty() {
         // Each node logs what it serves at INFO ("serving N shards"); the moves are at DEBUG.
         debug!(moves = moves.len(), "rebalancing shards");

@@ -13,7 +13,7 @@
 //! - **Real code under test**: [`LeaseHolder`] and [`LeaseTable`] (lease arithmetic),
 //!   [`LeaderCore`] (the leader's grants, failure detection, promotion and revival, the very
 //!   code `actors/src/leader.rs` runs), [`ShardHandoff`] (one per node per shard),
-//!   [`rebalance_commands`] over `rebalance::plan` and [`placement`] (the leader's policy), [`apply`] (the cluster-map state machine) and [`Store`]
+//!   `LeaderCore::moves` over `rebalance::plan` and [`placement`] (the leader's policy), [`apply`] (the cluster-map state machine) and [`Store`]
 //!   ([`Store::in_memory`]: create-once log segments, fences, checkpoints, restore, compaction),
 //!   driven through a current-thread tokio runtime with `block_on`, one call at a time.
 //! - **Ports of the glue in `actors/`** (kept close to the originals, with their constants
@@ -106,7 +106,7 @@ use crate::control::types::{
     apply, ClusterMap, Command, CommandResponse, MemberState, ShardAssignment,
 };
 use crate::handoff::{Effect, Event, ShardHandoff};
-use crate::leader_core::{rebalance_commands, LeaderCore, MoveKind};
+use crate::leader_core::{LeaderCore, MoveKind};
 use crate::lease::{LeaseConfig, LeaseHolder};
 use crate::placement;
 use crate::rebalance::RebalanceConfig;
@@ -1557,7 +1557,9 @@ impl Sim {
             }
         }
         let map = self.raft.map.clone();
-        for (kind, cmd) in rebalance_commands(&map, &decided.expired, &self.rcfg) {
+        let now = self.local(n);
+        let moves = self.nodes[n].lead.moves(&map, now, &self.rcfg);
+        for (kind, cmd) in moves {
             match self.propose(n, &cmd) {
                 None => return,
                 Some(r) if r.is_ok() && kind == MoveKind::Reassign => self.stats.reassigns += 1,

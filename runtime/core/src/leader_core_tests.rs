@@ -196,3 +196,55 @@ fn rebalance_commands_are_guarded_by_epoch_and_labelled() {
         assert_eq!(owner.as_deref(), Some("n2"));
     }
 }
+
+/// Found by the starved rolling restart: the step found n4 expired while nobody could take its
+/// shards (so it was not refused a grant), n4 renewed while the step's member commands were
+/// being proposed, and a member that became eligible meanwhile got n4's shards by a failure-
+/// driven move decided on the step's old expired set: n4 served them again next to the new
+/// owner. The moves are decided again against the grants made since.
+#[test]
+fn a_member_that_renewed_during_the_step_keeps_its_shards() {
+    let base = Instant::now();
+    let mut c = leader(base);
+    let at = base + ms(2300);
+    c.confirmed(at);
+    let rcfg = RebalanceConfig {
+        max_concurrent_handoffs: 4,
+        eps: 0.25,
+    };
+    // n4 owns everything; n1 (the leader) drains; nobody else is eligible.
+    c.grant("n1", at, 0).unwrap();
+    let alone = map(&[("n1", MemberState::Draining), ("n4", Up)], &["n4"], 4);
+    let d = c.membership(&alone, at, at);
+    assert!(d.expired.contains("n4"));
+    // Nowhere to move its shards: it may renew, and does.
+    let renewed = at + ms(50);
+    c.grant("n4", renewed, 7).unwrap();
+    c.grant("n3", renewed, 7).unwrap();
+    // Meanwhile n3 joined: with the step's old expired set, n4's shards would be reassigned.
+    let later = map(
+        &[("n1", MemberState::Draining), ("n3", Up), ("n4", Up)],
+        &["n4"],
+        4,
+    );
+    assert!(rebalance_commands(&later, &d.expired, &rcfg)
+        .iter()
+        .any(|(k, _)| *k == MoveKind::Reassign));
+    // Decided again now: n4 holds a fresh lease, so its shards move only by graceful handoff.
+    let moves = c.moves(&later, renewed + ms(10), &rcfg);
+    assert!(!moves.is_empty());
+    assert!(
+        moves.iter().all(|(k, _)| *k == MoveKind::Handoff),
+        "{moves:?}"
+    );
+    // And a member found expired by `moves` itself is refused until its shards moved.
+    let much_later = renewed + ms(2300);
+    c.confirmed(much_later);
+    c.grant("n3", much_later, 9).unwrap();
+    let moves = c.moves(&later, much_later, &rcfg);
+    assert!(
+        moves.iter().any(|(k, _)| *k == MoveKind::Reassign),
+        "{moves:?}"
+    );
+    assert_eq!(c.grant("n4", much_later, 9), Err(Refusal::Expiring));
+}
