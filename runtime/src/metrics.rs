@@ -76,7 +76,7 @@ metric_table! {
     SHARD_INFLIGHT = "tidepool_shard_inflight", Gauge, None, [],
         "Shard operations admitted and not yet answered on this node (bounded per shard).";
     SHARD_REJECTED = "tidepool_shard_rejected_total", Counter, None, ["reason"],
-        "Shard requests refused (not_owner, overloaded, forbidden, bad_request, shutting_down).";
+        "Shard requests refused (not_owner, overloaded, forbidden, bad_request, shutting_down, lease_lapsed: admitted, then the lease ran out before the op was applied or answered).";
     STALE_EPOCH_REJECTIONS = "tidepool_stale_epoch_rejections_total", Counter, None, [],
         "Shard messages refused because they carried an epoch other than the shard's current one.";
     CLUSTER_MEMBERS = "tidepool_cluster_members", Gauge, None, ["state"],
@@ -266,6 +266,7 @@ pub const ZERO_SERIES: &[(&str, &str, &[&str])] = &[
             "forbidden",
             "bad_request",
             "shutting_down",
+            "lease_lapsed",
         ],
     ),
     (ROUTER_FORWARDED, "result", &["ok", "error"]),
