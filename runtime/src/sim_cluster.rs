@@ -69,7 +69,9 @@
 //! # Findings, and what the tests run
 //!
 //! The simulation found three bugs in that glue (none in the sans-IO cores or the storage
-//! layer); each is described on its [`Fixes`] flag, and a test shows the port fails without it.
+//! layer); each is described on its [`Fixes`] flag, and a test shows the code fails without it
+//! (for `forget-after-expiry` now the leader core's own table test: the simulation's catches of
+//! it also needed the leader to count itself expired, which it no longer does).
 //! All three are fixed and on in [`Fixes::AS_IS`] (the default, the code as it is); the leader's
 //! two now live once, in [`LeaderCore`], whose own table tests pin them, and the broken variants
 //! here wrap that core from outside (test-only hooks that undo the fix before each step):

@@ -215,12 +215,10 @@ fn rebuild_refuses_an_op_logged_twice() {
 
 // ---- Bugs found in `actors/` (see `Fixes`): the port without each fix must still show it ----
 
-#[test]
-fn actors_bug_forgetting_a_down_member_drops_its_fresh_grant() {
-    let fixes = Fixes::AS_IS.without("forget-after-expiry").unwrap();
-    let o = first_caught(None, fixes, &["one-owner"]);
-    assert!(o.trace.iter().any(|l| l.contains("forgets its grants")));
-}
+// `forget-after-expiry` is pinned by the leader core's own table test
+// (`a_down_member_is_forgotten_only_once_its_grant_must_have_expired`): since the leader no
+// longer counts itself expired, the simulation does not reach that variant's failure within
+// the broken-variant seed budget (its earlier catches, from seed 80 on, needed both).
 
 /// The stuck handoff fixed in f0799c5 (found by the chaos harness) is caught here too.
 #[test]

@@ -170,10 +170,7 @@ impl LeaderCore {
         // Every member counts, down ones included: a shard still owned by a member marked down
         // moves only once that member's lease must have expired.
         let live: Vec<&str> = map.members.values().map(|m| m.name.as_str()).collect();
-        let expired: BTreeSet<String> = table
-            .expired_nodes(live.iter().copied(), now)
-            .into_iter()
-            .collect();
+        let expired = without_me(table.expired_nodes(live.iter().copied(), now), &self.me);
         let renewing: BTreeSet<&str> = live
             .iter()
             .copied()
@@ -234,10 +231,10 @@ impl LeaderCore {
         let Some((_, table)) = self.table.as_ref() else {
             return Vec::new();
         };
-        let expired: BTreeSet<String> = table
-            .expired_nodes(map.members.keys().map(String::as_str), now)
-            .into_iter()
-            .collect();
+        let expired = without_me(
+            table.expired_nodes(map.members.keys().map(String::as_str), now),
+            &self.me,
+        );
         rebalance::update_expiring(&mut self.expiring, &expired, map, &self.me);
         rebalance_commands(map, &expired, rcfg)
     }
@@ -275,6 +272,15 @@ impl LeaderCore {
         }
         forgot
     }
+}
+
+/// The members whose lease must have expired, never the leader itself: it has just confirmed
+/// with a quorum that it leads, so it is not failed, and it grants itself its next lease. (A
+/// starved leader whose own grant had aged past the expiry wait reassigned its own shards as if
+/// it had failed, then granted itself a lease and served them next to their new owner: found by
+/// the starved rolling restart.) Its own serving still stops at its own lease's expiry.
+fn without_me(expired: impl IntoIterator<Item = String>, me: &str) -> BTreeSet<String> {
+    expired.into_iter().filter(|n| n != me).collect()
 }
 
 /// What a rebalancing command does (for metrics: first placements are not failovers).

@@ -69,8 +69,8 @@ fn a_new_leader_declares_nobody_expired_for_ttl_plus_margin() {
     assert!(c.membership(&m, base + ms(2199), base).expired.is_empty());
     let d = c.membership(&m, base + ms(2201), base + ms(2201));
     assert!(d.expired.contains("n2"));
-    // The leader counts itself too (it renews through the same table), but never marks itself
-    // down.
+    // The leader never counts itself expired (it just confirmed that it leads), so never marks
+    // itself down nor moves its own shards as if it had failed.
     assert_eq!(
         d.commands,
         vec![Command::SetMemberState {
@@ -162,7 +162,7 @@ fn joining_members_that_renew_are_promoted_and_revived_members_rejoin() {
         base + ms(9000),
         base + ms(9000),
     );
-    assert!(d.expired.contains("n1") && d.commands.is_empty());
+    assert!(!d.expired.contains("n1") && d.commands.is_empty());
 }
 
 #[test]
@@ -247,4 +247,31 @@ fn a_member_that_renewed_during_the_step_keeps_its_shards() {
         "{moves:?}"
     );
     assert_eq!(c.grant("n4", much_later, 9), Err(Refusal::Expiring));
+}
+
+/// Found by the starved rolling restart: a starved leader's own grant aged past the expiry wait,
+/// it reassigned its own shards as if it had failed, then granted itself a lease and served them
+/// next to their new owner. The leader never moves its own shards but by graceful handoff.
+#[test]
+fn a_starved_leader_does_not_fail_over_its_own_shards() {
+    let base = Instant::now();
+    let mut c = leader(base);
+    c.confirmed(base);
+    c.grant("n1", base, 0).unwrap();
+    let at = base + ms(5000);
+    c.confirmed(at);
+    c.grant("n2", at, 0).unwrap();
+    let rcfg = RebalanceConfig {
+        max_concurrent_handoffs: 4,
+        eps: 0.25,
+    };
+    let m = map(&[("n1", Up), ("n2", Up)], &["n1"], 4);
+    let d = c.membership(&m, at, at);
+    assert!(!d.expired.contains("n1"), "{:?}", d.expired);
+    let moves = c.moves(&m, at, &rcfg);
+    assert!(
+        moves.iter().all(|(k, _)| *k == MoveKind::Handoff),
+        "{moves:?}"
+    );
+    assert!(c.grant("n1", at, 1).is_ok());
 }
