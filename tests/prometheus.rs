@@ -124,6 +124,7 @@ struct Prometheus {
     addr: SocketAddr,
     log: PathBuf,
     _dir: tempfile::TempDir,
+    _port: tidepool::ports::Port,
 }
 
 impl Drop for Prometheus {
@@ -131,14 +132,6 @@ impl Drop for Prometheus {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_tcp_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The scrape config the test generates: every node's admin port, every second.
@@ -171,7 +164,8 @@ impl Prometheus {
             String::from_utf8_lossy(&check.stdout),
             String::from_utf8_lossy(&check.stderr)
         );
-        let addr = SocketAddr::from(([127, 0, 0, 1], free_tcp_port()));
+        let port = tidepool::ports::reserve().unwrap();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port.get()));
         let log = dir.path().join("prometheus.log");
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin)
@@ -191,6 +185,7 @@ impl Prometheus {
             addr,
             log,
             _dir: dir,
+            _port: port,
         }
     }
 

@@ -542,16 +542,11 @@ async fn revoked_and_duplicate_identities_are_shut_out() {
     let dup_cfg = cluster.root().join("n2-dup.toml");
     let text = std::fs::read_to_string(&cluster.nodes[1].config).unwrap();
     let port = |p: u16| p.to_string();
-    let listen = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let admin = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (listen_port, admin_port) = (
+        tidepool::ports::reserve().unwrap(),
+        tidepool::ports::reserve().unwrap(),
+    );
+    let (listen, admin) = (listen_port.get(), admin_port.get());
     let text = text
         .replace(&port(cluster.nodes[1].quic.port()), &port(listen))
         .replace(&port(cluster.nodes[1].admin.port()), &port(admin))

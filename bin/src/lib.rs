@@ -48,6 +48,7 @@ pub mod local_cluster;
 pub mod logging;
 pub mod members_cmd;
 pub mod netns;
+pub mod ports;
 pub mod predict;
 pub mod starve;
 pub mod workload;

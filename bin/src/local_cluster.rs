@@ -20,6 +20,8 @@ pub struct NodeProc {
     pub config: PathBuf,
     pub log: PathBuf,
     child: Option<Child>,
+    /// The loopback ports' reservations (none in network namespaces).
+    _ports: Vec<crate::ports::Port>,
 }
 
 impl NodeProc {
@@ -52,20 +54,17 @@ pub struct LocalCluster {
     pub starve: Option<crate::starve::Starve>,
 }
 
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        // Stalls end first (joining sends the SIGCONT of one in progress): once the nodes are
+        // killed and reaped their pids may be reused, and a stall must never stop a stranger.
+        drop(self.starve.take());
+    }
+}
+
 /// The ports every node uses inside its own namespace.
 const NETNS_QUIC_PORT: u16 = 7000;
 const NETNS_ADMIN_PORT: u16 = 7001;
-
-/// A free loopback port for UDP and TCP alike (the OS picks; we release it right away).
-fn free_port() -> Result<u16> {
-    loop {
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        let port = udp.local_addr()?.port();
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-}
 
 impl LocalCluster {
     /// Makes the CA, certificates and configs of `n` nodes, the first `voters` of them control
@@ -148,6 +147,7 @@ impl LocalCluster {
             &root.join("certs").join(&name),
             Validity::days_from_now(30),
         )?;
+        let mut ports = Vec::new();
         let (quic, admin) = match self.net.as_mut() {
             Some(net) => {
                 let ip = net.add_node(i)?;
@@ -156,10 +156,14 @@ impl LocalCluster {
                     SocketAddr::from((ip, NETNS_ADMIN_PORT)),
                 )
             }
-            None => (
-                SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-                SocketAddr::from(([127, 0, 0, 1], free_port()?)),
-            ),
+            None => {
+                ports.push(crate::ports::reserve()?);
+                ports.push(crate::ports::reserve()?);
+                (
+                    SocketAddr::from(([127, 0, 0, 1], ports[0].get())),
+                    SocketAddr::from(([127, 0, 0, 1], ports[1].get())),
+                )
+            }
         };
         self.nodes.push(NodeProc {
             config: root.join(format!("{name}.toml")),
@@ -168,6 +172,7 @@ impl LocalCluster {
             quic,
             admin,
             child: None,
+            _ports: ports,
         });
         if !self.voters.is_empty() {
             self.write_config(i)?;
@@ -295,12 +300,55 @@ impl LocalCluster {
         (0..self.nodes.len()).try_for_each(|i| self.start(i))
     }
 
-    /// Polls every running node's `/readyz` until all answer 200 or `timeout` passes.
+    /// Polls every running node's `/readyz` until all answer 200 or `timeout` passes. A node
+    /// that exits meanwhile fails the wait at once with its own log (a voter that cannot start
+    /// keeps the others from forming the cluster, and their logs only say they are waiting).
     pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        for i in 0..self.nodes.len() {
-            if self.nodes[i].child.is_some() {
-                self.wait_node_ready(i, timeout).await?;
+        let deadline = Instant::now() + timeout;
+        let mut pending: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].child.is_some())
+            .collect();
+        while !pending.is_empty() {
+            let mut still = Vec::new();
+            for i in pending {
+                if let Ok((200, _)) = crate::http::get(self.nodes[i].admin, "/readyz").await {
+                    continue;
+                }
+                self.bail_if_exited(i)?;
+                still.push(i);
             }
+            pending = still;
+            if let (Some(&i), true) = (pending.first(), Instant::now() > deadline) {
+                let names: Vec<&str> = pending
+                    .iter()
+                    .map(|&j| self.nodes[j].name.as_str())
+                    .collect();
+                bail!(
+                    "{} not ready within {timeout:?}; log of {}:\n{}",
+                    names.join(", "),
+                    self.nodes[i].name,
+                    self.tail_log(i)
+                );
+            }
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails with node `i`'s exit status and log if its process has exited.
+    fn bail_if_exited(&mut self, i: usize) -> Result<()> {
+        if let Some(status) = self.nodes[i]
+            .child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+        {
+            bail!(
+                "{} exited with {status} before becoming ready; log:\n{}",
+                self.nodes[i].name,
+                self.tail_log(i)
+            );
         }
         Ok(())
     }
@@ -346,6 +394,10 @@ impl LocalCluster {
 
     /// SIGKILLs node `i` and reaps it.
     pub async fn kill(&mut self, i: usize) -> Result<()> {
+        // No more stalls of it from now on: once reaped, its pid may belong to anyone.
+        if let Some(s) = &self.starve {
+            s.remove(&self.nodes[i].name);
+        }
         let child = self.nodes[i]
             .child
             .as_mut()
@@ -373,17 +425,7 @@ impl LocalCluster {
             if let Ok((200, _)) = crate::http::get(self.nodes[i].admin, "/readyz").await {
                 return Ok(());
             }
-            if let Some(status) = self.nodes[i]
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!(
-                    "{} exited with {status} before becoming ready; log:\n{}",
-                    self.nodes[i].name,
-                    self.tail_log(i)
-                );
-            }
+            self.bail_if_exited(i)?;
             if Instant::now() > deadline {
                 bail!(
                     "{} not ready within {timeout:?}; log:\n{}",
@@ -430,8 +472,9 @@ impl LocalCluster {
     }
 
     /// Keeps the temp dir after the cluster is dropped (for post-mortems).
-    pub fn keep(self) -> PathBuf {
-        self.dir.keep()
+    pub fn keep(mut self) -> PathBuf {
+        self.dir.disable_cleanup(true);
+        self.dir.path().to_path_buf()
     }
 }
 
