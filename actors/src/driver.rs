@@ -22,7 +22,7 @@ use crate::restore::{restore_shard, RestoreError, Restored};
 use crate::router::Router;
 use crate::serve_gate::ServeGate;
 use crate::shard::ShardMsg;
-use crate::shard_log::{LogFault, ShardLog};
+use crate::shard_log::{Ended, LogFault, ShardLog};
 use crate::supervisor::SupervisorMsg;
 
 /// Something that finished in the background and must go back into a shard's machine.
@@ -88,6 +88,7 @@ pub async fn run(
         backoff: HashMap::new(),
         lease_valid: false,
         gate: leases.holder.clone(),
+        writers: HashMap::new(),
     };
     map_rx.borrow_and_update();
     leases.set_acted_index(d.on_map().await);
@@ -143,6 +144,9 @@ struct Driver {
     lease_valid: bool,
     /// Given to each shard's log writer: no reply leaves after this node's lease lapsed.
     gate: Arc<ServeGate>,
+    /// Each shard's latest log writer and its epoch: a restore at that epoch waits until it
+    /// ended (its last appends landed), or it could read the log without them.
+    writers: HashMap<u32, (u64, Ended)>,
 }
 
 impl Driver {
@@ -335,7 +339,17 @@ impl Driver {
             }
             Effect::Restore { epoch, attempt } => {
                 let (store, done) = (self.store.clone(), self.done.clone());
+                let previous = self
+                    .writers
+                    .get(&shard)
+                    .filter(|(e, _)| *e == epoch)
+                    .map(|(_, ended)| ended.clone());
                 tokio::spawn(async move {
+                    if let Some(ended) = previous {
+                        // Bounded: a writer stuck in a storage call must not hold the shard
+                        // forever (its late append then meets the fence or a collision).
+                        let _ = tokio::time::timeout(Duration::from_secs(30), ended.wait()).await;
+                    }
                     match restore_shard(&store, shard, epoch).await {
                         Ok(r) => {
                             metrics::counter!(m::SHARD_RESTORES, "result" => "ok").increment(1);
@@ -378,6 +392,7 @@ impl Driver {
                     self.faults.clone(),
                     self.gate.clone(),
                 );
+                self.writers.insert(shard, (epoch, log.ended()));
                 let (tx, rx) = oneshot::channel();
                 let msg = SupervisorMsg::Start {
                     shard,

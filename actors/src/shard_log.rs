@@ -51,11 +51,24 @@ pub enum LogFault {
     Failed,
 }
 
+/// Resolves ([`Ended::wait`]) once a log writer has ended; holds no sender, so keeping it does
+/// not keep the writer alive.
+#[derive(Debug, Clone)]
+pub struct Ended(tokio::sync::watch::Receiver<()>);
+
+impl Ended {
+    pub async fn wait(mut self) {
+        while self.0.changed().await.is_ok() {}
+    }
+}
+
 /// Handle to a shard's log writer.
 #[derive(Debug, Clone)]
 pub struct ShardLog {
     tx: mpsc::Sender<LogItem>,
     gate: Arc<ServeGate>,
+    /// Closed when the writer task has ended (every queued append landed or failed).
+    ended: tokio::sync::watch::Receiver<()>,
 }
 
 impl ShardLog {
@@ -71,20 +84,33 @@ impl ShardLog {
         gate: Arc<ServeGate>,
     ) -> Self {
         let (tx, rx) = mpsc::channel(depth.max(1));
-        tokio::spawn(write_loop(
-            Writer {
-                store,
-                shard,
-                epoch,
-                next_seq,
-                fault: None,
-                last_checkpoint: None,
-                gate: gate.clone(),
-            },
-            rx,
-            faults,
-        ));
-        ShardLog { tx, gate }
+        let (ended_tx, ended) = tokio::sync::watch::channel(());
+        let writer_gate = gate.clone();
+        tokio::spawn(async move {
+            let _ended = ended_tx;
+            write_loop(
+                Writer {
+                    store,
+                    shard,
+                    epoch,
+                    next_seq,
+                    fault: None,
+                    last_checkpoint: None,
+                    gate: writer_gate,
+                },
+                rx,
+                faults,
+            )
+            .await
+        });
+        ShardLog { tx, gate, ended }
+    }
+
+    /// Resolves once this writer has ended: its actor stopped and every append it had queued
+    /// landed or failed. A restore of the same shard at the same epoch waits for it, or it could
+    /// read the log before this writer's last append lands and serve without it.
+    pub fn ended(&self) -> Ended {
+        Ended(self.ended.clone())
     }
 
     /// Whether this node may serve now (the shard actor asks before it applies an op).
@@ -365,6 +391,32 @@ mod tests {
             read_through(&log(gate(false))).await,
             Err(ErrorCode::NotOwner)
         );
+    }
+
+    /// A same-epoch restore waits for this: the writer ends only after its queued items were
+    /// handled and the last handle to it is gone.
+    #[tokio::test]
+    async fn ended_resolves_after_the_queue_is_drained_and_the_handles_are_gone() {
+        let log = log(gate(true));
+        let ended = log.ended();
+        let (tx, rx) = oneshot::channel();
+        log.submit(LogItem::Op {
+            record: None,
+            result: Ok(OpResult::Counter(1)),
+            reply: tx,
+            permit: None,
+            arrived: Instant::now(),
+        })
+        .await;
+        let clone = log.clone();
+        drop(log);
+        let early = tokio::time::timeout(Duration::from_millis(50), ended.clone().wait()).await;
+        assert!(early.is_err(), "a handle is still alive");
+        drop(clone);
+        tokio::time::timeout(Duration::from_secs(5), ended.wait())
+            .await
+            .expect("ends once every handle is gone");
+        assert_eq!(rx.await.unwrap(), Ok(OpResult::Counter(1)));
     }
 
     #[tokio::test]
