@@ -117,9 +117,9 @@ impl LocalCluster {
             starve: None,
         };
         if let Ok(text) = std::env::var("TIDEPOOL_TEST_STARVE") {
-            let spec = crate::starve::StarveSpec::parse(&text)
+            let (spec, seed) = crate::starve::StarveSpec::parse_with_seed(&text)
                 .with_context(|| format!("TIDEPOOL_TEST_STARVE={text}"))?;
-            let s = crate::starve::Starve::new(spec, 1)?;
+            let s = crate::starve::Starve::new(spec, seed)?;
             eprintln!("starving every node: {}", s.describe());
             c.starve = Some(s);
         }

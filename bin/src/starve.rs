@@ -61,6 +61,25 @@ impl StarveSpec {
         Ok(s)
     }
 
+    /// Parses `TIDEPOOL_TEST_STARVE`: a spec as [`StarveSpec::parse`] takes, plus an optional
+    /// `seed=N` that draws the stalls (default 1), so repeated runs can differ.
+    pub fn parse_with_seed(text: &str) -> Result<(Self, u64)> {
+        let mut seed = 1;
+        let mut rest = Vec::new();
+        for part in text.split(',').map(str::trim) {
+            match part.split_once('=') {
+                Some((k, v)) if k.trim() == "seed" => {
+                    seed = v
+                        .trim()
+                        .parse()
+                        .with_context(|| format!("`{part}`: not a whole number"))?;
+                }
+                _ => rest.push(part),
+            }
+        }
+        Ok((Self::parse(&rest.join(","))?, seed))
+    }
+
     pub fn validate(&self) -> Result<()> {
         if self.cpu_percent == 0 || self.cpu_percent > 1000 {
             bail!("cpu must be in 1..=1000 (percent of one core)");
@@ -388,6 +407,16 @@ impl Drop for Stalls {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_test_variable_may_carry_a_seed() {
+        let (spec, seed) =
+            StarveSpec::parse_with_seed("cpu=25,seed=7,stall_every_ms=700,stall_max_ms=200")
+                .unwrap();
+        assert_eq!((spec.cpu_percent, spec.stall_every_ms, seed), (25, 700, 7));
+        assert_eq!(StarveSpec::parse_with_seed("cpu=25").unwrap().1, 1);
+        assert!(StarveSpec::parse_with_seed("cpu=25,seed=x").is_err());
+    }
 
     #[test]
     fn specs_parse_and_refuse_nonsense() {
