@@ -7,7 +7,8 @@
 //! proposes is an entry.
 //!
 //! Phases: form (every shard placed, nothing moving), kill 1 % of the nodes (no more renewals),
-//! then a join wave of 10 % new nodes. Per size it prints one CSV row: grants per second at the
+//! a join wave of 10 % new nodes, then two rounds of a rolling restart in batches of 1 %
+//! (drain, 3 s without renewals, back). Per size it prints one CSV row: grants per second at the
 //! leader, Raft entries per second in each phase, the map's size (JSON, as snapshots are
 //! written), the leader's CPU time per tick (measured around the core calls, median and max),
 //! the CPU share of one core that leasing and ticking take, shards moved against the ideal, and
@@ -20,7 +21,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use tidepool_core::control::{apply, ClusterMap, Command, MemberState};
-use tidepool_core::leader_core::{rebalance_commands, LeaderCore};
+use tidepool_core::leader_core::LeaderCore;
 use tidepool_core::lease::LeaseConfig;
 use tidepool_core::rebalance::RebalanceConfig;
 
@@ -104,7 +105,7 @@ impl Run {
             self.propose(c);
         }
         let started = Instant::now();
-        let moves = rebalance_commands(&self.map, &decided.expired, &self.rcfg);
+        let moves = self.core.moves(&self.map, now, &self.rcfg);
         elapsed += started.elapsed();
         self.tick_ns.push(elapsed.as_nanos() as u64);
         for (_, c) in &moves {
@@ -173,7 +174,8 @@ fn main() {
     println!(
         "nodes,shards,grants_per_s,map_bytes,tick_us_median,tick_us_max,grant_us_per_s,leader_cpu_share,\
          entries_per_s_form,entries_per_s_kill,entries_per_s_join,kill_moved,kill_ideal,\
-         served_after_kill_ms,join_moved,join_ideal,join_settled_s"
+         served_after_kill_ms,join_moved,join_ideal,join_settled_s,roll_batch,roll_round_s,\
+         roll_moved_per_round,roll_ideal_per_round,entries_per_s_roll,roll_settled,placements_computed"
     );
     for n in sizes {
         let shards = 16 * n as u32;
@@ -243,9 +245,64 @@ fn main() {
         let settled = r.run_until_settled(300);
         let (join_entries, join_t, join_moves) = (r.entries - e1, r.t - t1, r.moves - m1);
 
+        // A rolling restart in batches of 1 % (at least one node, never the leader): a batch
+        // drains, stops renewing for 3 s (the restart), renews again and takes shards back. The
+        // first two rounds are measured; the others repeat them.
+        let batch = (n / 100).max(1);
+        let (e2, t2, m2) = (r.entries, r.t, r.moves);
+        let mut rounds = 0u64;
+        let mut roll_ok = true;
+        for round in 0..2usize {
+            let live: Vec<String> = r
+                .nodes
+                .iter()
+                .filter(|x| !r.dead.contains(*x))
+                .cloned()
+                .collect();
+            let names: Vec<String> = live
+                .iter()
+                .skip(1 + round * batch)
+                .take(batch)
+                .cloned()
+                .collect();
+            if names.is_empty() {
+                break;
+            }
+            for x in &names {
+                r.propose(&Command::SetMemberState {
+                    name: x.clone(),
+                    state: MemberState::Draining,
+                });
+            }
+            let owns = |r: &Run| {
+                r.map.shards.iter().any(|a| {
+                    a.owner.as_ref().is_some_and(|o| names.contains(o))
+                        || a.handoff_to.as_ref().is_some_and(|o| names.contains(o))
+                })
+            };
+            let mut ticks = 0;
+            while owns(&r) && ticks < 3000 {
+                r.tick();
+                ticks += 1;
+            }
+            r.dead.extend(names.iter().cloned());
+            for _ in 0..30 {
+                r.tick();
+            }
+            for x in &names {
+                r.dead.remove(x);
+            }
+            roll_ok &= ticks < 3000 && r.run_until_settled(3000).is_some();
+            rounds += 1;
+        }
+        let (roll_entries, roll_t, roll_moves) = (r.entries - e2, r.t - t2, r.moves - m2);
+        let rounds_f = rounds.max(1) as f64;
+        let roll_ideal = 2 * u64::from(shards) * batch as u64 / live.max(1);
+
         println!(
             "{n},{shards},{grants_per_s:.0},{map_bytes},{tick_med},{tick_max},{grant_us_per_s:.0},{cpu_share:.4},\
-             {:.1},{:.1},{:.1},{kill_moves},{ideal_kill},{},{join_moves},{ideal_join},{:.1}",
+             {:.1},{:.1},{:.1},{kill_moves},{ideal_kill},{},{join_moves},{ideal_join},{},\
+             {batch},{:.1},{:.0},{roll_ideal},{:.1},{},{}",
             form_entries as f64 / (form_t as f64 / 1000.0).max(0.001),
             kill_entries as f64 / secs,
             join_entries as f64 / (join_t as f64 / 1000.0).max(0.001),
@@ -254,6 +311,11 @@ fn main() {
                 Some(_) => format!("{:.1}", join_t as f64 / 1000.0),
                 None => format!(">{:.0}", join_t as f64 / 1000.0),
             },
+            roll_t as f64 / 1000.0 / rounds_f,
+            roll_moves as f64 / rounds_f,
+            roll_entries as f64 / (roll_t as f64 / 1000.0).max(0.001),
+            if roll_ok { "yes" } else { "no" },
+            r.core.placements_computed(),
         );
     }
 }

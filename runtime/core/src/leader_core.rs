@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use crate::control::{ClusterMap, Command, MemberState};
 use crate::lease::{LeaseConfig, LeaseTable};
+use crate::placement::PlacementCache;
 use crate::rebalance::{self, Change, RebalanceConfig};
 
 /// A lease grant: ttl, the leader's term, and the leader's applied map index.
@@ -67,6 +68,8 @@ pub struct LeaderCore {
     down_since: BTreeMap<String, Instant>,
     /// Members found expired that the map still gives shards to: no grant until they moved.
     expiring: BTreeSet<String>,
+    /// The shards' placement targets, computed again only when the eligible members change.
+    placements: PlacementCache,
 }
 
 impl LeaderCore {
@@ -82,6 +85,7 @@ impl LeaderCore {
             forgotten: BTreeSet::new(),
             down_since: BTreeMap::new(),
             expiring: BTreeSet::new(),
+            placements: PlacementCache::default(),
         }
     }
 
@@ -236,7 +240,12 @@ impl LeaderCore {
             &self.me,
         );
         rebalance::update_expiring(&mut self.expiring, &expired, map, &self.me);
-        rebalance_commands(map, &expired, rcfg)
+        rebalance_commands_cached(map, &expired, rcfg, &mut self.placements)
+    }
+
+    /// How many placements [`moves`](Self::moves) computed (the rest came from its cache).
+    pub fn placements_computed(&self) -> u64 {
+        self.placements.computed()
     }
 
     /// The simulation's deliberately broken variants reach in from outside through these.
@@ -314,12 +323,22 @@ pub fn rebalance_commands(
     expired: &BTreeSet<String>,
     rcfg: &RebalanceConfig,
 ) -> Vec<(MoveKind, Command)> {
+    rebalance_commands_cached(map, expired, rcfg, &mut PlacementCache::default())
+}
+
+/// [`rebalance_commands`] with the placement taken from `cache` while the members stay the same.
+pub fn rebalance_commands_cached(
+    map: &ClusterMap,
+    expired: &BTreeSet<String>,
+    rcfg: &RebalanceConfig,
+    cache: &mut PlacementCache,
+) -> Vec<(MoveKind, Command)> {
     let states: BTreeMap<String, MemberState> = map
         .members
         .values()
         .map(|m| (m.name.clone(), m.state))
         .collect();
-    rebalance::plan(&map.shards, &states, expired, rcfg)
+    rebalance::plan_cached(&map.shards, &states, expired, rcfg, cache)
         .into_iter()
         .filter_map(|change| {
             let shard = match &change {

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use xxhash_rust::xxh3::{xxh3_64_with_seed, Xxh3};
+use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 /// Seed of [`shard_for_key`]: ASCII "tidepool". Changing it re-homes every key.
 const KEY_SEED: u64 = 0x7469_6465_706f_6f6c;
@@ -35,10 +35,28 @@ pub fn shard_for_key(key: &[u8], shards: u32) -> u32 {
 /// `0x706c_6163_656d_6e74`, over the shard id's 4 little-endian bytes followed by the name's
 /// UTF-8 bytes. The id has a fixed width, so the concatenation is unambiguous.
 pub fn score(shard: u32, member: &str) -> u64 {
-    let mut h = Xxh3::with_seed(SCORE_SEED);
-    h.update(&shard.to_le_bytes());
-    h.update(member.as_bytes());
-    h.digest()
+    Scorer::new(member).score(shard)
+}
+
+/// [`score`] of one member for many shards: the hashed bytes are laid out once, and each score
+/// is one one-shot xxh3 call (the same digest as streaming the two parts, several times faster;
+/// placement computes `shards x members` of them).
+struct Scorer {
+    key: Vec<u8>,
+}
+
+impl Scorer {
+    fn new(member: &str) -> Self {
+        let mut key = Vec::with_capacity(4 + member.len());
+        key.extend_from_slice(&[0; 4]);
+        key.extend_from_slice(member.as_bytes());
+        Scorer { key }
+    }
+
+    fn score(&mut self, shard: u32) -> u64 {
+        self.key[..4].copy_from_slice(&shard.to_le_bytes());
+        xxh3_64_with_seed(&self.key, SCORE_SEED)
+    }
 }
 
 /// Why [`assign`] could not produce a map. Nothing is partially computed: the caller's previous
@@ -157,15 +175,16 @@ pub fn assign(shards: u32, members: &[String], eps: f64) -> Result<ShardMap, Pla
 
     let cap = cap(shards, names.len(), eps);
     let mut load = vec![0usize; names.len()];
+    let mut scorers: Vec<Scorer> = names.iter().map(|n| Scorer::new(n)).collect();
     let mut owners = Vec::with_capacity(shards as usize);
     for shard in 0..shards {
         // Names are sorted and the comparison is strict, so ties go to the smaller name.
         let mut best: Option<(u64, usize)> = None;
-        for (i, name) in names.iter().enumerate() {
+        for (i, scorer) in scorers.iter_mut().enumerate() {
             if load[i] >= cap {
                 continue;
             }
-            let s = score(shard, name);
+            let s = scorer.score(shard);
             if best.is_none_or(|(b, _)| s > b) {
                 best = Some((s, i));
             }
@@ -180,6 +199,45 @@ pub fn assign(shards: u32, members: &[String], eps: f64) -> Result<ShardMap, Pla
         owners.push(names[i].to_owned());
     }
     Ok(ShardMap { owners })
+}
+
+/// The last [`assign`] result, reused while its inputs (shard count, member set, eps) stay the
+/// same. Placement costs `shards x members` score computations, and the leader plans every tick
+/// although the member set rarely changes: with the cache a tick costs `O(shards)`, and the full
+/// computation runs only on a membership change (see `control_scale` in BENCHMARKS.md).
+#[derive(Debug, Clone, Default)]
+pub struct PlacementCache {
+    last: Option<(u32, Vec<String>, u64, ShardMap)>,
+    computed: u64,
+}
+
+impl PlacementCache {
+    /// [`assign`]`(shards, members, eps)`, computed again only when an input changed. `members`
+    /// must be sorted and deduplicated (as a `BTreeMap`'s keys are) for a hit; any order is
+    /// correct.
+    pub fn assign(
+        &mut self,
+        shards: u32,
+        members: &[String],
+        eps: f64,
+    ) -> Result<&ShardMap, PlacementError> {
+        let hit = matches!(&self.last, Some((s, m, e, _))
+            if *s == shards && m.as_slice() == members && *e == eps.to_bits());
+        if !hit {
+            let map = assign(shards, members, eps)?;
+            self.computed += 1;
+            self.last = Some((shards, members.to_vec(), eps.to_bits(), map));
+        }
+        match &self.last {
+            Some((.., map)) => Ok(map),
+            None => Err(PlacementError::NoMembers),
+        }
+    }
+
+    /// How many times a placement was computed (not taken from the cache).
+    pub fn computed(&self) -> u64 {
+        self.computed
+    }
 }
 
 fn least_loaded(load: &[usize]) -> usize {

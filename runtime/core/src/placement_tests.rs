@@ -363,3 +363,32 @@ proptest! {
         prop_assert_eq!(ShardMap::from_owners(owners), new);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The cache never changes an answer: a sequence of member sets (with repeats) gives what
+    /// `assign` gives, and computes only when the inputs changed.
+    #[test]
+    fn the_cache_answers_as_assign_does(
+        shards in 1u32..=128,
+        sets in proptest::collection::vec(proptest::sample::select(vec![0usize, 1, 2]), 1..12),
+        pool in proptest::collection::vec(member_set(), 3),
+        eps in eps_strategy(),
+    ) {
+        // member_set() gives sorted, distinct names, as the leader's BTreeMap does.
+        let sorted = pool;
+        let mut cache = PlacementCache::default();
+        let mut changes = 0;
+        let mut last: Option<usize> = None;
+        for &i in &sets {
+            let got = cache.assign(shards, &sorted[i], eps).unwrap().clone();
+            prop_assert_eq!(got, assign_ok(shards, &sorted[i], eps));
+            if last.is_none_or(|l| sorted[l] != sorted[i]) {
+                changes += 1;
+            }
+            last = Some(i);
+        }
+        prop_assert_eq!(cache.computed(), changes);
+    }
+}

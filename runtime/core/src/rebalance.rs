@@ -22,7 +22,7 @@
 //! - An owner that is `Down`, or not a member, but whose lease has not yet expired may still be
 //!   serving: its shards wait for the expiry (invariant 1) rather than move.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::placement;
 
@@ -128,6 +128,24 @@ pub fn plan(
     expired: &BTreeSet<String>,
     cfg: &RebalanceConfig,
 ) -> Vec<Change> {
+    plan_cached(
+        assignments,
+        members,
+        expired,
+        cfg,
+        &mut placement::PlacementCache::default(),
+    )
+}
+
+/// [`plan`], with the placement taken from `cache` while the eligible members stay the same
+/// (the leader's per-tick call).
+pub fn plan_cached(
+    assignments: &[ShardAssignment],
+    members: &BTreeMap<String, MemberState>,
+    expired: &BTreeSet<String>,
+    cfg: &RebalanceConfig,
+    cache: &mut placement::PlacementCache,
+) -> Vec<Change> {
     let eligible: Vec<String> = members
         .iter()
         .filter(|(name, state)| {
@@ -141,14 +159,18 @@ pub fn plan(
     if shards == 0 || eligible.is_empty() {
         return Vec::new();
     }
-    let Ok(target) = placement::assign(shards, &eligible, cfg.eps) else {
+    let Ok(target) = cache.assign(shards, &eligible, cfg.eps) else {
         return Vec::new();
     };
     let view = View {
-        members,
+        live: members
+            .iter()
+            .filter(|(name, state)| **state != MemberState::Down && !expired.contains(*name))
+            .map(|(name, state)| (name.as_str(), *state))
+            .collect(),
         expired,
         eligible: &eligible,
-        target: &target,
+        target,
     };
 
     let crash: Vec<Change> = (0..shards)
@@ -163,7 +185,9 @@ pub fn plan(
 
 /// The inputs of one [`plan`] call, with the eligible members and their placement.
 struct View<'a> {
-    members: &'a BTreeMap<String, MemberState>,
+    /// The members neither down nor expired, by name (one lookup per shard: hashed, not the
+    /// `members` tree's string comparisons).
+    live: HashMap<&'a str, MemberState>,
     expired: &'a BTreeSet<String>,
     /// Sorted (it comes from a BTreeMap).
     eligible: &'a [String],
@@ -183,13 +207,7 @@ impl View<'_> {
 
     /// The owner's state when it is alive and known (so it can take part in a handoff).
     fn live_owner_state(&self, owner: &str) -> Option<MemberState> {
-        if self.expired.contains(owner) {
-            return None;
-        }
-        self.members
-            .get(owner)
-            .copied()
-            .filter(|s| *s != MemberState::Down)
+        self.live.get(owner).copied()
     }
 
     fn crash_change(&self, shard: u32, a: &ShardAssignment) -> Option<Change> {
@@ -288,18 +306,27 @@ pub fn update_expiring(
     map: &crate::control::ClusterMap,
     me: &str,
 ) {
-    let owns = |n: &str| {
-        map.shards
-            .iter()
-            .any(|a| a.owner.as_deref() == Some(n) || a.handoff_to.as_deref() == Some(n))
-    };
-    let can_move = |n: &str| {
-        map.members.values().any(|m| {
-            m.name != n
-                && !expired.contains(&m.name)
-                && matches!(m.state, MemberState::Up | MemberState::Joining)
-        })
-    };
     expiring.extend(expired.iter().filter(|n| n.as_str() != me).cloned());
-    expiring.retain(|n| owns(n) && can_move(n));
+    if expiring.is_empty() {
+        return;
+    }
+    // One pass over the shards and one over the members, whatever the number of expiring ones
+    // (the leader calls this twice per tick).
+    let owners: BTreeSet<&str> = map
+        .shards
+        .iter()
+        .flat_map(|a| [a.owner.as_deref(), a.handoff_to.as_deref()])
+        .flatten()
+        .filter(|n| expiring.contains(*n))
+        .collect();
+    let takers: BTreeSet<&str> = map
+        .members
+        .values()
+        .filter(|m| {
+            !expired.contains(&m.name) && matches!(m.state, MemberState::Up | MemberState::Joining)
+        })
+        .map(|m| m.name.as_str())
+        .collect();
+    let can_move = |n: &str| takers.len() > usize::from(takers.contains(n));
+    expiring.retain(|n| owners.contains(n.as_str()) && can_move(n));
 }
