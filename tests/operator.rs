@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::time::{Duration, Instant};
+use tidepool_runtime::codec::WireMemberState;
 
 use tidepool::local_cluster::LocalCluster;
 use tidepool_runtime::client::ClientOptions;
@@ -79,7 +80,10 @@ async fn voters_started_20_s_apart_form_a_cluster() {
     assert!(!status.leader.is_empty(), "a leader: {status:?}");
     assert_eq!(status.members.len(), 3);
     assert!(
-        status.members.iter().all(|m| m.state == "up" && m.voter),
+        status
+            .members
+            .iter()
+            .all(|m| m.state == WireMemberState::Up && m.voter),
         "{status:?}"
     );
     client.close().await;

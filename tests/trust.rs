@@ -19,7 +19,7 @@ use tidepool::local_cluster::LocalCluster;
 use tidepool::workload;
 use tidepool_runtime::certs::{self, Role, Subject, Validity};
 use tidepool_runtime::client::{ClientOptions, ClusterClient};
-use tidepool_runtime::codec::{Body, ControlKind, ErrorCode, Op};
+use tidepool_runtime::codec::{Body, ControlKind, ErrorCode, Op, WireMemberState};
 use tidepool_runtime::transport::TlsMaterial;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tidepool");
@@ -268,7 +268,7 @@ async fn control_plane_requests_are_bound_to_the_senders_certificate() {
     assert!(status
         .members
         .iter()
-        .all(|m| m.name == "n9" || m.state == "up"));
+        .all(|m| m.name == "n9" || m.state == WireMemberState::Up));
 
     // 2. A gap entry under a real voter's certificate (n2's, to n1, at the current term):
     //    refused before it touches the log; n1 then restarts normally. While n2 runs, a second
@@ -416,7 +416,7 @@ async fn announced_lengths_and_unread_replies_stay_within_budgets() {
     let owner = cluster
         .nodes
         .iter()
-        .position(|n| n.name == s.owner)
+        .position(|n| s.owner.as_ref() == Some(&n.name))
         .unwrap();
     let opid = cluster.nodes[owner].pid().unwrap();
     let obase = rss_kib(opid).unwrap();
@@ -588,7 +588,7 @@ async fn revoked_and_duplicate_identities_are_shut_out() {
     let _ = dup.kill().await;
     let status = work.client.status().await.unwrap();
     let n2 = status.members.iter().find(|m| m.name == "n2").unwrap();
-    assert_eq!(n2.state, "up", "the first n2 keeps serving");
+    assert_eq!(n2.state, WireMemberState::Up, "the first n2 keeps serving");
     assert_eq!(n2.addr, cluster.nodes[1].quic.to_string());
     assert!(all_ready(&cluster, &[0, 1, 2]).await);
     work.finish().await;

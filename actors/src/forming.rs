@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use tidepool_runtime::codec::{
-    ArchivedBody, Body, Dest, Envelope, ErrorCode, MemberInfo, StatusInfo,
+    ArchivedBody, Body, Dest, Envelope, ErrorCode, MemberInfo, StatusInfo, WireMemberState,
 };
 use tidepool_runtime::transport::{BoxFuture, Inbound, Link};
 use tokio::sync::watch;
@@ -91,7 +91,7 @@ impl FormingStatus {
             .map(|v| MemberInfo {
                 name: v.clone(),
                 addr: found.get(v).cloned().unwrap_or_default(),
-                state: "forming".into(),
+                state: WireMemberState::Forming,
                 reachable: v == &self.me || found.contains_key(v),
                 shards: 0,
                 voter: true,

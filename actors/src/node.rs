@@ -356,7 +356,7 @@ impl NodeServices for Services {
             .map(|mb| MemberInfo {
                 name: mb.name.clone(),
                 addr: mb.addr.clone(),
-                state: mb.state.as_str().to_string(),
+                state: mb.state.into(),
                 reachable: mb.name == self.me || live.contains(&mb.name),
                 shards: counts.get(&mb.name).copied().unwrap_or(0),
                 voter: mb.voter,

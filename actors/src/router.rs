@@ -476,9 +476,9 @@ impl Router {
             .enumerate()
             .map(|(id, a)| ShardInfo {
                 id: id as u32,
-                owner: a.owner.clone().unwrap_or_default(),
+                owner: a.owner.clone(),
                 epoch: a.epoch,
-                state: a.state().to_string(),
+                state: a.into(),
             })
             .collect()
     }

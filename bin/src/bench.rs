@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use tidepool_runtime::client::{ClientOptions, ClusterClient};
-use tidepool_runtime::codec::Op;
+use tidepool_runtime::codec::{Op, WireShardState};
 use tidepool_runtime::transport::TlsMaterial;
 
 use crate::local_cluster::{wait_all_up, wait_stable, LocalCluster};
@@ -71,7 +71,7 @@ pub async fn failover(opts: FailoverOptions) -> Result<()> {
             .shards()
             .await?
             .iter()
-            .filter(|s| s.owner == name)
+            .filter(|s| s.owner.as_ref() == Some(&name))
             .map(|s| s.id)
             .collect();
         let t0 = Instant::now();
@@ -158,8 +158,10 @@ async fn served_elsewhere(
     loop {
         if let Ok(map) = client.shards().await {
             if theirs.iter().all(|s| {
-                map.get(*s as usize)
-                    .is_some_and(|i| i.owner != dead && !i.owner.is_empty() && i.state == "serving")
+                map.get(*s as usize).is_some_and(|i| {
+                    i.owner.as_ref().is_some_and(|o| *o != dead)
+                        && i.state == WireShardState::Serving
+                })
             }) {
                 client.refresh().await?;
                 // A read on each key of each moved shard: served, not just assigned.

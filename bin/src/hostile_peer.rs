@@ -421,7 +421,7 @@ pub async fn malicious_round(
         let s = client.shard_of(k);
         shards
             .iter()
-            .find(|i| i.id == s && i.owner == me)
+            .find(|i| i.id == s && i.owner.as_ref() == Some(&me))
             .map(|i| (s, i.epoch))
     };
     let Some((key, (shard, epoch))) = (0..1000)

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tidepool_runtime::codec::WireShardState;
 
 use anyhow::{bail, Context, Result};
 use tidepool_runtime::client::{ClientOptions, ClusterClient};
@@ -107,7 +108,7 @@ async fn workload_and_check(cluster: &mut LocalCluster, opts: &DemoOptions) -> R
             .shards()
             .await?
             .iter()
-            .filter(|s| s.owner == name)
+            .filter(|s| s.owner.as_ref() == Some(&name))
             .count();
         cluster.kill(victim).await?;
         let killed = Instant::now();
@@ -117,7 +118,7 @@ async fn workload_and_check(cluster: &mut LocalCluster, opts: &DemoOptions) -> R
             let shards = client.shards().await?;
             if shards
                 .iter()
-                .all(|s| s.owner != name && s.state == "serving")
+                .all(|s| s.owner.as_deref() != Some(name.as_str()) && s.state == WireShardState::Serving)
             {
                 break;
             }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+use tidepool_runtime::codec::{WireMemberState, WireShardState};
 
 use anyhow::{bail, Context, Result};
 use tidepool_runtime::certs::{self, Role, Subject, Validity};
@@ -487,7 +488,7 @@ pub async fn wait_all_up(
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(s) = client.status().await {
-            if s.members.len() == n && s.members.iter().all(|m| m.state == "up") {
+            if s.members.len() == n && s.members.iter().all(|m| m.state == WireMemberState::Up) {
                 return Ok(());
             }
         }
@@ -539,8 +540,8 @@ pub async fn wait_stable(
             let settled = !shards.is_empty()
                 && shards
                     .iter()
-                    .all(|s| s.state == "serving" && !s.owner.is_empty());
-            let now: Vec<(String, u64)> =
+                    .all(|s| s.state == WireShardState::Serving && s.owner.is_some());
+            let now: Vec<(Option<String>, u64)> =
                 shards.iter().map(|s| (s.owner.clone(), s.epoch)).collect();
             if settled && last.as_ref() == Some(&now) {
                 same += 1;

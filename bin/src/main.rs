@@ -651,7 +651,7 @@ async fn cluster_status(c: Conn) -> Result<()> {
         let members: Vec<_> = s
             .members
             .iter()
-            .map(|m| serde_json::json!({"name": m.name, "addr": m.addr, "state": m.state, "reachable": m.reachable, "shards": m.shards, "voter": m.voter}))
+            .map(|m| serde_json::json!({"name": m.name, "addr": m.addr, "state": m.state.as_str(), "reachable": m.reachable, "shards": m.shards, "voter": m.voter}))
             .collect();
         let autoscale = s.autoscale.as_ref().map(|a| {
             serde_json::json!({"desired": a.desired, "current": a.current, "utilization": a.utilization, "backlog": a.backlog, "reason": a.reason})
@@ -706,7 +706,7 @@ async fn cluster_drain(node: String, c: Conn, wait: bool) -> Result<()> {
                 .shards()
                 .await?
                 .iter()
-                .filter(|s| s.owner == node)
+                .filter(|s| s.owner.as_ref() == Some(&node))
                 .count();
             if left == 0 {
                 break;
@@ -736,7 +736,7 @@ async fn cluster_shards(c: Conn) -> Result<()> {
     let mut shards = client.shards().await?;
     shards.sort_by_key(|s| s.id);
     if c.json {
-        let list: Vec<_> = shards.iter().map(|s| serde_json::json!({"id": s.id, "owner": s.owner, "epoch": s.epoch, "state": s.state})).collect();
+        let list: Vec<_> = shards.iter().map(|s| serde_json::json!({"id": s.id, "owner": s.owner, "epoch": s.epoch, "state": s.state.as_str()})).collect();
         println!("{}", serde_json::json!({ "shards": list }));
     } else {
         println!(
@@ -744,7 +744,8 @@ async fn cluster_shards(c: Conn) -> Result<()> {
             "SHARD", "OWNER", "EPOCH", "STATE"
         );
         for s in &shards {
-            println!("{:>6} {:<12} {:>6} {:<10}", s.id, s.owner, s.epoch, s.state);
+            let owner = s.owner.as_deref().unwrap_or("-");
+            println!("{:>6} {:<12} {:>6} {:<10}", s.id, owner, s.epoch, s.state);
         }
     }
     client.close().await;

@@ -85,7 +85,8 @@ impl ClientError {
 #[derive(Debug, Default)]
 struct View {
     addrs: HashMap<String, SocketAddr>,
-    owners: Vec<String>,
+    /// Each shard's owner (`None`: unassigned).
+    owners: Vec<Option<String>>,
     epochs: Vec<u64>,
     links: HashMap<String, Arc<Client>>,
     /// One dial at a time per node: concurrent callers wait for it instead of each opening a
@@ -408,13 +409,15 @@ impl ClusterClient {
         let (owner, epoch) = {
             let v = self.view.lock();
             (
-                v.owners.get(shard as usize).cloned(),
+                v.owners.get(shard as usize).cloned().flatten(),
                 v.epochs.get(shard as usize).copied().unwrap_or(0),
             )
         };
         let Some(owner) = owner else {
             self.refresh().await?;
-            return Err(ClientError::Retryable("no shard map yet".into()));
+            return Err(ClientError::Retryable(format!(
+                "shard {shard} has no owner yet (or no shard map yet)"
+            )));
         };
         let link = match self.link_to(&owner).await {
             Ok(l) => l,

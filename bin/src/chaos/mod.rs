@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tidepool_runtime::codec::WireShardState;
 
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
@@ -648,12 +649,16 @@ impl Run<'_> {
             if let Ok(shards) = self.client.shards().await {
                 let mut per: HashMap<&str, usize> = HashMap::new();
                 for s in &shards {
-                    *per.entry(s.owner.as_str()).or_default() += 1;
+                    *per.entry(s.owner.as_deref().unwrap_or_default())
+                        .or_default() += 1;
                 }
                 let cap = (shards.len() as f64 / live.len().max(1) as f64 * 1.25).ceil() as usize;
                 let bad: Vec<String> = shards
                     .iter()
-                    .filter(|s| s.state != "serving" || !live.contains(&s.owner))
+                    .filter(|s| {
+                        s.state != WireShardState::Serving
+                            || !s.owner.as_ref().is_some_and(|o| live.contains(o))
+                    })
                     .map(|s| format!("shard {} {} by {:?}", s.id, s.state, s.owner))
                     .chain(
                         per.iter()

@@ -34,7 +34,7 @@ pub use tensor::TensorView;
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Wire protocol version. Bump on any change to the archived layout.
-pub const PROTOCOL_VERSION: u16 = 5;
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Default cap on one frame's archive bytes (64 MiB); `transport.max_frame_bytes` overrides it.
 pub const DEFAULT_MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
@@ -155,13 +155,94 @@ impl ErrorCode {
     }
 }
 
+/// A member's state in `cluster status` (the control map's `MemberState`, on the wire).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireMemberState {
+    Up,
+    Joining,
+    Draining,
+    Down,
+    /// A configured voter of a cluster that has not formed yet (before any map exists).
+    Forming,
+}
+
+impl WireMemberState {
+    /// As the CLI prints it: `up`, `joining`, `draining`, `down`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WireMemberState::Up => "up",
+            WireMemberState::Joining => "joining",
+            WireMemberState::Draining => "draining",
+            WireMemberState::Down => "down",
+            WireMemberState::Forming => "forming",
+        }
+    }
+}
+
+impl std::fmt::Display for WireMemberState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl From<crate::control::MemberState> for WireMemberState {
+    fn from(s: crate::control::MemberState) -> Self {
+        use crate::control::MemberState as M;
+        match s {
+            M::Up => WireMemberState::Up,
+            M::Joining => WireMemberState::Joining,
+            M::Draining => WireMemberState::Draining,
+            M::Down => WireMemberState::Down,
+        }
+    }
+}
+
+/// A shard's state in `cluster shards`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WireShardState {
+    /// Owned and served by its owner.
+    Serving,
+    /// Owned, with a graceful handoff to another member in progress.
+    Handoff,
+    /// No owner yet.
+    Unassigned,
+}
+
+impl WireShardState {
+    /// As the CLI prints it: `serving`, `handoff`, `unassigned`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WireShardState::Serving => "serving",
+            WireShardState::Handoff => "handoff",
+            WireShardState::Unassigned => "unassigned",
+        }
+    }
+}
+
+impl std::fmt::Display for WireShardState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.pad(self.as_str())
+    }
+}
+
+impl From<&crate::control::ShardAssignment> for WireShardState {
+    fn from(a: &crate::control::ShardAssignment) -> Self {
+        if a.handoff_to.is_some() {
+            WireShardState::Handoff
+        } else if a.owner.is_some() {
+            WireShardState::Serving
+        } else {
+            WireShardState::Unassigned
+        }
+    }
+}
+
 /// A member as reported by `cluster status`.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct MemberInfo {
     pub name: String,
     pub addr: String,
-    /// "up" | "joining" | "draining" | "down"
-    pub state: String,
+    pub state: WireMemberState,
     /// Whether the answering node has a live QUIC connection to it (always true for itself).
     pub reachable: bool,
     pub shards: u32,
@@ -196,10 +277,10 @@ pub struct AutoscaleInfo {
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct ShardInfo {
     pub id: u32,
-    pub owner: String,
+    /// `None` while unassigned.
+    pub owner: Option<String>,
     pub epoch: u64,
-    /// "serving" | "handoff" | "unassigned"
-    pub state: String,
+    pub state: WireShardState,
 }
 
 /// Control-plane RPCs between nodes. Raft payloads are serde_json of openraft's own types (foreign

@@ -47,7 +47,12 @@ fn arb_member() -> impl Strategy<Value = MemberInfo> {
     (
         "[a-z]{1,8}",
         "[0-9.:]{1,21}",
-        "up|down|joining|draining",
+        prop_oneof![
+            Just(WireMemberState::Up),
+            Just(WireMemberState::Down),
+            Just(WireMemberState::Joining),
+            Just(WireMemberState::Draining),
+        ],
         any::<bool>(),
         any::<u32>(),
         any::<bool>(),
@@ -97,9 +102,13 @@ fn arb_body() -> impl Strategy<Value = Body> {
         proptest::collection::vec(
             (
                 any::<u32>(),
-                "[a-z0-9]{1,8}",
+                proptest::option::of("[a-z0-9]{1,8}"),
                 any::<u64>(),
-                "serving|handoff|unassigned"
+                prop_oneof![
+                    Just(WireShardState::Serving),
+                    Just(WireShardState::Handoff),
+                    Just(WireShardState::Unassigned),
+                ]
             )
                 .prop_map(|(id, owner, epoch, state)| ShardInfo {
                     id,
