@@ -103,7 +103,8 @@ async fn joins_spread_shards_within_the_cap_and_only_moved_shards_change_epoch()
     let mut per: BTreeMap<&str, usize> = BTreeMap::new();
     let mut moved = 0;
     for (b, a) in before.iter().zip(&after) {
-        *per.entry(a.owner.as_deref().unwrap_or_default()).or_default() += 1;
+        *per.entry(a.owner.as_deref().unwrap_or_default())
+            .or_default() += 1;
         if a.owner == b.owner {
             assert_eq!(
                 a.epoch, b.epoch,
@@ -350,7 +351,10 @@ async fn send_at_epoch(
 async fn a_paused_owner_past_its_lease_has_its_late_writes_rejected_as_stale() {
     let (mut c, client) = start(3, 1).await;
     let before = shards(&client).await;
-    let moved: Vec<&ShardInfo> = before.iter().filter(|s| s.owner.as_deref() == Some("n3")).collect();
+    let moved: Vec<&ShardInfo> = before
+        .iter()
+        .filter(|s| s.owner.as_deref() == Some("n3"))
+        .collect();
     assert!(!moved.is_empty());
     let work = workload(&client, 4000);
     c.signal(2, libc::SIGSTOP).unwrap();

@@ -449,7 +449,7 @@ impl Driver {
 fn assigned(a: &ShardAssignment) -> Event {
     Event::Assigned {
         epoch: a.epoch,
-        owner: a.owner.clone().unwrap_or_default(),
+        owner: a.owner.clone(),
         handoff_to: a.handoff_to.clone(),
     }
 }

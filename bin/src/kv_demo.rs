@@ -116,10 +116,9 @@ async fn workload_and_check(cluster: &mut LocalCluster, opts: &DemoOptions) -> R
         let deadline = killed + Duration::from_secs(60);
         loop {
             let shards = client.shards().await?;
-            if shards
-                .iter()
-                .all(|s| s.owner.as_deref() != Some(name.as_str()) && s.state == WireShardState::Serving)
-            {
+            if shards.iter().all(|s| {
+                s.owner.as_deref() != Some(name.as_str()) && s.state == WireShardState::Serving
+            }) {
                 break;
             }
             if Instant::now() > deadline {

@@ -2759,7 +2759,7 @@ fn key_bytes(key: u32) -> Vec<u8> {
 fn assigned(a: &ShardAssignment) -> Event {
     Event::Assigned {
         epoch: a.epoch,
-        owner: a.owner.clone().unwrap_or_default(),
+        owner: a.owner.clone(),
         handoff_to: a.handoff_to.clone(),
     }
 }

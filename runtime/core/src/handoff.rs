@@ -101,8 +101,8 @@ pub enum Event {
     Assigned {
         /// The shard's fencing epoch.
         epoch: u64,
-        /// The owning node.
-        owner: String,
+        /// The owning node (`None`: unassigned).
+        owner: Option<String>,
         /// The node taking over, during a graceful handoff.
         handoff_to: Option<String>,
     },
@@ -209,7 +209,7 @@ pub enum Effect {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Assignment {
     epoch: u64,
-    owner: String,
+    owner: Option<String>,
     handoff_to: Option<String>,
 }
 
@@ -386,7 +386,12 @@ impl ShardHandoff {
     }
 
     /// Records a newer (or same-epoch, same-owner) assignment; false if it is stale.
-    fn accept_assignment(&mut self, epoch: u64, owner: String, handoff_to: Option<String>) -> bool {
+    fn accept_assignment(
+        &mut self,
+        epoch: u64,
+        owner: Option<String>,
+        handoff_to: Option<String>,
+    ) -> bool {
         if let Some(a) = &self.assignment {
             // The control plane never gives one epoch to two owners: the same epoch naming
             // another owner can only be a stale or forged message.
@@ -398,12 +403,15 @@ impl ShardHandoff {
             self.fenced = None;
         }
         // A "handoff" to the owner itself moves nothing.
-        let handoff_to = handoff_to.filter(|to| *to != owner);
+        let handoff_to = handoff_to.filter(|to| owner.as_ref() != Some(to));
         self.handoff_changed = self
             .assignment
             .as_ref()
             .is_some_and(|a| a.epoch == epoch && a.handoff_to != handoff_to);
-        if let Some(to) = handoff_to.as_ref().filter(|_| owner == self.me) {
+        if let Some(to) = handoff_to
+            .as_ref()
+            .filter(|_| owner.as_ref() == Some(&self.me))
+        {
             self.handoff_seen = Some((epoch, to.clone()));
         }
         self.assignment = Some(Assignment {
@@ -442,7 +450,7 @@ impl ShardHandoff {
         if let Some(a) = self
             .assignment
             .as_ref()
-            .filter(|a| a.owner == self.me && epoch >= a.epoch)
+            .filter(|a| a.owner.as_ref() == Some(&self.me) && epoch >= a.epoch)
         {
             self.fenced = Some(a.epoch);
         }
@@ -467,7 +475,7 @@ impl ShardHandoff {
             let ours = self
                 .assignment
                 .as_ref()
-                .is_some_and(|a| a.owner == self.me && a.epoch == d.epoch);
+                .is_some_and(|a| a.owner.as_ref() == Some(&self.me) && a.epoch == d.epoch);
             if let (DrainPhase::Reported { seq }, true) = (d.phase, ours) {
                 fx.push(Effect::ReportHandoffDone {
                     epoch: d.epoch,
@@ -483,8 +491,11 @@ impl ShardHandoff {
         let Some(a) = self.assignment.clone() else {
             return;
         };
-        if a.owner != self.me {
-            let handed_off = self.drain.as_ref().is_some_and(|d| d.to == a.owner);
+        if a.owner.as_ref() != Some(&self.me) {
+            let handed_off = self
+                .drain
+                .as_ref()
+                .is_some_and(|d| a.owner.as_ref() == Some(&d.to));
             self.stand_down(
                 fx,
                 if handed_off {
@@ -608,7 +619,11 @@ impl ShardHandoff {
     }
 
     fn derive_role(&self) -> ShardRole {
-        let Some(a) = self.assignment.as_ref().filter(|a| a.owner == self.me) else {
+        let Some(a) = self
+            .assignment
+            .as_ref()
+            .filter(|a| a.owner.as_ref() == Some(&self.me))
+        else {
             return ShardRole::NotOwner;
         };
         if self.fenced.is_some_and(|f| f >= a.epoch) {

@@ -11,7 +11,7 @@ use ShardRole as R;
 fn assigned(epoch: u64, owner: &str, to: Option<&str>) -> Event {
     Event::Assigned {
         epoch,
-        owner: owner.to_owned(),
+        owner: Some(owner.to_owned()),
         handoff_to: to.map(str::to_owned),
     }
 }
