@@ -14,6 +14,7 @@ use tidepool_runtime::control::{
 };
 use tidepool_runtime::leader_core::{LeaderCore, MoveKind, Refusal};
 use tidepool_runtime::lease::LeaseConfig;
+use tidepool_runtime::placement::PlacementCache;
 use tidepool_runtime::metrics as m;
 use tidepool_runtime::rebalance::RebalanceConfig;
 use tidepool_runtime::transport::Transport;
@@ -346,6 +347,25 @@ async fn leader_step(
     // Rebalance against the map as it is now, deciding again who must have expired (a member
     // may have renewed while the commands above were proposed).
     let map = control.map().borrow().clone();
+    // A new placement (after a membership change) is computed off the grant lock and off the
+    // runtime threads: it costs shards x members scores, and a grant waiting for it could let
+    // every lease in the cluster lapse (BENCHMARKS.md section 8).
+    let needed = leases
+        .leader
+        .lock()
+        .placement_needed(&map, Instant::now(), rcfg);
+    if let Some((shards, eligible)) = needed {
+        let eps = rcfg.eps;
+        let computed = tokio::task::spawn_blocking(move || {
+            let mut cache = PlacementCache::default();
+            let _ = cache.assign(shards, &eligible, eps);
+            cache
+        })
+        .await;
+        if let Ok(cache) = computed {
+            leases.leader.lock().offer_placement(cache);
+        }
+    }
     let moves = leases.leader.lock().moves(&map, Instant::now(), rcfg);
     if !moves.is_empty() {
         // Each node logs what it serves at INFO ("serving N shards"); the moves are at DEBUG.

@@ -12,7 +12,8 @@
 //! leader, Raft entries per second in each phase, the map's size (JSON, as snapshots are
 //! written), the leader's CPU time per tick (measured around the core calls, median and max),
 //! the CPU share of one core that leasing and ticking take, shards moved against the ideal, and
-//! the virtual time until every shard was served by a live node after the kill.
+//! the virtual time until every shard was served by a live node after the kill, and the time
+//! of each placement computation (done off the grant lock, as the node's leader does).
 //!
 //! Run: `cargo run --release -p tidepool-core --example control_scale [SIZES...]`
 //! (default 10 100 1000 10000); `benches/scale_plot.py` draws the CSV as a PNG.
@@ -22,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tidepool_core::control::{apply, ClusterMap, Command, MemberState};
 use tidepool_core::leader_core::LeaderCore;
+use tidepool_core::placement::PlacementCache;
 use tidepool_core::lease::LeaseConfig;
 use tidepool_core::rebalance::RebalanceConfig;
 
@@ -39,6 +41,8 @@ struct Run {
     entries: u64,
     grants: u64,
     tick_ns: Vec<u64>,
+    /// Each placement computation (off the grant lock).
+    placement_ns: Vec<u64>,
     grant_ns: u64,
     moves: u64,
 }
@@ -103,6 +107,15 @@ impl Run {
         let mut elapsed = started.elapsed();
         for c in &decided.commands {
             self.propose(c);
+        }
+        // A new placement is computed off the grant lock, as the node's leader does; timed
+        // apart (it delays the rebalancing, not the grants).
+        if let Some((shards, eligible)) = self.core.placement_needed(&self.map, now, &self.rcfg) {
+            let started = Instant::now();
+            let mut cache = PlacementCache::default();
+            let _ = cache.assign(shards, &eligible, self.rcfg.eps);
+            self.placement_ns.push(started.elapsed().as_nanos() as u64);
+            self.core.offer_placement(cache);
         }
         let started = Instant::now();
         let moves = self.core.moves(&self.map, now, &self.rcfg);
@@ -175,7 +188,8 @@ fn main() {
         "nodes,shards,grants_per_s,map_bytes,tick_us_median,tick_us_max,grant_us_per_s,leader_cpu_share,\
          entries_per_s_form,entries_per_s_kill,entries_per_s_join,kill_moved,kill_ideal,\
          served_after_kill_ms,join_moved,join_ideal,join_settled_s,roll_batch,roll_round_s,\
-         roll_moved_per_round,roll_ideal_per_round,entries_per_s_roll,roll_settled,placements_computed"
+         roll_moved_per_round,roll_ideal_per_round,entries_per_s_roll,roll_settled,placements_computed,\
+         placement_ms_median,placement_ms_max"
     );
     for n in sizes {
         let shards = 16 * n as u32;
@@ -195,6 +209,7 @@ fn main() {
             entries: 0,
             grants: 0,
             tick_ns: Vec::new(),
+            placement_ns: Vec::new(),
             grant_ns: 0,
             moves: 0,
         };
@@ -227,11 +242,6 @@ fn main() {
         let secs = (kill_t as f64 / 1000.0).max(0.001);
         let grants_per_s = r.grants as f64 / secs;
         let grant_us_per_s = r.grant_ns as f64 / 1000.0 / secs;
-        let mut ticks = r.tick_ns.clone();
-        let tick_med = median(&mut ticks) / 1000;
-        let tick_max = ticks.last().copied().unwrap_or(0) / 1000;
-        // Share of one core: the tick's core calls ten times a second, plus the grants.
-        let cpu_share = (tick_med as f64 * 10.0 + grant_us_per_s) / 1e6;
 
         // A join wave of 10 % (at least one node).
         let join = (n / 10).max(1);
@@ -297,12 +307,21 @@ fn main() {
         }
         let (roll_entries, roll_t, roll_moves) = (r.entries - e2, r.t - t2, r.moves - m2);
         let rounds_f = rounds.max(1) as f64;
+        // Ticks from the kill on (kill, join wave, rolling restart), under the grant lock.
+        let mut ticks = r.tick_ns.clone();
+        let tick_med = median(&mut ticks) / 1000;
+        let tick_max = ticks.last().copied().unwrap_or(0) / 1000;
+        // Share of one core: the tick's core calls ten times a second, plus the grants.
+        let cpu_share = (tick_med as f64 * 10.0 + grant_us_per_s) / 1e6;
+        let mut placements = r.placement_ns.clone();
+        let placement_ms_med = median(&mut placements) as f64 / 1e6;
+        let placement_ms_max = placements.last().copied().unwrap_or(0) as f64 / 1e6;
         let roll_ideal = 2 * u64::from(shards) * batch as u64 / live.max(1);
 
         println!(
             "{n},{shards},{grants_per_s:.0},{map_bytes},{tick_med},{tick_max},{grant_us_per_s:.0},{cpu_share:.4},\
              {:.1},{:.1},{:.1},{kill_moves},{ideal_kill},{},{join_moves},{ideal_join},{},\
-             {batch},{:.1},{:.0},{roll_ideal},{:.1},{},{}",
+             {batch},{:.1},{:.0},{roll_ideal},{:.1},{},{},{placement_ms_med:.1},{placement_ms_max:.1}",
             form_entries as f64 / (form_t as f64 / 1000.0).max(0.001),
             kill_entries as f64 / secs,
             join_entries as f64 / (join_t as f64 / 1000.0).max(0.001),

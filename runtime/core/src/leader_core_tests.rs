@@ -275,3 +275,41 @@ fn a_starved_leader_does_not_fail_over_its_own_shards() {
     );
     assert!(c.grant("n1", at, 1).is_ok());
 }
+
+/// A placement computed outside the grant lock and offered gives the moves a fresh computation
+/// gives, and `moves` computes nothing itself; an outdated offer is ignored, never used.
+#[test]
+fn a_placement_offered_from_outside_the_lock_is_used_only_when_current() {
+    let base = Instant::now();
+    let rcfg = RebalanceConfig {
+        max_concurrent_handoffs: 8,
+        eps: 0.25,
+    };
+    let m = map(&[("n1", Up), ("n2", Up), ("n3", Joining)], &["n1", "n2"], 24);
+    let prepared = |c: &LeaderCore| {
+        let (shards, eligible) = c.placement_needed(&m, base, &rcfg).expect("not cached yet");
+        let mut cache = PlacementCache::default();
+        cache.assign(shards, &eligible, rcfg.eps).unwrap();
+        cache
+    };
+    let mut fresh = leader(base);
+    let expected = fresh.moves(&m, base, &rcfg);
+    assert!(!expected.is_empty(), "n3 joined: shards move to it");
+
+    let mut c = leader(base);
+    let cache = prepared(&c);
+    c.offer_placement(cache);
+    assert_eq!(c.placement_needed(&m, base, &rcfg), None, "held now");
+    let computed = c.placements_computed();
+    assert_eq!(c.moves(&m, base, &rcfg), expected);
+    assert_eq!(c.placements_computed(), computed, "moves computed nothing itself");
+
+    // An offer for another member set (n3 left meanwhile) is not used for this map.
+    let mut c = leader(base);
+    let other = map(&[("n1", Up), ("n2", Up)], &["n1", "n2"], 24);
+    let (shards, eligible) = c.placement_needed(&other, base, &rcfg).unwrap();
+    let mut stale = PlacementCache::default();
+    stale.assign(shards, &eligible, rcfg.eps).unwrap();
+    c.offer_placement(stale);
+    assert_eq!(c.moves(&m, base, &rcfg), expected);
+}

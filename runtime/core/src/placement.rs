@@ -221,9 +221,7 @@ impl PlacementCache {
         members: &[String],
         eps: f64,
     ) -> Result<&ShardMap, PlacementError> {
-        let hit = matches!(&self.last, Some((s, m, e, _))
-            if *s == shards && m.as_slice() == members && *e == eps.to_bits());
-        if !hit {
+        if !self.holds(shards, members, eps) {
             let map = assign(shards, members, eps)?;
             self.computed += 1;
             self.last = Some((shards, members.to_vec(), eps.to_bits(), map));
@@ -237,6 +235,21 @@ impl PlacementCache {
     /// How many times a placement was computed (not taken from the cache).
     pub fn computed(&self) -> u64 {
         self.computed
+    }
+
+    /// Whether the cached placement is the one for these inputs.
+    pub fn holds(&self, shards: u32, members: &[String], eps: f64) -> bool {
+        matches!(&self.last, Some((s, m, e, _))
+            if *s == shards && m.as_slice() == members && *e == eps.to_bits())
+    }
+
+    /// Takes `other`'s placement (one computed elsewhere, e.g. outside a lock), keeping this
+    /// cache's count.
+    pub fn take_from(&mut self, other: PlacementCache) {
+        if other.last.is_some() {
+            self.last = other.last;
+            self.computed += other.computed;
+        }
     }
 }
 

@@ -137,6 +137,20 @@ pub fn plan(
     )
 }
 
+/// The members shards may be placed on: up or joining, and not expired; sorted by name.
+pub fn eligible(
+    members: &BTreeMap<String, MemberState>,
+    expired: &BTreeSet<String>,
+) -> Vec<String> {
+    members
+        .iter()
+        .filter(|(name, state)| {
+            matches!(state, MemberState::Up | MemberState::Joining) && !expired.contains(*name)
+        })
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
 /// [`plan`], with the placement taken from `cache` while the eligible members stay the same
 /// (the leader's per-tick call).
 pub fn plan_cached(
@@ -146,13 +160,7 @@ pub fn plan_cached(
     cfg: &RebalanceConfig,
     cache: &mut placement::PlacementCache,
 ) -> Vec<Change> {
-    let eligible: Vec<String> = members
-        .iter()
-        .filter(|(name, state)| {
-            matches!(state, MemberState::Up | MemberState::Joining) && !expired.contains(*name)
-        })
-        .map(|(name, _)| name.clone())
-        .collect();
+    let eligible = eligible(members, expired);
     let Ok(shards) = u32::try_from(assignments.len()) else {
         return Vec::new();
     };
