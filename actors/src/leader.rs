@@ -14,8 +14,8 @@ use tidepool_runtime::control::{
 };
 use tidepool_runtime::leader_core::{LeaderCore, MoveKind, Refusal};
 use tidepool_runtime::lease::LeaseConfig;
-use tidepool_runtime::placement::PlacementCache;
 use tidepool_runtime::metrics as m;
+use tidepool_runtime::placement::PlacementCache;
 use tidepool_runtime::rebalance::RebalanceConfig;
 use tidepool_runtime::transport::Transport;
 use tracing::{debug, info, warn};

@@ -425,35 +425,13 @@ impl Node {
         socket: Option<Socket>,
         phase: crate::forming::PhaseTx,
     ) -> Result<Node, NodeError> {
-        let name = cfg.node.name.clone();
-        let tls = TlsMaterial::load_node(&cfg.tls.dir)?;
-        if tls.identity.name != name {
-            return Err(NodeError::WrongCertificate {
-                dir: cfg.tls.dir.display().to_string(),
-                expected: name,
-                found: tls.identity.name.clone(),
-            });
-        }
-        std::fs::create_dir_all(&cfg.node.data_dir).map_err(|source| NodeError::DataDir {
-            path: cfg.node.data_dir.display().to_string(),
-            source,
-        })?;
-        // Before binding anything: without its data keys a node can neither write nor read.
-        let keys = KeyRing::load(&cfg.data_key_file())?;
-        let store = Store::open(&cfg.storage.url, Arc::new(keys))?;
-        let tcfg = TransportConfig::from(&cfg.transport);
-        let policy = Arc::new(ClusterPolicy::default());
-        let transport = Transport::bind(
-            &name,
-            socket.unwrap_or(Socket::Bind(cfg.node.listen)),
-            &tls,
-            policy.clone(),
-            tcfg,
-        )?;
-        let addr = cfg.node.advertise.map_or_else(
-            || advertised(cfg.node.listen, &transport),
-            |a| a.to_string(),
-        );
+        let Local {
+            name,
+            store,
+            policy,
+            transport,
+            addr,
+        } = Local::open(cfg, socket)?;
 
         // Voters' addresses come from the seeds (their certificates say who they are).
         // Until the router exists, a stand-in answers `cluster status` with whom we wait for.
@@ -547,50 +525,23 @@ impl Node {
                 .await
                 .map_err(|e| NodeError::Spawn(e.to_string()))?;
 
-        let rcfg = RebalanceConfig::from(&cfg.cluster);
-        let mut tasks = vec![
-            tokio::spawn(leader::renew_loop(
-                name.clone(),
-                control.clone(),
-                transport.clone(),
-                leases.clone(),
-                meter.clone(),
-                cluster_load.clone(),
-            )),
-            tokio::spawn(leader::autoscale_loop(
-                name.clone(),
-                control.clone(),
-                cluster_load,
-                cfg.autoscale.policy(),
-                Duration::from_millis(cfg.autoscale.sample_ms),
-            )),
-            tokio::spawn(load::sample_loop(meter, router.clone(), transport.clone())),
-            tokio::spawn(leader::leader_loop(
-                cfg.cluster.shards,
-                control.clone(),
-                leases.clone(),
-                rcfg,
-            )),
-            tokio::spawn(driver::run(
-                DriverConfig {
-                    me: name.clone(),
-                    shards: cfg.cluster.shards,
-                    log_queue: cfg.shard.max_inflight,
-                },
-                control.clone(),
-                router.clone(),
-                supervisor.clone(),
+        let tasks = spawn_loops(
+            cfg,
+            Loops {
+                name: name.clone(),
+                control: control.clone(),
+                transport: transport.clone(),
+                leases: leases.clone(),
+                router: router.clone(),
+                supervisor: supervisor.clone(),
                 store,
-                leases.clone(),
+                meter,
+                cluster_load,
+                policy,
+                coordinators,
                 failed_rx,
-            )),
-        ];
-        tasks.push(tokio::spawn(job_admin::manage(coordinators)));
-        tasks.push(tokio::spawn(watch_members(
-            control.clone(),
-            transport.clone(),
-            policy,
-        )));
+            },
+        );
         join(
             &control,
             &name,
@@ -729,6 +680,121 @@ impl Readiness {
 }
 
 /// The address peers should dial: the configured listen address, with the bound port if 0.
+/// What a node opens on its own machine before it talks to anyone: its certificate (checked
+/// against its name), data dir, data keys, storage, and its bound endpoint.
+struct Local {
+    name: String,
+    store: Store,
+    policy: Arc<ClusterPolicy>,
+    transport: Transport,
+    /// The address other nodes dial.
+    addr: String,
+}
+
+impl Local {
+    fn open(cfg: &NodeConfig, socket: Option<Socket>) -> Result<Local, NodeError> {
+        let name = cfg.node.name.clone();
+        let tls = TlsMaterial::load_node(&cfg.tls.dir)?;
+        if tls.identity.name != name {
+            return Err(NodeError::WrongCertificate {
+                dir: cfg.tls.dir.display().to_string(),
+                expected: name,
+                found: tls.identity.name.clone(),
+            });
+        }
+        std::fs::create_dir_all(&cfg.node.data_dir).map_err(|source| NodeError::DataDir {
+            path: cfg.node.data_dir.display().to_string(),
+            source,
+        })?;
+        // Before binding anything: without its data keys a node can neither write nor read.
+        let keys = KeyRing::load(&cfg.data_key_file())?;
+        let store = Store::open(&cfg.storage.url, Arc::new(keys))?;
+        let policy = Arc::new(ClusterPolicy::default());
+        let transport = Transport::bind(
+            &name,
+            socket.unwrap_or(Socket::Bind(cfg.node.listen)),
+            &tls,
+            policy.clone(),
+            TransportConfig::from(&cfg.transport),
+        )?;
+        let addr = cfg.node.advertise.map_or_else(
+            || advertised(cfg.node.listen, &transport),
+            |a| a.to_string(),
+        );
+        Ok(Local {
+            name,
+            store,
+            policy,
+            transport,
+            addr,
+        })
+    }
+}
+
+/// The handles the node's background loops run on.
+struct Loops {
+    name: String,
+    control: ControlPlane,
+    transport: Transport,
+    leases: Arc<Leases>,
+    router: Router,
+    supervisor: ActorRef<SupervisorMsg>,
+    store: Store,
+    meter: Arc<LoadMeter>,
+    cluster_load: Arc<ClusterLoad>,
+    policy: Arc<ClusterPolicy>,
+    coordinators: CoordinatorCtx,
+    failed_rx: mpsc::UnboundedReceiver<u32>,
+}
+
+/// Spawns the node's background loops: lease renewal, autoscaling, load sampling, the leader's
+/// step, the ownership driver, job coordination and the member watch.
+fn spawn_loops(cfg: &NodeConfig, l: Loops) -> Vec<tokio::task::JoinHandle<()>> {
+    vec![
+        tokio::spawn(leader::renew_loop(
+            l.name.clone(),
+            l.control.clone(),
+            l.transport.clone(),
+            l.leases.clone(),
+            l.meter.clone(),
+            l.cluster_load.clone(),
+        )),
+        tokio::spawn(leader::autoscale_loop(
+            l.name.clone(),
+            l.control.clone(),
+            l.cluster_load,
+            cfg.autoscale.policy(),
+            Duration::from_millis(cfg.autoscale.sample_ms),
+        )),
+        tokio::spawn(load::sample_loop(
+            l.meter,
+            l.router.clone(),
+            l.transport.clone(),
+        )),
+        tokio::spawn(leader::leader_loop(
+            cfg.cluster.shards,
+            l.control.clone(),
+            l.leases.clone(),
+            RebalanceConfig::from(&cfg.cluster),
+        )),
+        tokio::spawn(driver::run(
+            DriverConfig {
+                me: l.name,
+                shards: cfg.cluster.shards,
+                log_queue: cfg.shard.max_inflight,
+            },
+            l.control.clone(),
+            l.router,
+            l.supervisor,
+            l.store,
+            l.leases,
+            l.failed_rx,
+        )),
+        tokio::spawn(job_admin::manage(l.coordinators)),
+        tokio::spawn(watch_members(l.control, l.transport, l.policy)),
+    ]
+}
+
 fn advertised(listen: SocketAddr, transport: &Transport) -> String {
     match transport.local_addr() {
         Ok(a) if listen.port() == 0 => SocketAddr::new(listen.ip(), a.port()).to_string(),

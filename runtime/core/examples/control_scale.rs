@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use tidepool_core::control::{apply, ClusterMap, Command, MemberState};
 use tidepool_core::leader_core::LeaderCore;
-use tidepool_core::placement::PlacementCache;
 use tidepool_core::lease::LeaseConfig;
+use tidepool_core::placement::PlacementCache;
 use tidepool_core::rebalance::RebalanceConfig;
 
 const TICK: Duration = Duration::from_millis(100);

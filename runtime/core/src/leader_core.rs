@@ -271,10 +271,8 @@ impl LeaderCore {
             .collect();
         let eligible = rebalance::eligible(&states, &expired);
         let shards = u32::try_from(map.shards.len()).ok()?;
-        (shards > 0
-            && !eligible.is_empty()
-            && !self.placements.holds(shards, &eligible, rcfg.eps))
-        .then_some((shards, eligible))
+        (shards > 0 && !eligible.is_empty() && !self.placements.holds(shards, &eligible, rcfg.eps))
+            .then_some((shards, eligible))
     }
 
     /// A placement computed outside the lock (see [`placement_needed`](Self::placement_needed));

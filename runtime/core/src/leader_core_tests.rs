@@ -285,7 +285,11 @@ fn a_placement_offered_from_outside_the_lock_is_used_only_when_current() {
         max_concurrent_handoffs: 8,
         eps: 0.25,
     };
-    let m = map(&[("n1", Up), ("n2", Up), ("n3", Joining)], &["n1", "n2"], 24);
+    let m = map(
+        &[("n1", Up), ("n2", Up), ("n3", Joining)],
+        &["n1", "n2"],
+        24,
+    );
     let prepared = |c: &LeaderCore| {
         let (shards, eligible) = c.placement_needed(&m, base, &rcfg).expect("not cached yet");
         let mut cache = PlacementCache::default();
@@ -302,7 +306,11 @@ fn a_placement_offered_from_outside_the_lock_is_used_only_when_current() {
     assert_eq!(c.placement_needed(&m, base, &rcfg), None, "held now");
     let computed = c.placements_computed();
     assert_eq!(c.moves(&m, base, &rcfg), expected);
-    assert_eq!(c.placements_computed(), computed, "moves computed nothing itself");
+    assert_eq!(
+        c.placements_computed(),
+        computed,
+        "moves computed nothing itself"
+    );
 
     // An offer for another member set (n3 left meanwhile) is not used for this map.
     let mut c = leader(base);
