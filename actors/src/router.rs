@@ -478,7 +478,7 @@ impl Router {
                 id: id as u32,
                 owner: a.owner.clone(),
                 epoch: a.epoch,
-                state: a.into(),
+                state: a.state().into(),
             })
             .collect()
     }

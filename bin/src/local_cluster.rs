@@ -301,14 +301,20 @@ impl LocalCluster {
         (0..self.nodes.len()).try_for_each(|i| self.start(i))
     }
 
-    /// Polls every running node's `/readyz` until all answer 200 or `timeout` passes. A node
-    /// that exits meanwhile fails the wait at once with its own log (a voter that cannot start
-    /// keeps the others from forming the cluster, and their logs only say they are waiting).
+    /// Polls every running node's `/readyz` until all answer 200 or `timeout` passes.
     pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        let mut pending: Vec<usize> = (0..self.nodes.len())
+        let running: Vec<usize> = (0..self.nodes.len())
             .filter(|&i| self.nodes[i].child.is_some())
             .collect();
+        self.wait_nodes_ready(running, timeout).await
+    }
+
+    /// Polls the `/readyz` of the nodes `pending` (together) until all answer 200 or `timeout`
+    /// passes. A node that exits meanwhile fails the wait at once with its own log (a voter that
+    /// cannot start keeps the others from forming the cluster, and their logs only say they are
+    /// waiting).
+    async fn wait_nodes_ready(&mut self, mut pending: Vec<usize>, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
         while !pending.is_empty() {
             let mut still = Vec::new();
             for i in pending {
@@ -421,21 +427,7 @@ impl LocalCluster {
 
     /// Polls node `i`'s `/readyz` until 200.
     pub async fn wait_node_ready(&mut self, i: usize, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Ok((200, _)) = crate::http::get(self.nodes[i].admin, "/readyz").await {
-                return Ok(());
-            }
-            self.bail_if_exited(i)?;
-            if Instant::now() > deadline {
-                bail!(
-                    "{} not ready within {timeout:?}; log:\n{}",
-                    self.nodes[i].name,
-                    self.tail_log(i)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
-        }
+        self.wait_nodes_ready(vec![i], timeout).await
     }
 
     /// SIGTERMs node `i` and waits for it to exit.

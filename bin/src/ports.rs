@@ -1,11 +1,10 @@
 //! Loopback ports for the node processes of local clusters and tests, safe to hand to a child
 //! process while other test processes run beside this one.
 //!
-//! "Bind port 0, read the port, release it, start the node on it" races with everything else on
-//! the machine: the OS hands the same port out again as the *ephemeral source port* of the next
-//! outgoing connection (a test's HTTP client polling `/metrics`, another node dialling QUIC), and
-//! the node then fails to bind. CI saw exactly that: a voter of one test's cluster never came up
-//! while two other multi-process tests ran beside it.
+//! "Bind port 0, read the port, release it, start the node on it" hands out a port nobody holds:
+//! the next call may get the same one (CI saw a node configured with `admin` equal to `listen`,
+//! which refused to start, so its cluster never formed), and the OS may give it to anyone's next
+//! outgoing connection as its ephemeral source port before the node binds it.
 //!
 //! So ports are drawn at random *below* the kernel's ephemeral range (which outgoing connections
 //! never use), checked free for UDP and TCP alike, and reserved across processes by a file named
@@ -89,7 +88,11 @@ fn claim(file: &std::path::Path) -> Result<bool> {
             .open(file)
         {
             Ok(mut f) => {
-                write!(f, "{}", std::process::id())?;
+                if let Err(e) = write!(f, "{}", std::process::id()) {
+                    // An empty file would look like one being written, forever.
+                    let _ = std::fs::remove_file(file);
+                    return Err(e).with_context(|| format!("reserving {}", file.display()));
+                }
                 return Ok(true);
             }
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {

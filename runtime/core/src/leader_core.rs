@@ -232,13 +232,9 @@ impl LeaderCore {
         now: Instant,
         rcfg: &RebalanceConfig,
     ) -> Vec<(MoveKind, Command)> {
-        let Some((_, table)) = self.table.as_ref() else {
+        let Some(expired) = self.expired_now(map, now) else {
             return Vec::new();
         };
-        let expired = without_me(
-            table.expired_nodes(map.members.keys().map(String::as_str), now),
-            &self.me,
-        );
         rebalance::update_expiring(&mut self.expiring, &expired, map, &self.me);
         rebalance_commands_cached(map, &expired, rcfg, &mut self.placements)
     }
@@ -259,17 +255,8 @@ impl LeaderCore {
         now: Instant,
         rcfg: &RebalanceConfig,
     ) -> Option<(u32, Vec<String>)> {
-        let (_, table) = self.table.as_ref()?;
-        let expired = without_me(
-            table.expired_nodes(map.members.keys().map(String::as_str), now),
-            &self.me,
-        );
-        let states: BTreeMap<String, MemberState> = map
-            .members
-            .values()
-            .map(|m| (m.name.clone(), m.state))
-            .collect();
-        let eligible = rebalance::eligible(&states, &expired);
+        let expired = self.expired_now(map, now)?;
+        let eligible = rebalance::eligible(&member_states(map), &expired);
         let shards = u32::try_from(map.shards.len()).ok()?;
         (shards > 0 && !eligible.is_empty() && !self.placements.holds(shards, &eligible, rcfg.eps))
             .then_some((shards, eligible))
@@ -280,6 +267,16 @@ impl LeaderCore {
     /// afresh otherwise, so an outdated offer costs time, never a wrong move.
     pub fn offer_placement(&mut self, cache: PlacementCache) {
         self.placements.take_from(cache);
+    }
+
+    /// The members (other than this node) whose lease must have expired at `now`; `None` while
+    /// this node does not lead.
+    fn expired_now(&self, map: &ClusterMap, now: Instant) -> Option<BTreeSet<String>> {
+        let (_, table) = self.table.as_ref()?;
+        Some(without_me(
+            table.expired_nodes(map.members.keys().map(String::as_str), now),
+            &self.me,
+        ))
     }
 
     /// The simulation's deliberately broken variants reach in from outside through these.
@@ -322,6 +319,14 @@ impl LeaderCore {
 /// starved leader whose own grant had aged past the expiry wait reassigned its own shards as if
 /// it had failed, then granted itself a lease and served them next to their new owner: found by
 /// the starved rolling restart.) Its own serving still stops at its own lease's expiry.
+/// Each member's state, by name (what `rebalance` takes).
+fn member_states(map: &ClusterMap) -> BTreeMap<String, MemberState> {
+    map.members
+        .values()
+        .map(|m| (m.name.clone(), m.state))
+        .collect()
+}
+
 fn without_me(expired: impl IntoIterator<Item = String>, me: &str) -> BTreeSet<String> {
     expired.into_iter().filter(|n| n != me).collect()
 }
@@ -367,12 +372,7 @@ pub fn rebalance_commands_cached(
     rcfg: &RebalanceConfig,
     cache: &mut PlacementCache,
 ) -> Vec<(MoveKind, Command)> {
-    let states: BTreeMap<String, MemberState> = map
-        .members
-        .values()
-        .map(|m| (m.name.clone(), m.state))
-        .collect();
-    rebalance::plan_cached(&map.shards, &states, expired, rcfg, cache)
+    rebalance::plan_cached(&map.shards, &member_states(map), expired, rcfg, cache)
         .into_iter()
         .filter_map(|change| {
             let shard = match &change {

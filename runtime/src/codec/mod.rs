@@ -225,14 +225,13 @@ impl std::fmt::Display for WireShardState {
     }
 }
 
-impl From<&crate::control::ShardAssignment> for WireShardState {
-    fn from(a: &crate::control::ShardAssignment) -> Self {
-        if a.handoff_to.is_some() {
-            WireShardState::Handoff
-        } else if a.owner.is_some() {
-            WireShardState::Serving
-        } else {
-            WireShardState::Unassigned
+impl From<crate::control::AssignmentState> for WireShardState {
+    fn from(s: crate::control::AssignmentState) -> Self {
+        use crate::control::AssignmentState as A;
+        match s {
+            A::Serving => WireShardState::Serving,
+            A::Handoff => WireShardState::Handoff,
+            A::Unassigned => WireShardState::Unassigned,
         }
     }
 }

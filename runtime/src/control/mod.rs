@@ -72,8 +72,8 @@ pub use network::{RaftTransport, RpcKind};
 pub use records::{AutoscaleStatus, DatasetRecord, DatasetSource, JobRecord, JobState, JobUpdate};
 use store::RaftStore;
 pub use types::{
-    apply, node_id, ClusterMap, Command, CommandResponse, Member, MemberState, NodeInfo, Revoked,
-    ShardAssignment,
+    apply, node_id, AssignmentState, ClusterMap, Command, CommandResponse, Member, MemberState,
+    NodeInfo, Revoked, ShardAssignment,
 };
 
 openraft::declare_raft_types!(

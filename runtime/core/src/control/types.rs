@@ -108,16 +108,26 @@ pub struct ShardAssignment {
     pub handoff_to: Option<String>,
 }
 
+/// Where a shard's assignment stands (what `cluster shards` reports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssignmentState {
+    /// Owned, no handoff in progress.
+    Serving,
+    /// Owned, with a handoff target set.
+    Handoff,
+    /// No owner yet.
+    Unassigned,
+}
+
 impl ShardAssignment {
-    /// The stable name used in `cluster shards --json`: `"handoff"` while a handoff target is
-    /// set, else `"serving"` with an owner, else `"unassigned"`.
-    pub fn state(&self) -> &'static str {
+    /// `Handoff` while a handoff target is set, else `Serving` with an owner, else `Unassigned`.
+    pub fn state(&self) -> AssignmentState {
         if self.handoff_to.is_some() {
-            "handoff"
+            AssignmentState::Handoff
         } else if self.owner.is_some() {
-            "serving"
+            AssignmentState::Serving
         } else {
-            "unassigned"
+            AssignmentState::Unassigned
         }
     }
 }
@@ -459,7 +469,7 @@ mod tests {
         assert!(map
             .shards
             .iter()
-            .all(|s| s.state() == "unassigned" && s.epoch == 0));
+            .all(|s| s.state() == AssignmentState::Unassigned && s.epoch == 0));
         assert_eq!(
             apply(&mut map, &Command::Init { shards: 3 }),
             CommandResponse::Ok
@@ -536,7 +546,7 @@ mod tests {
             apply(&mut map, &assign(1, 0, Some("a"), 1, None)),
             CommandResponse::Ok
         );
-        assert_eq!(map.shards[1].state(), "serving");
+        assert_eq!(map.shards[1].state(), AssignmentState::Serving);
         // The same decision again (a retry, a stale leader) is rejected: epoch is now 1.
         assert!(matches!(
             apply(&mut map, &assign(1, 0, Some("a"), 1, None)),
@@ -546,7 +556,7 @@ mod tests {
             apply(&mut map, &assign(1, 1, Some("a"), 1, Some("b"))),
             CommandResponse::Ok
         );
-        assert_eq!(map.shards[1].state(), "handoff");
+        assert_eq!(map.shards[1].state(), AssignmentState::Handoff);
         assert_eq!(
             apply(&mut map, &assign(1, 1, Some("b"), 2, None)),
             CommandResponse::Ok
