@@ -375,6 +375,40 @@ impl Driver {
                     }
                 });
             }
+            Effect::CheckFence { epoch, attempt } => {
+                let (store, done) = (self.store.clone(), self.done.clone());
+                tokio::spawn(async move {
+                    let ev = match store.check_fence(shard, epoch).await {
+                        Ok(end) => {
+                            metrics::counter!(m::SHARD_RESUMES, "result" => "ok").increment(1);
+                            Event::Restored {
+                                epoch,
+                                seq: end.saturating_sub(1),
+                                attempt,
+                            }
+                        }
+                        Err(StorageError::Fenced { .. }) => {
+                            metrics::counter!(m::SHARD_RESUMES, "result" => "fenced").increment(1);
+                            Event::FencedByStorage { epoch }
+                        }
+                        Err(e) => {
+                            metrics::counter!(m::SHARD_RESUMES, "result" => "error").increment(1);
+                            warn!(shard, epoch, error = %e, "resume check failed; restoring instead");
+                            Event::RestoreFailed {
+                                reason: e.to_string(),
+                                attempt,
+                            }
+                        }
+                    };
+                    let _ = done.send(Done::Event(shard, ev));
+                });
+            }
+            Effect::Resume { epoch } => {
+                // A lapse is not a handoff: no handoff duration for it.
+                self.handoff_started.remove(&shard);
+                self.router.resume(shard, epoch);
+                debug!(shard, epoch, "resumed in place");
+            }
             Effect::StartServing { epoch } => {
                 let Some((e, restored)) = self.restored.remove(&shard) else {
                     warn!(shard, epoch, "asked to serve without restored state");

@@ -268,6 +268,35 @@ impl Router {
         }
     }
 
+    /// A suspended shard (its actor kept, admission stopped when the lease lapsed) serves again
+    /// at `epoch`: admission reopens, the ownership log opens an interval now (if the lease is
+    /// valid), and what was buffered meanwhile goes to the actor, in arrival order.
+    pub fn resume(&self, shard: u32, epoch: u64) {
+        let Some(slot) = self.inner.slots.get(shard as usize) else {
+            return;
+        };
+        let buffered = {
+            let _order = self.sync_ownership_locked();
+            let mut s = slot.lock();
+            if s.actor.is_none() || s.epoch != epoch {
+                return;
+            }
+            s.accepting = true;
+            if !s.logged && self.lease_valid() {
+                s.logged = true;
+                self.inner
+                    .ownership
+                    .record(shard, epoch, Event::Start, Instant::now());
+            }
+            std::mem::take(&mut s.buffer)
+        };
+        if !buffered.is_empty() {
+            metrics::gauge!(m::HANDOFF_BUFFERED).decrement(buffered.len() as f64);
+            let this = self.clone();
+            tokio::spawn(async move { this.forward_buffered(shard, buffered).await });
+        }
+    }
+
     /// Stops admitting new ops to a slot, recording the end of this node's ownership interval
     /// (call with the ownership order held and the edges applied).
     fn close_slot(&self, shard: u32, s: &mut Slot) {

@@ -88,7 +88,9 @@ metric_table! {
     HANDOFF_BUFFERED = "tidepool_handoff_buffered_messages", Gauge, None, [],
         "Requests buffered at the router for shards in handoff (bounded per shard).";
     SHARD_RESTORES = "tidepool_shard_restores_total", Counter, None, ["result"],
-        "Shard restores from checkpoint + op log when this node became an owner (ok, error).";
+        "Shard restores from checkpoint + op log when this node became an owner (ok, fenced, error).";
+    SHARD_RESUMES = "tidepool_shard_resumes_total", Counter, None, ["result"],
+        "Suspended shards whose lease came back: resumed in place after a fence check (ok), found fenced by a newer epoch (fenced), or restored because the check failed (error).";
     STORAGE_REJECTED_OBJECTS = "tidepool_storage_rejected_objects_total", Counter, None, ["reason"],
         "Storage objects refused on read and never served (truncated, malformed, version, unknown_key, forged).";
     STORAGE_SEALED_OBJECTS = "tidepool_storage_sealed_objects_total", Counter, None, [],
@@ -270,7 +272,8 @@ pub const ZERO_SERIES: &[(&str, &str, &[&str])] = &[
         ],
     ),
     (ROUTER_FORWARDED, "result", &["ok", "error"]),
-    (SHARD_RESTORES, "result", &["ok", "error"]),
+    (SHARD_RESTORES, "result", &["ok", "fenced", "error"]),
+    (SHARD_RESUMES, "result", &["ok", "fenced", "error"]),
     (
         STORAGE_REJECTED_OBJECTS,
         "reason",

@@ -627,6 +627,12 @@ enum StoreReq {
         /// The machine's restore attempt this answers.
         attempt: u64,
     },
+    /// A suspended actor's fence check (read only).
+    CheckFence {
+        shard: u32,
+        epoch: u64,
+        attempt: u64,
+    },
     Append {
         shard: u32,
         epoch: u64,
@@ -650,6 +656,12 @@ enum StoreRes {
         epoch: u64,
         attempt: u64,
         res: Result<(ShardData, u64), StoreFail>,
+    },
+    Checked {
+        shard: u32,
+        epoch: u64,
+        attempt: u64,
+        res: Result<(), StoreFail>,
     },
     Appended {
         shard: u32,
@@ -1686,7 +1698,25 @@ impl Sim {
                     },
                 );
             }
+            Effect::CheckFence { epoch, attempt } => self.storage(
+                n,
+                StoreReq::CheckFence {
+                    shard,
+                    epoch,
+                    attempt,
+                },
+            ),
             Effect::StartServing { epoch } => self.start_serving(n, shard, epoch),
+            Effect::Resume { epoch } => {
+                let slot = &mut self.nodes[n].slots[s];
+                if slot.actor.as_ref().is_some_and(|a| a.epoch == epoch) {
+                    slot.accepting = true;
+                    self.log(format!(
+                        "{}: resumes shard {shard} at epoch {epoch} (lease back, fence checked)",
+                        self.name(n)
+                    ));
+                }
+            }
             Effect::StopServing { reason } => {
                 self.log(format!(
                     "{}: stops serving shard {shard} ({reason})",
@@ -2096,6 +2126,32 @@ impl Sim {
                     res,
                 }
             }
+            StoreReq::CheckFence {
+                shard,
+                epoch,
+                attempt,
+            } => {
+                let res = match fail {
+                    Some(false) => Err(injected(false)),
+                    _ => match self.rt.block_on(store.check_fence(shard, epoch)) {
+                        Ok(_) if fail == Some(true) => Err(injected(true)),
+                        Ok(_) => Ok(()),
+                        Err(e) => match classify(shard, e) {
+                            RestoreFail::Store(f) => Err(f),
+                            RestoreFail::Violation(v) => {
+                                self.violation = Some(v);
+                                return;
+                            }
+                        },
+                    },
+                };
+                StoreRes::Checked {
+                    shard,
+                    epoch,
+                    attempt,
+                    res,
+                }
+            }
             StoreReq::Append {
                 shard,
                 epoch,
@@ -2253,6 +2309,26 @@ impl Sim {
                 Err(StoreFail::Failed(reason)) => {
                     self.feed(n, shard, Event::RestoreFailed { reason, attempt });
                     self.done(n, shard, Event::Retry, RETRY_BACKOFF_MS);
+                }
+            },
+            StoreRes::Checked {
+                shard,
+                epoch,
+                attempt,
+                res,
+            } => match res {
+                Ok(()) => self.feed(
+                    n,
+                    shard,
+                    Event::Restored {
+                        epoch,
+                        seq: 0,
+                        attempt,
+                    },
+                ),
+                Err(StoreFail::Fenced) => self.feed(n, shard, Event::FencedByStorage { epoch }),
+                Err(StoreFail::Failed(reason)) => {
+                    self.feed(n, shard, Event::RestoreFailed { reason, attempt })
                 }
             },
             StoreRes::Appended { shard, actor, res } => self.appended(n, shard, actor, res),

@@ -234,7 +234,7 @@ fn actors_bug_a_previous_writer_of_the_same_epoch_fences_the_new_one() {
     assert!(o.trace.iter().any(|l| l.ends_with("fenced")));
 }
 
-/// Rare under these faults (about one seed in 2000): pinned. If a change to the model moves it,
+/// Rare under these faults (about one seed in 1300): pinned. If a change to the model moves it,
 /// find another with `SIM_FIXES=forget-after-expiry,reset-when-fenced SIM_SEEDS=3000`.
 #[test]
 fn actors_bug_a_grant_can_outrun_the_map_that_took_the_shards_away() {
@@ -243,14 +243,14 @@ fn actors_bug_a_grant_can_outrun_the_map_that_took_the_shards_away() {
         .without("map-with-grant")
         .and_then(|f| f.without("no-grant-while-expiring"))
         .unwrap();
-    let o = run_seed(352, None, fixes);
+    let o = run_seed(135, None, fixes);
     println!("{}", o.report(20));
     assert!(
         matches!(o.violation, Some(Violation::TwoOwners { .. })),
         "{}",
         o.report(20)
     );
-    assert_eq!(run_seed(352, None, Fixes::AS_IS).violation, None);
+    assert_eq!(run_seed(135, None, Fixes::AS_IS).violation, None);
 }
 
 #[test]

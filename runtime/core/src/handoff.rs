@@ -26,12 +26,22 @@
 //! - **Takeover** (assigned to this node at a new epoch, gracefully or after a crash):
 //!   [`Effect::StopAccepting`], [`Effect::Restore`], then [`Effect::StartServing`] and
 //!   [`Effect::DeliverBuffered`].
-//! - **Lease lost**: stop serving at once ([`Effect::StopServing`]) and buffer. On regaining the
-//!   lease while still assigned, restore again before serving: the restore's fence is what
-//!   proves that nobody took the shard meanwhile. Restores are numbered, and only the latest
-//!   attempt's result counts: an earlier restore at the same epoch that finishes late read the log
-//!   before the writes acknowledged since (by this node, between two lease losses), and serving
-//!   its state would answer reads without them.
+//! - **Lease lost**: stop admitting at once and buffer ([`Effect::StopAccepting`]; the actor and
+//!   its log writer already refuse everything once the lease lapsed on the node's own clock). A
+//!   shard that was serving plainly (no handoff under way) is *suspended*: its actor keeps its
+//!   state. On regaining the lease while the assignment is unchanged, [`Effect::CheckFence`]
+//!   proves from storage that no newer epoch took the log meanwhile, and [`Effect::Resume`] lets
+//!   the same actor serve again: a short lapse costs one storage read, not a restore (under CPU
+//!   starvation, restoring every shard after every lapse starved the next renewal, a loop). The
+//!   suspended state is the log's: an op is applied in memory before its append, but an append
+//!   that fails faults the writer, which then answers nothing more, and the caller throws the
+//!   machine and the actor away and restores from storage. Any other lapse (during a handoff,
+//!   a restore or a check) stops the actor ([`Effect::StopServing`]), and regaining the lease
+//!   restores again before serving: the restore's fence is what proves that nobody took the
+//!   shard meanwhile. Restores are numbered, and only the latest attempt's result counts: an
+//!   earlier restore at the same epoch that finishes late read the log before the writes
+//!   acknowledged since (by this node, between two lease losses), and serving its state would
+//!   answer reads without them.
 //! - **Fenced by storage** (a write was refused because a newer epoch fenced the log): stop and
 //!   stay [`ShardRole::Fenced`] until an assignment with a newer epoch arrives.
 //! - **Stale assignments** (an epoch older than one already seen, or the same epoch naming another
@@ -187,9 +197,25 @@ pub enum Effect {
         /// Numbers this machine's restores; the answer carries it back.
         attempt: u64,
     },
-    /// Start (or resume) accepting operations at `epoch`, on the restored state.
+    /// Start accepting operations at `epoch`, on the restored state (a new actor).
     StartServing {
         /// The epoch to stamp on every write.
+        epoch: u64,
+    },
+    /// Read (never write) the shard's log and check that `epoch` still holds it: no newer epoch
+    /// fenced or wrote it since this node's suspended actor last served. Answer with
+    /// [`Event::Restored`] (same `attempt`; `seq` is not used), [`Event::FencedByStorage`], or
+    /// [`Event::RestoreFailed`] (which stops the actor and falls back to a full restore).
+    CheckFence {
+        /// The epoch the suspended actor serves at.
+        epoch: u64,
+        /// Numbered with the restores; the answer carries it back.
+        attempt: u64,
+    },
+    /// The suspended actor (still alive, its state the log's) accepts operations at `epoch`
+    /// again; the router delivers what it buffered meanwhile to it.
+    Resume {
+        /// The epoch the actor serves at.
         epoch: u64,
     },
     /// Stop the shard actor: no more operations are applied or acknowledged here.
@@ -221,6 +247,10 @@ enum RestoreState {
     /// (epoch, attempt)
     Failed(u64, u64),
     Done(u64),
+    /// The actor of this epoch is alive but admits nothing: the lease lapsed while it served.
+    Suspended(u64),
+    /// (epoch, attempt): [`Effect::CheckFence`] issued for a suspended actor.
+    Checking(u64, u64),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -364,18 +394,21 @@ impl ShardHandoff {
                 }
             }
             Event::Restored { epoch, attempt, .. } => {
-                if matches!(self.restore, RestoreState::InFlight(e, a) | RestoreState::Failed(e, a) if e == epoch && a == attempt)
+                if matches!(self.restore, RestoreState::InFlight(e, a) | RestoreState::Failed(e, a) | RestoreState::Checking(e, a) if e == epoch && a == attempt)
                 {
                     self.restore = RestoreState::Done(epoch);
                 }
             }
-            Event::RestoreFailed { attempt, .. } => {
-                if let RestoreState::InFlight(e, a) = self.restore {
-                    if a == attempt {
-                        self.restore = RestoreState::Failed(e, a);
-                    }
+            Event::RestoreFailed { attempt, .. } => match self.restore {
+                RestoreState::InFlight(e, a) if a == attempt => {
+                    self.restore = RestoreState::Failed(e, a);
                 }
-            }
+                // The check could not read the log: give up the suspended actor and restore.
+                RestoreState::Checking(_, a) if a == attempt => {
+                    self.stand_down(&mut fx, "resume check failed");
+                }
+                _ => {}
+            },
             Event::FencedByStorage { epoch } => self.on_fenced(epoch),
             Event::Retry => self.on_retry(&mut fx),
         }
@@ -517,12 +550,34 @@ impl ShardHandoff {
             return;
         }
         if !self.lease_valid {
-            self.stand_down(fx, "lease lost");
+            match self.restore {
+                // Serving plainly at this epoch (or suspended, or checking, since): suspend.
+                RestoreState::Done(e)
+                | RestoreState::Suspended(e)
+                | RestoreState::Checking(e, _)
+                    if e == a.epoch && self.live && self.drain.is_none() =>
+                {
+                    self.restore = RestoreState::Suspended(e);
+                }
+                _ => self.stand_down(fx, "lease lost"),
+            }
             self.buffer(fx);
             return;
         }
         match self.restore {
             RestoreState::Done(e) if e == a.epoch => {}
+            RestoreState::Suspended(e) if e == a.epoch && self.live => {
+                self.buffer(fx);
+                self.restore_attempts += 1;
+                let attempt = self.restore_attempts;
+                self.restore = RestoreState::Checking(e, attempt);
+                fx.push(Effect::CheckFence { epoch: e, attempt });
+                return;
+            }
+            RestoreState::Checking(e, _) if e == a.epoch => {
+                self.buffer(fx);
+                return;
+            }
             RestoreState::InFlight(e, _) | RestoreState::Failed(e, _) if e == a.epoch => {
                 self.buffer(fx);
                 return;
@@ -546,7 +601,14 @@ impl ShardHandoff {
             None => {
                 self.drain = None;
                 if !self.accepting {
-                    fx.push(Effect::StartServing { epoch: a.epoch });
+                    if self.live {
+                        // A suspended actor whose fence checked out: it serves on, and the
+                        // router hands it what it buffered meanwhile.
+                        fx.push(Effect::Resume { epoch: a.epoch });
+                        self.buffering = false;
+                    } else {
+                        fx.push(Effect::StartServing { epoch: a.epoch });
+                    }
                     self.accepting = true;
                     self.live = true;
                 }

@@ -305,14 +305,12 @@ fn crash_takeover() {
         with(
             serve_a(3),
             vec![
-                (
-                    Event::LeaseLost,
-                    vec![stop("lease lost"), F::StopAccepting],
-                    R::NotOwner,
-                ),
+                // Suspended: the actor stays, admitting nothing.
+                (Event::LeaseLost, vec![F::StopAccepting], R::NotOwner),
+                // Reassigned meanwhile: the suspended actor stops, the buffer goes to b.
                 (
                     assigned(4, "b", None),
-                    vec![F::DeliverBuffered],
+                    vec![stop("reassigned"), F::DeliverBuffered],
                     R::NotOwner,
                 ),
                 (Event::LeaseRegained, vec![], R::NotOwner),
@@ -383,16 +381,14 @@ fn lease_loss_while_serving() {
         with(
             serve_a(2),
             vec![
-                (
-                    Event::LeaseLost,
-                    vec![stop("lease lost"), F::StopAccepting],
-                    R::NotOwner,
-                ),
+                // Suspended: the actor keeps its state; admission stops.
+                (Event::LeaseLost, vec![F::StopAccepting], R::NotOwner),
                 (Event::LeaseLost, vec![], R::NotOwner),
-                // Regained: restore again (the fence proves nobody took the shard meanwhile).
+                // Regained: check from storage that nobody fenced the log meanwhile (a read,
+                // no replay), then the same actor serves on with what was buffered.
                 (
                     Event::LeaseRegained,
-                    vec![F::Restore {
+                    vec![F::CheckFence {
                         epoch: 2,
                         attempt: 2,
                     }],
@@ -401,11 +397,148 @@ fn lease_loss_while_serving() {
                 (
                     Event::Restored {
                         epoch: 2,
-                        seq: 5,
+                        seq: 0,
                         attempt: 2,
+                    },
+                    vec![F::Resume { epoch: 2 }],
+                    serving(2),
+                ),
+            ],
+        ),
+    );
+    run_table(
+        "lapsed again while the fence check ran: its answer is not used",
+        "a",
+        with(
+            serve_a(2),
+            vec![
+                (Event::LeaseLost, vec![F::StopAccepting], R::NotOwner),
+                (
+                    Event::LeaseRegained,
+                    vec![F::CheckFence {
+                        epoch: 2,
+                        attempt: 2,
+                    }],
+                    R::Restoring { epoch: 2 },
+                ),
+                (Event::LeaseLost, vec![], R::NotOwner),
+                (
+                    Event::Restored {
+                        epoch: 2,
+                        seq: 0,
+                        attempt: 2,
+                    },
+                    vec![],
+                    R::NotOwner,
+                ),
+                (
+                    Event::LeaseRegained,
+                    vec![F::CheckFence {
+                        epoch: 2,
+                        attempt: 3,
+                    }],
+                    R::Restoring { epoch: 2 },
+                ),
+                (
+                    Event::Restored {
+                        epoch: 2,
+                        seq: 0,
+                        attempt: 3,
+                    },
+                    vec![F::Resume { epoch: 2 }],
+                    serving(2),
+                ),
+            ],
+        ),
+    );
+    run_table(
+        "the fence check finds a newer epoch: fenced, the actor stops",
+        "a",
+        with(
+            serve_a(2),
+            vec![
+                (Event::LeaseLost, vec![F::StopAccepting], R::NotOwner),
+                (
+                    Event::LeaseRegained,
+                    vec![F::CheckFence {
+                        epoch: 2,
+                        attempt: 2,
+                    }],
+                    R::Restoring { epoch: 2 },
+                ),
+                (
+                    Event::FencedByStorage { epoch: 2 },
+                    vec![stop("fenced")],
+                    R::Fenced { epoch: 2 },
+                ),
+            ],
+        ),
+    );
+    run_table(
+        "the fence check cannot read the log: the actor stops and a full restore follows",
+        "a",
+        with(
+            serve_a(2),
+            vec![
+                (Event::LeaseLost, vec![F::StopAccepting], R::NotOwner),
+                (
+                    Event::LeaseRegained,
+                    vec![F::CheckFence {
+                        epoch: 2,
+                        attempt: 2,
+                    }],
+                    R::Restoring { epoch: 2 },
+                ),
+                (
+                    Event::RestoreFailed {
+                        reason: "503".into(),
+                        attempt: 2,
+                    },
+                    vec![
+                        stop("resume check failed"),
+                        F::Restore {
+                            epoch: 2,
+                            attempt: 3,
+                        },
+                    ],
+                    R::Restoring { epoch: 2 },
+                ),
+                (
+                    Event::Restored {
+                        epoch: 2,
+                        seq: 5,
+                        attempt: 3,
                     },
                     vec![F::StartServing { epoch: 2 }, F::DeliverBuffered],
                     serving(2),
+                ),
+            ],
+        ),
+    );
+    run_table(
+        "a handoff set while suspended: checkpoint through the live actor, no resume",
+        "a",
+        with(
+            serve_a(2),
+            vec![
+                (Event::LeaseLost, vec![F::StopAccepting], R::NotOwner),
+                (assigned(2, "a", Some("b")), vec![], R::NotOwner),
+                (
+                    Event::LeaseRegained,
+                    vec![F::CheckFence {
+                        epoch: 2,
+                        attempt: 2,
+                    }],
+                    R::Restoring { epoch: 2 },
+                ),
+                (
+                    Event::Restored {
+                        epoch: 2,
+                        seq: 0,
+                        attempt: 2,
+                    },
+                    vec![F::WriteCheckpoint { epoch: 2 }],
+                    draining(2, "b"),
                 ),
             ],
         ),
@@ -888,6 +1021,8 @@ enum StorageOp {
     /// (epoch, attempt)
     Restore(u64, u64),
     Checkpoint(u64),
+    /// (epoch, attempt): a suspended actor's fence check.
+    Check(u64, u64),
 }
 
 #[derive(Debug)]
@@ -1036,6 +1171,22 @@ impl World {
                     n.accepting = None;
                     n.state_pos = None;
                 }
+                F::CheckFence { epoch, attempt } => {
+                    prop_assert!(n.state_pos.is_some(), "fence check without a live actor");
+                    n.storage_ops.push(StorageOp::Check(epoch, attempt))
+                }
+                F::Resume { epoch } => {
+                    // The suspended actor serves on: its state must hold every acknowledged
+                    // write (nobody else wrote meanwhile), and the router hands it its buffer.
+                    prop_assert_eq!(
+                        n.state_pos,
+                        Some(self.log_len),
+                        "node {} resumes a state missing acknowledged writes",
+                        i
+                    );
+                    n.accepting = Some(epoch);
+                    n.buffering = false;
+                }
                 F::DeliverBuffered => {
                     prop_assert!(n.buffering, "DeliverBuffered without StopAccepting");
                     n.buffering = false;
@@ -1090,7 +1241,19 @@ impl World {
         }
         let op = ops.remove(pick % ops.len());
         let result = match op {
-            StorageOp::Restore(e, _) if e < self.fence => Event::FencedByStorage { epoch: e },
+            StorageOp::Restore(e, _) | StorageOp::Check(e, _) if e < self.fence => {
+                Event::FencedByStorage { epoch: e }
+            }
+            StorageOp::Check(_, attempt) if fail => Event::RestoreFailed {
+                reason: "injected".into(),
+                attempt,
+            },
+            // Read only: the log still ends with this epoch's writes.
+            StorageOp::Check(e, attempt) => Event::Restored {
+                epoch: e,
+                seq: self.log_len,
+                attempt,
+            },
             StorageOp::Checkpoint(e) if e < self.fence => Event::FencedByStorage { epoch: e },
             StorageOp::Restore(_, attempt) if fail => Event::RestoreFailed {
                 reason: "injected".into(),

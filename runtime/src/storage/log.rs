@@ -223,6 +223,29 @@ impl Store {
         self.fence_with(shard, epoch, |_| async {}).await
     }
 
+    /// Checks, reading only, that `epoch` still holds the log: its last segment is this epoch's
+    /// (a fence or an append). Returns the log's end. `Err(Fenced)` if a newer epoch fenced or
+    /// wrote it; `Err(Corrupt)` if the log is empty or ends with an older epoch (this epoch's
+    /// fence is gone: the caller must not trust its in-memory state). Unlike [`Store::fence`]
+    /// it writes nothing, so the epoch's running log writer keeps its next seq: an owner whose
+    /// lease lapsed and came back resumes with it instead of restoring.
+    pub async fn check_fence(&self, shard: u32, epoch: u64) -> Result<u64, StorageError> {
+        match self.last_segment(shard).await? {
+            Some(last) if last.epoch == epoch => Ok(last.end()),
+            Some(last) if last.epoch > epoch => Err(StorageError::Fenced {
+                shard,
+                seq: last.end(),
+            }),
+            other => Err(StorageError::Corrupt {
+                path: format!("shard {shard} log"),
+                reason: format!(
+                    "expected epoch {epoch}'s fence at the end, found {}",
+                    other.map_or("an empty log".to_string(), |s| format!("epoch {}", s.epoch))
+                ),
+            }),
+        }
+    }
+
     /// `fence` with a hook run between reading the end and creating the fence (tests use it to
     /// slip an old owner's segment in).
     pub(crate) async fn fence_with<F, Fut>(

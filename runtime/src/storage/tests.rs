@@ -971,3 +971,35 @@ proptest! {
         runtime().block_on(run_model(b.store.clone(), ops))?;
     }
 }
+
+/// The resume check reads only: it accepts the epoch that holds the log end (after its fence or
+/// its own appends, without moving the end), refuses once a newer epoch fenced, and distrusts a
+/// log that does not end with the epoch at all.
+#[tokio::test]
+async fn check_fence_reads_the_owner_of_the_log_end() {
+    for b in backends() {
+        let s = &b.store;
+        assert!(
+            matches!(s.check_fence(S, 1).await, Err(StorageError::Corrupt { .. })),
+            "{}: an empty log holds no fence",
+            b.label
+        );
+        let fence = s.fence(S, 2).await.unwrap();
+        assert_eq!(s.check_fence(S, 2).await.unwrap(), fence + 1);
+        s.append(S, 2, fence + 1, 2, recs(&[1, 2])).await.unwrap();
+        assert_eq!(s.check_fence(S, 2).await.unwrap(), fence + 3, "{}", b.label);
+        // Nothing written: the writer's next append still fits.
+        s.append(S, 2, fence + 3, 1, recs(&[3])).await.unwrap();
+        assert!(
+            matches!(s.check_fence(S, 5).await, Err(StorageError::Corrupt { .. })),
+            "{}: the log ends with an older epoch than the one asked for",
+            b.label
+        );
+        s.fence(S, 3).await.unwrap();
+        assert!(
+            matches!(s.check_fence(S, 2).await, Err(StorageError::Fenced { .. })),
+            "{}: a newer epoch fenced it",
+            b.label
+        );
+    }
+}
