@@ -1,7 +1,8 @@
-//! The ownership driver: one task per node that turns cluster-map changes, lease validity,
-//! storage faults and actor failures into shard handoff events, feeds them to one sans-IO
-//! [`ShardHandoff`] machine per shard, and carries out the effects (restore, start and stop
-//! actors, checkpoint, commit the handoff, buffer and forward requests).
+//! The ownership driver: one task per node that feeds cluster-map changes, lease validity,
+//! storage faults and actor failures to the sans-IO [`OwnershipCore`] (one handoff machine per
+//! shard; every decision is there) and carries out the effects it returns (restore, start and
+//! stop actors, checkpoint, commit the handoff, buffer and forward requests). What stays here is
+//! I/O and time: storage calls, actor messages, retry delays with jitter, timeouts.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,9 +11,10 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBackoff, ExponentialBuilder};
 use ractor::ActorRef;
 use tidepool_runtime::codec::ErrorCode;
-use tidepool_runtime::control::{Command, ControlPlane, ShardAssignment};
-use tidepool_runtime::handoff::{Effect, Event, ShardHandoff};
+use tidepool_runtime::control::ControlPlane;
+use tidepool_runtime::handoff::{Effect, Event};
 use tidepool_runtime::metrics as m;
+use tidepool_runtime::ownership::OwnershipCore;
 use tidepool_runtime::storage::{StorageError, Store};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, warn};
@@ -21,7 +23,7 @@ use crate::leader::Leases;
 use crate::restore::{restore_shard, RestoreError, Restored};
 use crate::router::Router;
 use crate::serve_gate::ServeGate;
-use crate::shard::ShardMsg;
+use crate::shard::{ShardMsg, ShardState};
 use crate::shard_log::{Ended, LogFault, ShardLog};
 use crate::supervisor::SupervisorMsg;
 
@@ -79,14 +81,9 @@ pub async fn run(
         store,
         done: done_tx,
         faults: fault_tx,
-        machines: (0..cfg.shards)
-            .map(|s| ShardHandoff::new(cfg.me.clone(), s))
-            .collect(),
-        seen: vec![None; cfg.shards as usize],
-        restored: HashMap::new(),
+        core: OwnershipCore::new(cfg.me.clone(), cfg.shards),
         handoff_started: HashMap::new(),
         backoff: HashMap::new(),
-        lease_valid: false,
         gate: leases.holder.clone(),
         writers: HashMap::new(),
     };
@@ -106,11 +103,8 @@ pub async fn run(
                 // Lease lapses and regains reach the ownership log dated when they happened
                 // (admission stopped at the lapse), however late this tick runs.
                 d.router.sync_ownership();
-                if valid != d.lease_valid {
-                    d.lease_valid = valid;
-                    let ev = if valid { Event::LeaseRegained } else { Event::LeaseLost };
-                    for s in 0..d.cfg.shards { d.feed(s, ev.clone()).await; }
-                }
+                let fx = d.core.on_lease(Instant::now(), valid);
+                d.run(fx).await;
             }
             Some(done) = done_rx.recv() => d.on_done(done).await,
             Some((shard, epoch, fault)) = fault_rx.recv() => {
@@ -135,13 +129,11 @@ struct Driver {
     store: Store,
     done: mpsc::UnboundedSender<Done>,
     faults: mpsc::Sender<(u32, u64, LogFault)>,
-    machines: Vec<ShardHandoff>,
-    seen: Vec<Option<ShardAssignment>>,
-    restored: HashMap<u32, (u64, Box<Restored>)>,
+    /// Every decision: the shards' machines, the assignments seen, the awaited restores' state.
+    core: OwnershipCore<ShardState>,
     handoff_started: HashMap<u32, Instant>,
     /// Each shard's retry delays since its last success or assignment change.
     backoff: HashMap<u32, ExponentialBackoff>,
-    lease_valid: bool,
     /// Given to each shard's log writer: no reply leaves after this node's lease lapsed.
     gate: Arc<ServeGate>,
     /// Each shard's latest log writer and its epoch: a restore at that epoch waits until it
@@ -153,17 +145,11 @@ impl Driver {
     /// Feeds every changed assignment to its shard's machine; returns the map index acted on.
     async fn on_map(&mut self) -> u64 {
         let map = self.control.map().borrow().clone();
-        for (s, a) in map.shards.iter().enumerate() {
-            let s = s as u32;
-            if self.seen.get(s as usize).and_then(|x| x.as_ref()) == Some(a) {
-                continue;
-            }
-            if let Some(slot) = self.seen.get_mut(s as usize) {
-                *slot = Some(a.clone());
-            }
+        let change = self.core.on_map(Instant::now(), &map);
+        for s in change.changed {
             self.backoff.remove(&s);
-            self.feed(s, assigned(a)).await;
         }
+        self.run(change.effects).await;
         map.applied_index
     }
 
@@ -171,16 +157,20 @@ impl Driver {
     /// (actor failure, storage failure): the state is rebuilt from storage.
     async fn reset(&mut self, shard: u32) {
         self.stop_actor(shard).await;
-        self.restored.remove(&shard);
         self.backoff.remove(&shard);
-        if let Some(m) = self.machines.get_mut(shard as usize) {
-            *m = ShardHandoff::new(self.cfg.me.clone(), shard);
+        let fx = self.core.reset(Instant::now(), shard);
+        self.run_for(shard, fx).await;
+    }
+
+    async fn run(&mut self, effects: Vec<(u32, Effect)>) {
+        for (shard, e) in effects {
+            self.effect(shard, e).await;
         }
-        if self.lease_valid {
-            self.feed(shard, Event::LeaseRegained).await;
-        }
-        if let Some(Some(a)) = self.seen.get(shard as usize).cloned() {
-            self.feed(shard, assigned(&a)).await;
+    }
+
+    async fn run_for(&mut self, shard: u32, effects: Vec<Effect>) {
+        for e in effects {
+            self.effect(shard, e).await;
         }
     }
 
@@ -194,30 +184,19 @@ impl Driver {
             }
             Done::Restored(s, epoch, attempt, r) => {
                 self.backoff.remove(&s);
-                let seq = r.next_seq.saturating_sub(1);
-                // Only the restore the machine waits for is kept: an earlier one at the same
-                // epoch, finishing late, read the log before writes acknowledged since.
-                let awaited = self
-                    .machines
-                    .get(s as usize)
-                    .and_then(ShardHandoff::awaiting_restore);
-                if awaited == Some((epoch, attempt)) {
-                    self.restored.insert(s, (epoch, r));
-                } else {
+                let Restored {
+                    state, next_seq, ..
+                } = *r;
+                let (fx, kept) =
+                    self.core
+                        .on_restored(Instant::now(), s, epoch, attempt, state, next_seq);
+                if !kept {
                     debug!(
                         shard = s,
                         epoch, attempt, "superseded restore finished; dropped"
                     );
                 }
-                self.feed(
-                    s,
-                    Event::Restored {
-                        epoch,
-                        seq,
-                        attempt,
-                    },
-                )
-                .await;
+                self.run_for(s, fx).await;
             }
             Done::Backoff(s) => {
                 let delay = self
@@ -237,13 +216,8 @@ impl Driver {
     }
 
     async fn feed(&mut self, shard: u32, ev: Event) {
-        let Some(m) = self.machines.get_mut(shard as usize) else {
-            return;
-        };
-        let effects = m.handle(Instant::now(), ev);
-        for e in effects {
-            self.effect(shard, e).await;
-        }
+        let fx = self.core.feed(Instant::now(), shard, ev);
+        self.run_for(shard, fx).await;
     }
 
     async fn effect(&mut self, shard: u32, e: Effect) {
@@ -279,11 +253,8 @@ impl Driver {
                 // A shard restored here but handed off before it started serving (the leader
                 // moved it on while it was restoring) has no actor: its checkpoint is the
                 // restored state itself, at the restored log position.
-                let unserved = match (router.serving(shard), self.restored.get(&shard)) {
-                    (None, Some((e, r))) if *e == epoch => Some((
-                        r.state.snapshot(r.next_seq.saturating_sub(1)),
-                        r.next_seq.saturating_sub(1),
-                    )),
+                let unserved = match (router.serving(shard), self.core.restored_at(shard, epoch)) {
+                    (None, Some((state, seq))) => Some((state.snapshot(seq), seq)),
                     _ => None,
                 };
                 let store = self.store.clone();
@@ -313,21 +284,11 @@ impl Driver {
                 });
             }
             Effect::ReportHandoffDone { epoch, .. } => {
-                let to = self
-                    .seen
-                    .get(shard as usize)
-                    .and_then(|a| a.as_ref())
-                    .and_then(|a| a.handoff_to.clone());
-                let Some(to) = to else { return };
+                let Some(cmd) = self.core.handoff_commit(shard, epoch) else {
+                    return;
+                };
                 let (control, done) = (self.control.clone(), self.done.clone());
                 tokio::spawn(async move {
-                    let cmd = Command::Assign {
-                        shard,
-                        expect_epoch: epoch,
-                        owner: Some(to),
-                        epoch: epoch + 1,
-                        handoff_to: None,
-                    };
                     match control.propose(cmd).await {
                         Ok(r) if r.is_ok() => {}
                         other => {
@@ -410,18 +371,15 @@ impl Driver {
                 debug!(shard, epoch, "resumed in place");
             }
             Effect::StartServing { epoch } => {
-                let Some((e, restored)) = self.restored.remove(&shard) else {
+                let Some((state, next_seq)) = self.core.take_restored(shard, epoch) else {
                     warn!(shard, epoch, "asked to serve without restored state");
                     return;
                 };
-                if e != epoch {
-                    return;
-                }
                 let log = ShardLog::start(
                     self.store.clone(),
                     shard,
                     epoch,
-                    restored.next_seq,
+                    next_seq,
                     self.cfg.log_queue,
                     self.faults.clone(),
                     self.gate.clone(),
@@ -431,7 +389,7 @@ impl Driver {
                 let msg = SupervisorMsg::Start {
                     shard,
                     epoch,
-                    state: restored.state,
+                    state,
                     log: Some(log),
                     reply: tx,
                 };
@@ -477,14 +435,6 @@ impl Driver {
                 let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
             }
         }
-    }
-}
-
-fn assigned(a: &ShardAssignment) -> Event {
-    Event::Assigned {
-        epoch: a.epoch,
-        owner: a.owner.clone(),
-        handoff_to: a.handoff_to.clone(),
     }
 }
 

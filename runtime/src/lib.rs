@@ -21,7 +21,9 @@
 #![deny(unsafe_code)]
 
 pub mod admission;
-pub use tidepool_core::{autoscale, handoff, leader_core, lease, placement, rebalance, serving};
+pub use tidepool_core::{
+    autoscale, handoff, leader_core, lease, ownership, placement, rebalance, serving,
+};
 pub mod budget;
 pub mod certs;
 pub mod client;

@@ -12,13 +12,17 @@
 //!
 //! - **Real code under test**: [`LeaseHolder`] and [`LeaseTable`] (lease arithmetic),
 //!   [`LeaderCore`] (the leader's grants, failure detection, promotion and revival, the very
-//!   code `actors/src/leader.rs` runs), [`ShardHandoff`] (one per node per shard),
+//!   code `actors/src/leader.rs` runs), [`OwnershipCore`] (the ownership driver's decisions:
+//!   one [`crate::handoff::ShardHandoff`] per shard, which assignment reaches which machine,
+//!   which restore's state is kept, what a reset feeds again, which commit a handoff proposes;
+//!   the very code `actors/src/driver.rs` runs),
 //!   `LeaderCore::moves` over `rebalance::plan` and [`placement`] (the leader's policy), [`apply`] (the cluster-map state machine) and [`Store`]
 //!   ([`Store::in_memory`]: create-once log segments, fences, checkpoints, restore, compaction),
 //!   driven through a current-thread tokio runtime with `block_on`, one call at a time.
 //! - **Ports of the glue in `actors/`** (kept close to the originals, with their constants
-//!   scaled by 1/2 together with the lease ttl): the ownership driver (`driver.rs`: feeds map
-//!   changes, lease validity every [`DRIVER_TICK_MS`], storage results; runs the effects), the
+//!   scaled by 1/2 together with the lease ttl): the ownership driver's I/O (`driver.rs`: hands
+//!   the core map changes, lease validity every [`DRIVER_TICK_MS`] and storage results, and
+//!   carries out the effects it returns), the
 //!   renewal loop and the leader loop's I/O around the core (`leader.rs`: when to confirm, what
 //!   to propose; the core's grant window is [`CONFIRMED_GRANT_WINDOW_MS`] here), the router's
 //!   admission rule (`router.rs`: the actor runs at the request's epoch, accepts, and the lease is
@@ -77,7 +81,7 @@
 //! here wrap that core from outside (test-only hooks that undo the fix before each step):
 //! [`Fixes::forget_after_expiry`] (two owners; `leader.rs`), [`Fixes::reset_when_fenced`] (a
 //! live owner parked as fenced by its own late write; `driver.rs`) and
-//! [`Fixes::map_with_grant`] (two owners; rare here, about one seed in 2000, first at seed 352,
+//! [`Fixes::map_with_grant`] (two owners; rare here, about one seed in 1300, pinned at seed 135,
 //! and later hit by the chaos harness's F5 under packet loss; `lease.rs`, `leader.rs`,
 //! `driver.rs`). A fourth bug, a handoff
 //! stuck on "no actor", was found here and by the chaos harness at the same time, and is fixed in
@@ -104,12 +108,11 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::control::types::{
-    apply, ClusterMap, Command, CommandResponse, MemberState, ShardAssignment,
-};
-use crate::handoff::{Effect, Event, ShardHandoff};
+use crate::control::types::{apply, ClusterMap, Command, CommandResponse, MemberState};
+use crate::handoff::{Effect, Event};
 use crate::leader_core::{LeaderCore, MoveKind};
 use crate::lease::{LeaseConfig, LeaseHolder};
+use crate::ownership::OwnershipCore;
 use crate::placement;
 use crate::rebalance::RebalanceConfig;
 use crate::storage::{Restore, StorageError, Store};
@@ -817,10 +820,8 @@ struct Node {
     believes: Option<u64>,
     /// The leader's lease and membership decisions: the real core.
     lead: LeaderCore,
-    driver_valid: bool,
-    machines: Vec<ShardHandoff>,
-    seen: Vec<Option<ShardAssignment>>,
-    restored: BTreeMap<u32, (u64, ShardData, u64)>,
+    /// The ownership driver's decisions: the real core.
+    own: OwnershipCore<ShardData>,
     slots: Vec<Slot>,
     wait_inflight: BTreeSet<u32>,
     /// Handoff reports waiting for the leader's answer, by shard.
@@ -845,10 +846,7 @@ impl Node {
             leader_view: None,
             believes: None,
             lead,
-            driver_valid: false,
-            machines: Vec::new(),
-            seen: Vec::new(),
-            restored: BTreeMap::new(),
+            own: OwnershipCore::new(String::new(), 0),
             slots: Vec::new(),
             wait_inflight: BTreeSet::new(),
             reports: BTreeMap::new(),
@@ -868,12 +866,7 @@ impl Node {
             cfg,
             Duration::from_millis(CONFIRMED_GRANT_WINDOW_MS),
         );
-        self.driver_valid = false;
-        self.machines = (0..shards)
-            .map(|s| ShardHandoff::new(self.name.clone(), s))
-            .collect();
-        self.seen = vec![None; shards as usize];
-        self.restored.clear();
+        self.own = OwnershipCore::new(self.name.clone(), shards);
         self.slots = (0..shards).map(|_| Slot::default()).collect();
         self.wait_inflight.clear();
         self.reports.clear();
@@ -1589,35 +1582,30 @@ impl Sim {
         self.after(DRIVER_TICK_MS, Ev::DriverTick(n, inc));
         let mut valid = self.lease_valid(n);
         if self.bug == Some(Bug::IgnoreLease) {
-            valid |= self.nodes[n].driver_valid;
+            // The broken variant lies to the core: once valid, never lapsed.
+            valid |= self.nodes[n].own.lease_valid();
         }
-        if valid != self.nodes[n].driver_valid {
-            self.nodes[n].driver_valid = valid;
-            let ev = if valid {
-                Event::LeaseRegained
-            } else {
-                Event::LeaseLost
-            };
-            for s in 0..self.shards {
-                self.feed(n, s, ev.clone());
-            }
-        }
+        let now = self.local(n);
+        let fx = self.nodes[n].own.on_lease(now, valid);
+        self.run_effects(n, fx);
     }
 
     fn on_map(&mut self, n: usize) {
         let map = self.nodes[n].map.clone();
-        for (s, a) in map.shards.iter().enumerate() {
-            if self.nodes[n].seen[s].as_ref() == Some(a) {
-                continue;
-            }
-            self.nodes[n].seen[s] = Some(a.clone());
-            self.feed(n, s as u32, assigned(a));
+        let now = self.local(n);
+        let change = self.nodes[n].own.on_map(now, &map);
+        self.run_effects(n, change.effects);
+    }
+
+    fn run_effects(&mut self, n: usize, fx: Vec<(u32, Effect)>) {
+        for (shard, e) in fx {
+            self.effect(n, shard, e);
         }
     }
 
     fn feed(&mut self, n: usize, shard: u32, ev: Event) {
         let now = self.local(n);
-        let fx = self.nodes[n].machines[shard as usize].handle(now, ev);
+        let fx = self.nodes[n].own.feed(now, shard, ev);
         for e in fx {
             self.effect(n, shard, e);
         }
@@ -1654,10 +1642,10 @@ impl Sim {
             }
             Effect::WriteCheckpoint { epoch } => {
                 let restored = self.nodes[n]
-                    .restored
-                    .get(&shard)
-                    .filter(|(e, _, _)| *e == epoch && self.bug != Some(Bug::NoActorCheckpoint))
-                    .map(|(_, data, next_seq)| (data.snapshot(), next_seq - 1));
+                    .own
+                    .restored_at(shard, epoch)
+                    .filter(|_| self.bug != Some(Bug::NoActorCheckpoint))
+                    .map(|(data, seq)| (data.snapshot(), seq));
                 if let Some(a) = self.nodes[n].slots[s].actor.as_mut() {
                     a.queue.push_back(Item::Checkpoint { epoch });
                     self.pump(n, shard);
@@ -1731,23 +1719,18 @@ impl Sim {
     /// `driver.rs`: proposes `(epoch + 1, handoff_to)` for a checkpointed shard, through
     /// `ControlPlane::propose`, which retries until its deadline.
     fn report_handoff(&mut self, n: usize, shard: u32, epoch: u64) {
-        let Some(to) = self.nodes[n].seen[shard as usize]
-            .as_ref()
-            .and_then(|a| a.handoff_to.clone())
-        else {
+        let Some(cmd) = self.nodes[n].own.handoff_commit(shard, epoch) else {
             return;
         };
-        self.log(format!(
-            "{}: shard {shard} checkpointed at epoch {epoch}, reports handoff to {to}",
-            self.name(n)
-        ));
-        let cmd = Command::Assign {
-            shard,
-            expect_epoch: epoch,
-            owner: Some(to),
-            epoch: epoch + 1,
-            handoff_to: None,
-        };
+        if let Command::Assign {
+            owner: Some(to), ..
+        } = &cmd
+        {
+            self.log(format!(
+                "{}: shard {shard} checkpointed at epoch {epoch}, reports handoff to {to}",
+                self.name(n)
+            ));
+        }
         let report = Report {
             id: 0,
             epoch,
@@ -1860,28 +1843,21 @@ impl Sim {
             self.name(n)
         ));
         self.stop_actor(n, shard);
-        let node = &mut self.nodes[n];
-        node.restored.remove(&shard);
-        node.machines[shard as usize] = ShardHandoff::new(node.name.clone(), shard);
-        if node.driver_valid {
-            self.feed(n, shard, Event::LeaseRegained);
-        }
-        if let Some(a) = self.nodes[n].seen[shard as usize].clone() {
-            self.feed(n, shard, assigned(&a));
+        let now = self.local(n);
+        let fx = self.nodes[n].own.reset(now, shard);
+        for e in fx {
+            self.effect(n, shard, e);
         }
     }
 
     fn start_serving(&mut self, n: usize, shard: u32, epoch: u64) {
-        let Some((e, data, next_seq)) = self.nodes[n].restored.remove(&shard) else {
+        let Some((data, next_seq)) = self.nodes[n].own.take_restored(shard, epoch) else {
             self.log(format!(
-                "{}: asked to serve shard {shard} without restored state",
+                "{}: asked to serve shard {shard} at epoch {epoch} without its restored state",
                 self.name(n)
             ));
             return;
         };
-        if e != epoch {
-            return;
-        }
         let id = self.next_actor;
         self.next_actor += 1;
         let slot = &mut self.nodes[n].slots[shard as usize];
@@ -2281,23 +2257,13 @@ impl Sim {
                 res,
             } => match res {
                 Ok((data, next_seq)) => {
-                    // `driver.rs`: only the attempt the machine waits for is kept.
-                    let awaited = self.nodes[n].machines[shard as usize].awaiting_restore();
-                    if awaited == Some((epoch, attempt)) {
-                        self.nodes[n]
-                            .restored
-                            .insert(shard, (epoch, data, next_seq));
+                    let now = self.local(n);
+                    let (fx, _) = self.nodes[n]
+                        .own
+                        .on_restored(now, shard, epoch, attempt, data, next_seq);
+                    for e in fx {
+                        self.effect(n, shard, e);
                     }
-                    let seq = next_seq - 1;
-                    self.feed(
-                        n,
-                        shard,
-                        Event::Restored {
-                            epoch,
-                            seq,
-                            attempt,
-                        },
-                    );
                 }
                 Err(StoreFail::Fenced) => {
                     self.log(format!(
@@ -2706,7 +2672,7 @@ impl Sim {
                         format!(
                             "{}: {:?}",
                             self.name(m),
-                            self.nodes[m].machines[s as usize].role()
+                            self.nodes[m].own.machine(s).map(|x| x.role())
                         )
                     })
                     .collect();
@@ -2830,14 +2796,6 @@ impl Sim {
 
 fn key_bytes(key: u32) -> Vec<u8> {
     format!("k{key}").into_bytes()
-}
-
-fn assigned(a: &ShardAssignment) -> Event {
-    Event::Assigned {
-        epoch: a.epoch,
-        owner: a.owner.clone(),
-        handoff_to: a.handoff_to.clone(),
-    }
 }
 
 enum RestoreFail {

@@ -8,6 +8,8 @@
 //!   rebalance commands.
 //! - [`serving`]: the admission rule (actor at the op's epoch, accepting, lease valid now).
 //! - [`handoff`]: the per-shard ownership state machine.
+//! - [`ownership`]: one node's machines for every shard, fed from the map, the lease and
+//!   effect results (the ownership driver's decisions).
 //! - [`rebalance`], [`placement`]: where shards go, paced.
 //! - [`autoscale`]: the autoscaling policy.
 //! - [`control`]: the replicated cluster map, its commands, and `apply`, the state machine.
@@ -17,6 +19,7 @@ pub mod control;
 pub mod handoff;
 pub mod leader_core;
 pub mod lease;
+pub mod ownership;
 pub mod placement;
 pub mod rebalance;
 pub mod serving;
