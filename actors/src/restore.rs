@@ -52,15 +52,18 @@ pub async fn restore_shard(
         if seg.fence || seg.records.is_empty() {
             continue;
         }
-        for rec in codec::decode_log(&seg.records).map_err(|e| bad(e.to_string()))? {
-            if rec.seq <= after {
-                continue;
+        // Replayed in place from the segment's bytes: no owned copy of any request.
+        replayed += codec::with_log(&seg.records, |records| {
+            let mut n = 0;
+            for rec in records.iter().filter(|r| r.seq.to_native() > after) {
+                if let Some(req) = rec.req.as_ref() {
+                    state.replay_archived(req);
+                    n += 1;
+                }
             }
-            if let Some(req) = rec.req {
-                state.replay(&req);
-                replayed += 1;
-            }
-        }
+            n
+        })
+        .map_err(|e| bad(e.to_string()))?;
     }
     Ok(Restored {
         state,

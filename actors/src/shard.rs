@@ -13,8 +13,8 @@ use nalgebra::DVector;
 use parking_lot::Mutex;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tidepool_runtime::codec::{
-    ArchivedBody, ArchivedOp, ErrorCode, Frame, IdemKey, Op, OpResult, SenderWindow, ShardRequest,
-    ShardSnapshot, SnapValue, TensorView,
+    ArchivedBody, ArchivedOp, ArchivedShardRequest, ErrorCode, Frame, IdemKey, Op, OpResult,
+    SenderWindow, ShardRequest, ShardRequestRef, ShardSnapshot, SnapValue, TensorView,
 };
 use tidepool_runtime::metrics as m;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
@@ -286,6 +286,15 @@ impl ShardState {
         let _ = self.apply(req.idem, OpRef::from_native(&req.op));
     }
 
+    /// [`replay`](Self::replay) of a request read in place from a log segment.
+    pub fn replay_archived(&mut self, req: &ArchivedShardRequest) {
+        let idem = IdemKey {
+            sender: req.idem.sender.to_native(),
+            seq: req.idem.seq.to_native(),
+        };
+        let _ = self.apply(idem, OpRef::from_archived(&req.op));
+    }
+
     /// Writes applied (not counting duplicates).
     pub fn applied(&self) -> u64 {
         self.applied
@@ -394,11 +403,9 @@ impl Actor for ShardActor {
                 let (result, wrote, input) = apply_input(st, input).await;
                 match &st.log {
                     Some(log) => {
-                        let record = if wrote {
-                            input.and_then(owned_request)
-                        } else {
-                            None
-                        };
+                        // The request goes to the log as it arrived (a validated frame is
+                        // encoded from in place): no owned copy, no decode.
+                        let record = if wrote { input } else { None };
                         log.submit(LogItem::Op {
                             record,
                             result,
@@ -421,13 +428,17 @@ impl Actor for ShardActor {
     }
 }
 
-fn owned_request(input: ShardInput) -> Option<ShardRequest> {
-    match input {
-        ShardInput::Local(r) => Some(r),
-        ShardInput::Wire(f) => match f.to_owned_envelope().ok()?.body {
-            tidepool_runtime::codec::Body::ShardRequest(r) => Some(r),
-            _ => None,
-        },
+impl ShardInput {
+    /// The request, borrowed where it lives (for the log writer); `None` for a frame that
+    /// holds no shard request (never admitted: the router checks the kind).
+    pub fn request_ref(&self) -> Option<ShardRequestRef<'_>> {
+        match self {
+            ShardInput::Local(r) => Some(ShardRequestRef::from_native(r)),
+            ShardInput::Wire(f) => match &f.envelope().body {
+                ArchivedBody::ShardRequest(r) => Some(ShardRequestRef::from_archived(r)),
+                _ => None,
+            },
+        }
     }
 }
 

@@ -11,14 +11,14 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use tidepool_runtime::codec::{self, ErrorCode, LogRecord, ShardRequest, ShardSnapshot};
+use tidepool_runtime::codec::{self, ErrorCode, LogRecordRef, ShardSnapshot};
 use tidepool_runtime::metrics as m;
 use tidepool_runtime::storage::{StorageError, Store};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tracing::{error, warn};
 
 use crate::serve_gate::ServeGate;
-use crate::shard::OpReply;
+use crate::shard::{OpReply, ShardInput};
 use std::sync::Arc;
 
 /// Ops per log segment at most.
@@ -29,7 +29,9 @@ const MAX_BATCH: usize = 512;
 pub enum LogItem {
     /// An op's reply, held until the op (if it wrote) is durable.
     Op {
-        record: Option<ShardRequest>,
+        /// The request to log, where it lives (a write that changed the state); `None` for
+        /// reads and duplicates.
+        record: Option<ShardInput>,
         result: OpReply,
         reply: oneshot::Sender<OpReply>,
         permit: Option<OwnedSemaphorePermit>,
@@ -217,7 +219,7 @@ async fn write_loop(
 }
 
 impl Writer {
-    async fn flush(&mut self, mut ops: Vec<LogItem>) {
+    async fn flush(&mut self, ops: Vec<LogItem>) {
         if ops.is_empty() {
             return;
         }
@@ -225,24 +227,30 @@ impl Writer {
             ops.into_iter().for_each(|i| fail(i, fault_code(f)));
             return;
         }
-        // The records move into the segment (no copy of their payloads, tensors included).
-        let records: Vec<LogRecord> = ops
-            .iter_mut()
+        // The segment is encoded straight from the requests where they live (a received frame
+        // is read in place): one copy of each payload, tensors included, into the segment.
+        let records: Vec<LogRecordRef<'_>> = ops
+            .iter()
             .filter_map(|i| match i {
-                LogItem::Op { record, .. } => record.take(),
-                LogItem::Checkpoint { .. } => None,
+                LogItem::Op {
+                    record: Some(input),
+                    ..
+                } => input.request_ref(),
+                _ => None,
             })
             .enumerate()
-            .map(|(i, req)| LogRecord {
+            .map(|(i, req)| LogRecordRef {
                 seq: self.next_seq + i as u64,
                 epoch: self.epoch,
                 req: Some(req),
             })
             .collect();
+        let encoded =
+            (!records.is_empty()).then(|| (records.len() as u64, codec::encode_log_refs(&records)));
+        drop(records);
         // The chaos harness's deliberately broken mode skips the append: acknowledged, not logged.
-        if !records.is_empty() && !skip_durability() {
-            let n = records.len() as u64;
-            let outcome = match codec::encode_log(&records) {
+        if let Some((n, encoded)) = encoded.filter(|_| !skip_durability()) {
+            let outcome = match encoded {
                 Ok(bytes) => {
                     self.store
                         .append(self.shard, self.epoch, self.next_seq, n, Bytes::from(bytes))
@@ -345,7 +353,7 @@ mod tests {
     use crate::shard::{ShardActor, ShardArgs, ShardInput, ShardMsg, ShardState};
     use crate::worker::WorkerPool;
     use std::time::Duration;
-    use tidepool_runtime::codec::{IdemKey, Op, OpResult};
+    use tidepool_runtime::codec::{IdemKey, Op, OpResult, ShardRequest};
     use tidepool_runtime::lease::LeaseConfig;
     use tokio::sync::Semaphore;
 

@@ -12,6 +12,11 @@
 //! - `postcard` / `bincode2`: `from_bytes::<Vec<f32>>` / `decode_from_slice` (standard config)
 //!   + the same reads. Both build an owned `Vec<f32>` (every element decoded and copied).
 //!
+//! - `log_segment/1M_f32/in_place`: the shard log writer's step for that write: the log segment
+//!   encoded straight from the validated frame (`encode_log_refs`); `decode_then_encode`: the
+//!   step as it was, the envelope deserialized into owned types, then encoded (`encode_log`).
+//!   Both produce the same bytes (asserted).
+//!
 //! `from_wire` and the peers free their 4 MiB inside the timed loop, so the allocator hands the
 //! same memory back each time (as in a long-running receiver; fresh pages would add page faults
 //! to every row). The `decode` rows get their buffer from an untimed setup and free it untimed.
@@ -21,8 +26,9 @@ use rkyv::util::AlignedVec;
 use std::hint::black_box;
 use tidepool_benches::report;
 use tidepool_runtime::codec::{
-    encode, ArchivedBody, ArchivedOp, Body, Dest, Envelope, Frame, IdemKey, Op, ShardRequest,
-    TensorView, DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_LEN,
+    encode, encode_log, encode_log_refs, ArchivedBody, ArchivedOp, Body, Dest, Envelope, Frame,
+    IdemKey, LogRecord, LogRecordRef, Op, ShardRequest, ShardRequestRef, TensorView,
+    DEFAULT_MAX_FRAME_BYTES, FRAME_HEADER_LEN,
 };
 
 const LEN: usize = 1 << 20;
@@ -125,6 +131,39 @@ fn decode(c: &mut Criterion) {
             v
         })
     });
+    g.finish();
+
+    // The shard log writer's step for a received 4 MiB tensor write: one log segment holding
+    // it. In place (what the writer does): the segment is encoded straight from the frame.
+    // Owned (what it did before): the envelope deserialized into owned types, then encoded.
+    let frame = Frame::from_wire(&wire, DEFAULT_MAX_FRAME_BYTES).expect("valid frame");
+    let req = match &frame.envelope().body {
+        ArchivedBody::ShardRequest(r) => r,
+        _ => panic!("not a shard request"),
+    };
+    let in_place = || {
+        let recs = vec![LogRecordRef {
+            seq: 1,
+            epoch: 1,
+            req: Some(ShardRequestRef::from_archived(req)),
+        }];
+        encode_log_refs(&recs).expect("encode")
+    };
+    let owned = || {
+        let Body::ShardRequest(r) = frame.to_owned_envelope().expect("owned").body else {
+            panic!("not a shard request");
+        };
+        let recs = vec![LogRecord {
+            seq: 1,
+            epoch: 1,
+            req: Some(r),
+        }];
+        encode_log(&recs).expect("encode")
+    };
+    assert_eq!(in_place(), owned(), "the same segment either way");
+    let mut g = c.benchmark_group("log_segment/1M_f32");
+    g.bench_function("in_place", |b| b.iter(|| black_box(in_place())));
+    g.bench_function("decode_then_encode", |b| b.iter(|| black_box(owned())));
     g.finish();
 
     report("decode", "wire_bytes", wire.len() as f64, "B");

@@ -26,7 +26,8 @@ pub use job::{
     FIXED_MAX, RESULT_CHUNK_HEADER,
 };
 pub use persist::{
-    decode_log, decode_snapshot, encode_log, encode_snapshot, LogRecord, SenderWindow,
+    decode_log, decode_snapshot, encode_log, encode_log_refs, encode_snapshot, with_log,
+    ArchivedLogRecord, LogRecord, LogRecordRef, OpSlices, SenderWindow, ShardRequestRef,
     ShardSnapshot, SnapValue,
 };
 pub use tensor::TensorView;
