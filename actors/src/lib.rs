@@ -41,6 +41,7 @@ pub mod restart;
 pub mod restore;
 pub mod router;
 pub mod serve_gate;
+pub mod services;
 pub mod shard;
 pub mod shard_log;
 pub mod supervisor;

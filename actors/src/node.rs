@@ -9,10 +9,7 @@ use std::time::{Duration, Instant};
 
 use ractor::{Actor, ActorRef};
 use tidepool_runtime::certs::Identity;
-use tidepool_runtime::codec::{
-    AdminOp, AutoscaleInfo, Body, ControlKind, DatasetPart, Dest, Envelope, ErrorCode, JobPartial,
-    JobTask, MemberInfo, MembershipOp, StatusInfo,
-};
+use tidepool_runtime::codec::{Body, ControlKind, Dest, Envelope};
 use tidepool_runtime::config::NodeConfig;
 use tidepool_runtime::control::{
     Command, ControlConfig, ControlPlane, MemberState, NodeInfo, RaftTransport, RpcKind,
@@ -31,10 +28,11 @@ use crate::driver::{self, DriverConfig};
 use crate::job_admin::{self, JobAdmin};
 use crate::job_exec::{JobExecutor, JobLimits, DEFAULT_CACHE_BYTES};
 use crate::leader::ClusterLoad;
-use crate::leader::{self, Grant, Leases};
+use crate::leader::{self, Leases};
 use crate::load::{self, LoadMeter};
 use crate::restart::RestartBudget;
-use crate::router::{futures_box, NodeServices, Router, RouterConfig};
+use crate::router::{Router, RouterConfig};
+use crate::services::Services;
 use crate::supervisor::{NodeSupervisor, SupervisorArgs, SupervisorMsg};
 use crate::worker::WorkerPool;
 
@@ -158,246 +156,6 @@ fn to_wire(k: RpcKind) -> ControlKind {
     }
 }
 
-fn from_wire(k: ControlKind) -> RpcKind {
-    match k {
-        ControlKind::RaftAppend => RpcKind::Append,
-        ControlKind::RaftVote => RpcKind::Vote,
-        ControlKind::RaftSnapshot => RpcKind::Snapshot,
-        ControlKind::Propose => RpcKind::Propose,
-        ControlKind::Join => RpcKind::Join,
-    }
-}
-
-/// What the router asks of the node.
-struct Services {
-    me: String,
-    control: ControlPlane,
-    leases: Arc<Leases>,
-    router: Router,
-    admin: Arc<JobAdmin>,
-    exec: Arc<JobExecutor>,
-    load: Arc<ClusterLoad>,
-    audit: AuditLog,
-}
-
-impl Services {
-    /// Admin operations that change membership run on the leader only, which checks the admin
-    /// certificate itself; elsewhere the client is told who leads (it retries there).
-    fn leader_only(&self) -> Result<(), (ErrorCode, String)> {
-        if self.control.is_leader() {
-            return Ok(());
-        }
-        let leader = self.control.leader().map(|l| l.name);
-        Err((
-            ErrorCode::NotLeader,
-            format!(
-                "membership changes are made by the leader ({})",
-                leader.as_deref().unwrap_or("none known")
-            ),
-        ))
-    }
-}
-
-/// A rejected command's reason, as the user reads it.
-fn rejected(r: &tidepool_runtime::control::CommandResponse) -> String {
-    r.rejection()
-        .unwrap_or("rejected by the control plane")
-        .to_string()
-}
-
-fn control_failed(e: tidepool_runtime::control::ControlError) -> (ErrorCode, String) {
-    use tidepool_runtime::control::ControlError as E;
-    let code = match &e {
-        E::NotLeader { .. } | E::NoLeader { .. } | E::Timeout(_) => ErrorCode::NotLeader,
-        E::Invalid(_) | E::Rejected(_) => ErrorCode::BadRequest,
-        E::Refused(_) => ErrorCode::Forbidden,
-        _ => ErrorCode::Internal,
-    };
-    (code, e.to_string())
-}
-
-impl NodeServices for Services {
-    fn control(
-        &self,
-        from: Identity,
-        kind: ControlKind,
-        payload: Vec<u8>,
-    ) -> futures_box::Fut<Result<Vec<u8>, ErrorCode>> {
-        let (control, audit) = (self.control.clone(), self.audit.clone());
-        Box::pin(async move {
-            let kind = from_wire(kind);
-            match control.handle_rpc(&from.name, kind, &payload).await {
-                Ok(reply) => Ok(reply),
-                Err(tidepool_runtime::control::ControlError::Refused(r)) => {
-                    metrics::counter!(m::CONTROL_REFUSED, "reason" => r.label()).increment(1);
-                    warn!(peer = %from.name, serial = %from.serial, rpc = %kind, reason = %r, "control request refused");
-                    audit
-                        .record(&from, &format!("raft_{kind}"), "", &format!("denied: {r}"))
-                        .await;
-                    ControlPlane::refusal_reply(kind, &r).ok_or(ErrorCode::Forbidden)
-                }
-                Err(e) => {
-                    tracing::debug!(peer = %from.name, error = %e, "control RPC failed");
-                    Err(ErrorCode::Internal)
-                }
-            }
-        })
-    }
-
-    fn renew_lease(&self, from: &str, utilization: f64, backlog: u64) -> Result<Grant, ErrorCode> {
-        if !self.control.is_leader() {
-            return Err(ErrorCode::NotLeader);
-        }
-        self.load.record(from, utilization, backlog);
-        let index = self.control.map().borrow().applied_index;
-        self.leases
-            .grant(from, Instant::now(), index)
-            .ok_or(ErrorCode::NotLeader)
-    }
-
-    fn drain(&self, node: String) -> futures_box::Fut<Result<(), (ErrorCode, String)>> {
-        let control = self.control.clone();
-        let leader = self.leader_only();
-        Box::pin(async move {
-            leader?;
-            if !control.map().borrow().members.contains_key(&node) {
-                return Err((ErrorCode::NotFound, format!("no member named {node:?}")));
-            }
-            let cmd = Command::SetMemberState {
-                name: node,
-                state: MemberState::Draining,
-            };
-            match control.propose(cmd).await.map_err(control_failed)? {
-                r if r.is_ok() => Ok(()),
-                r => Err((ErrorCode::BadRequest, rejected(&r))),
-            }
-        })
-    }
-
-    fn membership(
-        &self,
-        op: MembershipOp,
-        node: String,
-        serial: String,
-    ) -> futures_box::Fut<Result<String, (ErrorCode, String)>> {
-        let control = self.control.clone();
-        let leader = self.leader_only();
-        Box::pin(async move {
-            leader?;
-            let known = control.map().borrow().members.get(&node).cloned();
-            match op {
-                MembershipOp::Undrain => {
-                    let Some(m) = known else {
-                        return Err((ErrorCode::NotFound, format!("no member named {node:?}")));
-                    };
-                    if m.state != MemberState::Draining {
-                        return Err((
-                            ErrorCode::BadRequest,
-                            format!("{node} is {}, not draining", m.state.as_str()),
-                        ));
-                    }
-                    let cmd = Command::SetMemberState {
-                        name: node.clone(),
-                        state: MemberState::Up,
-                    };
-                    control.propose(cmd).await.map_err(control_failed)?;
-                    Ok(format!("{node} takes shards again"))
-                }
-                MembershipOp::VoterAdd | MembershipOp::VoterRemove if known.is_none() => {
-                    Err((ErrorCode::NotFound, format!("no member named {node:?}")))
-                }
-                MembershipOp::VoterAdd => {
-                    control.add_voter(&node).await.map_err(control_failed)?;
-                    Ok(format!("voters: {}", control.voters().join(", ")))
-                }
-                MembershipOp::VoterRemove => {
-                    control.remove_voter(&node).await.map_err(control_failed)?;
-                    Ok(format!("voters: {}", control.voters().join(", ")))
-                }
-                MembershipOp::Revoke => {
-                    let serial = serial.to_ascii_lowercase();
-                    let at_ms = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0, |d| d.as_millis() as u64);
-                    let cmd = Command::Revoke {
-                        serial: serial.clone(),
-                        name: node.clone(),
-                        at_ms,
-                    };
-                    match control.propose(cmd).await.map_err(control_failed)? {
-                        r if r.is_ok() => {}
-                        r => return Err((ErrorCode::BadRequest, rejected(&r))),
-                    }
-                    // A revoked node that is only a learner leaves the Raft group too, so the
-                    // leader stops replicating to it; a voter needs `cluster voters remove`.
-                    let mut text = format!("revoked certificate {serial} of {node}");
-                    if known.is_some() && control.forget_learner(&node).await.unwrap_or(false) {
-                        text.push_str(&format!("; {node} left the Raft group"));
-                    }
-                    Ok(text)
-                }
-            }
-        })
-    }
-
-    fn status(&self) -> StatusInfo {
-        let map = self.control.map().borrow().clone();
-        let live = self.router.transport().live_peers();
-        let counts = map.shards.iter().filter_map(|a| a.owner.clone()).fold(
-            std::collections::BTreeMap::new(),
-            |mut acc, o| {
-                *acc.entry(o).or_insert(0u32) += 1;
-                acc
-            },
-        );
-        let members = map
-            .members
-            .values()
-            .map(|mb| MemberInfo {
-                name: mb.name.clone(),
-                addr: mb.addr.clone(),
-                state: mb.state.into(),
-                reachable: mb.name == self.me || live.contains(&mb.name),
-                shards: counts.get(&mb.name).copied().unwrap_or(0),
-                voter: mb.voter,
-            })
-            .collect();
-        let autoscale = map.autoscale.as_ref().map(|a| AutoscaleInfo {
-            desired: a.desired,
-            current: a.current,
-            utilization: a.utilization,
-            backlog: a.backlog,
-            reason: a.reason.clone(),
-        });
-        StatusInfo {
-            leader: self.control.leader().map(|l| l.name).unwrap_or_default(),
-            term: self.control.term(),
-            members,
-            autoscale,
-            waiting_for: Vec::new(),
-        }
-    }
-
-    fn admin(
-        &self,
-        op: AdminOp,
-        payload: Vec<u8>,
-    ) -> futures_box::Fut<Result<Vec<u8>, (ErrorCode, String)>> {
-        let admin = self.admin.clone();
-        Box::pin(async move { admin.handle(op, &payload).await })
-    }
-
-    fn dataset_part(&self, part: DatasetPart) -> futures_box::Fut<Result<(), (ErrorCode, String)>> {
-        let admin = self.admin.clone();
-        Box::pin(async move { admin.dataset_part(part).await })
-    }
-
-    fn job_task(&self, task: JobTask) -> futures_box::Fut<JobPartial> {
-        let exec = self.exec.clone();
-        Box::pin(async move { exec.run(task).await })
-    }
-}
-
 /// A running node.
 #[derive(Debug)]
 pub struct Node {
@@ -490,7 +248,7 @@ impl Node {
             me: name.clone(),
             control: control.clone(),
             leases: leases.clone(),
-            router: router.clone(),
+            transport: router.transport().clone(),
             admin,
             exec: exec.clone(),
             load: cluster_load.clone(),

@@ -16,11 +16,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use ractor::ActorRef;
-use tidepool_runtime::certs::Identity;
-use tidepool_runtime::codec::{
-    AdminOp, Body, ControlKind, DatasetPart, Dest, Envelope, ErrorCode, Frame, JobPartial, JobTask,
-    MembershipOp, ShardInfo, ShardRequest, StatusInfo,
-};
+use tidepool_runtime::codec::{Body, Dest, Envelope, ErrorCode, Frame, ShardInfo, ShardRequest};
 use tidepool_runtime::control::ClusterMap;
 use tidepool_runtime::metrics as m;
 use tidepool_runtime::transport::{Link, Transport};
@@ -32,6 +28,7 @@ pub mod inbound;
 use crate::audit::AuditLog;
 use crate::ownership_log::{Event, OwnershipLog};
 use crate::serve_gate::ServeGate;
+use crate::services::Services;
 use crate::shard::{OpReply, ShardInput, ShardMsg};
 use inbound::reply;
 use tidepool_runtime::lease::ServeEdge;
@@ -39,52 +36,6 @@ use tidepool_runtime::serving;
 
 /// Requests forwarded for clients at once (bounded memory).
 const MAX_FORWARDS: usize = 4096;
-
-/// What the router asks of the rest of the node (control plane, leases). Implemented by
-/// [`crate::node`]; kept behind a trait so routing does not depend on how those work.
-pub trait NodeServices: Send + Sync + 'static {
-    /// A control-plane RPC (Raft, propose, join) from `from`.
-    fn control(
-        &self,
-        from: Identity,
-        kind: ControlKind,
-        payload: Vec<u8>,
-    ) -> futures_box::Fut<Result<Vec<u8>, ErrorCode>>;
-    /// A lease renewal from node `from` reporting its load (utilisation 0..=1, backlog), if
-    /// this node is the leader: (ttl, term).
-    fn renew_lease(
-        &self,
-        from: &str,
-        utilization: f64,
-        backlog: u64,
-    ) -> Result<crate::leader::Grant, ErrorCode>;
-    /// Admin, on the leader only: drain `node`.
-    fn drain(&self, node: String) -> futures_box::Fut<Result<(), (ErrorCode, String)>>;
-    /// Admin, on the leader only: a membership operation (undrain, voters, revocation).
-    fn membership(
-        &self,
-        op: MembershipOp,
-        node: String,
-        serial: String,
-    ) -> futures_box::Fut<Result<String, (ErrorCode, String)>>;
-    /// `cluster status`.
-    fn status(&self) -> StatusInfo;
-    /// Client: a dataset or job admin request (JSON in, JSON out).
-    fn admin(
-        &self,
-        op: AdminOp,
-        payload: Vec<u8>,
-    ) -> futures_box::Fut<Result<Vec<u8>, (ErrorCode, String)>>;
-    /// Client: store one uploaded dataset partition segment.
-    fn dataset_part(&self, part: DatasetPart) -> futures_box::Fut<Result<(), (ErrorCode, String)>>;
-    /// Coordinator: map this node's shards for one job step.
-    fn job_task(&self, task: JobTask) -> futures_box::Fut<JobPartial>;
-}
-
-/// Boxed futures for the object-safe [`NodeServices`].
-pub mod futures_box {
-    pub type Fut<T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send>>;
-}
 
 /// A request held while its shard is in handoff.
 #[derive(Debug)]
@@ -137,7 +88,7 @@ struct Inner {
     map: watch::Receiver<Arc<ClusterMap>>,
     slots: Vec<Mutex<Slot>>,
     audit: AuditLog,
-    services: std::sync::OnceLock<Arc<dyn NodeServices>>,
+    services: std::sync::OnceLock<Arc<Services>>,
     forwards: Arc<Semaphore>,
     shutting_down: AtomicBool,
     /// Whether this node may serve now (its lease on its own clock).
@@ -201,7 +152,7 @@ impl Router {
     }
 
     /// Connects the router to the node's services (once, at start).
-    pub fn set_services(&self, s: Arc<dyn NodeServices>) {
+    pub fn set_services(&self, s: Arc<Services>) {
         let _ = self.inner.services.set(s);
     }
 
