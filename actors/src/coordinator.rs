@@ -76,6 +76,22 @@ enum Stop {
     Failed(String),
 }
 
+/// Why a job task sent to a node got no partial back (the coordinator retries it).
+#[derive(Debug, thiserror::Error)]
+enum AskError {
+    #[error("cannot reach the node: {0}")]
+    Transport(#[from] tidepool_runtime::transport::TransportError),
+    #[error("the reply does not decode: {0}")]
+    Codec(#[from] tidepool_runtime::codec::CodecError),
+    #[error("refused ({code:?}): {message}")]
+    Refused {
+        code: tidepool_runtime::codec::ErrorCode,
+        message: String,
+    },
+    #[error("unexpected reply to a job task")]
+    Unexpected,
+}
+
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Checkpoint {
     step: u64,
@@ -465,32 +481,22 @@ impl<'a> Coordinator<'a> {
         }
     }
 
-    async fn ask(&self, node: &str, task: JobTask) -> Result<JobPartial, String> {
+    async fn ask(&self, node: &str, task: JobTask) -> Result<JobPartial, AskError> {
         if node == self.ctx.me {
             return Ok(self.ctx.exec.run(task).await);
         }
-        let link = self
-            .ctx
-            .router
-            .transport()
-            .link(node)
-            .await
-            .map_err(|e| e.to_string())?;
+        let link = self.ctx.router.transport().link(node).await?;
         let env = Envelope::new(
             &self.ctx.me,
             Dest::Node(node.to_string()),
             0,
             Body::JobTask(task),
         );
-        let frame = link
-            .request(env, TASK_TIMEOUT)
-            .await
-            .map_err(|e| e.to_string())?;
-        match frame.to_owned_envelope().map(|e| e.body) {
-            Ok(Body::JobPartial(p)) => Ok(p),
-            Ok(Body::Error { code, message }) => Err(format!("{code:?}: {message}")),
-            Ok(_) => Err("unexpected reply to a job task".into()),
-            Err(e) => Err(e.to_string()),
+        let frame = link.request(env, TASK_TIMEOUT).await?;
+        match frame.to_owned_envelope()?.body {
+            Body::JobPartial(p) => Ok(p),
+            Body::Error { code, message } => Err(AskError::Refused { code, message }),
+            _ => Err(AskError::Unexpected),
         }
     }
 }
