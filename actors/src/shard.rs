@@ -13,8 +13,8 @@ use nalgebra::DVector;
 use parking_lot::Mutex;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tidepool_runtime::codec::{
-    ArchivedBody, ArchivedOp, ArchivedShardRequest, ErrorCode, Frame, IdemKey, Op, OpResult,
-    SenderWindow, ShardRequest, ShardRequestRef, ShardSnapshot, SnapValue, TensorView,
+    ArchivedBody, ArchivedOp, ArchivedShardRequest, ErrorCode, Frame, IdemKey, Op, OpRef, OpResult,
+    SenderWindow, ShardRequest, ShardRequestRef, ShardSnapshot, SnapValue,
 };
 use tidepool_runtime::metrics as m;
 use tokio::sync::{oneshot, OwnedSemaphorePermit};
@@ -32,75 +32,6 @@ pub const CHECKPOINT_EVERY: u64 = 5_000;
 
 /// Tensor ops at least this long run on the worker pool, not on the actor's task.
 pub const POOL_TENSOR_LEN: usize = 16 * 1024;
-
-/// An operation borrowed from wherever it lives: a local request or a received frame.
-#[derive(Debug, Clone, Copy)]
-pub enum OpRef<'a> {
-    Put { key: &'a str, value: &'a [u8] },
-    Get { key: &'a str },
-    Incr { key: &'a str, delta: i64 },
-    AddTensor { key: &'a str, values: &'a [f32] },
-    GetTensor { key: &'a str },
-}
-
-impl<'a> OpRef<'a> {
-    pub fn from_native(op: &'a Op) -> Self {
-        match op {
-            Op::Put { key, value } => OpRef::Put { key, value },
-            Op::Get { key } => OpRef::Get { key },
-            Op::Incr { key, delta } => OpRef::Incr { key, delta: *delta },
-            Op::AddTensor { key, values } => OpRef::AddTensor { key, values },
-            Op::GetTensor { key } => OpRef::GetTensor { key },
-        }
-    }
-
-    /// Reads the op in place from a validated archive (tensors included: no copy).
-    pub fn from_archived(op: &'a ArchivedOp) -> Self {
-        match op {
-            ArchivedOp::Put { key, value } => OpRef::Put {
-                key: key.as_str(),
-                value: value.as_slice(),
-            },
-            ArchivedOp::Get { key } => OpRef::Get { key: key.as_str() },
-            ArchivedOp::Incr { key, delta } => OpRef::Incr {
-                key: key.as_str(),
-                delta: delta.to_native(),
-            },
-            ArchivedOp::AddTensor { key, values } => OpRef::AddTensor {
-                key: key.as_str(),
-                values: values.as_f32s(),
-            },
-            ArchivedOp::GetTensor { key } => OpRef::GetTensor { key: key.as_str() },
-        }
-    }
-
-    pub fn name(&self) -> &'static str {
-        match self {
-            OpRef::Put { .. } => "put",
-            OpRef::Get { .. } => "get",
-            OpRef::Incr { .. } => "incr",
-            OpRef::AddTensor { .. } => "add_tensor",
-            OpRef::GetTensor { .. } => "get_tensor",
-        }
-    }
-
-    pub fn is_write(&self) -> bool {
-        matches!(
-            self,
-            OpRef::Put { .. } | OpRef::Incr { .. } | OpRef::AddTensor { .. }
-        )
-    }
-
-    fn key(&self) -> &'a str {
-        match *self {
-            OpRef::Put { key, .. }
-            | OpRef::Get { key }
-            | OpRef::Incr { key, .. }
-            | OpRef::AddTensor { key, .. }
-            | OpRef::GetTensor { key } => key,
-        }
-    }
-}
 
 #[derive(Debug, Clone)]
 enum Value {

@@ -15,7 +15,8 @@ use tidepool_runtime::transport::{BoxFuture, Inbound, Link};
 use tracing::debug;
 
 use super::{call, error_body, owned_body, owned_request, result_body, Buffered, Router};
-use crate::shard::{OpRef, ShardInput};
+use crate::shard::ShardInput;
+use tidepool_runtime::codec::OpRef;
 
 /// Who may send a request of some kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

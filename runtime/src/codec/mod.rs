@@ -27,7 +27,7 @@ pub use job::{
 };
 pub use persist::{
     decode_log, decode_snapshot, encode_log, encode_log_refs, encode_snapshot, with_log,
-    ArchivedLogRecord, LogRecord, LogRecordRef, OpSlices, SenderWindow, ShardRequestRef,
+    ArchivedLogRecord, LogRecord, LogRecordRef, OpRef, SenderWindow, ShardRequestRef,
     ShardSnapshot, SnapValue,
 };
 pub use tensor::TensorView;

@@ -74,13 +74,14 @@ pub struct LogRecordRef<'a> {
 pub struct ShardRequestRef<'a> {
     pub idem: IdemKey,
     #[rkyv(omit_bounds)]
-    pub op: OpSlices<'a>,
+    pub op: OpRef<'a>,
 }
 
-/// A borrowed [`Op`], archived as [`ArchivedOp`].
+/// An op borrowed from wherever it lives (a request made on this node, or a received frame read
+/// in place); archived as [`ArchivedOp`], so a log segment is encoded straight from it.
 #[derive(Archive, Serialize, Debug, Clone, Copy)]
 #[rkyv(as = ArchivedOp)]
-pub enum OpSlices<'a> {
+pub enum OpRef<'a> {
     Put {
         #[rkyv(with = StrAsString)]
         key: &'a str,
@@ -108,43 +109,86 @@ pub enum OpSlices<'a> {
     },
 }
 
+impl<'a> OpRef<'a> {
+    /// Borrows an owned op.
+    pub fn from_native(op: &'a Op) -> Self {
+        match op {
+            Op::Put { key, value } => OpRef::Put { key, value },
+            Op::Get { key } => OpRef::Get { key },
+            Op::Incr { key, delta } => OpRef::Incr { key, delta: *delta },
+            Op::AddTensor { key, values } => OpRef::AddTensor { key, values },
+            Op::GetTensor { key } => OpRef::GetTensor { key },
+        }
+    }
+
+    /// Reads the op in place from a validated archive (tensors included: no copy).
+    pub fn from_archived(op: &'a ArchivedOp) -> Self {
+        match op {
+            ArchivedOp::Put { key, value } => OpRef::Put {
+                key: key.as_str(),
+                value: value.as_slice(),
+            },
+            ArchivedOp::Get { key } => OpRef::Get { key: key.as_str() },
+            ArchivedOp::Incr { key, delta } => OpRef::Incr {
+                key: key.as_str(),
+                delta: delta.to_native(),
+            },
+            ArchivedOp::AddTensor { key, values } => OpRef::AddTensor {
+                key: key.as_str(),
+                values: values.as_f32s(),
+            },
+            ArchivedOp::GetTensor { key } => OpRef::GetTensor { key: key.as_str() },
+        }
+    }
+
+    /// The op's name, for metrics labels.
+    pub fn name(&self) -> &'static str {
+        match self {
+            OpRef::Put { .. } => "put",
+            OpRef::Get { .. } => "get",
+            OpRef::Incr { .. } => "incr",
+            OpRef::AddTensor { .. } => "add_tensor",
+            OpRef::GetTensor { .. } => "get_tensor",
+        }
+    }
+
+    /// Whether the op changes the shard's state (and so is logged once applied).
+    pub fn is_write(&self) -> bool {
+        matches!(
+            self,
+            OpRef::Put { .. } | OpRef::Incr { .. } | OpRef::AddTensor { .. }
+        )
+    }
+
+    /// The key the op reads or writes.
+    pub fn key(&self) -> &'a str {
+        match *self {
+            OpRef::Put { key, .. }
+            | OpRef::Get { key }
+            | OpRef::Incr { key, .. }
+            | OpRef::AddTensor { key, .. }
+            | OpRef::GetTensor { key } => key,
+        }
+    }
+}
+
 impl<'a> ShardRequestRef<'a> {
     /// Borrows an owned request.
     pub fn from_native(r: &'a ShardRequest) -> Self {
-        let op = match &r.op {
-            Op::Put { key, value } => OpSlices::Put { key, value },
-            Op::Get { key } => OpSlices::Get { key },
-            Op::Incr { key, delta } => OpSlices::Incr { key, delta: *delta },
-            Op::AddTensor { key, values } => OpSlices::AddTensor { key, values },
-            Op::GetTensor { key } => OpSlices::GetTensor { key },
-        };
-        ShardRequestRef { idem: r.idem, op }
+        ShardRequestRef {
+            idem: r.idem,
+            op: OpRef::from_native(&r.op),
+        }
     }
 
     /// Borrows a request read in place from a validated archive (tensors included: no copy).
     pub fn from_archived(r: &'a ArchivedShardRequest) -> Self {
-        let op = match &r.op {
-            ArchivedOp::Put { key, value } => OpSlices::Put {
-                key: key.as_str(),
-                value: value.as_slice(),
-            },
-            ArchivedOp::Get { key } => OpSlices::Get { key: key.as_str() },
-            ArchivedOp::Incr { key, delta } => OpSlices::Incr {
-                key: key.as_str(),
-                delta: delta.to_native(),
-            },
-            ArchivedOp::AddTensor { key, values } => OpSlices::AddTensor {
-                key: key.as_str(),
-                values: values.as_f32s(),
-            },
-            ArchivedOp::GetTensor { key } => OpSlices::GetTensor { key: key.as_str() },
-        };
         ShardRequestRef {
             idem: IdemKey {
                 sender: r.idem.sender.to_native(),
                 seq: r.idem.seq.to_native(),
             },
-            op,
+            op: OpRef::from_archived(&r.op),
         }
     }
 }
