@@ -2065,13 +2065,6 @@ impl Sim {
         // Injected failures: before the call (nothing written) or after it (reply lost).
         let fail = (self.chaos() && self.rng.random_bool(self.net.storage_errors))
             .then(|| self.rng.random_bool(0.5));
-        let injected = |written: bool| {
-            StoreFail::Failed(if written {
-                "injected: written, reply lost".into()
-            } else {
-                "injected: not written".into()
-            })
-        };
         let store = self.store.clone();
         let res = match req {
             StoreReq::Restore {
@@ -2080,20 +2073,10 @@ impl Sim {
                 attempt,
                 ..
             } => {
-                let res = match fail {
-                    Some(false) => Err(injected(false)),
-                    _ => {
-                        let r = self.rt.block_on(restore_shard(&store, shard, epoch));
-                        match r {
-                            Err(RestoreFail::Violation(v)) => {
-                                self.violation = Some(v);
-                                return;
-                            }
-                            Err(RestoreFail::Store(f)) => Err(f),
-                            Ok(_) if fail == Some(true) => Err(injected(true)),
-                            Ok(d) => Ok(d),
-                        }
-                    }
+                let Some(res) =
+                    self.call(fail, |rt| rt.block_on(restore_shard(&store, shard, epoch)))
+                else {
+                    return;
                 };
                 StoreRes::Restored {
                     shard,
@@ -2107,19 +2090,12 @@ impl Sim {
                 epoch,
                 attempt,
             } => {
-                let res = match fail {
-                    Some(false) => Err(injected(false)),
-                    _ => match self.rt.block_on(store.check_fence(shard, epoch)) {
-                        Ok(_) if fail == Some(true) => Err(injected(true)),
-                        Ok(_) => Ok(()),
-                        Err(e) => match classify(shard, e) {
-                            RestoreFail::Store(f) => Err(f),
-                            RestoreFail::Violation(v) => {
-                                self.violation = Some(v);
-                                return;
-                            }
-                        },
-                    },
+                let Some(res) = self.call(fail, |rt| {
+                    rt.block_on(store.check_fence(shard, epoch))
+                        .map(|_| ())
+                        .map_err(|e| classify(shard, e))
+                }) else {
+                    return;
                 };
                 StoreRes::Checked {
                     shard,
@@ -2135,19 +2111,13 @@ impl Sim {
                 first_seq,
                 records,
             } => {
-                let res = match fail {
-                    Some(false) => Err(injected(false)),
-                    _ => {
-                        let count = records.len() as u64;
-                        let bytes = encode_records(&records);
-                        let r = self
-                            .rt
-                            .block_on(store.append(shard, epoch, first_seq, count, bytes));
-                        match self.store_result(shard, r) {
-                            Ok(()) if fail == Some(true) => Err(injected(true)),
-                            r => r,
-                        }
-                    }
+                let count = records.len() as u64;
+                let Some(res) = self.call(fail, |rt| {
+                    let bytes = encode_records(&records);
+                    rt.block_on(store.append(shard, epoch, first_seq, count, bytes))
+                        .map_err(|e| classify(shard, e))
+                }) else {
+                    return;
                 };
                 if res == Err(StoreFail::Fenced) {
                     self.stats.fenced_writes += 1;
@@ -2165,24 +2135,20 @@ impl Sim {
                 seq,
                 snapshot,
             } => {
-                let res = match fail {
-                    Some(false) => Err(injected(false)),
-                    _ => {
-                        let r = self.rt.block_on(async {
-                            store.put_checkpoint(shard, epoch, seq, snapshot).await?;
-                            // The log writer trims the log up to its checkpoint (a failure is
-                            // harmless and not reported); `checkpoint_restored` in driver.rs
-                            // (actor 0 here: a restored, never served shard) does not.
-                            if actor != 0 {
-                                let _ = store.compact_log(shard, seq).await;
-                            }
-                            Ok(())
-                        });
-                        match self.store_result(shard, r) {
-                            Ok(()) if fail == Some(true) => Err(injected(true)),
-                            r => r,
+                let Some(res) = self.call(fail, |rt| {
+                    rt.block_on(async {
+                        store.put_checkpoint(shard, epoch, seq, snapshot).await?;
+                        // The log writer trims the log up to its checkpoint (a failure is
+                        // harmless and not reported); `checkpoint_restored` in driver.rs
+                        // (actor 0 here: a restored, never served shard) does not.
+                        if actor != 0 {
+                            let _ = store.compact_log(shard, seq).await;
                         }
-                    }
+                        Ok(())
+                    })
+                    .map_err(|e| classify(shard, e))
+                }) else {
+                    return;
                 };
                 StoreRes::Checkpointed {
                     shard,
@@ -2195,6 +2161,35 @@ impl Sim {
         };
         let back = self.rng.random_range(1..=3);
         self.after(back, Ev::StoreDone { node, inc, res });
+    }
+
+    /// Runs one storage call under the injected failure `fail`: `Some(false)` refuses it before
+    /// it runs (nothing written), `Some(true)` runs it and loses the reply. A corrupt object is a
+    /// violation: recorded, and `None` (the run ends there).
+    fn call<T>(
+        &mut self,
+        fail: Option<bool>,
+        run: impl FnOnce(&tokio::runtime::Runtime) -> Result<T, RestoreFail>,
+    ) -> Option<Result<T, StoreFail>> {
+        let injected = |written: bool| {
+            StoreFail::Failed(if written {
+                "injected: written, reply lost".into()
+            } else {
+                "injected: not written".into()
+            })
+        };
+        if fail == Some(false) {
+            return Some(Err(injected(false)));
+        }
+        match run(&self.rt) {
+            Err(RestoreFail::Violation(v)) => {
+                self.violation = Some(v);
+                None
+            }
+            Err(RestoreFail::Store(f)) => Some(Err(f)),
+            Ok(_) if fail == Some(true) => Some(Err(injected(true))),
+            Ok(t) => Some(Ok(t)),
+        }
     }
 
     /// Traces a write that lands after its writer stopped (a crashed process or a stopped
@@ -2233,19 +2228,6 @@ impl Sim {
             "late: {}'s {what} of shard {shard} at epoch {epoch}, from a {who}, lands now",
             self.name(node)
         ));
-    }
-
-    fn store_result(&mut self, shard: u32, r: Result<(), StorageError>) -> Result<(), StoreFail> {
-        match r {
-            Ok(()) => Ok(()),
-            Err(e) => match classify(shard, e) {
-                RestoreFail::Store(f) => Err(f),
-                RestoreFail::Violation(v) => {
-                    self.violation = Some(v);
-                    Err(StoreFail::Failed(format!("shard {shard}: corrupt")))
-                }
-            },
-        }
     }
 
     fn store_done(&mut self, n: usize, res: StoreRes) {
