@@ -18,7 +18,7 @@ use bytes::Bytes;
 use tidepool_runtime::admission;
 use tidepool_runtime::codec::{Body, Dest, Envelope, JobPartial, JobTask, ShardEpoch};
 use tidepool_runtime::control::{
-    ClusterMap, Command, ControlPlane, JobRecord, JobState, JobUpdate,
+    ClusterMap, Command, ControlPlane, JobRecord, JobState, JobUpdate, NodeId,
 };
 use tidepool_runtime::jobspec::JobSpec;
 use tidepool_runtime::metrics as m;
@@ -403,10 +403,13 @@ impl<'a> Coordinator<'a> {
             for &s in &pending {
                 if let Some(a) = map.shards.get(s as usize) {
                     if let Some(owner) = &a.owner {
-                        by_node.entry(owner.clone()).or_default().push(ShardEpoch {
-                            shard: s,
-                            epoch: a.epoch,
-                        });
+                        by_node
+                            .entry(owner.to_string())
+                            .or_default()
+                            .push(ShardEpoch {
+                                shard: s,
+                                epoch: a.epoch,
+                            });
                     }
                 }
             }
@@ -503,7 +506,7 @@ impl<'a> Coordinator<'a> {
 
 /// Resolves once any of `shards` has a different owner or epoch than when it was sent.
 async fn moved(mut rx: watch::Receiver<Arc<ClusterMap>>, shards: Vec<ShardEpoch>) {
-    let sent: Vec<(u32, Option<String>, u64)> = {
+    let sent: Vec<(u32, Option<NodeId>, u64)> = {
         let map = rx.borrow_and_update();
         shards
             .iter()

@@ -148,7 +148,7 @@ pub async fn autoscale_loop(
             .members
             .values()
             .filter(|mb| mb.state == MemberState::Up)
-            .map(|mb| mb.name.clone())
+            .map(|mb| mb.name.to_string())
             .collect();
         let (utilization, backlog) = load.sample(&up, every * 3, now);
         let sample = LoadSample {

@@ -373,7 +373,7 @@ impl Node {
         }
         self.router.begin_shutdown();
         let left = Command::SetMemberState {
-            name: self.name.clone(),
+            name: self.name.clone().into(),
             state: MemberState::Down,
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), self.control.propose(left)).await;

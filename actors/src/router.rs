@@ -392,7 +392,7 @@ impl Router {
     fn owner(&self, shard: u32) -> Option<(String, u64)> {
         let map = self.inner.map.borrow();
         let a = map.shards.get(shard as usize)?;
-        Some((a.owner.clone()?, a.epoch))
+        Some((a.owner.as_ref()?.to_string(), a.epoch))
     }
 
     /// A slot in the local shard's bounded queue (waiting while it is full: backpressure), if
@@ -456,7 +456,7 @@ impl Router {
             .enumerate()
             .map(|(id, a)| ShardInfo {
                 id: id as u32,
-                owner: a.owner.clone(),
+                owner: a.owner.as_ref().map(|o| o.to_string()),
                 epoch: a.epoch,
                 state: a.state().into(),
             })

@@ -140,7 +140,7 @@ impl Services {
                 return Err((ErrorCode::NotFound, format!("no member named {node:?}")));
             }
             let cmd = Command::SetMemberState {
-                name: node,
+                name: node.into(),
                 state: MemberState::Draining,
             };
             match control.propose(cmd).await.map_err(control_failed)? {
@@ -174,7 +174,7 @@ impl Services {
                         ));
                     }
                     let cmd = Command::SetMemberState {
-                        name: node.clone(),
+                        name: node.clone().into(),
                         state: MemberState::Up,
                     };
                     control.propose(cmd).await.map_err(control_failed)?;
@@ -232,10 +232,10 @@ impl Services {
             .members
             .values()
             .map(|mb| MemberInfo {
-                name: mb.name.clone(),
+                name: mb.name.to_string(),
                 addr: mb.addr.clone(),
                 state: mb.state.into(),
-                reachable: mb.name == self.me || live.contains(&mb.name),
+                reachable: mb.name == self.me || live.iter().any(|p| mb.name == *p),
                 shards: counts.get(&mb.name).copied().unwrap_or(0),
                 voter: mb.voter,
             })

@@ -971,12 +971,12 @@ impl Sim {
         let mut cmds = vec![Command::Init { shards }];
         for node in &nodes {
             cmds.push(Command::Join {
-                name: node.name.clone(),
+                name: node.name.clone().into(),
                 addr: format!("{}:7400", node.name),
                 voter: true,
             });
             cmds.push(Command::SetMemberState {
-                name: node.name.clone(),
+                name: node.name.clone().into(),
                 state: MemberState::Up,
             });
         }
@@ -1540,7 +1540,7 @@ impl Sim {
             // Counts a member expired after two missed renewals instead of ttl + margin.
             if let Some(table) = lead.table_mut() {
                 let eager = cfg.renew_every * 2;
-                let stale: Vec<String> = map
+                let stale: Vec<crate::control::NodeId> = map
                     .members
                     .keys()
                     .filter(|m| {

@@ -20,6 +20,7 @@
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
+use tidepool_core::node_id::NodeId;
 
 use tidepool_core::control::{apply, ClusterMap, Command, MemberState};
 use tidepool_core::leader_core::LeaderCore;
@@ -35,8 +36,8 @@ struct Run {
     base: Instant,
     /// Virtual milliseconds since `base`.
     t: u64,
-    nodes: Vec<String>,
-    dead: BTreeSet<String>,
+    nodes: Vec<NodeId>,
+    dead: BTreeSet<NodeId>,
     rcfg: RebalanceConfig,
     entries: u64,
     grants: u64,
@@ -159,7 +160,7 @@ impl Run {
         served_at
     }
 
-    fn join(&mut self, name: String) {
+    fn join(&mut self, name: NodeId) {
         self.propose(&Command::Join {
             name: name.clone(),
             addr: format!("{name}:7400"),
@@ -216,7 +217,7 @@ fn main() {
         r.core.leading(1, base);
         r.propose(&Command::Init { shards });
         for i in 0..n {
-            r.join(format!("n{i:05}"));
+            r.join(format!("n{i:05}").into());
         }
         // Form: every node joins, renews, is promoted; the shards are placed.
         r.run_until_settled(100);
@@ -225,7 +226,7 @@ fn main() {
 
         // Kill 1 % (at least one node, never the leader).
         let kill = (n / 100).max(1);
-        let victims: Vec<String> = r.nodes.iter().rev().take(kill).cloned().collect();
+        let victims: Vec<NodeId> = r.nodes.iter().rev().take(kill).cloned().collect();
         let ideal_kill = r
             .map
             .shards
@@ -247,7 +248,7 @@ fn main() {
         let join = (n / 10).max(1);
         let (e1, t1, m1) = (r.entries, r.t, r.moves);
         for i in 0..join {
-            r.join(format!("j{i:05}"));
+            r.join(format!("j{i:05}").into());
         }
         let live = (r.nodes.len() - r.dead.len()) as u64;
         let ideal_join = u64::from(shards) * join as u64 / live;
@@ -263,13 +264,13 @@ fn main() {
         let mut rounds = 0u64;
         let mut roll_ok = true;
         for round in 0..2usize {
-            let live: Vec<String> = r
+            let live: Vec<NodeId> = r
                 .nodes
                 .iter()
                 .filter(|x| !r.dead.contains(*x))
                 .cloned()
                 .collect();
-            let names: Vec<String> = live
+            let names: Vec<NodeId> = live
                 .iter()
                 .skip(1 + round * batch)
                 .take(batch)

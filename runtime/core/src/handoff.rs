@@ -60,6 +60,7 @@
 //!   at the shard's epoch (invariant 3), so a write that loses the fence race was never
 //!   acknowledged.
 
+use crate::node_id::NodeId;
 use std::collections::VecDeque;
 use std::time::Instant;
 
@@ -86,7 +87,7 @@ pub enum ShardRole {
         /// The epoch being handed off.
         epoch: u64,
         /// The node taking over.
-        to: String,
+        to: NodeId,
     },
     /// Storage refused a write at `epoch` because a newer epoch fenced the log: someone else owns
     /// the shard now; waiting for the assignment that says so.
@@ -112,9 +113,9 @@ pub enum Event {
         /// The shard's fencing epoch.
         epoch: u64,
         /// The owning node (`None`: unassigned).
-        owner: Option<String>,
+        owner: Option<NodeId>,
         /// The node taking over, during a graceful handoff.
-        handoff_to: Option<String>,
+        handoff_to: Option<NodeId>,
     },
     /// This node's lease lapsed ([`crate::lease::LeaseHolder::is_valid`] turned false).
     LeaseLost,
@@ -235,8 +236,8 @@ pub enum Effect {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Assignment {
     epoch: u64,
-    owner: Option<String>,
-    handoff_to: Option<String>,
+    owner: Option<NodeId>,
+    handoff_to: Option<NodeId>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -264,7 +265,7 @@ enum DrainPhase {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Drain {
     epoch: u64,
-    to: String,
+    to: NodeId,
     phase: DrainPhase,
 }
 
@@ -274,7 +275,7 @@ struct Drain {
 /// A new machine has no assignment and no lease: it does nothing until it has both.
 #[derive(Debug, Clone)]
 pub struct ShardHandoff {
-    me: String,
+    me: NodeId,
     shard: u32,
     assignment: Option<Assignment>,
     lease_valid: bool,
@@ -284,7 +285,7 @@ pub struct ShardHandoff {
     drain: Option<Drain>,
     /// The last handoff target seen while this node owned the shard, and its epoch: once a
     /// handoff began at an epoch, this node never serves at that epoch again.
-    handoff_seen: Option<(u64, String)>,
+    handoff_seen: Option<(u64, NodeId)>,
     /// The last accepted assignment changed `handoff_to` at the same epoch: a finished drain
     /// reports again (the leader may have ignored the earlier report while no handoff was set).
     handoff_changed: bool,
@@ -302,7 +303,7 @@ pub struct ShardHandoff {
 
 impl ShardHandoff {
     /// The machine for `shard` on the node called `me`: no assignment, no lease, not owner.
-    pub fn new(me: impl Into<String>, shard: u32) -> Self {
+    pub fn new(me: impl Into<NodeId>, shard: u32) -> Self {
         Self {
             me: me.into(),
             shard,
@@ -422,8 +423,8 @@ impl ShardHandoff {
     fn accept_assignment(
         &mut self,
         epoch: u64,
-        owner: Option<String>,
-        handoff_to: Option<String>,
+        owner: Option<NodeId>,
+        handoff_to: Option<NodeId>,
     ) -> bool {
         if let Some(a) = &self.assignment {
             // The control plane never gives one epoch to two owners: the same epoch naming
@@ -620,7 +621,7 @@ impl ShardHandoff {
 
     /// Starts (or retargets) a graceful handoff of `epoch` to `to`. `rereport`: the leader set
     /// the handoff anew, so a finished drain reports again.
-    fn drain_to(&mut self, epoch: u64, to: String, rereport: bool, fx: &mut Vec<Effect>) {
+    fn drain_to(&mut self, epoch: u64, to: NodeId, rereport: bool, fx: &mut Vec<Effect>) {
         if let Some(d) = self.drain.as_mut().filter(|d| d.epoch == epoch) {
             if d.to != to || rereport {
                 d.to = to;

@@ -1,5 +1,6 @@
 use super::*;
 
+use crate::node_id::NodeId;
 use std::collections::VecDeque;
 use std::time::Duration;
 
@@ -11,8 +12,8 @@ use ShardRole as R;
 fn assigned(epoch: u64, owner: &str, to: Option<&str>) -> Event {
     Event::Assigned {
         epoch,
-        owner: Some(owner.to_owned()),
-        handoff_to: to.map(str::to_owned),
+        owner: Some(owner.into()),
+        handoff_to: to.map(NodeId::from),
     }
 }
 
@@ -23,7 +24,7 @@ fn serving(epoch: u64) -> R {
 fn draining(epoch: u64, to: &str) -> R {
     R::Draining {
         epoch,
-        to: to.to_owned(),
+        to: to.into(),
     }
 }
 

@@ -14,6 +14,7 @@
 //!   have expired, since a grant made after the mark still counts.
 //! - Rebalancing ([`rebalance_commands`]): the map commands for [`rebalance::plan`]'s changes.
 
+use crate::node_id::NodeId;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -45,17 +46,17 @@ pub enum Refusal {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Membership {
     /// Members whose lease must have expired (their shards may move).
-    pub expired: BTreeSet<String>,
+    pub expired: BTreeSet<NodeId>,
     /// Member state changes to propose, in order.
     pub commands: Vec<Command>,
     /// Members whose grants were dropped this step (marked down, lease surely over).
-    pub forgot: Vec<String>,
+    pub forgot: Vec<NodeId>,
 }
 
 /// The leader's lease and membership state. Empty (and granting nothing) while not leading.
 #[derive(Debug, Clone)]
 pub struct LeaderCore {
-    me: String,
+    me: NodeId,
     cfg: LeaseConfig,
     grant_window: Duration,
     table: Option<(u64, LeaseTable)>,
@@ -63,11 +64,11 @@ pub struct LeaderCore {
     confirmed: Option<Instant>,
     /// Members seen down and dropped from the lease table: only a renewal after that (a paused
     /// node waking up) brings one back, not the grants it had before it went down or left.
-    forgotten: BTreeSet<String>,
+    forgotten: BTreeSet<NodeId>,
     /// When this leader first saw each member down. Only a grant after that revives one.
-    down_since: BTreeMap<String, Instant>,
+    down_since: BTreeMap<NodeId, Instant>,
     /// Members found expired that the map still gives shards to: no grant until they moved.
-    expiring: BTreeSet<String>,
+    expiring: BTreeSet<NodeId>,
     /// The shards' placement targets, computed again only when the eligible members change.
     placements: PlacementCache,
 }
@@ -77,7 +78,7 @@ impl LeaderCore {
     /// confirmation.
     pub fn new(me: &str, cfg: LeaseConfig, grant_window: Duration) -> Self {
         LeaderCore {
-            me: me.to_string(),
+            me: NodeId::from(me),
             cfg,
             grant_window,
             table: None,
@@ -254,7 +255,7 @@ impl LeaderCore {
         map: &ClusterMap,
         now: Instant,
         rcfg: &RebalanceConfig,
-    ) -> Option<(u32, Vec<String>)> {
+    ) -> Option<(u32, Vec<NodeId>)> {
         let expired = self.expired_now(map, now)?;
         let eligible = rebalance::eligible(&member_states(map), &expired);
         let shards = u32::try_from(map.shards.len()).ok()?;
@@ -271,10 +272,10 @@ impl LeaderCore {
 
     /// The members (other than this node) whose lease must have expired at `now`; `None` while
     /// this node does not lead.
-    fn expired_now(&self, map: &ClusterMap, now: Instant) -> Option<BTreeSet<String>> {
+    fn expired_now(&self, map: &ClusterMap, now: Instant) -> Option<BTreeSet<NodeId>> {
         let (_, table) = self.table.as_ref()?;
         Some(without_me(
-            table.expired_nodes(map.members.keys().map(String::as_str), now),
+            table.expired_nodes(map.members.keys().map(NodeId::as_str), now),
             &self.me,
         ))
     }
@@ -296,7 +297,7 @@ impl LeaderCore {
     /// one.
     #[cfg(feature = "sim-hooks")]
     #[doc(hidden)]
-    pub fn forget_down_now(&mut self, map: &ClusterMap) -> Vec<String> {
+    pub fn forget_down_now(&mut self, map: &ClusterMap) -> Vec<NodeId> {
         let Some((_, table)) = self.table.as_mut() else {
             return Vec::new();
         };
@@ -320,14 +321,14 @@ impl LeaderCore {
 /// it had failed, then granted itself a lease and served them next to their new owner: found by
 /// the starved rolling restart.) Its own serving still stops at its own lease's expiry.
 /// Each member's state, by name (what `rebalance` takes).
-fn member_states(map: &ClusterMap) -> BTreeMap<String, MemberState> {
+fn member_states(map: &ClusterMap) -> BTreeMap<NodeId, MemberState> {
     map.members
         .values()
         .map(|m| (m.name.clone(), m.state))
         .collect()
 }
 
-fn without_me(expired: impl IntoIterator<Item = String>, me: &str) -> BTreeSet<String> {
+fn without_me(expired: impl IntoIterator<Item = NodeId>, me: &str) -> BTreeSet<NodeId> {
     expired.into_iter().filter(|n| n != me).collect()
 }
 
@@ -359,7 +360,7 @@ impl MoveKind {
 /// current epoch.
 pub fn rebalance_commands(
     map: &ClusterMap,
-    expired: &BTreeSet<String>,
+    expired: &BTreeSet<NodeId>,
     rcfg: &RebalanceConfig,
 ) -> Vec<(MoveKind, Command)> {
     rebalance_commands_cached(map, expired, rcfg, &mut PlacementCache::default())
@@ -368,7 +369,7 @@ pub fn rebalance_commands(
 /// [`rebalance_commands`] with the placement taken from `cache` while the members stay the same.
 pub fn rebalance_commands_cached(
     map: &ClusterMap,
-    expired: &BTreeSet<String>,
+    expired: &BTreeSet<NodeId>,
     rcfg: &RebalanceConfig,
     cache: &mut PlacementCache,
 ) -> Vec<(MoveKind, Command)> {

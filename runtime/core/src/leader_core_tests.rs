@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::control::{Member, ShardAssignment};
+use crate::node_id::NodeId;
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -18,9 +19,9 @@ fn map(members: &[(&str, MemberState)], owners: &[&str], shards: usize) -> Clust
     let mut m = ClusterMap::default();
     for (name, state) in members {
         m.members.insert(
-            name.to_string(),
+            NodeId::from(*name),
             Member {
-                name: name.to_string(),
+                name: name.into(),
                 addr: String::new(),
                 state: *state,
                 voter: false,
@@ -29,7 +30,7 @@ fn map(members: &[(&str, MemberState)], owners: &[&str], shards: usize) -> Clust
     }
     m.shards = (0..shards)
         .map(|i| ShardAssignment {
-            owner: Some(owners[i % owners.len()].to_string()),
+            owner: Some(owners[i % owners.len()].into()),
             epoch: 1,
             handoff_to: None,
         })
@@ -96,7 +97,7 @@ fn a_down_member_is_forgotten_only_once_its_grant_must_have_expired() {
         (5201, true, true),
     ] {
         let d = c.membership(&m, base + ms(t), base + ms(t));
-        assert_eq!(d.forgot.contains(&"n2".to_string()), forgotten, "at {t}");
+        assert_eq!(d.forgot.contains(&NodeId::from("n2")), forgotten, "at {t}");
         assert_eq!(d.expired.contains("n2"), expired, "at {t}");
     }
 }
@@ -169,7 +170,7 @@ fn joining_members_that_renew_are_promoted_and_revived_members_rejoin() {
 fn rebalance_commands_are_guarded_by_epoch_and_labelled() {
     let mut m = map(&[("n1", Up), ("n2", Up)], &["n1"], 4);
     m.shards[3] = ShardAssignment::default();
-    let expired = BTreeSet::from(["n1".to_string()]);
+    let expired = BTreeSet::from([NodeId::from("n1")]);
     let rcfg = RebalanceConfig {
         max_concurrent_handoffs: 4,
         eps: 0.25,

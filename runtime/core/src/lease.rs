@@ -38,6 +38,7 @@
 //!   and it would serve them at its old epoch next to their new owner (found by the
 //!   deterministic simulation, then by the chaos harness under packet loss).
 
+use crate::node_id::NodeId;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -382,7 +383,7 @@ impl LeaseHolder {
 pub struct LeaseTable {
     cfg: LeaseConfig,
     leadership_start: Instant,
-    last_grant: BTreeMap<String, Instant>,
+    last_grant: BTreeMap<NodeId, Instant>,
 }
 
 impl LeaseTable {
@@ -412,7 +413,7 @@ impl LeaseTable {
         match self.last_grant.get_mut(node) {
             Some(last) => *last = (*last).max(now),
             None => {
-                self.last_grant.insert(node.to_owned(), now);
+                self.last_grant.insert(NodeId::from(node), now);
             }
         }
         self.cfg.ttl
@@ -439,11 +440,11 @@ impl LeaseTable {
         &self,
         known: impl IntoIterator<Item = &'a str>,
         now: Instant,
-    ) -> Vec<String> {
-        let mut out: Vec<String> = known
+    ) -> Vec<NodeId> {
+        let mut out: Vec<NodeId> = known
             .into_iter()
             .filter(|n| self.must_have_expired(n, now))
-            .map(str::to_owned)
+            .map(NodeId::from)
             .collect();
         out.sort_unstable();
         out.dedup();

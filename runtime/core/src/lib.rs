@@ -3,6 +3,7 @@
 //! `now` in and carry out what comes back. The node (`tidepool-runtime`, `tidepool-actors`) and
 //! the deterministic simulation run this same code.
 //!
+//! - [`node_id`]: `NodeId`, a node's identity (its certificate's name).
 //! - [`lease`]: the lease holder and the leader's lease table (invariant 1).
 //! - [`leader_core`]: the control-plane leader's grants, failure detection, promotion and
 //!   rebalance commands.
@@ -19,6 +20,7 @@ pub mod control;
 pub mod handoff;
 pub mod leader_core;
 pub mod lease;
+pub mod node_id;
 pub mod ownership;
 pub mod placement;
 pub mod rebalance;

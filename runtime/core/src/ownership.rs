@@ -12,6 +12,7 @@
 //!
 //! `S` is the restored shard state (the node's `ShardState`, or the simulation's model of it).
 
+use crate::node_id::NodeId;
 use std::collections::BTreeMap;
 use std::time::Instant;
 
@@ -42,7 +43,7 @@ pub struct MapChange {
 /// Every shard's ownership as one node sees it (invariants 1, 3 and 4; see [`crate::handoff`]).
 #[derive(Debug, Clone)]
 pub struct OwnershipCore<S> {
-    me: String,
+    me: NodeId,
     machines: Vec<ShardHandoff>,
     seen: Vec<Option<ShardAssignment>>,
     kept: BTreeMap<u32, Kept<S>>,
@@ -51,7 +52,7 @@ pub struct OwnershipCore<S> {
 
 impl<S> OwnershipCore<S> {
     /// The core of the node called `me`, for `shards` shards: no assignment, no lease.
-    pub fn new(me: impl Into<String>, shards: u32) -> Self {
+    pub fn new(me: impl Into<NodeId>, shards: u32) -> Self {
         let me = me.into();
         Self {
             machines: (0..shards)

@@ -2,6 +2,7 @@
 //! state is kept, what a reset feeds again, and which commit a finished handoff proposes. The
 //! machines' rules are tested in `handoff_tests.rs`.
 
+use crate::node_id::NodeId;
 use std::time::Instant;
 
 use super::*;
@@ -12,9 +13,9 @@ fn map(owners: &[(&str, u64, Option<&str>)]) -> ClusterMap {
         shards: owners
             .iter()
             .map(|(o, e, to)| ShardAssignment {
-                owner: Some(o.to_string()),
+                owner: Some(o.into()),
                 epoch: *e,
-                handoff_to: to.map(str::to_string),
+                handoff_to: to.map(NodeId::from),
             })
             .collect(),
         ..ClusterMap::default()

@@ -10,6 +10,7 @@
 //! shard off its first choice and a membership change can move a few shards beyond those that
 //! must move; the property tests in `placement_tests.rs` measure and bound that.
 
+use crate::node_id::NodeId;
 use std::collections::BTreeMap;
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
@@ -80,18 +81,18 @@ pub enum PlacementError {
 /// The owner of every shard: `owners[s]` is the name of the member that owns shard `s`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ShardMap {
-    owners: Vec<String>,
+    owners: Vec<NodeId>,
 }
 
 impl ShardMap {
     /// A map from an explicit owner list (index = shard id), e.g. one read from the cluster map.
-    pub fn from_owners(owners: Vec<String>) -> Self {
+    pub fn from_owners(owners: Vec<NodeId>) -> Self {
         Self { owners }
     }
 
     /// The owner of `shard`, or `None` if the map has no such shard.
     pub fn owner(&self, shard: u32) -> Option<&str> {
-        self.owners.get(shard as usize).map(String::as_str)
+        self.owners.get(shard as usize).map(NodeId::as_str)
     }
 
     /// Number of shards in the map.
@@ -107,11 +108,11 @@ impl ShardMap {
     /// `(shard, owner)` in shard-id order.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &str)> + '_ {
         // assign() makes at most u32::MAX + 1 shards, so ids fit in u32.
-        (0u32..).zip(self.owners.iter().map(String::as_str))
+        (0u32..).zip(self.owners.iter().map(NodeId::as_str))
     }
 
     /// Shards owned per member. Members owning nothing are absent.
-    pub fn counts(&self) -> BTreeMap<String, usize> {
+    pub fn counts(&self) -> BTreeMap<NodeId, usize> {
         let mut counts = BTreeMap::new();
         for owner in &self.owners {
             *counts.entry(owner.clone()).or_insert(0) += 1;
@@ -120,7 +121,7 @@ impl ShardMap {
     }
 
     /// The owners, index = shard id.
-    pub fn owners(&self) -> &[String] {
+    pub fn owners(&self) -> &[NodeId] {
         &self.owners
     }
 }
@@ -131,9 +132,9 @@ pub struct Move {
     /// The shard id.
     pub shard: u32,
     /// Owner in the old map.
-    pub from: String,
+    pub from: NodeId,
     /// Owner in the new map.
-    pub to: String,
+    pub to: NodeId,
 }
 
 /// The most shards one member may own: `ceil(shards / members * (1 + eps))`, and never less
@@ -156,14 +157,14 @@ pub fn cap(shards: u32, members: usize, eps: f64) -> usize {
 /// Shards are placed in id order; each goes to the member with the highest [`score`] among those
 /// still under [`cap`]`(shards, members, eps)` (equal scores, vanishingly rare, go to the smaller
 /// name). `eps = 0` gives perfectly even counts.
-pub fn assign(shards: u32, members: &[String], eps: f64) -> Result<ShardMap, PlacementError> {
+pub fn assign(shards: u32, members: &[NodeId], eps: f64) -> Result<ShardMap, PlacementError> {
     if shards == 0 {
         return Err(PlacementError::ZeroShards);
     }
     if !(eps.is_finite() && eps >= 0.0) {
         return Err(PlacementError::InvalidEps(eps));
     }
-    let mut names: Vec<&str> = members.iter().map(String::as_str).collect();
+    let mut names: Vec<&str> = members.iter().map(NodeId::as_str).collect();
     names.sort_unstable();
     names.dedup();
     if names.is_empty() {
@@ -196,7 +197,7 @@ pub fn assign(shards: u32, members: &[String], eps: f64) -> Result<ShardMap, Pla
             None => least_loaded(&load),
         };
         load[i] += 1;
-        owners.push(names[i].to_owned());
+        owners.push(NodeId::from(names[i]));
     }
     Ok(ShardMap { owners })
 }
@@ -207,7 +208,7 @@ pub fn assign(shards: u32, members: &[String], eps: f64) -> Result<ShardMap, Pla
 /// computation runs only on a membership change (see `control_scale` in BENCHMARKS.md).
 #[derive(Debug, Clone, Default)]
 pub struct PlacementCache {
-    last: Option<(u32, Vec<String>, u64, ShardMap)>,
+    last: Option<(u32, Vec<NodeId>, u64, ShardMap)>,
     computed: u64,
 }
 
@@ -218,7 +219,7 @@ impl PlacementCache {
     pub fn assign(
         &mut self,
         shards: u32,
-        members: &[String],
+        members: &[NodeId],
         eps: f64,
     ) -> Result<&ShardMap, PlacementError> {
         if !self.holds(shards, members, eps) {
@@ -238,7 +239,7 @@ impl PlacementCache {
     }
 
     /// Whether the cached placement is the one for these inputs.
-    pub fn holds(&self, shards: u32, members: &[String], eps: f64) -> bool {
+    pub fn holds(&self, shards: u32, members: &[NodeId], eps: f64) -> bool {
         matches!(&self.last, Some((s, m, e, _))
             if *s == shards && m.as_slice() == members && *e == eps.to_bits())
     }
@@ -267,8 +268,8 @@ pub fn diff(old: &ShardMap, new: &ShardMap) -> Vec<Move> {
         .filter(|((_, from), (_, to))| from != to)
         .map(|((shard, from), (_, to))| Move {
             shard,
-            from: from.to_owned(),
-            to: to.to_owned(),
+            from: NodeId::from(from),
+            to: NodeId::from(to),
         })
         .collect()
 }

@@ -1,13 +1,14 @@
 use super::*;
 
+use crate::node_id::NodeId;
 use proptest::prelude::*;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
-fn names(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| (*s).to_owned()).collect()
+fn names(list: &[&str]) -> Vec<NodeId> {
+    list.iter().map(NodeId::from).collect()
 }
 
-fn assign_ok(shards: u32, members: &[String], eps: f64) -> ShardMap {
+fn assign_ok(shards: u32, members: &[NodeId], eps: f64) -> ShardMap {
     match assign(shards, members, eps) {
         Ok(map) => map,
         Err(e) => panic!("assign({shards}, {members:?}, {eps}) failed: {e}"),
@@ -194,9 +195,9 @@ fn shard_for_key_is_roughly_uniform() {
 // ---- Property tests ----
 
 /// 1..=16 distinct, non-empty member names of mixed shapes.
-fn member_set() -> impl Strategy<Value = Vec<String>> {
+fn member_set() -> impl Strategy<Value = Vec<NodeId>> {
     proptest::collection::btree_set("[a-z][a-z0-9-]{0,11}", 1..=16)
-        .prop_map(|set| set.into_iter().collect())
+        .prop_map(|set| set.into_iter().map(NodeId::from).collect())
 }
 
 fn eps_strategy() -> impl Strategy<Value = f64> {
@@ -269,7 +270,7 @@ proptest! {
         members in member_set(),
         eps in eps_strategy(),
     ) {
-        let newcomer = "zz-newcomer".to_owned();
+        let newcomer = NodeId::from("zz-newcomer");
         prop_assume!(!members.contains(&newcomer));
         let n = members.len();
         let old = assign_ok(shards, &members, eps);
@@ -302,7 +303,7 @@ proptest! {
     ) {
         prop_assume!(members.len() >= 2);
         let leaver = members[pick.index(members.len())].clone();
-        let rest: Vec<String> = members.iter().filter(|m| **m != leaver).cloned().collect();
+        let rest: Vec<NodeId> = members.iter().filter(|m| **m != leaver).cloned().collect();
         let old = assign_ok(shards, &members, eps);
         let new = assign_ok(shards, &rest, eps);
         let moves = diff(&old, &new);
@@ -326,7 +327,7 @@ proptest! {
         shards in 1u32..=512,
         members in member_set(),
     ) {
-        let newcomer = "zz-newcomer".to_owned();
+        let newcomer = NodeId::from("zz-newcomer");
         prop_assume!(!members.contains(&newcomer));
         let mut joined = members.clone();
         joined.push(newcomer.clone());

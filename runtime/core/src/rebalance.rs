@@ -22,6 +22,7 @@
 //! - An owner that is `Down`, or not a member, but whose lease has not yet expired may still be
 //!   serving: its shards wait for the expiry (invariant 1) rather than move.
 
+use crate::node_id::NodeId;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::placement;
@@ -87,7 +88,7 @@ pub enum Change {
         /// The shard id.
         shard: u32,
         /// The new owner (the shard's placement target).
-        to: String,
+        to: NodeId,
         /// The new epoch, current + 1.
         epoch: u64,
     },
@@ -97,7 +98,7 @@ pub enum Change {
         /// The shard id.
         shard: u32,
         /// The member taking over (the shard's placement target).
-        to: String,
+        to: NodeId,
         /// The shard's current epoch, unchanged.
         epoch: u64,
     },
@@ -108,7 +109,7 @@ pub enum Change {
         /// The shard id.
         shard: u32,
         /// The current owner, who keeps the shard.
-        owner: String,
+        owner: NodeId,
         /// The new epoch, current + 1.
         epoch: u64,
     },
@@ -124,8 +125,8 @@ pub enum Change {
 /// (see [`RebalanceConfig::validate`]).
 pub fn plan(
     assignments: &[ShardAssignment],
-    members: &BTreeMap<String, MemberState>,
-    expired: &BTreeSet<String>,
+    members: &BTreeMap<NodeId, MemberState>,
+    expired: &BTreeSet<NodeId>,
     cfg: &RebalanceConfig,
 ) -> Vec<Change> {
     plan_cached(
@@ -139,9 +140,9 @@ pub fn plan(
 
 /// The members shards may be placed on: up or joining, and not expired; sorted by name.
 pub fn eligible(
-    members: &BTreeMap<String, MemberState>,
-    expired: &BTreeSet<String>,
-) -> Vec<String> {
+    members: &BTreeMap<NodeId, MemberState>,
+    expired: &BTreeSet<NodeId>,
+) -> Vec<NodeId> {
     members
         .iter()
         .filter(|(name, state)| {
@@ -155,8 +156,8 @@ pub fn eligible(
 /// (the leader's per-tick call).
 pub fn plan_cached(
     assignments: &[ShardAssignment],
-    members: &BTreeMap<String, MemberState>,
-    expired: &BTreeSet<String>,
+    members: &BTreeMap<NodeId, MemberState>,
+    expired: &BTreeSet<NodeId>,
     cfg: &RebalanceConfig,
     cache: &mut placement::PlacementCache,
 ) -> Vec<Change> {
@@ -196,9 +197,9 @@ struct View<'a> {
     /// The members neither down nor expired, by name (one lookup per shard: hashed, not the
     /// `members` tree's string comparisons).
     live: HashMap<&'a str, MemberState>,
-    expired: &'a BTreeSet<String>,
+    expired: &'a BTreeSet<NodeId>,
     /// Sorted (it comes from a BTreeMap).
-    eligible: &'a [String],
+    eligible: &'a [NodeId],
     target: &'a placement::ShardMap,
 }
 
@@ -225,7 +226,7 @@ impl View<'_> {
         }
         Some(Change::Reassign {
             shard,
-            to: self.target_of(shard)?.to_owned(),
+            to: NodeId::from(self.target_of(shard)?),
             epoch: a.epoch.checked_add(1)?,
         })
     }
@@ -258,7 +259,7 @@ impl View<'_> {
                     in_flight += 1;
                     changes.push(Change::BeginHandoff {
                         shard,
-                        to: target.to_owned(),
+                        to: NodeId::from(target),
                         epoch: a.epoch,
                     });
                 }
@@ -266,7 +267,7 @@ impl View<'_> {
                     if let Some(epoch) = a.epoch.checked_add(1) {
                         changes.push(Change::CancelHandoff {
                             shard,
-                            owner: owner.to_owned(),
+                            owner: NodeId::from(owner),
                             epoch,
                         });
                     }
@@ -274,7 +275,7 @@ impl View<'_> {
                 (None, Some(state)) if state == MemberState::Draining || target != owner => {
                     let mv = Change::BeginHandoff {
                         shard,
-                        to: target.to_owned(),
+                        to: NodeId::from(target),
                         epoch: a.epoch,
                     };
                     if state == MemberState::Draining {
@@ -309,8 +310,8 @@ mod tests;
 /// still gives them a shard and some other member could take it (with nowhere to move the
 /// shards, refusing the owner's renewal would only keep them unserved).
 pub fn update_expiring(
-    expiring: &mut BTreeSet<String>,
-    expired: &BTreeSet<String>,
+    expiring: &mut BTreeSet<NodeId>,
+    expired: &BTreeSet<NodeId>,
     map: &crate::control::ClusterMap,
     me: &str,
 ) {

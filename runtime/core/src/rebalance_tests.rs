@@ -1,22 +1,23 @@
 use super::*;
 
+use crate::node_id::NodeId;
 use proptest::prelude::*;
 
 use MemberState::{Down, Draining, Joining, Up};
 
-fn members(list: &[(&str, MemberState)]) -> BTreeMap<String, MemberState> {
-    list.iter().map(|(n, s)| ((*n).to_owned(), *s)).collect()
+fn members(list: &[(&str, MemberState)]) -> BTreeMap<NodeId, MemberState> {
+    list.iter().map(|(n, s)| (NodeId::from(*n), *s)).collect()
 }
 
-fn set(list: &[&str]) -> BTreeSet<String> {
-    list.iter().map(|n| (*n).to_owned()).collect()
+fn set(list: &[&str]) -> BTreeSet<NodeId> {
+    list.iter().map(|n| NodeId::from(*n)).collect()
 }
 
-fn names(list: &[&str]) -> Vec<String> {
-    list.iter().map(|n| (*n).to_owned()).collect()
+fn names(list: &[&str]) -> Vec<NodeId> {
+    list.iter().map(|n| NodeId::from(*n)).collect()
 }
 
-fn target(shards: u32, eligible: &[String], eps: f64) -> placement::ShardMap {
+fn target(shards: u32, eligible: &[NodeId], eps: f64) -> placement::ShardMap {
     match placement::assign(shards, eligible, eps) {
         Ok(m) => m,
         Err(e) => panic!("assign({shards}, {eligible:?}, {eps}): {e}"),
@@ -24,11 +25,11 @@ fn target(shards: u32, eligible: &[String], eps: f64) -> placement::ShardMap {
 }
 
 /// Every shard owned as `placement::assign` says, at epoch 1, no handoffs.
-fn placed(shards: u32, owners: &[String], eps: f64) -> Vec<ShardAssignment> {
+fn placed(shards: u32, owners: &[NodeId], eps: f64) -> Vec<ShardAssignment> {
     target(shards, owners, eps)
         .iter()
         .map(|(_, o)| ShardAssignment {
-            owner: Some(o.to_owned()),
+            owner: Some(o.into()),
             epoch: 1,
             handoff_to: None,
         })
@@ -72,7 +73,7 @@ fn apply(assignments: &mut [ShardAssignment], changes: &[Change]) {
 
 /// Every handoff in progress to an eligible member finishes: the target owns the shard at the
 /// next epoch. (One to a gone member would not: its target never restores; plan retargets it.)
-fn complete_handoffs(assignments: &mut [ShardAssignment], eligible: &[String]) -> usize {
+fn complete_handoffs(assignments: &mut [ShardAssignment], eligible: &[NodeId]) -> usize {
     let mut done = 0;
     for a in assignments.iter_mut() {
         if let Some(to) = a.handoff_to.take_if(|to| eligible.contains(to)) {
@@ -99,7 +100,7 @@ fn owned_by(assignments: &[ShardAssignment], name: &str) -> usize {
         .count()
 }
 
-fn eligible_of(members: &BTreeMap<String, MemberState>, expired: &BTreeSet<String>) -> Vec<String> {
+fn eligible_of(members: &BTreeMap<NodeId, MemberState>, expired: &BTreeSet<NodeId>) -> Vec<NodeId> {
     members
         .iter()
         .filter(|(n, s)| matches!(s, Up | Joining) && !expired.contains(*n))
@@ -111,8 +112,8 @@ fn eligible_of(members: &BTreeMap<String, MemberState>, expired: &BTreeSet<Strin
 /// targets every round; returns (rounds, shards moved gracefully, moves per shard).
 fn run_to_fixpoint(
     assignments: &mut [ShardAssignment],
-    members: &BTreeMap<String, MemberState>,
-    expired: &BTreeSet<String>,
+    members: &BTreeMap<NodeId, MemberState>,
+    expired: &BTreeSet<NodeId>,
     cfg: &RebalanceConfig,
 ) -> Result<(usize, usize, Vec<usize>), TestCaseError> {
     let eligible = eligible_of(members, expired);
@@ -195,7 +196,7 @@ fn first_assignment_is_the_crash_path_unpaced() {
         .iter()
         .map(|(shard, o)| Change::Reassign {
             shard,
-            to: o.to_owned(),
+            to: o.into(),
             epoch: 1,
         })
         .collect();
@@ -250,7 +251,7 @@ fn crash_reassigns_all_dead_shards_at_once_and_nothing_else() {
             .iter()
             .map(|&s| Change::Reassign {
                 shard: s,
-                to: t.owner(s).unwrap_or_default().to_owned(),
+                to: NodeId::from(t.owner(s).unwrap_or_default()),
                 epoch: 2,
             })
             .collect();
@@ -369,8 +370,8 @@ fn state() -> impl Strategy<Value = Option<MemberState>> {
     ]
 }
 
-fn pool_name() -> impl Strategy<Value = Option<String>> {
-    prop_oneof![1 => Just(None), 6 => (0..POOL.len()).prop_map(|i| Some(POOL[i].to_owned()))]
+fn pool_name() -> impl Strategy<Value = Option<NodeId>> {
+    prop_oneof![1 => Just(None), 6 => (0..POOL.len()).prop_map(|i| Some(NodeId::from(POOL[i])))]
 }
 
 /// Any cluster state, sane or not: members with any states, any expired set (members or not),
@@ -379,8 +380,8 @@ fn pool_name() -> impl Strategy<Value = Option<String>> {
 fn cluster() -> impl Strategy<
     Value = (
         Vec<ShardAssignment>,
-        BTreeMap<String, MemberState>,
-        BTreeSet<String>,
+        BTreeMap<NodeId, MemberState>,
+        BTreeSet<NodeId>,
         RebalanceConfig,
     ),
 > {
@@ -405,13 +406,13 @@ fn cluster() -> impl Strategy<
             let members = POOL
                 .iter()
                 .zip(states)
-                .filter_map(|(n, s)| s.map(|s| ((*n).to_owned(), s)))
+                .filter_map(|(n, s)| s.map(|s| (NodeId::from(*n), s)))
                 .collect();
             let expired = POOL
                 .iter()
                 .zip(exp)
                 .filter(|(_, e)| *e)
-                .map(|(n, _)| (*n).to_owned())
+                .map(|(n, _)| NodeId::from(*n))
                 .collect();
             (
                 assignments,
@@ -425,9 +426,9 @@ fn cluster() -> impl Strategy<
         })
 }
 
-fn member_set(min: usize) -> impl Strategy<Value = Vec<String>> {
+fn member_set(min: usize) -> impl Strategy<Value = Vec<NodeId>> {
     proptest::collection::btree_set("[a-z][a-z0-9]{0,7}", min..=12)
-        .prop_map(|s| s.into_iter().collect())
+        .prop_map(|s| s.into_iter().map(NodeId::from).collect())
 }
 
 /// As in placement_tests.rs: slack for the cap cascades of bounded-load placement.
@@ -532,7 +533,7 @@ proptest! {
         let cfg = RebalanceConfig { max_concurrent_handoffs: max, eps: 0.25 };
         let drained = all[pick.index(all.len())].clone();
         let mut a = placed(shards, &all, cfg.eps);
-        let m: BTreeMap<String, MemberState> = all
+        let m: BTreeMap<NodeId, MemberState> = all
             .iter()
             .map(|n| (n.clone(), if *n == drained { Draining } else { Up }))
             .collect();
@@ -552,12 +553,12 @@ proptest! {
         all in member_set(1),
         max in 1usize..8,
     ) {
-        let newcomer = "zz-new".to_owned();
+        let newcomer = NodeId::from("zz-new");
         prop_assume!(!all.contains(&newcomer));
         let cfg = RebalanceConfig { max_concurrent_handoffs: max, eps: 0.25 };
         let mut a = placed(shards, &all, cfg.eps);
         let old = placement::ShardMap::from_owners(a.iter().map(|x| x.owner.clone().unwrap_or_default()).collect());
-        let mut m: BTreeMap<String, MemberState> = all.iter().map(|n| (n.clone(), Up)).collect();
+        let mut m: BTreeMap<NodeId, MemberState> = all.iter().map(|n| (n.clone(), Up)).collect();
         m.insert(newcomer.clone(), Joining);
         let (_, moved, per_shard) = run_to_fixpoint(&mut a, &m, &BTreeSet::new(), &cfg)?;
         let mut joined = all.clone();

@@ -73,7 +73,7 @@ pub use records::{AutoscaleStatus, DatasetRecord, DatasetSource, JobRecord, JobS
 use store::RaftStore;
 pub use types::{
     apply, node_id, AssignmentState, ClusterMap, Command, CommandResponse, Member, MemberState,
-    NodeInfo, Revoked, ShardAssignment,
+    NodeId, NodeInfo, Revoked, ShardAssignment,
 };
 
 openraft::declare_raft_types!(
@@ -701,7 +701,7 @@ impl ControlPlane {
         deadline: Instant,
     ) -> Result<(), ControlError> {
         let cmd = Command::SetVoter {
-            name: info.name.clone(),
+            name: info.name.clone().into(),
             voter,
         };
         match self.propose_local(cmd, deadline).await? {
@@ -893,7 +893,7 @@ impl ControlPlane {
                 .members
                 .keys()
                 .find(|n| **n != info.name && node_id(n) == id)
-                .cloned(),
+                .map(|n| n.to_string()),
         };
         if let Some(other) = collision {
             return Err(ControlError::IdCollision {
@@ -923,7 +923,7 @@ impl ControlPlane {
         }
         let voter = is_voter;
         let cmd = Command::Join {
-            name: info.name,
+            name: info.name.into(),
             addr: info.addr,
             voter,
         };

@@ -95,7 +95,7 @@ async fn restart_reloads_snapshot_and_replays_committed_log() {
     let map = sm.storage().await.subscribe().borrow().clone();
     assert_eq!(map.shards.len(), 4);
     assert_eq!(
-        map.members.keys().map(String::as_str).collect::<Vec<_>>(),
+        map.members.keys().map(|n| n.as_str()).collect::<Vec<_>>(),
         ["a", "b"]
     );
     let (applied, membership) = sm.applied_state().await.unwrap();

@@ -119,16 +119,16 @@ async fn proposal_via_follower_is_forwarded_and_cas_rejects_stale_epoch() {
     let handoff = Command::Assign {
         shard: 2,
         expect_epoch: 0,
-        owner: Some(f.clone()),
+        owner: Some((&f).into()),
         epoch: 1,
-        handoff_to: Some(l.clone()),
+        handoff_to: Some((&l).into()),
     };
     assert_eq!(leader.propose(handoff).await.unwrap(), CommandResponse::Ok);
     // Forwarded: the follower completes the handoff of a shard it owns (what a node may ask).
     let complete = Command::Assign {
         shard: 2,
         expect_epoch: 1,
-        owner: Some(l.clone()),
+        owner: Some((&l).into()),
         epoch: 2,
         handoff_to: None,
     };

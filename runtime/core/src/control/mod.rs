@@ -5,6 +5,6 @@ pub mod types;
 
 pub use records::{AutoscaleStatus, DatasetRecord, DatasetSource, JobRecord, JobState, JobUpdate};
 pub use types::{
-    apply, node_id, ClusterMap, Command, CommandResponse, Member, MemberState, NodeInfo, Revoked,
-    ShardAssignment,
+    apply, node_id, ClusterMap, Command, CommandResponse, Member, MemberState, NodeId, NodeInfo,
+    Revoked, ShardAssignment,
 };

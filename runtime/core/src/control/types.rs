@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::records::{self, AutoscaleStatus, DatasetRecord, JobRecord, JobUpdate};
+pub use crate::node_id::NodeId;
 
 /// Seed of [`node_id`]: ASCII "raftnode". Changing it renames every Raft node: never change it.
 const NODE_ID_SEED: u64 = 0x7261_6674_6e6f_6465;
@@ -92,7 +93,7 @@ impl fmt::Display for MemberState {
 /// One member of the cluster (voter or learner of the Raft group).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
-    pub name: String,
+    pub name: NodeId,
     pub addr: String,
     pub state: MemberState,
     /// Whether the member votes in the control-plane Raft group.
@@ -102,10 +103,10 @@ pub struct Member {
 /// Who owns one shard, at which epoch, and where it is being handed to.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShardAssignment {
-    pub owner: Option<String>,
+    pub owner: Option<NodeId>,
     /// Fencing epoch (ARCHITECTURE.md invariant 2): every change of ownership bumps it.
     pub epoch: u64,
-    pub handoff_to: Option<String>,
+    pub handoff_to: Option<NodeId>,
 }
 
 /// Where a shard's assignment stands (what `cluster shards` reports).
@@ -135,7 +136,7 @@ impl ShardAssignment {
 /// The replicated cluster map. Every member, voter or learner, holds an applied copy.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ClusterMap {
-    pub members: BTreeMap<String, Member>,
+    pub members: BTreeMap<NodeId, Member>,
     /// Indexed by shard id; empty until [`Command::Init`].
     pub shards: Vec<ShardAssignment>,
     /// Imported (or synthetic) datasets by name.
@@ -183,13 +184,13 @@ pub enum Command {
     /// Adds a member as `Joining`, or updates a known one (a rejoin: same name, maybe a new
     /// address). A rejoining member that was `Up` stays `Up`; otherwise it becomes `Joining`.
     Join {
-        name: String,
+        name: NodeId,
         addr: String,
         voter: bool,
     },
     /// Records whether a known member is a Raft voter (after an admin changed the voter set by
     /// joint consensus); `Rejected` for an unknown name.
-    SetVoter { name: String, voter: bool },
+    SetVoter { name: NodeId, voter: bool },
     /// Puts a certificate serial on the revocation list (idempotent; never undone).
     Revoke {
         serial: String,
@@ -197,7 +198,7 @@ pub enum Command {
         at_ms: u64,
     },
     /// Sets a known member's state; `Rejected` for an unknown name.
-    SetMemberState { name: String, state: MemberState },
+    SetMemberState { name: NodeId, state: MemberState },
     /// Shard changes; each carries the epoch it expects to replace (compare-and-set) so a stale
     /// leader decision cannot apply twice. `Rejected` when the shard's epoch is not
     /// `expect_epoch`, when `epoch < expect_epoch` (epochs never go back), when the shard does not
@@ -205,9 +206,9 @@ pub enum Command {
     Assign {
         shard: u32,
         expect_epoch: u64,
-        owner: Option<String>,
+        owner: Option<NodeId>,
         epoch: u64,
-        handoff_to: Option<String>,
+        handoff_to: Option<NodeId>,
     },
     /// Several commands in one log entry, applied all-or-nothing: if any is rejected, none takes
     /// effect and every response is `Rejected` (the failing one with its reason, the others with
@@ -333,9 +334,9 @@ fn join(map: &mut ClusterMap, name: &str, addr: &str, voter: bool) -> CommandRes
     }
     let member = map
         .members
-        .entry(name.to_string())
+        .entry(NodeId::from(name))
         .or_insert_with(|| Member {
-            name: name.to_string(),
+            name: NodeId::from(name),
             addr: addr.to_string(),
             state: MemberState::Joining,
             voter,
@@ -352,12 +353,12 @@ fn assign(
     map: &mut ClusterMap,
     shard: u32,
     expect_epoch: u64,
-    owner: &Option<String>,
+    owner: &Option<NodeId>,
     epoch: u64,
-    handoff_to: &Option<String>,
+    handoff_to: &Option<NodeId>,
 ) -> CommandResponse {
     for name in owner.iter().chain(handoff_to.iter()) {
-        if !map.members.contains_key(name) {
+        if !map.members.contains_key(name.as_str()) {
             return CommandResponse::Rejected(format!("unknown member {name:?}"));
         }
     }
@@ -417,7 +418,7 @@ mod tests {
         );
         for n in names {
             let cmd = Command::Join {
-                name: n.to_string(),
+                name: n.into(),
                 addr: format!("{n}:7400"),
                 voter: false,
             };
@@ -436,9 +437,9 @@ mod tests {
         Command::Assign {
             shard,
             expect_epoch,
-            owner: owner.map(str::to_string),
+            owner: owner.map(NodeId::from),
             epoch,
-            handoff_to: handoff.map(str::to_string),
+            handoff_to: handoff.map(NodeId::from),
         }
     }
 
@@ -523,7 +524,7 @@ mod tests {
         assert!(!apply(
             &mut map,
             &Command::Join {
-                name: String::new(),
+                name: NodeId::default(),
                 addr: "x".into(),
                 voter: false
             }
