@@ -258,6 +258,14 @@ async fn control_plane_requests_are_bound_to_the_senders_certificate() {
         matches!(&answer, Answer::Reply(t) if t.contains("Done")),
         "{answer:?}"
     );
+    // The join is committed; the node the client asks may apply it a moment later.
+    eventually("n9 in the member list", Duration::from_secs(20), || async {
+        work.client
+            .status()
+            .await
+            .is_ok_and(|s| s.members.iter().any(|m| m.name == "n9"))
+    })
+    .await;
     let status = work.client.status().await.unwrap();
     let n9 = status.members.iter().find(|m| m.name == "n9").unwrap();
     assert!(!n9.voter, "a self-declared voter joins as a learner");
