@@ -203,11 +203,7 @@ impl Router {
             self.close_slot(shard, &mut s);
             (s.actor.take(), std::mem::take(&mut s.buffer))
         };
-        if !buffered.is_empty() {
-            metrics::gauge!(m::HANDOFF_BUFFERED).decrement(buffered.len() as f64);
-            let this = self.clone();
-            tokio::spawn(async move { this.forward_buffered(shard, buffered).await });
-        }
+        self.forward_later(shard, buffered);
         actor
     }
 
@@ -241,11 +237,7 @@ impl Router {
             }
             std::mem::take(&mut s.buffer)
         };
-        if !buffered.is_empty() {
-            metrics::gauge!(m::HANDOFF_BUFFERED).decrement(buffered.len() as f64);
-            let this = self.clone();
-            tokio::spawn(async move { this.forward_buffered(shard, buffered).await });
-        }
+        self.forward_later(shard, buffered);
     }
 
     /// Stops admitting new ops to a slot, recording the end of this node's ownership interval
@@ -436,6 +428,17 @@ impl Router {
         serving::admit(s.view(), epoch, self.lease_valid()).map_err(|_| ErrorCode::NotOwner)?;
         let actor = s.actor.clone().ok_or(ErrorCode::NotOwner)?;
         Ok((permit, actor))
+    }
+
+    /// Sends what a slot buffered to the shard's current owner (this node after a resume), in
+    /// order, on a task of its own.
+    fn forward_later(&self, shard: u32, buffered: VecDeque<Buffered>) {
+        if buffered.is_empty() {
+            return;
+        }
+        metrics::gauge!(m::HANDOFF_BUFFERED).decrement(buffered.len() as f64);
+        let this = self.clone();
+        tokio::spawn(async move { this.forward_buffered(shard, buffered).await });
     }
 
     async fn forward_buffered(&self, shard: u32, buffered: VecDeque<Buffered>) {
