@@ -16,8 +16,12 @@ use tracing_subscriber::registry::LookupSpan;
 /// The default filter when `TIDEPOOL_LOG` is not set. openraft's `raft_inner` logs an ERROR
 /// for every API call that finds the Raft core stopped, which is every call in flight when the
 /// node stops normally; the caller gets the same error as a value and decides, so they are off.
-pub const DEFAULT_FILTER: &str =
-    "info,quinn=warn,rustls=warn,openraft=warn,openraft::raft::raft_inner=off";
+/// Its replication stream reports each failed append to a peer in several lines per retry
+/// (a peer not started yet, restarting, or gone); the control plane's network logs the peer's
+/// change once each way instead, so those are off too (the replication handler's ERRORs stay).
+pub const DEFAULT_FILTER: &str = "info,quinn=warn,rustls=warn,openraft=warn,\
+     openraft::raft::raft_inner=off,openraft::replication=off,\
+     openraft::engine::handler::replication_handler=error";
 
 /// The level a line is written with: openraft's ERRORs are WARN. It reports at ERROR every
 /// RPC to a peer that is unreachable or slow (a vote or append timeout, "link is closed"),

@@ -76,3 +76,11 @@ fn text_lines_name_the_node() {
     assert!(out[0].contains(" INFO node=n7 "), "{}", out[0]);
     assert!(out[0].contains("serving 3 shards shards=3"), "{}", out[0]);
 }
+
+#[test]
+fn the_default_filter_parses_and_quiets_openraft_replication() {
+    let f = tracing_subscriber::EnvFilter::try_new(DEFAULT_FILTER).unwrap();
+    let text = f.to_string();
+    assert!(text.contains("openraft::replication=off"), "{text}");
+    assert!(text.contains("openraft::raft::raft_inner=off"), "{text}");
+}

@@ -301,6 +301,7 @@ impl ControlPlane {
         let factory = NetworkFactory {
             transport: net.clone(),
             directory: directory.clone(),
+            reach: Default::default(),
         };
         let (log_store, state_machine) = Adaptor::new(store);
         let raft = Raft::new(id, config, factory, log_store, state_machine)

@@ -10,8 +10,12 @@
 //! [`Unreachable`](openraft::error::Unreachable), so openraft backs off before retrying that peer;
 //! an undecodable reply is a [`NetworkError`](openraft::error::NetworkError); an error returned
 //! by the remote Raft is a [`RemoteError`](openraft::error::RemoteError).
+//!
+//! Logging: openraft reports every failed RPC (several lines per retry, per peer); the node's
+//! default log filter keeps its replication module quiet and [`PeerReach`] logs a peer's change
+//! instead: one WARN when RPCs to it start failing, one INFO when it answers again.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
 
@@ -23,7 +27,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -136,10 +140,31 @@ pub(crate) enum ForwardReply {
 /// were created before the change.
 pub(crate) type Directory = Arc<RwLock<BTreeMap<u64, NodeInfo>>>;
 
+/// Which Raft peers this node currently cannot reach, shared by every openraft client (the
+/// replication stream and the vote requests to one peer are separate clients), so that a peer
+/// going away and coming back is reported once each way, not once per RPC.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct PeerReach {
+    down: Arc<Mutex<BTreeSet<u64>>>,
+}
+
+impl PeerReach {
+    /// Records a failed RPC to `peer`; true when the peer was reachable until now.
+    pub(crate) fn failed(&self, peer: u64) -> bool {
+        self.down.lock().insert(peer)
+    }
+
+    /// Records an answer from `peer`; true when it was unreachable until now.
+    pub(crate) fn answered(&self, peer: u64) -> bool {
+        self.down.lock().remove(&peer)
+    }
+}
+
 /// openraft's network factory over a [`RaftTransport`].
 pub(crate) struct NetworkFactory {
     pub(crate) transport: Arc<dyn RaftTransport>,
     pub(crate) directory: Directory,
+    pub(crate) reach: PeerReach,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -149,6 +174,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         PeerClient {
             transport: self.transport.clone(),
             directory: self.directory.clone(),
+            reach: self.reach.clone(),
             target,
             node: node.clone(),
         }
@@ -159,6 +185,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
 pub(crate) struct PeerClient {
     transport: Arc<dyn RaftTransport>,
     directory: Directory,
+    reach: PeerReach,
     target: u64,
     node: NodeInfo,
 }
@@ -193,11 +220,25 @@ impl PeerClient {
             .get(&self.target)
             .cloned()
             .unwrap_or_else(|| self.node.clone());
-        let reply = self
-            .transport
-            .call(&node, kind, payload)
-            .await
-            .map_err(|e| RPCError::Unreachable(Unreachable::new(&TransportFailure(e))))?;
+        let reply = match self.transport.call(&node, kind, payload).await {
+            Ok(reply) => {
+                if self.reach.answered(self.target) {
+                    tracing::info!(peer = %node.name, "control plane: peer answers again");
+                }
+                reply
+            }
+            Err(e) => {
+                if self.reach.failed(self.target) {
+                    tracing::warn!(
+                        peer = %node.name, rpc = %kind, error = %e,
+                        "control plane: peer unreachable; retrying with backoff"
+                    );
+                }
+                return Err(RPCError::Unreachable(Unreachable::new(&TransportFailure(
+                    e,
+                ))));
+            }
+        };
         let res: Result<Resp, RaftError<u64, E>> =
             serde_json::from_slice(&reply).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         res.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, node, e)))
@@ -243,5 +284,18 @@ mod tests {
             assert_eq!(RpcKind::from_code(k.code()), Some(k));
         }
         assert_eq!(RpcKind::from_code(200), None);
+    }
+
+    #[test]
+    fn a_peer_change_is_reported_once_each_way() {
+        let reach = PeerReach::default();
+        let other = reach.clone();
+        assert!(!reach.answered(7), "a peer starts reachable");
+        assert!(reach.failed(7));
+        assert!(!other.failed(7), "a second client's failure is not news");
+        assert!(reach.failed(8), "peers are tracked apart");
+        assert!(other.answered(7));
+        assert!(!reach.answered(7));
+        assert!(reach.failed(7), "it can go away again");
     }
 }
