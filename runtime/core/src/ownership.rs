@@ -1,8 +1,10 @@
 //! Sans-IO ownership core: one node's decisions about every shard it might own, as the node's
 //! ownership driver (`actors/src/driver.rs`) and the deterministic simulation both run them.
 //!
-//! It holds one [`ShardHandoff`] machine per shard, the last assignment each machine was told
-//! about, the lease as the node last saw it, and the restored state of the one restore each
+//! It holds one [`ShardHandoff`] machine per shard this node has been named for (owner or
+//! handoff target; a shard never named here has no machine: its assignments cannot concern
+//! this node, so memory grows with the shards a node serves, not with the cluster), the last
+//! assignment each machine was told about, the lease as the node last saw it, and the restored state of the one restore each
 //! machine waits for. Inputs are the replicated map, the lease, and the results of effects;
 //! outputs are the machines' [`Effect`]s, per shard, in order. The caller carries them out
 //! (storage, actors, the router, the control plane) with the help of the accessors here:
@@ -44,8 +46,9 @@ pub struct MapChange {
 #[derive(Debug, Clone)]
 pub struct OwnershipCore<S> {
     me: NodeId,
-    machines: Vec<ShardHandoff>,
-    seen: Vec<Option<ShardAssignment>>,
+    shards: u32,
+    machines: BTreeMap<u32, ShardHandoff>,
+    seen: BTreeMap<u32, ShardAssignment>,
     kept: BTreeMap<u32, Kept<S>>,
     lease_valid: bool,
 }
@@ -53,15 +56,13 @@ pub struct OwnershipCore<S> {
 impl<S> OwnershipCore<S> {
     /// The core of the node called `me`, for `shards` shards: no assignment, no lease.
     pub fn new(me: impl Into<NodeId>, shards: u32) -> Self {
-        let me = me.into();
         Self {
-            machines: (0..shards)
-                .map(|s| ShardHandoff::new(me.clone(), s))
-                .collect(),
-            seen: vec![None; shards as usize],
+            me: me.into(),
+            shards,
+            machines: BTreeMap::new(),
+            seen: BTreeMap::new(),
             kept: BTreeMap::new(),
             lease_valid: false,
-            me,
         }
     }
 
@@ -70,9 +71,15 @@ impl<S> OwnershipCore<S> {
         &self.me
     }
 
-    /// One shard's machine (its role, its epoch), for metrics and checkers.
+    /// One shard's machine (its role, its epoch), for metrics and checkers; `None` for a shard
+    /// never named here.
     pub fn machine(&self, shard: u32) -> Option<&ShardHandoff> {
-        self.machines.get(shard as usize)
+        self.machines.get(&shard)
+    }
+
+    /// How many shards have a machine here (were ever named here).
+    pub fn machines(&self) -> usize {
+        self.machines.len()
     }
 
     /// The lease as last fed by [`on_lease`](Self::on_lease).
@@ -82,19 +89,45 @@ impl<S> OwnershipCore<S> {
 
     /// The assignment of `shard` last fed to its machine.
     pub fn seen(&self, shard: u32) -> Option<&ShardAssignment> {
-        self.seen.get(shard as usize).and_then(Option::as_ref)
+        self.seen.get(&shard)
     }
 
     /// Feeds every assignment that changed since the last map to its shard's machine. The caller
     /// passes maps in commit order (the handoff machine's contract).
     pub fn on_map(&mut self, now: Instant, map: &ClusterMap) -> MapChange {
+        self.on_shards(now, map, 0..map.shards.len() as u32)
+    }
+
+    /// [`on_map`](Self::on_map) for the listed shards only: a caller that knows which shards
+    /// the commits since its last map touched (every other assignment is as it was) skips the
+    /// scan of the whole map. The result is the same as `on_map`'s.
+    pub fn on_shards(
+        &mut self,
+        now: Instant,
+        map: &ClusterMap,
+        shards: impl IntoIterator<Item = u32>,
+    ) -> MapChange {
         let mut out = MapChange::default();
-        for (s, a) in map.shards.iter().enumerate() {
-            let shard = s as u32;
-            match self.seen.get_mut(s) {
-                Some(slot) if slot.as_ref() != Some(a) => *slot = Some(a.clone()),
-                _ => continue,
+        for shard in shards {
+            let Some(a) = map.shards.get(shard as usize) else {
+                continue;
+            };
+            if shard >= self.shards || self.seen.get(&shard) == Some(a) {
+                continue;
             }
+            if !self.machines.contains_key(&shard) {
+                let named = |n: &Option<NodeId>| n.as_deref() == Some(self.me.as_str());
+                if !named(&a.owner) && !named(&a.handoff_to) {
+                    continue;
+                }
+                let mut m = ShardHandoff::new(self.me.clone(), shard);
+                if self.lease_valid {
+                    // An idle machine has nothing to do on a lease change: no effects.
+                    let _ = m.handle(now, Event::LeaseRegained);
+                }
+                self.machines.insert(shard, m);
+            }
+            self.seen.insert(shard, a.clone());
             out.changed.push(shard);
             let fx = self.feed(now, shard, assigned(a));
             out.effects.extend(fx.into_iter().map(|e| (shard, e)));
@@ -115,8 +148,8 @@ impl<S> OwnershipCore<S> {
             Event::LeaseLost
         };
         let mut out = Vec::new();
-        for shard in 0..self.machines.len() as u32 {
-            let fx = self.feed(now, shard, ev.clone());
+        for (&shard, m) in self.machines.iter_mut() {
+            let fx = m.handle(now, ev.clone());
             out.extend(fx.into_iter().map(|e| (shard, e)));
         }
         out
@@ -124,7 +157,7 @@ impl<S> OwnershipCore<S> {
 
     /// Feeds one event to a shard's machine; returns its effects.
     pub fn feed(&mut self, now: Instant, shard: u32, ev: Event) -> Vec<Effect> {
-        match self.machines.get_mut(shard as usize) {
+        match self.machines.get_mut(&shard) {
             Some(m) => m.handle(now, ev),
             None => Vec::new(),
         }
@@ -145,7 +178,7 @@ impl<S> OwnershipCore<S> {
     ) -> (Vec<Effect>, bool) {
         let awaited = self
             .machines
-            .get(shard as usize)
+            .get(&shard)
             .and_then(ShardHandoff::awaiting_restore);
         let keep = awaited == Some((epoch, attempt));
         if keep {
@@ -171,7 +204,7 @@ impl<S> OwnershipCore<S> {
     /// faulted): a new machine, no restored state, then the lease and the assignment fed again,
     /// so its state is rebuilt from storage. The caller stops the shard's actor first.
     pub fn reset(&mut self, now: Instant, shard: u32) -> Vec<Effect> {
-        let Some(m) = self.machines.get_mut(shard as usize) else {
+        let Some(m) = self.machines.get_mut(&shard) else {
             return Vec::new();
         };
         *m = ShardHandoff::new(self.me.clone(), shard);

@@ -32,7 +32,8 @@ fn only_changed_assignments_reach_their_machines() {
     let mut c: OwnershipCore<u32> = OwnershipCore::new("a", 2);
     assert!(c.on_lease(now, true).is_empty(), "no assignment yet");
     let first = c.on_map(now, &map(&[("a", 1, None), ("b", 1, None)]));
-    assert_eq!(first.changed, vec![0, 1]);
+    assert_eq!(first.changed, vec![0], "shard 1 is not named here");
+    assert_eq!(c.machines(), 1, "no machine for a shard never named here");
     assert_eq!(
         first.effects,
         vec![(0, Effect::StopAccepting), (0, restore(1, 1))]
@@ -43,6 +44,7 @@ fn only_changed_assignments_reach_their_machines() {
     // Only shard 1 moves.
     let moved = c.on_map(now, &map(&[("a", 1, None), ("a", 2, None)]));
     assert_eq!(moved.changed, vec![1]);
+    assert_eq!(c.machines(), 2);
     assert_eq!(
         moved.effects,
         vec![(1, Effect::StopAccepting), (1, restore(2, 1))]
@@ -115,4 +117,103 @@ fn a_finished_handoff_proposes_the_target_the_map_names_now() {
             handoff_to: None,
         })
     );
+}
+
+proptest::proptest! {
+    /// A machine made only when a shard is first named here decides what one machine per shard,
+    /// fed every change (the core before machines were made on demand), decides, except the
+    /// router's buffer/flush toggles for a shard no actor runs here (the router buffers only
+    /// for a running actor, so they do nothing); and `on_shards` with the shards that changed
+    /// decides what `on_map` decides.
+    #[test]
+    fn machines_on_demand_decide_as_one_per_shard(
+        steps in proptest::collection::vec(
+            (0u32..4, 0u8..4, 0u8..4, proptest::bool::ANY, proptest::bool::ANY),
+            1..60,
+        )
+    ) {
+        const SHARDS: u32 = 4;
+        let names = ["a", "b", "c", "-"];
+        let node = |i: u8| (names[i as usize] != "-").then(|| NodeId::from(names[i as usize]));
+        let now = Instant::now();
+        let mut sparse: OwnershipCore<()> = OwnershipCore::new("a", SHARDS);
+        let mut delta: OwnershipCore<()> = OwnershipCore::new("a", SHARDS);
+        let mut dense: Vec<ShardHandoff> =
+            (0..SHARDS).map(|s| ShardHandoff::new("a", s)).collect();
+        let mut dense_seen: Vec<Option<ShardAssignment>> = vec![None; SHARDS as usize];
+        let mut dense_lease = false;
+        // Shards an actor runs here (between StartServing/Resume and StopServing).
+        let mut live = [false; SHARDS as usize];
+        // The effects this node carries out, without toggles for shards no actor runs.
+        let acted = |live: &mut [bool], fx: Vec<(u32, Effect)>| -> Vec<(u32, Effect)> {
+            let mut out = Vec::new();
+            for (s, e) in fx {
+                match e {
+                    Effect::StartServing { .. } | Effect::Resume { .. } => live[s as usize] = true,
+                    Effect::StopServing { .. } => live[s as usize] = false,
+                    Effect::StopAccepting | Effect::DeliverBuffered if !live[s as usize] => continue,
+                    _ => {}
+                }
+                out.push((s, e));
+            }
+            out
+        };
+        let mut m = ClusterMap {
+            shards: vec![ShardAssignment::default(); SHARDS as usize],
+            ..ClusterMap::default()
+        };
+        for (shard, owner, to, lease, restored) in steps {
+            // One commit: the shard's assignment changes (a new epoch).
+            let a = &mut m.shards[shard as usize];
+            a.epoch += 1;
+            a.owner = node(owner);
+            a.handoff_to = node(to).filter(|t| Some(t) != a.owner.as_ref());
+            let mut want = Vec::new();
+            for (s, a) in m.shards.iter().enumerate() {
+                if dense_seen[s].as_ref() != Some(a) {
+                    dense_seen[s] = Some(a.clone());
+                    let fx = dense[s].handle(now, assigned(a));
+                    want.extend(fx.into_iter().map(|e| (s as u32, e)));
+                }
+            }
+            let (mut l1, mut l2) = (live, live);
+            let want = acted(&mut live, want);
+            let got = acted(&mut l1, sparse.on_map(now, &m).effects);
+            let got_delta = acted(&mut l2, delta.on_shards(now, &m, [shard]).effects);
+            proptest::prop_assert_eq!(&got, &want);
+            proptest::prop_assert_eq!(&got_delta, &want);
+            // The lease as fed now.
+            let mut want = Vec::new();
+            if lease != dense_lease {
+                dense_lease = lease;
+                let ev = if lease { Event::LeaseRegained } else { Event::LeaseLost };
+                for (s, mach) in dense.iter_mut().enumerate() {
+                    let fx = mach.handle(now, ev.clone());
+                    want.extend(fx.into_iter().map(|e| (s as u32, e)));
+                }
+            }
+            let (mut l1, mut l2) = (live, live);
+            let want = acted(&mut live, want);
+            proptest::prop_assert_eq!(&acted(&mut l1, sparse.on_lease(now, lease)), &want);
+            proptest::prop_assert_eq!(&acted(&mut l2, delta.on_lease(now, lease)), &want);
+            // Every awaited restore (and fence check) finishes.
+            if restored {
+                for s in 0..SHARDS {
+                    let Some((epoch, attempt)) = dense[s as usize].awaiting_restore() else {
+                        continue;
+                    };
+                    let ev = Event::Restored { epoch, seq: 0, attempt };
+                    let want: Vec<(u32, Effect)> =
+                        dense[s as usize].handle(now, ev).into_iter().map(|e| (s, e)).collect();
+                    let (mut l1, mut l2) = (live, live);
+                    let want = acted(&mut live, want);
+                    let fx = |c: &mut OwnershipCore<()>| -> Vec<(u32, Effect)> {
+                        c.on_restored(now, s, epoch, attempt, (), 1).0.into_iter().map(|e| (s, e)).collect()
+                    };
+                    proptest::prop_assert_eq!(&acted(&mut l1, fx(&mut sparse)), &want);
+                    proptest::prop_assert_eq!(&acted(&mut l2, fx(&mut delta)), &want);
+                }
+            }
+        }
+    }
 }
