@@ -23,11 +23,7 @@ use tracing::{debug, info, warn};
 use crate::load::LoadMeter;
 use crate::serve_gate::ServeGate;
 
-/// A leader grants leases only this soon after a quorum confirmed it still leads: a leader cut
-/// off from the majority keeps believing it leads (openraft does not step down on its own), and
-/// must not keep nodes serving on its word. With a 2 s TTL and 200 ms margin the new leader's
-/// TTL + margin wait outlasts any grant made within this window of the last confirmation.
-pub const CONFIRMED_GRANT_WINDOW: Duration = Duration::from_millis(300);
+pub use tidepool_runtime::leader_core::CONFIRMED_GRANT_WINDOW;
 
 /// Shared lease state of a node: its own holder, and the grantor table while it leads.
 #[derive(Debug)]

@@ -31,6 +31,13 @@ pub struct Grant {
     pub map_index: u64,
 }
 
+/// A leader grants leases only this soon after a quorum confirmed it still leads: a leader cut
+/// off from the majority keeps believing it leads (openraft does not step down on its own), and
+/// must not keep nodes serving on its word. With a 2 s TTL and 200 ms margin the new leader's
+/// TTL + margin wait outlasts any grant made within this window of the last confirmation. The
+/// node's leader loop and the scale simulation both use it.
+pub const CONFIRMED_GRANT_WINDOW: Duration = Duration::from_millis(300);
+
 /// Why no grant was made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
