@@ -25,9 +25,10 @@
 //! is left) or [`ScaleConfig::phase_cap_ms`] passes:
 //! 1. **kill 1 %** of the nodes at once;
 //! 2. **join 10 %** new nodes at once;
-//! 3. **rolling restart**: every node but the leader, 1 % at a time, each down for
-//!    [`RESTART_MS`] (shorter than the ttl, so nobody is marked down; a restarted node restores
-//!    its shards), the next wave once every shard is served again.
+//! 3. **rolling restart**, two rounds of 1 % of the nodes (never the leader), as the node stops
+//!    and starts: drain (every shard handed off, paced), stop, gone for [`RESTART_MS`], start,
+//!    join, and take shards back once promoted; a round ends when every shard is served where
+//!    placement wants it.
 //!
 //! Per phase: renewals and grants per second at the leader, Raft entries per second, leader CPU
 //! per tick (wall time around the core calls and the map copy `leader_step` makes; placement
@@ -82,6 +83,10 @@ pub struct ScaleConfig {
     /// A phase not done after this long is cut off (reported with `done: false`).
     pub phase_cap_ms: Ms,
     pub rebalance: RebalanceConfig,
+    /// A placement computed at a leader tick holds the rest of that tick (the moves) back for
+    /// as long as it took in wall time, as the node's leader awaits it; off, it takes no virtual
+    /// time (the history is then the same in every run, whatever the machine).
+    pub placement_takes_time: bool,
 }
 
 impl ScaleConfig {
@@ -93,6 +98,7 @@ impl ScaleConfig {
             seed,
             phase_cap_ms: 600_000,
             rebalance: RebalanceConfig::default(),
+            placement_takes_time: true,
         }
     }
 }
@@ -127,8 +133,6 @@ pub struct Phase {
     pub ideal_moves: u64,
     /// From the fault until every shard was served (the whole phase for the restart).
     pub served_after_ms: Option<Ms>,
-    /// Longest time some shard went unserved in one restart wave.
-    pub worst_wave_ms: Option<Ms>,
 }
 
 /// A run's result.
@@ -147,12 +151,36 @@ pub struct Report {
 #[derive(Debug)]
 enum Ev {
     Renew(usize),
-    GrantReq { n: usize, inc: u64, token: u64 },
-    GrantReply { n: usize, inc: u64, token: u64, grant: Grant },
+    GrantReq {
+        n: usize,
+        inc: u64,
+        token: u64,
+    },
+    GrantReply {
+        n: usize,
+        inc: u64,
+        token: u64,
+        grant: Grant,
+    },
     LeaderTick,
+    /// The rest of a leader tick, after a placement: the moves, then the next tick.
+    LeaderMoves {
+        tick_started: Ms,
+    },
     Deliver(usize),
-    Feed { n: usize, inc: u64, shard: u32, ev: Event },
-    Restored { n: usize, inc: u64, shard: u32, epoch: u64, attempt: u64 },
+    Feed {
+        n: usize,
+        inc: u64,
+        shard: u32,
+        ev: Event,
+    },
+    Restored {
+        n: usize,
+        inc: u64,
+        shard: u32,
+        epoch: u64,
+        attempt: u64,
+    },
     Report(Command),
     Revive(usize),
     Check,
@@ -323,7 +351,10 @@ impl World {
             // Every node with a machine for the shard hears of it (a machine, once made,
             // stays), and the nodes it names now (which make one).
             let mut who: BTreeSet<usize> = self.ever_named[s as usize].iter().copied().collect();
-            for name in [new.owner.as_ref(), new.handoff_to.as_ref()].into_iter().flatten() {
+            for name in [new.owner.as_ref(), new.handoff_to.as_ref()]
+                .into_iter()
+                .flatten()
+            {
                 let n = Self::index_of(name);
                 if who.insert(n) {
                     self.ever_named[s as usize].push(n);
@@ -380,17 +411,30 @@ impl World {
             Ev::GrantReq { n, inc, token } => {
                 self.acc.renewals += 1;
                 let t = Instant::now();
-                let r = self
-                    .leader
-                    .grant(&self.nodes[n].name, self.instant(), self.map.applied_index);
+                let r =
+                    self.leader
+                        .grant(&self.nodes[n].name, self.instant(), self.map.applied_index);
                 self.acc.grant_ns += t.elapsed().as_nanos();
                 if let Ok(grant) = r {
                     self.acc.grants += 1;
                     let delay = if n == 0 { 0 } else { NET_MS };
-                    self.schedule(delay, Ev::GrantReply { n, inc, token, grant });
+                    self.schedule(
+                        delay,
+                        Ev::GrantReply {
+                            n,
+                            inc,
+                            token,
+                            grant,
+                        },
+                    );
                 }
             }
-            Ev::GrantReply { n, inc, token, grant } => {
+            Ev::GrantReply {
+                n,
+                inc,
+                token,
+                grant,
+            } => {
                 let now = self.instant();
                 let node = &mut self.nodes[n];
                 if node.alive && node.inc == inc {
@@ -398,10 +442,8 @@ impl World {
                         .on_grant(now, token, grant.ttl, grant.term, grant.map_index);
                 }
             }
-            Ev::LeaderTick => {
-                self.leader_tick();
-                self.schedule(LEADER_TICK_MS, Ev::LeaderTick);
-            }
+            Ev::LeaderTick => self.leader_tick(),
+            Ev::LeaderMoves { tick_started } => self.leader_moves(tick_started),
             Ev::Deliver(n) => self.deliver(n),
             Ev::Feed { n, inc, shard, ev } => {
                 if self.nodes[n].alive && self.nodes[n].inc == inc {
@@ -537,9 +579,11 @@ impl World {
         }
     }
 
-    /// The leader loop's step: quorum confirmed, membership, placement, moves.
+    /// The leader loop's step: quorum confirmed, membership, placement, moves. A placement
+    /// holds the moves back for the time it took (see [`ScaleConfig::placement_takes_time`]).
     fn leader_tick(&mut self) {
         let now = self.instant();
+        let tick_started = self.now;
         self.leader.confirmed(now);
         let t = Instant::now();
         let map = self.map.clone();
@@ -549,27 +593,46 @@ impl World {
             self.commit(c);
         }
         let t = Instant::now();
-        let map = self.map.clone();
         let needed = self
             .leader
-            .placement_needed(&map, now, &self.cfg.rebalance);
+            .placement_needed(&self.map, now, &self.cfg.rebalance);
         spent += t.elapsed();
+        self.acc.ticks_us.push(spent.as_secs_f64() * 1e6);
+        let mut wait = 0;
         if let Some((shards, eligible)) = needed {
             let t = Instant::now();
             let mut cache = PlacementCache::default();
             let _ = cache.assign(shards, &eligible, self.cfg.rebalance.eps);
             self.leader.offer_placement(cache);
-            self.acc
-                .placement_ms
-                .push(t.elapsed().as_secs_f64() * 1e3);
+            let took = t.elapsed();
+            self.acc.placement_ms.push(took.as_secs_f64() * 1e3);
+            if self.cfg.placement_takes_time {
+                wait = took.as_millis() as Ms;
+            }
         }
+        if wait == 0 {
+            self.leader_moves(tick_started);
+        } else {
+            self.schedule(wait, Ev::LeaderMoves { tick_started });
+        }
+    }
+
+    /// The moves of a leader tick (against the map as it is now), then the next tick: 100 ms
+    /// after this one began, or at once if the step took longer (tokio's `Delay` behaviour).
+    fn leader_moves(&mut self, tick_started: Ms) {
+        let now = self.instant();
         let t = Instant::now();
+        let map = self.map.clone();
         let moves = self.leader.moves(&map, now, &self.cfg.rebalance);
-        spent += t.elapsed();
-        self.acc.ticks_us.push(spent.as_secs_f64() * 1e6);
+        let spent = t.elapsed().as_secs_f64() * 1e6;
+        if let Some(last) = self.acc.ticks_us.last_mut() {
+            *last += spent;
+        }
         for (_, c) in moves {
             self.commit(c);
         }
+        let next = (tick_started + LEADER_TICK_MS).saturating_sub(self.now);
+        self.schedule(next, Ev::LeaderTick);
     }
 
     fn kill(&mut self, n: usize) {
@@ -593,6 +656,12 @@ impl World {
         node.own = OwnershipCore::new(node.name.clone(), shards);
         node.pending = node.named.clone();
         node.deliver_scheduled = true;
+        let name = node.name.clone();
+        self.commit(Command::Join {
+            name,
+            addr: format!("10.0.{}.{}:7400", n / 250, n % 250),
+            voter: n < 5,
+        });
         self.schedule(0, Ev::Deliver(n));
         self.schedule(0, Ev::Renew(n));
     }
@@ -620,9 +689,7 @@ impl World {
         self.all_served() && self.map.shards.iter().all(|a| a.handoff_to.is_none()) && {
             let now = self.instant();
             let map = self.map.clone();
-            self.leader
-                .moves(&map, now, &self.cfg.rebalance)
-                .is_empty()
+            self.leader.moves(&map, now, &self.cfg.rebalance).is_empty()
         }
     }
 
@@ -669,7 +736,6 @@ impl World {
             moved: acc.moved,
             ideal_moves: ideal,
             served_after_ms: took.1.then_some(took.0),
-            worst_wave_ms: None,
         }
     }
 
@@ -735,37 +801,69 @@ impl World {
             return self.report(phases);
         }
 
-        // Rolling restart, 1 % at a time.
-        let order: Vec<usize> = (1..self.nodes.len())
+        // Rolling restart as the node does it, 1 % at a time, two rounds: each node drains (its
+        // shards handed off), stops, is gone for RESTART_MS, starts again and joins; the round
+        // ends when the restarted nodes are up and every shard is served where placement wants.
+        let mut order: Vec<usize> = (1..self.nodes.len())
             .filter(|&n| self.nodes[n].alive)
             .collect();
-        let wave = (order.len() / 100).max(1);
-        let start = self.now;
-        let mut worst = 0;
-        let mut done = true;
-        for chunk in order.chunks(wave) {
+        order.shuffle(&mut self.rng);
+        let batch = (order.len() / 100).max(1);
+        for (round, chunk) in order.chunks(batch).take(2).enumerate() {
+            let ideal: u64 = 2 * chunk.iter().map(|&n| self.owned_by(n)).sum::<u64>();
+            let start = self.now;
             for &n in chunk {
-                self.kill(n);
-                self.schedule(RESTART_MS, Ev::Revive(n));
+                self.commit(Command::SetMemberState {
+                    name: self.nodes[n].name.clone(),
+                    state: MemberState::Draining,
+                });
             }
-            let (t, ok) = self.run_until(World::all_served, cap);
-            worst = worst.max(t);
-            if !ok {
-                done = false;
+            let leaving = chunk.to_vec();
+            let (_, drained) = self.run_until(
+                move |w| leaving.iter().all(|&n| w.nodes[n].named.is_empty()),
+                cap,
+            );
+            let mut done = false;
+            if drained {
+                for &n in chunk {
+                    self.kill(n);
+                    self.schedule(RESTART_MS, Ev::Revive(n));
+                }
+                let back = chunk.to_vec();
+                done = self
+                    .run_until(
+                        move |w| {
+                            back.iter().all(|&n| {
+                                w.map
+                                    .members
+                                    .get(&w.nodes[n].name)
+                                    .is_some_and(|m| m.state == MemberState::Up)
+                            }) && w.balanced()
+                        },
+                        cap,
+                    )
+                    .1;
+            }
+            let name = if round == 0 {
+                "restart round 1"
+            } else {
+                "restart round 2"
+            };
+            let mut p = self.finish(name, (self.now - start, done), ideal);
+            p.served_after_ms = done.then_some(self.now - start);
+            phases.push(p);
+            if !done {
                 break;
             }
         }
-        let took = (self.now - start, done);
-        let mut p = self.finish("rolling restart", took, 0);
-        p.worst_wave_ms = Some(worst);
-        phases.push(p);
         self.report(phases)
     }
 
     fn report(&mut self, phases: Vec<Phase>) -> Report {
         let map_bytes = serde_json::to_vec(&self.map).map_or(0, |v| v.len());
         // One node's driver scanning the whole map for changes, as it does per map change.
-        let mut own: OwnershipCore<()> = OwnershipCore::new(self.nodes[1].name.clone(), self.shards());
+        let mut own: OwnershipCore<()> =
+            OwnershipCore::new(self.nodes[1].name.clone(), self.shards());
         let now = self.instant();
         own.on_map(now, &self.map);
         let runs = 5;

@@ -16,7 +16,10 @@ fn main() {
         let val = args.get(i + 1).cloned().unwrap_or_default();
         match args[i].as_str() {
             "--nodes" => {
-                sizes = val.split(',').filter_map(|s| s.trim().parse().ok()).collect();
+                sizes = val
+                    .split(',')
+                    .filter_map(|s| s.trim().parse().ok())
+                    .collect();
             }
             "--seed" => seed = val.parse().unwrap_or(1),
             "--json" => json = Some(val),
@@ -28,10 +31,12 @@ fn main() {
         }
         i += 2;
     }
-    let mut out = json.map(|p| std::fs::File::create(&p).unwrap_or_else(|e| {
-        eprintln!("cannot write {p}: {e}");
-        std::process::exit(1);
-    }));
+    let mut out = json.map(|p| {
+        std::fs::File::create(&p).unwrap_or_else(|e| {
+            eprintln!("cannot write {p}: {e}");
+            std::process::exit(1);
+        })
+    });
     println!(
         "{:>6} {:>7} {:<16} {:>9} {:>5} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>6} {:>7} {:>7} {:>9} {:>9} {:>9}",
         "nodes", "shards", "phase", "virt_s", "done", "renew/s", "grant/s", "raft/s", "tick_p50", "tick_p99",
@@ -54,7 +59,10 @@ fn main() {
                 r.map_bytes as f64 / 1024.0, r.node_scan_us
             );
         }
-        eprintln!("{nodes} nodes: {:.1} s of wall time", wall.elapsed().as_secs_f64());
+        eprintln!(
+            "{nodes} nodes: {:.1} s of wall time",
+            wall.elapsed().as_secs_f64()
+        );
         if let Some(f) = out.as_mut() {
             let line = serde_json::to_string(&r).unwrap_or_default();
             let _ = writeln!(f, "{line}");
