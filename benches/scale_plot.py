@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
-"""Draws the control-plane scale table (the CSV `control_scale` prints) as one PNG.
+"""Draws the control-plane scale runs (the JSON lines `sim-scale --json FILE` writes) as one PNG.
 
-    cargo run --release -p tidepool-core --example control_scale > benches/control_scale.csv
-    python3 benches/scale_plot.py benches/control_scale.csv benches/control_scale.png
+    cargo build --release -p tidepool-sim
+    target/release/sim-scale --nodes 10,100,1000 --json runs.jsonl   # several times, appending
+    python3 benches/scale_plot.py benches/control_scale.jsonl benches/control_scale.png
 
-Needs matplotlib (PyPI). Left: the leader's core time per tick under the lock that grants take
-(median and worst), and one placement computation after a membership change (off that lock, but
-crash reassignments wait for it), against the 100 ms tick and the 2 s lease. Right: lease grants and Raft entries per second at the leader.
+Several runs of one size are reduced to their median per value. Needs matplotlib (PyPI).
+Left: the leader's core time per tick (median and 99th percentile, steady state) and the
+longest placement after a membership change, against the 100 ms tick and the 2 s lease.
+Middle: lease grants per second at the leader (steady) and Raft entries per second (join wave).
+Right: virtual time until every shard is served after killing 1 % of the nodes, until a 10 %
+join wave has settled, and for one rolling-restart round of 1 %.
 """
-import csv
+import json
+import statistics
 import sys
+from collections import defaultdict
 
 import matplotlib
 
@@ -17,34 +23,64 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def load(path):
+    runs = defaultdict(list)
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                r = json.loads(line)
+                runs[r["nodes"]].append(r)
+    return dict(sorted(runs.items()))
+
+
+def value(runs, phase, key, scale=1.0):
+    """Median over the runs of one size of `key` in `phase` (None where a run lacks it)."""
+    out = []
+    for reports in runs.values():
+        vals = []
+        for r in reports:
+            for p in r["phases"]:
+                if p["name"] == phase and p.get(key) is not None and p.get("done", True):
+                    vals.append(p[key] * scale)
+        out.append(statistics.median(vals) if vals else None)
+    return out
+
+
 def main(src, dst):
-    rows = list(csv.DictReader(open(src)))
-    n = [int(r["nodes"]) for r in rows]
-    med = [max(float(r["tick_us_median"]), 1.0) / 1000.0 for r in rows]
-    worst = [max(float(r["tick_us_max"]), 1.0) / 1000.0 for r in rows]
-    place = [max(float(r["placement_ms_median"]), 0.001) for r in rows]
-    grants = [float(r["grants_per_s"]) for r in rows]
-    entries = [float(r["entries_per_s_roll"]) for r in rows]
-    joins = [float(r["entries_per_s_join"]) for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    a.loglog(n, med, "o-", label="median tick (ms)")
-    a.loglog(n, worst, "s--", label="worst tick (ms)")
-    a.loglog(n, place, "^-.", label="placement after a change, off the lock (ms, median)")
-    a.axhline(100.0, color="grey", lw=0.8, ls=":", label="tick period, 100 ms")
-    a.axhline(2000.0, color="red", lw=0.8, ls=":", label="lease TTL, 2 s")
-    a.set_xlabel("nodes (shards = 16 x nodes)")
-    a.set_ylabel("leader core time (ms)")
-    a.legend(fontsize=8)
-    a.set_title("Leader core time")
-    b.loglog(n, grants, "o-", label="lease grants / s")
-    b.loglog(n, joins, "s--", label="Raft entries / s (10 % join wave)")
-    b.loglog(n, entries, "^:", label="Raft entries / s (rolling restart)")
-    b.set_xlabel("nodes")
-    b.legend(fontsize=8)
-    b.set_title("Load on the leader")
+    runs = load(src)
+    nodes = list(runs)
+    fig, ax = plt.subplots(1, 3, figsize=(17, 5))
+
+    a = ax[0]
+    a.plot(nodes, value(runs, "steady", "tick_us_median", 1e-3), "o-", label="tick, median")
+    a.plot(nodes, value(runs, "steady", "tick_us_p99", 1e-3), "s--", label="tick, p99")
+    a.plot(nodes, value(runs, "join 10%", "placement_ms_max"), "^-", label="one placement")
+    a.axhline(100, color="grey", ls=":", label="100 ms tick")
+    a.axhline(2000, color="red", ls=":", label="2 s lease")
+    a.set(xscale="log", yscale="log", xlabel="nodes (16 shards each)", ylabel="ms of leader CPU",
+          title="Leader work per tick")
+    a.legend()
+
+    a = ax[1]
+    a.plot(nodes, value(runs, "steady", "grants_per_s"), "o-", label="lease grants/s (steady)")
+    a.plot(nodes, value(runs, "join 10%", "raft_entries_per_s"), "s-", label="Raft entries/s (join wave)")
+    a.plot(nodes, value(runs, "kill 1%", "raft_entries_per_s"), "^-", label="Raft entries/s (kill 1 %)")
+    a.set(xscale="log", yscale="log", xlabel="nodes", ylabel="per second", title="Leader load")
+    a.legend()
+
+    a = ax[2]
+    a.plot(nodes, value(runs, "kill 1%", "served_after_ms", 1e-3), "o-", label="kill 1 %: all served")
+    a.plot(nodes, value(runs, "join 10%", "served_after_ms", 1e-3), "s-", label="join 10 %: settled")
+    a.plot(nodes, value(runs, "restart round 1", "served_after_ms", 1e-3), "^-", label="restart round (1 %)")
+    a.set(xscale="log", yscale="log", xlabel="nodes", ylabel="seconds (virtual)", title="Time to recover")
+    a.legend()
+
     fig.tight_layout()
     fig.savefig(dst, dpi=110)
 
 
 if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: scale_plot.py RUNS.jsonl OUT.png")
     main(sys.argv[1], sys.argv[2])

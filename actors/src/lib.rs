@@ -27,7 +27,7 @@
 pub mod admin_checks;
 pub mod audit;
 pub mod coordinator;
-pub mod dedup;
+pub use tidepool_runtime::dedup;
 pub mod driver;
 pub mod forming;
 pub mod job_admin;
@@ -38,7 +38,7 @@ pub mod load;
 pub mod node;
 pub mod ownership_log;
 pub mod restart;
-pub mod restore;
+pub use tidepool_runtime::restore;
 pub mod router;
 pub mod serve_gate;
 pub mod services;

@@ -15,6 +15,9 @@
 //! - Re-exported from the sans-IO `tidepool-core` (runtime/core, no tokio): [`lease`],
 //!   [`leader_core`], [`serving`], [`handoff`], [`rebalance`], [`placement`], [`autoscale`].
 //! - [`storage`]: object_store: the shards' op logs and epoch-fenced checkpoints.
+//! - [`shard_state`] (pure): one shard's data and its idempotency table ([`dedup`]);
+//!   [`restore`]: a new owner's state, fenced then rebuilt from checkpoint and log. The node's
+//!   actors and the deterministic simulation run the same code.
 //! - [`jobspec`]: job specs (TOML), parsed and validated with the key named in every error.
 //! - [`dataset`]: pure core of datasets: CSV to a numeric table, rows onto shards, the binary
 //!   partition format viewed in place, and a seeded synthetic generator.
@@ -31,10 +34,11 @@ pub mod codec;
 pub mod config;
 pub mod control;
 pub mod dataset;
+pub mod dedup;
 pub mod jobspec;
 pub mod metrics;
+pub mod restore;
+pub mod shard_state;
 pub mod storage;
 pub mod transport;
 
-#[cfg(test)]
-mod sim_cluster;

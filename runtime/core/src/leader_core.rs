@@ -1,5 +1,5 @@
 //! Sans-IO: the control-plane leader's decisions about leases and members, one copy that the
-//! node (`actors/src/leader.rs`) and the deterministic simulation (`sim_cluster.rs`) both run.
+//! node (`actors/src/leader.rs`) and the simulations (`runtime/sim/`) run.
 //! No clock, no I/O: the caller passes `now` and carries out the returned commands.
 //!
 //! - Leadership: a new term starts a fresh [`LeaseTable`] (which waits `ttl + margin` before it

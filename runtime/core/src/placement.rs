@@ -205,7 +205,7 @@ pub fn assign(shards: u32, members: &[NodeId], eps: f64) -> Result<ShardMap, Pla
 /// The last [`assign`] result, reused while its inputs (shard count, member set, eps) stay the
 /// same. Placement costs `shards x members` score computations, and the leader plans every tick
 /// although the member set rarely changes: with the cache a tick costs `O(shards)`, and the full
-/// computation runs only on a membership change (see `control_scale` in BENCHMARKS.md).
+/// computation runs only on a membership change (see section 8 of BENCHMARKS.md).
 #[derive(Debug, Clone, Default)]
 pub struct PlacementCache {
     last: Option<(u32, Vec<NodeId>, u64, ShardMap)>,

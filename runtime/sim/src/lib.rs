@@ -8,3 +8,8 @@
 //! BENCHMARKS.md records; `benches/scale/plot.py` draws it.
 
 pub mod scale;
+
+/// The ownership protocol under faults (crashes, pauses, partitions, slow and failing storage),
+/// with the real cores and the real storage layer; tests only.
+#[cfg(test)]
+mod cluster;

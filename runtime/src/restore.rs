@@ -2,10 +2,9 @@
 //! epoch plus every log record after it, after fencing the log at the new epoch so that a stale
 //! owner can no longer append (invariants 2 and 3).
 
-use tidepool_runtime::codec;
-use tidepool_runtime::storage::{StorageError, Store};
-
-use crate::shard::ShardState;
+use crate::codec;
+use crate::shard_state::ShardState;
+use crate::storage::{StorageError, Store};
 
 /// Why a restore failed.
 #[derive(Debug, thiserror::Error)]

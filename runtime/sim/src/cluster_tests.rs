@@ -72,7 +72,7 @@ fn seeds_keep_every_invariant() {
         }
     }
     println!(
-        "sim_cluster: {} seeds (fixes {}) in {:.1?}: {} events, {} ops ({} acknowledged), {} faults, {} elections, \
+        "cluster simulation: {} seeds (fixes {}) in {:.1?}: {} events, {} ops ({} acknowledged), {} faults, {} elections, \
          {} failovers, {} handoffs, {} fenced writes, {} lease expiries, {} storage calls; \
          slowest convergence {} ms after healing (bound {} ms)",
         seeds.len(),

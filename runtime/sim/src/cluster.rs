@@ -4,16 +4,16 @@
 //! One seed drives one run: a [`StdRng`] seeded with it decides every delay, loss, fault and
 //! client operation, and a virtual millisecond clock advances from event to event (no sleeps, no
 //! threads, no sockets). The same seed gives the same history, bit for bit, which
-//! `sim_cluster_tests.rs` checks by fingerprinting the trace. A failing seed prints `seed N`, the
-//! violation and the tail of its event trace; `SIM_SEED=N cargo test -p tidepool-runtime --lib
-//! sim_cluster` replays exactly that seed.
+//! `cluster_tests.rs` checks by fingerprinting the trace. A failing seed prints `seed N`, the
+//! violation and the tail of its event trace; `SIM_SEED=N cargo test -p tidepool-sim
+//! cluster` replays exactly that seed.
 //!
 //! # The model
 //!
 //! - **Real code under test**: [`LeaseHolder`] and [`LeaseTable`] (lease arithmetic),
 //!   [`LeaderCore`] (the leader's grants, failure detection, promotion and revival, the very
 //!   code `actors/src/leader.rs` runs), [`OwnershipCore`] (the ownership driver's decisions:
-//!   one [`crate::handoff::ShardHandoff`] per shard, which assignment reaches which machine,
+//!   one [`tidepool_core::handoff::ShardHandoff`] per shard, which assignment reaches which machine,
 //!   which restore's state is kept, what a reset feeds again, which commit a handoff proposes;
 //!   the very code `actors/src/driver.rs` runs),
 //!   `LeaderCore::moves` over `rebalance::plan` and [`placement`] (the leader's policy), [`apply`] (the cluster-map state machine) and [`Store`]
@@ -38,7 +38,7 @@
 //!   entry (Raft's election restriction). Other nodes learn the map (and the leader) from
 //!   broadcasts that travel the simulated network, so their copies lag and may skip entries.
 //! - **Clocks**: each node reads `base + offset + t * (1 + drift)` with an offset of up to 10 s and
-//!   a rate error of up to ±2%; only differences are meaningful, as in [`crate::lease`].
+//!   a rate error of up to ±2%; only differences are meaningful, as in [`tidepool_core::lease`].
 //! - **Network**: messages between nodes are delayed (mostly 1–6 ms, sometimes 20–80 ms, so they
 //!   reorder), dropped (1% during chaos, bursts of 25%), and dropped on links a partition cuts
 //!   (at send and at delivery). Replies travel on the requester's connection, so a restarted node
@@ -108,14 +108,14 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::control::types::{apply, ClusterMap, Command, CommandResponse, MemberState};
-use crate::handoff::{Effect, Event};
-use crate::leader_core::{LeaderCore, MoveKind};
-use crate::lease::{LeaseConfig, LeaseHolder};
-use crate::ownership::OwnershipCore;
-use crate::placement;
-use crate::rebalance::RebalanceConfig;
-use crate::storage::{Restore, StorageError, Store};
+use tidepool_core::control::{apply, ClusterMap, Command, CommandResponse, MemberState};
+use tidepool_core::handoff::{Effect, Event};
+use tidepool_core::leader_core::{LeaderCore, MoveKind};
+use tidepool_core::lease::{LeaseConfig, LeaseHolder};
+use tidepool_core::ownership::OwnershipCore;
+use tidepool_core::placement;
+use tidepool_core::rebalance::RebalanceConfig;
+use tidepool_runtime::storage::{Restore, StorageError, Store};
 
 /// Virtual milliseconds since the start of a run.
 pub(crate) type Ms = u64;
@@ -210,7 +210,7 @@ impl Bug {
 
 /// Fixes of bugs the simulation found in the glue of `actors/`, applied to the ports here. All
 /// are `true` in [`Fixes::AS_IS`] (the code in `actors/` today, which has every one);
-/// `sim_cluster_tests.rs` checks that the port fails with each one off, and passes every seed
+/// `cluster_tests.rs` checks that the port fails with each one off, and passes every seed
 /// with all of them on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Fixes {
@@ -242,7 +242,7 @@ pub(crate) struct Fixes {
     /// index of before the reassignment: the member served its old epoch again while the new
     /// owner restored (chaos F5 under packet loss, a 5 ms overlap; the fenced log kept the data).
     /// The fix: no grant to a member found expired while the map still gives it shards another
-    /// member can take ([`crate::rebalance::update_expiring`]).
+    /// member can take ([`tidepool_core::rebalance::update_expiring`]).
     pub no_grant_while_expiring: bool,
 }
 
@@ -425,7 +425,7 @@ impl Outcome {
             env.push_str(&format!(" SIM_FIXES={}", self.fixes.name()));
         }
         let mut out = format!(
-            "seed {} ({} nodes, {} shards, fixes {}{}): {}\nreplay: SIM_SEED={}{} cargo test -p tidepool-runtime --lib sim_cluster\n",
+            "seed {} ({} nodes, {} shards, fixes {}{}): {}\nreplay: SIM_SEED={}{} cargo test -p tidepool-sim cluster\n",
             self.seed,
             self.nodes,
             self.shards,
@@ -1540,7 +1540,7 @@ impl Sim {
             // Counts a member expired after two missed renewals instead of ttl + margin.
             if let Some(table) = lead.table_mut() {
                 let eager = cfg.renew_every * 2;
-                let stale: Vec<crate::control::NodeId> = map
+                let stale: Vec<tidepool_core::node_id::NodeId> = map
                     .members
                     .keys()
                     .filter(|m| {
@@ -1909,12 +1909,12 @@ impl Sim {
         let node = &self.nodes[n];
         let slot = &node.slots[shard as usize];
         let lease = self.bug == Some(Bug::IgnoreLease) || self.lease_valid(n);
-        let view = crate::serving::SlotView {
+        let view = tidepool_core::serving::SlotView {
             epoch: slot.actor.as_ref().map(|a| a.epoch),
             accepting: node.up && slot.accepting,
         };
         let epoch = view.epoch?;
-        crate::serving::admit(view, epoch, lease)
+        tidepool_core::serving::admit(view, epoch, lease)
             .ok()
             .map(|()| epoch)
     }
@@ -2812,5 +2812,5 @@ async fn restore_shard(
 }
 
 #[cfg(test)]
-#[path = "sim_cluster_tests.rs"]
+#[path = "cluster_tests.rs"]
 mod tests;
