@@ -4,7 +4,7 @@
 
 use crate::codec;
 use crate::shard_state::ShardState;
-use crate::storage::{StorageError, Store};
+use crate::storage::{Restore, StorageError, Store};
 
 /// Why a restore failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,12 +33,25 @@ pub async fn restore_shard(
     shard: u32,
     epoch: u64,
 ) -> Result<Restored, RestoreError> {
-    let bad = |reason: String| RestoreError::Decode { shard, reason };
     // Fence first, then read: an old owner could otherwise append after our read and before
     // our fence, and that acknowledged write would be lost.
     let fence = store.fence(shard, epoch).await?;
     let r = store.restore(shard).await?;
-    let (mut state, after) = match r.checkpoint {
+    let (state, replayed) = rebuild(shard, &r)?;
+    Ok(Restored {
+        state,
+        next_seq: fence + 1,
+        replayed,
+        skipped_corrupt: r.report.skipped_corrupt,
+    })
+}
+
+/// The state what storage returned holds: the newest checkpoint, then every logged request
+/// after it, replayed in place from the segments' bytes. Returns the state and the records
+/// replayed. (Read-only: checkers call it on a log they must not fence.)
+pub fn rebuild(shard: u32, r: &Restore) -> Result<(ShardState, u64), RestoreError> {
+    let bad = |reason: String| RestoreError::Decode { shard, reason };
+    let (mut state, after) = match &r.checkpoint {
         Some(c) => {
             let snap = codec::decode_snapshot(&c.snapshot).map_err(|e| bad(e.to_string()))?;
             let seq = snap.seq;
@@ -64,10 +77,5 @@ pub async fn restore_shard(
         })
         .map_err(|e| bad(e.to_string()))?;
     }
-    Ok(Restored {
-        state,
-        next_seq: fence + 1,
-        replayed,
-        skipped_corrupt: r.report.skipped_corrupt,
-    })
+    Ok((state, replayed))
 }

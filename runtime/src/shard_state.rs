@@ -219,6 +219,19 @@ impl ShardState {
     pub fn keys(&self) -> usize {
         self.kv.len()
     }
+
+    /// Whether the write with idempotency key `idem` was applied (a retry would be a duplicate).
+    pub fn has_applied(&self, idem: IdemKey) -> bool {
+        self.dedup.check(idem.sender, idem.seq) == Check::Duplicate
+    }
+
+    /// The counter at `key`, if it holds one.
+    pub fn counter(&self, key: &str) -> Option<i64> {
+        match self.kv.get(key) {
+            Some(Value::Counter(c)) => Some(*c),
+            _ => None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -104,7 +104,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -115,6 +115,9 @@ use tidepool_core::lease::{LeaseConfig, LeaseHolder};
 use tidepool_core::ownership::OwnershipCore;
 use tidepool_core::placement;
 use tidepool_core::rebalance::RebalanceConfig;
+use tidepool_runtime::codec::{self, IdemKey, LogRecord, Op, OpRef, ShardRequest};
+use tidepool_runtime::restore::{self, rebuild, RestoreError};
+use tidepool_runtime::shard_state::ShardState;
 use tidepool_runtime::storage::{Restore, StorageError, Store};
 
 /// Virtual milliseconds since the start of a run.
@@ -459,99 +462,90 @@ pub(crate) fn run_seed(seed: u64, bug: Option<Bug>, fixes: Fixes) -> Outcome {
 
 // ---- Wire and storage payloads ----
 
-/// A shard's state: a counter per key and the op ids applied (the dedup set).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-struct ShardData {
-    counts: BTreeMap<u32, u64>,
-    applied: BTreeSet<u64>,
-}
+/// The client's sender id: its op ids are the seqs of its idempotency keys.
+const CLIENT: u64 = 1;
 
-impl ShardData {
-    fn snapshot(&self) -> Bytes {
-        let mut b = BytesMut::new();
-        b.put_u32_le(self.counts.len() as u32);
-        for (k, v) in &self.counts {
-            b.put_u32_le(*k);
-            b.put_u64_le(*v);
-        }
-        b.put_u32_le(self.applied.len() as u32);
-        for op in &self.applied {
-            b.put_u64_le(*op);
-        }
-        b.freeze()
-    }
-
-    fn from_snapshot(mut b: &[u8]) -> Result<ShardData, String> {
-        let short = || "short snapshot".to_string();
-        let mut d = ShardData::default();
-        let n = b.try_get_u32_le().map_err(|_| short())?;
-        for _ in 0..n {
-            let k = b.try_get_u32_le().map_err(|_| short())?;
-            let v = b.try_get_u64_le().map_err(|_| short())?;
-            d.counts.insert(k, v);
-        }
-        let n = b.try_get_u32_le().map_err(|_| short())?;
-        for _ in 0..n {
-            d.applied.insert(b.try_get_u64_le().map_err(|_| short())?);
-        }
-        Ok(d)
-    }
-
-    /// Applies one logged op; false if its id was already applied.
-    fn apply(&mut self, op: u64, key: u32) -> bool {
-        if !self.applied.insert(op) {
-            return false;
-        }
-        *self.counts.entry(key).or_default() += 1;
-        true
+fn idem(op: u64) -> IdemKey {
+    IdemKey {
+        sender: CLIENT,
+        seq: op,
     }
 }
 
-/// Log records: `(op id u64, key u32)`, little endian, back to back.
-fn encode_records(ops: &[(u64, u32)]) -> Bytes {
-    let mut b = BytesMut::with_capacity(ops.len() * 12);
-    for (op, key) in ops {
-        b.put_u64_le(*op);
-        b.put_u32_le(*key);
-    }
-    b.freeze()
+fn key_name(key: u32) -> String {
+    format!("k{key}")
 }
 
-fn decode_records(mut b: &[u8]) -> Result<Vec<(u64, u32)>, String> {
-    if b.len() % 12 != 0 {
-        return Err(format!("record payload of {} bytes", b.len()));
+/// The client's increment of `key` as the node logs it.
+fn incr(key: u32) -> Op {
+    Op::Incr {
+        key: key_name(key),
+        delta: 1,
     }
-    let mut out = Vec::with_capacity(b.len() / 12);
-    while b.has_remaining() {
-        out.push((b.get_u64_le(), b.get_u32_le()));
-    }
-    Ok(out)
 }
 
-/// Rebuilds a shard from a restore (as `actors/src/restore.rs` does): the checkpoint, then every
-/// record after it. `Err` on undecodable bytes or an op id logged twice.
-fn rebuild(shard: u32, r: &Restore) -> Result<ShardData, Violation> {
-    let after = r.checkpoint.as_ref().map_or(0, |c| c.seq);
-    let mut data = match &r.checkpoint {
-        Some(c) => ShardData::from_snapshot(&c.snapshot)
-            .map_err(|reason| Violation::Storage { shard, reason })?,
-        None => ShardData::default(),
+/// A log segment as the node's log writer encodes it: one record per request, `first_seq` on.
+fn encode_records(epoch: u64, first_seq: u64, ops: &[(u64, u32)]) -> Bytes {
+    let records: Vec<LogRecord> = ops
+        .iter()
+        .zip(first_seq..)
+        .map(|((op, key), seq)| LogRecord {
+            seq,
+            epoch,
+            req: Some(ShardRequest {
+                idem: idem(*op),
+                op: incr(*key),
+            }),
+        })
+        .collect();
+    Bytes::from(codec::encode_log(&records).unwrap_or_default())
+}
+
+/// A checkpoint as the node writes it.
+fn encode_checkpoint(state: &ShardState, seq: u64) -> Bytes {
+    Bytes::from(codec::encode_snapshot(&state.snapshot(seq)).unwrap_or_default())
+}
+
+/// Every op id logged after the checkpoint of `r` that the checkpoint or an earlier record
+/// already holds (the checker's: a retried op written twice).
+fn logged_twice(shard: u32, r: &Restore) -> Result<Option<String>, Violation> {
+    let bad = |reason: String| Violation::Storage { shard, reason };
+    let (mut seen, after) = match &r.checkpoint {
+        Some(c) => {
+            let snap = codec::decode_snapshot(&c.snapshot).map_err(|e| bad(e.to_string()))?;
+            let seq = snap.seq;
+            (ShardState::from_snapshot(snap), seq)
+        }
+        None => (ShardState::default(), 0),
     };
-    for seg in r.segments.iter().filter(|s| !s.fence) {
-        let recs =
-            decode_records(&seg.records).map_err(|reason| Violation::Storage { shard, reason })?;
-        let skip = seg.records_to_skip(after) as usize;
-        for (i, (op, key)) in recs.into_iter().enumerate().skip(skip) {
-            if !data.apply(op, key) {
-                return Err(Violation::AppliedTwice(format!(
-                    "shard {shard}: op {op} is logged again at seq {} (epoch {})",
-                    seg.first_seq + i as u64,
-                    seg.epoch
-                )));
+    for seg in r.segments.iter().filter(|s| !s.fence && !s.records.is_empty()) {
+        let twice = codec::with_log(&seg.records, |records| {
+            for rec in records.iter().filter(|r| r.seq.to_native() > after) {
+                let Some(req) = rec.req.as_ref() else {
+                    continue;
+                };
+                let key = IdemKey {
+                    sender: req.idem.sender.to_native(),
+                    seq: req.idem.seq.to_native(),
+                };
+                if seen.has_applied(key) {
+                    return Some(format!(
+                        "shard {shard}: op {} is logged again at seq {} (epoch {})",
+                        key.seq,
+                        rec.seq.to_native(),
+                        seg.epoch
+                    ));
+                }
+                seen.replay_archived(req);
             }
+            None
+        })
+        .map_err(|e| bad(e.to_string()))?;
+        if twice.is_some() {
+            return Ok(twice);
         }
     }
-    Ok(data)
+    Ok(None)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -658,7 +652,7 @@ enum StoreRes {
         shard: u32,
         epoch: u64,
         attempt: u64,
-        res: Result<(ShardData, u64), StoreFail>,
+        res: Result<(ShardState, u64), StoreFail>,
     },
     Checked {
         shard: u32,
@@ -780,7 +774,7 @@ enum LogFault {
 struct Actor {
     id: u64,
     epoch: u64,
-    data: ShardData,
+    data: ShardState,
     next_seq: u64,
     queue: VecDeque<Item>,
     /// The ops of the append in flight (at most one: storage caller contract 1).
@@ -821,7 +815,7 @@ struct Node {
     /// The leader's lease and membership decisions: the real core.
     lead: LeaderCore,
     /// The ownership driver's decisions: the real core.
-    own: OwnershipCore<ShardData>,
+    own: OwnershipCore<ShardState>,
     slots: Vec<Slot>,
     wait_inflight: BTreeSet<u32>,
     /// Handoff reports waiting for the leader's answer, by shard.
@@ -1645,7 +1639,7 @@ impl Sim {
                     .own
                     .restored_at(shard, epoch)
                     .filter(|_| self.bug != Some(Bug::NoActorCheckpoint))
-                    .map(|(data, seq)| (data.snapshot(), seq));
+                    .map(|(data, seq)| (encode_checkpoint(data, seq), seq));
                 if let Some(a) = self.nodes[n].slots[s].actor.as_mut() {
                     a.queue.push_back(Item::Checkpoint { epoch });
                     self.pump(n, shard);
@@ -1985,7 +1979,7 @@ impl Sim {
                         }
                         None => {
                             a.checkpointing = true;
-                            let snapshot = a.data.snapshot();
+                            let snapshot = encode_checkpoint(&a.data, seq);
                             let req = StoreReq::Checkpoint {
                                 shard,
                                 epoch,
@@ -2018,7 +2012,7 @@ impl Sim {
                     // Duplicates (already applied, or twice in this batch) write nothing.
                     let mut fresh: Vec<(u64, u32)> = Vec::new();
                     for (op, key) in &batch {
-                        if !a.data.applied.contains(op) && !fresh.iter().any(|(o, _)| o == op) {
+                        if !a.data.has_applied(idem(*op)) && !fresh.iter().any(|(o, _)| o == op) {
                             fresh.push((*op, *key));
                         }
                     }
@@ -2113,7 +2107,7 @@ impl Sim {
             } => {
                 let count = records.len() as u64;
                 let Some(res) = self.call(fail, |rt| {
-                    let bytes = encode_records(&records);
+                    let bytes = encode_records(epoch, first_seq, &records);
                     rt.block_on(store.append(shard, epoch, first_seq, count, bytes))
                         .map_err(|e| classify(shard, e))
                 }) else {
@@ -2328,7 +2322,8 @@ impl Sim {
         match res {
             Ok(()) => {
                 for (op, key) in &batch {
-                    if a.data.apply(*op, *key) {
+                    let applied = a.data.apply(idem(*op), OpRef::from_native(&incr(*key)));
+                    if matches!(applied, Ok(codec::OpResult::Counter(_))) {
                         a.next_seq += 1;
                     }
                 }
@@ -2718,7 +2713,16 @@ impl Sim {
         let mut states = Vec::new();
         for s in 0..self.shards {
             let restored = match self.rt.block_on(store.restore(s)) {
-                Ok(r) => rebuild(s, &r),
+                Ok(r) => match logged_twice(s, &r) {
+                    Ok(Some(what)) => Err(Violation::AppliedTwice(what)),
+                    Err(v) => Err(v),
+                    Ok(None) => rebuild(s, &r).map(|(state, _)| state).map_err(|e| {
+                        Violation::Storage {
+                            shard: s,
+                            reason: e.to_string(),
+                        }
+                    }),
+                },
                 Err(e) => Err(Violation::Storage {
                     shard: s,
                     reason: e.to_string(),
@@ -2741,7 +2745,7 @@ impl Sim {
                 continue;
             };
             *acked.entry(r.key).or_default() += 1;
-            if !states[r.shard as usize].applied.contains(op) {
+            if !states[r.shard as usize].has_applied(idem(*op)) {
                 self.violation = Some(Violation::LostOp {
                     shard: r.shard,
                     op: *op,
@@ -2754,10 +2758,8 @@ impl Sim {
         for (key, sent) in sent {
             let shard = placement::shard_for_key(&key_bytes(key), self.shards);
             let value = states[shard as usize]
-                .counts
-                .get(&key)
-                .copied()
-                .unwrap_or(0);
+                .counter(&key_name(key))
+                .map_or(0, |c| c as u64);
             let acked = acked.get(&key).copied().unwrap_or(0);
             if value < acked || value > sent {
                 self.violation = Some(Violation::CountOutOfBounds {
@@ -2796,19 +2798,21 @@ fn classify(shard: u32, e: StorageError) -> RestoreFail {
     }
 }
 
-/// `actors/src/restore.rs`: fence at `epoch`, then rebuild from the checkpoint and the log.
+/// The node's restore (`tidepool_runtime::restore`: fence at `epoch`, then rebuild from the
+/// checkpoint and the log), its errors sorted as the ownership driver sorts them.
 async fn restore_shard(
     store: &Store,
     shard: u32,
     epoch: u64,
-) -> Result<(ShardData, u64), RestoreFail> {
-    let fence = store
-        .fence(shard, epoch)
-        .await
-        .map_err(|e| classify(shard, e))?;
-    let r = store.restore(shard).await.map_err(|e| classify(shard, e))?;
-    let data = rebuild(shard, &r).map_err(RestoreFail::Violation)?;
-    Ok((data, fence + 1))
+) -> Result<(ShardState, u64), RestoreFail> {
+    match restore::restore_shard(store, shard, epoch).await {
+        Ok(r) => Ok((r.state, r.next_seq)),
+        Err(RestoreError::Storage(e)) => Err(classify(shard, e)),
+        Err(e) => Err(RestoreFail::Violation(Violation::Storage {
+            shard,
+            reason: e.to_string(),
+        })),
+    }
 }
 
 #[cfg(test)]
