@@ -412,9 +412,9 @@ impl Readiness {
     }
 
     /// Ready, or why not (the `/readyz` body).
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), NotReady> {
         if self.stopping.load(Ordering::SeqCst) {
-            return Err("stopping".into());
+            return Err(NotReady::Stopping);
         }
         let state = self
             .control
@@ -425,9 +425,9 @@ impl Readiness {
             .map(|m| m.state);
         match state {
             Some(MemberState::Up) if self.leases.valid() => Ok(()),
-            Some(MemberState::Up) => Err("no valid lease from the leader".into()),
-            Some(s) => Err(format!("member state {}", s.as_str())),
-            None => Err("not a member yet".into()),
+            Some(MemberState::Up) => Err(NotReady::NoLease),
+            Some(s) => Err(NotReady::State(s)),
+            None => Err(NotReady::NotMember),
         }
     }
 
@@ -686,15 +686,39 @@ async fn join(
     }
 }
 
+/// Why a node is not ready (the `/readyz` body).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    #[error("stopping")]
+    Stopping,
+    #[error("no valid lease from the leader")]
+    NoLease,
+    #[error("member state {}", .0.as_str())]
+    State(MemberState),
+    #[error("not a member yet")]
+    NotMember,
+}
+
+/// Why a drain before stopping did not finish (the node stops anyway; the shards' state is
+/// durable).
+#[derive(Debug, thiserror::Error)]
+enum DrainError {
+    #[error("proposing the drain: {0}")]
+    Propose(#[from] tidepool_runtime::control::ControlError),
+    #[error("no other member to take the shards; stopping with them in storage")]
+    NowhereToGo,
+    #[error("control plane stopped")]
+    ControlStopped,
+}
+
 /// Proposes this node draining and waits until it owns no shard.
-async fn drain_self(control: &ControlPlane, me: &str) -> Result<(), String> {
+async fn drain_self(control: &ControlPlane, me: &str) -> Result<(), DrainError> {
     control
         .propose(Command::SetMemberState {
             name: me.into(),
             state: MemberState::Draining,
         })
-        .await
-        .map_err(|e| e.to_string())?;
+        .await?;
     let mut rx = control.map();
     loop {
         let (owns, elsewhere) = {
@@ -715,10 +739,10 @@ async fn drain_self(control: &ControlPlane, me: &str) -> Result<(), String> {
         if !elsewhere {
             // Every other member is leaving too (a whole-cluster stop): there is nowhere to move
             // the shards; their state is durable in the op log and checkpoints already.
-            return Err("no other member to take the shards; stopping with them in storage".into());
+            return Err(DrainError::NowhereToGo);
         }
         if rx.changed().await.is_err() {
-            return Err("control plane stopped".into());
+            return Err(DrainError::ControlStopped);
         }
     }
 }

@@ -220,4 +220,3 @@ fn apply_sync(state: &SharedState, input: &ShardInput) -> (OpReply, bool) {
     let wrote = write && label == "applied";
     (result.map_err(|e| e.code()), wrote)
 }
-

@@ -121,7 +121,7 @@ pub async fn bind(
 /// whenever it is scraped, whether or not anyone probes `/readyz`).
 fn ready_now(s: &AdminState) -> Result<(), String> {
     let ready = match s.ready.get() {
-        Some(r) => r.check(),
+        Some(r) => r.check().map_err(|e| e.to_string()),
         None => Err(s.phase.borrow().describe()),
     };
     metrics::gauge!(tidepool_runtime::metrics::NODE_READY).set(if ready.is_ok() {

@@ -41,4 +41,3 @@ pub mod restore;
 pub mod shard_state;
 pub mod storage;
 pub mod transport;
-

@@ -16,7 +16,11 @@
 //!   one [`tidepool_core::handoff::ShardHandoff`] per shard, which assignment reaches which machine,
 //!   which restore's state is kept, what a reset feeds again, which commit a handoff proposes;
 //!   the very code `actors/src/driver.rs` runs),
-//!   `LeaderCore::moves` over `rebalance::plan` and [`placement`] (the leader's policy), [`apply`] (the cluster-map state machine) and [`Store`]
+//!   `LeaderCore::moves` over `rebalance::plan` and [`placement`] (the leader's policy), [`apply`]
+//!   (the cluster-map state machine), [`ShardState`] (the shard's data and idempotency table: the
+//!   client's increments are the node's `Incr` ops, its op ids their idempotency keys), the
+//!   node's log records and checkpoints (`codec::encode_log`, `encode_snapshot`),
+//!   `tidepool_runtime::restore` (fence, then rebuild from checkpoint and log) and [`Store`]
 //!   ([`Store::in_memory`]: create-once log segments, fences, checkpoints, restore, compaction),
 //!   driven through a current-thread tokio runtime with `block_on`, one call at a time.
 //! - **Ports of the glue in `actors/`** (kept close to the originals, with their constants
@@ -27,9 +31,9 @@
 //!   to propose; the core's grant window is [`CONFIRMED_GRANT_WINDOW_MS`] here), the router's
 //!   admission rule (`router.rs`: the actor runs at the request's epoch, accepts, and the lease is
 //!   valid *now*), the shard log writer (`shard_log.rs`: group commit, one append in flight,
-//!   acknowledge only after the append returned `Ok`, checkpoint then compact), `restore.rs`
-//!   (fence, then read), and `ControlPlane::propose` for handoff reports (forward to the known
-//!   leader, retry every poll interval until the propose deadline).
+//!   acknowledge only after the append returned `Ok`, checkpoint then compact), and
+//!   `ControlPlane::propose` for handoff reports (forward to the known leader, retry every poll
+//!   interval until the propose deadline).
 //! - **Raft is abstracted** as one linearizable log of [`Command`]s. A leader commits only while
 //!   it is up, not paused, and in a partition group holding a majority; when the leader has been
 //!   unable to for an election timeout, a healthy node becomes leader of the next term. A deposed
@@ -518,7 +522,11 @@ fn logged_twice(shard: u32, r: &Restore) -> Result<Option<String>, Violation> {
         }
         None => (ShardState::default(), 0),
     };
-    for seg in r.segments.iter().filter(|s| !s.fence && !s.records.is_empty()) {
+    for seg in r
+        .segments
+        .iter()
+        .filter(|s| !s.fence && !s.records.is_empty())
+    {
         let twice = codec::with_log(&seg.records, |records| {
             for rec in records.iter().filter(|r| r.seq.to_native() > after) {
                 let Some(req) = rec.req.as_ref() else {
@@ -2716,12 +2724,14 @@ impl Sim {
                 Ok(r) => match logged_twice(s, &r) {
                     Ok(Some(what)) => Err(Violation::AppliedTwice(what)),
                     Err(v) => Err(v),
-                    Ok(None) => rebuild(s, &r).map(|(state, _)| state).map_err(|e| {
-                        Violation::Storage {
-                            shard: s,
-                            reason: e.to_string(),
-                        }
-                    }),
+                    Ok(None) => {
+                        rebuild(s, &r)
+                            .map(|(state, _)| state)
+                            .map_err(|e| Violation::Storage {
+                                shard: s,
+                                reason: e.to_string(),
+                            })
+                    }
                 },
                 Err(e) => Err(Violation::Storage {
                     shard: s,

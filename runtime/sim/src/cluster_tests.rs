@@ -189,7 +189,13 @@ fn payloads_are_the_nodes_own_encodings() {
     let r = rt.block_on(async {
         let f = store.fence(0, 1).await.unwrap();
         store
-            .append(0, 1, f + 1, 3, encode_records(1, f + 1, &[(7, 3), (9, 3), (7, 3)]))
+            .append(
+                0,
+                1,
+                f + 1,
+                3,
+                encode_records(1, f + 1, &[(7, 3), (9, 3), (7, 3)]),
+            )
             .await
             .unwrap();
         store.restore(0).await.unwrap()
