@@ -109,12 +109,7 @@ pub async fn run(
             Some(done) = done_rx.recv() => d.on_done(done).await,
             Some((shard, epoch, fault)) = fault_rx.recv() => {
                 warn!(shard, epoch, ?fault, "shard log fault");
-                // An append refused as fenced may come from a late write of this node's own
-                // epoch (an earlier actor or process whose storage call landed late), not from a
-                // newer owner: restore afresh, whose fence reports `FencedByStorage` only if a
-                // newer epoch really owns the log (found by the deterministic simulation).
-                let _ = fault;
-                d.reset(shard).await;
+                d.on_log_fault(shard).await;
             }
             Some(shard) = failed.recv() => d.reset(shard).await,
         }
@@ -159,6 +154,15 @@ impl Driver {
         self.stop_actor(shard).await;
         self.backoff.remove(&shard);
         let fx = self.core.reset(Instant::now(), shard);
+        self.run_for(shard, fx).await;
+    }
+
+    /// The shard's log writer faulted (append failed or refused as fenced): the core decides
+    /// (it starts the shard over; see `OwnershipCore::on_log_fault`).
+    async fn on_log_fault(&mut self, shard: u32) {
+        self.stop_actor(shard).await;
+        self.backoff.remove(&shard);
+        let fx = self.core.on_log_fault(Instant::now(), shard);
         self.run_for(shard, fx).await;
     }
 

@@ -219,6 +219,17 @@ impl<S> OwnershipCore<S> {
         fx
     }
 
+    /// The shard's log writer faulted: an append failed, or storage refused it as fenced. Either
+    /// way the shard starts over ([`reset`](Self::reset)): a refusal as fenced may come from a
+    /// late write of this node's own epoch (an earlier actor or process whose storage call
+    /// landed after the new writer began), not from a newer owner, so it is not taken as
+    /// [`Event::FencedByStorage`] (which would park a live owner for good); the fresh restore's
+    /// own fence reports that if a newer epoch really owns the log. (Found by the deterministic
+    /// simulation; its `reset-when-fenced` variant feeds the fence instead, from outside.)
+    pub fn on_log_fault(&mut self, now: Instant, shard: u32) -> Vec<Effect> {
+        self.reset(now, shard)
+    }
+
     /// For [`Effect::StartServing`] at `epoch`: takes the kept restored state and the seq its
     /// log continues at. `None` if nothing was kept, or it was kept for another epoch (then it
     /// is dropped: serving needs a restore at the epoch served).

@@ -101,6 +101,35 @@ fn a_reset_starts_the_shard_over_from_storage() {
 }
 
 #[test]
+fn a_fenced_append_starts_the_shard_over_instead_of_parking_it() {
+    let now = Instant::now();
+    let mut c: OwnershipCore<u8> = OwnershipCore::new("a", 1);
+    c.on_lease(now, true);
+    c.on_map(now, &map(&[("a", 3, None)]));
+    c.on_restored(now, 0, 3, 1, 7, 4);
+    assert_eq!(
+        c.machine(0).map(|m| m.role()),
+        Some(&ShardRole::Serving { epoch: 3 })
+    );
+    // The log writer's append was refused as fenced (possibly by this node's own late write):
+    // a fresh restore at the same epoch, not a park.
+    assert_eq!(
+        c.on_log_fault(now, 0),
+        vec![Effect::StopAccepting, restore(3, 1)]
+    );
+    assert!(!matches!(
+        c.machine(0).map(|m| m.role()),
+        Some(ShardRole::Fenced { .. })
+    ));
+    // Only the restore's own fence parks it: a newer epoch really owns the log.
+    c.feed(now, 0, Event::FencedByStorage { epoch: 3 });
+    assert_eq!(
+        c.machine(0).map(|m| m.role()),
+        Some(&ShardRole::Fenced { epoch: 3 })
+    );
+}
+
+#[test]
 fn a_finished_handoff_proposes_the_target_the_map_names_now() {
     let now = Instant::now();
     let mut c: OwnershipCore<()> = OwnershipCore::new("a", 1);

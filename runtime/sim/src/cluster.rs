@@ -80,16 +80,18 @@
 //! layer); each is described on its [`Fixes`] flag, and a test shows the code fails without it
 //! (for `forget-after-expiry` now the leader core's own table test: the simulation's catches of
 //! it also needed the leader to count itself expired, which it no longer does).
-//! All three are fixed and on in [`Fixes::AS_IS`] (the default, the code as it is); the leader's
-//! two now live once, in [`LeaderCore`], whose own table tests pin them, and the broken variants
-//! here wrap that core from outside (test-only hooks that undo the fix before each step):
-//! [`Fixes::forget_after_expiry`] (two owners; `leader.rs`), [`Fixes::reset_when_fenced`] (a
-//! live owner parked as fenced by its own late write; `driver.rs`) and
+//! All are fixed and on in [`Fixes::AS_IS`] (the default, the code as it is), and each fix now
+//! lives once in a core with its own table test; the broken variants here wrap the cores from
+//! outside (test-only hooks, or a different call into the core):
+//! [`Fixes::forget_after_expiry`] (two owners; [`LeaderCore`]), [`Fixes::reset_when_fenced`] (a
+//! live owner parked as fenced by its own late write; `OwnershipCore::on_log_fault`),
 //! [`Fixes::map_with_grant`] (two owners; rare here, about one seed in 1300, pinned at seed 135,
-//! and later hit by the chaos harness's F5 under packet loss; `lease.rs`, `leader.rs`,
-//! `driver.rs`). A fourth bug, a handoff
-//! stuck on "no actor", was found here and by the chaos harness at the same time, and is fixed in
-//! `driver.rs` (f0799c5); [`Bug::NoActorCheckpoint`] keeps it as a broken variant. The other
+//! and later hit by the chaos harness's F5 under packet loss; the grant's map index in
+//! [`LeaderCore::grant`] and [`LeaseHolder`]) and [`Fixes::no_grant_while_expiring`]
+//! ([`LeaderCore`]). A further bug, a handoff stuck on "no actor", was found here and by the
+//! chaos harness at the same time, and is fixed in the core (`OwnershipCore::restored_at`, the
+//! state an unserved shard checkpoints); [`Bug::NoActorCheckpoint`] keeps it as a broken
+//! variant. The other
 //! broken variants ([`Bug`]) show that each checker catches what it should.
 //!
 //! # What this proves, and what it does not
@@ -233,7 +235,9 @@ pub(crate) struct Fixes {
     /// seq the new writer starts at, since `Store::fence` hands back this epoch's existing fence;
     /// or its restore's fence lands after the new writer's appends). No newer epoch ever comes
     /// for a live owner, so the shard stays down. The fix resets the shard instead (a fresh
-    /// restore, whose fence reports `FencedByStorage` if a newer epoch really owns the log).
+    /// restore, whose fence reports `FencedByStorage` if a newer epoch really owns the log); it
+    /// lives in the core now (`OwnershipCore::on_log_fault`, with its table test), and this
+    /// variant feeds the fence from outside instead of calling it.
     pub reset_when_fenced: bool,
     /// Lease grants carried no map version, yet `handoff.rs` requires that "a node whose lease the
     /// leader declared expired learns the cluster map that came with its next grant before it
@@ -1839,19 +1843,6 @@ impl Sim {
     }
 
     /// Throws away a shard's machine and state and starts over from the current assignment.
-    fn reset(&mut self, n: usize, shard: u32) {
-        self.log(format!(
-            "{}: shard {shard} reset after a storage failure or refusal",
-            self.name(n)
-        ));
-        self.stop_actor(n, shard);
-        let now = self.local(n);
-        let fx = self.nodes[n].own.reset(now, shard);
-        for e in fx {
-            self.effect(n, shard, e);
-        }
-    }
-
     fn start_serving(&mut self, n: usize, shard: u32, epoch: u64) {
         let Some((data, next_seq)) = self.nodes[n].own.take_restored(shard, epoch) else {
             self.log(format!(
@@ -2358,10 +2349,23 @@ impl Sim {
                     self.reply(n, op, OpResult::NotOwner);
                 }
                 match fault {
+                    // The broken variant, from outside the core: the refusal taken as a newer
+                    // owner's fence.
                     LogFault::Fenced if !self.fixes.reset_when_fenced => {
                         self.feed(n, shard, Event::FencedByStorage { epoch })
                     }
-                    LogFault::Fenced | LogFault::Failed => self.reset(n, shard),
+                    LogFault::Fenced | LogFault::Failed => {
+                        self.log(format!(
+                            "{}: shard {shard} log fault {fault:?}: the core starts it over",
+                            self.name(n)
+                        ));
+                        self.stop_actor(n, shard);
+                        let now = self.local(n);
+                        let fx = self.nodes[n].own.on_log_fault(now, shard);
+                        for e in fx {
+                            self.effect(n, shard, e);
+                        }
+                    }
                 }
             }
         }
