@@ -280,10 +280,12 @@ pub async fn leader_loop(
 ) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut placing: Option<Placing> = None;
     loop {
         tick.tick().await;
         let now = Instant::now();
         if !control.is_leader() {
+            placing = None;
             if leases.leader.lock().not_leading() {
                 info!("no longer the control-plane leader");
             }
@@ -304,11 +306,20 @@ pub async fn leader_loop(
             }
         }
         let map = control.map().borrow().clone();
-        if let Err(e) = leader_step(shards, &control, &leases, &rcfg, &map, now).await {
+        if let Err(e) = leader_step(shards, &control, &leases, &rcfg, &map, now, &mut placing).await
+        {
             debug!(error = %e, "leader step failed; retrying next tick");
         }
     }
 }
+
+/// A placement computing on a blocking thread.
+type Placing = tokio::task::JoinHandle<PlacementCache>;
+
+/// How long a tick waits for a placement it started before going on without it (its moves
+/// then wait for a later tick). Well inside the grant window, so the next confirmation is on
+/// time.
+const PLACEMENT_WAIT: Duration = Duration::from_millis(50);
 
 async fn leader_step(
     shards: u32,
@@ -317,6 +328,7 @@ async fn leader_step(
     rcfg: &RebalanceConfig,
     map: &ClusterMap,
     now: Instant,
+    placing: &mut Option<Placing>,
 ) -> Result<(), ControlError> {
     if map.shards.is_empty() {
         control.propose(Command::Init { shards }).await?;
@@ -343,23 +355,29 @@ async fn leader_step(
     // Rebalance against the map as it is now, deciding again who must have expired (a member
     // may have renewed while the commands above were proposed).
     let map = control.map().borrow().clone();
-    // A new placement (after a membership change) is computed off the grant lock and off the
-    // runtime threads: it costs shards x members scores, and a grant waiting for it could let
-    // every lease in the cluster lapse (BENCHMARKS.md section 8).
+    // A new placement (after a membership change) is computed off the grant lock, off the
+    // runtime threads, and off this loop: it costs shards x members scores (seconds at a few
+    // thousand nodes), and a loop waiting for it would stop confirming its leadership, so every
+    // grant in the cluster would be refused and every lease lapse (found by the scale
+    // simulation, BENCHMARKS.md section 8). The moves wait until it is offered.
     let needed = leases
         .leader
         .lock()
         .placement_needed(&map, Instant::now(), rcfg);
-    if let Some((shards, eligible)) = needed {
+    if let (Some((shards, eligible)), None) = (needed, placing.as_ref()) {
         let eps = rcfg.eps;
-        let computed = tokio::task::spawn_blocking(move || {
+        *placing = Some(tokio::task::spawn_blocking(move || {
             let mut cache = PlacementCache::default();
             let _ = cache.assign(shards, &eligible, eps);
             cache
-        })
-        .await;
-        if let Ok(cache) = computed {
-            leases.leader.lock().offer_placement(cache);
+        }));
+    }
+    if let Some(handle) = placing.as_mut() {
+        if let Ok(done) = tokio::time::timeout(PLACEMENT_WAIT, handle).await {
+            *placing = None;
+            if let Ok(cache) = done {
+                leases.leader.lock().offer_placement(cache);
+            }
         }
     }
     let moves = leases.leader.lock().moves(&map, Instant::now(), rcfg);

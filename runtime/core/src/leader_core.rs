@@ -234,6 +234,13 @@ impl LeaderCore {
     /// (Deciding the moves with the step's older expired set reassigned a shard of a member that
     /// had renewed meanwhile and served it again: found by the starved rolling restart, a 34 ms
     /// overlap.)
+    ///
+    /// Moves are made only against a placement already offered
+    /// ([`offer_placement`](Self::offer_placement)); while the one `map` needs is not (it is
+    /// being computed), there are none, and `expiring` still holds. A placement is never
+    /// computed here: at 1 000 nodes it takes longer than the grant window, and a leader that
+    /// stops confirming its leadership while it computes refuses every grant (the scale
+    /// simulation found every lease in a 10 000-node cluster lapsing at each membership change).
     pub fn moves(
         &mut self,
         map: &ClusterMap,
@@ -244,7 +251,21 @@ impl LeaderCore {
             return Vec::new();
         };
         rebalance::update_expiring(&mut self.expiring, &expired, map, &self.me);
+        if self.placement_needed(map, now, rcfg).is_some() {
+            return Vec::new();
+        }
         rebalance_commands_cached(map, &expired, rcfg, &mut self.placements)
+    }
+
+    /// Computes and offers the placement [`moves`](Self::moves) needs now, if any, right here:
+    /// for callers whose placement time does not matter (the fault simulation, tests). The node
+    /// computes it off its tick instead ([`placement_needed`](Self::placement_needed)).
+    pub fn place_inline(&mut self, map: &ClusterMap, now: Instant, rcfg: &RebalanceConfig) {
+        if let Some((shards, eligible)) = self.placement_needed(map, now, rcfg) {
+            let mut cache = PlacementCache::default();
+            let _ = cache.assign(shards, &eligible, rcfg.eps);
+            self.offer_placement(cache);
+        }
     }
 
     /// How many placements [`moves`](Self::moves) computed (the rest came from its cache).
@@ -255,7 +276,8 @@ impl LeaderCore {
     /// The placement inputs (shard count, eligible members) that [`moves`](Self::moves) on `map`
     /// at `now` would compute afresh, or `None` when its cache holds them. Placement costs
     /// `shards x members` scores (a quarter of a second at 1 000 nodes, tens of seconds at
-    /// 10 000): the caller computes it outside the lock that grants take and hands it over with
+    /// 10 000): the caller computes it outside the lock that grants take, and without holding up
+    /// the leader's quorum confirmations, and hands it over with
     /// [`offer_placement`](Self::offer_placement), so no grant waits for it.
     pub fn placement_needed(
         &self,
@@ -271,8 +293,8 @@ impl LeaderCore {
     }
 
     /// A placement computed outside the lock (see [`placement_needed`](Self::placement_needed));
-    /// [`moves`](Self::moves) uses it when its inputs are still the ones it needs, and computes
-    /// afresh otherwise, so an outdated offer costs time, never a wrong move.
+    /// [`moves`](Self::moves) uses it when its inputs are still the ones it needs, and waits for
+    /// another otherwise, so an outdated offer costs time, never a wrong move.
     pub fn offer_placement(&mut self, cache: PlacementCache) {
         self.placements.take_from(cache);
     }

@@ -232,6 +232,7 @@ fn a_member_that_renewed_during_the_step_keeps_its_shards() {
         .iter()
         .any(|(k, _)| *k == MoveKind::Reassign));
     // Decided again now: n4 holds a fresh lease, so its shards move only by graceful handoff.
+    c.place_inline(&later, renewed + ms(10), &rcfg);
     let moves = c.moves(&later, renewed + ms(10), &rcfg);
     assert!(!moves.is_empty());
     assert!(
@@ -242,6 +243,7 @@ fn a_member_that_renewed_during_the_step_keeps_its_shards() {
     let much_later = renewed + ms(2300);
     c.confirmed(much_later);
     c.grant("n3", much_later, 9).unwrap();
+    c.place_inline(&later, much_later, &rcfg);
     let moves = c.moves(&later, much_later, &rcfg);
     assert!(
         moves.iter().any(|(k, _)| *k == MoveKind::Reassign),
@@ -269,6 +271,7 @@ fn a_starved_leader_does_not_fail_over_its_own_shards() {
     let m = map(&[("n1", Up), ("n2", Up)], &["n1"], 4);
     let d = c.membership(&m, at, at);
     assert!(!d.expired.contains("n1"), "{:?}", d.expired);
+    c.place_inline(&m, at, &rcfg);
     let moves = c.moves(&m, at, &rcfg);
     assert!(
         moves.iter().all(|(k, _)| *k == MoveKind::Handoff),
@@ -278,7 +281,9 @@ fn a_starved_leader_does_not_fail_over_its_own_shards() {
 }
 
 /// A placement computed outside the grant lock and offered gives the moves a fresh computation
-/// gives, and `moves` computes nothing itself; an outdated offer is ignored, never used.
+/// gives, and `moves` computes nothing itself: without a current offer it makes no move (the
+/// leader keeps confirming and granting while the placement computes); an outdated offer is
+/// ignored, never used.
 #[test]
 fn a_placement_offered_from_outside_the_lock_is_used_only_when_current() {
     let base = Instant::now();
@@ -298,6 +303,12 @@ fn a_placement_offered_from_outside_the_lock_is_used_only_when_current() {
         cache
     };
     let mut fresh = leader(base);
+    assert!(
+        fresh.moves(&m, base, &rcfg).is_empty(),
+        "no move before the placement is offered"
+    );
+    assert_eq!(fresh.placements_computed(), 0, "and none computed inline");
+    fresh.place_inline(&m, base, &rcfg);
     let expected = fresh.moves(&m, base, &rcfg);
     assert!(!expected.is_empty(), "n3 joined: shards move to it");
 
@@ -320,5 +331,10 @@ fn a_placement_offered_from_outside_the_lock_is_used_only_when_current() {
     let mut stale = PlacementCache::default();
     stale.assign(shards, &eligible, rcfg.eps).unwrap();
     c.offer_placement(stale);
+    assert!(
+        c.moves(&m, base, &rcfg).is_empty(),
+        "the stale offer is not used"
+    );
+    c.place_inline(&m, base, &rcfg);
     assert_eq!(c.moves(&m, base, &rcfg), expected);
 }

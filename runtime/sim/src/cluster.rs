@@ -1571,6 +1571,9 @@ impl Sim {
         }
         let map = self.raft.map.clone();
         let now = self.local(n);
+        // The node computes a placement beside the loop (a few ms at this size, within its
+        // wait): here it takes no virtual time.
+        self.nodes[n].lead.place_inline(&map, now, &self.rcfg);
         let moves = self.nodes[n].lead.moves(&map, now, &self.rcfg);
         for (kind, cmd) in moves {
             match self.propose(n, &cmd) {

@@ -69,6 +69,8 @@ pub const CHECKPOINT_MS: Ms = 10;
 pub const DRAIN_MS: Ms = 2;
 /// How long a restarted node is gone.
 pub const RESTART_MS: Ms = 1000;
+/// How long the leader loop's tick waits for a placement it started (`PLACEMENT_WAIT`).
+pub const PLACEMENT_WAIT_MS: Ms = 50;
 /// How often the run checks whether a phase is done.
 const CHECK_MS: Ms = 50;
 /// Steady state measured between bootstrap and the first fault.
@@ -83,9 +85,10 @@ pub struct ScaleConfig {
     /// A phase not done after this long is cut off (reported with `done: false`).
     pub phase_cap_ms: Ms,
     pub rebalance: RebalanceConfig,
-    /// A placement computed at a leader tick holds the rest of that tick (the moves) back for
-    /// as long as it took in wall time, as the node's leader awaits it; off, it takes no virtual
-    /// time (the history is then the same in every run, whatever the machine).
+    /// A placement takes as long in virtual time as it took in wall time: the leader loop waits
+    /// up to [`PLACEMENT_WAIT_MS`] for it, then ticks on without it and moves nothing until it
+    /// is ready, as the node's leader does; off, it takes no virtual time (the history is then
+    /// the same in every run, whatever the machine).
     pub placement_takes_time: bool,
 }
 
@@ -163,10 +166,12 @@ enum Ev {
         grant: Grant,
     },
     LeaderTick,
-    /// The rest of a leader tick, after a placement: the moves, then the next tick.
+    /// The rest of a leader tick, after a placement it waited for: the moves, then the next tick.
     LeaderMoves {
         tick_started: Ms,
     },
+    /// A placement computed beside the leader loop is ready.
+    PlacementReady(PlacementCache),
     Deliver(usize),
     Feed {
         n: usize,
@@ -246,6 +251,8 @@ struct World {
     served: Vec<Option<(usize, u64)>>,
     /// Per shard, every node the map ever named for it.
     ever_named: Vec<Vec<usize>>,
+    /// A placement is computing beside the leader loop.
+    placing: bool,
     acc: Acc,
 }
 
@@ -271,6 +278,7 @@ impl World {
             leader,
             served: vec![None; shards as usize],
             ever_named: vec![Vec::new(); shards as usize],
+            placing: false,
             acc: Acc::default(),
             cfg,
         };
@@ -444,6 +452,10 @@ impl World {
             }
             Ev::LeaderTick => self.leader_tick(),
             Ev::LeaderMoves { tick_started } => self.leader_moves(tick_started),
+            Ev::PlacementReady(cache) => {
+                self.placing = false;
+                self.leader.offer_placement(cache);
+            }
             Ev::Deliver(n) => self.deliver(n),
             Ev::Feed { n, inc, shard, ev } => {
                 if self.nodes[n].alive && self.nodes[n].inc == inc {
@@ -598,16 +610,28 @@ impl World {
             .placement_needed(&self.map, now, &self.cfg.rebalance);
         spent += t.elapsed();
         self.acc.ticks_us.push(spent.as_secs_f64() * 1e6);
+        // As `actors/src/leader.rs`: a needed placement computes beside the loop; the tick
+        // waits up to PLACEMENT_WAIT_MS for it, then goes on without it (no moves until it is
+        // offered; confirmations and grants carry on).
         let mut wait = 0;
-        if let Some((shards, eligible)) = needed {
+        if let (Some((shards, eligible)), false) = (needed, self.placing) {
             let t = Instant::now();
             let mut cache = PlacementCache::default();
             let _ = cache.assign(shards, &eligible, self.cfg.rebalance.eps);
-            self.leader.offer_placement(cache);
             let took = t.elapsed();
             self.acc.placement_ms.push(took.as_secs_f64() * 1e3);
-            if self.cfg.placement_takes_time {
-                wait = took.as_millis() as Ms;
+            let took = if self.cfg.placement_takes_time {
+                took.as_millis() as Ms
+            } else {
+                0
+            };
+            if took <= PLACEMENT_WAIT_MS {
+                self.leader.offer_placement(cache);
+                wait = took;
+            } else {
+                self.placing = true;
+                self.schedule(took, Ev::PlacementReady(cache));
+                wait = PLACEMENT_WAIT_MS;
             }
         }
         if wait == 0 {
