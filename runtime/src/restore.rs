@@ -46,19 +46,27 @@ pub async fn restore_shard(
     })
 }
 
+/// The state of `r`'s newest checkpoint (empty without one) and the log position it covers.
+pub fn from_checkpoint(shard: u32, r: &Restore) -> Result<(ShardState, u64), RestoreError> {
+    Ok(match &r.checkpoint {
+        Some(c) => {
+            let snap = codec::decode_snapshot(&c.snapshot).map_err(|e| RestoreError::Decode {
+                shard,
+                reason: e.to_string(),
+            })?;
+            let seq = snap.seq;
+            (ShardState::from_snapshot(snap), seq)
+        }
+        None => (ShardState::default(), 0),
+    })
+}
+
 /// The state what storage returned holds: the newest checkpoint, then every logged request
 /// after it, replayed in place from the segments' bytes. Returns the state and the records
 /// replayed. (Read-only: checkers call it on a log they must not fence.)
 pub fn rebuild(shard: u32, r: &Restore) -> Result<(ShardState, u64), RestoreError> {
     let bad = |reason: String| RestoreError::Decode { shard, reason };
-    let (mut state, after) = match &r.checkpoint {
-        Some(c) => {
-            let snap = codec::decode_snapshot(&c.snapshot).map_err(|e| bad(e.to_string()))?;
-            let seq = snap.seq;
-            (ShardState::from_snapshot(snap), seq)
-        }
-        None => (ShardState::default(), 0),
-    };
+    let (mut state, after) = from_checkpoint(shard, r)?;
     let mut replayed = 0;
     for seg in &r.segments {
         if seg.fence || seg.records.is_empty() {

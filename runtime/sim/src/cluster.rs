@@ -518,14 +518,7 @@ fn encode_checkpoint(state: &ShardState, seq: u64) -> Bytes {
 /// already holds (the checker's: a retried op written twice).
 fn logged_twice(shard: u32, r: &Restore) -> Result<Option<String>, Violation> {
     let bad = |reason: String| Violation::Storage { shard, reason };
-    let (mut seen, after) = match &r.checkpoint {
-        Some(c) => {
-            let snap = codec::decode_snapshot(&c.snapshot).map_err(|e| bad(e.to_string()))?;
-            let seq = snap.seq;
-            (ShardState::from_snapshot(snap), seq)
-        }
-        None => (ShardState::default(), 0),
-    };
+    let (mut seen, after) = restore::from_checkpoint(shard, r).map_err(|e| bad(e.to_string()))?;
     for seg in r
         .segments
         .iter()

@@ -178,28 +178,31 @@ fn acknowledging_before_durable_is_caught() {
     ));
 }
 
-/// The payloads are the node's own: a segment decodes as the node's log records, a checkpoint
-/// restores the same state, and replay applies an op once.
-#[test]
-fn payloads_are_the_nodes_own_encodings() {
+/// Shard 0's log after epoch 1 appended each batch of `(op id, key)` as one segment.
+fn logged(batches: &[&[(u64, u32)]]) -> Restore {
     let store = Store::in_memory();
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let r = rt.block_on(async {
-        let f = store.fence(0, 1).await.unwrap();
-        store
-            .append(
-                0,
-                1,
-                f + 1,
-                3,
-                encode_records(1, f + 1, &[(7, 3), (9, 3), (7, 3)]),
-            )
-            .await
-            .unwrap();
+    rt.block_on(async {
+        let mut next = store.fence(0, 1).await.unwrap() + 1;
+        for ops in batches {
+            let n = ops.len() as u64;
+            store
+                .append(0, 1, next, n, encode_records(1, next, ops))
+                .await
+                .unwrap();
+            next += n;
+        }
         store.restore(0).await.unwrap()
-    });
+    })
+}
+
+/// The payloads are the node's own: a segment decodes as the node's log records, a checkpoint
+/// restores the same state, and replay applies an op once.
+#[test]
+fn payloads_are_the_nodes_own_encodings() {
+    let r = logged(&[&[(7, 3), (9, 3), (7, 3)]]);
     let (state, replayed) = rebuild(0, &r).unwrap();
     assert_eq!(replayed, 3);
     assert_eq!(state.counter("k3"), Some(2), "op 7 applies once");
@@ -212,22 +215,7 @@ fn payloads_are_the_nodes_own_encodings() {
 
 #[test]
 fn the_checker_finds_an_op_logged_twice() {
-    let store = Store::in_memory();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let r = rt.block_on(async {
-        let f = store.fence(0, 1).await.unwrap();
-        store
-            .append(0, 1, f + 1, 2, encode_records(1, f + 1, &[(5, 1), (6, 1)]))
-            .await
-            .unwrap();
-        store
-            .append(0, 1, f + 3, 1, encode_records(1, f + 3, &[(5, 1)]))
-            .await
-            .unwrap();
-        store.restore(0).await.unwrap()
-    });
+    let r = logged(&[&[(5, 1), (6, 1)], &[(5, 1)]]);
     assert!(matches!(logged_twice(0, &r), Ok(Some(_))));
 }
 
