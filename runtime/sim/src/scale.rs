@@ -76,6 +76,15 @@ const CHECK_MS: Ms = 50;
 /// Steady state measured between bootstrap and the first fault.
 const STEADY_MS: Ms = 10_000;
 
+/// How long a placement takes in virtual time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlacementTime {
+    /// As long as computing it took here (the measurement).
+    Wall,
+    /// A fixed time, whatever the machine (tests: the same history in every run).
+    Fixed(Ms),
+}
+
 /// One run's shape.
 #[derive(Debug, Clone)]
 pub struct ScaleConfig {
@@ -85,11 +94,10 @@ pub struct ScaleConfig {
     /// A phase not done after this long is cut off (reported with `done: false`).
     pub phase_cap_ms: Ms,
     pub rebalance: RebalanceConfig,
-    /// A placement takes as long in virtual time as it took in wall time: the leader loop waits
-    /// up to [`PLACEMENT_WAIT_MS`] for it, then ticks on without it and moves nothing until it
-    /// is ready, as the node's leader does; off, it takes no virtual time (the history is then
-    /// the same in every run, whatever the machine).
-    pub placement_takes_time: bool,
+    /// How long a placement takes in virtual time. The leader loop waits up to
+    /// [`PLACEMENT_WAIT_MS`] for it, then ticks on without it and moves nothing until it is
+    /// ready, as the node's leader does.
+    pub placement_time: PlacementTime,
 }
 
 impl ScaleConfig {
@@ -101,7 +109,7 @@ impl ScaleConfig {
             seed,
             phase_cap_ms: 600_000,
             rebalance: RebalanceConfig::default(),
-            placement_takes_time: true,
+            placement_time: PlacementTime::Wall,
         }
     }
 }
@@ -592,7 +600,7 @@ impl World {
     }
 
     /// The leader loop's step: quorum confirmed, membership, placement, moves. A placement
-    /// holds the moves back for the time it took (see [`ScaleConfig::placement_takes_time`]).
+    /// holds the moves back for the time it takes (see [`ScaleConfig::placement_time`]).
     fn leader_tick(&mut self) {
         let now = self.instant();
         let tick_started = self.now;
@@ -620,10 +628,9 @@ impl World {
             let _ = cache.assign(shards, &eligible, self.cfg.rebalance.eps);
             let took = t.elapsed();
             self.acc.placement_ms.push(took.as_secs_f64() * 1e3);
-            let took = if self.cfg.placement_takes_time {
-                took.as_millis() as Ms
-            } else {
-                0
+            let took = match self.cfg.placement_time {
+                PlacementTime::Wall => took.as_millis() as Ms,
+                PlacementTime::Fixed(ms) => ms,
             };
             if took <= PLACEMENT_WAIT_MS {
                 self.leader.offer_placement(cache);
@@ -709,12 +716,17 @@ impl World {
         true
     }
 
+    /// Every shard served where placement wants it: nothing handing off, the placement for
+    /// the current members offered, and no move left to make.
     fn balanced(&mut self) -> bool {
-        self.all_served() && self.map.shards.iter().all(|a| a.handoff_to.is_none()) && {
-            let now = self.instant();
-            let map = self.map.clone();
-            self.leader.moves(&map, now, &self.cfg.rebalance).is_empty()
+        if !self.all_served() || self.map.shards.iter().any(|a| a.handoff_to.is_some()) {
+            return false;
         }
+        let now = self.instant();
+        let map = self.map.clone();
+        let rcfg = self.cfg.rebalance.clone();
+        self.leader.placement_needed(&map, now, &rcfg).is_none()
+            && self.leader.moves(&map, now, &rcfg).is_empty()
     }
 
     fn owned_by(&self, n: usize) -> u64 {

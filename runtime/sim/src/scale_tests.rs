@@ -5,9 +5,13 @@
 use super::*;
 
 fn small(nodes: usize, seed: u64) -> Report {
+    small_with(nodes, seed, PlacementTime::Fixed(0))
+}
+
+fn small_with(nodes: usize, seed: u64, placement: PlacementTime) -> Report {
     let mut cfg = ScaleConfig::new(nodes, seed);
     cfg.phase_cap_ms = 120_000;
-    cfg.placement_takes_time = false;
+    cfg.placement_time = placement;
     run(cfg)
 }
 
@@ -77,4 +81,31 @@ fn a_seed_gives_the_same_history() {
             .collect::<Vec<_>>()
     };
     assert_eq!(strip(&small(10, 3)), strip(&small(10, 3)));
+}
+
+/// A placement slower than the grant window (as at a few thousand nodes) does not stop the
+/// leader granting: it ticks on, confirming, and moves once the placement is ready. (The leader
+/// loop waited for it: every lease in a 10 000-node cluster lapsed at each membership change.)
+#[test]
+fn a_slow_placement_holds_back_moves_not_grants() {
+    let r = small_with(20, 5, PlacementTime::Fixed(3_000));
+    for p in &r.phases {
+        assert!(p.done, "{} did not finish: {p:?}", p.name);
+        assert!(
+            p.grants_per_s >= p.renewals_per_s * 0.99,
+            "{}: grants refused while a placement computed: {p:?}",
+            p.name
+        );
+    }
+    let kill = &r.phases[2];
+    assert_eq!(kill.moved, kill.ideal_moves);
+    // Lease expiry, then the placement, then the restores.
+    let after = kill.served_after_ms.unwrap();
+    assert!(
+        (4_500..9_000).contains(&after),
+        "served again after {after} ms"
+    );
+    for p in &r.phases[3..] {
+        assert!(p.moved >= p.ideal_moves, "{p:?}");
+    }
 }
