@@ -724,7 +724,7 @@ impl World {
         }
         let now = self.instant();
         let map = self.map.clone();
-        let rcfg = self.cfg.rebalance.clone();
+        let rcfg = self.cfg.rebalance;
         self.leader.placement_needed(&map, now, &rcfg).is_none()
             && self.leader.moves(&map, now, &rcfg).is_empty()
     }
