@@ -5,7 +5,8 @@
     target/release/sim-scale --nodes 10,100,1000 --json runs.jsonl   # several times, appending
     python3 benches/scale_plot.py benches/control_scale.jsonl benches/control_scale.png
 
-Several runs of one size are reduced to their median per value. Needs matplotlib (PyPI).
+Several runs of one size are reduced to their median per value; the script also prints those
+medians as the Markdown table BENCHMARKS.md section 8 shows. Needs matplotlib (PyPI).
 Left: the leader's core time per tick (median and 99th percentile, steady state) and the
 longest placement after a membership change, against the 100 ms tick and the 2 s lease.
 Middle: lease grants per second at the leader (steady) and Raft entries per second (join wave).
@@ -47,9 +48,53 @@ def value(runs, phase, key, scale=1.0):
     return out
 
 
+def fmt(v, unit=""):
+    if v is None:
+        return "-"
+    if float(v).is_integer() and abs(v) < 100:
+        return f"{int(v)}{unit}"
+    if v >= 100:
+        return f"{v:,.0f}{unit}".replace(",", " ")
+    if v >= 10:
+        return f"{v:.1f}{unit}"
+    return f"{v:.2g}{unit}"
+
+
+def table(runs):
+    """The medians as Markdown rows, one column per cluster size."""
+    nodes = list(runs)
+    med = lambda key: [statistics.median(r[key] for r in reports) for reports in runs.values()]
+    rows = [
+        ("nodes (shards)", [f"{n:,} ({n * 16:,})".replace(",", " ") for n in nodes]),
+        ("lease renewals / grants per s at the leader (steady)",
+         [f"{fmt(a)} / {fmt(b)}" for a, b in zip(value(runs, "steady", "renewals_per_s"), value(runs, "steady", "grants_per_s"))]),
+        ("map size (JSON, as snapshotted)", [fmt(b / 1024, " kB") for b in med("map_bytes")]),
+        ("leader tick, median / p99 (steady)",
+         [f"{fmt(a / 1e3, ' ms')} / {fmt(b / 1e3, ' ms')}" for a, b in zip(value(runs, "steady", "tick_us_median"), value(runs, "steady", "tick_us_p99"))]),
+        ("leader tick, median (join wave)", [fmt(a / 1e3, " ms") for a in value(runs, "join 10%", "tick_us_median")]),
+        ("one placement after a membership change", [fmt(a, " ms") for a in value(runs, "join 10%", "placement_ms_max")]),
+        ("leader core share of one CPU (steady / join wave)",
+         [f"{fmt(a * 100, ' %')} / {fmt(b * 100, ' %')}" for a, b in zip(value(runs, "steady", "leader_core_share"), value(runs, "join 10%", "leader_core_share"))]),
+        ("Raft entries / s: bootstrap / kill / join / restart",
+         [" / ".join(fmt(v) for v in vs) for vs in zip(*(value(runs, p, "raft_entries_per_s") for p in ["bootstrap", "kill 1%", "join 10%", "restart round 1"]))]),
+        ("kill 1 %: moved (ideal), every shard served again after",
+         [f"{fmt(m)} ({fmt(i)}), {fmt(t / 1e3, ' s')}" for m, i, t in zip(value(runs, "kill 1%", "moved"), value(runs, "kill 1%", "ideal_moves"), value(runs, "kill 1%", "served_after_ms"))]),
+        ("join 10 %: moved (ideal), settled after",
+         [f"{fmt(m)} ({fmt(i)}), {fmt(t / 1e3 if t else None, ' s')}" for m, i, t in zip(value(runs, "join 10%", "moved"), value(runs, "join 10%", "ideal_moves"), value(runs, "join 10%", "served_after_ms"))]),
+        ("rolling restart, one round of 1 %: moved (ideal), settled after",
+         [f"{fmt(m)} ({fmt(i)}), {fmt(t / 1e3 if t else None, ' s')}" for m, i, t in zip(value(runs, "restart round 1", "moved"), value(runs, "restart round 1", "ideal_moves"), value(runs, "restart round 1", "served_after_ms"))]),
+        ("one node's scan of the map per map change", [fmt(a, " µs") for a in med("node_scan_us")]),
+    ]
+    out = ["| " + rows[0][0] + " | " + " | ".join(rows[0][1]) + " |", "|---" * (len(nodes) + 1) + "|"]
+    for name, cells in rows[1:]:
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(src, dst):
     runs = load(src)
     nodes = list(runs)
+    print(table(runs))
     fig, ax = plt.subplots(1, 3, figsize=(17, 5))
 
     a = ax[0]

@@ -217,14 +217,7 @@ impl Node {
         policy.set_revoked(control.map().borrow().revoked.keys().cloned().collect());
         let leases = Leases::new(&name, LeaseConfig::from(&cfg.lease));
         let router = Router::new(
-            RouterConfig {
-                name: name.clone(),
-                shards: cfg.cluster.shards,
-                max_inflight: cfg.shard.max_inflight,
-                handoff_buffer: cfg.shard.handoff_buffer,
-                request_timeout: Duration::from_millis(cfg.transport.request_timeout_ms),
-                ownership_log: Some(cfg.node.data_dir.join("ownership.log")),
-            },
+            RouterConfig::from(cfg),
             transport.clone(),
             control.map(),
             audit.clone(),
@@ -268,20 +261,8 @@ impl Node {
 
         let (failed_tx, failed_rx) = mpsc::unbounded_channel();
         let (esc_tx, escalations) = mpsc::channel(1);
-        let args = SupervisorArgs {
-            pool: WorkerPool::with_meter(
-                cfg.workers.threads,
-                cfg.workers.queue_depth,
-                meter.clone(),
-            ),
-            budget: RestartBudget::default(),
-            failed: failed_tx,
-            escalate: esc_tx,
-        };
         let (supervisor, supervisor_done) =
-            Actor::spawn(Some(format!("supervisor-{name}")), NodeSupervisor, args)
-                .await
-                .map_err(|e| NodeError::Spawn(e.to_string()))?;
+            spawn_supervisor(cfg, &name, meter.clone(), failed_tx, esc_tx).await?;
 
         let tasks = spawn_loops(
             cfg,
@@ -709,6 +690,40 @@ enum DrainError {
     NowhereToGo,
     #[error("control plane stopped")]
     ControlStopped,
+}
+
+/// The router's settings from the node's configuration.
+impl From<&NodeConfig> for RouterConfig {
+    fn from(cfg: &NodeConfig) -> Self {
+        RouterConfig {
+            name: cfg.node.name.clone(),
+            shards: cfg.cluster.shards,
+            max_inflight: cfg.shard.max_inflight,
+            handoff_buffer: cfg.shard.handoff_buffer,
+            request_timeout: Duration::from_millis(cfg.transport.request_timeout_ms),
+            ownership_log: Some(cfg.node.data_dir.join("ownership.log")),
+        }
+    }
+}
+
+/// Starts the node's supervisor, with its worker pool and restart budget: failed shard actors
+/// are reported on `failed`, a budget overrun on `escalate`.
+async fn spawn_supervisor(
+    cfg: &NodeConfig,
+    name: &str,
+    meter: Arc<LoadMeter>,
+    failed: mpsc::UnboundedSender<u32>,
+    escalate: mpsc::Sender<String>,
+) -> Result<(ActorRef<SupervisorMsg>, tokio::task::JoinHandle<()>), NodeError> {
+    let args = SupervisorArgs {
+        pool: WorkerPool::with_meter(cfg.workers.threads, cfg.workers.queue_depth, meter),
+        budget: RestartBudget::default(),
+        failed,
+        escalate,
+    };
+    Actor::spawn(Some(format!("supervisor-{name}")), NodeSupervisor, args)
+        .await
+        .map_err(|e| NodeError::Spawn(e.to_string()))
 }
 
 /// Proposes this node draining and waits until it owns no shard.
