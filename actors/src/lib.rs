@@ -3,7 +3,9 @@
 //! # Layout
 //! - [`supervisor`]: `NodeSupervisor`, the root actor of a node. Spawns one [`shard`] actor per
 //!   owned shard, restarts failed ones within a [`restart`] budget, escalates past it.
-//! - [`shard`]: `ShardActor` and the shard's key-value state with idempotent ops ([`dedup`]).
+//! - [`shard`]: `ShardActor`, applying ops to the shard's key-value state with idempotent ops
+//!   (`ShardState` and [`dedup`], pure, in `tidepool_runtime`; re-exported here, as is
+//!   [`restore`]).
 //! - [`worker`]: the bounded `WorkerPool`; CPU work runs on blocking threads, never the reactor.
 //! - [`router`]: `send_to_shard`: local shards by actor message (no serialization), remote ones
 //!   over QUIC; answers requests arriving from the transport.
