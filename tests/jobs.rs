@@ -279,6 +279,36 @@ async fn accuracy_matches_smartcore_and_jobs_survive_failover_and_cancel() {
         ["cancer", "digits"],
         "no half-imported 'bad' dataset"
     );
+    // Describe: the record, its size, and every shard's partitions on the node serving it.
+    let d = cli_json(&c, &["dataset", "describe", "cancer", "--json"]);
+    let rec = &listed["datasets"][0];
+    assert_eq!(d["rows"], rec["rows"]);
+    assert_eq!(d["source"], "imported");
+    let features = d["features"].as_array().unwrap().len() as u64;
+    assert_eq!(features, rec["features"].as_array().unwrap().len() as u64);
+    assert_eq!(
+        d["values"].as_u64().unwrap(),
+        d["rows"].as_u64().unwrap() * (features + 1)
+    );
+    let nodes = d["nodes"].as_object().unwrap();
+    let node_shards: u64 = nodes.values().map(|n| n["shards"].as_u64().unwrap()).sum();
+    let node_parts: u64 = nodes
+        .values()
+        .map(|n| n["partitions"].as_u64().unwrap())
+        .sum();
+    assert_eq!(node_shards, d["shards"].as_u64().unwrap());
+    assert_eq!(node_parts, d["partitions"].as_u64().unwrap());
+    assert!(node_parts > 0, "{d}");
+    assert!(
+        nodes.keys().all(|n| n.starts_with('n')),
+        "every shard has an owner: {d}"
+    );
+    let missing = cli(&c, &["dataset", "describe", "nope"]);
+    assert_eq!(
+        missing.status.code(),
+        Some(4),
+        "unknown dataset: not-found exit code"
+    );
 
     let cancer_ref = datasets::smartcore_logistic_accuracy(&ctrain, &ctest).unwrap();
     let digits_ref = datasets::smartcore_logistic_accuracy(&dtrain, &dtest).unwrap();

@@ -188,6 +188,98 @@ pub async fn list_datasets(client: &ClusterClient) -> Result<Vec<DatasetRecord>>
     Ok(serde_json::from_slice::<L>(&bytes)?.datasets)
 }
 
+/// Where a dataset's partitions are served now: per node, its shards and their partitions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NodePartitions {
+    pub shards: u32,
+    pub partitions: u64,
+}
+
+/// `dataset describe`: the record, its size, and where its partitions are served now.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DatasetDescription {
+    pub name: String,
+    /// `imported` or `synthetic`.
+    pub source: &'static str,
+    /// The import's id (its storage prefix), for an imported dataset.
+    pub import: Option<String>,
+    /// The generator and its seed, for a synthetic one.
+    pub generator: Option<String>,
+    pub label: String,
+    pub features: Vec<String>,
+    pub rows: u64,
+    /// Stored values, features and label (dense: every value counts).
+    pub values: u64,
+    /// The values as the partitions hold them (f32).
+    pub bytes: u64,
+    pub shards: u32,
+    /// Partition objects in storage (0 for a synthetic dataset, generated where it is used).
+    pub partitions: u64,
+    /// Per node (by name): the dataset's shards it owns now and their partitions; `unassigned`
+    /// for shards without an owner.
+    pub nodes: std::collections::BTreeMap<String, NodePartitions>,
+}
+
+/// The description of `name`, or `None` if the cluster has no such dataset.
+pub async fn describe_dataset(
+    client: &ClusterClient,
+    name: &str,
+) -> Result<Option<DatasetDescription>> {
+    let Some(rec) = list_datasets(client)
+        .await?
+        .into_iter()
+        .find(|d| d.name == name)
+    else {
+        return Ok(None);
+    };
+    let owners = client.shards().await?;
+    Ok(Some(describe(rec, &owners)))
+}
+
+/// The description of `rec` with the shards owned as `owners` says (pure).
+pub fn describe(
+    rec: DatasetRecord,
+    owners: &[tidepool_runtime::codec::ShardInfo],
+) -> DatasetDescription {
+    let (source, import, generator, segments) = match &rec.source {
+        DatasetSource::Imported { import, segments } => {
+            ("imported", Some(import.clone()), None, segments.clone())
+        }
+        DatasetSource::Synthetic { kind, seed } => (
+            "synthetic",
+            None,
+            Some(format!("{kind}, seed {seed}")),
+            Vec::new(),
+        ),
+    };
+    let mut nodes: std::collections::BTreeMap<String, NodePartitions> = Default::default();
+    for shard in 0..rec.shards {
+        let owner = owners
+            .iter()
+            .find(|s| s.id == shard)
+            .and_then(|s| s.owner.clone())
+            .unwrap_or_else(|| "unassigned".into());
+        let n = nodes.entry(owner).or_default();
+        n.shards += 1;
+        n.partitions += u64::from(segments.get(shard as usize).copied().unwrap_or(0));
+    }
+    let values = rec.rows.saturating_mul(rec.features.len() as u64 + 1);
+    DatasetDescription {
+        name: rec.name,
+        source,
+        import,
+        generator,
+        label: rec.label,
+        rows: rec.rows,
+        values,
+        bytes: values.saturating_mul(4),
+        shards: rec.shards,
+        partitions: segments.iter().map(|&n| u64::from(n)).sum(),
+        features: rec.features,
+        nodes,
+    }
+}
+
 /// Submits a job spec (validated here first, with the key named in any error); returns its id.
 pub async fn submit(client: &ClusterClient, spec: &str) -> Result<String> {
     let parsed = JobSpec::parse(spec)?;
@@ -318,4 +410,51 @@ pub fn status_line(rec: &JobRecord) -> String {
 /// Whether the job ended well.
 pub fn succeeded(rec: &JobRecord) -> bool {
     rec.state == JobState::Succeeded
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tidepool_runtime::codec::{ShardInfo, WireShardState};
+
+    #[test]
+    fn a_description_counts_each_shards_partitions_on_its_owner() {
+        let rec = DatasetRecord {
+            name: "d".into(),
+            features: vec!["a".into(), "b".into()],
+            label: "y".into(),
+            rows: 10,
+            shards: 3,
+            source: DatasetSource::Imported {
+                import: "i1".into(),
+                segments: vec![2, 0, 5],
+            },
+        };
+        let info = |id, owner: Option<&str>| ShardInfo {
+            id,
+            owner: owner.map(str::to_string),
+            epoch: 1,
+            state: WireShardState::Serving,
+        };
+        let d = describe(
+            rec,
+            &[info(0, Some("n1")), info(1, Some("n1")), info(2, None)],
+        );
+        assert_eq!((d.values, d.bytes, d.partitions), (30, 120, 7));
+        assert_eq!(
+            d.nodes["n1"],
+            NodePartitions {
+                shards: 2,
+                partitions: 2
+            }
+        );
+        assert_eq!(
+            d.nodes["unassigned"],
+            NodePartitions {
+                shards: 1,
+                partitions: 5
+            }
+        );
+        assert_eq!(d.import.as_deref(), Some("i1"));
+    }
 }

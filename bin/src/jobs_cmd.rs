@@ -51,6 +51,14 @@ pub enum DatasetCmd {
     },
     /// List datasets.
     List(Conn),
+    /// Describe a dataset: source, label and features, rows, values and bytes, partitions, and
+    /// where they are served now (per node). An unknown name exits with the not-found code.
+    Describe {
+        /// The dataset to describe.
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Delete a dataset: its record and its stored partitions (admin role). Refused while a
     /// pending or running job uses it; an unknown name exits with the not-found code.
     Delete {
@@ -218,6 +226,37 @@ pub async fn dataset(cmd: DatasetCmd) -> Result<()> {
                     d.rows,
                     d.features.len(),
                     d.label
+                );
+            }
+            Ok(())
+        }
+        DatasetCmd::Describe { name, conn } => {
+            let client = connect(&conn).await?;
+            let Some(d) = jobs_cli::describe_dataset(&client, &name).await? else {
+                return Err(CliError::NotFound(format!("no dataset {name:?}")).into());
+            };
+            if conn.json {
+                return print_json(&serde_json::to_value(&d)?);
+            }
+            println!("dataset    {}", d.name);
+            match (&d.import, &d.generator) {
+                (Some(id), _) => println!("source     imported (import {id})"),
+                (_, Some(g)) => println!("source     synthetic ({g})"),
+                _ => println!("source     {}", d.source),
+            }
+            println!("label      {}", d.label);
+            println!(
+                "features   {} ({})",
+                d.features.len(),
+                d.features.join(", ")
+            );
+            println!("rows       {}", d.rows);
+            println!("values     {} ({} bytes as f32)", d.values, d.bytes);
+            println!("shards     {} ({} partitions)", d.shards, d.partitions);
+            for (node, p) in &d.nodes {
+                println!(
+                    "  {node:<16} {:>5} shards {:>6} partitions",
+                    p.shards, p.partitions
                 );
             }
             Ok(())
