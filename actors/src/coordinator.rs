@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::job_exec::JobExecutor;
-use crate::jobs::job::{ExactSum, Task};
+use crate::jobs::job::{sums_from_wire, ExactSum, Task};
 use crate::jobs::registry::JobDriver;
 use crate::router::Router;
 
@@ -449,9 +449,11 @@ impl<'a> Coordinator<'a> {
                             warn!(job = %self.rec.id, "partial names shards it was not asked for; dropped");
                             continue;
                         }
+                        let sum = sums_from_wire(&p.sum, &p.wide)
+                            .map_err(|e| Stop::Failed(e.to_string()))?;
                         let part = ExactSum {
                             rows: p.rows,
-                            sum: p.sum,
+                            sum,
                             min: p.min,
                             max: p.max,
                         };

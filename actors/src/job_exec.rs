@@ -26,7 +26,7 @@ use tidepool_runtime::metrics as m;
 use tidepool_runtime::storage::Store;
 use tracing::{debug, warn};
 
-use crate::jobs::job::{ExactSum, JobError, ShardData, Task};
+use crate::jobs::job::{sums_to_wire, ExactSum, JobError, ShardData, Task};
 use crate::jobs::registry::{self, ErasedJob};
 use crate::router::Router;
 use crate::worker::WorkerPool;
@@ -191,6 +191,7 @@ fn refuse_all(task: &JobTask, error: Option<String>) -> JobPartial {
         refused: task.shards.iter().map(|s| s.shard).collect(),
         rows: 0,
         sum: Vec::new(),
+        wide: Vec::new(),
         min: Vec::new(),
         max: Vec::new(),
         error,
@@ -304,7 +305,8 @@ impl JobExecutor {
             .increment(refused.len() as u64);
         // A partial that cannot be sent would be asked for again for ever: fail the job instead.
         let extrema = (acc.min.len() + acc.max.len()) as u64;
-        let bytes = admission::partial_bytes(acc.sum.len() as u64, extrema);
+        let (sum, wide) = sums_to_wire(&acc.sum);
+        let bytes = admission::partial_bytes(sum.len() as u64, wide.len() as u64, extrema);
         let values = acc.sum.len() as u64 + extrema;
         if let Err(e) = admission::check_frame("partial", bytes, values, &self.limits.admission) {
             return JobPartial {
@@ -312,6 +314,7 @@ impl JobExecutor {
                 refused: task.shards.iter().map(|s| s.shard).collect(),
                 rows: 0,
                 sum: Vec::new(),
+                wide: Vec::new(),
                 min: Vec::new(),
                 max: Vec::new(),
                 error: Some(format!("job {}: {e}", task.job)),
@@ -321,7 +324,8 @@ impl JobExecutor {
             done: mine.iter().map(|(s, _)| *s).collect(),
             refused,
             rows: acc.rows,
-            sum: acc.sum,
+            sum,
+            wide,
             min: acc.min,
             max: acc.max,
             error,

@@ -151,9 +151,11 @@ pub fn task_bytes(broadcast_values: u64, spec_len: u64) -> u64 {
         .saturating_add(MESSAGE_OVERHEAD)
 }
 
-/// Encoded bytes of a partial with `sums` fixed-point sums and `extrema` minima plus maxima.
-pub fn partial_bytes(sums: u64, extrema: u64) -> u64 {
+/// Encoded bytes of a partial with `sums` fixed-point sums (`wide` of them also beyond an
+/// `i128`) and `extrema` minima plus maxima.
+pub fn partial_bytes(sums: u64, wide: u64, extrema: u64) -> u64 {
     sums.saturating_mul(16)
+        .saturating_add(wide.saturating_mul(56))
         .saturating_add(extrema.saturating_mul(8))
         .saturating_add(MESSAGE_OVERHEAD)
 }
@@ -217,7 +219,9 @@ pub fn admit_job(
     let s = shape(spec, features, shards);
     let task = task_bytes(s.broadcast_values, spec_len);
     check_frame("task", task, s.broadcast_values, limits)?;
-    let partial = partial_bytes(s.partial_sums, s.partial_extrema);
+    // Sums beyond an i128 (huge-valued columns) take more; the node checks the real partial
+    // again before it sends it and fails the job if it does not fit.
+    let partial = partial_bytes(s.partial_sums, 0, s.partial_extrema);
     let partial_values = s.partial_sums.saturating_add(s.partial_extrema);
     check_frame("partial", partial, partial_values, limits)?;
     let model = s

@@ -18,7 +18,9 @@
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tidepool_runtime::codec::{FIXED_FRAC_BITS, FIXED_MAX};
+use tidepool_runtime::codec::WideSum;
+
+pub use super::exact::Wide;
 
 /// One shard's rows as the map sees them: row-major `f32` features and labels, borrowed from the
 /// loaded partition (in place when the partition is a single stored object).
@@ -76,9 +78,9 @@ pub enum JobError {
     /// The data does not fit the spec (bad labels for the model, too few rows, ...).
     #[error("{0}")]
     Data(String),
-    /// A value too large (or not finite) to merge exactly: features far from unit scale or a
-    /// diverging learning rate.
-    #[error("numeric overflow: {0} (standardize features or lower the learning rate)")]
+    /// A value not finite, or beyond the exact range (|x| < 2^327, about 2.7e98): in training
+    /// usually a diverging learning rate.
+    #[error("numeric overflow: {0}")]
     Overflow(String),
     /// Partials of different shapes: a bug or a mixed-version cluster.
     #[error("partial shape mismatch: {0}")]
@@ -129,24 +131,56 @@ pub trait Job: Send + Sync + 'static {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ExactSum {
     pub rows: u64,
-    pub sum: Vec<i128>,
+    pub sum: Vec<Wide>,
     pub min: Vec<f64>,
     pub max: Vec<f64>,
 }
 
-/// `x` in fixed point.
-pub fn to_fixed(x: f64) -> Result<i128, JobError> {
-    if !x.is_finite() || x.abs() > FIXED_MAX {
-        return Err(JobError::Overflow(format!("partial value {x}")));
-    }
-    // |x| * 2^56 <= 4.7e21 * 7.2e16 < 2^127: fits, and the cast rounds toward zero
-    // deterministically.
-    Ok((x * (1u128 << FIXED_FRAC_BITS) as f64).round() as i128)
+/// `x` in fixed point (nearest 2^-56); refused if not finite or beyond 2^327.
+pub fn to_fixed(x: f64) -> Result<Wide, JobError> {
+    Wide::from_f64(x).map_err(|e| JobError::Overflow(format!("partial value: {e}")))
 }
 
 /// A fixed-point value back as `f64` (rounded once, deterministically).
-pub fn from_fixed(v: i128) -> f64 {
-    v as f64 / (1u128 << FIXED_FRAC_BITS) as f64
+pub fn from_fixed(v: &Wide) -> f64 {
+    v.to_f64()
+}
+
+/// Fixed-point sums as they travel: an `i128` each where it fits, the rest in `wide`.
+pub fn sums_to_wire(sum: &[Wide]) -> (Vec<i128>, Vec<WideSum>) {
+    let mut small = Vec::with_capacity(sum.len());
+    let mut wide = Vec::new();
+    for (i, w) in sum.iter().enumerate() {
+        match w.to_i128() {
+            Some(v) => small.push(v),
+            None => {
+                small.push(0);
+                wide.push(WideSum {
+                    index: i as u32,
+                    limbs: w.limbs,
+                });
+            }
+        }
+    }
+    (small, wide)
+}
+
+/// The sums a peer sent ([`sums_to_wire`]); refuses a `wide` entry outside `sum`, twice at one
+/// index, or over a non-zero small sum.
+pub fn sums_from_wire(sum: &[i128], wide: &[WideSum]) -> Result<Vec<Wide>, JobError> {
+    let mut out: Vec<Wide> = sum.iter().map(|&v| Wide::from_i128(v)).collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for w in wide {
+        let i = w.index as usize;
+        if i >= out.len() || !seen.insert(i) || sum[i] != 0 {
+            return Err(JobError::Shape(format!(
+                "wide sum at index {i} of {} (repeated or over a small one)",
+                out.len()
+            )));
+        }
+        out[i] = Wide { limbs: w.limbs };
+    }
+    Ok(out)
 }
 
 fn check_len(what: &str, have: usize, got: usize) -> Result<(), JobError> {
@@ -187,8 +221,8 @@ impl ExactSum {
         check_len("max", self.max.len(), o.max.len())?;
         for (a, b) in self.sum.iter_mut().zip(&o.sum) {
             *a = a
-                .checked_add(*b)
-                .ok_or_else(|| JobError::Overflow("fixed-point sum".into()))?;
+                .checked_add(b)
+                .map_err(|e| JobError::Overflow(e.to_string()))?;
         }
         for (a, b) in self.min.iter_mut().zip(&o.min) {
             *a = a.min(*b);
@@ -204,7 +238,7 @@ impl ExactSum {
     pub fn to_partial(&self) -> Partial {
         Partial {
             rows: self.rows,
-            sum: self.sum.iter().map(|&v| from_fixed(v)).collect(),
+            sum: self.sum.iter().map(from_fixed).collect(),
             min: self.min.clone(),
             max: self.max.clone(),
         }
@@ -251,6 +285,29 @@ mod tests {
     }
 
     #[test]
+    fn sums_travel_small_or_wide_and_bad_wide_entries_are_refused() {
+        let sums: Vec<Wide> = [1.5, -2.0e24, 0.0, 3.0e30]
+            .iter()
+            .map(|&x| to_fixed(x).unwrap())
+            .collect();
+        let (small, wide) = sums_to_wire(&sums);
+        assert_eq!(small.len(), 4);
+        assert_eq!(wide.iter().map(|w| w.index).collect::<Vec<_>>(), [1, 3]);
+        assert_eq!(sums_from_wire(&small, &wide).unwrap(), sums);
+        // A peer's wide entry out of range, repeated, or over a non-zero small sum.
+        let mut bad = wide.clone();
+        bad[0].index = 9;
+        assert!(sums_from_wire(&small, &bad).is_err());
+        let twice = vec![wide[0].clone(), wide[0].clone()];
+        assert!(sums_from_wire(&small, &twice).is_err());
+        let over = vec![WideSum {
+            index: 0,
+            limbs: wide[0].limbs,
+        }];
+        assert!(sums_from_wire(&small, &over).is_err());
+    }
+
+    #[test]
     fn refuses_what_it_cannot_sum_exactly() {
         let mut acc = ExactSum::default();
         let bad = Partial {
@@ -259,10 +316,19 @@ mod tests {
         };
         assert!(matches!(acc.add(&bad), Err(JobError::Overflow(_))));
         let huge = Partial {
-            sum: vec![1e30],
+            sum: vec![1e99],
             ..Partial::default()
         };
         assert!(matches!(acc.add(&huge), Err(JobError::Overflow(_))));
+        // Beyond the old i128 accumulator, within the wide one.
+        let mut big = ExactSum::default();
+        big.add(&Partial {
+            rows: 1,
+            sum: vec![2.9e24],
+            ..Partial::default()
+        })
+        .unwrap();
+        assert_eq!(big.to_partial().sum, vec![2.9e24]);
         acc.add(&Partial {
             rows: 1,
             sum: vec![1.0, 2.0],

@@ -14,6 +14,7 @@
 //! placement, nodes or time.
 
 pub mod colstats;
+pub mod exact;
 pub mod job;
 pub mod kmeans;
 pub mod kmeans_job;

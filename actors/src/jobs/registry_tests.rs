@@ -600,3 +600,43 @@ fn softmax_on_one_class_gives_a_usable_model() {
     assert_eq!(kind, ModelKind::Softmax { classes: 2 });
     assert_eq!(accuracy(&pred, &table.y), 1.0);
 }
+
+/// A column of millisecond Unix timestamps (about 1.7e12, squared 2.9e24): beyond the old
+/// fixed-point range, it made stats, standardised SGD and k-means fail with a numeric overflow.
+/// Now they run, exactly and node-count independently, and the statistics are right.
+#[test]
+fn a_timestamp_column_works_in_stats_sgd_and_kmeans() {
+    let (mut table, _) = dataset::synthetic(2000, 3, SyntheticKind::Logistic, 11);
+    for (i, row) in table.x.chunks_exact_mut(3).enumerate() {
+        row[0] = 1.7e12 + (i as f32) * 6.0e4;
+    }
+    let stats = run_checked(
+        "[job]\nkind = \"stats\"\ndataset = \"t\"\n[train]\nbins = 4",
+        &table,
+    );
+    let rows: Vec<Vec<f32>> = (0..table.rows)
+        .map(|i| {
+            let mut r = table.row(i).unwrap().to_vec();
+            r.push(table.y[i]);
+            r
+        })
+        .collect();
+    let reference = Stats::from_rows(4, rows.iter().map(Vec::as_slice));
+    let col = &stats["columns"][0];
+    let mean = col["mean"].as_f64().unwrap();
+    assert!(
+        (mean - reference.columns[0].mean).abs() / mean < 1e-12,
+        "{col}"
+    );
+    let var = col["variance"].as_f64().unwrap();
+    let want = reference.columns[0].variance();
+    assert!((var - want).abs() / want < 1e-6, "{var} vs {want}");
+
+    let sgd = run_checked(LOGISTIC_SGD, &table);
+    assert!(sgd["loss"].as_f64().is_some_and(f64::is_finite), "{sgd}");
+    let km = run_checked(
+        "[job]\nkind = \"kmeans\"\ndataset = \"t\"\n[model]\nk = 3",
+        &table,
+    );
+    assert_eq!(km["format"], "tidepool-kmeans/1");
+}

@@ -9,12 +9,17 @@
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Fraction bits of the fixed-point sums in [`JobPartial::sum`]: resolution 2^-56 (about
-/// 1.4e-17), range about ±2.4e21.
+/// 1.4e-17). A sum that fits an `i128` (about ±1.7e21) travels as one; a larger one (up to
+/// 2^327 in magnitude) travels in [`JobPartial::wide`].
 pub const FIXED_FRAC_BITS: u32 = 56;
 
-/// Largest magnitude a value may have before conversion to fixed point (leaves 2^56 of
-/// headroom for summing many of them without overflowing `i128`).
-pub const FIXED_MAX: f64 = 4.7e21; // < 2^72
+/// A fixed-point sum too large for an `i128`: 384-bit two's complement, little-endian limbs,
+/// at `index` of [`JobPartial::sum`] (whose own entry there is 0).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct WideSum {
+    pub index: u32,
+    pub limbs: [u64; 6],
+}
 
 /// Client requests about datasets and jobs. Payloads are small JSON documents (names, ids,
 /// specs, status), answered with [`super::Body::ControlReply`] holding JSON.
@@ -125,6 +130,8 @@ pub struct JobPartial {
     pub rows: u64,
     /// Fixed-point sums ([`FIXED_FRAC_BITS`]).
     pub sum: Vec<i128>,
+    /// The sums too large for an `i128`, by index into `sum` (each index at most once).
+    pub wide: Vec<WideSum>,
     pub min: Vec<f64>,
     pub max: Vec<f64>,
     /// A map error that will recur (bad spec for this data, numeric overflow): the job fails.

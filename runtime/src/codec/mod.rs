@@ -22,8 +22,8 @@ pub use frame::{
     encode, read_frame, read_frame_limited, EncodedFrame, Frame, ReadLimits, FRAME_HEADER_LEN,
 };
 pub use job::{
-    AdminOp, ArchivedAdminOp, DatasetPart, JobPartial, JobTask, ShardEpoch, FIXED_FRAC_BITS,
-    FIXED_MAX, RESULT_CHUNK_HEADER,
+    AdminOp, ArchivedAdminOp, DatasetPart, JobPartial, JobTask, ShardEpoch, WideSum,
+    FIXED_FRAC_BITS, RESULT_CHUNK_HEADER,
 };
 pub use persist::{
     decode_log, decode_snapshot, encode_log, encode_log_refs, encode_snapshot, with_log,
