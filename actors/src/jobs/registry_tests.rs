@@ -155,6 +155,17 @@ fn run_checked(spec: &str, table: &Table) -> Value {
     local
 }
 
+/// Every row of `table` as its features then its label.
+fn rows_with_labels(table: &Table) -> Vec<Vec<f32>> {
+    (0..table.rows)
+        .map(|i| {
+            let mut r = table.row(i).unwrap().to_vec();
+            r.push(table.y[i]);
+            r
+        })
+        .collect()
+}
+
 /// The raw feature matrix of `table` (rows x features).
 fn features(table: &Table) -> DMatrix<f32> {
     DMatrix::from_row_slice(table.rows, table.features.len(), &table.x)
@@ -272,13 +283,7 @@ fn stats_job_matches_a_single_pass() {
     assert_eq!(result["format"], "tidepool-stats/1");
 
     // The reference: one Welford pass over rows of features then label.
-    let rows: Vec<Vec<f32>> = (0..table.rows)
-        .map(|i| {
-            let mut r = table.row(i).unwrap().to_vec();
-            r.push(table.y[i]);
-            r
-        })
-        .collect();
+    let rows = rows_with_labels(&table);
     let reference = Stats::from_rows(5, rows.iter().map(Vec::as_slice));
     let all = DMatrix::from_fn(table.rows, 5, |i, j| rows[i][j]);
 
@@ -614,13 +619,7 @@ fn a_timestamp_column_works_in_stats_sgd_and_kmeans() {
         "[job]\nkind = \"stats\"\ndataset = \"t\"\n[train]\nbins = 4",
         &table,
     );
-    let rows: Vec<Vec<f32>> = (0..table.rows)
-        .map(|i| {
-            let mut r = table.row(i).unwrap().to_vec();
-            r.push(table.y[i]);
-            r
-        })
-        .collect();
+    let rows = rows_with_labels(&table);
     let reference = Stats::from_rows(4, rows.iter().map(Vec::as_slice));
     let col = &stats["columns"][0];
     let mean = col["mean"].as_f64().unwrap();
