@@ -132,29 +132,28 @@ impl Wide {
 
     /// The value as the nearest `f64` (rounded once, ties to even).
     pub fn to_f64(&self) -> f64 {
+        let scale = (1u128 << FIXED_FRAC_BITS) as f64;
+        // The common case, every sum of unit-scale data: one conversion, as the i128 one was.
+        if let Some(v) = self.to_i128() {
+            return v as f64 / scale;
+        }
         let neg = self.negative();
         let mag = if neg { self.negated() } else { *self };
-        let Some(top) = (0..LIMBS).rev().find(|&i| mag.limbs[i] != 0) else {
-            return 0.0;
-        };
-        let h = top as u32 * 64 + 63 - mag.limbs[top].leading_zeros();
-        let v = if h < 64 {
-            mag.limbs[0] as f64
+        // Beyond an i128 the top limb in use is at least the second.
+        let top = (1..LIMBS).rev().find(|&i| mag.limbs[i] != 0).unwrap_or(1);
+        // The top 64 bits from the highest one down, with any lower bit set folded into the
+        // last one (sticky): 11 spare bits below the 53 kept make the one rounding of
+        // `as f64` exact.
+        let z = mag.limbs[top].leading_zeros();
+        let below = mag.limbs[top - 1];
+        let t = if z == 0 {
+            mag.limbs[top]
         } else {
-            // The top 64 bits, with any lower bit set folded into the last one (sticky): 11
-            // spare bits below the 53 kept make the one rounding of `as f64` exact.
-            let lo = h - 63;
-            let bit = |i: u32| (mag.limbs[(i / 64) as usize] >> (i % 64)) & 1;
-            let mut t = 0u64;
-            for i in (lo..=h).rev() {
-                t = (t << 1) | bit(i);
-            }
-            if (0..lo).any(|i| bit(i) == 1) {
-                t |= 1;
-            }
-            t as f64 * 2f64.powi(lo as i32)
+            (mag.limbs[top] << z) | (below >> (64 - z))
         };
-        let v = v / (1u128 << FIXED_FRAC_BITS) as f64;
+        let dropped = (below << z != 0 && z < 64) || mag.limbs[..top - 1].iter().any(|&l| l != 0);
+        let lo = (top as i32 - 1) * 64 + (64 - z as i32);
+        let v = (t | u64::from(dropped)) as f64 * 2f64.powi(lo) / scale;
         if neg {
             -v
         } else {
@@ -202,6 +201,31 @@ mod tests {
         let approx: f64 = xs.iter().sum();
         assert!((fwd.to_f64() - approx).abs() / approx < 1e-12);
         assert!(fwd.to_i128().is_none(), "beyond an i128");
+    }
+
+    /// Beyond an i128 the conversion back rounds once, to nearest, ties to even: bits far below
+    /// the kept 53 still decide a tie.
+    #[test]
+    fn wide_values_round_once_to_nearest_even() {
+        let p = |e: i32| 2f64.powi(e);
+        let sum = |xs: &[f64]| {
+            xs.iter().fold(Wide::ZERO, |a, x| {
+                a.checked_add(&Wide::from_f64(*x).unwrap()).unwrap()
+            })
+        };
+        // The ulp of 2^200 is 2^148: half of it is a tie, to even (down).
+        assert_eq!(sum(&[p(200), p(147)]).to_f64(), p(200));
+        // A tie plus anything, however small, rounds up.
+        assert_eq!(sum(&[p(200), p(147), p(-50)]).to_f64(), p(200) + p(148));
+        // Below half: down; negatives mirror.
+        assert_eq!(sum(&[p(200), p(146), p(-50)]).to_f64(), p(200));
+        assert_eq!(
+            sum(&[-p(200), -p(147), -p(-50)]).to_f64(),
+            -(p(200) + p(148))
+        );
+        // An odd last bit ties up to even.
+        let odd = p(200) + p(148);
+        assert_eq!(sum(&[odd, p(147)]).to_f64(), p(200) + p(149));
     }
 
     /// Every value whose last bit is no finer than 2^-56 (from 1/16 up) converts exactly.
