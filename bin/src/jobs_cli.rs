@@ -252,13 +252,17 @@ pub fn describe(
             Vec::new(),
         ),
     };
+    let owner_of: std::collections::HashMap<u32, &str> = owners
+        .iter()
+        .filter_map(|s| Some((s.id, s.owner.as_deref()?)))
+        .collect();
     let mut nodes: std::collections::BTreeMap<String, NodePartitions> = Default::default();
     for shard in 0..rec.shards {
-        let owner = owners
-            .iter()
-            .find(|s| s.id == shard)
-            .and_then(|s| s.owner.clone())
-            .unwrap_or_else(|| "unassigned".into());
+        let owner = owner_of
+            .get(&shard)
+            .copied()
+            .unwrap_or("unassigned")
+            .to_string();
         let n = nodes.entry(owner).or_default();
         n.shards += 1;
         n.partitions += u64::from(segments.get(shard as usize).copied().unwrap_or(0));

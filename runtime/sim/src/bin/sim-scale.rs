@@ -3,37 +3,31 @@
 
 use std::io::Write;
 
+use clap::Parser;
 use tidepool_sim::scale::{run, ScaleConfig};
 
+/// The control plane at scale, simulated with the node's own decision code.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Cluster sizes to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000")]
+    nodes: Vec<usize>,
+    /// Seed of the run (which nodes are killed, restarted, when nodes renew).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Also write each size's report as one JSON line here (for `benches/scale_plot.py`).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
+    /// Cut a phase off after this many virtual seconds (default 600).
+    #[arg(long)]
+    cap_s: Option<u64>,
+}
+
 fn main() {
-    let mut sizes = vec![10usize, 100, 1000];
-    let mut seed = 1u64;
-    let mut json: Option<String> = None;
-    let mut cap_s: Option<u64> = None;
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < args.len() {
-        let val = args.get(i + 1).cloned().unwrap_or_default();
-        match args[i].as_str() {
-            "--nodes" => {
-                sizes = val
-                    .split(',')
-                    .filter_map(|s| s.trim().parse().ok())
-                    .collect();
-            }
-            "--seed" => seed = val.parse().unwrap_or(1),
-            "--json" => json = Some(val),
-            "--cap-s" => cap_s = val.parse().ok(),
-            other => {
-                eprintln!("unknown argument {other:?}; usage: sim-scale [--nodes 10,100] [--seed N] [--json FILE] [--cap-s S]");
-                std::process::exit(2);
-            }
-        }
-        i += 2;
-    }
-    let mut out = json.map(|p| {
-        std::fs::File::create(&p).unwrap_or_else(|e| {
-            eprintln!("cannot write {p}: {e}");
+    let args = Args::parse();
+    let mut out = args.json.as_ref().map(|p| {
+        std::fs::File::create(p).unwrap_or_else(|e| {
+            eprintln!("cannot write {}: {e}", p.display());
             std::process::exit(1);
         })
     });
@@ -42,9 +36,9 @@ fn main() {
         "nodes", "shards", "phase", "virt_s", "done", "renew/s", "grant/s", "raft/s", "tick_p50", "tick_p99",
         "tick_max", "place_ms", "share", "moved", "ideal", "served_ms", "map_kB", "scan_us"
     );
-    for nodes in sizes {
-        let mut cfg = ScaleConfig::new(nodes, seed);
-        if let Some(c) = cap_s {
+    for nodes in args.nodes {
+        let mut cfg = ScaleConfig::new(nodes, args.seed);
+        if let Some(c) = args.cap_s {
             cfg.phase_cap_ms = c * 1000;
         }
         let wall = std::time::Instant::now();
