@@ -2062,9 +2062,7 @@ impl Sim {
                 attempt,
                 ..
             } => {
-                let Some(res) =
-                    self.call(fail, |rt| rt.block_on(restore_shard(&store, shard, epoch)))
-                else {
+                let Some(res) = self.call(fail, restore_shard(&store, shard, epoch)) else {
                     return;
                 };
                 StoreRes::Restored {
@@ -2079,10 +2077,9 @@ impl Sim {
                 epoch,
                 attempt,
             } => {
-                let Some(res) = self.call(fail, |rt| {
-                    rt.block_on(store.check_fence(shard, epoch))
-                        .map(|_| ())
-                        .map_err(|e| classify(shard, e))
+                let Some(res) = self.call(fail, async {
+                    let fence = store.check_fence(shard, epoch).await;
+                    fence.map(|_| ()).map_err(|e| classify(shard, e))
                 }) else {
                     return;
                 };
@@ -2101,10 +2098,10 @@ impl Sim {
                 records,
             } => {
                 let count = records.len() as u64;
-                let Some(res) = self.call(fail, |rt| {
+                let Some(res) = self.call(fail, async {
                     let bytes = encode_records(epoch, first_seq, &records);
-                    rt.block_on(store.append(shard, epoch, first_seq, count, bytes))
-                        .map_err(|e| classify(shard, e))
+                    let appended = store.append(shard, epoch, first_seq, count, bytes).await;
+                    appended.map_err(|e| classify(shard, e))
                 }) else {
                     return;
                 };
@@ -2124,18 +2121,15 @@ impl Sim {
                 seq,
                 snapshot,
             } => {
-                let Some(res) = self.call(fail, |rt| {
-                    rt.block_on(async {
-                        store.put_checkpoint(shard, epoch, seq, snapshot).await?;
-                        // The log writer trims the log up to its checkpoint (a failure is
-                        // harmless and not reported); `checkpoint_restored` in driver.rs
-                        // (actor 0 here: a restored, never served shard) does not.
-                        if actor != 0 {
-                            let _ = store.compact_log(shard, seq).await;
-                        }
-                        Ok(())
-                    })
-                    .map_err(|e| classify(shard, e))
+                let Some(res) = self.call(fail, async {
+                    let put = store.put_checkpoint(shard, epoch, seq, snapshot).await;
+                    // The log writer trims the log up to its checkpoint (a failure is harmless
+                    // and not reported); `checkpoint_restored` in driver.rs (actor 0 here: a
+                    // restored, never served shard) does not.
+                    if put.is_ok() && actor != 0 {
+                        let _ = store.compact_log(shard, seq).await;
+                    }
+                    put.map_err(|e| classify(shard, e))
                 }) else {
                     return;
                 };
@@ -2158,7 +2152,7 @@ impl Sim {
     fn call<T>(
         &mut self,
         fail: Option<bool>,
-        run: impl FnOnce(&tokio::runtime::Runtime) -> Result<T, RestoreFail>,
+        run: impl std::future::Future<Output = Result<T, RestoreFail>>,
     ) -> Option<Result<T, StoreFail>> {
         let injected = |written: bool| {
             StoreFail::Failed(if written {
@@ -2170,7 +2164,7 @@ impl Sim {
         if fail == Some(false) {
             return Some(Err(injected(false)));
         }
-        match run(&self.rt) {
+        match self.rt.block_on(run) {
             Err(RestoreFail::Violation(v)) => {
                 self.violation = Some(v);
                 None
