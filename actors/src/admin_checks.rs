@@ -109,6 +109,13 @@ pub fn check_commit(
             admission::admit_dataset(rec.rows, rec.features.len() as u64, limits)
                 .map_err(|e| PayloadError::TooLarge(rec.name.clone(), e))?;
         }
+        // Only the cluster's own import creates these, when its last split is done.
+        DatasetSource::Ingested { .. } => {
+            return Err(shape(
+                "a dataset read from storage is created by `dataset import URL`, not committed"
+                    .into(),
+            ))
+        }
     }
     match map.datasets.get(&rec.name) {
         Some(existing) if existing == rec => Ok(Commit::Retry),
@@ -120,7 +127,9 @@ pub fn check_commit(
 /// The committed import of dataset `name`, if it is an imported one.
 fn committed_import<'m>(map: &'m ClusterMap, name: &str) -> Option<&'m str> {
     match map.datasets.get(name).map(|d| &d.source) {
-        Some(DatasetSource::Imported { import, .. }) => Some(import),
+        Some(
+            DatasetSource::Imported { import, .. } | DatasetSource::Ingested { import, .. },
+        ) => Some(import),
         _ => None,
     }
 }

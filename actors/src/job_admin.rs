@@ -198,6 +198,21 @@ impl JobAdmin {
                 Self::json(&serde_json::json!({ "deleted": n }))
             }
             AdminOp::DatasetDelete => self.delete(Self::parse(payload)?).await,
+            AdminOp::DatasetImport => {
+                let arg = Self::parse(payload)?;
+                Self::json(&crate::imports::start(&self.control, &self.store, arg).await?)
+            }
+            AdminOp::DatasetImportStatus => {
+                let arg: crate::imports::StatusArg = Self::parse(payload)?;
+                let map = self
+                    .map_where(|m| match (&arg.id, &arg.name) {
+                        (Some(id), _) => m.imports.contains_key(id),
+                        (None, Some(n)) => m.imports.values().any(|i| i.dataset == *n),
+                        _ => true,
+                    })
+                    .await;
+                Self::json(&crate::imports::status(&map, &arg)?)
+            }
             AdminOp::DatasetList => {
                 let map = self.control.map().borrow().clone();
                 Self::json(

@@ -24,6 +24,7 @@ use tidepool_runtime::dataset::{self, Partition, PartitionBuf, SyntheticKind};
 use tidepool_runtime::jobspec::{JobCaps, JobSpec};
 use tidepool_runtime::metrics as m;
 use tidepool_runtime::storage::Store;
+use tidepool_runtime::ingest::split_segment_key;
 use tracing::{debug, warn};
 
 use crate::jobs::job::{sums_to_wire, ExactSum, JobError, ShardData, Task};
@@ -150,6 +151,7 @@ type CacheKey = (String, u32);
 fn cache_key(ds: &DatasetRecord, shard: u32) -> CacheKey {
     let source = match &ds.source {
         DatasetSource::Imported { import, .. } => format!("i/{import}"),
+        DatasetSource::Ingested { import, .. } => format!("g/{import}"),
         DatasetSource::Synthetic { kind, seed } => format!("s/{kind}/{seed}/{}", ds.rows),
     };
     (format!("{}/{source}", ds.name), shard)
@@ -451,33 +453,76 @@ impl JobExecutor {
             }
             DatasetSource::Imported { import, segments } => {
                 let count = segments.get(shard as usize).copied().unwrap_or(0);
-                let mut blobs: Vec<Bytes> = Vec::new();
-                let mut bytes_so_far = 0u64;
-                let row_bytes = admission::data_bytes(1, ds.features.len() as u64).max(1);
-                for seg in 0..count {
-                    let key = segment_key(&ds.name, import, shard, seg);
-                    let bytes = self
-                        .store
-                        .get_blob(&key)
-                        .await?
-                        .ok_or_else(|| LoadError::Retry(JobExecError::MissingObject(key)))?;
-                    // Decoding several segments copies them into one partition: check the
-                    // rows they hold so far before holding (and copying) more.
-                    bytes_so_far += bytes.len() as u64;
-                    self.within_budget(ds, shard, bytes_so_far / row_bytes)?;
-                    blobs.push(bytes);
-                }
+                let keys = (0..count)
+                    .map(|seg| segment_key(&ds.name, import, shard, seg))
+                    .collect();
+                let blobs = self.fetch(ds, shard, keys).await?;
                 let features = ds.features.len();
                 Ok(self
                     .pool
-                    .run(move || decode_segments(&blobs, features))
+                    .run(move || decode_segments(&blobs, features, &[]))
+                    .await??)
+            }
+            DatasetSource::Ingested {
+                import,
+                splits,
+                fill,
+                ..
+            } => {
+                // The shard's splits in split order, each split's segments in order.
+                let keys = splits
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (s, _))| *s == shard)
+                    .flat_map(|(i, &(_, n))| {
+                        (0..n).map(move |seg| split_segment_key(&ds.name, import, i as u32, seg))
+                    })
+                    .collect();
+                let blobs = self.fetch(ds, shard, keys).await?;
+                let (features, fill) = (ds.features.len(), fill.clone());
+                Ok(self
+                    .pool
+                    .run(move || decode_segments(&blobs, features, &fill))
                     .await??)
             }
         }
     }
+
+    /// Reads the objects at `keys` (one shard's segments), checking the rows they hold against
+    /// the budget before holding more.
+    async fn fetch(
+        &self,
+        ds: &DatasetRecord,
+        shard: u32,
+        keys: Vec<String>,
+    ) -> Result<Vec<Bytes>, LoadError> {
+        let mut blobs: Vec<Bytes> = Vec::new();
+        let mut bytes_so_far = 0u64;
+        let row_bytes = admission::data_bytes(1, ds.features.len() as u64).max(1);
+        for key in keys {
+            let bytes = self
+                .store
+                .get_blob(&key)
+                .await?
+                .ok_or_else(|| LoadError::Retry(JobExecError::MissingObject(key)))?;
+            // Decoding several segments copies them into one partition: check the rows they
+            // hold so far before holding (and copying) more.
+            bytes_so_far += bytes.len() as u64;
+            self.within_budget(ds, shard, bytes_so_far / row_bytes)?;
+            blobs.push(bytes);
+        }
+        Ok(blobs)
+    }
 }
 
-fn decode_segments(blobs: &[Bytes], features: usize) -> Result<Loaded, JobExecError> {
+/// One partition from a shard's segments: read in place when there is one and nothing to fill,
+/// else copied into one; `fill` (a `fill_mean` import's values, per feature) replaces the NaN
+/// that marks a null.
+fn decode_segments(
+    blobs: &[Bytes],
+    features: usize,
+    fill: &[f32],
+) -> Result<Loaded, JobExecError> {
     let check = |got: usize| {
         if got == features {
             Ok(())
@@ -488,7 +533,7 @@ fn decode_segments(blobs: &[Bytes], features: usize) -> Result<Loaded, JobExecEr
             })
         }
     };
-    if let [one] = blobs {
+    if let ([one], []) = (blobs, fill) {
         let buf = PartitionBuf::from_bytes(one)?;
         check(buf.view()?.n_features())?;
         return Ok(Loaded::InPlace(buf));
@@ -501,6 +546,13 @@ fn decode_segments(blobs: &[Bytes], features: usize) -> Result<Loaded, JobExecEr
         ids.extend_from_slice(v.row_ids());
         y.extend_from_slice(v.labels());
         x.extend_from_slice(v.features());
+    }
+    if fill.len() == features && features > 0 {
+        for (k, v) in x.iter_mut().enumerate() {
+            if v.is_nan() {
+                *v = fill[k % features];
+            }
+        }
     }
     Ok(Loaded::Owned(Partition::new(features, ids, y, x)?))
 }

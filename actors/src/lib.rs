@@ -22,6 +22,8 @@
 //! - [`job_exec`]: a node's side of a job step: map its shards, pre-sum, reply; partition cache.
 //! - [`coordinator`]: the JobCoordinator of one job, on the owner of its coordinator shard.
 //! - [`job_admin`]: dataset import / job admin requests, and the manager that runs coordinators.
+//! - [`imports`]: `dataset import URL` (plan, record through Raft), its status, and the manager
+//!   that reads the import splits of the shards a node serves.
 //! - [`admin_checks`]: sans-IO validation of dataset admin payloads (what a commit, abort or
 //!   delete may touch).
 //! - [`jobs`]: the pure math of the learning jobs (statistics, models, k-means, synchronous SGD).
@@ -32,6 +34,7 @@ pub mod coordinator;
 pub use tidepool_runtime::dedup;
 pub mod driver;
 pub mod forming;
+pub mod imports;
 pub mod job_admin;
 pub mod job_exec;
 pub mod jobs;

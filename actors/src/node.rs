@@ -529,6 +529,11 @@ fn spawn_loops(cfg: &NodeConfig, l: Loops) -> Vec<tokio::task::JoinHandle<()>> {
             l.leases,
             l.failed_rx,
         )),
+        tokio::spawn(crate::imports::manage(crate::imports::ImportCtx {
+            router: l.coordinators.router.clone(),
+            control: l.coordinators.control.clone(),
+            store: l.coordinators.store.clone(),
+        })),
         tokio::spawn(job_admin::manage(l.coordinators)),
         tokio::spawn(watch_members(l.control, l.transport, l.policy)),
     ]

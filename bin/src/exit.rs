@@ -25,7 +25,8 @@ pub enum Exit {
     /// The cluster refused: the certificate's role may not do it, or the request clashes with
     /// the cluster's state (a dataset name already taken, a bad request).
     Refused,
-    /// The job (`job watch`, `job submit --wait`) ended failed.
+    /// The job (`job watch`, `job submit --wait`) or the import (`dataset import URL`) ended
+    /// failed.
     JobFailed,
     /// The job (`job watch`, `job submit --wait`) ended cancelled.
     JobCancelled,
@@ -71,7 +72,9 @@ impl Exit {
             Exit::Unreachable => "unreachable: no node answered",
             Exit::NotFound => "not found: no such job, dataset or member",
             Exit::Refused => "refused: by role, or by the cluster (e.g. dataset name taken)",
-            Exit::JobFailed => "the job ended failed (job watch, job submit --wait)",
+            Exit::JobFailed => {
+                "the job or import ended failed (job watch, job submit --wait, dataset import)"
+            }
             Exit::JobCancelled => "the job ended cancelled (job watch, job submit --wait)",
             Exit::Config => "invalid configuration (node run, config check)",
         }
@@ -138,6 +141,13 @@ pub enum CliError {
     /// Something the command names does not exist (the sentence says what).
     #[error("{0}")]
     NotFound(String),
+    /// An import from storage failed (nothing of it is visible).
+    #[error("import {id} of dataset {dataset:?} failed: {error}")]
+    ImportFailed {
+        id: String,
+        dataset: String,
+        error: String,
+    },
 }
 
 impl CliError {
@@ -147,6 +157,7 @@ impl CliError {
             CliError::JobEnded { state, .. } => Exit::of_job(*state),
             CliError::DatasetExists(_) => Exit::Refused,
             CliError::NotFound(_) => Exit::NotFound,
+            CliError::ImportFailed { .. } => Exit::JobFailed,
         }
     }
 }

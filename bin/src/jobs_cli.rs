@@ -199,12 +199,17 @@ pub struct NodePartitions {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct DatasetDescription {
     pub name: String,
-    /// `imported` or `synthetic`.
+    /// `imported` (uploaded by a client), `storage` (read by the cluster from a URL) or
+    /// `synthetic`.
     pub source: &'static str,
     /// The import's id (its storage prefix), for an imported dataset.
     pub import: Option<String>,
     /// The generator and its seed, for a synthetic one.
     pub generator: Option<String>,
+    /// Where the cluster read it from, for a dataset imported from storage.
+    pub url: Option<String>,
+    /// Its content checksum (hex), for a dataset imported from storage.
+    pub checksum: Option<String>,
     pub label: String,
     pub features: Vec<String>,
     pub rows: u64,
@@ -241,6 +246,7 @@ pub fn describe(
     rec: DatasetRecord,
     owners: &[tidepool_runtime::codec::ShardInfo],
 ) -> DatasetDescription {
+    let (mut url, mut checksum) = (None, None);
     let (source, import, generator, segments) = match &rec.source {
         DatasetSource::Imported { import, segments } => {
             ("imported", Some(import.clone()), None, segments.clone())
@@ -251,6 +257,23 @@ pub fn describe(
             Some(format!("{kind}, seed {seed}")),
             Vec::new(),
         ),
+        DatasetSource::Ingested {
+            import,
+            url: from,
+            splits,
+            checksum: sum,
+            ..
+        } => {
+            url = Some(from.clone());
+            checksum = Some(format!("{sum:016x}"));
+            let mut per_shard = vec![0u32; rec.shards as usize];
+            for &(shard, n) in splits {
+                if let Some(c) = per_shard.get_mut(shard as usize) {
+                    *c += n;
+                }
+            }
+            ("storage", Some(import.clone()), None, per_shard)
+        }
     };
     let owner_of: std::collections::HashMap<u32, &str> = owners
         .iter()
@@ -273,6 +296,8 @@ pub fn describe(
         source,
         import,
         generator,
+        url,
+        checksum,
         label: rec.label,
         rows: rec.rows,
         values,

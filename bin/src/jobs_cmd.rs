@@ -11,21 +11,58 @@ use tidepool_runtime::client::ClusterClient;
 
 use crate::conn::{connect, Conn};
 use crate::exit::CliError;
-use crate::{job_watch, jobs_cli};
+use crate::{import_watch, job_watch, jobs_cli};
 
 #[derive(Subcommand, Debug)]
 pub enum DatasetCmd {
-    /// Import a CSV (header row, numeric columns): partitioned onto the shards, stored through
-    /// the storage layer, visible once complete.
+    /// Import a dataset, visible once complete. A URL (file://, s3://, gs://, az://; one file,
+    /// a prefix, or a glob such as s3://bucket/events/*.parquet) is read by the cluster itself:
+    /// every shard owner reads its splits in parallel, streamed; this command shows progress
+    /// until the import ends. A plain path is a CSV read and uploaded by this command.
     Import {
-        /// The CSV file.
-        file: PathBuf,
+        /// A URL the nodes can read, or a local CSV file.
+        source: String,
         /// The dataset's name (unique in the cluster; [A-Za-z0-9_.-]{1,64}).
         #[arg(long)]
         name: String,
         /// The label column.
         #[arg(long)]
         label: String,
+        /// parquet | csv (default: from the URL's extension).
+        #[arg(long)]
+        format: Option<String>,
+        /// Feature columns, comma-separated (default: every column but the label; columns of
+        /// types that do not import are left out).
+        #[arg(long)]
+        features: Option<String>,
+        /// What a null (empty CSV cell) does: refuse (the import fails, naming file, row group
+        /// and row), drop_row, or fill_mean (the column's mean over the whole dataset).
+        #[arg(long, default_value = "refuse")]
+        nulls: String,
+        /// String columns with at most this many distinct values become one-hot columns; above
+        /// it they are hashed (0: always hash).
+        #[arg(long, default_value_t = tidepool_actors::imports::DEFAULT_MAX_CATEGORIES)]
+        max_categories: u32,
+        /// Columns one hashed string column becomes.
+        #[arg(long, default_value_t = tidepool_actors::imports::DEFAULT_HASH_BUCKETS)]
+        hash_buckets: u32,
+        /// Target split size in source bytes (Parquet splits are whole row groups).
+        #[arg(long, default_value_t = tidepool_actors::imports::DEFAULT_SPLIT_BYTES)]
+        split_bytes: u64,
+        /// Start the import and print its id; do not wait for it.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Where an import from storage stands: state, splits and bytes done, rows, and its error
+    /// if it failed. Give the import id, or --name for a dataset's latest import.
+    ImportStatus {
+        /// The import id (printed by `dataset import`).
+        id: Option<String>,
+        /// The dataset whose latest import to show.
+        #[arg(long, conflicts_with = "id")]
+        name: Option<String>,
         #[command(flatten)]
         conn: Conn,
     },
@@ -175,11 +212,75 @@ fn print_json(v: &serde_json::Value) -> Result<()> {
 pub async fn dataset(cmd: DatasetCmd) -> Result<()> {
     match cmd {
         DatasetCmd::Import {
-            file,
+            source,
             name,
             label,
+            format,
+            features,
+            nulls,
+            max_categories,
+            hash_buckets,
+            split_bytes,
+            no_wait,
             conn,
+        } if source.contains("://") => {
+            let parse = |what: &str, v: &str| -> Result<serde_json::Value> {
+                let v = serde_json::Value::String(v.to_string());
+                serde_json::from_value(v.clone())
+                    .map(|_: serde_json::Value| v)
+                    .with_context(|| format!("--{what}"))
+            };
+            let arg = serde_json::json!({
+                "name": name,
+                "url": source,
+                "label": label,
+                "format": format.as_deref().map(|f| parse("format", f)).transpose()?,
+                "features": import_watch::feature_list(features.as_deref())?,
+                "nulls": parse("nulls", &nulls)?,
+                "max_categories": max_categories,
+                "hash_buckets": hash_buckets,
+                "split_bytes": split_bytes,
+            });
+            let arg: tidepool_actors::imports::ImportArg = serde_json::from_value(arg)
+                .context("--format must be parquet or csv; --nulls refuse, drop_row or fill_mean")?;
+            let client = connect(&conn).await?;
+            let started = import_watch::start(&client, &arg).await?;
+            let done = if no_wait {
+                started
+            } else {
+                import_watch::follow(&client, &started.id, !conn.json, None).await?
+            };
+            if conn.json {
+                return print_json(&serde_json::to_value(&done)?);
+            }
+            println!("{}", import_watch::line(&done));
+            Ok(())
+        }
+        DatasetCmd::ImportStatus { id, name, conn } => {
+            let client = connect(&conn).await?;
+            let s = import_watch::status(&client, id.as_deref(), name.as_deref()).await?;
+            if conn.json {
+                return print_json(&serde_json::to_value(&s)?);
+            }
+            println!("{}", import_watch::line(&s));
+            Ok(())
+        }
+        DatasetCmd::Import {
+            source,
+            name,
+            label,
+            format,
+            features,
+            conn,
+            ..
         } => {
+            if format.as_deref().is_some_and(|f| f != "csv") || features.is_some() {
+                anyhow::bail!(
+                    "a local file is read as CSV with every column but the label; for --format \
+                     or --features give a URL the nodes can read (file://, s3://, ...)"
+                );
+            }
+            let file = import_watch::local_csv(&source)?;
             let client = connect(&conn).await?;
             let rec = jobs_cli::import_csv(&client, &file, &name, &label).await?;
             if conn.json {
@@ -240,6 +341,11 @@ pub async fn dataset(cmd: DatasetCmd) -> Result<()> {
             }
             println!("dataset    {}", d.name);
             match (&d.import, &d.generator) {
+                (Some(id), _) if d.url.is_some() => println!(
+                    "source     {} (import {id}, checksum {})",
+                    d.url.as_deref().unwrap_or(""),
+                    d.checksum.as_deref().unwrap_or("-")
+                ),
                 (Some(id), _) => println!("source     imported (import {id})"),
                 (_, Some(g)) => println!("source     synthetic ({g})"),
                 _ => println!("source     {}", d.source),

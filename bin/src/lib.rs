@@ -40,6 +40,7 @@ pub mod fault_spec;
 pub mod hostile;
 pub mod hostile_peer;
 pub mod http;
+pub mod import_watch;
 pub mod job_watch;
 pub mod jobs_cli;
 pub mod jobs_cmd;

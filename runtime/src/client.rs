@@ -171,8 +171,19 @@ impl ClusterClient {
     }
 
     async fn call(&self, link: &Link, dest: Dest, body: Body) -> Result<Frame, ClientError> {
+        self.call_within(link, dest, body, self.opts.request_timeout)
+            .await
+    }
+
+    async fn call_within(
+        &self,
+        link: &Link,
+        dest: Dest,
+        body: Body,
+        timeout: Duration,
+    ) -> Result<Frame, ClientError> {
         let env = Envelope::new("client", dest, 0, body);
-        link.request(env, self.opts.request_timeout)
+        link.request(env, timeout)
             .await
             .map_err(|e| ClientError::Retryable(e.to_string()))
     }
@@ -180,6 +191,11 @@ impl ClusterClient {
     /// Asks any node: known members first, then seeds; a node that does not answer is dropped
     /// from the cache and the next one is tried.
     async fn ask_any(&self, body: Body) -> Result<Frame, ClientError> {
+        self.ask_any_within(body, self.opts.request_timeout).await
+    }
+
+    /// [`Self::ask_any`], waiting up to `timeout` for each node's reply.
+    async fn ask_any_within(&self, body: Body, timeout: Duration) -> Result<Frame, ClientError> {
         let mut last = String::from("no node answered");
         let known: Vec<String> = {
             let v = self.view.lock();
@@ -194,7 +210,10 @@ impl ClusterClient {
         };
         for n in known {
             let reply = match self.link_to(&n).await {
-                Ok(link) => self.call(&link, Dest::Peer, body.clone()).await,
+                Ok(link) => {
+                    self.call_within(&link, Dest::Peer, body.clone(), timeout)
+                        .await
+                }
                 Err(e) => Err(e),
             };
             match reply {
@@ -220,7 +239,10 @@ impl ClusterClient {
             };
             let link = c.link().clone();
             self.view.lock().links.insert(link.peer().name.clone(), c);
-            match self.call(&link, Dest::Peer, body.clone()).await {
+            match self
+                .call_within(&link, Dest::Peer, body.clone(), timeout)
+                .await
+            {
                 Ok(f) => return Ok(f),
                 Err(e) => last = e.to_string(),
             }
@@ -318,11 +340,23 @@ impl ClusterClient {
         op: AdminOp,
         payload: &serde_json::Value,
     ) -> Result<Vec<u8>, ClientError> {
+        self.admin_within(op, payload, self.opts.request_timeout)
+            .await
+    }
+
+    /// [`Self::admin`] for a request that may take a node longer to answer (planning an import
+    /// reads every file's footer): each try waits up to `timeout`.
+    pub async fn admin_within(
+        &self,
+        op: AdminOp,
+        payload: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, ClientError> {
         let payload = serde_json::to_vec(payload)
             .map_err(|e| ClientError::Retryable(format!("encode: {e}")))?;
         let body = Body::Admin { op, payload };
         self.retrying(|| async {
-            let frame = self.ask_any(body.clone()).await?;
+            let frame = self.ask_any_within(body.clone(), timeout).await?;
             match frame.to_owned_envelope().map(|e| e.body) {
                 Ok(Body::ControlReply(bytes)) => Ok(bytes),
                 _ => Err(refusal(&frame)),

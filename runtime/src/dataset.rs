@@ -41,6 +41,10 @@ use crate::placement::shard_for_key;
 /// about 200 MB of f32s.
 pub const MAX_CELLS: usize = 50_000_000;
 
+/// Largest partition object an import writes (client upload or cluster-side read); a larger
+/// partition is split into segments of at most this size.
+pub const SEGMENT_BYTES: usize = 8 << 20;
+
 /// Magic bytes at the start of every encoded partition.
 pub const MAGIC: [u8; 4] = *b"TDDS";
 /// The partition format version this module writes and reads.
@@ -471,7 +475,7 @@ impl<R: Read> Read for LineCounter<R> {
     }
 }
 
-fn parse_f32(field: &[u8]) -> Option<f32> {
+pub(crate) fn parse_f32(field: &[u8]) -> Option<f32> {
     std::str::from_utf8(field).ok()?.parse::<f32>().ok()
 }
 

@@ -35,6 +35,7 @@ pub mod config;
 pub mod control;
 pub mod dataset;
 pub mod dedup;
+pub mod ingest;
 pub mod jobspec;
 pub mod metrics;
 pub mod restore;

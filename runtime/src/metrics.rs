@@ -161,6 +161,12 @@ metric_table! {
         "Admin HTTP connections closed by the node: over max_connections, header or idle timeout, or an accept error.";
     DATASET_PARTS = "tidepool_dataset_parts_stored_total", Counter, None, [],
         "Dataset partition objects stored by imports through this node.";
+    IMPORT_SPLITS = "tidepool_import_splits_total", Counter, None, ["outcome"],
+        "Import splits this node read from storage: done, failed (a data error fails the import), retried (a source or storage error).";
+    IMPORT_ROWS = "tidepool_import_rows_total", Counter, None, [],
+        "Rows written into partitions by the import splits this node read.";
+    IMPORT_BYTES = "tidepool_import_source_bytes_total", Counter, Some(Unit::Bytes), [],
+        "Source bytes (compressed, for Parquet) of the import splits this node read.";
     WORKER_THREADS = "tidepool_worker_threads", Gauge, None, [],
         "Worker threads of this node's compute pools.";
     WORKER_BUSY_SECONDS = "tidepool_worker_busy_seconds_total", Counter, Some(Unit::Seconds), [],
@@ -298,6 +304,7 @@ pub const ZERO_SERIES: &[(&str, &str, &[&str])] = &[
     (JOB_STEPS, "kind", JOB_KINDS),
     (JOB_SAMPLES, "kind", JOB_KINDS),
     (TRANSPORT_DIALS, "result", &["ok", "error"]),
+    (IMPORT_SPLITS, "outcome", &["done", "failed", "retried"]),
     (REBALANCES, "kind", &["initial", "handoff", "reassign"]),
     (
         SUPERVISOR_EVENTS,

@@ -444,6 +444,8 @@ fn admin_op(k: &tidepool_runtime::codec::ArchivedAdminOp) -> AdminOp {
         A::JobResult => AdminOp::JobResult,
         A::DatasetDelete => AdminOp::DatasetDelete,
         A::JobResultChunk => AdminOp::JobResultChunk,
+        A::DatasetImport => AdminOp::DatasetImport,
+        A::DatasetImportStatus => AdminOp::DatasetImportStatus,
     }
 }
 

@@ -49,6 +49,13 @@ pub enum AdminOp {
     /// at most `length` bytes from `offset` (fewer at the end, or when the node caps the slice
     /// to fit a frame). Results of any size are fetched this way.
     JobResultChunk,
+    /// Import a dataset from object storage, read by the cluster (payload: `{"name", "url",
+    /// "format"?, "label", "features"?, "nulls"?, "max_categories"?, "hash_buckets"?,
+    /// "split_bytes"?}`); reply: the import's id and plan summary. Appended last: the wire
+    /// keeps the earlier ops' tags.
+    DatasetImport,
+    /// Where an import stands (payload: `{"id"}` or `{"name"}`).
+    DatasetImportStatus,
 }
 
 /// Bytes before the data in a [`AdminOp::JobResultChunk`] reply (the result's total size).
@@ -64,6 +71,7 @@ impl AdminOp {
                 | AdminOp::JobList
                 | AdminOp::JobResult
                 | AdminOp::JobResultChunk
+                | AdminOp::DatasetImportStatus
         )
     }
 
@@ -79,6 +87,8 @@ impl AdminOp {
             AdminOp::JobResult => "job_result",
             AdminOp::DatasetDelete => "dataset_delete",
             AdminOp::JobResultChunk => "job_result_chunk",
+            AdminOp::DatasetImport => "dataset_import",
+            AdminOp::DatasetImportStatus => "dataset_import_status",
         }
     }
 }

@@ -202,10 +202,28 @@ pub fn check_propose(map: &ClusterMap, from: &str, cmd: &Command) -> Result<(), 
                 forbidden(format!("an assignment of shard {shard}"))
             }
         }
+        // A split's rows are reported by the owner of the shard they become part of, only.
+        Command::ImportSplitDone { id, split, .. } => {
+            let shard = map
+                .imports
+                .get(id)
+                .and_then(|i| i.splits.get(*split as usize))
+                .map(|s| s.shard);
+            let owns = shard
+                .and_then(|s| map.shards.get(s as usize))
+                .is_some_and(|a| a.owner.as_deref() == Some(from));
+            if owns {
+                Ok(())
+            } else {
+                forbidden(format!("a report of import {id} split {split}, whose shard it does not own"))
+            }
+        }
         Command::UpdateJob { .. }
         | Command::PutDataset(_)
         | Command::SubmitJob(_)
-        | Command::DeleteDataset { .. } => Ok(()),
+        | Command::DeleteDataset { .. }
+        | Command::StartImport(_)
+        | Command::FailImport { .. } => Ok(()),
         other => forbidden(command_name(other).into()),
     }
 }
@@ -225,6 +243,9 @@ pub fn command_name(cmd: &Command) -> &'static str {
         Command::SetVoter { .. } => "set_voter",
         Command::Revoke { .. } => "revoke",
         Command::DeleteDataset { .. } => "delete_dataset",
+        Command::StartImport(_) => "start_import",
+        Command::ImportSplitDone { .. } => "import_split_done",
+        Command::FailImport { .. } => "fail_import",
     }
 }
 

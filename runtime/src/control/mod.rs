@@ -36,6 +36,7 @@
 pub mod authz;
 mod log_store;
 pub mod network;
+pub use tidepool_core::control::imports;
 pub use tidepool_core::control::records;
 mod state_machine;
 mod store;
@@ -69,6 +70,10 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 pub use network::{RaftTransport, RpcKind};
+pub use imports::{
+    ColumnPlan, Format, ImportRecord, ImportSpec, ImportState, NullPolicy, Split, SplitDone,
+    SplitUnit,
+};
 pub use records::{AutoscaleStatus, DatasetRecord, DatasetSource, JobRecord, JobState, JobUpdate};
 use store::RaftStore;
 pub use types::{

@@ -130,7 +130,7 @@ pub mod faulty;
 mod format;
 pub mod keys;
 mod log;
-mod open;
+pub(crate) mod open;
 mod seal;
 
 #[cfg(test)]

@@ -105,6 +105,19 @@ fn open_cloud(
     options: &[(String, String)],
     keys: Arc<dyn KeyProvider>,
 ) -> Result<Store, String> {
+    let (inner, root) = cloud_store(scheme, rest, options)?;
+    Ok(Store::from_parts(inner, root, None, keys))
+}
+
+/// The raw object store of `scheme://rest` (`s3`, `gs` or `az`: the bucket is the part of `rest`
+/// before the first `/`) and the prefix after the bucket, with cloud options from the
+/// environment overridden by `options`. Shared by the node's store and the sources that
+/// `dataset import` reads (`crate::ingest`).
+pub(crate) fn cloud_store(
+    scheme: &str,
+    rest: &str,
+    options: &[(String, String)],
+) -> Result<(Arc<dyn ObjectStore>, Path), String> {
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
         return Err(format!(
@@ -132,7 +145,7 @@ fn open_cloud(
             }
             Arc::new(b.build().map_err(|e| e.to_string())?)
         }
-        _ => {
+        "az" => {
             let mut b = MicrosoftAzureBuilder::from_env().with_url(base);
             for (k, v) in options {
                 let key: AzureConfigKey = k.parse().map_err(|_| unknown(k))?;
@@ -140,6 +153,7 @@ fn open_cloud(
             }
             Arc::new(b.build().map_err(|e| e.to_string())?)
         }
+        other => return Err(format!("unsupported scheme {other:?}")),
     };
-    Ok(Store::from_parts(inner, root, None, keys))
+    Ok((inner, root))
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use super::types::{ClusterMap, CommandResponse};
 
 /// Where a dataset's rows come from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "source", rename_all = "snake_case")]
 pub enum DatasetSource {
     /// Imported from a CSV: per shard, `segments[shard]` partition objects under
@@ -31,10 +31,27 @@ pub enum DatasetSource {
         kind: String,
         seed: u64,
     },
+    /// Read by the cluster from object storage (see [`super::imports`]): split `i` (read into
+    /// shard `splits[i].0`) wrote `splits[i].1` partition objects under
+    /// `datasets/{name}/{import}/`; a shard's partition is its splits' rows in split order.
+    Ingested {
+        /// The import's id (its storage prefix).
+        import: String,
+        /// Where the rows came from.
+        url: String,
+        /// Per split: (shard, segments).
+        splits: Vec<(u32, u32)>,
+        /// Content checksum ([`super::imports::ImportRecord::checksum`]).
+        checksum: u64,
+        /// `fill_mean` imports: per feature, the value a null (stored as NaN) stands for;
+        /// empty otherwise.
+        #[serde(default)]
+        fill: Vec<f32>,
+    },
 }
 
 /// A dataset known to the cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DatasetRecord {
     pub name: String,
     /// Feature column names, in order.

@@ -13,6 +13,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use super::imports::{self, ImportRecord, SplitDone};
 use super::records::{self, AutoscaleStatus, DatasetRecord, JobRecord, JobUpdate};
 pub use crate::node_id::NodeId;
 
@@ -152,6 +153,9 @@ pub struct ClusterMap {
     /// the leader's, and a node serves on a grant only once its own copy has caught up with it.
     #[serde(default)]
     pub applied_index: u64,
+    /// Imports from object storage by id, running and finished.
+    #[serde(default)]
+    pub imports: BTreeMap<String, ImportRecord>,
     /// Revoked certificates by serial (lowercase hex): handshakes presenting one are refused
     /// and live connections of one are closed.
     #[serde(default)]
@@ -225,6 +229,16 @@ pub enum Command {
     /// Removes a dataset record (`dataset delete`); `Rejected` while a pending or running job
     /// uses it. Appended last: the log's existing entries keep their meaning.
     DeleteDataset { name: String },
+    /// Records a planned import from storage (see [`super::imports`]).
+    StartImport(ImportRecord),
+    /// One split of an import was read and written; the last one creates the dataset.
+    ImportSplitDone {
+        id: String,
+        split: u32,
+        done: SplitDone,
+    },
+    /// An import failed: nothing of it becomes visible.
+    FailImport { id: String, error: String },
 }
 
 /// The result of applying one [`Command`].
@@ -304,6 +318,9 @@ pub fn apply(map: &mut ClusterMap, cmd: &Command) -> CommandResponse {
         Command::SubmitJob(rec) => records::submit_job(map, rec),
         Command::DeleteDataset { name } => records::delete_dataset(map, name),
         Command::UpdateJob { id, update } => records::update_job(map, id, update),
+        Command::StartImport(rec) => imports::start_import(map, rec),
+        Command::ImportSplitDone { id, split, done } => imports::split_done(map, id, *split, done),
+        Command::FailImport { id, error } => imports::fail_import(map, id, error),
         Command::SetAutoscale(status) => {
             map.autoscale = Some(status.clone());
             CommandResponse::Ok
