@@ -127,9 +127,9 @@ pub fn check_commit(
 /// The committed import of dataset `name`, if it is an imported one.
 fn committed_import<'m>(map: &'m ClusterMap, name: &str) -> Option<&'m str> {
     match map.datasets.get(name).map(|d| &d.source) {
-        Some(
-            DatasetSource::Imported { import, .. } | DatasetSource::Ingested { import, .. },
-        ) => Some(import),
+        Some(DatasetSource::Imported { import, .. } | DatasetSource::Ingested { import, .. }) => {
+            Some(import)
+        }
         _ => None,
     }
 }

@@ -157,7 +157,11 @@ fn bad(msg: impl Into<String>) -> AdminError {
 
 /// `dataset import URL`: plans the import and records it. Idempotent: the same request again
 /// answers with the same import (running or done).
-pub async fn start(control: &ControlPlane, store: &Store, arg: ImportArg) -> Result<ImportStatus, AdminError> {
+pub async fn start(
+    control: &ControlPlane,
+    store: &Store,
+    arg: ImportArg,
+) -> Result<ImportStatus, AdminError> {
     let spec = resolve(&arg).map_err(bad)?;
     let id = import_id(&arg.name, &spec);
     let map = control.map().borrow().clone();

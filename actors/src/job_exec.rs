@@ -21,10 +21,10 @@ use tidepool_runtime::codec::{JobPartial, JobTask};
 use tidepool_runtime::config::NodeConfig;
 use tidepool_runtime::control::{DatasetRecord, DatasetSource};
 use tidepool_runtime::dataset::{self, Partition, PartitionBuf, SyntheticKind};
+use tidepool_runtime::ingest::split_segment_key;
 use tidepool_runtime::jobspec::{JobCaps, JobSpec};
 use tidepool_runtime::metrics as m;
 use tidepool_runtime::storage::Store;
-use tidepool_runtime::ingest::split_segment_key;
 use tracing::{debug, warn};
 
 use crate::jobs::job::{sums_to_wire, ExactSum, JobError, ShardData, Task};
@@ -518,11 +518,7 @@ impl JobExecutor {
 /// One partition from a shard's segments: read in place when there is one and nothing to fill,
 /// else copied into one; `fill` (a `fill_mean` import's values, per feature) replaces the NaN
 /// that marks a null.
-fn decode_segments(
-    blobs: &[Bytes],
-    features: usize,
-    fill: &[f32],
-) -> Result<Loaded, JobExecError> {
+fn decode_segments(blobs: &[Bytes], features: usize, fill: &[f32]) -> Result<Loaded, JobExecError> {
     let check = |got: usize| {
         if got == features {
             Ok(())

@@ -22,7 +22,11 @@ const TEMPLATE: &str = "{spinner} [{bar:24}] {bytes:>10}/{total_bytes:<10} {msg}
 /// Starts the import (or finds the same one running or done).
 pub async fn start(client: &ClusterClient, arg: &ImportArg) -> Result<ImportStatus> {
     let bytes = client
-        .admin_within(AdminOp::DatasetImport, &serde_json::to_value(arg)?, PLAN_TIMEOUT)
+        .admin_within(
+            AdminOp::DatasetImport,
+            &serde_json::to_value(arg)?,
+            PLAN_TIMEOUT,
+        )
         .await
         .map_err(|e| {
             if e.refusal_code() == Some(ErrorCode::Conflict) && e.to_string().contains("exists") {
@@ -35,7 +39,11 @@ pub async fn start(client: &ClusterClient, arg: &ImportArg) -> Result<ImportStat
 }
 
 /// The status of import `id`, or of the latest import of dataset `name`.
-pub async fn status(client: &ClusterClient, id: Option<&str>, name: Option<&str>) -> Result<ImportStatus> {
+pub async fn status(
+    client: &ClusterClient,
+    id: Option<&str>,
+    name: Option<&str>,
+) -> Result<ImportStatus> {
     let payload = serde_json::json!({ "id": id, "name": name });
     let bytes = client
         .admin(AdminOp::DatasetImportStatus, &payload)
@@ -44,7 +52,10 @@ pub async fn status(client: &ClusterClient, id: Option<&str>, name: Option<&str>
             if e.refusal_code() == Some(ErrorCode::NotFound) {
                 CliError::NotFound(format!(
                     "no import {}",
-                    id.map_or_else(|| format!("of dataset {:?}", name.unwrap_or("")), str::to_string)
+                    id.map_or_else(
+                        || format!("of dataset {:?}", name.unwrap_or("")),
+                        str::to_string
+                    )
                 ))
                 .into()
             } else {
@@ -109,7 +120,10 @@ pub async fn follow(
         }
         if timeout.is_some_and(|t| started.elapsed() > t) {
             bar.abandon();
-            bail!("import {id} still running after {:?}", timeout.unwrap_or_default());
+            bail!(
+                "import {id} still running after {:?}",
+                timeout.unwrap_or_default()
+            );
         }
         tokio::time::sleep(POLL).await;
     }

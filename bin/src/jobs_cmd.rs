@@ -241,8 +241,9 @@ pub async fn dataset(cmd: DatasetCmd) -> Result<()> {
                 "hash_buckets": hash_buckets,
                 "split_bytes": split_bytes,
             });
-            let arg: tidepool_actors::imports::ImportArg = serde_json::from_value(arg)
-                .context("--format must be parquet or csv; --nulls refuse, drop_row or fill_mean")?;
+            let arg: tidepool_actors::imports::ImportArg = serde_json::from_value(arg).context(
+                "--format must be parquet or csv; --nulls refuse, drop_row or fill_mean",
+            )?;
             let client = connect(&conn).await?;
             let started = import_watch::start(&client, &arg).await?;
             let done = if no_wait {

@@ -215,7 +215,9 @@ pub fn check_propose(map: &ClusterMap, from: &str, cmd: &Command) -> Result<(), 
             if owns {
                 Ok(())
             } else {
-                forbidden(format!("a report of import {id} split {split}, whose shard it does not own"))
+                forbidden(format!(
+                    "a report of import {id} split {split}, whose shard it does not own"
+                ))
             }
         }
         Command::UpdateJob { .. }

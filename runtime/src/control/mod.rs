@@ -69,11 +69,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-pub use network::{RaftTransport, RpcKind};
 pub use imports::{
     ColumnPlan, Format, ImportRecord, ImportSpec, ImportState, NullPolicy, Split, SplitDone,
     SplitUnit,
 };
+pub use network::{RaftTransport, RpcKind};
 pub use records::{AutoscaleStatus, DatasetRecord, DatasetSource, JobRecord, JobState, JobUpdate};
 use store::RaftStore;
 pub use types::{

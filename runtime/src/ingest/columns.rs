@@ -37,7 +37,10 @@ pub fn kind_of(dt: &DataType) -> Option<ColumnKind> {
 fn numbers(a: &ArrayRef) -> Result<Vec<Option<f64>>, String> {
     macro_rules! prim {
         ($t:ty) => {
-            a.as_primitive::<$t>().iter().map(|v| v.map(|v| v as f64)).collect()
+            a.as_primitive::<$t>()
+                .iter()
+                .map(|v| v.map(|v| v as f64))
+                .collect()
         };
     }
     Ok(match a.data_type() {

@@ -286,10 +286,7 @@ async fn scan_categories(
             .fields()
             .iter()
             .enumerate()
-            .filter(|(_, f)| {
-                out.iter()
-                    .any(|(n, v)| v.is_some() && n == f.name())
-            })
+            .filter(|(_, f)| out.iter().any(|(n, v)| v.is_some() && n == f.name()))
             .map(|(i, _)| i)
             .collect();
         let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
@@ -340,7 +337,9 @@ pub(crate) async fn csv_header(
                 "{name}: header line longer than {MAX_HEADER} bytes"
             )));
         }
-        return Err(IngestError::Data(format!("{name}: no data rows after the header")));
+        return Err(IngestError::Data(format!(
+            "{name}: no data rows after the header"
+        )));
     };
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(false)
@@ -356,9 +355,14 @@ pub(crate) async fn csv_header(
         .map(|c| String::from_utf8_lossy(c).trim().to_string())
         .collect();
     if names.iter().any(String::is_empty) {
-        return Err(IngestError::Data(format!("{name}: a header column has no name")));
+        return Err(IngestError::Data(format!(
+            "{name}: a header column has no name"
+        )));
     }
-    if names.iter().all(|n| crate::dataset::parse_f32(n.as_bytes()).is_some()) {
+    if names
+        .iter()
+        .all(|n| crate::dataset::parse_f32(n.as_bytes()).is_some())
+    {
         return Err(IngestError::Data(format!(
             "{name}: no header row (the first row is all numbers)"
         )));

@@ -52,7 +52,12 @@ impl<'a> SplitWriter<'a> {
             store,
             imp,
             split,
-            names: imp.features(),
+            // Per output feature, the source column it came from (for errors).
+            names: imp
+                .columns
+                .iter()
+                .flat_map(|c| std::iter::repeat_n(c.name().to_string(), c.width()))
+                .collect(),
             width,
             seg_rows: (SEGMENT_BYTES / (width * 4 + 12)).max(1),
             ids: Vec::new(),
@@ -261,20 +266,30 @@ async fn read_parquet(
         };
         let rows = batch.num_rows();
         let column = |n: &str| {
-            batch.column_by_name(n).ok_or_else(|| {
-                IngestError::Data(format!("{}: column {n:?} is missing", at(done)))
-            })
+            batch
+                .column_by_name(n)
+                .ok_or_else(|| IngestError::Data(format!("{}: column {n:?} is missing", at(done))))
         };
         let labels = columns::labels(column(&imp.spec.label)?).map_err(|(r, e)| {
-            IngestError::Data(format!("{}: column {:?}: {e}", at(done + r as u64), imp.spec.label))
+            IngestError::Data(format!(
+                "{}: column {:?}: {e}",
+                at(done + r as u64),
+                imp.spec.label
+            ))
         })?;
         x.clear();
         x.resize(rows * width, 0.0);
         let mut offset = 0;
         for plan in &imp.columns {
-            columns::fill(plan, column(plan.name())?, &mut x, width, offset).map_err(|(r, e)| {
-                IngestError::Data(format!("{}: column {:?}: {e}", at(done + r as u64), plan.name()))
-            })?;
+            columns::fill(plan, column(plan.name())?, &mut x, width, offset).map_err(
+                |(r, e)| {
+                    IngestError::Data(format!(
+                        "{}: column {:?}: {e}",
+                        at(done + r as u64),
+                        plan.name()
+                    ))
+                },
+            )?;
             offset += plan.width();
         }
         for (r, &label) in labels.iter().enumerate() {
@@ -319,9 +334,10 @@ async fn read_csv(
     };
     let (header, data_start) = csv_header(src, &sf).await?;
     let index = |n: &str| {
-        header.iter().position(|h| h == n).ok_or_else(|| {
-            IngestError::Data(format!("{name}: column {n:?} is not in the header"))
-        })
+        header
+            .iter()
+            .position(|h| h == n)
+            .ok_or_else(|| IngestError::Data(format!("{name}: column {n:?} is not in the header")))
     };
     let label_at = index(&imp.spec.label)?;
     let feature_at: Vec<usize> = imp
@@ -332,7 +348,11 @@ async fn read_csv(
     let names = imp.features();
     // Lines start after a newline: a split that does not start at the data's first byte starts
     // after the first newline at or after `start - 1` (that line belongs to the split before).
-    let mut pos = if start <= data_start { data_start } else { start - 1 };
+    let mut pos = if start <= data_start {
+        data_start
+    } else {
+        start - 1
+    };
     let mut skip_first = start > data_start;
     let mut buf: Vec<u8> = Vec::new();
     let mut base = pos; // absolute offset of buf[0]
@@ -340,7 +360,9 @@ async fn read_csv(
     loop {
         let eof = pos >= size;
         if !eof {
-            let chunk = src.read_range(file, pos, (pos + CSV_CHUNK).min(size)).await?;
+            let chunk = src
+                .read_range(file, pos, (pos + CSV_CHUNK).min(size))
+                .await?;
             pos += chunk.len() as u64;
             buf.extend_from_slice(&chunk);
         }
@@ -387,9 +409,9 @@ async fn read_csv(
             .from_reader(&buf[..cut]);
         let mut record = csv::ByteRecord::new();
         loop {
-            let got = reader.read_byte_record(&mut record).map_err(|e| {
-                IngestError::Data(format!("{name}: near byte {base}: {e}"))
-            })?;
+            let got = reader
+                .read_byte_record(&mut record)
+                .map_err(|e| IngestError::Data(format!("{name}: near byte {base}: {e}")))?;
             if !got {
                 break;
             }

@@ -174,7 +174,12 @@ impl Source {
     }
 
     /// Bytes `start..end` of the file at `path`.
-    pub async fn read_range(&self, path: &str, start: u64, end: u64) -> Result<bytes::Bytes, IngestError> {
+    pub async fn read_range(
+        &self,
+        path: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<bytes::Bytes, IngestError> {
         self.store
             .get_range(&self.path_of(path), start..end)
             .await

@@ -44,7 +44,9 @@ fn batch(lo: i64, hi: i64) -> RecordBatch {
         (
             "ts",
             Arc::new(TimestampMillisecondArray::from(
-                ids.iter().map(|i| 1_700_000_000_000 + i).collect::<Vec<_>>(),
+                ids.iter()
+                    .map(|i| 1_700_000_000_000 + i)
+                    .collect::<Vec<_>>(),
             )),
         ),
         (
@@ -56,7 +58,9 @@ fn batch(lo: i64, hi: i64) -> RecordBatch {
         (
             "city",
             Arc::new(StringArray::from(
-                ids.iter().map(|&i| cities[(i % 3) as usize]).collect::<Vec<_>>(),
+                ids.iter()
+                    .map(|&i| cities[(i % 3) as usize])
+                    .collect::<Vec<_>>(),
             )),
         ),
         (
@@ -149,14 +153,19 @@ async fn parquet_files_row_groups_types_and_categories() {
     );
     let kept: Vec<i64> = (0..100).filter(|i| i % 7 != 3).collect();
     assert_eq!(rows.len(), kept.len());
-    assert_eq!(dones.iter().map(|d| d.dropped).sum::<u64>(), 100 - kept.len() as u64);
+    assert_eq!(
+        dones.iter().map(|d| d.dropped).sum::<u64>(),
+        100 - kept.len() as u64
+    );
     for ((label, x), &i) in rows.iter().zip(&kept) {
         assert_eq!(x.len(), 1 + 1 + 1 + 1 + 3 + 4);
         assert_eq!(x[0], i as f32);
         assert_eq!(x[1], (i as f64 * 0.5) as f32);
         assert_eq!(x[2], (1_700_000_000_000 + i) as f32);
         assert_eq!(x[3], if i % 2 == 0 { 1.0 } else { 0.0 });
-        let hot: Vec<f32> = (0..3).map(|k| if k == (i % 3) as usize { 1.0 } else { 0.0 }).collect();
+        let hot: Vec<f32> = (0..3)
+            .map(|k| if k == (i % 3) as usize { 1.0 } else { 0.0 })
+            .collect();
         assert_eq!(&x[4..7], &hot[..]);
         let b = super::columns::bucket(&format!("t{i}"), 4);
         assert_eq!(x[7..].iter().position(|&v| v == 1.0), Some(b));
@@ -195,11 +204,17 @@ async fn a_corrupt_parquet_file_is_named() {
     let err = import_all(&s, 2).await.unwrap_err();
     assert!(err.is_data(), "{err:?}");
     let msg = err.to_string();
-    assert!(msg.contains("bad.parquet") && msg.contains("row group 0"), "{msg}");
+    assert!(
+        msg.contains("bad.parquet") && msg.contains("row group 0"),
+        "{msg}"
+    );
 
     std::fs::write(&path, b"PAR1 not really").unwrap();
     let err = plan("i", "d", &s, 2).await.unwrap_err();
-    assert!(err.is_data() && err.to_string().contains("bad.parquet"), "{err}");
+    assert!(
+        err.is_data() && err.to_string().contains("bad.parquet"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -208,7 +223,11 @@ async fn csv_byte_ranges_read_every_line_once() {
     let mut text = String::from("a,b,y\n");
     for i in 0..500 {
         // Lines of different lengths, a quoted cell, CRLF now and then, an empty cell.
-        let b = if i % 11 == 5 { String::new() } else { format!("\"{}\"", i * 3) };
+        let b = if i % 11 == 5 {
+            String::new()
+        } else {
+            format!("\"{}\"", i * 3)
+        };
         let eol = if i % 13 == 0 { "\r\n" } else { "\n" };
         text.push_str(&format!("{i},{b},{}{eol}", i % 2));
     }
@@ -226,5 +245,8 @@ async fn csv_byte_ranges_read_every_line_once() {
     }
     let s = spec(&url, Format::Csv, NullPolicy::Refuse, 100);
     let err = import_all(&s, 3).await.unwrap_err().to_string();
-    assert!(err.contains("d.csv: line at byte") && err.contains("\"b\""), "{err}");
+    assert!(
+        err.contains("d.csv: line at byte") && err.contains("\"b\""),
+        "{err}"
+    );
 }

@@ -306,7 +306,10 @@ pub(super) fn start_import(map: &mut ClusterMap, rec: &ImportRecord) -> CommandR
     if let Some(ds) = map.datasets.get(&rec.dataset) {
         return CommandResponse::Rejected(match &ds.source {
             DatasetSource::Ingested { import, .. } if *import == rec.id => {
-                format!("dataset {:?} is already imported (import {import})", ds.name)
+                format!(
+                    "dataset {:?} is already imported (import {import})",
+                    ds.name
+                )
             }
             _ => format!("dataset {:?} already exists", ds.name),
         });

@@ -88,7 +88,10 @@ fn the_last_split_creates_the_dataset_once() {
     // A stale owner reports split 1 again: the first report counts.
     assert!(report(&mut map, "i1", 1, done(999, 0, vec![], vec![])).is_ok());
     assert_eq!(map.imports["i1"].rows_done(), 12);
-    assert!(!map.datasets.contains_key("d"), "not visible before the last split");
+    assert!(
+        !map.datasets.contains_key("d"),
+        "not visible before the last split"
+    );
     assert!(!report(&mut map, "i1", 3, done(1, 0, vec![], vec![])).is_ok());
     assert!(!report(&mut map, "i1", 2, done(1, 0, vec![1.0; 3], vec![1; 3])).is_ok());
     assert!(report(&mut map, "i1", 2, done(1, 33, vec![], vec![])).is_ok());
@@ -136,8 +139,20 @@ fn fill_mean_uses_every_split_and_a_failure_shows_nothing() {
     let mut map = cluster();
     let rec = import("i2", NullPolicy::FillMean, 2);
     assert!(apply(&mut map, &Command::StartImport(rec.clone())).is_ok());
-    assert!(report(&mut map, "i2", 0, done(2, 1, vec![1.0, 1.0, 0.0], vec![1, 2, 2])).is_ok());
-    assert!(report(&mut map, "i2", 1, done(2, 2, vec![5.0, 1.0, 2.0], vec![2, 2, 2])).is_ok());
+    assert!(report(
+        &mut map,
+        "i2",
+        0,
+        done(2, 1, vec![1.0, 1.0, 0.0], vec![1, 2, 2])
+    )
+    .is_ok());
+    assert!(report(
+        &mut map,
+        "i2",
+        1,
+        done(2, 2, vec![5.0, 1.0, 2.0], vec![2, 2, 2])
+    )
+    .is_ok());
     match &map.datasets["d"].source {
         DatasetSource::Ingested { fill, .. } => assert_eq!(fill, &vec![2.0, 0.5, 0.5]),
         other => panic!("{other:?}"),
@@ -153,7 +168,10 @@ fn fill_mean_uses_every_split_and_a_failure_shows_nothing() {
     assert!(apply(&mut map, &fail).is_ok());
     assert!(report(&mut map, "i2", 1, done(2, 2, vec![0.0; 3], vec![0; 3])).is_ok());
     assert_eq!(map.imports["i2"].state, ImportState::Failed);
-    assert!(!map.datasets.contains_key("d"), "a failed import shows nothing");
+    assert!(
+        !map.datasets.contains_key("d"),
+        "a failed import shows nothing"
+    );
     // Started again after the failure: from the beginning.
     assert!(apply(&mut map, &Command::StartImport(rec)).is_ok());
     assert_eq!(map.imports["i2"].state, ImportState::Running);
@@ -163,8 +181,15 @@ fn fill_mean_uses_every_split_and_a_failure_shows_nothing() {
 #[test]
 fn conflicts_and_malformed_plans_are_refused() {
     let mut map = cluster();
-    assert!(apply(&mut map, &Command::StartImport(import("i1", NullPolicy::Refuse, 2))).is_ok());
-    let other = apply(&mut map, &Command::StartImport(import("i9", NullPolicy::DropRow, 2)));
+    assert!(apply(
+        &mut map,
+        &Command::StartImport(import("i1", NullPolicy::Refuse, 2))
+    )
+    .is_ok());
+    let other = apply(
+        &mut map,
+        &Command::StartImport(import("i9", NullPolicy::DropRow, 2)),
+    );
     assert!(
         matches!(&other, CommandResponse::Rejected(r) if r.contains("being imported")),
         "{other:?}"
@@ -175,7 +200,10 @@ fn conflicts_and_malformed_plans_are_refused() {
         ("no splits", Box::new(|r| r.splits.clear())),
         ("shard out of range", Box::new(|r| r.splits[0].shard = 4)),
         ("shard count", Box::new(|r| r.shards = 8)),
-        ("split done", Box::new(|r| r.done[0] = Some(done(1, 1, vec![], vec![])))),
+        (
+            "split done",
+            Box::new(|r| r.done[0] = Some(done(1, 1, vec![], vec![]))),
+        ),
         ("no features", Box::new(|r| r.columns.clear())),
         ("not running", Box::new(|r| r.state = ImportState::Failed)),
     ];

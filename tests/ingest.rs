@@ -1,0 +1,571 @@
+//! Imports read by the cluster from object storage, on real node processes: Parquet written by
+//! pyarrow (an independent writer) imported bit for bit under each null policy, a glob that
+//! skips what is not data, a corrupt file named in the error with nothing left visible, the same
+//! import run twice, training on the imported data; a CSV import that survives kill -9 of a node
+//! with every row once (row count and content checksum against an in-process reading); the S3
+//! path against moto. Waits are polls with deadlines.
+//!
+//! pyarrow comes from PyPI (`.ci/run` installs it); without it the Parquet tests skip with a
+//! message, unless `TIDEPOOL_REQUIRE_PYARROW` is set.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tidepool::local_cluster::LocalCluster;
+use tidepool::{datasets, jobs_cli};
+use tidepool_runtime::client::{ClientOptions, ClusterClient};
+use tidepool_runtime::control::{DatasetRecord, DatasetSource};
+use tidepool_runtime::dataset::PartitionBuf;
+use tidepool_runtime::ingest::{columns::bucket, split_segment_key};
+use tidepool_runtime::storage::{KeyRing, Store};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tidepool");
+const SHARDS: u32 = 8;
+
+/// Whether pyarrow can be imported; panics when it cannot and the run requires it.
+fn pyarrow() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import pyarrow"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("TIDEPOOL_REQUIRE_PYARROW").is_none(),
+            "TIDEPOOL_REQUIRE_PYARROW is set but python3 cannot import pyarrow"
+        );
+        eprintln!("skipping: pyarrow is not installed (pip install pyarrow)");
+    }
+    ok
+}
+
+fn python(args: &[&str]) {
+    let out = Command::new("python3").args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "python3 {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+async fn start(n: usize) -> (LocalCluster, ClusterClient) {
+    let mut c = LocalCluster::create(Path::new(BIN), n, SHARDS, n.min(3)).unwrap();
+    c.start_all().unwrap();
+    let opts = ClientOptions {
+        retry_for: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let client = c.settled_admin_client(opts).await.unwrap();
+    (c, client)
+}
+
+fn cli(c: &LocalCluster, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env("TIDEPOOL_CONNECT", c.seeds()[0].to_string())
+        .env("TIDEPOOL_CERT_DIR", c.admin_dir())
+        .output()
+        .unwrap()
+}
+
+fn cli_json(c: &LocalCluster, args: &[&str]) -> serde_json::Value {
+    let out = cli(c, args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// The cluster's store, opened as a node opens it.
+fn store(c: &LocalCluster) -> Store {
+    let keys = KeyRing::load(
+        &c.root()
+            .join("certs")
+            .join(&c.nodes[0].name)
+            .join("data.key"),
+    )
+    .unwrap();
+    let url = format!("file://{}", c.root().join("shared").display());
+    Store::open(&url, Arc::new(keys)).unwrap()
+}
+
+async fn record(client: &ClusterClient, name: &str) -> Option<DatasetRecord> {
+    jobs_cli::list_datasets(client)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.name == name)
+}
+
+/// Every stored row of an imported-from-storage dataset, in split order: (label, features).
+async fn stored_rows(c: &LocalCluster, rec: &DatasetRecord) -> Vec<(f32, Vec<f32>)> {
+    let DatasetSource::Ingested { import, splits, .. } = &rec.source else {
+        panic!("not read from storage: {rec:?}");
+    };
+    let store = store(c);
+    let mut rows = Vec::new();
+    for (i, &(_, segments)) in splits.iter().enumerate() {
+        for seg in 0..segments {
+            let key = split_segment_key(&rec.name, import, i as u32, seg);
+            let bytes = store.get_blob(&key).await.unwrap().expect(&key);
+            let buf = PartitionBuf::from_bytes(&bytes).unwrap();
+            let v = buf.view().unwrap();
+            for r in 0..v.rows() {
+                rows.push((v.labels()[r], v.row(r).to_vec()));
+            }
+        }
+    }
+    rows
+}
+
+/// pyarrow's rows as this import should store them: numbers as f32, `city` one-hot over its
+/// sorted values, `tag` hashed into `buckets`; rows with a null dropped when `drop`.
+fn expected_rows(
+    expected: &serde_json::Value,
+    cities: &[&str],
+    buckets: u32,
+    drop: bool,
+) -> Vec<(f32, Vec<f32>)> {
+    let cols: Vec<&str> = expected["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let mut out = Vec::new();
+    for row in expected["rows"].as_array().unwrap() {
+        let row = row.as_array().unwrap();
+        if drop && row.iter().any(serde_json::Value::is_null) {
+            continue;
+        }
+        let mut x = Vec::new();
+        let mut label = f32::NAN;
+        for (name, v) in cols.iter().zip(row) {
+            match *name {
+                "y" => label = v.as_f64().unwrap() as f32,
+                "city" => x.extend(cities.iter().map(|c| match v.as_str() {
+                    None => f32::NAN,
+                    Some(s) if s == *c => 1.0,
+                    Some(_) => 0.0,
+                })),
+                "tag" => {
+                    let hit = bucket(v.as_str().unwrap(), buckets);
+                    x.extend((0..buckets as usize).map(|k| if k == hit { 1.0 } else { 0.0 }));
+                }
+                _ => x.push(v.as_f64().map_or(f32::NAN, |f| f as f32)),
+            }
+        }
+        out.push((label, x));
+    }
+    out
+}
+
+fn bits(rows: &[(f32, Vec<f32>)]) -> Vec<Vec<u32>> {
+    rows.iter()
+        .map(|(y, x)| {
+            std::iter::once(y.to_bits())
+                .chain(x.iter().map(|v| v.to_bits()))
+                .collect()
+        })
+        .collect()
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+async fn objects_under(c: &LocalCluster, dataset: &str) -> usize {
+    store(c)
+        .list_blobs(&format!("datasets/{dataset}"))
+        .await
+        .unwrap()
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_from_pyarrow_imports_bit_for_bit_and_trains() {
+    if !pyarrow() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = dir.path().join("fixture");
+    python(&[
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/parquet_fixture.py"
+        ),
+        fixture.to_str().unwrap(),
+    ]);
+    let expected: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("expected.json")).unwrap()).unwrap();
+    let (c, client) = start(3).await;
+    let glob = format!("file://{}/parquet/*.parquet", fixture.display());
+    let import = |name: &str, nulls: &str| {
+        vec![
+            "dataset".to_string(),
+            "import".into(),
+            glob.clone(),
+            "--name".into(),
+            name.into(),
+            "--label".into(),
+            "y".into(),
+            "--nulls".into(),
+            nulls.into(),
+            "--max-categories".into(),
+            "8".into(),
+            "--hash-buckets".into(),
+            "16".into(),
+            "--split-bytes".into(),
+            "1".into(),
+            "--json".into(),
+        ]
+    };
+
+    // drop_row: the rows without nulls, bit for bit, in file and row order; one split per row
+    // group (2000/700, 1500/500, 300/1000 rows); _SUCCESS and notes.txt are not data.
+    let done = cli_json(&c, &args(&import("pq", "drop_row")));
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["splits"], 7, "{done}");
+    let want = expected_rows(&expected, &["ams", "ber", "cph", "dub"], 16, true);
+    assert_eq!(done["rows"].as_u64().unwrap(), want.len() as u64);
+    assert_eq!(
+        done["dropped"].as_u64().unwrap(),
+        3800 - want.len() as u64,
+        "{done}"
+    );
+    let rec = record(&client, "pq").await.expect("dataset visible");
+    assert_eq!(rec.label, "y");
+    assert_eq!(rec.features[..4], ["i8", "i16", "i32", "i64"]);
+    assert!(
+        rec.features.contains(&"city=dub".to_string())
+            && rec.features.contains(&"tag#15".to_string())
+    );
+    let got = stored_rows(&c, &rec).await;
+    assert_eq!(bits(&got), bits(&want), "stored rows differ from pyarrow's");
+    let described = cli_json(&c, &["dataset", "describe", "pq", "--json"]);
+    assert_eq!(described["source"], "storage");
+    assert_eq!(described["url"], glob.as_str());
+    assert_eq!(described["checksum"], done["checksum"]);
+    assert_eq!(described["rows"], done["rows"]);
+
+    // The same import again: the same import, nothing new written.
+    let objects = objects_under(&c, "pq").await;
+    let again = cli_json(&c, &args(&import("pq", "drop_row")));
+    assert_eq!(again["id"], done["id"]);
+    assert_eq!(again["state"], "succeeded");
+    assert_eq!(objects_under(&c, "pq").await, objects);
+    let status = cli_json(&c, &["dataset", "import-status", "--name", "pq", "--json"]);
+    assert_eq!(status["checksum"], done["checksum"]);
+
+    // refuse (the default): the import fails naming file, row group and row; nothing visible.
+    let out = cli(&c, &args(&import("pq_refuse", "refuse")));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    // Splits are read in parallel: the first null found may be in any file.
+    let named = (0..3).any(|f| stderr.contains(&format!("part-00{f}.parquet: row group ")));
+    assert!(
+        named
+            && (stderr.contains("null in column \"v\"")
+                || stderr.contains("null in column \"city\"")),
+        "{stderr}"
+    );
+    assert!(record(&client, "pq_refuse").await.is_none());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while objects_under(&c, "pq_refuse").await > 0 {
+        assert!(Instant::now() < deadline, "a failed import left objects");
+        tokio::time::sleep(Duration::from_millis(50)).await; // poll interval
+    }
+
+    // fill_mean: every row; a null reads as the column's mean over the whole dataset.
+    let filled = cli_json(&c, &args(&import("pq_fill", "fill_mean")));
+    assert_eq!(filled["rows"], 3800, "{filled}");
+    let rec = record(&client, "pq_fill").await.unwrap();
+    let DatasetSource::Ingested { fill, .. } = &rec.source else {
+        panic!()
+    };
+    let all = expected_rows(&expected, &["ams", "ber", "cph", "dub"], 16, false);
+    let v = rec.features.iter().position(|f| f == "v").unwrap();
+    let vals: Vec<f64> = all
+        .iter()
+        .map(|(_, x)| x[v])
+        .filter(|x| !x.is_nan())
+        .map(f64::from)
+        .collect();
+    let mean = vals.iter().sum::<f64>() / vals.len() as f64;
+    assert!(
+        (f64::from(fill[v]) - mean).abs() <= 1e-6 * mean.abs().max(1.0),
+        "{} vs {mean}",
+        fill[v]
+    );
+    // A job over it sees no nulls: the column's mean is unchanged by filling with it.
+    let spec = "[job]\nkind = \"stats\"\ndataset = \"pq_fill\"\n[train]\nbins = 4\n";
+    let id = jobs_cli::submit(&client, spec).await.unwrap();
+    let rec_job = jobs_cli::wait(&client, &id, false, Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert_eq!(rec_job.state.as_str(), "succeeded", "{rec_job:?}");
+    let result = jobs_cli::result(&client, &id).await.unwrap();
+    let col = result["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "v")
+        .unwrap();
+    assert_eq!(col["count"], 3800);
+    assert!((col["mean"].as_f64().unwrap() - mean).abs() < 1e-3, "{col}");
+
+    // A corrupt file in a glob: the import fails naming it and its row group; nothing visible.
+    let bad = dir.path().join("bad");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::copy(
+        fixture.join("parquet/part-002.parquet"),
+        bad.join("a.parquet"),
+    )
+    .unwrap();
+    let mut bytes = std::fs::read(fixture.join("parquet/part-001.parquet")).unwrap();
+    for b in &mut bytes[4..400] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(bad.join("b.parquet"), &bytes).unwrap();
+    let url = format!("file://{}/*.parquet", bad.display());
+    let out = cli(
+        &c,
+        &[
+            "dataset", "import", &url, "--name", "broken", "--label", "y", "--nulls", "drop_row",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(6), "{stderr}");
+    assert!(
+        stderr.contains("b.parquet") && stderr.contains("row group 0"),
+        "{stderr}"
+    );
+    assert!(record(&client, "broken").await.is_none());
+
+    // Train on Parquet: a built-in dataset converted by pyarrow, scored like the CSV path.
+    let csvs = dir.path().join("bc");
+    let out = cli(
+        &c,
+        &[
+            "dataset",
+            "builtin",
+            "breast_cancer",
+            "--out",
+            csvs.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success());
+    let pq_dir = dir.path().join("bc-parquet");
+    std::fs::create_dir_all(&pq_dir).unwrap();
+    python(&[
+        "-c",
+        "import sys, pyarrow.csv as c, pyarrow.parquet as p\n\
+         t = c.read_csv(sys.argv[1])\n\
+         h = t.num_rows // 2\n\
+         p.write_table(t.slice(0, h), sys.argv[2] + '/a.parquet', row_group_size=100)\n\
+         p.write_table(t.slice(h), sys.argv[2] + '/b.parquet', row_group_size=100)\n",
+        csvs.join("train.csv").to_str().unwrap(),
+        pq_dir.to_str().unwrap(),
+    ]);
+    let url = format!("file://{}", pq_dir.display());
+    let done = cli_json(
+        &c,
+        &[
+            "dataset", "import", &url, "--name", "bc", "--label", "target", "--format", "parquet",
+            "--json",
+        ],
+    );
+    assert_eq!(done["rows"], 455, "{done}");
+    let spec = dir.path().join("bc.toml");
+    std::fs::write(
+        &spec,
+        "[job]\nkind = \"sgd\"\ndataset = \"bc\"\n[model]\ntype = \"logistic\"\n\
+         [train]\nepochs = 30\nbatch_size = 64\nlearning_rate = 0.1\nl2 = 0.0001\nseed = 7\n",
+    )
+    .unwrap();
+    let job = cli_json(
+        &c,
+        &["job", "submit", spec.to_str().unwrap(), "--wait", "--json"],
+    );
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let model = dir.path().join("bc-model.json");
+    cli_json(
+        &c,
+        &[
+            "job",
+            "result",
+            job["id"].as_str().unwrap(),
+            "--out",
+            model.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let scored = cli_json(
+        &c,
+        &[
+            "predict",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            csvs.join("test.csv").to_str().unwrap(),
+            "--json",
+        ],
+    );
+    let (train, test) = datasets::split(&datasets::builtin("breast_cancer").unwrap(), 0.2, 7);
+    let smartcore = datasets::smartcore_logistic_accuracy(&train, &test).unwrap();
+    let acc = scored["accuracy"].as_f64().unwrap();
+    assert!(
+        acc + 0.02 >= smartcore,
+        "accuracy {acc}, smartcore {smartcore}"
+    );
+}
+
+/// A CSV of `rows` rows: id, four features, a 0/1 label.
+fn write_csv(path: &Path, rows: usize) {
+    use std::io::Write;
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    writeln!(w, "id,a,b,c,d,y").unwrap();
+    for i in 0..rows {
+        let f = i as f32;
+        writeln!(
+            w,
+            "{i},{},{},{},{},{}",
+            f * 0.5,
+            f.sqrt(),
+            (i % 97) as f32,
+            -f,
+            i % 2
+        )
+        .unwrap();
+    }
+}
+
+/// The rows and checksum of importing `url` as the cluster would, read here in one process.
+async fn reference(url: &str, split_bytes: u64) -> (u64, String) {
+    let spec = tidepool_runtime::control::ImportSpec {
+        url: url.to_string(),
+        format: tidepool_runtime::control::Format::Csv,
+        label: "y".into(),
+        features: vec![],
+        nulls: Default::default(),
+        max_categories: 32,
+        hash_buckets: 1024,
+        split_bytes,
+    };
+    let planned = tidepool_runtime::ingest::plan::plan("ref", "ref", &spec, SHARDS)
+        .await
+        .unwrap();
+    let mut rec = planned.record;
+    let src = tidepool_runtime::ingest::source::Source::open(url).unwrap();
+    let store = Store::in_memory();
+    for i in 0..rec.splits.len() {
+        let done = tidepool_runtime::ingest::read::read_split(&src, &rec, i as u32, &store)
+            .await
+            .unwrap();
+        rec.done[i] = Some(done);
+    }
+    (rec.rows_done(), format!("{:016x}", rec.checksum().unwrap()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_survives_kill_9_of_a_node_with_every_row_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv: PathBuf = dir.path().join("big.csv");
+    let rows = 600_000;
+    write_csv(&csv, rows);
+    let url = format!("file://{}", csv.display());
+    let split_bytes = 256 << 10;
+    let (want_rows, want_checksum) = reference(&url, split_bytes).await;
+    assert_eq!(want_rows, rows as u64);
+
+    let (mut c, client) = start(3).await;
+    let started = cli_json(
+        &c,
+        &[
+            "dataset",
+            "import",
+            &url,
+            "--name",
+            "big",
+            "--label",
+            "y",
+            "--split-bytes",
+            &split_bytes.to_string(),
+            "--no-wait",
+            "--json",
+        ],
+    );
+    let id = started["id"].as_str().unwrap().to_string();
+    let total = started["splits"].as_u64().unwrap();
+    assert!(total > 50, "{started}");
+    // Kill a node (not the one the CLI talks to) once some splits are done, none is finished.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = cli_json(&c, &["dataset", "import-status", &id, "--json"]);
+        assert_eq!(s["state"], "running", "ended before the kill: {s}");
+        if s["splits_done"].as_u64().unwrap() >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {s}");
+        tokio::time::sleep(Duration::from_millis(10)).await; // poll interval
+    }
+    c.kill(2).await.unwrap();
+    let out = cli(&c, &["dataset", "import-status", &id, "--json"]);
+    let mid: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        mid["splits_done"].as_u64().unwrap() < total,
+        "finished before the kill: {mid}"
+    );
+    eprintln!(
+        "killed {} with {}/{total} splits done",
+        c.nodes[2].name, mid["splits_done"]
+    );
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let done = loop {
+        let s = cli_json(&c, &["dataset", "import-status", &id, "--json"]);
+        if s["state"] != "running" {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "import did not finish after the kill: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await; // poll interval
+    };
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["rows"].as_u64().unwrap(), want_rows);
+    assert_eq!(done["checksum"].as_str().unwrap(), want_checksum);
+    let rec = record(&client, "big").await.unwrap();
+    assert_eq!(rec.rows, want_rows);
+    // And the data is there: a job over it counts every row.
+    let spec = "[job]\nkind = \"stats\"\ndataset = \"big\"\n[train]\nbins = 4\n";
+    let job = jobs_cli::submit(&client, spec).await.unwrap();
+    let rec_job = jobs_cli::wait(&client, &job, false, Duration::from_secs(300))
+        .await
+        .unwrap();
+    assert_eq!(rec_job.state.as_str(), "succeeded", "{rec_job:?}");
+    let result = jobs_cli::result(&client, &job).await.unwrap();
+    let counts: BTreeMap<String, u64> = result["columns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_string(),
+                c["count"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(counts.values().all(|&n| n == want_rows), "{counts:?}");
+}
