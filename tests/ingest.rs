@@ -24,6 +24,9 @@ use tidepool_runtime::dataset::PartitionBuf;
 use tidepool_runtime::ingest::{columns::bucket, split_segment_key};
 use tidepool_runtime::storage::{KeyRing, Store};
 
+#[path = "support/moto.rs"]
+mod moto;
+
 const BIN: &str = env!("CARGO_BIN_EXE_tidepool");
 const SHARDS: u32 = 8;
 
@@ -568,4 +571,61 @@ async fn an_import_survives_kill_9_of_a_node_with_every_row_once() {
         })
         .collect();
     assert!(counts.values().all(|&n| n == want_rows), "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_from_s3_matches_the_same_files_from_disk() {
+    if !pyarrow() {
+        return;
+    }
+    let Some(moto) = moto::start_moto("lake") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = dir.path().join("fixture");
+    python(&[
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/parquet_fixture.py"),
+        fixture.to_str().unwrap(),
+    ]);
+    for f in ["part-000.parquet", "part-001.parquet", "part-002.parquet", "_SUCCESS"] {
+        let bytes = std::fs::read(fixture.join("parquet").join(f)).unwrap();
+        let (status, body) =
+            moto::http(moto.port, "PUT", &format!("/lake/events/{f}"), &bytes).unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    let mut c = LocalCluster::create(Path::new(BIN), 2, SHARDS, 2).unwrap();
+    for (k, v) in [
+        ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", moto.port)),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        ("AWS_REGION", "us-east-1".into()),
+    ] {
+        c.env.push((k.to_string(), v));
+    }
+    c.start_all().unwrap();
+    let opts = ClientOptions {
+        retry_for: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let client = c.settled_admin_client(opts).await.unwrap();
+    let import = |url: &str, name: &str| {
+        cli_json(
+            &c,
+            &[
+                "dataset", "import", url, "--name", name, "--label", "y", "--nulls", "drop_row",
+                "--split-bytes", "1", "--json",
+            ],
+        )
+    };
+    let s3 = import("s3://lake/events/*.parquet", "from_s3");
+    let disk = import(&format!("file://{}/parquet/*.parquet", fixture.display()), "from_disk");
+    assert_eq!(s3["state"], "succeeded", "{s3}");
+    assert_eq!(s3["splits"], disk["splits"]);
+    assert_eq!(s3["rows"], disk["rows"]);
+    assert_eq!(s3["checksum"], disk["checksum"], "same files, same rows");
+    let a = record(&client, "from_s3").await.unwrap();
+    let b = record(&client, "from_disk").await.unwrap();
+    assert_eq!(a.features, b.features);
+    assert_eq!(bits(&stored_rows(&c, &a).await), bits(&stored_rows(&c, &b).await));
 }
