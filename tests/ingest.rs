@@ -584,10 +584,18 @@ async fn parquet_from_s3_matches_the_same_files_from_disk() {
     let dir = tempfile::tempdir().unwrap();
     let fixture = dir.path().join("fixture");
     python(&[
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures/parquet_fixture.py"),
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/parquet_fixture.py"
+        ),
         fixture.to_str().unwrap(),
     ]);
-    for f in ["part-000.parquet", "part-001.parquet", "part-002.parquet", "_SUCCESS"] {
+    for f in [
+        "part-000.parquet",
+        "part-001.parquet",
+        "part-002.parquet",
+        "_SUCCESS",
+    ] {
         let bytes = std::fs::read(fixture.join("parquet").join(f)).unwrap();
         let (status, body) =
             moto::http(moto.port, "PUT", &format!("/lake/events/{f}"), &bytes).unwrap();
@@ -613,13 +621,26 @@ async fn parquet_from_s3_matches_the_same_files_from_disk() {
         cli_json(
             &c,
             &[
-                "dataset", "import", url, "--name", name, "--label", "y", "--nulls", "drop_row",
-                "--split-bytes", "1", "--json",
+                "dataset",
+                "import",
+                url,
+                "--name",
+                name,
+                "--label",
+                "y",
+                "--nulls",
+                "drop_row",
+                "--split-bytes",
+                "1",
+                "--json",
             ],
         )
     };
     let s3 = import("s3://lake/events/*.parquet", "from_s3");
-    let disk = import(&format!("file://{}/parquet/*.parquet", fixture.display()), "from_disk");
+    let disk = import(
+        &format!("file://{}/parquet/*.parquet", fixture.display()),
+        "from_disk",
+    );
     assert_eq!(s3["state"], "succeeded", "{s3}");
     assert_eq!(s3["splits"], disk["splits"]);
     assert_eq!(s3["rows"], disk["rows"]);
@@ -627,5 +648,8 @@ async fn parquet_from_s3_matches_the_same_files_from_disk() {
     let a = record(&client, "from_s3").await.unwrap();
     let b = record(&client, "from_disk").await.unwrap();
     assert_eq!(a.features, b.features);
-    assert_eq!(bits(&stored_rows(&c, &a).await), bits(&stored_rows(&c, &b).await));
+    assert_eq!(
+        bits(&stored_rows(&c, &a).await),
+        bits(&stored_rows(&c, &b).await)
+    );
 }

@@ -203,7 +203,10 @@ pub async fn start(
     for (col, ty) in &planned.skipped {
         info!(import = %id, column = %col, r#type = %ty, "column left out: its type does not import");
     }
-    match control.propose(Command::StartImport(rec.clone())).await {
+    match control
+        .propose(Command::StartImport(Box::new(rec.clone())))
+        .await
+    {
         Ok(r) if r.is_ok() => {}
         Ok(r) => {
             let why = r.rejection().unwrap_or("rejected").to_string();
@@ -379,7 +382,7 @@ async fn report(ctx: &ImportCtx, imp: &ImportRecord, split: u32, done: SplitDone
     let cmd = Command::ImportSplitDone {
         id: imp.id.clone(),
         split,
-        done,
+        done: Box::new(done),
     };
     match ctx.control.propose(cmd).await {
         Ok(r) if r.is_ok() => {

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use tidepool_runtime::client::{ClientError, ClusterClient};
 use tidepool_runtime::codec::{AdminOp, DatasetPart, ErrorCode, RESULT_CHUNK_HEADER};
 use tidepool_runtime::control::{DatasetRecord, DatasetSource, JobRecord, JobState};
@@ -15,43 +15,150 @@ use tidepool_runtime::jobspec::JobSpec;
 use crate::exit::CliError;
 
 /// Largest partition object an import writes; bigger partitions are split into segments.
-pub const SEGMENT_BYTES: usize = 8 << 20;
+pub use tidepool_runtime::dataset::SEGMENT_BYTES;
 /// Segments uploaded at once.
-const UPLOAD_CONCURRENCY: usize = 8;
+const UPLOAD_CONCURRENCY: usize = 4;
+/// Rows an import holds before uploading, over all shards: with the segments in flight the
+/// client holds at most this plus [`UPLOAD_CONCURRENCY`] x [`SEGMENT_BYTES`] of rows (64 MiB),
+/// whatever the file's size.
+pub const IMPORT_WINDOW_BYTES: usize = 32 << 20;
 
 fn hex_id() -> String {
     format!("{:016x}", rand::random::<u64>())
 }
 
-/// Splits one shard's partition into segments of at most [`SEGMENT_BYTES`] encoded.
-fn segments(p: &Partition) -> Result<Vec<Vec<u8>>> {
-    let row_bytes = p.n_features() * 4 + 12;
-    let per = (SEGMENT_BYTES / row_bytes.max(1)).max(1);
-    if p.rows() <= per {
-        return Ok(vec![dataset::encode_partition(p)]);
-    }
-    let nf = p.n_features();
-    let mut out = Vec::new();
-    for start in (0..p.rows()).step_by(per) {
-        let end = (start + per).min(p.rows());
-        let part = Partition::new(
-            nf,
-            p.row_ids()[start..end].to_vec(),
-            p.labels()[start..end].to_vec(),
-            p.features()[start * nf..end * nf].to_vec(),
-        )?;
-        out.push(dataset::encode_partition(&part));
-    }
-    Ok(out)
+type Upload<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ClientError>> + 'a>>;
+
+/// Rows on their way to the shards of one import: row `id` goes to shard
+/// `shard_for_key(id)` (as [`dataset::partition`] places them), buffered per shard, and
+/// uploaded as a segment when a shard's buffer fills a segment, or, the largest first, when
+/// all buffers together reach [`IMPORT_WINDOW_BYTES`].
+struct Uploader<'a> {
+    client: &'a ClusterClient,
+    name: String,
+    import: String,
+    features: usize,
+    seg_rows: usize,
+    window_rows: usize,
+    bufs: Vec<(Vec<u64>, Vec<f32>, Vec<f32>)>,
+    buffered: usize,
+    counts: Vec<u32>,
+    rows: u64,
+    inflight: futures::stream::FuturesUnordered<Upload<'a>>,
 }
 
-/// Imports `table` as dataset `name`: partitions it onto the cluster's shards, uploads every
-/// segment, then commits the record. On any failure the uploaded objects are deleted.
-pub async fn import_table(
+impl<'a> Uploader<'a> {
+    fn new(
+        client: &'a ClusterClient,
+        name: &str,
+        import: &str,
+        shards: u32,
+        features: usize,
+    ) -> Self {
+        let row_bytes = features * 4 + 12;
+        Uploader {
+            client,
+            name: name.to_string(),
+            import: import.to_string(),
+            features,
+            seg_rows: (SEGMENT_BYTES / row_bytes).max(1),
+            window_rows: (IMPORT_WINDOW_BYTES / row_bytes).max(1),
+            bufs: (0..shards).map(|_| Default::default()).collect(),
+            buffered: 0,
+            counts: vec![0; shards as usize],
+            rows: 0,
+            inflight: Default::default(),
+        }
+    }
+
+    async fn push(&mut self, label: f32, row: &[f32]) -> Result<()> {
+        let id = self.rows;
+        self.rows += 1;
+        let shard = dataset::shard_of_row(id, self.bufs.len() as u32) as usize;
+        let Some(buf) = self.bufs.get_mut(shard) else {
+            bail!("shard {shard} out of range");
+        };
+        buf.0.push(id);
+        buf.1.push(label);
+        buf.2.extend_from_slice(row);
+        self.buffered += 1;
+        if buf.0.len() >= self.seg_rows {
+            self.upload(shard).await?;
+        } else if self.buffered >= self.window_rows {
+            let largest = (0..self.bufs.len())
+                .max_by_key(|&s| self.bufs[s].0.len())
+                .unwrap_or(0);
+            self.upload(largest).await?;
+        }
+        Ok(())
+    }
+
+    /// Uploads shard `shard`'s buffer as its next segment (waiting for a slot first).
+    async fn upload(&mut self, shard: usize) -> Result<()> {
+        let (ids, y, x) = std::mem::take(&mut self.bufs[shard]);
+        if ids.is_empty() {
+            return Ok(());
+        }
+        self.buffered -= ids.len();
+        while self.inflight.len() >= UPLOAD_CONCURRENCY {
+            if let Some(r) = self.inflight.next().await {
+                r?;
+            }
+        }
+        let part = Partition::new(self.features, ids, y, x)?;
+        let part = DatasetPart {
+            dataset: self.name.clone(),
+            import: self.import.clone(),
+            shard: shard as u32,
+            seg: self.counts[shard],
+            bytes: dataset::encode_partition(&part),
+        };
+        self.counts[shard] += 1;
+        let client = self.client;
+        self.inflight
+            .push(Box::pin(async move { client.dataset_part(part).await }));
+        Ok(())
+    }
+
+    /// Uploads what is left; the segment count per shard.
+    async fn finish(mut self) -> Result<(Vec<u32>, u64)> {
+        for shard in 0..self.bufs.len() {
+            self.upload(shard).await?;
+        }
+        while let Some(r) = self.inflight.next().await {
+            r?;
+        }
+        Ok((self.counts, self.rows))
+    }
+}
+
+/// Commits an import whose segments are uploaded; on failure deletes them.
+async fn commit(
     client: &ClusterClient,
-    table: &Table,
-    name: &str,
+    rec: DatasetRecord,
+    uploaded: Result<()>,
 ) -> Result<DatasetRecord> {
+    let committed = match uploaded {
+        Ok(()) => client
+            .admin(AdminOp::DatasetCommit, &serde_json::to_value(&rec)?)
+            .await
+            .map(|_| ())
+            .map_err(|e| commit_failed(&rec.name, e)),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = committed {
+        if let DatasetSource::Imported { import, .. } = &rec.source {
+            let abort = serde_json::json!({ "name": rec.name, "import": import });
+            let _ = client.admin(AdminOp::DatasetAbort, &abort).await;
+        }
+        return Err(e.context(format!("import of {:?} failed, nothing kept", rec.name)));
+    }
+    Ok(rec)
+}
+
+/// Partitions `shards`, checks the name is free, and gives a fresh import id.
+async fn begin(client: &ClusterClient, name: &str) -> Result<(u32, String)> {
     client.refresh().await.context("loading the shard map")?;
     let shards = client.shard_count();
     if shards == 0 {
@@ -62,54 +169,41 @@ pub async fn import_table(
     if list_datasets(client).await?.iter().any(|d| d.name == name) {
         return Err(CliError::DatasetExists(name.to_string()).into());
     }
-    let import = hex_id();
-    let parts = dataset::partition(table, shards);
-    let mut uploads = Vec::new();
-    let mut counts = Vec::with_capacity(parts.len());
-    for (shard, p) in parts.iter().enumerate() {
-        let segs = segments(p)?;
-        counts.push(segs.len() as u32);
-        for (seg, bytes) in segs.into_iter().enumerate() {
-            uploads.push(DatasetPart {
-                dataset: name.to_string(),
-                import: import.clone(),
-                shard: shard as u32,
-                seg: seg as u32,
-                bytes,
-            });
+    Ok((shards, hex_id()))
+}
+
+/// Imports `table` as dataset `name`: partitions it onto the cluster's shards, uploads every
+/// segment, then commits the record. On any failure the uploaded objects are deleted.
+pub async fn import_table(
+    client: &ClusterClient,
+    table: &Table,
+    name: &str,
+) -> Result<DatasetRecord> {
+    let (shards, import) = begin(client, name).await?;
+    let mut up = Uploader::new(client, name, &import, shards, table.features.len());
+    let uploaded = async {
+        for i in 0..table.rows {
+            let (Some(row), Some(&label)) = (table.row(i), table.y.get(i)) else {
+                break;
+            };
+            up.push(label, row).await?;
         }
+        up.finish().await
     }
+    .await;
+    let (segments, uploaded) = match uploaded {
+        Ok((counts, _)) => (counts, Ok(())),
+        Err(e) => (Vec::new(), Err(e)),
+    };
     let rec = DatasetRecord {
         name: name.to_string(),
         features: table.features.clone(),
         label: table.label.clone(),
         rows: table.rows as u64,
         shards,
-        source: DatasetSource::Imported {
-            import: import.clone(),
-            segments: counts,
-        },
+        source: DatasetSource::Imported { import, segments },
     };
-    let uploaded = futures::stream::iter(uploads)
-        .map(|part| client.dataset_part(part))
-        .buffer_unordered(UPLOAD_CONCURRENCY)
-        .try_collect::<Vec<()>>()
-        .await;
-    let committed = match uploaded {
-        Ok(_) => client
-            .admin(AdminOp::DatasetCommit, &serde_json::to_value(&rec)?)
-            .await
-            .map(|_| ()),
-        Err(e) => Err(e),
-    };
-    if let Err(e) = committed {
-        let abort = serde_json::json!({ "name": name, "import": import });
-        let _ = client.admin(AdminOp::DatasetAbort, &abort).await;
-        return Err(
-            commit_failed(name, e).context(format!("import of {name:?} failed, nothing kept"))
-        );
-    }
-    Ok(rec)
+    commit(client, rec, uploaded).await
 }
 
 /// A refused dataset commit: a taken name is [`CliError::DatasetExists`] (said once, as a
@@ -122,7 +216,8 @@ fn commit_failed(name: &str, e: ClientError) -> anyhow::Error {
     }
 }
 
-/// `tidepool dataset import FILE.csv --name NAME --label COLUMN`.
+/// `tidepool dataset import FILE.csv --name NAME --label COLUMN`: the file is read row by row
+/// and uploaded as it goes, never held whole (see [`IMPORT_WINDOW_BYTES`]).
 pub async fn import_csv(
     client: &ClusterClient,
     path: &Path,
@@ -130,9 +225,37 @@ pub async fn import_csv(
     label: &str,
 ) -> Result<DatasetRecord> {
     let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let table = dataset::parse_csv(std::io::BufReader::new(file), label)
-        .with_context(|| format!("{} is not importable", path.display()))?;
-    import_table(client, &table, name).await
+    let not_importable = || format!("{} is not importable", path.display());
+    let mut rows =
+        dataset::CsvRows::new(std::io::BufReader::new(file), label).with_context(not_importable)?;
+    let (shards, import) = begin(client, name).await?;
+    let mut up = Uploader::new(client, name, &import, shards, rows.features().len());
+    let uploaded = async {
+        let mut x = Vec::new();
+        while let Some(y) = rows.next_row(&mut x).with_context(not_importable)? {
+            up.push(y, &x).await?;
+        }
+        if up.rows == 0 {
+            let line = rows.line() + 1;
+            return Err(anyhow::Error::from(dataset::DatasetError::NoRows { line })
+                .context(not_importable()));
+        }
+        up.finish().await
+    }
+    .await;
+    let (segments, count, uploaded) = match uploaded {
+        Ok((counts, n)) => (counts, n, Ok(())),
+        Err(e) => (Vec::new(), 0, Err(e)),
+    };
+    let rec = DatasetRecord {
+        name: name.to_string(),
+        features: rows.features().to_vec(),
+        label: rows.label().to_string(),
+        rows: count,
+        shards,
+        source: DatasetSource::Imported { import, segments },
+    };
+    commit(client, rec, uploaded).await
 }
 
 /// Registers a synthetic dataset, generated on each shard's owner (nothing is uploaded).

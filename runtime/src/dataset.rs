@@ -284,107 +284,169 @@ pub fn parse_csv_with_limit(
     label: &str,
     max_cells: usize,
 ) -> Result<Table, DatasetError> {
-    let mut rdr = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .trim(csv::Trim::All)
-        .from_reader(LineCounter::new(reader));
-    let mut record = csv::ByteRecord::new();
-    let mut last_line = 1u64;
-
-    // Header.
-    if !read_record(&mut rdr, &mut record, &mut last_line)? {
-        return Err(DatasetError::Empty { line: 1 });
-    }
-    let header_line = last_line;
-    let mut names = Vec::with_capacity(record.len());
-    for field in record.iter() {
-        let name = std::str::from_utf8(field).map_err(|e| DatasetError::Csv {
-            line: header_line,
-            reason: format!("header is not UTF-8: {e}"),
-        })?;
-        names.push(name.to_owned());
-    }
-    if names.iter().all(|n| parse_f32(n.as_bytes()).is_some()) {
-        return Err(DatasetError::NoHeader { line: header_line });
-    }
-    let mut seen = HashSet::with_capacity(names.len());
-    for (i, name) in names.iter().enumerate() {
-        if name.is_empty() {
-            return Err(DatasetError::EmptyColumnName {
-                line: header_line,
-                column: i + 1,
-            });
-        }
-        if !seen.insert(name.as_str()) {
-            return Err(DatasetError::DuplicateColumn {
-                line: header_line,
-                name: name.clone(),
-            });
-        }
-    }
-    let label_idx =
-        names
-            .iter()
-            .position(|n| n == label)
-            .ok_or_else(|| DatasetError::MissingLabel {
-                line: header_line,
-                label: label.to_owned(),
-            })?;
-    if names.len() < 2 {
-        return Err(DatasetError::NoFeatures {
-            line: header_line,
-            label: label.to_owned(),
-        });
-    }
-    let width = names.len();
+    let mut rows_in = CsvRows::new(reader, label)?;
+    let width = rows_in.features().len() + 1;
     if width > max_cells {
         return Err(DatasetError::TooLarge {
-            line: header_line,
+            line: rows_in.header_line,
             max_cells,
         });
     }
-
-    // Rows.
     let mut x = Vec::new();
     let mut y = Vec::new();
     let mut rows = 0usize;
-    while read_record(&mut rdr, &mut record, &mut last_line)? {
-        let line = last_line;
-        if record.len() != width {
-            return Err(DatasetError::Ragged {
-                line,
-                expected: width,
-                got: record.len(),
-            });
-        }
+    let mut row = Vec::with_capacity(width);
+    while let Some(label) = rows_in.next_row(&mut row)? {
         let cells = rows.saturating_add(1).saturating_mul(width);
         if cells > max_cells {
-            return Err(DatasetError::TooLarge { line, max_cells });
+            return Err(DatasetError::TooLarge {
+                line: rows_in.line(),
+                max_cells,
+            });
         }
-        for (col, field) in record.iter().enumerate() {
-            let value = parse_cell(field, line, &names, col)?;
-            if col == label_idx {
-                y.push(value);
-            } else {
-                x.push(value);
-            }
-        }
+        x.extend_from_slice(&row);
+        y.push(label);
         rows += 1;
     }
     if rows == 0 {
         return Err(DatasetError::NoRows {
-            line: header_line + 1,
+            line: rows_in.header_line + 1,
         });
     }
-    let label = names.remove(label_idx);
     Ok(Table {
-        features: names,
-        label,
+        features: rows_in.features,
+        label: rows_in.label,
         rows,
         x,
         y,
     })
+}
+
+/// A CSV read row by row, with the checks of [`parse_csv`] (header, widths, numbers), holding
+/// one record at a time: what a streamed import reads a file of any size through.
+#[derive(Debug)]
+pub struct CsvRows<R: Read> {
+    rdr: csv::Reader<LineCounter<R>>,
+    record: csv::ByteRecord,
+    last_line: u64,
+    header_line: u64,
+    /// Every column name in file order (for errors).
+    names: Vec<String>,
+    features: Vec<String>,
+    label: String,
+    label_idx: usize,
+}
+
+impl<R: Read> CsvRows<R> {
+    /// Reads and checks the header; `label` names the label column.
+    pub fn new(reader: R, label: &str) -> Result<Self, DatasetError> {
+        let mut rdr = csv::ReaderBuilder::new()
+            .has_headers(false)
+            .flexible(true)
+            .trim(csv::Trim::All)
+            .from_reader(LineCounter::new(reader));
+        let mut record = csv::ByteRecord::new();
+        let mut last_line = 1u64;
+        if !read_record(&mut rdr, &mut record, &mut last_line)? {
+            return Err(DatasetError::Empty { line: 1 });
+        }
+        let header_line = last_line;
+        let mut names = Vec::with_capacity(record.len());
+        for field in record.iter() {
+            let name = std::str::from_utf8(field).map_err(|e| DatasetError::Csv {
+                line: header_line,
+                reason: format!("header is not UTF-8: {e}"),
+            })?;
+            names.push(name.to_owned());
+        }
+        if names.iter().all(|n| parse_f32(n.as_bytes()).is_some()) {
+            return Err(DatasetError::NoHeader { line: header_line });
+        }
+        let mut seen = HashSet::with_capacity(names.len());
+        for (i, name) in names.iter().enumerate() {
+            if name.is_empty() {
+                return Err(DatasetError::EmptyColumnName {
+                    line: header_line,
+                    column: i + 1,
+                });
+            }
+            if !seen.insert(name.as_str()) {
+                return Err(DatasetError::DuplicateColumn {
+                    line: header_line,
+                    name: name.clone(),
+                });
+            }
+        }
+        let label_idx =
+            names
+                .iter()
+                .position(|n| n == label)
+                .ok_or_else(|| DatasetError::MissingLabel {
+                    line: header_line,
+                    label: label.to_owned(),
+                })?;
+        if names.len() < 2 {
+            return Err(DatasetError::NoFeatures {
+                line: header_line,
+                label: label.to_owned(),
+            });
+        }
+        let mut features = names.clone();
+        let label = features.remove(label_idx);
+        Ok(CsvRows {
+            rdr,
+            record,
+            last_line,
+            header_line,
+            names,
+            features,
+            label,
+            label_idx,
+        })
+    }
+
+    /// Feature column names, in file order.
+    pub fn features(&self) -> &[String] {
+        &self.features
+    }
+
+    /// The label column's name.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    /// The line of the last record read.
+    pub fn line(&self) -> u64 {
+        self.last_line
+    }
+
+    /// The next row: its label, with its features in `x` (replacing what was there); `None` at
+    /// the end.
+    pub fn next_row(&mut self, x: &mut Vec<f32>) -> Result<Option<f32>, DatasetError> {
+        if !read_record(&mut self.rdr, &mut self.record, &mut self.last_line)? {
+            return Ok(None);
+        }
+        let line = self.last_line;
+        let width = self.names.len();
+        if self.record.len() != width {
+            return Err(DatasetError::Ragged {
+                line,
+                expected: width,
+                got: self.record.len(),
+            });
+        }
+        x.clear();
+        let mut label = 0.0;
+        for (col, field) in self.record.iter().enumerate() {
+            let value = parse_cell(field, line, &self.names, col)?;
+            if col == self.label_idx {
+                label = value;
+            } else {
+                x.push(value);
+            }
+        }
+        Ok(Some(label))
+    }
 }
 
 /// Reads the next record; `false` at the end. Tracks the line for error messages.
@@ -581,7 +643,7 @@ pub fn partition(table: &Table, shards: u32) -> Vec<Partition> {
             break;
         };
         let id = i as u64;
-        let shard = shard_for_key(&id.to_le_bytes(), n) as usize;
+        let shard = shard_of_row(id, n) as usize;
         if let Some(p) = parts.get_mut(shard) {
             p.row_ids.push(id);
             p.y.push(label);
@@ -589,6 +651,11 @@ pub fn partition(table: &Table, shards: u32) -> Vec<Partition> {
         }
     }
     parts
+}
+
+/// The shard row `id` of an uploaded table belongs to (of `shards`).
+pub fn shard_of_row(id: u64, shards: u32) -> u32 {
+    shard_for_key(&id.to_le_bytes(), shards.max(1))
 }
 
 /// The fixed 32-byte partition header.

@@ -9,8 +9,8 @@
 mod moto;
 
 use bytes::Bytes;
-use std::sync::{Arc, OnceLock};
 use moto::{http, start_moto, Moto};
+use std::sync::{Arc, OnceLock};
 use tidepool_runtime::storage::{KeyProvider, KeyRing, StorageError, Store};
 
 const BUCKET: &str = "tidepool-test";
@@ -43,7 +43,9 @@ fn fenced<T: std::fmt::Debug>(r: Result<T, StorageError>) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn storage_on_s3_compatible_server() {
-    let Some(moto) = start_moto(BUCKET) else { return };
+    let Some(moto) = start_moto(BUCKET) else {
+        return;
+    };
     let s = open(&moto, "tidepool");
     let shard = 3;
 

@@ -125,4 +125,3 @@ pub fn start_moto(bucket: &str) -> Option<Moto> {
     );
     Some(moto)
 }
-

@@ -67,13 +67,16 @@ pub async fn plan(
     })
 }
 
+/// The chosen feature columns with their kinds, and the columns left out (name, type).
+type Chosen = (Vec<(String, ColumnKind)>, Vec<(String, String)>);
+
 /// The feature columns: `spec.features` if given (each must exist), else every column but the
 /// label. `kinds` gives each column's kind, `None` for a type that does not import.
 fn choose_features(
     spec: &ImportSpec,
     names: &[(String, Option<ColumnKind>, String)],
     file: &str,
-) -> Result<(Vec<(String, ColumnKind)>, Vec<(String, String)>), IngestError> {
+) -> Result<Chosen, IngestError> {
     let find = |n: &str| names.iter().find(|(c, _, _)| c == n);
     match find(&spec.label) {
         None => {
@@ -159,7 +162,7 @@ async fn plan_parquet(
     files: &[SourceFile],
 ) -> Result<PlanParts, IngestError> {
     let mut splits = Vec::new();
-    let mut chosen: Option<(Vec<(String, ColumnKind)>, Vec<(String, String)>)> = None;
+    let mut chosen: Option<Chosen> = None;
     let mut first_types: Vec<(String, String)> = Vec::new();
     for file in files {
         let name = src.display(&file.path);

@@ -63,7 +63,7 @@ fn report(map: &mut ClusterMap, id: &str, split: u32, d: SplitDone) -> CommandRe
         &Command::ImportSplitDone {
             id: id.into(),
             split,
-            done: d,
+            done: Box::new(d),
         },
     )
 }
@@ -78,9 +78,9 @@ fn cluster() -> ClusterMap {
 fn the_last_split_creates_the_dataset_once() {
     let mut map = cluster();
     let rec = import("i1", NullPolicy::Refuse, 3);
-    assert!(apply(&mut map, &Command::StartImport(rec.clone())).is_ok());
+    assert!(apply(&mut map, &Command::StartImport(Box::new(rec.clone()))).is_ok());
     assert!(
-        apply(&mut map, &Command::StartImport(rec.clone())).is_ok(),
+        apply(&mut map, &Command::StartImport(Box::new(rec.clone()))).is_ok(),
         "retry"
     );
     assert!(report(&mut map, "i1", 1, done(5, 11, vec![], vec![])).is_ok());
@@ -122,14 +122,14 @@ fn the_last_split_creates_the_dataset_once() {
     // Once succeeded: late reports change nothing, and the same import again is refused.
     assert!(report(&mut map, "i1", 0, done(1, 0, vec![], vec![])).is_ok());
     assert_eq!(map.datasets["d"].rows, 13);
-    let again = apply(&mut map, &Command::StartImport(rec.clone()));
+    let again = apply(&mut map, &Command::StartImport(Box::new(rec.clone())));
     assert!(
         matches!(&again, CommandResponse::Rejected(r) if r.contains("already imported")),
         "{again:?}"
     );
     // After `dataset delete`, the same import may run again.
     assert!(apply(&mut map, &Command::DeleteDataset { name: "d".into() }).is_ok());
-    assert!(apply(&mut map, &Command::StartImport(rec)).is_ok());
+    assert!(apply(&mut map, &Command::StartImport(Box::new(rec))).is_ok());
     assert_eq!(map.imports["i1"].state, ImportState::Running);
     assert_eq!(map.imports["i1"].rows_done(), 0);
 }
@@ -138,7 +138,7 @@ fn the_last_split_creates_the_dataset_once() {
 fn fill_mean_uses_every_split_and_a_failure_shows_nothing() {
     let mut map = cluster();
     let rec = import("i2", NullPolicy::FillMean, 2);
-    assert!(apply(&mut map, &Command::StartImport(rec.clone())).is_ok());
+    assert!(apply(&mut map, &Command::StartImport(Box::new(rec.clone()))).is_ok());
     assert!(report(
         &mut map,
         "i2",
@@ -159,7 +159,7 @@ fn fill_mean_uses_every_split_and_a_failure_shows_nothing() {
     }
 
     let mut map = cluster();
-    assert!(apply(&mut map, &Command::StartImport(rec.clone())).is_ok());
+    assert!(apply(&mut map, &Command::StartImport(Box::new(rec.clone()))).is_ok());
     assert!(report(&mut map, "i2", 0, done(2, 1, vec![0.0; 3], vec![0; 3])).is_ok());
     let fail = Command::FailImport {
         id: "i2".into(),
@@ -173,7 +173,7 @@ fn fill_mean_uses_every_split_and_a_failure_shows_nothing() {
         "a failed import shows nothing"
     );
     // Started again after the failure: from the beginning.
-    assert!(apply(&mut map, &Command::StartImport(rec)).is_ok());
+    assert!(apply(&mut map, &Command::StartImport(Box::new(rec))).is_ok());
     assert_eq!(map.imports["i2"].state, ImportState::Running);
     assert!(map.imports["i2"].done.iter().all(Option::is_none));
 }
@@ -183,12 +183,12 @@ fn conflicts_and_malformed_plans_are_refused() {
     let mut map = cluster();
     assert!(apply(
         &mut map,
-        &Command::StartImport(import("i1", NullPolicy::Refuse, 2))
+        &Command::StartImport(Box::new(import("i1", NullPolicy::Refuse, 2)))
     )
     .is_ok());
     let other = apply(
         &mut map,
-        &Command::StartImport(import("i9", NullPolicy::DropRow, 2)),
+        &Command::StartImport(Box::new(import("i9", NullPolicy::DropRow, 2))),
     );
     assert!(
         matches!(&other, CommandResponse::Rejected(r) if r.contains("being imported")),
@@ -196,7 +196,8 @@ fn conflicts_and_malformed_plans_are_refused() {
     );
     let mut bad = import("i3", NullPolicy::Refuse, 2);
     bad.dataset = "e".into();
-    let cases: Vec<(&str, Box<dyn Fn(&mut ImportRecord)>)> = vec![
+    type Break = Box<dyn Fn(&mut ImportRecord)>;
+    let cases: Vec<(&str, Break)> = vec![
         ("no splits", Box::new(|r| r.splits.clear())),
         ("shard out of range", Box::new(|r| r.splits[0].shard = 4)),
         ("shard count", Box::new(|r| r.shards = 8)),
@@ -211,13 +212,13 @@ fn conflicts_and_malformed_plans_are_refused() {
         let mut r = bad.clone();
         break_it(&mut r);
         assert!(
-            !apply(&mut map, &Command::StartImport(r)).is_ok(),
+            !apply(&mut map, &Command::StartImport(Box::new(r))).is_ok(),
             "{what} accepted"
         );
     }
     assert!(!map.imports.contains_key("i3"));
     // Every row dropped: the import fails instead of creating an empty dataset.
-    assert!(apply(&mut map, &Command::StartImport(bad)).is_ok());
+    assert!(apply(&mut map, &Command::StartImport(Box::new(bad))).is_ok());
     for s in 0..2 {
         assert!(report(&mut map, "i3", s, done(0, 0, vec![], vec![])).is_ok());
     }

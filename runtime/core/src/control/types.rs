@@ -230,12 +230,12 @@ pub enum Command {
     /// uses it. Appended last: the log's existing entries keep their meaning.
     DeleteDataset { name: String },
     /// Records a planned import from storage (see [`super::imports`]).
-    StartImport(ImportRecord),
+    StartImport(Box<ImportRecord>),
     /// One split of an import was read and written; the last one creates the dataset.
     ImportSplitDone {
         id: String,
         split: u32,
-        done: SplitDone,
+        done: Box<SplitDone>,
     },
     /// An import failed: nothing of it becomes visible.
     FailImport { id: String, error: String },
