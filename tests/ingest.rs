@@ -653,3 +653,100 @@ async fn parquet_from_s3_matches_the_same_files_from_disk() {
         bits(&stored_rows(&c, &b).await)
     );
 }
+
+/// A CSV of `rows` rows of 16 features and a 0/1 label (a known linear rule).
+fn write_wide_csv(path: &Path, rows: usize) {
+    use std::io::Write;
+    let mut w = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let names: Vec<String> = (0..16).map(|j| format!("x{j}")).collect();
+    writeln!(w, "{},y", names.join(",")).unwrap();
+    let mut s = 7u64;
+    for _ in 0..rows {
+        let mut x = [0f32; 16];
+        for v in &mut x {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            *v = ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+        }
+        let y = u8::from(x[0] + 0.5 * x[1] - x[2] > 0.0);
+        let cells: Vec<String> = x.iter().map(f32::to_string).collect();
+        writeln!(w, "{},{y}", cells.join(",")).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_scans_four_times_the_memory_budget() {
+    const BUDGET: u64 = 16 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("wide.csv");
+    // 900 000 rows x (16 x 4 + 12) bytes = 68 MB of partitions: over 4x the budget.
+    let rows = 900_000;
+    write_wide_csv(&csv, rows);
+    let mut c = LocalCluster::create(Path::new(BIN), 1, 16, 1).unwrap();
+    c.env.push((
+        "TIDEPOOL_JOBS__MEMORY_BUDGET_BYTES".into(),
+        BUDGET.to_string(),
+    ));
+    c.start_all().unwrap();
+    let opts = ClientOptions {
+        retry_for: Duration::from_secs(60),
+        ..Default::default()
+    };
+    let client = c.settled_admin_client(opts).await.unwrap();
+    let url = format!("file://{}", csv.display());
+    let done = cli_json(
+        &c,
+        &[
+            "dataset",
+            "import",
+            &url,
+            "--name",
+            "wide",
+            "--label",
+            "y",
+            "--split-bytes",
+            "4000000",
+            "--json",
+        ],
+    );
+    assert_eq!(done["rows"].as_u64().unwrap(), rows as u64, "{done}");
+    let data = rows as u64 * (16 * 4 + 12);
+    assert!(data > 4 * BUDGET);
+
+    let pid = c.nodes[0].pid().unwrap();
+    let before = tidepool::hostile_peer::rss_kib(pid).unwrap();
+    let spec = "[job]\nkind = \"sgd\"\ndataset = \"wide\"\n[model]\ntype = \"logistic\"\n\
+                [train]\nsteps = 12\nbatch_size = 4096\nlearning_rate = 0.5\nseed = 7\n\
+                checkpoint_every = 100\n";
+    let (rec, peak) = tidepool::hostile_peer::peak_rss(pid, async {
+        let id = jobs_cli::submit(&client, spec).await.unwrap();
+        jobs_cli::wait(&client, &id, false, Duration::from_secs(300))
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(rec.state.as_str(), "succeeded", "{rec:?}");
+    eprintln!(
+        "data {} MiB, budget {} MiB: node RSS {} MiB before the job, peak {} MiB during it",
+        data >> 20,
+        BUDGET >> 20,
+        before >> 10,
+        peak >> 10
+    );
+    // The partitions are mapped a few at a time, never all at once.
+    assert!(
+        peak.saturating_sub(before) * 1024 < data / 2,
+        "RSS grew by {} KiB over a job on {data} bytes",
+        peak.saturating_sub(before)
+    );
+    let files = std::fs::read_dir(
+        c.root()
+            .join("data")
+            .join(&c.nodes[0].name)
+            .join("partitions"),
+    )
+    .unwrap()
+    .count();
+    assert_eq!(files, 16, "one mapped file per shard");
+}

@@ -20,16 +20,18 @@ use tidepool_runtime::admission::{self, Limits};
 use tidepool_runtime::codec::{JobPartial, JobTask};
 use tidepool_runtime::config::NodeConfig;
 use tidepool_runtime::control::{DatasetRecord, DatasetSource};
-use tidepool_runtime::dataset::{self, Partition, PartitionBuf, SyntheticKind};
+use tidepool_runtime::dataset::{self, Partition, PartitionBuf, PartitionView, SyntheticKind};
 use tidepool_runtime::ingest::split_segment_key;
 use tidepool_runtime::jobspec::{JobCaps, JobSpec};
 use tidepool_runtime::metrics as m;
+use tidepool_runtime::partition_file::PartitionFileWriter;
 use tidepool_runtime::storage::Store;
 use tracing::{debug, warn};
 
 use crate::jobs::job::{sums_to_wire, ExactSum, JobError, ShardData, Task};
 use crate::jobs::registry::{self, ErasedJob};
 use crate::router::Router;
+use crate::spill::{self, SpillDir};
 use crate::worker::WorkerPool;
 
 /// Default cap on cached partition bytes per node.
@@ -75,6 +77,8 @@ pub enum JobExecError {
     MissingObject(String),
     #[error("partition has {got} features, dataset {want}")]
     Features { got: usize, want: usize },
+    #[error("partition file: {0}")]
+    File(#[from] std::io::Error),
 }
 
 /// Why a shard's partition is not available here.
@@ -102,13 +106,15 @@ pub fn import_prefix(dataset: &str, import: &str) -> String {
     format!("datasets/{dataset}/{import}")
 }
 
-/// A shard's partition in memory.
+/// A shard's partition, readable in place.
 #[derive(Debug)]
 enum Loaded {
     /// One stored object, read in place.
     InPlace(PartitionBuf),
     /// Several segments concatenated, or generated.
     Owned(Partition),
+    /// A local partition file, memory-mapped (checked once when mapped).
+    Mapped(memmap2::Mmap),
 }
 
 impl Loaded {
@@ -116,6 +122,7 @@ impl Loaded {
         match self {
             Loaded::InPlace(b) => b.bytes().len(),
             Loaded::Owned(p) => p.features().len() * 4 + p.rows() * 12,
+            Loaded::Mapped(m) => m.len(),
         }
     }
 
@@ -140,6 +147,15 @@ impl Loaded {
                 x: p.features(),
                 y: p.labels(),
             })),
+            Loaded::Mapped(m) => {
+                let v = PartitionView::parse_checked_before(m)?;
+                Ok(f(&ShardData {
+                    shard,
+                    features: v.n_features(),
+                    x: v.features(),
+                    y: v.labels(),
+                }))
+            }
         }
     }
 }
@@ -162,6 +178,18 @@ struct Cache {
     entries: HashMap<CacheKey, (Arc<Loaded>, u64)>,
     clock: u64,
     bytes: usize,
+    /// Partition files written, by key (deleted when their shard moves away).
+    files: HashMap<CacheKey, std::path::PathBuf>,
+}
+
+/// What one step's maps gave.
+#[derive(Debug, Default)]
+struct Mapped {
+    acc: ExactSum,
+    done: Vec<u32>,
+    refused: Vec<u32>,
+    /// A map error that will recur: the job fails.
+    error: Option<String>,
 }
 
 /// A job, built once per (job id, spec).
@@ -175,6 +203,7 @@ pub struct JobExecutor {
     threads: usize,
     cap_bytes: usize,
     limits: JobLimits,
+    spill: Option<SpillDir>,
     cache: Mutex<Cache>,
     jobs: Mutex<HashMap<String, BuiltJob>>,
 }
@@ -220,16 +249,24 @@ impl JobExecutor {
             threads,
             cap_bytes,
             limits: JobLimits::default(),
+            spill: None,
             cache: Mutex::new(Cache::default()),
             jobs: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Sets this node's job limits (the partition cache is capped at the memory budget too).
+    /// Sets this node's job limits (the partition cache is capped at half the memory budget
+    /// too: the other half is for the partitions being mapped, the model and the messages).
     pub fn with_limits(mut self, limits: JobLimits) -> Self {
         self.limits = limits;
         let budget = usize::try_from(limits.admission.memory_budget_bytes).unwrap_or(usize::MAX);
-        self.cap_bytes = self.cap_bytes.min(budget);
+        self.cap_bytes = self.cap_bytes.min(budget / 2);
+        self
+    }
+
+    /// Keeps stored partitions as memory-mapped files in `spill` instead of in memory.
+    pub fn with_spill(mut self, spill: SpillDir) -> Self {
+        self.spill = Some(spill);
         self
     }
 
@@ -273,36 +310,32 @@ impl JobExecutor {
             Err(e) => return refuse_all(&task, Some(e.to_string())),
         };
         self.evict_unowned();
-        let mut mine = Vec::new();
+        let mut serving = Vec::new();
         let mut refused = Vec::new();
         for se in &task.shards {
-            if !self.router.serves_now(se.shard, se.epoch) {
+            if self.router.serves_now(se.shard, se.epoch) {
+                serving.push(se.shard);
+            } else {
                 refused.push(se.shard);
-                continue;
-            }
-            match self.partition(&ds, se.shard).await {
-                Ok(p) => mine.push((se.shard, p)),
-                Err(LoadError::Retry(e)) => {
-                    warn!(dataset = %ds.name, shard = se.shard, error = %e, "partition not loadable");
-                    refused.push(se.shard);
-                }
-                Err(LoadError::Budget(e)) => {
-                    warn!(dataset = %ds.name, shard = se.shard, error = %e, "partition over the memory budget");
-                    metrics::counter!(m::JOB_ADMISSIONS_REFUSED, "stage" => "partition")
-                        .increment(1);
-                    return refuse_all(&task, Some(e));
-                }
             }
         }
         let t = Task {
             phase: task.phase,
-            broadcast: task.broadcast,
+            broadcast: task.broadcast.clone(),
         };
-        let (acc, error) = self
-            .map_all(job, task.step, Arc::new(t), mine.clone())
-            .await;
+        let mapped = match self
+            .map_all(&ds, job, task.step, Arc::new(t), serving)
+            .await
+        {
+            Ok(m) => m,
+            Err(budget) => return refuse_all(&task, Some(budget)),
+        };
+        let (acc, error) = (mapped.acc, mapped.error);
+        let mine = mapped.done;
+        refused.extend(mapped.refused);
         metrics::histogram!(m::JOB_TASK_SECONDS).record(started.elapsed().as_secs_f64());
         metrics::counter!(m::JOB_SHARD_TASKS, "result" => "done").increment(mine.len() as u64);
+        refused.sort_unstable();
         metrics::counter!(m::JOB_SHARD_TASKS, "result" => "refused")
             .increment(refused.len() as u64);
         // A partial that cannot be sent would be asked for again for ever: fail the job instead.
@@ -323,7 +356,7 @@ impl JobExecutor {
             };
         }
         JobPartial {
-            done: mine.iter().map(|(s, _)| *s).collect(),
+            done: mine,
             refused,
             rows: acc.rows,
             sum,
@@ -334,43 +367,80 @@ impl JobExecutor {
         }
     }
 
+    /// Maps `shards` on the worker pool: the shards split over its threads, each thread's
+    /// shards loaded (or mapped) one at a time, so a step holds one partition per thread beyond
+    /// the cache. `Err`: a partition over the memory budget (the job fails).
     async fn map_all(
         &self,
+        ds: &DatasetRecord,
         job: Arc<dyn ErasedJob>,
         step: u64,
         task: Arc<Task>,
-        shards: Vec<(u32, Arc<Loaded>)>,
-    ) -> (ExactSum, Option<String>) {
+        shards: Vec<u32>,
+    ) -> Result<Mapped, String> {
         let groups = self.threads.min(shards.len()).max(1);
-        let mut buckets: Vec<Vec<(u32, Arc<Loaded>)>> = vec![Vec::new(); groups];
+        let mut buckets: Vec<Vec<u32>> = vec![Vec::new(); groups];
         for (i, s) in shards.into_iter().enumerate() {
             buckets[i % groups].push(s);
         }
         let runs = buckets.into_iter().map(|bucket| {
             let (job, task) = (job.clone(), task.clone());
-            self.pool.run(move || -> Result<ExactSum, JobError> {
-                let mut acc = ExactSum::default();
-                for (shard, loaded) in bucket {
-                    let p = loaded
-                        .with_data(shard, |d| job.map(step, &task, d))
-                        .map_err(|e| JobError::Data(e.to_string()))??;
-                    acc.add(&p)?;
+            async move {
+                let mut out = Mapped::default();
+                for shard in bucket {
+                    let loaded = match self.partition(ds, shard).await {
+                        Ok(p) => p,
+                        Err(LoadError::Retry(e)) => {
+                            warn!(dataset = %ds.name, shard, error = %e, "partition not loadable");
+                            out.refused.push(shard);
+                            continue;
+                        }
+                        Err(LoadError::Budget(e)) => {
+                            warn!(dataset = %ds.name, shard, error = %e, "partition over the memory budget");
+                            metrics::counter!(m::JOB_ADMISSIONS_REFUSED, "stage" => "partition")
+                                .increment(1);
+                            return Err(e);
+                        }
+                    };
+                    let (job, task) = (job.clone(), task.clone());
+                    let partial = self
+                        .pool
+                        .run(move || {
+                            loaded
+                                .with_data(shard, |d| job.map(step, &task, d))
+                                .map_err(|e| JobError::Data(e.to_string()))?
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(JobError::Data(format!("worker: {e}"))))
+                        .and_then(|p| out.acc.add(&p));
+                    out.done.push(shard);
+                    if let Err(e) = partial {
+                        out.error = Some(e.to_string());
+                        break;
+                    }
                 }
-                Ok(acc)
-            })
+                Ok(out)
+            }
         });
-        let mut total = ExactSum::default();
+        let mut total = Mapped::default();
         for r in futures::future::join_all(runs).await {
-            let merged = match r {
-                Ok(Ok(acc)) => total.merge(&acc),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(JobError::Data(format!("worker: {e}"))),
-            };
-            if let Err(e) = merged {
-                return (ExactSum::default(), Some(e.to_string()));
+            let part = r?;
+            total.done.extend(part.done);
+            total.refused.extend(part.refused);
+            if total.error.is_none() {
+                total.error = part.error;
+            }
+            if total.error.is_none() {
+                if let Err(e) = total.acc.merge(&part.acc) {
+                    total.error = Some(e.to_string());
+                }
             }
         }
-        (total, None)
+        if total.error.is_some() {
+            total.acc = ExactSum::default();
+        }
+        total.done.sort_unstable();
+        Ok(total)
     }
 
     fn evict_unowned(&self) {
@@ -379,6 +449,15 @@ impl JobExecutor {
         let mut c = self.cache.lock();
         let before = c.entries.len();
         c.entries.retain(|(_, shard), _| owned.contains(shard));
+        if let Some(spill) = &self.spill {
+            c.files.retain(|(_, shard), path| {
+                let keep = owned.contains(shard);
+                if !keep {
+                    spill.remove(path);
+                }
+                keep
+            });
+        }
         if c.entries.len() != before {
             c.bytes = c.entries.values().map(|(l, _)| l.bytes()).sum();
             debug!(
@@ -453,9 +532,12 @@ impl JobExecutor {
             }
             DatasetSource::Imported { import, segments } => {
                 let count = segments.get(shard as usize).copied().unwrap_or(0);
-                let keys = (0..count)
+                let keys: Vec<String> = (0..count)
                     .map(|seg| segment_key(&ds.name, import, shard, seg))
                     .collect();
+                if self.spill.is_some() {
+                    return self.load_file(ds, shard, keys, Vec::new()).await;
+                }
                 let blobs = self.fetch(ds, shard, keys).await?;
                 let features = ds.features.len();
                 Ok(self
@@ -470,7 +552,7 @@ impl JobExecutor {
                 ..
             } => {
                 // The shard's splits in split order, each split's segments in order.
-                let keys = splits
+                let keys: Vec<String> = splits
                     .iter()
                     .enumerate()
                     .filter(|(_, (s, _))| *s == shard)
@@ -478,6 +560,9 @@ impl JobExecutor {
                         (0..n).map(move |seg| split_segment_key(&ds.name, import, i as u32, seg))
                     })
                     .collect();
+                if self.spill.is_some() {
+                    return self.load_file(ds, shard, keys, fill.clone()).await;
+                }
                 let blobs = self.fetch(ds, shard, keys).await?;
                 let (features, fill) = (ds.features.len(), fill.clone());
                 Ok(self
@@ -486,6 +571,81 @@ impl JobExecutor {
                     .await??)
             }
         }
+    }
+
+    /// A stored partition as a mapped local file: written from its segments, one at a time,
+    /// the first time (the nulls of a `fill_mean` import filled in), checked once, mapped.
+    async fn load_file(
+        &self,
+        ds: &DatasetRecord,
+        shard: u32,
+        keys: Vec<String>,
+        fill: Vec<f32>,
+    ) -> Result<Loaded, LoadError> {
+        let Some(spill) = &self.spill else {
+            return Err(LoadError::Retry(JobExecError::MissingObject(
+                "no partition directory".into(),
+            )));
+        };
+        let key = cache_key(ds, shard);
+        let path = spill.path(&ds.name, &key.0, shard);
+        let features = ds.features.len();
+        if !path.exists() {
+            let mut w = PartitionFileWriter::create(&path, features)?;
+            for k in keys {
+                let bytes = self
+                    .store
+                    .get_blob(&k)
+                    .await?
+                    .ok_or_else(|| LoadError::Retry(JobExecError::MissingObject(k)))?;
+                let fill = fill.clone();
+                w = self
+                    .pool
+                    .run(move || -> Result<PartitionFileWriter, JobExecError> {
+                        let buf = PartitionBuf::from_bytes(&bytes)?;
+                        let v = buf.view()?;
+                        if v.n_features() != features {
+                            return Err(JobExecError::Features {
+                                got: v.n_features(),
+                                want: features,
+                            });
+                        }
+                        if fill.len() == features && features > 0 {
+                            let mut x = v.features().to_vec();
+                            for (k, v) in x.iter_mut().enumerate() {
+                                if v.is_nan() {
+                                    *v = fill[k % features];
+                                }
+                            }
+                            w.append(v.row_ids(), v.labels(), &x)?;
+                        } else {
+                            w.append(v.row_ids(), v.labels(), v.features())?;
+                        }
+                        Ok(w)
+                    })
+                    .await??;
+                // One partition is mapped per worker at a time: it must fit half the budget
+                // (the cache takes the other half).
+                self.within_budget(ds, shard, w.rows().saturating_mul(2))?;
+            }
+            self.pool.run(move || w.finish()).await??;
+            self.cache.lock().files.insert(key, path.clone());
+        }
+        let map = self
+            .pool
+            .run(move || -> Result<memmap2::Mmap, JobExecError> {
+                let map = spill::map(&path)?;
+                let v = PartitionView::parse(&map)?;
+                if v.n_features() != features {
+                    return Err(JobExecError::Features {
+                        got: v.n_features(),
+                        want: features,
+                    });
+                }
+                Ok(map)
+            })
+            .await??;
+        Ok(Loaded::Mapped(map))
     }
 
     /// Reads the objects at `keys` (one shard's segments), checking the rows they hold against

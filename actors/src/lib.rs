@@ -20,6 +20,7 @@
 //! - [`load`]: the node's load signals (utilisation, backlog, mailboxes, QUIC stats).
 //! - [`audit`]: the audit log of admin requests.
 //! - [`job_exec`]: a node's side of a job step: map its shards, pre-sum, reply; partition cache.
+//! - [`spill`]: partition files on local disk, memory-mapped (more data than memory).
 //! - [`coordinator`]: the JobCoordinator of one job, on the owner of its coordinator shard.
 //! - [`job_admin`]: dataset import / job admin requests, and the manager that runs coordinators.
 //! - [`imports`]: `dataset import URL` (plan, record through Raft), its status, and the manager
@@ -49,5 +50,6 @@ pub mod serve_gate;
 pub mod services;
 pub mod shard;
 pub mod shard_log;
+pub mod spill;
 pub mod supervisor;
 pub mod worker;

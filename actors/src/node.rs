@@ -226,6 +226,12 @@ impl Node {
         let meter = LoadMeter::new();
         let cluster_load = ClusterLoad::new();
         let job_limits = JobLimits::from_config(cfg);
+        let spill_dir = cfg.node.data_dir.join("partitions");
+        let spill =
+            crate::spill::SpillDir::open(&spill_dir).map_err(|source| NodeError::DataDir {
+                path: spill_dir.display().to_string(),
+                source,
+            })?;
         let exec = Arc::new(
             JobExecutor::new(
                 router.clone(),
@@ -234,7 +240,8 @@ impl Node {
                 DEFAULT_CACHE_BYTES,
                 meter.clone(),
             )
-            .with_limits(job_limits),
+            .with_limits(job_limits)
+            .with_spill(spill),
         );
         let admin = Arc::new(JobAdmin::new(control.clone(), store.clone()).with_limits(job_limits));
         router.set_services(Arc::new(Services {

@@ -250,10 +250,15 @@ pub async fn never_read(
 
 /// Resident set size of a process in KiB (`VmRSS`).
 pub fn rss_kib(pid: u32) -> Option<u64> {
+    proc_status_kib(pid, "VmRSS")
+}
+
+/// A KiB field of `/proc/PID/status` (`VmRSS`, `VmHWM`: the peak resident set size).
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()?
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 

@@ -197,6 +197,27 @@ enum BenchCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Import throughput from storage (`dataset import URL`) on 1..N local nodes: rows/s, source
+    /// MB/s, each node's peak RSS. The dataset is deleted after each run.
+    Import {
+        /// What to import (file://, s3://, ...; a glob or prefix).
+        url: String,
+        /// The label column.
+        #[arg(long)]
+        label: String,
+        /// Node counts, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2")]
+        nodes: Vec<usize>,
+        /// Shards in each cluster.
+        #[arg(long, default_value_t = 16)]
+        shards: u32,
+        /// Imports per cluster size.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Write the measurements as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Failover time after SIGKILL (or SIGSTOP) of a node, handoff pause, shards moved on rejoin.
     Failover {
         /// Kills (or pauses) to measure.
@@ -566,6 +587,24 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 steps,
                 workers,
                 local,
+                out,
+            })
+            .await
+        }
+        Cmd::Bench(BenchCmd::Import {
+            url,
+            label,
+            nodes,
+            shards,
+            runs,
+            out,
+        }) => {
+            tidepool::bench_import::run(tidepool::bench_import::ImportBenchOptions {
+                url,
+                label,
+                nodes,
+                shards,
+                runs,
                 out,
             })
             .await

@@ -41,10 +41,13 @@ pub struct Limits {
 pub enum AdmissionError {
     /// The job's (or dataset's) memory need is over the node budget.
     #[error(
-        "needs {need} bytes per node ({data} of data: {rows} rows x {features} features, plus \
-         {model} for the model and messages), over jobs.memory_budget_bytes = {budget}"
+        "needs {need} bytes per node ({data} of data: {what} of {rows} rows x {features} \
+         features, plus {model} for the model and messages), over jobs.memory_budget_bytes = \
+         {budget}"
     )]
     Memory {
+        /// What must be held at once: the dataset, or one shard's partition.
+        what: &'static str,
         need: u64,
         data: u64,
         model: u64,
@@ -181,10 +184,11 @@ pub fn check_frame(
 /// Whether a dataset of `rows x features` fits one node's budget (`dataset synth`, and the
 /// data part of [`admit_job`]).
 pub fn admit_dataset(rows: u64, features: u64, limits: &Limits) -> Result<(), AdmissionError> {
-    check_memory(rows, features, 0, limits)
+    check_memory("the dataset", rows, features, 0, limits)
 }
 
 fn check_memory(
+    what: &'static str,
     rows: u64,
     features: u64,
     model: u64,
@@ -194,6 +198,7 @@ fn check_memory(
     let need = data.saturating_add(model);
     if need > limits.memory_budget_bytes {
         return Err(AdmissionError::Memory {
+            what,
             need,
             data,
             model,
@@ -230,14 +235,19 @@ pub fn admit_job(
         .saturating_mul(MODEL_COPIES)
         .saturating_add(task)
         .saturating_add(partial);
-    check_memory(rows, features, model, limits)?;
+    // A node maps one shard's partition per worker at a time and keeps a cache of them capped
+    // at half the budget (partitions live in local files, memory-mapped): the unit that must
+    // fit is a partition, not the dataset. Shards are filled about evenly (row ids hashed, or
+    // splits balanced by bytes); an uneven one is checked again when it is loaded.
+    let per_shard = rows.div_ceil(u64::from(shards.max(1)));
+    check_memory("one shard's partition", per_shard, features, model, limits)?;
     Ok(s)
 }
 
 /// Bytes a partition of `rows` rows of `features` features takes; refused (before anything is
 /// allocated) when over the budget. Used where a node loads or generates a shard.
 pub fn check_partition(rows: u64, features: u64, limits: &Limits) -> Result<u64, AdmissionError> {
-    check_memory(rows, features, 0, limits)?;
+    check_memory("one shard's partition", rows, features, 0, limits)?;
     Ok(data_bytes(rows, features))
 }
 

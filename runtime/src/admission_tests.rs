@@ -92,12 +92,21 @@ fn jobs_table() {
     let small = sgd("logistic", "");
     // (spec, rows, features, budget, frame, expected error kind: None | "task" | "partial" | "memory")
     type Case<'a> = (&'a JobSpec, u64, u64, u64, u64, Option<&'static str>);
-    let cases: [Case<'_>; 7] = [
+    let cases: [Case<'_>; 8] = [
         (&small, 569, 30, 8 * GIB, 64 * MIB, None),
         (&huge, 1000, 1000, 8 * GIB, 64 * MIB, Some("task")),
         (&huge, 1000, 1000, 8 * GIB, GIB, None),
         (&huge, 1000, 1000, 100 * MIB, GIB, Some("memory")),
-        (&small, 1_000_000_000, 64, 8 * GIB, 64 * MIB, Some("memory")),
+        // 32 shards: a partition of 31 250 000 rows (8.4 GB) fits 8 GiB; ten times more does not.
+        (&small, 1_000_000_000, 64, 8 * GIB, 64 * MIB, None),
+        (
+            &small,
+            10_000_000_000,
+            64,
+            8 * GIB,
+            64 * MIB,
+            Some("memory"),
+        ),
         // 200 000 parameters: the task (1.6 MB) fits 2 MiB, the partial (3.2 MB) does not.
         (
             &sgd("softmax", "classes = 200"),

@@ -52,7 +52,7 @@ pub const VERSION: u16 = 1;
 /// Size of the fixed partition header in bytes.
 pub const HEADER_LEN: usize = 32;
 /// Offset of the checksum field inside the header; the checksum covers the bytes before it.
-const CHECKSUM_OFFSET: usize = 24;
+pub(crate) const CHECKSUM_OFFSET: usize = 24;
 /// Longest cell text quoted back in an error message.
 const MAX_ERROR_TEXT: usize = 48;
 
@@ -661,14 +661,14 @@ pub fn shard_of_row(id: u64, shards: u32) -> u32 {
 /// The fixed 32-byte partition header.
 #[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
 #[repr(C)]
-struct Header {
-    magic: [u8; 4],
-    version: U16,
-    flags: U16,
-    rows: U64,
-    features: U32,
-    reserved: U32,
-    checksum: U64,
+pub(crate) struct Header {
+    pub(crate) magic: [u8; 4],
+    pub(crate) version: U16,
+    pub(crate) flags: U16,
+    pub(crate) rows: U64,
+    pub(crate) features: U32,
+    pub(crate) reserved: U32,
+    pub(crate) checksum: U64,
 }
 
 const _: () = assert!(size_of::<Header>() == HEADER_LEN);
@@ -686,7 +686,7 @@ struct Layout {
     total: usize,
 }
 
-fn pad8(n: usize) -> Option<usize> {
+pub(crate) fn pad8(n: usize) -> Option<usize> {
     n.checked_add(7).map(|v| v & !7)
 }
 
@@ -811,6 +811,16 @@ impl<'a> PartitionView<'a> {
                 expected: header.checksum.get(),
                 actual,
             });
+        }
+        Self::from_layout(bytes, &layout)
+    }
+
+    /// [`Self::parse`] without the checksum: for bytes whose checksum was already checked (a
+    /// partition file this process wrote from checked segments and mapped once).
+    pub fn parse_checked_before(bytes: &'a [u8]) -> Result<Self, DatasetError> {
+        let (_, layout) = validate_layout(bytes)?;
+        if bytes.as_ptr().align_offset(8) != 0 {
+            return Err(DatasetError::Misaligned);
         }
         Self::from_layout(bytes, &layout)
     }

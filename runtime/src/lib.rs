@@ -38,6 +38,7 @@ pub mod dedup;
 pub mod ingest;
 pub mod jobspec;
 pub mod metrics;
+pub mod partition_file;
 pub mod restore;
 pub mod shard_state;
 pub mod storage;
