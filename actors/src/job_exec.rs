@@ -446,12 +446,21 @@ impl JobExecutor {
     fn evict_unowned(&self) {
         let owned: std::collections::HashSet<u32> =
             self.router.owned_shards().into_iter().collect();
+        // Datasets deleted (or imported again under their name) are gone from the map.
+        let live: std::collections::HashSet<String> = self
+            .router
+            .map()
+            .datasets
+            .values()
+            .map(|d| cache_key(d, 0).0)
+            .collect();
         let mut c = self.cache.lock();
         let before = c.entries.len();
-        c.entries.retain(|(_, shard), _| owned.contains(shard));
+        c.entries
+            .retain(|(ds, shard), _| owned.contains(shard) && live.contains(ds));
         if let Some(spill) = &self.spill {
-            c.files.retain(|(_, shard), path| {
-                let keep = owned.contains(shard);
+            c.files.retain(|(ds, shard), path| {
+                let keep = owned.contains(shard) && live.contains(ds);
                 if !keep {
                     spill.remove(path);
                 }
@@ -590,7 +599,9 @@ impl JobExecutor {
         let key = cache_key(ds, shard);
         let path = spill.path(&ds.name, &key.0, shard);
         let features = ds.features.len();
-        if !path.exists() {
+        // A file this process wrote and checked maps again without reading it all.
+        let checked = self.cache.lock().files.contains_key(&key) && path.exists();
+        if !checked {
             let mut w = PartitionFileWriter::create(&path, features)?;
             for k in keys {
                 let bytes = self
@@ -629,13 +640,17 @@ impl JobExecutor {
                 self.within_budget(ds, shard, w.rows().saturating_mul(2))?;
             }
             self.pool.run(move || w.finish()).await??;
-            self.cache.lock().files.insert(key, path.clone());
         }
+        let mapped_path = path.clone();
         let map = self
             .pool
             .run(move || -> Result<memmap2::Mmap, JobExecError> {
-                let map = spill::map(&path)?;
-                let v = PartitionView::parse(&map)?;
+                let map = spill::map(&mapped_path)?;
+                let v = if checked {
+                    PartitionView::parse_checked_before(&map)?
+                } else {
+                    PartitionView::parse(&map)?
+                };
                 if v.n_features() != features {
                     return Err(JobExecError::Features {
                         got: v.n_features(),
@@ -645,6 +660,7 @@ impl JobExecutor {
                 Ok(map)
             })
             .await??;
+        self.cache.lock().files.insert(key, path);
         Ok(Loaded::Mapped(map))
     }
 

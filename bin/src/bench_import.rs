@@ -24,7 +24,35 @@ pub struct ImportBenchOptions {
     pub nodes: Vec<usize>,
     pub shards: u32,
     pub runs: usize,
+    /// Nodes' `jobs.memory_budget_bytes`; with it, a training job over the last import is run
+    /// and each node's resident memory sampled during it.
+    pub memory_budget: Option<u64>,
+    /// Local CSV files uploaded through the streamed client path, this process's peak RSS
+    /// sampled during each.
+    pub csv: Vec<PathBuf>,
     pub out: Option<PathBuf>,
+}
+
+/// A job over the imported data, with the nodes' memory during it.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobMemory {
+    pub budget_mib: f64,
+    pub data_mib: f64,
+    pub seconds: f64,
+    /// Per node: RSS before the job and its peak during it (sampled every 50 ms).
+    pub rss_before_mib: Vec<f64>,
+    pub rss_peak_mib: Vec<f64>,
+}
+
+/// A local CSV uploaded by this process.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientUpload {
+    pub file: PathBuf,
+    pub file_mib: f64,
+    pub rows: u64,
+    pub seconds: f64,
+    pub client_rss_before_mib: f64,
+    pub client_rss_peak_mib: f64,
 }
 
 /// One import.
@@ -47,6 +75,8 @@ pub struct ImportCluster {
     pub median_rows_per_sec: f64,
     pub median_mb_per_sec: f64,
     pub peak_rss_mib: Vec<f64>,
+    pub job: Option<JobMemory>,
+    pub uploads: Vec<ClientUpload>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -54,11 +84,80 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
+/// Trains (20 SGD steps, batch 65 536) over `dataset` while sampling every node's RSS.
+async fn job_memory(
+    c: &LocalCluster,
+    client: &tidepool_runtime::client::ClusterClient,
+    dataset: &str,
+    budget: u64,
+) -> Result<JobMemory> {
+    let rec = crate::jobs_cli::list_datasets(client)
+        .await?
+        .into_iter()
+        .find(|d| d.name == dataset)
+        .context("the imported dataset")?;
+    let data = tidepool_runtime::admission::data_bytes(rec.rows, rec.features.len() as u64);
+    let pids: Vec<u32> = c.nodes.iter().filter_map(|p| p.pid()).collect();
+    let before: Vec<f64> = pids
+        .iter()
+        .map(|&p| proc_status_kib(p, "VmRSS").unwrap_or(0) as f64 / 1024.0)
+        .collect();
+    let spec = format!(
+        "[job]\nkind = \"sgd\"\ndataset = \"{dataset}\"\n[model]\ntype = \"logistic\"\n\
+         [train]\nsteps = 20\nbatch_size = 65536\nlearning_rate = 0.5\nseed = 7\n\
+         checkpoint_every = 1000\n"
+    );
+    let peaks: Vec<std::sync::Arc<std::sync::atomic::AtomicU64>> = pids
+        .iter()
+        .map(|_| std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)))
+        .collect();
+    let sampler = {
+        let (pids, peaks) = (pids.clone(), peaks.clone());
+        tokio::spawn(async move {
+            loop {
+                for (p, peak) in pids.iter().zip(&peaks) {
+                    if let Some(r) = proc_status_kib(*p, "VmRSS") {
+                        peak.fetch_max(r, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await; // sampling interval
+            }
+        })
+    };
+    let t0 = Instant::now();
+    let id = crate::jobs_cli::submit(client, &spec).await?;
+    let done = crate::jobs_cli::wait(client, &id, false, Duration::from_secs(3600)).await;
+    sampler.abort();
+    let done = done?;
+    if done.state != tidepool_runtime::control::JobState::Succeeded {
+        bail!("job {id} ended {:?}: {:?}", done.state, done.error);
+    }
+    let m = JobMemory {
+        budget_mib: budget as f64 / (1 << 20) as f64,
+        data_mib: data as f64 / (1 << 20) as f64,
+        seconds: t0.elapsed().as_secs_f64(),
+        rss_before_mib: before,
+        rss_peak_mib: peaks
+            .iter()
+            .map(|p| p.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0)
+            .collect(),
+    };
+    eprintln!(
+        "job over {:.0} MiB of partitions with a {:.0} MiB budget: {:.1} s; RSS before {:?} MiB, peak {:?} MiB",
+        m.data_mib, m.budget_mib, m.seconds, m.rss_before_mib, m.rss_peak_mib
+    );
+    Ok(m)
+}
+
 pub async fn run(o: ImportBenchOptions) -> Result<()> {
     let exe = std::env::current_exe().context("locating the tidepool binary")?;
     let mut results = Vec::new();
     for &n in &o.nodes {
         let mut c = LocalCluster::create(&exe, n, o.shards, n.min(3))?;
+        if let Some(b) = o.memory_budget {
+            c.env
+                .push(("TIDEPOOL_JOBS__MEMORY_BUDGET_BYTES".into(), b.to_string()));
+        }
         c.start_all()?;
         let copts = ClientOptions {
             retry_for: Duration::from_secs(60),
@@ -100,9 +199,48 @@ pub async fn run(o: ImportBenchOptions) -> Result<()> {
                 r.mb_per_sec
             );
             runs.push(r);
-            if !crate::jobs_cli::delete_dataset(&client, &name).await? {
+            // The last import stays for the training job, if one is asked for.
+            let keep = run + 1 == o.runs && o.memory_budget.is_some();
+            if !keep && !crate::jobs_cli::delete_dataset(&client, &name).await? {
                 bail!("dataset {name} vanished");
             }
+        }
+        let job = match o.memory_budget {
+            Some(budget) => {
+                Some(job_memory(&c, &client, &format!("bench-{}", o.runs - 1), budget).await?)
+            }
+            None => None,
+        };
+        let mut uploads = Vec::new();
+        for (k, file) in o.csv.iter().enumerate() {
+            let me = std::process::id();
+            let before = proc_status_kib(me, "VmRSS").unwrap_or(0);
+            let t0 = Instant::now();
+            let name = format!("upload-{k}");
+            let (rec, peak) = crate::hostile_peer::peak_rss(me, async {
+                crate::jobs_cli::import_csv(&client, file, &name, &o.label).await
+            })
+            .await;
+            let rec = rec?;
+            let u = ClientUpload {
+                file: file.clone(),
+                file_mib: std::fs::metadata(file)?.len() as f64 / (1 << 20) as f64,
+                rows: rec.rows,
+                seconds: t0.elapsed().as_secs_f64(),
+                client_rss_before_mib: before as f64 / 1024.0,
+                client_rss_peak_mib: peak as f64 / 1024.0,
+            };
+            eprintln!(
+                "uploaded {} ({:.0} MiB, {} rows) in {:.1} s: client RSS {:.0} MiB before, {:.0} MiB peak",
+                file.display(),
+                u.file_mib,
+                u.rows,
+                u.seconds,
+                u.client_rss_before_mib,
+                u.client_rss_peak_mib
+            );
+            uploads.push(u);
+            crate::jobs_cli::delete_dataset(&client, &name).await?;
         }
         let peak_rss_mib = c
             .nodes
@@ -119,6 +257,8 @@ pub async fn run(o: ImportBenchOptions) -> Result<()> {
             median_mb_per_sec: median(runs.iter().map(|r| r.mb_per_sec).collect()),
             runs,
             peak_rss_mib,
+            job,
+            uploads,
         });
         c.stop_all(Duration::from_secs(30)).await?;
     }

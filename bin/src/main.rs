@@ -214,6 +214,14 @@ enum BenchCmd {
         /// Imports per cluster size.
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Start the nodes with this `jobs.memory_budget_bytes`, keep the last import and train
+        /// on it (20 SGD steps) while sampling every node's resident memory.
+        #[arg(long)]
+        memory_budget: Option<u64>,
+        /// Local CSV files to upload through the streamed client path (this process's peak
+        /// resident memory is sampled during each).
+        #[arg(long)]
+        csv: Vec<PathBuf>,
         /// Write the measurements as JSON here.
         #[arg(long)]
         out: Option<PathBuf>,
@@ -597,6 +605,8 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             nodes,
             shards,
             runs,
+            memory_budget,
+            csv,
             out,
         }) => {
             tidepool::bench_import::run(tidepool::bench_import::ImportBenchOptions {
@@ -605,6 +615,8 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 nodes,
                 shards,
                 runs,
+                memory_budget,
+                csv,
                 out,
             })
             .await
