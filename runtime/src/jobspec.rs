@@ -20,7 +20,10 @@
 //! standardize = true        # sgd/local_sgd (default true); kmeans and stats use raw features
 //! local_steps = 10          # local_sgd: local steps per averaging round
 //! max_iter = 100            # kmeans
-//! tol = 1e-6                # kmeans: stop when no centroid moves further
+//! tol = 1e-4                # kmeans: stop when the centres' squared moves sum to at most
+//!                           # tol x the mean column variance (scikit-learn's rule)
+//! n_init = 1                # kmeans: runs side by side (one data pass each step); best kept
+//! init_candidates = 3       # kmeans: greedy k-means++ candidates per centre (2 + ln k)
 //! bins = 10                 # stats: histogram bins
 //! ```
 
@@ -96,6 +99,10 @@ pub struct JobSpec {
     pub local_steps: u64,
     pub max_iter: u64,
     pub tol: f64,
+    /// k-means: independent runs (seedings) side by side; the lowest inertia wins.
+    pub n_init: usize,
+    /// k-means: candidates per centre in greedy k-means++ (`None`: `2 + ln k`).
+    pub init_candidates: Option<usize>,
     pub bins: usize,
 }
 
@@ -140,6 +147,8 @@ struct RawTrain {
     local_steps: Option<u64>,
     max_iter: Option<u64>,
     tol: Option<f64>,
+    n_init: Option<usize>,
+    init_candidates: Option<usize>,
     bins: Option<usize>,
 }
 
@@ -239,7 +248,22 @@ impl JobSpec {
             standardize: t.standardize.unwrap_or(trains),
             local_steps,
             max_iter: t.max_iter.unwrap_or(100).max(1),
-            tol: finite_at_least("train.tol", t.tol.unwrap_or(1e-6), 0.0)?,
+            tol: finite_at_least("train.tol", t.tol.unwrap_or(1e-4), 0.0)?,
+            n_init: match t.n_init {
+                Some(n) if !(1..=32).contains(&n) => {
+                    return Err(invalid("train.n_init", format!("{n} is outside 1..=32")))
+                }
+                n => n.unwrap_or(1),
+            },
+            init_candidates: match t.init_candidates {
+                Some(n) if !(1..=64).contains(&n) => {
+                    return Err(invalid(
+                        "train.init_candidates",
+                        format!("{n} is outside 1..=64"),
+                    ))
+                }
+                n => n,
+            },
             bins,
         })
     }

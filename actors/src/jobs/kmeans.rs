@@ -152,8 +152,8 @@ pub struct KMeansResult {
     pub iterations: usize,
 }
 
-/// Single-process k-means (the reference the distributed job is checked against): k-means++
-/// from `rng`, then Lloyd steps until no centroid moves more than `tol` or `max_iter` steps.
+/// Single-process k-means (a reference): k-means++ from `rng`, then Lloyd steps until the sum of
+/// the centroids' squared moves is at most `tol` or `max_iter` steps.
 pub fn lloyd(
     points: &DMatrix<f32>,
     k: usize,
@@ -165,8 +165,9 @@ pub fn lloyd(
     lloyd_from(points, init, max_iter, tol)
 }
 
-/// Lloyd steps from given initial centroids until no centroid moves more than `tol` or
-/// `max_iter` steps (the distributed k-means job stops by the same rule).
+/// Lloyd steps from given initial centroids until the sum of the centroids' squared moves is at
+/// most `tol` (an absolute threshold: the distributed job uses its `tol` times the mean column
+/// variance, as scikit-learn does) or `max_iter` steps.
 pub fn lloyd_from(
     points: &DMatrix<f32>,
     init: DMatrix<f64>,
@@ -181,7 +182,7 @@ pub fn lloyd_from(
         inertia = p.inertia;
         iterations += 1;
         let next = update_centroids(&p, &centroids);
-        let moved = max_shift(&centroids, &next);
+        let moved = squared_shift(&centroids, &next);
         centroids = next;
         if moved <= tol {
             break;
@@ -194,7 +195,7 @@ pub fn lloyd_from(
     }
 }
 
-/// The largest distance any centroid moved.
-pub fn max_shift(old: &DMatrix<f64>, new: &DMatrix<f64>) -> f64 {
-    (new - old).row_iter().map(|r| r.norm()).fold(0.0, f64::max)
+/// The sum over centroids of the squared distance each moved (scikit-learn's `center_shift_tot`).
+pub fn squared_shift(old: &DMatrix<f64>, new: &DMatrix<f64>) -> f64 {
+    (new - old).norm_squared()
 }

@@ -374,7 +374,8 @@ fn kmeans_job_matches_lloyd_from_its_seeds() {
         assert!(found, "seed {r} is not a data point");
     }
 
-    let reference = lloyd_from(&points, init, max_iter as usize, tol);
+    // The job's threshold is relative to the mean column variance (scikit-learn's rule).
+    let reference = lloyd_from(&points, init, max_iter as usize, tol * mean_variance(&points));
     let inertia = result["inertia"].as_f64().unwrap();
     let rel = (inertia - reference.inertia).abs() / reference.inertia;
     assert!(rel < 1e-9, "inertia {inertia} vs {}", reference.inertia);
@@ -638,4 +639,81 @@ fn a_timestamp_column_works_in_stats_sgd_and_kmeans() {
         &table,
     );
     assert_eq!(km["format"], "tidepool-kmeans/1");
+}
+
+/// The mean over columns of the population variance.
+fn mean_variance(points: &DMatrix<f32>) -> f64 {
+    let n = points.nrows() as f64;
+    let d = points.ncols();
+    (0..d)
+        .map(|j| {
+            let col = points.column(j);
+            let mean = col.iter().map(|&v| f64::from(v)).sum::<f64>() / n;
+            (col.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / n - mean * mean).max(0.0)
+        })
+        .sum::<f64>()
+        / d as f64
+}
+
+/// `k` blobs in `d` dimensions (centres uniform in [-10, 10]^d, unit normal noise, 200 points
+/// each), the shape scikit-learn's `make_blobs` gives.
+fn many_blobs(k: usize, d: usize, seed: u64) -> Table {
+    let mut rng = Rng::for_task(seed, 1, 0);
+    let centres: Vec<f64> = (0..k * d).map(|_| rng.uniform_f64() * 20.0 - 10.0).collect();
+    let rows = 200 * k;
+    let mut x = Vec::with_capacity(rows * d);
+    for i in 0..rows {
+        let c = i % k;
+        x.extend((0..d).map(|j| (centres[c * d + j] + normal(&mut rng)) as f32));
+    }
+    Table {
+        features: (0..d).map(|j| format!("x{j}")).collect(),
+        label: "cluster".into(),
+        rows,
+        y: (0..rows).map(|i| (i % k) as f32).collect(),
+        x,
+    }
+}
+
+/// Share of 30 seeds whose inertia is within 1% of the best of them.
+fn within_one_percent(table: &Table, train: &str) -> f64 {
+    let sharded = Sharded::new(table);
+    let shards = sharded.data();
+    let inertias: Vec<f64> = (0..30)
+        .map(|seed| {
+            let spec = format!(
+                "[job]\nkind = \"kmeans\"\ndataset = \"t\"\n[model]\nk = 12\n\
+                 [train]\nmax_iter = 50\nseed = {seed}\n{train}"
+            );
+            let result = run_local(job(&spec, table), &shards).unwrap();
+            result["inertia"].as_f64().unwrap()
+        })
+        .collect();
+    let best = inertias.iter().copied().fold(f64::INFINITY, f64::min);
+    inertias.iter().filter(|&&i| i <= best * 1.01).count() as f64 / 30.0
+}
+
+#[test]
+fn greedy_seeding_and_restarts_find_the_best_inertia() {
+    let table = many_blobs(12, 8, 5);
+    let plain = within_one_percent(&table, "init_candidates = 1");
+    let greedy = within_one_percent(&table, "");
+    let restarts = within_one_percent(&table, "n_init = 3");
+    eprintln!("within 1% of the best of 30 seeds: k-means++ {plain}, greedy {greedy}, greedy x3 {restarts}");
+    // The issue's bar: within 1% of the best in at least 90% of 30 seeds, by default.
+    assert!(greedy >= 0.9 && greedy >= plain, "greedy {greedy}, plain {plain}");
+    assert!(restarts >= greedy, "n_init = 3: {restarts}");
+}
+
+#[test]
+fn kmeans_runs_are_identical_however_the_shards_are_grouped() {
+    let table = many_blobs(5, 4, 9);
+    let spec = "[job]\nkind = \"kmeans\"\ndataset = \"t\"\n[model]\nk = 5\n\
+                [train]\nmax_iter = 30\nseed = 2\nn_init = 3";
+    let result = run_checked(spec, &table);
+    assert_eq!(result["n_init"], 3);
+    let runs: Vec<f64> = serde_json::from_value(result["run_inertias"].clone()).unwrap();
+    let best = runs.iter().copied().fold(f64::INFINITY, f64::min);
+    assert_eq!(result["inertia"].as_f64().unwrap(), best);
+    assert_resumes_exactly(spec, &table, &result, false);
 }
