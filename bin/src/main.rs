@@ -226,6 +226,36 @@ enum BenchCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// k-means on a local cluster over a dataset imported from URL: seconds from submit to
+    /// result, inertia and iterations, one job per seed.
+    Kmeans {
+        /// The points (file://, s3://, ...), imported first.
+        url: String,
+        /// A column to leave out of the features (the points' true cluster, say).
+        #[arg(long)]
+        label: String,
+        /// Nodes in the cluster.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+        /// Shards in the cluster.
+        #[arg(long, default_value_t = 16)]
+        shards: u32,
+        /// Clusters.
+        #[arg(long, default_value_t = 8)]
+        k: usize,
+        /// Lloyd steps at most.
+        #[arg(long, default_value_t = 50)]
+        max_iter: u64,
+        /// Runs side by side per job.
+        #[arg(long, default_value_t = 1)]
+        n_init: usize,
+        /// Seeds, comma-separated: one job each.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
+        seeds: Vec<u64>,
+        /// Write the runs as JSON here.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
     /// Failover time after SIGKILL (or SIGSTOP) of a node, handoff pause, shards moved on rejoin.
     Failover {
         /// Kills (or pauses) to measure.
@@ -617,6 +647,30 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 runs,
                 memory_budget,
                 csv,
+                out,
+            })
+            .await
+        }
+        Cmd::Bench(BenchCmd::Kmeans {
+            url,
+            label,
+            nodes,
+            shards,
+            k,
+            max_iter,
+            n_init,
+            seeds,
+            out,
+        }) => {
+            tidepool::bench_kmeans::run(tidepool::bench_kmeans::KMeansBenchOptions {
+                url,
+                label,
+                nodes,
+                shards,
+                k,
+                max_iter,
+                n_init,
+                seeds,
                 out,
             })
             .await
