@@ -8,7 +8,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tidepool::jobs_cli;
@@ -45,12 +44,7 @@ async fn start() -> Fixture {
 }
 
 fn cli(c: &LocalCluster, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .env("TIDEPOOL_CONNECT", c.seeds()[0].to_string())
-        .env("TIDEPOOL_CERT_DIR", c.admin_dir())
-        .output()
-        .unwrap()
+    c.cli(args).unwrap()
 }
 
 fn shared(c: &LocalCluster) -> PathBuf {

@@ -230,12 +230,7 @@ fn nothing_listening_is_unreachable() {
 const FRAME: u64 = 2 << 20;
 
 fn cli(c: &LocalCluster, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("TIDEPOOL_CONNECT", c.seeds()[0].to_string())
-        .env("TIDEPOOL_CERT_DIR", c.admin_dir())
-        .output()
-        .unwrap()
+    c.cli(args).unwrap()
 }
 
 fn wide_table(rows: usize, features: usize, classes: usize) -> Table {

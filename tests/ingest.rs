@@ -67,27 +67,11 @@ async fn start(n: usize) -> (LocalCluster, ClusterClient) {
 }
 
 fn cli(c: &LocalCluster, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .env("TIDEPOOL_CONNECT", c.seeds()[0].to_string())
-        .env("TIDEPOOL_CERT_DIR", c.admin_dir())
-        .output()
-        .unwrap()
+    c.cli(args).unwrap()
 }
 
 fn cli_json(c: &LocalCluster, args: &[&str]) -> serde_json::Value {
-    let out = cli(c, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{args:?} printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    c.cli_json(args).unwrap()
 }
 
 /// The cluster's store, opened as a node opens it.

@@ -6,7 +6,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,27 +47,11 @@ async fn settle(client: &ClusterClient, n: usize) {
 }
 
 fn cli(c: &LocalCluster, args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .env("TIDEPOOL_CONNECT", c.seeds()[0].to_string())
-        .env("TIDEPOOL_CERT_DIR", c.admin_dir())
-        .output()
-        .unwrap()
+    c.cli(args).unwrap()
 }
 
 fn cli_json(c: &LocalCluster, args: &[&str]) -> serde_json::Value {
-    let out = cli(c, args);
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "{args:?} printed no JSON ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    c.cli_json(args).unwrap()
 }
 
 fn sgd_spec(dataset: &str, model: &str, epochs: u64, extra: &str) -> String {

@@ -16,20 +16,33 @@ use crate::hostile_peer::proc_status_kib;
 use crate::import_watch;
 use crate::local_cluster::LocalCluster;
 
-/// `bench import` settings.
-#[derive(Debug, Clone)]
+/// `bench import` settings (its command line).
+#[derive(Debug, Clone, clap::Args)]
 pub struct ImportBenchOptions {
+    /// What to import (file://, s3://, ...; a glob or prefix).
     pub url: String,
+    /// The label column.
+    #[arg(long)]
     pub label: String,
+    /// Node counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub nodes: Vec<usize>,
+    /// Shards in each cluster.
+    #[arg(long, default_value_t = 16)]
     pub shards: u32,
+    /// Imports per cluster size.
+    #[arg(long, default_value_t = 3)]
     pub runs: usize,
-    /// Nodes' `jobs.memory_budget_bytes`; with it, a training job over the last import is run
-    /// and each node's resident memory sampled during it.
+    /// Start the nodes with this `jobs.memory_budget_bytes`, keep the last import and train on
+    /// it (20 SGD steps) while sampling every node's resident memory.
+    #[arg(long)]
     pub memory_budget: Option<u64>,
-    /// Local CSV files uploaded through the streamed client path, this process's peak RSS
-    /// sampled during each.
+    /// Local CSV files to upload through the streamed client path (this process's peak
+    /// resident memory is sampled during each).
+    #[arg(long)]
     pub csv: Vec<PathBuf>,
+    /// Write the measurements as JSON here.
+    #[arg(long)]
     pub out: Option<PathBuf>,
 }
 

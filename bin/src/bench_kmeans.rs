@@ -14,17 +14,34 @@ use tidepool_runtime::control::JobState;
 use crate::local_cluster::LocalCluster;
 use crate::{import_watch, jobs_cli};
 
-/// `bench kmeans` settings.
-#[derive(Debug, Clone)]
+/// `bench kmeans` settings (its command line).
+#[derive(Debug, Clone, clap::Args)]
 pub struct KMeansBenchOptions {
+    /// The points (file://, s3://, ...), imported first.
     pub url: String,
+    /// A column to leave out of the features (the points' true cluster, say).
+    #[arg(long)]
     pub label: String,
+    /// Nodes in the cluster.
+    #[arg(long, default_value_t = 1)]
     pub nodes: usize,
+    /// Shards in the cluster.
+    #[arg(long, default_value_t = 16)]
     pub shards: u32,
+    /// Clusters.
+    #[arg(long, default_value_t = 8)]
     pub k: usize,
+    /// Lloyd steps at most.
+    #[arg(long, default_value_t = 50)]
     pub max_iter: u64,
+    /// Runs side by side per job.
+    #[arg(long, default_value_t = 1)]
     pub n_init: usize,
+    /// Seeds, comma-separated: one job each.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
     pub seeds: Vec<u64>,
+    /// Write the runs as JSON here.
+    #[arg(long)]
     pub out: Option<PathBuf>,
 }
 
@@ -60,12 +77,13 @@ pub async fn run(o: KMeansBenchOptions) -> Result<()> {
     };
     let started = import_watch::start(&client, &arg).await?;
     let imported = import_watch::follow(&client, &started.id, false, None).await?;
-    eprintln!("imported {} rows x {} features", imported.rows, imported.features);
-    // A first job loads (maps) every partition; it is not timed.
-    let warm = format!(
-        "[job]\nkind = \"stats\"\ndataset = \"points\"\n[train]\nbins = 2\n"
+    eprintln!(
+        "imported {} rows x {} features",
+        imported.rows, imported.features
     );
-    let id = jobs_cli::submit(&client, &warm).await?;
+    // A first job loads (maps) every partition; it is not timed.
+    let warm = "[job]\nkind = \"stats\"\ndataset = \"points\"\n[train]\nbins = 2\n";
+    let id = jobs_cli::submit(&client, warm).await?;
     jobs_cli::wait(&client, &id, false, Duration::from_secs(3600)).await?;
     let mut runs = Vec::new();
     for &seed in &o.seeds {
@@ -98,7 +116,9 @@ pub async fn run(o: KMeansBenchOptions) -> Result<()> {
     c.stop_all(Duration::from_secs(30)).await?;
     let json = serde_json::to_string_pretty(&runs)?;
     match &o.out {
-        Some(path) => std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?,
+        Some(path) => {
+            std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?
+        }
         None => println!("{json}"),
     }
     Ok(())

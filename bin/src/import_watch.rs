@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget};
 use tidepool_actors::imports::{ImportArg, ImportStatus};
 use tidepool_runtime::client::ClusterClient;
 use tidepool_runtime::codec::{AdminOp, ErrorCode};
@@ -71,13 +71,7 @@ fn bar(progress: bool) -> ProgressBar {
     } else {
         ProgressDrawTarget::hidden()
     };
-    let bar = ProgressBar::with_draw_target(Some(1), target);
-    bar.set_style(
-        ProgressStyle::with_template(TEMPLATE)
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-    );
-    bar
+    crate::job_watch::styled_bar(TEMPLATE, target)
 }
 
 /// Follows import `id` until it ends (or `timeout`). A failed import is an error

@@ -26,9 +26,14 @@ const POLL: Duration = Duration::from_millis(250);
 
 /// A progress bar for a job, drawing to `target`.
 pub fn progress_bar(target: ProgressDrawTarget) -> ProgressBar {
+    styled_bar(TEMPLATE, target)
+}
+
+/// A bar drawn with `template` (indicatif's syntax) in the CLI's style, drawing to `target`.
+pub fn styled_bar(template: &str, target: ProgressDrawTarget) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(1), target);
     bar.set_style(
-        ProgressStyle::with_template(TEMPLATE)
+        ProgressStyle::with_template(template)
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );

@@ -249,6 +249,33 @@ impl LocalCluster {
         Ok(client)
     }
 
+    /// Runs the `tidepool` command line with `args` against this cluster, as a user would: the
+    /// first node as the seed, the admin certificate.
+    pub fn cli(&self, args: &[&str]) -> std::io::Result<std::process::Output> {
+        std::process::Command::new(&self.bin)
+            .args(args)
+            .env("TIDEPOOL_CONNECT", self.nodes[0].quic.to_string())
+            .env("TIDEPOOL_CERT_DIR", self.admin_dir())
+            .output()
+    }
+
+    /// [`Self::cli`] for a command that must succeed and print one JSON document (`--json`).
+    pub fn cli_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let out = self.cli(args)?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{args:?} exited {:?}: {}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "{args:?} printed no JSON: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
     pub fn seeds(&self) -> Vec<SocketAddr> {
         self.nodes.iter().map(|n| n.quic).collect()
     }

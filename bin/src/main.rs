@@ -199,63 +199,10 @@ enum BenchCmd {
     },
     /// Import throughput from storage (`dataset import URL`) on 1..N local nodes: rows/s, source
     /// MB/s, each node's peak RSS. The dataset is deleted after each run.
-    Import {
-        /// What to import (file://, s3://, ...; a glob or prefix).
-        url: String,
-        /// The label column.
-        #[arg(long)]
-        label: String,
-        /// Node counts, comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "1,2")]
-        nodes: Vec<usize>,
-        /// Shards in each cluster.
-        #[arg(long, default_value_t = 16)]
-        shards: u32,
-        /// Imports per cluster size.
-        #[arg(long, default_value_t = 3)]
-        runs: usize,
-        /// Start the nodes with this `jobs.memory_budget_bytes`, keep the last import and train
-        /// on it (20 SGD steps) while sampling every node's resident memory.
-        #[arg(long)]
-        memory_budget: Option<u64>,
-        /// Local CSV files to upload through the streamed client path (this process's peak
-        /// resident memory is sampled during each).
-        #[arg(long)]
-        csv: Vec<PathBuf>,
-        /// Write the measurements as JSON here.
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
+    Import(tidepool::bench_import::ImportBenchOptions),
     /// k-means on a local cluster over a dataset imported from URL: seconds from submit to
     /// result, inertia and iterations, one job per seed.
-    Kmeans {
-        /// The points (file://, s3://, ...), imported first.
-        url: String,
-        /// A column to leave out of the features (the points' true cluster, say).
-        #[arg(long)]
-        label: String,
-        /// Nodes in the cluster.
-        #[arg(long, default_value_t = 1)]
-        nodes: usize,
-        /// Shards in the cluster.
-        #[arg(long, default_value_t = 16)]
-        shards: u32,
-        /// Clusters.
-        #[arg(long, default_value_t = 8)]
-        k: usize,
-        /// Lloyd steps at most.
-        #[arg(long, default_value_t = 50)]
-        max_iter: u64,
-        /// Runs side by side per job.
-        #[arg(long, default_value_t = 1)]
-        n_init: usize,
-        /// Seeds, comma-separated: one job each.
-        #[arg(long, value_delimiter = ',', default_value = "1,2,3")]
-        seeds: Vec<u64>,
-        /// Write the runs as JSON here.
-        #[arg(long)]
-        out: Option<PathBuf>,
-    },
+    Kmeans(tidepool::bench_kmeans::KMeansBenchOptions),
     /// Failover time after SIGKILL (or SIGSTOP) of a node, handoff pause, shards moved on rejoin.
     Failover {
         /// Kills (or pauses) to measure.
@@ -629,52 +576,8 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             })
             .await
         }
-        Cmd::Bench(BenchCmd::Import {
-            url,
-            label,
-            nodes,
-            shards,
-            runs,
-            memory_budget,
-            csv,
-            out,
-        }) => {
-            tidepool::bench_import::run(tidepool::bench_import::ImportBenchOptions {
-                url,
-                label,
-                nodes,
-                shards,
-                runs,
-                memory_budget,
-                csv,
-                out,
-            })
-            .await
-        }
-        Cmd::Bench(BenchCmd::Kmeans {
-            url,
-            label,
-            nodes,
-            shards,
-            k,
-            max_iter,
-            n_init,
-            seeds,
-            out,
-        }) => {
-            tidepool::bench_kmeans::run(tidepool::bench_kmeans::KMeansBenchOptions {
-                url,
-                label,
-                nodes,
-                shards,
-                k,
-                max_iter,
-                n_init,
-                seeds,
-                out,
-            })
-            .await
-        }
+        Cmd::Bench(BenchCmd::Import(o)) => tidepool::bench_import::run(o).await,
+        Cmd::Bench(BenchCmd::Kmeans(o)) => tidepool::bench_kmeans::run(o).await,
         Cmd::Bench(BenchCmd::Failover {
             runs,
             nodes,

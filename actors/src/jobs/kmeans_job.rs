@@ -48,11 +48,17 @@ pub struct KMeansJob {
 pub enum KStage {
     Count,
     /// Fetch each run's first centre: `(shard, row index)` per run.
-    Fetch { rows: Vec<(u32, u64)> },
+    Fetch {
+        rows: Vec<(u32, u64)>,
+    },
     /// Score each run's candidates (row-major, `candidates x d` per run).
-    Eval { candidates: Vec<Vec<f64>> },
+    Eval {
+        candidates: Vec<Vec<f64>>,
+    },
     /// Fetch each run's candidate rows: `(shard, running-weight target)` per draw.
-    Pick { draws: Vec<Vec<(u32, f64)>> },
+    Pick {
+        draws: Vec<Vec<(u32, f64)>>,
+    },
     Lloyd,
     Done,
 }
@@ -515,7 +521,10 @@ impl Job for KMeansJob {
                 if merged.sum.len() != shards + 2 * d {
                     return Err(short("count"));
                 }
-                s.shard_rows = merged.sum[..shards].iter().map(|v| v.round() as u64).collect();
+                s.shard_rows = merged.sum[..shards]
+                    .iter()
+                    .map(|v| v.round() as u64)
+                    .collect();
                 let n = merged.rows as f64;
                 let mean_var = (0..d)
                     .map(|j| {
@@ -542,7 +551,11 @@ impl Job for KMeansJob {
                     return Err(short("fetch"));
                 }
                 // The first centre is scored like a lone candidate: its potentials come back.
-                let candidates = merged.sum.chunks_exact(d.max(1)).map(<[f64]>::to_vec).collect();
+                let candidates = merged
+                    .sum
+                    .chunks_exact(d.max(1))
+                    .map(<[f64]>::to_vec)
+                    .collect();
                 s.stage = KStage::Eval { candidates };
             }
             PHASE_EVAL => {
@@ -641,9 +654,11 @@ impl Job for KMeansJob {
 
 /// The run with the lowest inertia (the first on a tie).
 fn best_run(s: &KMeansState) -> Option<&KRun> {
-    s.runs.iter().fold(None, |best: Option<&KRun>, r| match (best, r.inertia) {
-        (None, _) => Some(r),
-        (Some(b), Some(i)) if b.inertia.is_none_or(|bi| i < bi) => Some(r),
-        (b, _) => b,
-    })
+    s.runs
+        .iter()
+        .fold(None, |best: Option<&KRun>, r| match (best, r.inertia) {
+            (None, _) => Some(r),
+            (Some(b), Some(i)) if b.inertia.is_none_or(|bi| i < bi) => Some(r),
+            (b, _) => b,
+        })
 }

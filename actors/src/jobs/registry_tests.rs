@@ -375,7 +375,12 @@ fn kmeans_job_matches_lloyd_from_its_seeds() {
     }
 
     // The job's threshold is relative to the mean column variance (scikit-learn's rule).
-    let reference = lloyd_from(&points, init, max_iter as usize, tol * mean_variance(&points));
+    let reference = lloyd_from(
+        &points,
+        init,
+        max_iter as usize,
+        tol * mean_variance(&points),
+    );
     let inertia = result["inertia"].as_f64().unwrap();
     let rel = (inertia - reference.inertia).abs() / reference.inertia;
     assert!(rel < 1e-9, "inertia {inertia} vs {}", reference.inertia);
@@ -659,7 +664,9 @@ fn mean_variance(points: &DMatrix<f32>) -> f64 {
 /// each), the shape scikit-learn's `make_blobs` gives.
 fn many_blobs(k: usize, d: usize, seed: u64) -> Table {
     let mut rng = Rng::for_task(seed, 1, 0);
-    let centres: Vec<f64> = (0..k * d).map(|_| rng.uniform_f64() * 20.0 - 10.0).collect();
+    let centres: Vec<f64> = (0..k * d)
+        .map(|_| rng.uniform_f64() * 20.0 - 10.0)
+        .collect();
     let rows = 200 * k;
     let mut x = Vec::with_capacity(rows * d);
     for i in 0..rows {
@@ -701,7 +708,10 @@ fn greedy_seeding_and_restarts_find_the_best_inertia() {
     let restarts = within_one_percent(&table, "n_init = 3");
     eprintln!("within 1% of the best of 30 seeds: k-means++ {plain}, greedy {greedy}, greedy x3 {restarts}");
     // The bar: within 1% of the best in at least 90% of 30 seeds, by default.
-    assert!(greedy >= 0.9 && greedy >= plain, "greedy {greedy}, plain {plain}");
+    assert!(
+        greedy >= 0.9 && greedy >= plain,
+        "greedy {greedy}, plain {plain}"
+    );
     assert!(restarts >= greedy, "n_init = 3: {restarts}");
 }
 
