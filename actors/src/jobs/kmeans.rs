@@ -7,26 +7,56 @@
 use super::rng::Rng;
 use nalgebra::DMatrix;
 
-/// Squared Euclidean distance between point row `i` and centroid row `c`.
-fn dist2(points: &DMatrix<f32>, i: usize, centroids: &DMatrix<f64>, c: usize) -> f64 {
-    (0..points.ncols())
-        .map(|j| {
-            let diff = f64::from(points[(i, j)]) - centroids[(c, j)];
-            diff * diff
-        })
-        .sum()
+/// Lanes of the distance kernel's accumulator.
+const LANES: usize = 8;
+
+/// Squared Euclidean distance between a point and a centre: the one kernel of every k-means
+/// distance (the distributed job's and this module's reference). Summed in [`LANES`]
+/// independent lanes, so the compiler vectorises it, then lane by lane and the tail: the same
+/// order for every call, so the result does not depend on where it runs.
+#[inline]
+pub fn dist2(row: &[f32], centre: &[f64]) -> f64 {
+    let n = row.len().min(centre.len());
+    let split = n - n % LANES;
+    let (head, tail) = row[..n].split_at(split);
+    let (chead, ctail) = centre[..n].split_at(split);
+    let mut acc = [0f64; LANES];
+    for (r, c) in head.chunks_exact(LANES).zip(chead.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            let d = f64::from(r[l]) - c[l];
+            acc[l] += d * d;
+        }
+    }
+    let mut sum = acc.iter().sum::<f64>();
+    for (&x, &m) in tail.iter().zip(ctail) {
+        let d = f64::from(x) - m;
+        sum += d * d;
+    }
+    sum
 }
 
-/// The closest centroid to point row `i` and the squared distance to it.
-fn nearest(points: &DMatrix<f32>, i: usize, centroids: &DMatrix<f64>) -> (usize, f64) {
+/// The nearest of `centroids` (row-major, `d` columns) to `row`, and the squared distance;
+/// ties go to the lowest index, so every node assigns a point the same way.
+#[inline]
+pub fn nearest(row: &[f32], centroids: &[f64], d: usize) -> (usize, f64) {
     let mut best = (0, f64::INFINITY);
-    for c in 0..centroids.nrows() {
-        let d = dist2(points, i, centroids, c);
-        if d < best.1 {
-            best = (c, d);
+    for (c, centre) in centroids.chunks_exact(d.max(1)).enumerate() {
+        let dist = dist2(row, centre);
+        if dist < best.1 {
+            best = (c, dist);
         }
     }
     best
+}
+
+/// The rows of `points` as contiguous slices (a column-major matrix transposed once).
+fn rows_of(points: &DMatrix<f32>) -> DMatrix<f32> {
+    points.transpose()
+}
+
+/// `m`'s rows, row-major.
+fn row_major(m: &DMatrix<f64>) -> Vec<f64> {
+    m.transpose().as_slice().to_vec()
 }
 
 /// k-means++ seeding: the first centre uniformly, each next one with probability proportional
@@ -38,10 +68,14 @@ fn nearest(points: &DMatrix<f32>, i: usize, centroids: &DMatrix<f64>) -> (usize,
 pub fn init_plus_plus(points: &DMatrix<f32>, k: usize, rng: &mut Rng) -> DMatrix<f64> {
     let n = points.nrows();
     assert!(k > 0 && n > 0, "k-means++ needs k > 0 and points");
+    let rows = rows_of(points);
+    let row = |i: usize| rows.column(i).as_slice().to_vec();
     let mut centroids = DMatrix::zeros(k, points.ncols());
     let first = rng.below(n as u64) as usize;
     centroids.set_row(0, &points.row(first).map(f64::from));
-    let mut d2: Vec<f64> = (0..n).map(|i| dist2(points, i, &centroids, 0)).collect();
+    let centre = |m: &DMatrix<f64>, c: usize| -> Vec<f64> { m.row(c).iter().copied().collect() };
+    let c0 = centre(&centroids, 0);
+    let mut d2: Vec<f64> = (0..n).map(|i| dist2(&row(i), &c0)).collect();
     for c in 1..k {
         let total: f64 = d2.iter().sum();
         let pick = if total > 0.0 {
@@ -61,8 +95,9 @@ pub fn init_plus_plus(points: &DMatrix<f32>, k: usize, rng: &mut Rng) -> DMatrix
             rng.below(n as u64) as usize
         };
         centroids.set_row(c, &points.row(pick).map(f64::from));
+        let cc = centre(&centroids, c);
         for (i, w) in d2.iter_mut().enumerate() {
-            *w = w.min(dist2(points, i, &centroids, c));
+            *w = w.min(dist2(&row(i), &cc));
         }
     }
     centroids
@@ -119,8 +154,10 @@ impl KMeansPartial {
 pub fn assign(points: &DMatrix<f32>, centroids: &DMatrix<f64>) -> KMeansPartial {
     assert_eq!(points.ncols(), centroids.ncols(), "dimension mismatch");
     let mut p = KMeansPartial::empty(centroids.nrows(), centroids.ncols());
+    let rows = rows_of(points);
+    let flat = row_major(centroids);
     for i in 0..points.nrows() {
-        let (c, d) = nearest(points, i, centroids);
+        let (c, d) = nearest(rows.column(i).as_slice(), &flat, centroids.ncols());
         for j in 0..points.ncols() {
             p.sums[(c, j)] += f64::from(points[(i, j)]);
         }

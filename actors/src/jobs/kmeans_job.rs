@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use tidepool_runtime::jobspec::JobSpec;
 
 use super::job::{Job, JobError, Partial, ShardData, StepReport, Task};
-use super::kmeans::{squared_shift, update_centroids, KMeansPartial};
+use super::kmeans::{dist2, nearest, squared_shift, update_centroids, KMeansPartial};
 use super::rng::Rng;
 
 const PHASE_COUNT: u32 = 10;
@@ -88,26 +88,6 @@ pub struct KMeansState {
     pub tol_abs: f64,
     /// Lloyd steps run.
     pub iterations: u64,
-}
-
-fn dist2(row: &[f32], centre: &[f64]) -> f64 {
-    row.iter()
-        .zip(centre)
-        .map(|(&x, &m)| (f64::from(x) - m) * (f64::from(x) - m))
-        .sum()
-}
-
-/// The nearest of `centroids` (row-major, `d` columns) to `row`, and the squared distance;
-/// ties go to the lowest index.
-fn nearest(row: &[f32], centroids: &[f64], d: usize) -> (usize, f64) {
-    let mut best = (0, f64::INFINITY);
-    for (c, centre) in centroids.chunks_exact(d.max(1)).enumerate() {
-        let dist = dist2(row, centre);
-        if dist < best.1 {
-            best = (c, dist);
-        }
-    }
-    best
 }
 
 /// The RNG of run `r`: run 0 draws from the job's seed, the others from their own streams.
