@@ -207,3 +207,69 @@ fn nodes_may_propose_only_what_concerns_themselves() {
         }
     }
 }
+
+#[test]
+fn an_import_split_is_reported_only_by_its_shard_owner() {
+    use crate::control::imports::{
+        ColumnPlan, Format, ImportRecord, ImportSpec, ImportState, NullPolicy, Split, SplitDone,
+        SplitUnit,
+    };
+    let mut m = map();
+    let split = |shard| Split {
+        file: "a.parquet".into(),
+        unit: SplitUnit::RowGroups { first: 0, count: 1 },
+        shard,
+        bytes: 10,
+    };
+    m.imports.insert(
+        "g1".into(),
+        ImportRecord {
+            id: "g1".into(),
+            dataset: "d".into(),
+            spec: ImportSpec {
+                url: "file:///x.parquet".into(),
+                format: Format::Parquet,
+                label: "y".into(),
+                features: vec![],
+                nulls: NullPolicy::Refuse,
+                max_categories: 4,
+                hash_buckets: 4,
+                split_bytes: 1,
+            },
+            columns: vec![ColumnPlan::Numeric { name: "a".into() }],
+            shards: 2,
+            splits: vec![split(0), split(1)],
+            done: vec![None, None],
+            state: ImportState::Running,
+            error: None,
+        },
+    );
+    let report = |id: &str, split| Command::ImportSplitDone {
+        id: id.into(),
+        split,
+        done: Box::new(SplitDone {
+            rows: 1,
+            dropped: 0,
+            segments: 1,
+            checksum: 0,
+            sums: vec![],
+            counts: vec![],
+        }),
+    };
+    // Split 0 is on shard 0 (owned by n1, handing off to n2), split 1 on shard 1 (n2's).
+    let cases: Vec<(&str, Command, bool)> = vec![
+        ("n1", report("g1", 0), true),
+        ("n2", report("g1", 1), true),
+        // Another node's split: refused, even from the handoff target or a member that is up.
+        ("n2", report("g1", 0), false),
+        ("n1", report("g1", 1), false),
+        // No such split or import, or not a member.
+        ("n1", report("g1", 7), false),
+        ("n1", report("nope", 0), false),
+        ("n9", report("g1", 0), false),
+    ];
+    for (from, cmd, ok) in cases {
+        let got = check_propose(&m, from, &cmd);
+        assert_eq!(got.is_ok(), ok, "{from} proposing {cmd:?}: {got:?}");
+    }
+}
