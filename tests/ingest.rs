@@ -246,6 +246,28 @@ async fn parquet_from_pyarrow_imports_bit_for_bit_and_trains() {
     assert_eq!(described["checksum"], done["checksum"]);
     assert_eq!(described["rows"], done["rows"]);
 
+    // Only where jobs.import_urls allows: a node's own files are not importable.
+    let out = cli(
+        &c,
+        &[
+            "dataset",
+            "import",
+            "file:///etc/passwd",
+            "--name",
+            "leak",
+            "--label",
+            "x",
+            "--format",
+            "csv",
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(
+        stderr.contains("jobs.import_urls") && !stderr.contains("root:"),
+        "{stderr}"
+    );
+
     // The same import again: the same import, nothing new written.
     let objects = objects_under(&c, "pq").await;
     let again = cli_json(&c, &args(&import("pq", "drop_row")));
@@ -450,11 +472,12 @@ async fn reference(url: &str, split_bytes: u64) -> (u64, String) {
         hash_buckets: 1024,
         split_bytes,
     };
-    let planned = tidepool_runtime::ingest::plan::plan("ref", "ref", &spec, SHARDS)
+    let anywhere = vec!["file:///".to_string()];
+    let planned = tidepool_runtime::ingest::plan::plan("ref", "ref", &spec, SHARDS, &anywhere)
         .await
         .unwrap();
     let mut rec = planned.record;
-    let src = tidepool_runtime::ingest::source::Source::open(url).unwrap();
+    let src = tidepool_runtime::ingest::source::Source::open(url, &anywhere).unwrap();
     let store = Store::in_memory();
     for i in 0..rec.splits.len() {
         let done = tidepool_runtime::ingest::read::read_split(&src, &rec, i as u32, &store)

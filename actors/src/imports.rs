@@ -160,6 +160,7 @@ fn bad(msg: impl Into<String>) -> AdminError {
 pub async fn start(
     control: &ControlPlane,
     store: &Store,
+    allowed: &[String],
     arg: ImportArg,
 ) -> Result<ImportStatus, AdminError> {
     let spec = resolve(&arg).map_err(bad)?;
@@ -190,7 +191,7 @@ pub async fn start(
     if shards == 0 {
         return Err(bad("the cluster has no shards yet"));
     }
-    let planned = ingest::plan::plan(&id, &arg.name, &spec, shards)
+    let planned = ingest::plan::plan(&id, &arg.name, &spec, shards, allowed)
         .await
         .map_err(|e| bad(e.to_string()))?;
     let rec = planned.record;
@@ -265,6 +266,9 @@ pub struct ImportCtx {
     pub router: Router,
     pub control: ControlPlane,
     pub store: Store,
+    /// `jobs.import_urls`: checked again before every split is read (a plan in the map may have
+    /// been proposed by any node).
+    pub allowed: std::sync::Arc<Vec<String>>,
 }
 
 /// Aborts its tasks when dropped (node shutdown).
@@ -339,7 +343,7 @@ pub async fn manage(ctx: ImportCtx) {
 async fn run_split(ctx: ImportCtx, imp: ImportRecord, split: u32) {
     let bytes = imp.splits.get(split as usize).map_or(0, |s| s.bytes);
     let read = || async {
-        let src = Source::open(&imp.spec.url)?;
+        let src = Source::open(&imp.spec.url, &ctx.allowed)?;
         ingest::read::read_split(&src, &imp, split, &ctx.store).await
     };
     let outcome = read

@@ -110,6 +110,8 @@ pub struct JobAdmin {
     store: Store,
     limits: JobLimits,
     result: ResultCache,
+    /// `jobs.import_urls`: where `dataset import URL` may read.
+    import_urls: Arc<Vec<String>>,
 }
 
 impl JobAdmin {
@@ -119,7 +121,14 @@ impl JobAdmin {
             store,
             limits: JobLimits::default(),
             result: ResultCache::default(),
+            import_urls: Arc::default(),
         }
+    }
+
+    /// Where `dataset import URL` may read (`jobs.import_urls`).
+    pub fn with_import_urls(mut self, urls: Arc<Vec<String>>) -> Self {
+        self.import_urls = urls;
+        self
     }
 
     /// Sets this node's job limits (admission at submit and `dataset synth`).
@@ -200,7 +209,8 @@ impl JobAdmin {
             AdminOp::DatasetDelete => self.delete(Self::parse(payload)?).await,
             AdminOp::DatasetImport => {
                 let arg = Self::parse(payload)?;
-                Self::json(&crate::imports::start(&self.control, &self.store, arg).await?)
+                let allowed = &self.import_urls;
+                Self::json(&crate::imports::start(&self.control, &self.store, allowed, arg).await?)
             }
             AdminOp::DatasetImportStatus => {
                 let arg: crate::imports::StatusArg = Self::parse(payload)?;

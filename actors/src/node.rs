@@ -243,7 +243,12 @@ impl Node {
             .with_limits(job_limits)
             .with_spill(spill),
         );
-        let admin = Arc::new(JobAdmin::new(control.clone(), store.clone()).with_limits(job_limits));
+        let import_urls = Arc::new(cfg.jobs.import_urls.clone());
+        let admin = Arc::new(
+            JobAdmin::new(control.clone(), store.clone())
+                .with_limits(job_limits)
+                .with_import_urls(import_urls.clone()),
+        );
         router.set_services(Arc::new(Services {
             me: name.clone(),
             control: control.clone(),
@@ -260,6 +265,12 @@ impl Node {
             control: control.clone(),
             store: store.clone(),
             exec,
+        };
+        let imports = crate::imports::ImportCtx {
+            router: router.clone(),
+            control: control.clone(),
+            store: store.clone(),
+            allowed: import_urls,
         };
         transport.start(Arc::new(router.clone()));
         if cfg.is_voter() && all_voters_known {
@@ -285,6 +296,7 @@ impl Node {
                 cluster_load,
                 policy,
                 coordinators,
+                imports,
                 failed_rx,
             },
         );
@@ -490,6 +502,7 @@ struct Loops {
     cluster_load: Arc<ClusterLoad>,
     policy: Arc<ClusterPolicy>,
     coordinators: CoordinatorCtx,
+    imports: crate::imports::ImportCtx,
     failed_rx: mpsc::UnboundedReceiver<u32>,
 }
 
@@ -536,11 +549,7 @@ fn spawn_loops(cfg: &NodeConfig, l: Loops) -> Vec<tokio::task::JoinHandle<()>> {
             l.leases,
             l.failed_rx,
         )),
-        tokio::spawn(crate::imports::manage(crate::imports::ImportCtx {
-            router: l.coordinators.router.clone(),
-            control: l.coordinators.control.clone(),
-            store: l.coordinators.store.clone(),
-        })),
+        tokio::spawn(crate::imports::manage(l.imports)),
         tokio::spawn(job_admin::manage(l.coordinators)),
         tokio::spawn(watch_members(l.control, l.transport, l.policy)),
     ]

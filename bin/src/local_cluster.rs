@@ -194,7 +194,8 @@ impl LocalCluster {
         let toml = format!(
             "[node]\nname = \"{name}\"\nlisten = \"{quic}\"\nadmin = \"{admin}\"\ndata_dir = \"{data}\"\nshutdown_grace_ms = 15000\n\n\
              [cluster]\nseeds = [{seeds}]\nvoters = [{voters}]\nshards = {shards}\n\n\
-             [tls]\ndir = \"{certs}\"\n\n[storage]\nurl = \"file://{shared}\"\n",
+             [tls]\ndir = \"{certs}\"\n\n[storage]\nurl = \"file://{shared}\"\n\n\
+             [jobs]\nimport_urls = [\"file://{tmp}/\", \"s3://lake/\"]\n",
             name = node.name,
             quic = node.quic,
             admin = node.admin,
@@ -204,6 +205,8 @@ impl LocalCluster {
             shards = self.shards,
             certs = root.join("certs").join(&node.name).display(),
             shared = root.join("shared").display(),
+            // Imports read test data from temp dirs (and the tests' moto bucket), nothing else.
+            tmp = std::env::temp_dir().display(),
         );
         std::fs::write(&node.config, toml)?;
         Ok(())

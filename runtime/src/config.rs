@@ -438,8 +438,8 @@ impl Default for AdminSection {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct JobsSection {
-    /// Bytes of job data and model one node may hold: a job's whole dataset (a cluster shrunk to
-    /// one node must still run it) plus its model and messages, and the partition cache.
+    /// Bytes of job data and model one node may hold resident: one shard's partition per worker
+    /// thread plus its model and messages, and the cache of mapped partitions (half of it).
     /// 1 MiB..=1 TiB. Default 8589934592 (8 GiB).
     pub memory_budget_bytes: u64,
     /// Most steps a job may plan (epochs x steps per epoch, k-means iterations). >= 1.
@@ -447,6 +447,11 @@ pub struct JobsSection {
     pub max_steps: u64,
     /// Most epochs a training job may ask for. >= 1. Default 100000.
     pub max_epochs: u64,
+    /// URL prefixes `dataset import URL` may read from (`s3://lake/`, `file:///data/`). A
+    /// `file://` URL is compared after resolving `..` and links. Default empty: imports from
+    /// storage are refused until the operator names where they may read (a node's own files,
+    /// its keys included, are never importable by accident).
+    pub import_urls: Vec<String>,
 }
 
 impl Default for JobsSection {
@@ -455,6 +460,7 @@ impl Default for JobsSection {
             memory_budget_bytes: 8 * GIB,
             max_steps: 10_000_000,
             max_epochs: 100_000,
+            import_urls: Vec::new(),
         }
     }
 }
@@ -487,7 +493,22 @@ impl NodeConfig {
             return Err(ConfigError::new("jobs.memory_budget_bytes", reason));
         }
         positive("jobs.max_steps", j.max_steps)?;
-        positive("jobs.max_epochs", j.max_epochs)
+        positive("jobs.max_epochs", j.max_epochs)?;
+        for (i, u) in j.import_urls.iter().enumerate() {
+            let ok = ["file:///", "s3://", "gs://", "az://"]
+                .iter()
+                .any(|s| u.starts_with(s) && u.len() > s.len())
+                && !u.contains(['*', '?', '[', '{']);
+            if !ok {
+                return Err(ConfigError::new(
+                    format!("jobs.import_urls[{i}]"),
+                    format!(
+                        "{u:?} is not a URL prefix: file:///absolute/dir/, s3://bucket/..., gs://... or az://... (no globs)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

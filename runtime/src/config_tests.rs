@@ -599,3 +599,25 @@ fn sections_convert_to_the_components_they_configure() {
     let r = crate::rebalance::RebalanceConfig::from(&c.cluster);
     assert_eq!(r.max_concurrent_handoffs, c.cluster.max_concurrent_handoffs);
 }
+
+#[test]
+fn import_urls_are_url_prefixes_without_globs() {
+    for bad in [
+        "/data",
+        "file://relative",
+        "http://x/",
+        "s3://",
+        "s3://lake/*.parquet",
+        "",
+    ] {
+        assert_eq!(
+            invalid(|c| c.jobs.import_urls = vec!["s3://ok/".into(), bad.into()]),
+            "jobs.import_urls[1]",
+            "{bad:?}"
+        );
+    }
+    let mut c = NodeConfig::default();
+    c.cluster.voters = three_voters();
+    c.jobs.import_urls = vec!["file:///data/".into(), "s3://lake/".into(), "gs://b".into()];
+    assert_eq!(c.validate(), Ok(()));
+}

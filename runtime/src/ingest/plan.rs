@@ -28,14 +28,16 @@ pub struct Planned {
     pub skipped: Vec<(String, String)>,
 }
 
-/// The import `id` of `spec` into dataset `dataset`, planned for `shards` shards.
+/// The import `id` of `spec` into dataset `dataset`, planned for `shards` shards; the URL must be
+/// under one of `allowed` (`jobs.import_urls`).
 pub async fn plan(
     id: &str,
     dataset: &str,
     spec: &ImportSpec,
     shards: u32,
+    allowed: &[String],
 ) -> Result<Planned, IngestError> {
-    let src = Source::open(&spec.url)?;
+    let src = Source::open(&spec.url, allowed)?;
     let files = src.files(spec.format.as_str()).await?;
     let (columns, mut splits, skipped) = match spec.format {
         Format::Parquet => plan_parquet(&src, spec, &files).await?,

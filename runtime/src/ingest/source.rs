@@ -34,9 +34,27 @@ fn is_glob(part: &str) -> bool {
     part.contains(['*', '?', '[', '{'])
 }
 
+/// Whether `url` (a file:// URL already resolved, or a cloud one) is under one of `allowed`.
+fn allowed_by(url: &str, allowed: &[String]) -> bool {
+    allowed.iter().any(|prefix| {
+        match (url.strip_prefix("file://"), prefix.strip_prefix("file://")) {
+            // Paths compare by whole components, after resolving the prefix's own links.
+            (Some(path), Some(root)) => {
+                let root =
+                    std::fs::canonicalize(root).unwrap_or_else(|_| std::path::PathBuf::from(root));
+                std::path::Path::new(path).starts_with(root)
+            }
+            (None, None) => url.starts_with(prefix.as_str()),
+            _ => false,
+        }
+    })
+}
+
 impl Source {
-    /// Opens `url`; cloud options come from the environment (as for `storage.url`).
-    pub fn open(url: &str) -> Result<Source, IngestError> {
+    /// Opens `url` if it is under one of the `allowed` URL prefixes (`jobs.import_urls`); cloud
+    /// options come from the environment (as for `storage.url`). A `file://` URL is checked
+    /// after resolving `..` and links, so it cannot step out of an allowed directory.
+    pub fn open(url: &str, allowed: &[String]) -> Result<Source, IngestError> {
         let bad = |reason: String| IngestError::BadUrl {
             url: url.to_string(),
             reason,
@@ -63,11 +81,32 @@ impl Source {
                     .map_err(|e| bad(format!("bad glob {p:?}: {e}")))
             })
             .transpose()?;
-        let (store, root): (Arc<dyn ObjectStore>, Path) = match scheme {
+        let resolved = match scheme {
             "file" => {
                 if !fixed.starts_with('/') {
                     return Err(bad("use an absolute path: file:///dir/file".into()));
                 }
+                let real =
+                    std::fs::canonicalize(&fixed).map_err(|e| bad(format!("{fixed}: {e}")))?;
+                format!("file://{}", real.display())
+            }
+            _ => format!("{scheme}://{fixed}"),
+        };
+        if !allowed_by(&resolved, allowed) {
+            return Err(bad(format!(
+                "imports may read only under jobs.import_urls ({}); {resolved} is not",
+                if allowed.is_empty() {
+                    "none configured".to_string()
+                } else {
+                    allowed.join(", ")
+                }
+            )));
+        }
+        let fixed = resolved
+            .split_once("://")
+            .map_or(fixed.clone(), |(_, rest)| rest.to_string());
+        let (store, root): (Arc<dyn ObjectStore>, Path) = match scheme {
+            "file" => {
                 let fs = LocalFileSystem::new();
                 let root = Path::from_absolute_path(&fixed)
                     .map_err(|e| bad(format!("bad path {fixed:?}: {e}")))?;

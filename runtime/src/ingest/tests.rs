@@ -16,6 +16,11 @@ use super::split_segment_key;
 use crate::dataset::PartitionBuf;
 use crate::storage::Store;
 
+/// Every local file may be imported (the tests' temp dirs).
+fn anywhere() -> Vec<String> {
+    vec!["file:///".into()]
+}
+
 fn spec(url: &str, format: Format, nulls: NullPolicy, split_bytes: u64) -> ImportSpec {
     ImportSpec {
         url: url.into(),
@@ -95,10 +100,10 @@ async fn import_all(
     spec: &ImportSpec,
     shards: u32,
 ) -> Result<(Vec<(f32, Vec<f32>)>, Vec<SplitDone>, Vec<ColumnPlan>), super::IngestError> {
-    let planned = plan("imp", "ds", spec, shards).await?;
+    let planned = plan("imp", "ds", spec, shards, &anywhere()).await?;
     let rec = planned.record;
     let store = Store::in_memory();
-    let src = super::source::Source::open(&spec.url)?;
+    let src = super::source::Source::open(&spec.url, &anywhere())?;
     let mut rows = Vec::new();
     let mut dones = Vec::new();
     for i in 0..rec.splits.len() as u32 {
@@ -210,7 +215,7 @@ async fn a_corrupt_parquet_file_is_named() {
     );
 
     std::fs::write(&path, b"PAR1 not really").unwrap();
-    let err = plan("i", "d", &s, 2).await.unwrap_err();
+    let err = plan("i", "d", &s, 2, &anywhere()).await.unwrap_err();
     assert!(
         err.is_data() && err.to_string().contains("bad.parquet"),
         "{err}"
@@ -248,5 +253,46 @@ async fn csv_byte_ranges_read_every_line_once() {
     assert!(
         err.contains("d.csv: line at byte") && err.contains("\"b\""),
         "{err}"
+    );
+}
+
+#[tokio::test]
+async fn only_allowed_urls_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let secret = dir.path().join("secret");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::create_dir_all(&secret).unwrap();
+    std::fs::write(data.join("a.csv"), "x,y\n1,2\n").unwrap();
+    std::fs::write(secret.join("key.csv"), "x,y\n3,4\n").unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(secret.join("key.csv"), data.join("link.csv")).unwrap();
+    let allowed = vec![format!("file://{}/", data.display())];
+    let open = |url: String| super::source::Source::open(&url, &allowed).map(|_| ());
+    assert!(open(format!("file://{}/a.csv", data.display())).is_ok());
+    assert!(open(format!("file://{}/*.csv", data.display())).is_ok());
+    let refused = [
+        format!("file://{}/key.csv", secret.display()),
+        // `..` and links are resolved before the check.
+        format!("file://{}/../secret/key.csv", data.display()),
+        format!("file://{}/link.csv", data.display()),
+        format!("file://{}", dir.path().display()),
+        "s3://bucket/x.csv".to_string(),
+    ];
+    for url in refused {
+        let err = open(url.clone()).unwrap_err();
+        assert!(
+            err.is_data() && err.to_string().contains("jobs.import_urls"),
+            "{url}: {err}"
+        );
+    }
+    let none = super::source::Source::open(&format!("file://{}/a.csv", data.display()), &[]);
+    assert!(none.unwrap_err().to_string().contains("none configured"));
+    let s3 = super::source::Source::open("s3://lake/events/x.parquet", &["s3://lake/".into()]);
+    assert!(s3.is_ok());
+    let other = super::source::Source::open("s3://lakehouse/x.parquet", &["s3://lake/".into()]);
+    assert!(
+        other.is_err(),
+        "a prefix of the bucket name is not the bucket"
     );
 }
