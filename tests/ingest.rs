@@ -276,6 +276,14 @@ async fn parquet_from_pyarrow_imports_bit_for_bit_and_trains() {
     assert_eq!(objects_under(&c, "pq").await, objects);
     let status = cli_json(&c, &["dataset", "import-status", "--name", "pq", "--json"]);
     assert_eq!(status["checksum"], done["checksum"]);
+    let all = cli_json(&c, &["dataset", "import-status", "--json"]);
+    let ids: Vec<&str> = all["imports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [done["id"].as_str().unwrap()], "{all}");
 
     // refuse (the default): the import fails naming file, row group and row; nothing visible.
     let out = cli(&c, &args(&import("pq_refuse", "refuse")));

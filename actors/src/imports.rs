@@ -253,11 +253,16 @@ pub fn status(map: &ClusterMap, arg: &StatusArg) -> Result<ImportStatus, AdminEr
                     Some(DatasetSource::Ingested { import, .. }) if *import == i.id);
                 (i.state == ImportState::Running, created)
             }),
-        (None, None) => return Err(bad("give an import id or a dataset name")),
+        (None, None) => return Err(bad("give an import id or a dataset name, or use list()")),
     };
     found
         .map(ImportStatus::from)
         .ok_or_else(|| (ErrorCode::NotFound, "no such import".to_string()))
+}
+
+/// Every import the map holds (running, succeeded, failed), by id.
+pub fn list(map: &ClusterMap) -> Vec<ImportStatus> {
+    map.imports.values().map(ImportStatus::from).collect()
 }
 
 /// What the manager needs.

@@ -214,6 +214,11 @@ impl JobAdmin {
             }
             AdminOp::DatasetImportStatus => {
                 let arg: crate::imports::StatusArg = Self::parse(payload)?;
+                if arg.id.is_none() && arg.name.is_none() {
+                    let map = self.control.map().borrow().clone();
+                    let imports = crate::imports::list(&map);
+                    return Self::json(&serde_json::json!({ "imports": imports }));
+                }
                 let map = self
                     .map_where(|m| match (&arg.id, &arg.name) {
                         (Some(id), _) => m.imports.contains_key(id),

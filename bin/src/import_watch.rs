@@ -65,6 +65,18 @@ pub async fn status(
     Ok(serde_json::from_slice(&bytes)?)
 }
 
+/// Every import the cluster knows (running, succeeded, failed).
+pub async fn list(client: &ClusterClient) -> Result<Vec<ImportStatus>> {
+    let bytes = client
+        .admin(AdminOp::DatasetImportStatus, &serde_json::json!({}))
+        .await?;
+    #[derive(serde::Deserialize)]
+    struct L {
+        imports: Vec<ImportStatus>,
+    }
+    Ok(serde_json::from_slice::<L>(&bytes)?.imports)
+}
+
 fn bar(progress: bool) -> ProgressBar {
     let target = if progress {
         ProgressDrawTarget::stderr()

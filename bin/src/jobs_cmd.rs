@@ -56,7 +56,8 @@ pub enum DatasetCmd {
         conn: Conn,
     },
     /// Where an import from storage stands: state, splits and bytes done, rows, and its error
-    /// if it failed. Give the import id, or --name for a dataset's latest import.
+    /// if it failed. Give the import id, or --name for a dataset's latest import; neither lists
+    /// every import (`--json`: `{"imports": [...]}`).
     ImportStatus {
         /// The import id (printed by `dataset import`).
         id: Option<String>,
@@ -255,6 +256,21 @@ pub async fn dataset(cmd: DatasetCmd) -> Result<()> {
                 return print_json(&serde_json::to_value(&done)?);
             }
             println!("{}", import_watch::line(&done));
+            Ok(())
+        }
+        DatasetCmd::ImportStatus {
+            id: None,
+            name: None,
+            conn,
+        } => {
+            let client = connect(&conn).await?;
+            let all = import_watch::list(&client).await?;
+            if conn.json {
+                return print_json(&serde_json::json!({ "imports": all }));
+            }
+            for s in &all {
+                println!("{}", import_watch::line(s));
+            }
             Ok(())
         }
         DatasetCmd::ImportStatus { id, name, conn } => {

@@ -54,7 +54,8 @@ pub enum AdminOp {
     /// "split_bytes"?}`); reply: the import's id and plan summary. Appended last: the wire
     /// keeps the earlier ops' tags.
     DatasetImport,
-    /// Where an import stands (payload: `{"id"}` or `{"name"}`).
+    /// Where an import stands (payload: `{"id"}` or `{"name"}`); with neither, every import
+    /// (`{"imports": [...]}`).
     DatasetImportStatus,
 }
 
