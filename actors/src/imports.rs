@@ -8,7 +8,7 @@
 //! deletes what it wrote; a source or storage error is retried with backoff, and fails the
 //! import after [`SOURCE_RETRIES`] tries.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable};
@@ -21,11 +21,10 @@ use tidepool_runtime::control::{
 use tidepool_runtime::ingest::{self, source::Source, IngestError};
 use tidepool_runtime::metrics as m;
 use tidepool_runtime::storage::Store;
-use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::admin_checks::{valid_name, MAX_FEATURES};
-use crate::job_admin::AdminError;
+use crate::job_admin::{AdminError, Running};
 use crate::job_exec::import_prefix;
 use crate::router::Router;
 
@@ -276,22 +275,10 @@ pub struct ImportCtx {
     pub allowed: std::sync::Arc<Vec<String>>,
 }
 
-/// Aborts its tasks when dropped (node shutdown).
-#[derive(Default)]
-struct Tasks(HashMap<(String, u32), JoinHandle<()>>);
-
-impl Drop for Tasks {
-    fn drop(&mut self) {
-        for h in self.0.values() {
-            h.abort();
-        }
-    }
-}
-
 /// Reads, for every running import, the splits whose shard this node serves.
 pub async fn manage(ctx: ImportCtx) {
     let mut rx = ctx.control.map();
-    let mut tasks = Tasks::default();
+    let mut tasks: Running<(String, u32)> = Running::default();
     // Imports this process read splits of: when one fails, what it wrote is deleted (again,
     // after the failure's own cleanup, for a split that was still being written).
     let mut touched: HashSet<String> = HashSet::new();
@@ -347,9 +334,27 @@ pub async fn manage(ctx: ImportCtx) {
 /// Reads one split and reports it; a data error fails the import.
 async fn run_split(ctx: ImportCtx, imp: ImportRecord, split: u32) {
     let bytes = imp.splits.get(split as usize).map_or(0, |s| s.bytes);
-    let read = || async {
-        let src = Source::open(&imp.spec.url, &ctx.allowed)?;
-        ingest::read::read_split(&src, &imp, split, &ctx.store).await
+    // Decoding Parquet and parsing CSV is CPU work: it runs on a blocking thread (which still
+    // drives the reads and writes on this runtime), never on the reactor that renews the node's
+    // leases.
+    let read = || {
+        let (imp, store, allowed) = (imp.clone(), ctx.store.clone(), ctx.allowed.clone());
+        async move {
+            let rt = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                rt.block_on(async {
+                    let src = Source::open(&imp.spec.url, &allowed)?;
+                    ingest::read::read_split(&src, &imp, split, &store).await
+                })
+            })
+            .await
+            .unwrap_or_else(|e| {
+                Err(IngestError::Source {
+                    url: String::new(),
+                    reason: format!("split reader: {e}"),
+                })
+            })
+        }
     };
     let outcome = read
         .retry(

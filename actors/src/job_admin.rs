@@ -494,11 +494,17 @@ impl JobAdmin {
     }
 }
 
-/// Aborts the coordinators it holds when dropped (node shutdown).
-#[derive(Default)]
-struct Running(HashMap<String, JoinHandle<()>>);
+/// Tasks by key, aborted when dropped (node shutdown): the coordinators here, the import
+/// splits in `crate::imports`.
+pub(crate) struct Running<K: std::hash::Hash + Eq>(pub(crate) HashMap<K, JoinHandle<()>>);
 
-impl Drop for Running {
+impl<K: std::hash::Hash + Eq> Default for Running<K> {
+    fn default() -> Self {
+        Running(HashMap::new())
+    }
+}
+
+impl<K: std::hash::Hash + Eq> Drop for Running<K> {
     fn drop(&mut self) {
         for h in self.0.values() {
             h.abort();
@@ -510,7 +516,7 @@ impl Drop for Running {
 /// serves, and stops those whose shard moved away.
 pub async fn manage(ctx: CoordinatorCtx) {
     let mut rx = ctx.control.map();
-    let mut running = Running::default();
+    let mut running: Running<String> = Running::default();
     // Finished jobs whose checkpoints this process has deleted (again after a restart: deleting
     // an empty prefix is a cheap list).
     let mut cleaned = std::collections::HashSet::new();
