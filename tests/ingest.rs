@@ -56,7 +56,17 @@ fn python(args: &[&str]) {
 }
 
 async fn start(n: usize) -> (LocalCluster, ClusterClient) {
-    let mut c = LocalCluster::create(Path::new(BIN), n, SHARDS, n.min(3)).unwrap();
+    start_with(n, SHARDS, Vec::new()).await
+}
+
+/// `n` nodes of `shards` shards with `env` in every node's environment, started and settled.
+async fn start_with(
+    n: usize,
+    shards: u32,
+    env: Vec<(String, String)>,
+) -> (LocalCluster, ClusterClient) {
+    let mut c = LocalCluster::create(Path::new(BIN), n, shards, n.min(3)).unwrap();
+    c.env = env;
     c.start_all().unwrap();
     let opts = ClientOptions {
         retry_for: Duration::from_secs(60),
@@ -616,22 +626,14 @@ async fn parquet_from_s3_matches_the_same_files_from_disk() {
             moto::http(moto.port, "PUT", &format!("/lake/events/{f}"), &bytes).unwrap();
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     }
-    let mut c = LocalCluster::create(Path::new(BIN), 2, SHARDS, 2).unwrap();
-    for (k, v) in [
+    let env = [
         ("AWS_ENDPOINT", format!("http://127.0.0.1:{}", moto.port)),
         ("AWS_ALLOW_HTTP", "true".into()),
         ("AWS_ACCESS_KEY_ID", "test".into()),
         ("AWS_SECRET_ACCESS_KEY", "test".into()),
         ("AWS_REGION", "us-east-1".into()),
-    ] {
-        c.env.push((k.to_string(), v));
-    }
-    c.start_all().unwrap();
-    let opts = ClientOptions {
-        retry_for: Duration::from_secs(60),
-        ..Default::default()
-    };
-    let client = c.settled_admin_client(opts).await.unwrap();
+    ];
+    let (c, client) = start_with(2, SHARDS, env.map(|(k, v)| (k.to_string(), v)).to_vec()).await;
     let import = |url: &str, name: &str| {
         cli_json(
             &c,
@@ -698,17 +700,11 @@ async fn a_job_scans_four_times_the_memory_budget() {
     // 900 000 rows x (16 x 4 + 12) bytes = 68 MB of partitions: over 4x the budget.
     let rows = 900_000;
     write_wide_csv(&csv, rows);
-    let mut c = LocalCluster::create(Path::new(BIN), 1, 16, 1).unwrap();
-    c.env.push((
-        "TIDEPOOL_JOBS__MEMORY_BUDGET_BYTES".into(),
+    let env = vec![(
+        "TIDEPOOL_JOBS__MEMORY_BUDGET_BYTES".to_string(),
         BUDGET.to_string(),
-    ));
-    c.start_all().unwrap();
-    let opts = ClientOptions {
-        retry_for: Duration::from_secs(60),
-        ..Default::default()
-    };
-    let client = c.settled_admin_client(opts).await.unwrap();
+    )];
+    let (c, client) = start_with(1, 16, env).await;
     let url = format!("file://{}", csv.display());
     let done = cli_json(
         &c,

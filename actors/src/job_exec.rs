@@ -458,15 +458,14 @@ impl JobExecutor {
         let before = c.entries.len();
         c.entries
             .retain(|(ds, shard), _| owned.contains(shard) && live.contains(ds));
-        if let Some(spill) = &self.spill {
-            c.files.retain(|(ds, shard), path| {
-                let keep = owned.contains(shard) && live.contains(ds);
-                if !keep {
-                    spill.remove(path);
-                }
-                keep
-            });
-        }
+        let mut gone = Vec::new();
+        c.files.retain(|(ds, shard), path| {
+            let keep = owned.contains(shard) && live.contains(ds);
+            if !keep {
+                gone.push(std::mem::take(path));
+            }
+            keep
+        });
         if c.entries.len() != before {
             c.bytes = c.entries.values().map(|(l, _)| l.bytes()).sum();
             debug!(
@@ -475,6 +474,12 @@ impl JobExecutor {
             );
         }
         metrics::gauge!(m::JOB_CACHE_BYTES).set(c.bytes as f64);
+        drop(c);
+        // Deleted off the reactor and outside the cache lock (a mapping still in use keeps its
+        // pages until it is dropped).
+        if let (Some(spill), false) = (self.spill.clone(), gone.is_empty()) {
+            tokio::task::spawn_blocking(move || gone.iter().for_each(|p| spill.remove(p)));
+        }
     }
 
     async fn partition(&self, ds: &DatasetRecord, shard: u32) -> Result<Arc<Loaded>, LoadError> {

@@ -120,28 +120,14 @@ async fn job_memory(
          [train]\nsteps = 20\nbatch_size = 65536\nlearning_rate = 0.5\nseed = 7\n\
          checkpoint_every = 1000\n"
     );
-    let peaks: Vec<std::sync::Arc<std::sync::atomic::AtomicU64>> = pids
-        .iter()
-        .map(|_| std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)))
-        .collect();
-    let sampler = {
-        let (pids, peaks) = (pids.clone(), peaks.clone());
-        tokio::spawn(async move {
-            loop {
-                for (p, peak) in pids.iter().zip(&peaks) {
-                    if let Some(r) = proc_status_kib(*p, "VmRSS") {
-                        peak.fetch_max(r, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await; // sampling interval
-            }
-        })
-    };
     let t0 = Instant::now();
-    let id = crate::jobs_cli::submit(client, &spec).await?;
-    let done = crate::jobs_cli::wait(client, &id, false, Duration::from_secs(3600)).await;
-    sampler.abort();
-    let done = done?;
+    let (done, peaks) = crate::hostile_peer::peak_rss_of(&pids, async {
+        let id = crate::jobs_cli::submit(client, &spec).await?;
+        let done = crate::jobs_cli::wait(client, &id, false, Duration::from_secs(3600)).await?;
+        anyhow::Ok((id, done))
+    })
+    .await;
+    let (id, done) = done?;
     if done.state != tidepool_runtime::control::JobState::Succeeded {
         bail!("job {id} ended {:?}: {:?}", done.state, done.error);
     }
@@ -150,10 +136,7 @@ async fn job_memory(
         data_mib: data as f64 / (1 << 20) as f64,
         seconds: t0.elapsed().as_secs_f64(),
         rss_before_mib: before,
-        rss_peak_mib: peaks
-            .iter()
-            .map(|p| p.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1024.0)
-            .collect(),
+        rss_peak_mib: peaks.iter().map(|&p| p as f64 / 1024.0).collect(),
     };
     eprintln!(
         "job over {:.0} MiB of partitions with a {:.0} MiB budget: {:.1} s; RSS before {:?} MiB, peak {:?} MiB",

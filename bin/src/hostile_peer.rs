@@ -264,13 +264,29 @@ pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
 
 /// Samples `pid`'s RSS every 50 ms while `f` runs; returns `f`'s output and the peak in KiB.
 pub async fn peak_rss<T>(pid: u32, f: impl std::future::Future<Output = T>) -> (T, u64) {
-    let peak = Arc::new(std::sync::atomic::AtomicU64::new(rss_kib(pid).unwrap_or(0)));
+    let (out, peaks) = peak_rss_of(&[pid], f).await;
+    (out, peaks.first().copied().unwrap_or(0))
+}
+
+/// [`peak_rss`] of several processes at once: the peak of each, in KiB, in `pids` order.
+pub async fn peak_rss_of<T>(
+    pids: &[u32],
+    f: impl std::future::Future<Output = T>,
+) -> (T, Vec<u64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let peaks: Arc<Vec<AtomicU64>> = Arc::new(
+        pids.iter()
+            .map(|&p| AtomicU64::new(rss_kib(p).unwrap_or(0)))
+            .collect(),
+    );
     let sampler = {
-        let peak = peak.clone();
+        let (pids, peaks) = (pids.to_vec(), peaks.clone());
         tokio::spawn(async move {
             loop {
-                if let Some(r) = rss_kib(pid) {
-                    peak.fetch_max(r, std::sync::atomic::Ordering::Relaxed);
+                for (p, peak) in pids.iter().zip(peaks.iter()) {
+                    if let Some(r) = rss_kib(*p) {
+                        peak.fetch_max(r, Ordering::Relaxed);
+                    }
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await; // sampling interval
             }
@@ -278,7 +294,10 @@ pub async fn peak_rss<T>(pid: u32, f: impl std::future::Future<Output = T>) -> (
     };
     let out = f.await;
     sampler.abort();
-    (out, peak.load(std::sync::atomic::Ordering::Relaxed))
+    (
+        out,
+        peaks.iter().map(|p| p.load(Ordering::Relaxed)).collect(),
+    )
 }
 
 /// What one round of authenticated attacks did; `accepted` lists anything not refused.
