@@ -139,6 +139,7 @@ impl Loaded {
                     features: v.n_features(),
                     x: v.features(),
                     y: v.labels(),
+                    csr: None,
                 }))
             }
             Loaded::Owned(p) => Ok(f(&ShardData {
@@ -146,6 +147,7 @@ impl Loaded {
                 features: p.n_features(),
                 x: p.features(),
                 y: p.labels(),
+                csr: None,
             })),
             Loaded::Mapped(m) => {
                 let v = PartitionView::parse_checked_before(m)?;
@@ -154,6 +156,7 @@ impl Loaded {
                     features: v.n_features(),
                     x: v.features(),
                     y: v.labels(),
+                    csr: None,
                 }))
             }
         }

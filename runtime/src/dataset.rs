@@ -10,7 +10,7 @@
 //! offset  size  field
 //!      0     4  magic b"TDDS"
 //!      4     2  version (1)
-//!      6     2  flags (0; any other value is refused)
+//!      6     2  flags (0: dense rows, below; 1: compressed sparse rows, see crate::csr)
 //!      8     8  rows
 //!     16     4  features (columns per row)
 //!     20     4  reserved (0; any other value is refused)
@@ -20,6 +20,8 @@
 //!               labels   f32 x rows
 //!               features f32 x rows x features, row-major
 //! ```
+//!
+//! (The body of a sparse partition, flag 1, is laid out in [`crate::csr`].)
 //!
 //! The checksum also covers the header fields before it, so a corrupted `rows` / `features` pair
 //! that happens to give the same total length is still caught. Every section starts 8-aligned
@@ -35,6 +37,7 @@ use xxhash_rust::xxh3::Xxh3;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
+use crate::csr::{SparsePartition, SparseView, FLAG_CSR};
 use crate::placement::shard_for_key;
 
 /// Default cap on the cells (features plus label, times rows) [`parse_csv`] accepts: 50 M cells,
@@ -207,6 +210,12 @@ pub enum DatasetError {
     /// Padding bytes are not zero.
     #[error("partition padding is not zero")]
     NonZeroPadding,
+    /// A sparse (CSR) partition breaks the CSR invariants ([`crate::csr`]).
+    #[error("sparse partition: {0}")]
+    Csr(String),
+    /// A sparse partition where dense rows are needed.
+    #[error("a sparse (CSR) partition where dense rows are needed")]
+    SparseNotDense,
     /// The buffer does not start 8-aligned, so it cannot be viewed in place; use [`PartitionBuf`].
     #[error("partition bytes are not 8-byte aligned; copy them with PartitionBuf::from_bytes")]
     Misaligned,
@@ -717,7 +726,7 @@ impl Layout {
     }
 }
 
-fn checksum(bytes_before_checksum: &[u8], body: &[u8]) -> u64 {
+pub(crate) fn checksum(bytes_before_checksum: &[u8], body: &[u8]) -> u64 {
     let mut h = Xxh3::new();
     h.update(bytes_before_checksum);
     h.update(body);
@@ -755,8 +764,9 @@ pub fn encode_partition(p: &Partition) -> Vec<u8> {
     out
 }
 
-/// Checks everything but alignment and the checksum: length, magic, version, flags, counts.
-fn validate_layout(bytes: &[u8]) -> Result<(Header, Layout), DatasetError> {
+/// Reads the header and checks magic, version, flags (dense or [`FLAG_CSR`]) and the reserved
+/// field.
+fn read_header(bytes: &[u8]) -> Result<Header, DatasetError> {
     let (header, _) = Header::read_from_prefix(bytes)
         .map_err(|_| DatasetError::Truncated { got: bytes.len() })?;
     if header.magic != MAGIC {
@@ -767,11 +777,20 @@ fn validate_layout(bytes: &[u8]) -> Result<(Header, Layout), DatasetError> {
     if header.version.get() != VERSION {
         return Err(DatasetError::UnsupportedVersion(header.version.get()));
     }
-    if header.flags.get() != 0 || header.reserved.get() != 0 {
+    if !matches!(header.flags.get(), 0 | FLAG_CSR) || header.reserved.get() != 0 {
         return Err(DatasetError::UnsupportedHeader {
             flags: header.flags.get(),
             reserved: header.reserved.get(),
         });
+    }
+    Ok(header)
+}
+
+/// Checks everything but alignment and the checksum: length, magic, version, flags, counts.
+fn validate_layout(bytes: &[u8]) -> Result<(Header, Layout), DatasetError> {
+    let header = read_header(bytes)?;
+    if header.flags.get() == FLAG_CSR {
+        return Err(DatasetError::SparseNotDense);
     }
     let rows = header.rows.get();
     let features = header.features.get();
@@ -907,10 +926,11 @@ pub struct PartitionBuf {
 }
 
 impl PartitionBuf {
-    /// Copies `bytes` into aligned memory and validates them as [`PartitionView::parse`] does.
+    /// Copies `bytes` (dense or sparse) into aligned memory and validates them as
+    /// [`AnyView::parse`] does.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, DatasetError> {
-        // Validate the header before allocating, so a forged length cannot make us allocate.
-        validate_layout(bytes)?;
+        // Check the header before copying: a buffer that is not a partition is not copied.
+        read_header(bytes)?;
         let mut words = vec![0u64; bytes.len().div_ceil(8)];
         if let Some(dst) = words.as_mut_bytes().get_mut(..bytes.len()) {
             dst.copy_from_slice(bytes);
@@ -919,7 +939,7 @@ impl PartitionBuf {
             words,
             len: bytes.len(),
         };
-        PartitionView::parse(buf.bytes())?;
+        AnyView::parse(buf.bytes())?;
         Ok(buf)
     }
 
@@ -928,13 +948,88 @@ impl PartitionBuf {
         self.words.as_bytes().get(..self.len).unwrap_or_default()
     }
 
-    /// Views the buffer in place. Skips the checksum (checked once in [`Self::from_bytes`]);
-    /// cannot fail for a buffer built by `from_bytes`, but the sections are re-sliced checked.
+    /// Views a dense buffer in place ([`DatasetError::SparseNotDense`] for a sparse one). Skips
+    /// the checksum (checked once in [`Self::from_bytes`]); the sections are re-sliced checked.
     pub fn view(&self) -> Result<PartitionView<'_>, DatasetError> {
         let bytes = self.bytes();
         let (_, layout) = validate_layout(bytes)?;
         PartitionView::from_layout(bytes, &layout)
     }
+
+    /// Views the buffer in place, dense or sparse (checksum checked once, in `from_bytes`).
+    pub fn any_view(&self) -> Result<AnyView<'_>, DatasetError> {
+        AnyView::parse_checked_before(self.bytes())
+    }
+}
+
+/// Encoded partition bytes of either layout, viewed in place.
+#[derive(Debug, Clone, Copy)]
+pub enum AnyView<'a> {
+    /// Row-major dense features.
+    Dense(PartitionView<'a>),
+    /// Compressed sparse rows ([`crate::csr`]).
+    Sparse(SparseView<'a>),
+}
+
+impl<'a> AnyView<'a> {
+    /// Validates `bytes` as [`PartitionView::parse`] does (and, for a sparse partition, the CSR
+    /// invariants) and views them without copying.
+    pub fn parse(bytes: &'a [u8]) -> Result<Self, DatasetError> {
+        Self::parse_inner(bytes, true)
+    }
+
+    /// [`Self::parse`] without the checksum (bytes whose checksum was checked before).
+    pub fn parse_checked_before(bytes: &'a [u8]) -> Result<Self, DatasetError> {
+        Self::parse_inner(bytes, false)
+    }
+
+    fn parse_inner(bytes: &'a [u8], check_sum: bool) -> Result<Self, DatasetError> {
+        let header = read_header(bytes)?;
+        if header.flags.get() == FLAG_CSR {
+            return SparseView::parse_with(bytes, &header, check_sum).map(AnyView::Sparse);
+        }
+        if check_sum {
+            PartitionView::parse(bytes).map(AnyView::Dense)
+        } else {
+            PartitionView::parse_checked_before(bytes).map(AnyView::Dense)
+        }
+    }
+
+    /// Rows.
+    pub fn rows(&self) -> usize {
+        match self {
+            AnyView::Dense(v) => v.rows(),
+            AnyView::Sparse(v) => v.rows(),
+        }
+    }
+    /// Columns (features).
+    pub fn n_features(&self) -> usize {
+        match self {
+            AnyView::Dense(v) => v.n_features(),
+            AnyView::Sparse(v) => v.csr().columns(),
+        }
+    }
+    /// Original row ids.
+    pub fn row_ids(&self) -> &'a [u64] {
+        match self {
+            AnyView::Dense(v) => v.row_ids(),
+            AnyView::Sparse(v) => v.row_ids(),
+        }
+    }
+    /// Labels.
+    pub fn labels(&self) -> &'a [f32] {
+        match self {
+            AnyView::Dense(v) => v.labels(),
+            AnyView::Sparse(v) => v.labels(),
+        }
+    }
+}
+
+/// An owned partition of either layout.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AnyPartition {
+    Dense(Partition),
+    Sparse(SparsePartition),
 }
 
 /// Ground truth of a [`synthetic`] table.

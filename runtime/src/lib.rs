@@ -33,6 +33,7 @@ pub mod client;
 pub mod codec;
 pub mod config;
 pub mod control;
+pub mod csr;
 pub mod dataset;
 pub mod dedup;
 pub mod ingest;

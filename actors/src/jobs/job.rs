@@ -19,20 +19,25 @@
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tidepool_runtime::codec::WideSum;
+pub use tidepool_runtime::csr::CsrRows;
 
 pub use super::exact::Wide;
 
-/// One shard's rows as the map sees them: row-major `f32` features and labels, borrowed from the
-/// loaded partition (in place when the partition is a single stored object).
+/// One shard's rows as the map sees them: row-major `f32` features (or compressed sparse rows)
+/// and labels, borrowed from the loaded partition (in place when the partition is a single
+/// stored object, or a mapped file).
 #[derive(Debug, Clone, Copy)]
 pub struct ShardData<'a> {
     pub shard: u32,
     /// Features per row.
     pub features: usize,
-    /// `rows * features` values, row-major.
+    /// `rows * features` values, row-major; empty when the rows are sparse (`csr`).
     pub x: &'a [f32],
     /// One label per row.
     pub y: &'a [f32],
+    /// The rows as CSR (a libsvm import); `x` is then empty. Jobs that need dense rows refuse
+    /// sparse data when they are built ([`super::registry`]).
+    pub csr: Option<CsrRows<'a>>,
 }
 
 impl<'a> ShardData<'a> {

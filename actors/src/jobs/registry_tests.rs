@@ -43,6 +43,7 @@ impl Sharded {
                 features: p.n_features(),
                 x: p.features(),
                 y: p.labels(),
+                csr: None,
             })
             .collect()
     }

@@ -726,6 +726,7 @@ fn training(shards: u32) -> Result<(dataset::Table, String, serde_json::Value)> 
             features: p.n_features(),
             x: p.features(),
             y: p.labels(),
+            csr: None,
         })
         .collect();
     let want = registry::run_local(job, &data).map_err(|e| anyhow::anyhow!("{e}"))?;
