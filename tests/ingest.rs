@@ -489,6 +489,7 @@ async fn reference(url: &str, split_bytes: u64) -> (u64, String) {
         max_categories: 32,
         hash_buckets: 1024,
         split_bytes,
+        zero_based: false,
     };
     let anywhere = vec!["file:///".to_string()];
     let planned = tidepool_runtime::ingest::plan::plan("ref", "ref", &spec, SHARDS, &anywhere)

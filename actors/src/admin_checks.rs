@@ -17,6 +17,15 @@ pub const MAX_FEATURES: usize = 100_000;
 /// Most partition segments one shard of an import may have (8 MiB each: 8 TiB per shard).
 pub const MAX_SEGMENTS: u32 = 1 << 20;
 
+/// The rows a job over `ds` reads, for admission: dense, or sparse with its stored entries.
+pub fn data_shape(ds: &DatasetRecord) -> admission::DataShape {
+    admission::DataShape {
+        rows: ds.rows,
+        features: ds.feature_count() as u64,
+        nnz: ds.sparse().map(|s| s.nnz),
+    }
+}
+
 /// Why a dataset payload is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PayloadError {

@@ -191,8 +191,7 @@ impl<'a> Coordinator<'a> {
                 admission::admit_job(
                     &spec,
                     rec.spec.len() as u64,
-                    ds.rows,
-                    ds.features.len() as u64,
+                    &crate::admin_checks::data_shape(ds),
                     map.shard_count(),
                     &limits.admission,
                 )

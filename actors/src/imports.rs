@@ -58,6 +58,9 @@ pub struct ImportArg {
     pub hash_buckets: Option<u32>,
     #[serde(default)]
     pub split_bytes: Option<u64>,
+    /// libsvm: indices start at 0 (default: at 1).
+    #[serde(default)]
+    pub zero_based: bool,
 }
 
 /// The spec `arg` asks for, with defaults, or why it is malformed.
@@ -76,12 +79,21 @@ pub fn resolve(arg: &ImportArg) -> Result<ImportSpec, String> {
         Some(f) => f,
         None => ingest::source::format_of(&arg.url).ok_or_else(|| {
             format!(
-                "cannot tell the format of {:?} from its name: give --format parquet|csv",
+                "cannot tell the format of {:?} from its name: give --format parquet|csv|libsvm",
                 arg.url
             )
         })?,
     };
-    if arg.label.is_empty() || arg.features.len() > MAX_FEATURES {
+    let label = match format {
+        // A libsvm line's first field is its label; the name is only what describe shows.
+        Format::Libsvm if !arg.features.is_empty() || arg.nulls.is_some_and(|n| n != NullPolicy::Refuse) => {
+            return Err("a libsvm import takes no --features or --nulls (every line is `label index:value ...`)".into())
+        }
+        Format::Libsvm if arg.label.is_empty() => "label".to_string(),
+        _ if arg.zero_based => return Err("--zero-based is for libsvm imports".into()),
+        _ => arg.label.clone(),
+    };
+    if label.is_empty() || arg.features.len() > MAX_FEATURES {
         return Err("a label column and at most 100000 feature columns".into());
     }
     let hash_buckets = arg.hash_buckets.unwrap_or(DEFAULT_HASH_BUCKETS);
@@ -91,12 +103,13 @@ pub fn resolve(arg: &ImportArg) -> Result<ImportSpec, String> {
     Ok(ImportSpec {
         url: arg.url.clone(),
         format,
-        label: arg.label.clone(),
+        label,
         features: arg.features.clone(),
         nulls: arg.nulls.unwrap_or_default(),
         max_categories: arg.max_categories.unwrap_or(DEFAULT_MAX_CATEGORIES),
         hash_buckets,
         split_bytes: arg.split_bytes.unwrap_or(DEFAULT_SPLIT_BYTES).max(1),
+        zero_based: arg.zero_based,
     })
 }
 
@@ -121,7 +134,12 @@ pub struct ImportStatus {
     pub bytes_done: u64,
     pub rows: u64,
     pub dropped: u64,
+    /// Features per row: the planned columns, or for a sparse (libsvm) import the widest
+    /// split's so far.
     pub features: usize,
+    /// Sparse imports: stored entries (non-zeros) so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nnz: Option<u64>,
     /// Once succeeded: the content checksum (hex).
     pub checksum: Option<String>,
 }
@@ -142,7 +160,19 @@ impl From<&ImportRecord> for ImportStatus {
             bytes_done,
             rows: r.rows_done(),
             dropped: r.done.iter().flatten().map(|d| d.dropped).sum(),
-            features: r.width(),
+            features: if r.is_sparse() {
+                r.done
+                    .iter()
+                    .flatten()
+                    .map(|d| d.columns)
+                    .max()
+                    .unwrap_or(0) as usize
+            } else {
+                r.width()
+            },
+            nnz: r
+                .is_sparse()
+                .then(|| r.done.iter().flatten().map(|d| d.nnz).sum()),
             checksum: (r.state == ImportState::Succeeded)
                 .then(|| r.checksum().map(|c| format!("{c:016x}")))
                 .flatten(),

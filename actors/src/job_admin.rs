@@ -444,8 +444,24 @@ impl JobAdmin {
             .datasets
             .get(&spec.dataset)
             .ok_or_else(|| not_found(format!("no dataset {:?} (import it first)", spec.dataset)))?;
-        if ds.features.len() > admin_checks::MAX_FEATURES {
+        // Dense rows hold every feature; a sparse dataset's columns are bounded by the frame
+        // checks of admission below (one weight per column travels in every task).
+        if ds.sparse().is_none() && ds.features.len() > admin_checks::MAX_FEATURES {
             return Err(bad("too many features"));
+        }
+        if ds.sparse().is_some()
+            && matches!(
+                spec.kind,
+                tidepool_runtime::jobspec::JobKind::Kmeans
+                    | tidepool_runtime::jobspec::JobKind::Stats
+            )
+        {
+            return Err(bad(format!(
+                "job refused: {} needs dense rows; dataset {:?} is sparse (libsvm): train \
+                 linear, logistic or softmax on it",
+                spec.kind.as_str(),
+                ds.name
+            )));
         }
         let refused = |e: String| {
             metrics::counter!(m::JOB_ADMISSIONS_REFUSED, "stage" => "submit").increment(1);
@@ -456,8 +472,7 @@ impl JobAdmin {
         admission::admit_job(
             &spec,
             a.spec.len() as u64,
-            ds.rows,
-            ds.features.len() as u64,
+            &admin_checks::data_shape(ds),
             map.shard_count(),
             &self.limits.admission,
         )

@@ -20,7 +20,8 @@ use tidepool_runtime::admission::{self, Limits};
 use tidepool_runtime::codec::{JobPartial, JobTask};
 use tidepool_runtime::config::NodeConfig;
 use tidepool_runtime::control::{DatasetRecord, DatasetSource};
-use tidepool_runtime::dataset::{self, Partition, PartitionBuf, PartitionView, SyntheticKind};
+use tidepool_runtime::csr::{CsrRows, SparsePartition};
+use tidepool_runtime::dataset::{self, AnyView, Partition, PartitionBuf, SyntheticKind};
 use tidepool_runtime::ingest::split_segment_key;
 use tidepool_runtime::jobspec::{JobCaps, JobSpec};
 use tidepool_runtime::metrics as m;
@@ -28,6 +29,7 @@ use tidepool_runtime::partition_file::PartitionFileWriter;
 use tidepool_runtime::storage::Store;
 use tracing::{debug, warn};
 
+use crate::admin_checks;
 use crate::jobs::job::{sums_to_wire, ExactSum, JobError, ShardData, Task};
 use crate::jobs::registry::{self, ErasedJob};
 use crate::router::Router;
@@ -77,6 +79,8 @@ pub enum JobExecError {
     MissingObject(String),
     #[error("partition has {got} features, dataset {want}")]
     Features { got: usize, want: usize },
+    #[error("a partition's layout does not match its dataset (sparse dataset: {sparse})")]
+    Layout { sparse: bool },
     #[error("partition file: {0}")]
     File(#[from] std::io::Error),
 }
@@ -113,6 +117,8 @@ enum Loaded {
     InPlace(PartitionBuf),
     /// Several segments concatenated, or generated.
     Owned(Partition),
+    /// Several sparse segments joined.
+    Sparse(SparsePartition),
     /// A local partition file, memory-mapped (checked once when mapped).
     Mapped(memmap2::Mmap),
 }
@@ -122,45 +128,67 @@ impl Loaded {
         match self {
             Loaded::InPlace(b) => b.bytes().len(),
             Loaded::Owned(p) => p.features().len() * 4 + p.rows() * 12,
+            Loaded::Sparse(p) => p.bytes(),
             Loaded::Mapped(m) => m.len(),
         }
     }
 
+    /// Runs `f` over the partition's rows; `features` is the dataset's column count (a sparse
+    /// segment records only the columns it holds).
     fn with_data<T>(
         &self,
         shard: u32,
+        features: usize,
         f: impl FnOnce(&ShardData<'_>) -> T,
     ) -> Result<T, JobExecError> {
-        match self {
-            Loaded::InPlace(b) => {
-                let v = b.view()?;
-                Ok(f(&ShardData {
+        let view = match self {
+            Loaded::InPlace(b) => b.any_view()?,
+            Loaded::Mapped(m) => AnyView::parse_checked_before(m)?,
+            Loaded::Owned(p) => {
+                return Ok(f(&ShardData {
                     shard,
-                    features: v.n_features(),
-                    x: v.features(),
-                    y: v.labels(),
+                    features: p.n_features(),
+                    x: p.features(),
+                    y: p.labels(),
                     csr: None,
                 }))
             }
-            Loaded::Owned(p) => Ok(f(&ShardData {
+            Loaded::Sparse(p) => {
+                return Ok(f(&sparse_data(shard, features, p.labels(), p.csr())?));
+            }
+        };
+        match view {
+            AnyView::Dense(v) => Ok(f(&ShardData {
                 shard,
-                features: p.n_features(),
-                x: p.features(),
-                y: p.labels(),
+                features: v.n_features(),
+                x: v.features(),
+                y: v.labels(),
                 csr: None,
             })),
-            Loaded::Mapped(m) => {
-                let v = PartitionView::parse_checked_before(m)?;
-                Ok(f(&ShardData {
-                    shard,
-                    features: v.n_features(),
-                    x: v.features(),
-                    y: v.labels(),
-                    csr: None,
-                }))
-            }
+            AnyView::Sparse(v) => Ok(f(&sparse_data(shard, features, v.labels(), v.csr())?)),
         }
     }
+}
+
+/// Sparse rows as the map sees them, `features` columns wide.
+fn sparse_data<'a>(
+    shard: u32,
+    features: usize,
+    y: &'a [f32],
+    csr: CsrRows<'a>,
+) -> Result<ShardData<'a>, JobExecError> {
+    let got = csr.columns();
+    let csr = csr.widen(features).ok_or(JobExecError::Features {
+        got,
+        want: features,
+    })?;
+    Ok(ShardData {
+        shard,
+        features,
+        x: &[],
+        y,
+        csr: Some(csr),
+    })
 }
 
 /// Cache key: the dataset's identity (name and import or seed, so a dataset deleted and
@@ -406,11 +434,12 @@ impl JobExecutor {
                         }
                     };
                     let (job, task) = (job.clone(), task.clone());
+                    let features = ds.feature_count();
                     let partial = self
                         .pool
                         .run(move || {
                             loaded
-                                .with_data(shard, |d| job.map(step, &task, d))
+                                .with_data(shard, features, |d| job.map(step, &task, d))
                                 .map_err(|e| JobError::Data(e.to_string()))?
                         })
                         .await
@@ -522,8 +551,7 @@ impl JobExecutor {
 
     /// Refuses (before allocating) a partition of `rows` rows over this node's budget.
     fn within_budget(&self, ds: &DatasetRecord, shard: u32, rows: u64) -> Result<(), LoadError> {
-        let features = ds.features.len() as u64;
-        admission::check_partition(rows, features, &self.limits.admission)
+        admission::check_partition(rows, &admin_checks::data_shape(ds), &self.limits.admission)
             .map(|_| ())
             .map_err(|e| LoadError::Budget(format!("dataset {:?} shard {shard}: {e}", ds.name)))
     }
@@ -559,7 +587,7 @@ impl JobExecutor {
                 let features = ds.features.len();
                 Ok(self
                     .pool
-                    .run(move || decode_segments(&blobs, features, &[]))
+                    .run(move || decode_segments(&blobs, features, &[], false))
                     .await??)
             }
             DatasetSource::Ingested {
@@ -581,10 +609,11 @@ impl JobExecutor {
                     return self.load_file(ds, shard, keys, fill.clone()).await;
                 }
                 let blobs = self.fetch(ds, shard, keys).await?;
-                let (features, fill) = (ds.features.len(), fill.clone());
+                let (features, fill) = (ds.feature_count(), fill.clone());
+                let sparse = ds.sparse().is_some();
                 Ok(self
                     .pool
-                    .run(move || decode_segments(&blobs, features, &fill))
+                    .run(move || decode_segments(&blobs, features, &fill, sparse))
                     .await??)
             }
         }
@@ -606,11 +635,16 @@ impl JobExecutor {
         };
         let key = cache_key(ds, shard);
         let path = spill.path(&ds.name, &key.0, shard);
-        let features = ds.features.len();
+        let features = ds.feature_count();
+        let sparse = ds.sparse().is_some();
         // A file this process wrote and checked maps again without reading it all.
         let checked = self.cache.lock().files.contains_key(&key) && path.exists();
         if !checked {
-            let mut w = PartitionFileWriter::create(&path, features)?;
+            let mut w = if sparse {
+                PartitionFileWriter::create_sparse(&path, features)?
+            } else {
+                PartitionFileWriter::create(&path, features)?
+            };
             for k in keys {
                 let bytes = self
                     .store
@@ -622,23 +656,25 @@ impl JobExecutor {
                     .pool
                     .run(move || -> Result<PartitionFileWriter, JobExecError> {
                         let buf = PartitionBuf::from_bytes(&bytes)?;
-                        let v = buf.view()?;
-                        if v.n_features() != features {
-                            return Err(JobExecError::Features {
-                                got: v.n_features(),
-                                want: features,
-                            });
-                        }
-                        if fill.len() == features && features > 0 {
-                            let mut x = v.features().to_vec();
-                            for (k, v) in x.iter_mut().enumerate() {
-                                if v.is_nan() {
-                                    *v = fill[k % features];
+                        match (buf.any_view()?, sparse) {
+                            (AnyView::Sparse(v), true) => {
+                                w.append_sparse(v.row_ids(), v.labels(), &v.csr())?;
+                            }
+                            (AnyView::Dense(v), false) => {
+                                check_width(v.n_features(), features)?;
+                                if fill.len() == features && features > 0 {
+                                    let mut x = v.features().to_vec();
+                                    for (k, v) in x.iter_mut().enumerate() {
+                                        if v.is_nan() {
+                                            *v = fill[k % features];
+                                        }
+                                    }
+                                    w.append(v.row_ids(), v.labels(), &x)?;
+                                } else {
+                                    w.append(v.row_ids(), v.labels(), v.features())?;
                                 }
                             }
-                            w.append(v.row_ids(), v.labels(), &x)?;
-                        } else {
-                            w.append(v.row_ids(), v.labels(), v.features())?;
+                            (_, sparse) => return Err(JobExecError::Layout { sparse }),
                         }
                         Ok(w)
                     })
@@ -655,15 +691,14 @@ impl JobExecutor {
             .run(move || -> Result<memmap2::Mmap, JobExecError> {
                 let map = spill::map(&mapped_path)?;
                 let v = if checked {
-                    PartitionView::parse_checked_before(&map)?
+                    AnyView::parse_checked_before(&map)?
                 } else {
-                    PartitionView::parse(&map)?
+                    AnyView::parse(&map)?
                 };
-                if v.n_features() != features {
-                    return Err(JobExecError::Features {
-                        got: v.n_features(),
-                        want: features,
-                    });
+                match v {
+                    AnyView::Dense(v) if !sparse => check_width(v.n_features(), features)?,
+                    AnyView::Sparse(v) if sparse && v.csr().columns() <= features => {}
+                    _ => return Err(JobExecError::Layout { sparse }),
                 }
                 Ok(map)
             })
@@ -682,7 +717,7 @@ impl JobExecutor {
     ) -> Result<Vec<Bytes>, LoadError> {
         let mut blobs: Vec<Bytes> = Vec::new();
         let mut bytes_so_far = 0u64;
-        let row_bytes = admission::data_bytes(1, ds.features.len() as u64).max(1);
+        let row_bytes = admin_checks::data_shape(ds).bytes_of(1).max(1);
         for key in keys {
             let bytes = self
                 .store
@@ -699,30 +734,50 @@ impl JobExecutor {
     }
 }
 
+/// A dense segment must have the dataset's width.
+fn check_width(got: usize, want: usize) -> Result<(), JobExecError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(JobExecError::Features { got, want })
+    }
+}
+
 /// One partition from a shard's segments: read in place when there is one and nothing to fill,
 /// else copied into one; `fill` (a `fill_mean` import's values, per feature) replaces the NaN
-/// that marks a null.
-fn decode_segments(blobs: &[Bytes], features: usize, fill: &[f32]) -> Result<Loaded, JobExecError> {
-    let check = |got: usize| {
-        if got == features {
-            Ok(())
-        } else {
-            Err(JobExecError::Features {
-                got,
-                want: features,
-            })
-        }
+/// that marks a null. `sparse`: the segments are sparse rows, joined `features` columns wide.
+fn decode_segments(
+    blobs: &[Bytes],
+    features: usize,
+    fill: &[f32],
+    sparse: bool,
+) -> Result<Loaded, JobExecError> {
+    let layout = |v: &AnyView<'_>| match (v, sparse) {
+        (AnyView::Dense(v), false) => check_width(v.n_features(), features),
+        (AnyView::Sparse(v), true) if v.csr().columns() <= features => Ok(()),
+        _ => Err(JobExecError::Layout { sparse }),
     };
     if let ([one], []) = (blobs, fill) {
         let buf = PartitionBuf::from_bytes(one)?;
-        check(buf.view()?.n_features())?;
+        layout(&buf.any_view()?)?;
         return Ok(Loaded::InPlace(buf));
+    }
+    if sparse {
+        let mut joined = SparsePartition::new(features);
+        for b in blobs {
+            let buf = PartitionBuf::from_bytes(b)?;
+            match buf.any_view()? {
+                AnyView::Sparse(v) => joined.extend(&v)?,
+                AnyView::Dense(_) => return Err(JobExecError::Layout { sparse }),
+            }
+        }
+        return Ok(Loaded::Sparse(joined));
     }
     let (mut ids, mut y, mut x) = (Vec::new(), Vec::new(), Vec::new());
     for b in blobs {
         let buf = PartitionBuf::from_bytes(b)?;
         let v = buf.view()?;
-        check(v.n_features())?;
+        check_width(v.n_features(), features)?;
         ids.extend_from_slice(v.row_ids());
         y.extend_from_slice(v.labels());
         x.extend_from_slice(v.features());

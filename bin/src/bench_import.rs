@@ -173,6 +173,7 @@ pub async fn run(o: ImportBenchOptions) -> Result<()> {
                 max_categories: None,
                 hash_buckets: None,
                 split_bytes: None,
+                zero_based: false,
             };
             let t0 = Instant::now();
             let started = import_watch::start(&client, &arg).await?;

@@ -74,6 +74,7 @@ pub async fn run(o: KMeansBenchOptions) -> Result<()> {
         max_categories: None,
         hash_buckets: None,
         split_bytes: None,
+        zero_based: false,
     };
     let started = import_watch::start(&client, &arg).await?;
     let imported = import_watch::follow(&client, &started.id, false, None).await?;

@@ -149,6 +149,9 @@ pub fn line(s: &ImportStatus) -> String {
         s.splits,
         s.bytes_done,
     );
+    if let Some(nnz) = s.nnz {
+        out.push_str(&format!(", sparse: {nnz} stored entries"));
+    }
     if s.dropped > 0 {
         out.push_str(&format!(", {} rows with nulls dropped", s.dropped));
     }

@@ -334,11 +334,20 @@ pub struct DatasetDescription {
     /// Its content checksum (hex), for a dataset imported from storage.
     pub checksum: Option<String>,
     pub label: String,
+    /// Feature names (empty for a sparse dataset, whose columns are `f{index}`).
     pub features: Vec<String>,
+    /// `dense` or `sparse` (compressed sparse rows, from libsvm).
+    pub layout: &'static str,
+    /// Feature columns.
+    pub columns: u64,
     pub rows: u64,
-    /// Stored values, features and label (dense: every value counts).
+    /// Stored values, features and label (dense: every value counts; sparse: the stored
+    /// entries, non-zeros, plus the labels).
     pub values: u64,
-    /// The values as the partitions hold them (f32).
+    /// Sparse: stored entries (non-zeros) over every row.
+    pub nnz: Option<u64>,
+    /// Bytes the partitions hold: dense `rows x (4 features + 12)`, sparse `rows x 20 +
+    /// nnz x 8`.
     pub bytes: u64,
     pub shards: u32,
     /// Partition objects in storage (0 for a synthetic dataset, generated where it is used).
@@ -413,7 +422,11 @@ pub fn describe(
         n.shards += 1;
         n.partitions += u64::from(segments.get(shard as usize).copied().unwrap_or(0));
     }
-    let values = rec.rows.saturating_mul(rec.features.len() as u64 + 1);
+    let shape = tidepool_actors::admin_checks::data_shape(&rec);
+    let values = match shape.nnz {
+        Some(nnz) => nnz.saturating_add(rec.rows),
+        None => rec.rows.saturating_mul(shape.features + 1),
+    };
     DatasetDescription {
         name: rec.name,
         source,
@@ -424,7 +437,14 @@ pub fn describe(
         label: rec.label,
         rows: rec.rows,
         values,
-        bytes: values.saturating_mul(4),
+        nnz: shape.nnz,
+        bytes: shape.bytes_of(rec.rows),
+        layout: if shape.nnz.is_some() {
+            "sparse"
+        } else {
+            "dense"
+        },
+        columns: shape.features,
         shards: rec.shards,
         partitions: segments.iter().map(|&n| u64::from(n)).sum(),
         features: rec.features,

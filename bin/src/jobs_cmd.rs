@@ -25,12 +25,16 @@ pub enum DatasetCmd {
         /// The dataset's name (unique in the cluster; [A-Za-z0-9_.-]{1,64}).
         #[arg(long)]
         name: String,
-        /// The label column.
-        #[arg(long)]
+        /// The label column (not for libsvm, whose lines start with their label).
+        #[arg(long, default_value = "")]
         label: String,
-        /// parquet | csv (default: from the URL's extension).
+        /// parquet | csv | libsvm (default: from the URL's extension: .parquet/.pq, .csv,
+        /// .libsvm/.svm/.svmlight).
         #[arg(long)]
         format: Option<String>,
+        /// libsvm: feature indices start at 0 (default: at 1, libsvm's convention).
+        #[arg(long)]
+        zero_based: bool,
         /// Feature columns, comma-separated (default: every column but the label; columns of
         /// types that do not import are left out).
         #[arg(long)]
@@ -222,6 +226,7 @@ pub async fn dataset(cmd: DatasetCmd) -> Result<()> {
             max_categories,
             hash_buckets,
             split_bytes,
+            zero_based,
             no_wait,
             conn,
         } if source.contains("://") => {
@@ -241,9 +246,10 @@ pub async fn dataset(cmd: DatasetCmd) -> Result<()> {
                 "max_categories": max_categories,
                 "hash_buckets": hash_buckets,
                 "split_bytes": split_bytes,
+                "zero_based": zero_based,
             });
             let arg: tidepool_actors::imports::ImportArg = serde_json::from_value(arg).context(
-                "--format must be parquet or csv; --nulls refuse, drop_row or fill_mean",
+                "--format must be parquet, csv or libsvm; --nulls refuse, drop_row or fill_mean",
             )?;
             let client = connect(&conn).await?;
             let started = import_watch::start(&client, &arg).await?;
@@ -291,6 +297,9 @@ pub async fn dataset(cmd: DatasetCmd) -> Result<()> {
             conn,
             ..
         } => {
+            if label.is_empty() {
+                anyhow::bail!("--label names the label column of a CSV");
+            }
             if format.as_deref().is_some_and(|f| f != "csv") || features.is_some() {
                 anyhow::bail!(
                     "a local file is read as CSV with every column but the label; for --format \
@@ -338,11 +347,16 @@ pub async fn dataset(cmd: DatasetCmd) -> Result<()> {
                 return print_json(&serde_json::json!({ "datasets": list }));
             }
             for d in list {
+                let sparse = if d.sparse().is_some() {
+                    " (sparse)"
+                } else {
+                    ""
+                };
                 println!(
-                    "{:<20} {:>10} rows  {:>5} features  label {}",
+                    "{:<20} {:>10} rows  {:>5} features{sparse}  label {}",
                     d.name,
                     d.rows,
-                    d.features.len(),
+                    d.feature_count(),
                     d.label
                 );
             }
@@ -368,13 +382,20 @@ pub async fn dataset(cmd: DatasetCmd) -> Result<()> {
                 _ => println!("source     {}", d.source),
             }
             println!("label      {}", d.label);
-            println!(
-                "features   {} ({})",
-                d.features.len(),
-                d.features.join(", ")
-            );
+            match d.nnz {
+                Some(nnz) => println!(
+                    "features   {} sparse columns, {nnz} stored entries ({:.1} a row)",
+                    d.columns,
+                    nnz as f64 / d.rows.max(1) as f64
+                ),
+                None => println!(
+                    "features   {} ({})",
+                    d.features.len(),
+                    d.features.join(", ")
+                ),
+            }
             println!("rows       {}", d.rows);
-            println!("values     {} ({} bytes as f32)", d.values, d.bytes);
+            println!("values     {} ({} bytes stored)", d.values, d.bytes);
             println!("shards     {} ({} partitions)", d.shards, d.partitions);
             for (node, p) in &d.nodes {
                 println!(

@@ -146,6 +146,46 @@ pub fn data_bytes(rows: u64, features: u64) -> u64 {
     rows.saturating_mul(features.saturating_mul(4).saturating_add(ROW_OVERHEAD))
 }
 
+/// Bytes a sparse row takes besides its entries: label (f32), row id (u64), row pointer (u64).
+pub const SPARSE_ROW_OVERHEAD: u64 = 20;
+/// Bytes of one stored entry of a sparse row: column (u32) and value (f32).
+pub const SPARSE_ENTRY: u64 = 8;
+
+/// The rows a job reads: dense (`rows x features` values), or sparse (compressed sparse rows,
+/// `nnz` stored entries over every row).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DataShape {
+    pub rows: u64,
+    pub features: u64,
+    /// Stored entries of a sparse dataset; `None` for dense rows.
+    pub nnz: Option<u64>,
+}
+
+impl DataShape {
+    /// Dense rows.
+    pub fn dense(rows: u64, features: u64) -> Self {
+        Self {
+            rows,
+            features,
+            nnz: None,
+        }
+    }
+
+    /// Bytes `rows` of these rows take in memory: dense `rows x (4 features + 12)`; sparse
+    /// `rows x 20` plus their share of the entries (rounded up) `x 8`.
+    pub fn bytes_of(&self, rows: u64) -> u64 {
+        match self.nnz {
+            None => data_bytes(rows, self.features),
+            Some(nnz) => {
+                let share = u128::from(nnz) * u128::from(rows) / u128::from(self.rows.max(1));
+                let entries = u64::try_from(share).unwrap_or(u64::MAX);
+                rows.saturating_mul(SPARSE_ROW_OVERHEAD)
+                    .saturating_add(entries.saturating_mul(SPARSE_ENTRY))
+            }
+        }
+    }
+}
+
 /// Encoded bytes of a task carrying `broadcast_values` values and a spec of `spec_len` bytes.
 pub fn task_bytes(broadcast_values: u64, spec_len: u64) -> u64 {
     broadcast_values
@@ -184,17 +224,24 @@ pub fn check_frame(
 /// Whether a dataset of `rows x features` fits one node's budget (`dataset synth`, and the
 /// data part of [`admit_job`]).
 pub fn admit_dataset(rows: u64, features: u64, limits: &Limits) -> Result<(), AdmissionError> {
-    check_memory("the dataset", rows, features, 0, limits)
+    check_memory(
+        "the dataset",
+        rows,
+        &DataShape::dense(rows, features),
+        0,
+        limits,
+    )
 }
 
 fn check_memory(
     what: &'static str,
     rows: u64,
-    features: u64,
+    data: &DataShape,
     model: u64,
     limits: &Limits,
 ) -> Result<(), AdmissionError> {
-    let data = data_bytes(rows, features);
+    let features = data.features;
+    let data = data.bytes_of(rows);
     let need = data.saturating_add(model);
     if need > limits.memory_budget_bytes {
         return Err(AdmissionError::Memory {
@@ -210,18 +257,17 @@ fn check_memory(
     Ok(())
 }
 
-/// Admits `spec` (spec text `spec_len` bytes long) on a dataset of `rows x features` over
-/// `shards` shards, or says which limit it breaks and by how much. Checks the messages first
-/// (a job that cannot send its first task is refused for that, whatever its data size).
+/// Admits `spec` (spec text `spec_len` bytes long) on a dataset of shape `data` over `shards`
+/// shards, or says which limit it breaks and by how much. Checks the messages first (a job
+/// that cannot send its first task is refused for that, whatever its data size).
 pub fn admit_job(
     spec: &JobSpec,
     spec_len: u64,
-    rows: u64,
-    features: u64,
+    data: &DataShape,
     shards: u32,
     limits: &Limits,
 ) -> Result<JobShape, AdmissionError> {
-    let s = shape(spec, features, shards);
+    let s = shape(spec, data.features, shards);
     let task = task_bytes(s.broadcast_values, spec_len);
     check_frame("task", task, s.broadcast_values, limits)?;
     // Sums beyond an i128 (huge-valued columns) take more; the node checks the real partial
@@ -239,16 +285,20 @@ pub fn admit_job(
     // at half the budget (partitions live in local files, memory-mapped): the unit that must
     // fit is a partition, not the dataset. Shards are filled about evenly (row ids hashed, or
     // splits balanced by bytes); an uneven one is checked again when it is loaded.
-    let per_shard = rows.div_ceil(u64::from(shards.max(1)));
-    check_memory("one shard's partition", per_shard, features, model, limits)?;
+    let per_shard = data.rows.div_ceil(u64::from(shards.max(1)));
+    check_memory("one shard's partition", per_shard, data, model, limits)?;
     Ok(s)
 }
 
-/// Bytes a partition of `rows` rows of `features` features takes; refused (before anything is
-/// allocated) when over the budget. Used where a node loads or generates a shard.
-pub fn check_partition(rows: u64, features: u64, limits: &Limits) -> Result<u64, AdmissionError> {
-    check_memory("one shard's partition", rows, features, 0, limits)?;
-    Ok(data_bytes(rows, features))
+/// Bytes a partition of `rows` rows of a dataset of shape `data` takes; refused (before
+/// anything is allocated) when over the budget. Used where a node loads or generates a shard.
+pub fn check_partition(
+    rows: u64,
+    data: &DataShape,
+    limits: &Limits,
+) -> Result<u64, AdmissionError> {
+    check_memory("one shard's partition", rows, data, 0, limits)?;
+    Ok(data.bytes_of(rows))
 }
 
 /// Rows of shard `shard` in a synthetic dataset of `rows` rows over `shards` shards (row `i`

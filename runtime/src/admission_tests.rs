@@ -119,7 +119,13 @@ fn jobs_table() {
         (&small, 10, 10, 8 * GIB, 1024, Some("task")),
     ];
     for (i, (spec, rows, f, budget, frame, want)) in cases.into_iter().enumerate() {
-        let got = admit_job(spec, 200, rows, f, 32, &limits(budget, frame));
+        let got = admit_job(
+            spec,
+            200,
+            &DataShape::dense(rows, f),
+            32,
+            &limits(budget, frame),
+        );
         let kind = match &got {
             Ok(_) => None,
             Err(AdmissionError::Frame { what, .. }) => Some(*what),
@@ -127,9 +133,15 @@ fn jobs_table() {
         };
         assert_eq!(kind, want, "case {i}: {got:?}");
     }
-    let err = admit_job(&huge, 200, 1000, 1000, 32, &limits(8 * GIB, 64 * MIB))
-        .unwrap_err()
-        .to_string();
+    let err = admit_job(
+        &huge,
+        200,
+        &DataShape::dense(1000, 1000),
+        32,
+        &limits(8 * GIB, 64 * MIB),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(
         err.contains("task message of 80") && err.contains("transport.max_frame_bytes = 67108864"),
         "{err}"
@@ -139,8 +151,30 @@ fn jobs_table() {
 #[test]
 fn partitions_are_checked_before_allocating() {
     let l = limits(MIB, 64 * MIB);
-    assert_eq!(check_partition(1000, 64, &l), Ok(268_000));
-    assert!(check_partition(10_000, 64, &l).is_err());
+    let dense = DataShape::dense(1_000_000, 64);
+    assert_eq!(check_partition(1000, &dense, &l), Ok(268_000));
+    assert!(check_partition(10_000, &dense, &l).is_err());
+}
+
+#[test]
+fn sparse_rows_cost_their_entries_not_their_columns() {
+    // Three million columns, 40 entries a row: 340 bytes a row, not 12 MB.
+    let sparse = DataShape {
+        rows: 1_000_000,
+        features: 3_000_000,
+        nnz: Some(40_000_000),
+    };
+    assert_eq!(sparse.bytes_of(1), 20 + 40 * 8);
+    assert_eq!(sparse.bytes_of(1_000_000), 340_000_000);
+    let l = limits(GIB, 128 * MIB);
+    assert_eq!(check_partition(1_000_000, &sparse, &l), Ok(340_000_000));
+    assert!(check_partition(10_000_000, &sparse, &l).is_err());
+    // The model still has one weight per column: a logistic model over three million
+    // columns fits the frames; softmax over 10 classes does not.
+    let ok = admit_job(&sgd("logistic", ""), 200, &sparse, 32, &l);
+    assert!(ok.is_ok(), "{ok:?}");
+    let big = admit_job(&sgd("softmax", "classes = 10"), 200, &sparse, 32, &l);
+    assert!(matches!(big, Err(AdmissionError::Frame { .. })), "{big:?}");
 }
 
 #[test]

@@ -89,6 +89,12 @@ impl<'a> CsrRows<'a> {
         })
     }
 
+    /// The same rows seen as `columns` wide (a segment holds only the columns it uses; a
+    /// dataset has its widest split's). `None` if `columns` is narrower than the rows'.
+    pub fn widen(self, columns: usize) -> Option<Self> {
+        (columns >= self.columns).then_some(Self { columns, ..self })
+    }
+
     /// Rows.
     pub fn rows(&self) -> usize {
         self.indptr.len().saturating_sub(1)
@@ -149,7 +155,13 @@ impl SparsePartition {
 
     /// Appends one row; `entries` must be in strictly increasing column order below
     /// [`Self::columns`] with finite values (checked).
-    pub fn push(&mut self, id: u64, label: f32, cols: &[u32], vals: &[f32]) -> Result<(), DatasetError> {
+    pub fn push(
+        &mut self,
+        id: u64,
+        label: f32,
+        cols: &[u32],
+        vals: &[f32],
+    ) -> Result<(), DatasetError> {
         if cols.len() != vals.len() {
             return Err(bad("columns and values differ in length"));
         }
@@ -167,6 +179,12 @@ impl SparsePartition {
         self.values.extend_from_slice(vals);
         self.indptr.push(self.indices.len() as u64);
         Ok(())
+    }
+
+    /// Narrows the column count to the largest stored column plus one (0 when nothing is
+    /// stored): a segment of a libsvm split records only the columns it holds.
+    pub fn fit_columns(&mut self) {
+        self.columns = self.indices.iter().max().map_or(0, |&c| c as usize + 1);
     }
 
     /// Appends every row of `other` (its columns must fit this partition's).
@@ -353,11 +371,16 @@ impl<'a> SparseView<'a> {
         {
             return Err(DatasetError::NonZeroPadding);
         }
-        let row_ids = <[u64]>::ref_from_bytes(section(l.ids)?).map_err(|_| DatasetError::Misaligned)?;
-        let labels = <[f32]>::ref_from_bytes(section(l.labels)?).map_err(|_| DatasetError::Misaligned)?;
-        let indptr = <[u64]>::ref_from_bytes(section(l.indptr)?).map_err(|_| DatasetError::Misaligned)?;
-        let indices = <[u32]>::ref_from_bytes(section(l.indices)?).map_err(|_| DatasetError::Misaligned)?;
-        let values = <[f32]>::ref_from_bytes(section(l.values)?).map_err(|_| DatasetError::Misaligned)?;
+        let row_ids =
+            <[u64]>::ref_from_bytes(section(l.ids)?).map_err(|_| DatasetError::Misaligned)?;
+        let labels =
+            <[f32]>::ref_from_bytes(section(l.labels)?).map_err(|_| DatasetError::Misaligned)?;
+        let indptr =
+            <[u64]>::ref_from_bytes(section(l.indptr)?).map_err(|_| DatasetError::Misaligned)?;
+        let indices =
+            <[u32]>::ref_from_bytes(section(l.indices)?).map_err(|_| DatasetError::Misaligned)?;
+        let values =
+            <[f32]>::ref_from_bytes(section(l.values)?).map_err(|_| DatasetError::Misaligned)?;
         let csr = CsrRows::new(features as usize, indptr, indices, values)?;
         Ok(Self {
             row_ids,

@@ -5,7 +5,8 @@ use crate::dataset::{AnyView, DatasetError, PartitionBuf, PartitionView};
 
 fn sample() -> SparsePartition {
     let mut p = SparsePartition::new(3_000_000);
-    p.push(7, 1.0, &[0, 5, 2_999_999], &[1.5, -2.0, 3.0]).unwrap();
+    p.push(7, 1.0, &[0, 5, 2_999_999], &[1.5, -2.0, 3.0])
+        .unwrap();
     p.push(9, 0.0, &[], &[]).unwrap();
     p.push(12, 1.0, &[42], &[0.25]).unwrap();
     p
@@ -23,7 +24,10 @@ fn a_sparse_partition_costs_its_non_zeros_and_reads_back_in_place() {
     };
     assert_eq!(v.to_partition(), p);
     assert_eq!(v.row_ids(), &[7, 9, 12]);
-    assert_eq!(v.csr().row(0), (&[0u32, 5, 2_999_999][..], &[1.5f32, -2.0, 3.0][..]));
+    assert_eq!(
+        v.csr().row(0),
+        (&[0u32, 5, 2_999_999][..], &[1.5f32, -2.0, 3.0][..])
+    );
     assert_eq!(v.csr().row(1), (&[][..], &[][..]));
     assert_eq!(v.csr().row(3), (&[][..], &[][..]), "past the end is empty");
     assert_eq!(buf.view().unwrap_err(), DatasetError::SparseNotDense);
@@ -32,7 +36,14 @@ fn a_sparse_partition_costs_its_non_zeros_and_reads_back_in_place() {
         Err(DatasetError::SparseNotDense)
     ));
     let empty = encode_sparse(&SparsePartition::new(4));
-    assert_eq!(PartitionBuf::from_bytes(&empty).unwrap().any_view().unwrap().rows(), 0);
+    assert_eq!(
+        PartitionBuf::from_bytes(&empty)
+            .unwrap()
+            .any_view()
+            .unwrap()
+            .rows(),
+        0
+    );
 }
 
 #[test]
@@ -41,24 +52,34 @@ fn segments_join_with_shifted_row_pointers() {
     let mut q = SparsePartition::new(3_000_000);
     q.push(1, 2.0, &[3], &[4.0]).unwrap();
     let (a, b) = (encode_sparse(&p), encode_sparse(&q));
-    let (a, b) = (PartitionBuf::from_bytes(&a).unwrap(), PartitionBuf::from_bytes(&b).unwrap());
+    let (a, b) = (
+        PartitionBuf::from_bytes(&a).unwrap(),
+        PartitionBuf::from_bytes(&b).unwrap(),
+    );
     let mut joined = SparsePartition::new(3_000_000);
     for buf in [&a, &b] {
-        let AnyView::Sparse(v) = buf.any_view().unwrap() else { panic!() };
+        let AnyView::Sparse(v) = buf.any_view().unwrap() else {
+            panic!()
+        };
         joined.extend(&v).unwrap();
     }
     assert_eq!(joined.rows(), 4);
     assert_eq!(joined.csr().row(3), (&[3u32][..], &[4.0f32][..]));
     assert_eq!(joined.csr().row(2), (&[42u32][..], &[0.25f32][..]));
     let mut narrow = SparsePartition::new(10);
-    let AnyView::Sparse(v) = a.any_view().unwrap() else { panic!() };
+    let AnyView::Sparse(v) = a.any_view().unwrap() else {
+        panic!()
+    };
     assert!(narrow.extend(&v).is_err(), "a wider segment cannot join");
 }
 
 #[test]
 fn rows_breaking_the_invariants_are_refused() {
     let mut p = SparsePartition::new(10);
-    assert!(p.push(0, 1.0, &[3, 3], &[1.0, 1.0]).is_err(), "repeated column");
+    assert!(
+        p.push(0, 1.0, &[3, 3], &[1.0, 1.0]).is_err(),
+        "repeated column"
+    );
     assert!(p.push(0, 1.0, &[4, 2], &[1.0, 1.0]).is_err(), "decreasing");
     assert!(p.push(0, 1.0, &[10], &[1.0]).is_err(), "out of range");
     assert!(p.push(0, 1.0, &[1], &[f32::NAN]).is_err(), "not finite");
@@ -80,11 +101,14 @@ fn corrupt_sparse_partitions_are_refused_not_panicked_on() {
             let copy = PartitionBuf::from_bytes(&b);
             assert!(copy.is_err(), "byte {i} ^ {flip:#x} accepted");
             // Skipping the checksum, the CSR checks still hold what they check.
-            let aligned: Vec<u64> = b.chunks(8).map(|c| {
-                let mut w = [0u8; 8];
-                w[..c.len()].copy_from_slice(c);
-                u64::from_le_bytes(w)
-            }).collect();
+            let aligned: Vec<u64> = b
+                .chunks(8)
+                .map(|c| {
+                    let mut w = [0u8; 8];
+                    w[..c.len()].copy_from_slice(c);
+                    u64::from_le_bytes(w)
+                })
+                .collect();
             let _ = AnyView::parse_checked_before(&aligned.as_bytes()[..b.len()]);
         }
     }

@@ -1,6 +1,7 @@
-//! A partition written to a local file in the binary partition format ([`crate::dataset`]),
-//! streamed: rows are appended in batches (one storage segment at a time) and never held
-//! together. Row ids, labels and features go to three scratch files beside the target, joined
+//! A partition written to a local file in the binary partition format ([`crate::dataset`],
+//! dense, or sparse rows as in [`crate::csr`]), streamed: rows are appended in batches (one
+//! storage segment at a time) and never held together. Each section (row ids, labels, and the
+//! features, or the row pointers, columns and values) goes to a scratch file beside the target, joined
 //! into the format (header, sections, padding, checksum) by [`PartitionFileWriter::finish`] and
 //! renamed into place, so a reader never sees half a file. A node memory-maps the result and
 //! reads it in place: partitions larger than memory are scanned through the page cache.
@@ -13,6 +14,7 @@ use xxhash_rust::xxh3::Xxh3;
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::IntoBytes;
 
+use crate::csr::{CsrRows, FLAG_CSR};
 use crate::dataset::{pad8, Header, CHECKSUM_OFFSET, HEADER_LEN, MAGIC, VERSION};
 
 /// Writes one partition file; see the module docs.
@@ -22,7 +24,10 @@ pub struct PartitionFileWriter {
     features: usize,
     rows: u64,
     tag: u64,
-    scratch: [(PathBuf, BufWriter<File>); 3],
+    /// Sparse: stored entries so far (the next row pointer's base); `None` for dense rows.
+    nnz: Option<u64>,
+    /// Dense: ids, labels, features. Sparse: ids, labels, indptr, indices, values.
+    scratch: Vec<(PathBuf, BufWriter<File>)>,
 }
 
 /// A scratch file beside `path`, unique to this writer (two writers of one file do not mix).
@@ -40,7 +45,8 @@ impl PartitionFileWriter {
             features,
             rows: 0,
             tag,
-            scratch: [
+            nnz: None,
+            scratch: vec![
                 scratch(path, "ids", tag)?,
                 scratch(path, "labels", tag)?,
                 scratch(path, "features", tag)?,
@@ -48,9 +54,75 @@ impl PartitionFileWriter {
         })
     }
 
+    /// Starts the sparse partition file `path` of `columns` columns.
+    pub fn create_sparse(path: &Path, columns: usize) -> io::Result<Self> {
+        let tag = rand::random::<u64>();
+        let mut scratch: Vec<_> = ["ids", "labels", "indptr", "indices", "values"]
+            .into_iter()
+            .map(|what| scratch(path, what, tag))
+            .collect::<io::Result<_>>()?;
+        if let Some((_, w)) = scratch.get_mut(2) {
+            w.write_all(0u64.as_bytes())?;
+        }
+        Ok(PartitionFileWriter {
+            path: path.to_path_buf(),
+            features: columns,
+            rows: 0,
+            tag,
+            nnz: Some(0),
+            scratch,
+        })
+    }
+
+    /// Appends sparse rows (a sparse writer only); their columns must fit the file's.
+    pub fn append_sparse(
+        &mut self,
+        ids: &[u64],
+        labels: &[f32],
+        rows: &CsrRows<'_>,
+    ) -> io::Result<()> {
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, what);
+        let Some(base) = self.nnz else {
+            return Err(invalid(
+                "sparse rows appended to a dense partition file".into(),
+            ));
+        };
+        if ids.len() != labels.len() || ids.len() != rows.rows() || rows.columns() > self.features {
+            return Err(invalid(format!(
+                "{} ids, {} labels, {} rows of {} columns for {} columns",
+                ids.len(),
+                labels.len(),
+                rows.rows(),
+                rows.columns(),
+                self.features
+            )));
+        }
+        let ptrs: Vec<u64> = rows.indptr().iter().skip(1).map(|p| p + base).collect();
+        for (k, bytes) in [
+            ids.as_bytes(),
+            labels.as_bytes(),
+            ptrs.as_bytes(),
+            rows.indices().as_bytes(),
+            rows.values().as_bytes(),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if let Some((_, w)) = self.scratch.get_mut(k) {
+                w.write_all(bytes)?;
+            }
+        }
+        self.rows += ids.len() as u64;
+        self.nnz = Some(base + rows.nnz() as u64);
+        Ok(())
+    }
+
     /// Appends rows: their ids, labels and row-major features.
     pub fn append(&mut self, ids: &[u64], labels: &[f32], x: &[f32]) -> io::Result<()> {
-        if ids.len() != labels.len() || ids.len().checked_mul(self.features) != Some(x.len()) {
+        if self.nnz.is_some()
+            || ids.len() != labels.len()
+            || ids.len().checked_mul(self.features) != Some(x.len())
+        {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
@@ -62,9 +134,14 @@ impl PartitionFileWriter {
                 ),
             ));
         }
-        self.scratch[0].1.write_all(ids.as_bytes())?;
-        self.scratch[1].1.write_all(labels.as_bytes())?;
-        self.scratch[2].1.write_all(x.as_bytes())?;
+        for (k, bytes) in [ids.as_bytes(), labels.as_bytes(), x.as_bytes()]
+            .into_iter()
+            .enumerate()
+        {
+            if let Some((_, w)) = self.scratch.get_mut(k) {
+                w.write_all(bytes)?;
+            }
+        }
         self.rows += ids.len() as u64;
         Ok(())
     }
@@ -81,7 +158,7 @@ impl PartitionFileWriter {
         let header = Header {
             magic: MAGIC,
             version: U16::new(VERSION),
-            flags: U16::new(0),
+            flags: U16::new(if self.nnz.is_some() { FLAG_CSR } else { 0 }),
             rows: U64::new(self.rows),
             features: U32::new(features),
             reserved: U32::new(0),
@@ -97,7 +174,7 @@ impl PartitionFileWriter {
         out.write_all(head)?;
         let mut len = HEADER_LEN;
         let mut buf = vec![0u8; 1 << 20];
-        for (i, (path, w)) in self.scratch.into_iter().enumerate() {
+        for (path, w) in self.scratch {
             drop(w.into_inner().map_err(|e| e.into_error())?);
             let mut r = File::open(&path)?;
             loop {
@@ -111,14 +188,12 @@ impl PartitionFileWriter {
                 len += n;
             }
             std::fs::remove_file(&path)?;
-            // Labels and features end padded to 8 bytes (row ids always end aligned).
-            if i > 0 {
-                let padded = pad8(len).unwrap_or(len);
-                let zeros = vec![0u8; padded - len];
-                hash.update(&zeros);
-                out.write_all(&zeros)?;
-                len = padded;
-            }
+            // Every section ends padded to 8 bytes (u64 sections always end aligned).
+            let padded = pad8(len).unwrap_or(len);
+            let zeros = vec![0u8; padded - len];
+            hash.update(&zeros);
+            out.write_all(&zeros)?;
+            len = padded;
         }
         let mut file = out.into_inner().map_err(|e| e.into_error())?;
         file.seek(SeekFrom::Start(CHECKSUM_OFFSET as u64))?;
@@ -180,5 +255,39 @@ mod tests {
         }
         let mut w = PartitionFileWriter::create(&dir.path().join("bad.tdds"), 2).unwrap();
         assert!(w.append(&[1], &[1.0], &[1.0]).is_err());
+    }
+
+    #[test]
+    fn a_streamed_sparse_file_equals_the_encoded_partition() {
+        use crate::csr::{encode_sparse, SparsePartition};
+        let dir = tempfile::tempdir().unwrap();
+        let mut whole = SparsePartition::new(1000);
+        let mut batches = Vec::new();
+        for b in 0..4u64 {
+            let mut part = SparsePartition::new(1000);
+            for r in 0..b * 3 {
+                let id = b * 100 + r;
+                let cols: Vec<u32> = (0..(id % 5) as u32).map(|k| k * 97 + b as u32).collect();
+                let vals: Vec<f32> = cols.iter().map(|&c| c as f32 * 0.5 + 1.0).collect();
+                part.push(id, r as f32, &cols, &vals).unwrap();
+                whole.push(id, r as f32, &cols, &vals).unwrap();
+            }
+            batches.push(part);
+        }
+        let path = dir.path().join("s.tdds");
+        let mut w = PartitionFileWriter::create_sparse(&path, 1000).unwrap();
+        for part in &batches {
+            w.append_sparse(part.row_ids(), part.labels(), &part.csr())
+                .unwrap();
+        }
+        assert!(w.append(&[1], &[1.0], &[1.0; 1000]).is_err(), "dense rows");
+        let len = w.finish().unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes.len() as u64, len);
+        assert_eq!(bytes, encode_sparse(&whole));
+        let mut narrow =
+            PartitionFileWriter::create_sparse(&dir.path().join("n.tdds"), 10).unwrap();
+        let err = narrow.append_sparse(whole.row_ids(), whole.labels(), &whole.csr());
+        assert!(err.is_err(), "wider rows than the file's columns");
     }
 }

@@ -79,7 +79,8 @@ impl<J: Job> ErasedJob for J {
 /// The runnable job `id` for `spec` over dataset `ds`.
 pub fn build(id: &str, spec: &JobSpec, ds: &DatasetRecord) -> Result<Arc<dyn ErasedJob>, JobError> {
     let shape = DatasetShape {
-        features: ds.features.clone(),
+        // A sparse dataset's names (`f{index}`) are built here, once per job and node.
+        features: ds.feature_names(),
         label: ds.label.clone(),
         rows: ds.rows,
     };

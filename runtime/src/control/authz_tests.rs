@@ -235,6 +235,7 @@ fn an_import_split_is_reported_only_by_its_shard_owner() {
                 max_categories: 4,
                 hash_buckets: 4,
                 split_bytes: 1,
+                zero_based: false,
             },
             columns: vec![ColumnPlan::Numeric { name: "a".into() }],
             shards: 2,
@@ -254,6 +255,8 @@ fn an_import_split_is_reported_only_by_its_shard_owner() {
             checksum: 0,
             sums: vec![],
             counts: vec![],
+            columns: 0,
+            nnz: 0,
         }),
     };
     // Split 0 is on shard 0 (owned by n1, handing off to n2), split 1 on shard 1 (n2's).

@@ -154,6 +154,9 @@ pub fn fill(
                 }
             }
         }
+        ColumnPlan::Sparse { .. } => {
+            return Err((0, "sparse columns come only from libsvm files".to_string()))
+        }
     }
     Ok(())
 }

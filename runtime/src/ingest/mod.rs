@@ -1,8 +1,9 @@
-//! Cluster-side dataset import: the cluster reads Parquet and CSV straight from object storage.
+//! Cluster-side dataset import: the cluster reads Parquet, CSV and libsvm straight from object
+//! storage.
 //!
 //! - [`source`]: a URL (one object, a prefix, or a glob) resolved to files.
-//! - [`plan`]: the files cut into splits (Parquet row groups, CSV byte ranges starting at line
-//!   starts), the output columns (numbers, one-hot or hashed strings), splits onto shards. Done
+//! - [`plan`]: the files cut into splits (Parquet row groups, CSV and libsvm byte ranges of
+//!   whole lines), the output columns (numbers, one-hot or hashed strings), splits onto shards. Done
 //!   once, by the node that takes the request; the plan goes into the replicated map
 //!   (`tidepool_core::control::imports`).
 //! - [`read`]: one split read by its shard's owner, streamed with bounded memory into partition
@@ -13,6 +14,7 @@
 //! recorded in the map is the one that counts and no row is lost or duplicated.
 
 pub mod columns;
+mod lines;
 pub mod plan;
 pub mod read;
 pub mod source;

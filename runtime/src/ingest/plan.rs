@@ -42,6 +42,7 @@ pub async fn plan(
     let (columns, mut splits, skipped) = match spec.format {
         Format::Parquet => plan_parquet(&src, spec, &files).await?,
         Format::Csv => plan_csv(&src, spec, &files).await?,
+        Format::Libsvm => plan_libsvm(spec, &files),
     };
     if splits.len() > MAX_SPLITS {
         return Err(IngestError::Data(format!(
@@ -426,4 +427,28 @@ async fn plan_csv(
         .map(|(name, _)| ColumnPlan::Numeric { name })
         .collect();
     Ok((columns, splits, skipped))
+}
+
+/// libsvm: byte ranges of whole lines, no header; one sparse column plan (the column count is
+/// the widest split's, known once every split is read).
+fn plan_libsvm(spec: &ImportSpec, files: &[SourceFile]) -> PlanParts {
+    let step = spec.split_bytes.max(1);
+    let mut splits = Vec::new();
+    for file in files {
+        let mut start = 0;
+        while start < file.size {
+            let end = (start + step).min(file.size);
+            splits.push(Split {
+                file: file.path.clone(),
+                unit: SplitUnit::Bytes { start, end },
+                shard: 0,
+                bytes: end - start,
+            });
+            start = end;
+        }
+    }
+    let columns = vec![ColumnPlan::Sparse {
+        name: "libsvm".to_string(),
+    }];
+    (columns, splits, Vec::new())
 }

@@ -11,9 +11,11 @@ use parquet::arrow::ProjectionMask;
 use tidepool_core::control::{ColumnPlan, Format, ImportRecord, NullPolicy, SplitDone, SplitUnit};
 use xxhash_rust::xxh3::Xxh3;
 
+use super::lines::LineChunks;
 use super::plan::{csv_header, parquet_builder};
 use super::source::{Source, SourceFile};
 use super::{columns, split_segment_key, IngestError};
+use crate::csr::{encode_sparse, SparsePartition};
 use crate::dataset::{encode_partition, Partition, SEGMENT_BYTES};
 use crate::storage::Store;
 
@@ -42,6 +44,10 @@ struct SplitWriter<'a> {
     dropped: u64,
     sums: Vec<f64>,
     counts: Vec<u64>,
+    /// A libsvm split's rows (instead of `ids`, `y`, `x`), and its widest column plus one.
+    sparse: Option<SparsePartition>,
+    columns: u64,
+    nnz: u64,
 }
 
 impl<'a> SplitWriter<'a> {
@@ -70,7 +76,44 @@ impl<'a> SplitWriter<'a> {
             dropped: 0,
             sums: if fill { vec![0.0; width] } else { Vec::new() },
             counts: if fill { vec![0; width] } else { Vec::new() },
+            sparse: imp
+                .is_sparse()
+                .then(|| SparsePartition::new(u32::MAX as usize)),
+            columns: 0,
+            nnz: 0,
         }
+    }
+
+    /// Adds one sparse row (columns increasing, values finite and non-zero).
+    async fn push_sparse(
+        &mut self,
+        label: f32,
+        cols: &[u32],
+        vals: &[f32],
+    ) -> Result<(), IngestError> {
+        let row = self.next_row;
+        self.next_row += 1;
+        let id = u64::from(self.split) << 40 | row;
+        let Some(part) = self.sparse.as_mut() else {
+            return Err(IngestError::Data("a sparse row in a dense import".into()));
+        };
+        part.push(id, label, cols, vals)
+            .map_err(|e| IngestError::Data(e.to_string()))?;
+        self.hasher.update(&label.to_le_bytes());
+        self.hasher.update(&(cols.len() as u64).to_le_bytes());
+        for (c, v) in cols.iter().zip(vals) {
+            self.hasher.update(&c.to_le_bytes());
+            self.hasher.update(&v.to_le_bytes());
+        }
+        if let Some(&last) = cols.last() {
+            self.columns = self.columns.max(u64::from(last) + 1);
+        }
+        self.nnz += cols.len() as u64;
+        self.rows += 1;
+        if part.bytes() >= SEGMENT_BYTES {
+            self.flush().await?;
+        }
+        Ok(())
     }
 
     /// Adds one row (NaN marks a null); `at` names where it came from, for errors.
@@ -129,6 +172,14 @@ impl<'a> SplitWriter<'a> {
     }
 
     async fn flush(&mut self) -> Result<(), IngestError> {
+        if let Some(part) = self.sparse.as_mut() {
+            if part.rows() == 0 {
+                return Ok(());
+            }
+            let mut full = std::mem::replace(part, SparsePartition::new(u32::MAX as usize));
+            full.fit_columns();
+            return self.put(Bytes::from(encode_sparse(&full))).await;
+        }
         if self.ids.is_empty() {
             return Ok(());
         }
@@ -141,6 +192,11 @@ impl<'a> SplitWriter<'a> {
         .map_err(|e| IngestError::Data(e.to_string()))?;
         let bytes = Bytes::from(encode_partition(&part));
         drop(part);
+        self.put(bytes).await
+    }
+
+    /// Stores the split's next segment.
+    async fn put(&mut self, bytes: Bytes) -> Result<(), IngestError> {
         let key = split_segment_key(&self.imp.dataset, &self.imp.id, self.split, self.segments);
         self.store.put_blob(&key, bytes).await?;
         self.segments += 1;
@@ -156,6 +212,8 @@ impl<'a> SplitWriter<'a> {
             checksum: self.hasher.digest(),
             sums: self.sums,
             counts: self.counts,
+            columns: self.columns,
+            nnz: self.nnz,
         })
     }
 }
@@ -178,6 +236,9 @@ pub async fn read_split(
         }
         (Format::Csv, SplitUnit::Bytes { start, end }) => {
             read_csv(src, imp, &s.file, start, end, &mut w).await?
+        }
+        (Format::Libsvm, SplitUnit::Bytes { start, end }) => {
+            read_libsvm(src, imp, &s.file, start, end, &mut w).await?
         }
         (format, unit) => {
             return Err(IngestError::Data(format!(
@@ -319,15 +380,7 @@ async fn read_csv(
     w: &mut SplitWriter<'_>,
 ) -> Result<(), IngestError> {
     let name = src.display(file);
-    let size = src
-        .store()
-        .head(&src.path_of(file))
-        .await
-        .map_err(|e| IngestError::Source {
-            url: name.clone(),
-            reason: e.to_string(),
-        })?
-        .size;
+    let size = size_of(src, file).await?;
     let sf = SourceFile {
         path: file.to_string(),
         size,
@@ -346,67 +399,13 @@ async fn read_csv(
         .map(|c| index(c.name()))
         .collect::<Result<_, _>>()?;
     let names = imp.features();
-    // Lines start after a newline: a split that does not start at the data's first byte starts
-    // after the first newline at or after `start - 1` (that line belongs to the split before).
-    let mut pos = if start <= data_start {
-        data_start
-    } else {
-        start - 1
-    };
-    let mut skip_first = start > data_start;
-    let mut buf: Vec<u8> = Vec::new();
-    let mut base = pos; // absolute offset of buf[0]
+    let mut lines = LineChunks::new(src, file, size, data_start, start, end);
     let mut row = Vec::with_capacity(feature_at.len());
-    loop {
-        let eof = pos >= size;
-        if !eof {
-            let chunk = src
-                .read_range(file, pos, (pos + CSV_CHUNK).min(size))
-                .await?;
-            pos += chunk.len() as u64;
-            buf.extend_from_slice(&chunk);
-        }
-        if skip_first {
-            match buf.iter().position(|&b| b == b'\n') {
-                Some(nl) => {
-                    buf.drain(..=nl);
-                    base += nl as u64 + 1;
-                    skip_first = false;
-                }
-                None if eof => return Ok(()),
-                None => {
-                    base += buf.len() as u64;
-                    buf.clear();
-                    continue;
-                }
-            }
-        }
-        // Complete lines that start before `end` (at EOF the last line needs no newline).
-        let mut cut = 0usize;
-        let mut finished = false;
-        while base + (cut as u64) < end {
-            match buf[cut..].iter().position(|&b| b == b'\n') {
-                Some(nl) => cut += nl + 1,
-                None if eof => {
-                    cut = buf.len();
-                    finished = true;
-                    break;
-                }
-                None => break,
-            }
-        }
-        if base + (cut as u64) >= end || eof {
-            finished = true;
-        }
-        if cut == 0 && !finished && buf.len() > MAX_LINE {
-            return Err(IngestError::Data(format!(
-                "{name}: a line at byte {base} is longer than {MAX_LINE} bytes"
-            )));
-        }
+    while let Some((base, chunk)) = lines.next().await? {
         let mut reader = csv::ReaderBuilder::new()
             .has_headers(false)
             .flexible(true)
-            .from_reader(&buf[..cut]);
+            .from_reader(chunk);
         let mut record = csv::ByteRecord::new();
         loop {
             let got = reader
@@ -451,10 +450,111 @@ async fn read_csv(
             }
             w.push(label, &row, at).await?;
         }
-        buf.drain(..cut);
-        base += cut as u64;
-        if finished {
-            return Ok(());
+    }
+    Ok(())
+}
+
+/// The size of `file`, asked of the store (a split's plan does not carry it).
+async fn size_of(src: &Source, file: &str) -> Result<u64, IngestError> {
+    Ok(src
+        .store()
+        .head(&src.path_of(file))
+        .await
+        .map_err(|e| IngestError::Source {
+            url: src.display(file),
+            reason: e.to_string(),
+        })?
+        .size)
+}
+
+/// Reads the libsvm lines that start in `start..end`: `label [qid:q] index:value ...`, `#`
+/// starts a comment, blank lines are skipped. Indices may come in any order but not twice;
+/// zeros are not stored.
+async fn read_libsvm(
+    src: &Source,
+    imp: &ImportRecord,
+    file: &str,
+    start: u64,
+    end: u64,
+    w: &mut SplitWriter<'_>,
+) -> Result<(), IngestError> {
+    let name = src.display(file);
+    let size = size_of(src, file).await?;
+    let first = u64::from(!imp.spec.zero_based);
+    let mut lines = LineChunks::new(src, file, size, 0, start, end);
+    let mut entries: Vec<(u32, f32)> = Vec::new();
+    let (mut cols, mut vals) = (Vec::new(), Vec::new());
+    while let Some((base, chunk)) = lines.next().await? {
+        let mut offset = 0usize;
+        for line in chunk.split_inclusive(|&b| b == b'\n') {
+            let at_byte = base + offset as u64;
+            offset += line.len();
+            let at = || format!("{name}: line at byte {at_byte}");
+            let text = line.split(|&b| b == b'#').next().unwrap_or_default();
+            let mut fields = text
+                .split(|b| b.is_ascii_whitespace())
+                .filter(|f| !f.is_empty());
+            let Some(label) = fields.next() else {
+                continue;
+            };
+            let label = match crate::dataset::parse_f32(label) {
+                Some(v) if v.is_finite() => v,
+                _ => {
+                    return Err(IngestError::Data(format!(
+                        "{}: the label {:?} is not a finite number",
+                        at(),
+                        String::from_utf8_lossy(&label[..label.len().min(48)])
+                    )))
+                }
+            };
+            entries.clear();
+            for field in fields {
+                let bad = |why: &str| {
+                    IngestError::Data(format!(
+                        "{}: {why}: {:?}",
+                        at(),
+                        String::from_utf8_lossy(&field[..field.len().min(48)])
+                    ))
+                };
+                let Some(colon) = field.iter().position(|&b| b == b':') else {
+                    return Err(bad("not index:value"));
+                };
+                let (index, value) = (&field[..colon], &field[colon + 1..]);
+                if index == b"qid" {
+                    continue;
+                }
+                let index: u64 = std::str::from_utf8(index)
+                    .ok()
+                    .and_then(|t| t.parse().ok())
+                    .ok_or_else(|| bad("not a feature index"))?;
+                let col = index.checked_sub(first).ok_or_else(|| {
+                    bad("index 0 in a file whose indices start at 1 (import with --zero-based)")
+                })?;
+                let col = u32::try_from(col)
+                    .ok()
+                    .filter(|&c| c < u32::MAX)
+                    .ok_or_else(|| bad("feature index too large"))?;
+                let value = match crate::dataset::parse_f32(value) {
+                    Some(v) if v.is_finite() => v,
+                    _ => return Err(bad("not a finite value")),
+                };
+                if value != 0.0 {
+                    entries.push((col, value));
+                }
+            }
+            entries.sort_unstable_by_key(|e| e.0);
+            if entries.windows(2).any(|p| p[0].0 == p[1].0) {
+                return Err(IngestError::Data(format!(
+                    "{}: a feature index appears twice",
+                    at()
+                )));
+            }
+            cols.clear();
+            vals.clear();
+            cols.extend(entries.iter().map(|e| e.0));
+            vals.extend(entries.iter().map(|e| e.1));
+            w.push_sparse(label, &cols, &vals).await?;
         }
     }
+    Ok(())
 }

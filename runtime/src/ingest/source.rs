@@ -246,6 +246,7 @@ pub fn format_of(url: &str) -> Option<tidepool_core::control::Format> {
     match ext.as_str() {
         "parquet" | "pq" => Some(Format::Parquet),
         "csv" => Some(Format::Csv),
+        "libsvm" | "svm" | "svmlight" => Some(Format::Libsvm),
         _ => None,
     }
 }

@@ -31,6 +31,7 @@ fn spec(url: &str, format: Format, nulls: NullPolicy, split_bytes: u64) -> Impor
         max_categories: 3,
         hash_buckets: 4,
         split_bytes,
+        zero_based: false,
     }
 }
 
@@ -295,4 +296,109 @@ async fn only_allowed_urls_are_read() {
         other.is_err(),
         "a prefix of the bucket name is not the bucket"
     );
+}
+
+/// Every split of a libsvm import read, in split order: (label, columns, values) per row.
+async fn import_libsvm(
+    spec: &ImportSpec,
+) -> Result<(Vec<(f32, Vec<u32>, Vec<f32>)>, Vec<SplitDone>), super::IngestError> {
+    let rec = plan("imp", "ds", spec, 3, &anywhere()).await?.record;
+    assert_eq!(
+        rec.columns,
+        vec![ColumnPlan::Sparse {
+            name: "libsvm".into()
+        }]
+    );
+    let store = Store::in_memory();
+    let src = super::source::Source::open(&spec.url, &anywhere())?;
+    let (mut rows, mut dones) = (Vec::new(), Vec::new());
+    for i in 0..rec.splits.len() as u32 {
+        let done = read_split(&src, &rec, i, &store).await?;
+        for seg in 0..done.segments {
+            let key = split_segment_key("ds", "imp", i, seg);
+            let bytes = store.get_blob(&key).await.unwrap().unwrap();
+            let buf = PartitionBuf::from_bytes(&bytes).unwrap();
+            let crate::dataset::AnyView::Sparse(v) = buf.any_view().unwrap() else {
+                panic!("a libsvm split wrote a dense segment")
+            };
+            assert!(v.csr().columns() as u64 <= done.columns);
+            for r in 0..v.rows() {
+                let (c, x) = v.csr().row(r);
+                rows.push((v.labels()[r], c.to_vec(), x.to_vec()));
+            }
+        }
+        dones.push(done);
+    }
+    Ok((rows, dones))
+}
+
+#[tokio::test]
+async fn libsvm_byte_ranges_read_every_line_once_as_sparse_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = String::from("# a comment line\n\n");
+    let mut want = Vec::new();
+    for i in 0..400u32 {
+        // Indices out of order, an explicit zero (not stored), qid, comments, CRLF, tabs, and
+        // one index near three million.
+        let big = 2_999_000 + i;
+        let eol = if i % 13 == 0 { "\r\n" } else { "\n" };
+        text.push_str(&format!(
+            "{} qid:{}\t{big}:{}.5 {}:0 3:{} 1:-1e-3 # row {i}{eol}",
+            i % 2,
+            i / 10,
+            i,
+            i + 10,
+            i as f32 * 0.25
+        ));
+        let mut cols = vec![0u32, 2, big - 1];
+        let mut vals = vec![-1e-3f32, i as f32 * 0.25, format!("{i}.5").parse().unwrap()];
+        if i == 0 {
+            // 3:0 is not stored.
+            cols.remove(1);
+            vals.remove(1);
+        }
+        want.push(((i % 2) as f32, cols, vals));
+    }
+    text.push_str("1 5:2"); // no final newline
+    want.push((1.0, vec![4], vec![2.0]));
+    std::fs::write(dir.path().join("d.libsvm"), &text).unwrap();
+    let url = format!("file://{}/d.libsvm", dir.path().display());
+    for split_bytes in [2u64, 7, 64, 1000, 1 << 20] {
+        let mut s = spec(&url, Format::Libsvm, NullPolicy::Refuse, split_bytes);
+        s.label = "label".into();
+        let (rows, dones) = import_libsvm(&s).await.unwrap();
+        assert_eq!(rows, want, "split size {split_bytes}");
+        assert_eq!(dones.iter().map(|d| d.columns).max(), Some(2_999_399));
+        assert_eq!(dones.iter().map(|d| d.nnz).sum::<u64>(), 3 * 400 - 1 + 1);
+    }
+    let bad = [
+        ("1 0:1\n", "index 0 in a file whose indices start at 1"),
+        ("1 2:1 2:3\n", "appears twice"),
+        ("1 2:x\n", "not a finite value"),
+        ("1 2:inf\n", "not a finite value"),
+        ("nan 2:1\n", "not a finite number"),
+        ("1 two\n", "not index:value"),
+        ("1 4294967296:1\n", "too large"),
+    ];
+    for (line, why) in bad {
+        std::fs::write(dir.path().join("bad.libsvm"), format!("0 1:1\n{line}")).unwrap();
+        let url = format!("file://{}/bad.libsvm", dir.path().display());
+        let err = import_libsvm(&spec(&url, Format::Libsvm, NullPolicy::Refuse, 1 << 20))
+            .await
+            .unwrap_err();
+        assert!(err.is_data(), "{line}: {err}");
+        let err = err.to_string();
+        assert!(
+            err.contains("bad.libsvm: line at byte 6") && err.contains(why),
+            "{line}: {err}"
+        );
+    }
+    // Zero-based files may use index 0.
+    std::fs::write(dir.path().join("z.libsvm"), "1 0:2 3:1\n").unwrap();
+    let url = format!("file://{}/z.libsvm", dir.path().display());
+    let mut s = spec(&url, Format::Libsvm, NullPolicy::Refuse, 1 << 20);
+    s.zero_based = true;
+    let (rows, dones) = import_libsvm(&s).await.unwrap();
+    assert_eq!(rows, vec![(1.0, vec![0, 3], vec![2.0, 1.0])]);
+    assert_eq!(dones[0].columns, 4);
 }

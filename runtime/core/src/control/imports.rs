@@ -12,7 +12,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::records::{DatasetRecord, DatasetSource};
+use super::records::{DatasetRecord, DatasetSource, SparseShape};
 use super::types::{ClusterMap, CommandResponse};
 
 /// Most splits one import may plan (the plan lives in the replicated map).
@@ -24,6 +24,8 @@ pub const MAX_SPLITS: usize = 20_000;
 pub enum Format {
     Parquet,
     Csv,
+    /// libsvm / svmlight text: `label index:value ...` per line, sparse rows.
+    Libsvm,
 }
 
 impl Format {
@@ -32,6 +34,7 @@ impl Format {
         match self {
             Format::Parquet => "parquet",
             Format::Csv => "csv",
+            Format::Libsvm => "libsvm",
         }
     }
 }
@@ -79,6 +82,10 @@ pub struct ImportSpec {
     pub hash_buckets: u32,
     /// Target split size in source bytes (Parquet: whole row groups up to it, at least one).
     pub split_bytes: u64,
+    /// libsvm: the source's feature indices start at 0 (default: at 1, libsvm's convention).
+    /// Left out of the JSON when false, so imports planned before it keep their ids.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub zero_based: bool,
 }
 
 /// How one source column becomes output features.
@@ -92,6 +99,9 @@ pub enum ColumnPlan {
     /// A string with many values: `buckets` features (`name#k`); a value sets feature
     /// `xxh3_64(value) % buckets` to 1.
     Hashed { name: String, buckets: u32 },
+    /// libsvm rows: sparse features whose count is known only once every split is read
+    /// (the largest index seen); [`ColumnPlan::width`] is 0.
+    Sparse { name: String },
 }
 
 impl ColumnPlan {
@@ -100,7 +110,8 @@ impl ColumnPlan {
         match self {
             ColumnPlan::Numeric { name }
             | ColumnPlan::OneHot { name, .. }
-            | ColumnPlan::Hashed { name, .. } => name,
+            | ColumnPlan::Hashed { name, .. }
+            | ColumnPlan::Sparse { name } => name,
         }
     }
 
@@ -110,6 +121,7 @@ impl ColumnPlan {
             ColumnPlan::Numeric { .. } => 1,
             ColumnPlan::OneHot { values, .. } => values.len(),
             ColumnPlan::Hashed { buckets, .. } => *buckets as usize,
+            ColumnPlan::Sparse { .. } => 0,
         }
     }
 
@@ -123,6 +135,7 @@ impl ColumnPlan {
             ColumnPlan::Hashed { name, buckets } => {
                 (0..*buckets).map(|k| format!("{name}#{k}")).collect()
             }
+            ColumnPlan::Sparse { .. } => Vec::new(),
         }
     }
 }
@@ -164,6 +177,11 @@ pub struct SplitDone {
     /// and their count; empty otherwise.
     pub sums: Vec<f64>,
     pub counts: Vec<u64>,
+    /// Sparse (libsvm) splits: columns (the largest column seen, plus one) and stored entries.
+    #[serde(default)]
+    pub columns: u64,
+    #[serde(default)]
+    pub nnz: u64,
 }
 
 /// Where an import stands.
@@ -214,7 +232,12 @@ impl ImportRecord {
             .collect()
     }
 
-    /// Output features per row.
+    /// True for a sparse (libsvm) import.
+    pub fn is_sparse(&self) -> bool {
+        self.spec.format == Format::Libsvm
+    }
+
+    /// Output features per row (0 for a sparse import: known once every split is read).
     pub fn width(&self) -> usize {
         self.columns.iter().map(ColumnPlan::width).sum()
     }
@@ -286,8 +309,17 @@ fn check_plan(map: &ClusterMap, rec: &ImportRecord) -> Result<(), String> {
     if rec.splits.iter().any(|s| s.shard >= rec.shards) {
         return Err("a split names a shard out of range".into());
     }
-    if rec.columns.is_empty() || rec.width() == 0 {
-        return Err("an import needs at least one feature".into());
+    let sparse_ok = rec.is_sparse()
+        && matches!(rec.columns.as_slice(), [ColumnPlan::Sparse { .. }])
+        && rec.spec.nulls == NullPolicy::Refuse;
+    let dense_ok = !rec.is_sparse()
+        && rec.width() > 0
+        && !rec
+            .columns
+            .iter()
+            .any(|c| matches!(c, ColumnPlan::Sparse { .. }));
+    if !(sparse_ok || dense_ok) {
+        return Err("an import needs at least one feature (a libsvm import one sparse column plan, nulls refused)".into());
     }
     if rec.state != ImportState::Running || rec.error.is_some() {
         return Err("a new import is running, with no error".into());
@@ -356,6 +388,13 @@ pub(super) fn split_done(
             done.sums.len()
         ));
     }
+    let sparse = imp.is_sparse();
+    if (!sparse && (done.columns != 0 || done.nnz != 0)) || done.columns > u64::from(u32::MAX) {
+        return CommandResponse::Rejected(format!(
+            "import {id}: split {split} reports {} columns and {} entries",
+            done.columns, done.nnz
+        ));
+    }
     let Some(slot) = imp.done.get_mut(split as usize) else {
         return CommandResponse::Rejected(format!("import {id}: no split {split}"));
     };
@@ -369,6 +408,8 @@ pub(super) fn split_done(
     let rows = imp.rows_done();
     let result = if rows == 0 {
         Err("no rows (every row was dropped, or the files are empty)".to_string())
+    } else if sparse && imp.done.iter().flatten().all(|d| d.columns == 0) {
+        Err("no features (every row is empty)".to_string())
     } else if map.datasets.contains_key(&imp.dataset) {
         Err(format!(
             "dataset {:?} was created by another import meanwhile",
@@ -408,6 +449,17 @@ fn dataset_of(imp: &ImportRecord, rows: u64, fill: bool) -> DatasetRecord {
             .map(|(&s, &c)| if c == 0 { 0.0 } else { (s / c as f64) as f32 })
             .collect();
     }
+    let sparse = imp.is_sparse().then(|| SparseShape {
+        columns: imp
+            .done
+            .iter()
+            .flatten()
+            .map(|d| d.columns)
+            .max()
+            .unwrap_or(0),
+        nnz: imp.done.iter().flatten().map(|d| d.nnz).sum(),
+        first_index: u32::from(!imp.spec.zero_based),
+    });
     DatasetRecord {
         name: imp.dataset.clone(),
         features: imp.features(),
@@ -425,6 +477,7 @@ fn dataset_of(imp: &ImportRecord, rows: u64, fill: bool) -> DatasetRecord {
                 .collect(),
             checksum: imp.checksum().unwrap_or(0),
             fill: fill_values,
+            sparse,
         },
     }
 }

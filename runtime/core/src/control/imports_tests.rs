@@ -12,6 +12,7 @@ fn spec(nulls: NullPolicy) -> ImportSpec {
         max_categories: 4,
         hash_buckets: 8,
         split_bytes: 1 << 20,
+        zero_based: false,
     }
 }
 
@@ -54,6 +55,8 @@ fn done(rows: u64, checksum: u64, sums: Vec<f64>, counts: Vec<u64>) -> SplitDone
         checksum,
         sums,
         counts,
+        columns: 0,
+        nnz: 0,
     }
 }
 
@@ -241,4 +244,54 @@ fn splits_balance_by_bytes_deterministically() {
         load[s.shard as usize] += s.bytes;
     }
     assert_eq!(load, [50, 30, 60]);
+}
+
+#[test]
+fn a_sparse_import_creates_a_dataset_of_the_widest_split_without_naming_columns() {
+    let mut map = cluster();
+    let mut imp = import("s1", NullPolicy::Refuse, 3);
+    imp.spec.format = Format::Libsvm;
+    // A libsvm import has exactly one sparse column plan, and refuses nulls.
+    let mut dense_plan = imp.clone();
+    dense_plan.id = "s0".into();
+    assert!(!apply(&mut map, &Command::StartImport(Box::new(dense_plan))).is_ok());
+    imp.columns = vec![ColumnPlan::Sparse {
+        name: "libsvm".into(),
+    }];
+    let mut filled = imp.clone();
+    filled.spec.nulls = NullPolicy::FillMean;
+    assert!(!apply(&mut map, &Command::StartImport(Box::new(filled))).is_ok());
+    assert!(apply(&mut map, &Command::StartImport(Box::new(imp))).is_ok());
+    let sparse = |rows, columns, nnz| SplitDone {
+        columns,
+        nnz,
+        ..done(rows, rows, vec![], vec![])
+    };
+    // A split claiming more columns than a partition header can hold is refused.
+    assert!(!report(&mut map, "s1", 0, sparse(2, 1 << 33, 3)).is_ok());
+    assert!(report(&mut map, "s1", 0, sparse(2, 3_000_000, 40)).is_ok());
+    assert!(report(&mut map, "s1", 1, sparse(5, 17, 9)).is_ok());
+    assert!(report(&mut map, "s1", 2, sparse(1, 0, 0)).is_ok());
+    let ds = &map.datasets["d"];
+    assert_eq!(ds.rows, 8);
+    assert!(ds.features.is_empty(), "the record lists no column names");
+    assert_eq!(ds.feature_count(), 3_000_000);
+    assert_eq!(
+        ds.sparse(),
+        Some(&crate::control::SparseShape {
+            columns: 3_000_000,
+            nnz: 49,
+            first_index: 1
+        })
+    );
+    assert_eq!(&ds.feature_names()[..2], ["f1", "f2"]);
+    // A dense import may not report sparse shapes.
+    let dense = import("i9", NullPolicy::Refuse, 1);
+    let mut dense = ImportRecord {
+        dataset: "e".into(),
+        ..dense
+    };
+    dense.id = "i9".into();
+    assert!(apply(&mut map, &Command::StartImport(Box::new(dense))).is_ok());
+    assert!(!report(&mut map, "i9", 0, sparse(1, 4, 4)).is_ok());
 }

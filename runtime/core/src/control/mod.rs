@@ -8,7 +8,9 @@ pub use imports::{
     ColumnPlan, Format, ImportRecord, ImportSpec, ImportState, NullPolicy, Split, SplitDone,
     SplitUnit,
 };
-pub use records::{AutoscaleStatus, DatasetRecord, DatasetSource, JobRecord, JobState, JobUpdate};
+pub use records::{
+    AutoscaleStatus, DatasetRecord, DatasetSource, JobRecord, JobState, JobUpdate, SparseShape,
+};
 pub use types::{
     apply, node_id, ClusterMap, Command, CommandResponse, Member, MemberState, NodeId, NodeInfo,
     Revoked, ShardAssignment,

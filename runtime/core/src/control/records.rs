@@ -47,7 +47,22 @@ pub enum DatasetSource {
         /// empty otherwise.
         #[serde(default)]
         fill: Vec<f32>,
+        /// Sparse (libsvm) imports: the columns and stored entries; the record's `features`
+        /// is then empty (there may be millions of columns).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sparse: Option<SparseShape>,
     },
+}
+
+/// The shape of a sparse (CSR) dataset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SparseShape {
+    /// Columns: the largest feature index seen, plus one (after the index base).
+    pub columns: u64,
+    /// Stored (non-zero) entries over every row.
+    pub nnz: u64,
+    /// The index the source's first column has: 1 (libsvm's convention) or 0.
+    pub first_index: u32,
 }
 
 /// A dataset known to the cluster.
@@ -64,6 +79,35 @@ pub struct DatasetRecord {
     pub shards: u32,
     #[serde(flatten)]
     pub source: DatasetSource,
+}
+
+impl DatasetRecord {
+    /// The sparse shape, for a sparse (libsvm) dataset.
+    pub fn sparse(&self) -> Option<&SparseShape> {
+        match &self.source {
+            DatasetSource::Ingested { sparse, .. } => sparse.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Features per row: the named columns, or a sparse dataset's column count.
+    pub fn feature_count(&self) -> usize {
+        match self.sparse() {
+            Some(s) => usize::try_from(s.columns).unwrap_or(usize::MAX),
+            None => self.features.len(),
+        }
+    }
+
+    /// Feature names: the named columns, or for a sparse dataset the source's indices as
+    /// `f{index}` (built on demand; a sparse record does not list them).
+    pub fn feature_names(&self) -> Vec<String> {
+        match self.sparse() {
+            Some(s) => (0..s.columns)
+                .map(|j| format!("f{}", j + u64::from(s.first_index)))
+                .collect(),
+            None => self.features.clone(),
+        }
+    }
 }
 
 /// A job's lifecycle state; `--json` names are the lowercase variant names.
