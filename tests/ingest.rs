@@ -762,3 +762,245 @@ async fn a_job_scans_four_times_the_memory_budget() {
     .count();
     assert_eq!(files, 16, "one mapped file per shard");
 }
+
+/// `files` files of `rows` rows each of the same seeded sparse data (40 columns, about a fifth
+/// of them non-zero, 0/1 labels from a planted logistic model), written as dense CSV (columns
+/// `f1..f40`, label `y`) under `dense/` and as libsvm (one-based) under `sparse/`.
+fn write_sparse_pair(dir: &Path, files: usize, rows: usize) {
+    const COLS: usize = 40;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let w: Vec<f64> = (0..COLS)
+        .map(|j| ((j * 37 % 11) as f64 - 5.0) / 4.0)
+        .collect();
+    std::fs::create_dir_all(dir.join("dense")).unwrap();
+    std::fs::create_dir_all(dir.join("sparse")).unwrap();
+    for f in 0..files {
+        let mut csv = (1..=COLS).map(|j| format!("f{j},")).collect::<String>() + "y\n";
+        let mut svm = String::new();
+        for _ in 0..rows {
+            let mut x = vec![0f32; COLS];
+            for v in x.iter_mut() {
+                if next() % 5 == 0 {
+                    // Values with short decimal forms, so both files hold the same f32.
+                    *v = ((next() % 801) as f32 - 400.0) / 100.0;
+                }
+            }
+            let z: f64 = x.iter().zip(&w).map(|(&a, b)| f64::from(a) * b).sum();
+            let y = u8::from((next() % 1000) as f64 / 1000.0 < 1.0 / (1.0 + (-z).exp()));
+            for v in &x {
+                csv.push_str(&format!("{v},"));
+            }
+            csv.push_str(&format!("{y}\n"));
+            svm.push_str(&y.to_string());
+            for (j, v) in x.iter().enumerate().filter(|(_, v)| **v != 0.0) {
+                svm.push_str(&format!(" {}:{v}", j + 1));
+            }
+            svm.push('\n');
+        }
+        std::fs::write(dir.join(format!("dense/part-{f}.csv")), csv).unwrap();
+        std::fs::write(dir.join(format!("sparse/part-{f}.libsvm")), svm).unwrap();
+    }
+}
+
+/// The raw parameters of a finished job's model, and the model file.
+fn trained(c: &LocalCluster, dir: &Path, dataset: &str, model: &str) -> (Vec<f64>, PathBuf) {
+    let spec = dir.join(format!("{dataset}-{model}.toml"));
+    let classes = if model == "softmax" {
+        "classes = 2\n"
+    } else {
+        ""
+    };
+    std::fs::write(
+        &spec,
+        format!(
+            "[job]\nkind = \"sgd\"\ndataset = \"{dataset}\"\n[model]\ntype = \"{model}\"\n\
+             {classes}[train]\nepochs = 8\nbatch_size = 128\nlearning_rate = 0.2\nl2 = 0.001\n\
+             seed = 11\n"
+        ),
+    )
+    .unwrap();
+    let job = cli_json(
+        c,
+        &["job", "submit", spec.to_str().unwrap(), "--wait", "--json"],
+    );
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let out = dir.join(format!("{dataset}-{model}.json"));
+    let path = out.to_str().unwrap();
+    cli_json(
+        c,
+        &[
+            "job",
+            "result",
+            job["id"].as_str().unwrap(),
+            "--out",
+            path,
+            "--json",
+        ],
+    );
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let params = file["params"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
+        .collect();
+    (params, out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn libsvm_rows_train_the_same_model_as_the_same_rows_dense() {
+    let dir = tempfile::tempdir().unwrap();
+    write_sparse_pair(dir.path(), 4, 1500);
+    let (c, client) = start(2).await;
+    let dense = format!("file://{}/dense/*.csv", dir.path().display());
+    let sparse = format!("file://{}/sparse/*.libsvm", dir.path().display());
+    let d = cli_json(
+        &c,
+        &[
+            "dataset", "import", &dense, "--name", "dense", "--label", "y", "--json",
+        ],
+    );
+    assert_eq!(d["rows"], 6000, "{d}");
+    // No --label: a libsvm line starts with its label. The format comes from the extension.
+    let s = cli_json(
+        &c,
+        &["dataset", "import", &sparse, "--name", "sparse", "--json"],
+    );
+    assert_eq!(
+        (s["rows"].as_u64(), s["features"].as_u64()),
+        (Some(6000), Some(40)),
+        "{s}"
+    );
+    let described = cli_json(&c, &["dataset", "describe", "sparse", "--json"]);
+    assert_eq!(described["layout"], "sparse", "{described}");
+    let nnz = described["nnz"].as_u64().unwrap();
+    assert_eq!(s["nnz"].as_u64(), Some(nnz));
+    assert!(
+        (6000 * 40 / 6..6000 * 40 / 4).contains(&nnz),
+        "{nnz} stored entries"
+    );
+    assert_eq!(described["bytes"].as_u64(), Some(6000 * 20 + nnz * 8));
+    let rec = record(&client, "sparse").await.unwrap();
+    assert!(rec.features.is_empty() && rec.feature_count() == 40);
+    // Rows land on the same shards in the same order (one file a split, a shard a split), so
+    // both train on the same minibatches: the models agree to rounding (the dense path rounds
+    // standardised values to f32; the sparse one folds the standardisation into the weights).
+    for model in ["logistic", "softmax"] {
+        let (a, dense_model) = trained(&c, dir.path(), "dense", model);
+        let (b, sparse_model) = trained(&c, dir.path(), "sparse", model);
+        assert_eq!(a.len(), b.len());
+        let scale = a.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            worst <= 1e-5 * scale,
+            "{model}: parameters differ by {worst} (scale {scale})"
+        );
+        // The sparse model's columns are f1..f40, the CSV's names: it scores the CSV directly.
+        let test = dir.path().join("dense/part-0.csv");
+        let score = |m: &PathBuf| {
+            let args = [
+                "predict",
+                "--model",
+                m.to_str().unwrap(),
+                "--data",
+                test.to_str().unwrap(),
+                "--label",
+                "y",
+                "--json",
+            ];
+            cli_json(&c, &args)["accuracy"].as_f64().unwrap()
+        };
+        let (acc_dense, acc_sparse) = (score(&dense_model), score(&sparse_model));
+        assert_eq!(acc_dense, acc_sparse, "{model}");
+        assert!(acc_dense > 0.8, "{model}: accuracy {acc_dense}");
+    }
+    // k-means and stats need dense rows: refused at submission, with the reason.
+    let spec = dir.path().join("km.toml");
+    std::fs::write(
+        &spec,
+        "[job]\nkind = \"kmeans\"\ndataset = \"sparse\"\n[model]\nk = 3\n",
+    )
+    .unwrap();
+    let out = cli(&c, &["job", "submit", spec.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("sparse"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_libsvm_file_of_three_million_columns_costs_its_non_zeros_and_trains() {
+    const COLS: u64 = 3_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("wide.svm");
+    let mut text = String::new();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let rows = 4000u64;
+    for r in 0..rows {
+        let mut cols: Vec<u64> = (0..30)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                1 + state % COLS
+            })
+            .collect();
+        if r == 7 {
+            cols.push(COLS); // the widest column appears once
+        }
+        cols.sort_unstable();
+        cols.dedup();
+        text.push_str(if cols[0] % 2 == 0 { "1" } else { "0" });
+        for c in cols {
+            text.push_str(&format!(" {c}:1"));
+        }
+        text.push('\n');
+    }
+    std::fs::write(&path, text).unwrap();
+    let (c, _client) = start(2).await;
+    let url = format!("file://{}", path.display());
+    let done = cli_json(
+        &c,
+        &[
+            "dataset",
+            "import",
+            &url,
+            "--name",
+            "wide",
+            "--split-bytes",
+            "200000",
+            "--json",
+        ],
+    );
+    assert_eq!(
+        (done["rows"].as_u64(), done["features"].as_u64()),
+        (Some(rows), Some(COLS)),
+        "{done}"
+    );
+    let d = cli_json(&c, &["dataset", "describe", "wide", "--json"]);
+    let nnz = d["nnz"].as_u64().unwrap();
+    assert_eq!(d["columns"].as_u64(), Some(COLS));
+    // About 30 entries a row: under 300 bytes a row, where dense rows would be 12 MB each.
+    assert!(d["bytes"].as_u64().unwrap() < rows * 300, "{d}");
+    assert!((rows * 29..=rows * 31).contains(&nnz), "{nnz}");
+    // A logistic model over every column trains (one weight per column in each task).
+    let spec = dir.path().join("wide.toml");
+    std::fs::write(
+        &spec,
+        "[job]\nkind = \"sgd\"\ndataset = \"wide\"\n[model]\ntype = \"logistic\"\n\
+         [train]\nsteps = 3\nbatch_size = 256\nlearning_rate = 0.5\nseed = 3\nstandardize = false\n",
+    )
+    .unwrap();
+    let job = cli_json(
+        &c,
+        &["job", "submit", spec.to_str().unwrap(), "--wait", "--json"],
+    );
+    assert_eq!(job["state"], "succeeded", "{job}");
+}

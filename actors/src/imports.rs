@@ -79,7 +79,7 @@ pub fn resolve(arg: &ImportArg) -> Result<ImportSpec, String> {
         Some(f) => f,
         None => ingest::source::format_of(&arg.url).ok_or_else(|| {
             format!(
-                "cannot tell the format of {:?} from its name: give --format parquet|csv|libsvm",
+                "cannot tell the format of {:?} from its name: give --format parquet|csv|arrow|libsvm",
                 arg.url
             )
         })?,
@@ -220,7 +220,13 @@ pub async fn start(
     if shards == 0 {
         return Err(bad("the cluster has no shards yet"));
     }
-    let planned = ingest::plan::plan(&id, &arg.name, &spec, shards, allowed)
+    // Planning reads footers and, for string columns, decodes their values: off the reactor.
+    let (pid, name, pspec, pallowed) =
+        (id.clone(), arg.name.clone(), spec.clone(), allowed.to_vec());
+    let planned =
+        off_reactor(
+            async move { ingest::plan::plan(&pid, &name, &pspec, shards, &pallowed).await },
+        )
         .await
         .map_err(|e| bad(e.to_string()))?;
     let rec = planned.record;
@@ -361,30 +367,31 @@ pub async fn manage(ctx: ImportCtx) {
     }
 }
 
+/// Runs `work` (decoding Parquet, parsing CSV or libsvm: CPU work) on a blocking thread that
+/// drives it on this runtime, never on the reactor that renews the node's leases.
+async fn off_reactor<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T, IngestError>> + Send + 'static,
+) -> Result<T, IngestError> {
+    let rt = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || rt.block_on(work))
+        .await
+        .unwrap_or_else(|e| {
+            Err(IngestError::Source {
+                url: String::new(),
+                reason: format!("import worker: {e}"),
+            })
+        })
+}
+
 /// Reads one split and reports it; a data error fails the import.
 async fn run_split(ctx: ImportCtx, imp: ImportRecord, split: u32) {
     let bytes = imp.splits.get(split as usize).map_or(0, |s| s.bytes);
-    // Decoding Parquet and parsing CSV is CPU work: it runs on a blocking thread (which still
-    // drives the reads and writes on this runtime), never on the reactor that renews the node's
-    // leases.
     let read = || {
         let (imp, store, allowed) = (imp.clone(), ctx.store.clone(), ctx.allowed.clone());
-        async move {
-            let rt = tokio::runtime::Handle::current();
-            tokio::task::spawn_blocking(move || {
-                rt.block_on(async {
-                    let src = Source::open(&imp.spec.url, &allowed)?;
-                    ingest::read::read_split(&src, &imp, split, &store).await
-                })
-            })
-            .await
-            .unwrap_or_else(|e| {
-                Err(IngestError::Source {
-                    url: String::new(),
-                    reason: format!("split reader: {e}"),
-                })
-            })
-        }
+        off_reactor(async move {
+            let src = Source::open(&imp.spec.url, &allowed)?;
+            ingest::read::read_split(&src, &imp, split, &store).await
+        })
     };
     let outcome = read
         .retry(

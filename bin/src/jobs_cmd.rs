@@ -28,8 +28,8 @@ pub enum DatasetCmd {
         /// The label column (not for libsvm, whose lines start with their label).
         #[arg(long, default_value = "")]
         label: String,
-        /// parquet | csv | libsvm (default: from the URL's extension: .parquet/.pq, .csv,
-        /// .libsvm/.svm/.svmlight).
+        /// parquet | csv | arrow | libsvm (default: from the URL's extension: .parquet/.pq,
+        /// .csv, .arrow/.feather/.ipc, .libsvm/.svm/.svmlight).
         #[arg(long)]
         format: Option<String>,
         /// libsvm: feature indices start at 0 (default: at 1, libsvm's convention).
@@ -249,7 +249,7 @@ pub async fn dataset(cmd: DatasetCmd) -> Result<()> {
                 "zero_based": zero_based,
             });
             let arg: tidepool_actors::imports::ImportArg = serde_json::from_value(arg).context(
-                "--format must be parquet, csv or libsvm; --nulls refuse, drop_row or fill_mean",
+                "--format must be parquet, csv, arrow or libsvm; --nulls refuse, drop_row or fill_mean",
             )?;
             let client = connect(&conn).await?;
             let started = import_watch::start(&client, &arg).await?;

@@ -13,6 +13,7 @@
 //! owner, a successor after a kill, a retry) writes the same objects, so the first completion
 //! recorded in the map is the one that counts and no row is lost or duplicated.
 
+mod arrow_file;
 pub mod columns;
 mod lines;
 pub mod plan;

@@ -12,6 +12,7 @@ use tidepool_core::control::{
     ColumnPlan, Format, ImportRecord, ImportSpec, ImportState, Split, SplitUnit,
 };
 
+use super::arrow_file::ArrowFile;
 use super::columns::{self, ColumnKind};
 use super::source::{Source, SourceFile};
 use super::IngestError;
@@ -38,10 +39,11 @@ pub async fn plan(
     allowed: &[String],
 ) -> Result<Planned, IngestError> {
     let src = Source::open(&spec.url, allowed)?;
-    let files = src.files(spec.format.as_str()).await?;
+    let files = src.files(super::source::extensions(spec.format)).await?;
     let (columns, mut splits, skipped) = match spec.format {
         Format::Parquet => plan_parquet(&src, spec, &files).await?,
         Format::Csv => plan_csv(&src, spec, &files).await?,
+        Format::Arrow => plan_arrow(&src, spec, &files).await?,
         Format::Libsvm => plan_libsvm(spec, &files),
     };
     if splits.len() > MAX_SPLITS {
@@ -159,18 +161,23 @@ pub(crate) async fn parquet_builder(
 
 type PlanParts = (Vec<ColumnPlan>, Vec<Split>, Vec<(String, String)>);
 
-async fn plan_parquet(
-    src: &Source,
-    spec: &ImportSpec,
-    files: &[SourceFile],
-) -> Result<PlanParts, IngestError> {
-    let mut splits = Vec::new();
-    let mut chosen: Option<Chosen> = None;
-    let mut first_types: Vec<(String, String)> = Vec::new();
-    for file in files {
-        let name = src.display(&file.path);
-        let builder = parquet_builder(src, &file.path).await?;
-        let schema = builder.schema().clone();
+/// The columns every file of an import must share: the first file's choice, checked against
+/// each later one.
+#[derive(Default)]
+struct SameSchema {
+    chosen: Option<Chosen>,
+    first_types: Vec<(String, String)>,
+}
+
+impl SameSchema {
+    /// Checks file `name` (schema `schema`) against the first file (`first`).
+    fn check(
+        &mut self,
+        spec: &ImportSpec,
+        schema: &arrow_schema::Schema,
+        name: &str,
+        first: &str,
+    ) -> Result<(), IngestError> {
         let names: Vec<(String, Option<ColumnKind>, String)> = schema
             .fields()
             .iter()
@@ -182,102 +189,226 @@ async fn plan_parquet(
                 )
             })
             .collect();
-        let (features, skipped) = choose_features(spec, &names, &name)?;
-        match &chosen {
+        let (features, skipped) = choose_features(spec, &names, name)?;
+        let types: Vec<(String, String)> = features
+            .iter()
+            .map(|(n, k)| (n.clone(), format!("{k:?}")))
+            .collect();
+        match &self.chosen {
             None => {
-                first_types = features
-                    .iter()
-                    .map(|(n, k)| (n.clone(), format!("{k:?}")))
-                    .collect();
-                chosen = Some((features, skipped));
+                self.first_types = types;
+                self.chosen = Some((features, skipped));
             }
-            Some(_) => {
-                let types: Vec<(String, String)> = features
-                    .iter()
-                    .map(|(n, k)| (n.clone(), format!("{k:?}")))
-                    .collect();
-                if types != first_types {
-                    return Err(IngestError::Data(format!(
-                        "{name}: its columns differ from {}'s (every file of an import needs the same schema)",
-                        src.display(&files[0].path)
-                    )));
-                }
+            Some(_) if types != self.first_types => {
+                return Err(IngestError::Data(format!(
+                    "{name}: its columns differ from {first}'s (every file of an import needs the same schema)"
+                )))
             }
+            Some(_) => {}
         }
+        Ok(())
+    }
+
+    /// The output columns (string columns one-hot or hashed by what `scan` found) and the
+    /// columns left out.
+    async fn finish(
+        self,
+        spec: &ImportSpec,
+        scan: impl AsyncFnOnce(&[&str]) -> Result<Categories, IngestError>,
+    ) -> Result<(Vec<ColumnPlan>, Vec<(String, String)>), IngestError> {
+        let Some((features, skipped)) = self.chosen else {
+            return Err(IngestError::NoFiles {
+                url: spec.url.clone(),
+            });
+        };
+        let text: Vec<&str> = features
+            .iter()
+            .filter(|(_, k)| *k == ColumnKind::Text)
+            .map(|(n, _)| n.as_str())
+            .collect();
+        let categories = scan(&text).await?;
+        let columns = features
+            .into_iter()
+            .map(|(name, kind)| match kind {
+                ColumnKind::Number => ColumnPlan::Numeric { name },
+                ColumnKind::Text => match categories.iter().find(|(n, _)| *n == name) {
+                    Some((_, Some(values))) => ColumnPlan::OneHot {
+                        name,
+                        values: values.iter().cloned().collect(),
+                    },
+                    _ => ColumnPlan::Hashed {
+                        name,
+                        buckets: spec.hash_buckets.max(1),
+                    },
+                },
+            })
+            .collect();
+        Ok((columns, skipped))
+    }
+}
+
+/// Per string column, its distinct values if there are at most `max_categories` (`None`:
+/// more, so it is hashed).
+type Categories = Vec<(String, Option<BTreeSet<String>>)>;
+
+/// Consecutive units (row groups, record batches) of `sizes` bytes, up to `split_bytes` each
+/// (at least one unit a split): `(first, count, bytes)`.
+fn group_units(sizes: &[u64], split_bytes: u64) -> Vec<(u32, u32, u64)> {
+    let mut out = Vec::new();
+    let mut first = 0usize;
+    while first < sizes.len() {
+        let (mut count, mut bytes) = (0usize, 0u64);
+        while let Some(&b) = sizes.get(first + count) {
+            if count > 0 && bytes + b > split_bytes {
+                break;
+            }
+            bytes += b;
+            count += 1;
+        }
+        out.push((first as u32, count as u32, bytes));
+        first += count;
+    }
+    out
+}
+
+async fn plan_parquet(
+    src: &Source,
+    spec: &ImportSpec,
+    files: &[SourceFile],
+) -> Result<PlanParts, IngestError> {
+    let mut splits = Vec::new();
+    let mut schema = SameSchema::default();
+    let first = files
+        .first()
+        .map(|f| src.display(&f.path))
+        .unwrap_or_default();
+    for file in files {
+        let name = src.display(&file.path);
+        let builder = parquet_builder(src, &file.path).await?;
+        schema.check(spec, builder.schema(), &name, &first)?;
         // Whole row groups, consecutive, up to the split size (at least one each).
         let groups = builder.metadata().row_groups();
-        let mut first = 0usize;
-        while first < groups.len() {
-            let mut count = 0usize;
-            let mut bytes = 0u64;
-            while first + count < groups.len() {
-                let b = groups[first + count].compressed_size().max(0) as u64;
-                if count > 0 && bytes + b > spec.split_bytes {
-                    break;
-                }
-                bytes += b;
-                count += 1;
-            }
-            let rows: i64 = groups[first..first + count]
+        let sizes: Vec<u64> = groups
+            .iter()
+            .map(|g| g.compressed_size().max(0) as u64)
+            .collect();
+        for (first, count, bytes) in group_units(&sizes, spec.split_bytes) {
+            let rows: i64 = groups
                 .iter()
+                .skip(first as usize)
+                .take(count as usize)
                 .map(|g| g.num_rows())
                 .sum();
             if rows > 0 {
                 splits.push(Split {
                     file: file.path.clone(),
-                    unit: SplitUnit::RowGroups {
-                        first: first as u32,
-                        count: count as u32,
-                    },
+                    unit: SplitUnit::RowGroups { first, count },
                     shard: 0,
                     bytes,
                 });
             }
-            first += count;
         }
     }
-    let Some((features, skipped)) = chosen else {
-        return Err(IngestError::NoFiles {
-            url: spec.url.clone(),
-        });
-    };
-    let text: Vec<&str> = features
-        .iter()
-        .filter(|(_, k)| *k == ColumnKind::Text)
-        .map(|(n, _)| n.as_str())
-        .collect();
-    let categories = scan_categories(src, files, &text, spec.max_categories).await?;
-    let columns = features
-        .into_iter()
-        .map(|(name, kind)| match kind {
-            ColumnKind::Number => ColumnPlan::Numeric { name },
-            ColumnKind::Text => match categories.iter().find(|(n, _)| *n == name) {
-                Some((_, Some(values))) => ColumnPlan::OneHot {
-                    name,
-                    values: values.iter().cloned().collect(),
-                },
-                _ => ColumnPlan::Hashed {
-                    name,
-                    buckets: spec.hash_buckets.max(1),
-                },
-            },
+    let (columns, skipped) = schema
+        .finish(spec, async |text: &[&str]| {
+            scan_categories(src, files, text, spec.max_categories).await
         })
-        .collect();
+        .await?;
     Ok((columns, splits, skipped))
 }
 
+async fn plan_arrow(
+    src: &Source,
+    spec: &ImportSpec,
+    files: &[SourceFile],
+) -> Result<PlanParts, IngestError> {
+    let mut splits = Vec::new();
+    let mut schema = SameSchema::default();
+    let first = files
+        .first()
+        .map(|f| src.display(&f.path))
+        .unwrap_or_default();
+    for file in files {
+        let name = src.display(&file.path);
+        let af = ArrowFile::open(src, &file.path, file.size).await?;
+        schema.check(spec, af.schema(), &name, &first)?;
+        let sizes: Vec<u64> = (0..af.batches()).map(|i| af.batch_bytes(i)).collect();
+        for (first, count, bytes) in group_units(&sizes, spec.split_bytes) {
+            splits.push(Split {
+                file: file.path.clone(),
+                unit: SplitUnit::RowGroups { first, count },
+                shard: 0,
+                bytes,
+            });
+        }
+    }
+    let (columns, skipped) = schema
+        .finish(spec, async |text: &[&str]| {
+            let mut out = new_categories(text, spec.max_categories);
+            if text.is_empty() || spec.max_categories == 0 {
+                return Ok(out);
+            }
+            for file in files {
+                let name = src.display(&file.path);
+                let af = ArrowFile::open(src, &file.path, file.size).await?;
+                for i in 0..af.batches() {
+                    if out.iter().all(|(_, v)| v.is_none()) {
+                        return Ok(out);
+                    }
+                    let batch = af.batch(src, i).await?;
+                    add_categories(&mut out, &batch, &name, spec.max_categories)?;
+                }
+            }
+            Ok(out)
+        })
+        .await?;
+    Ok((columns, splits, skipped))
+}
+
+/// No values seen yet for each of `text` (`None` at once when `max` is 0: always hashed).
+fn new_categories(text: &[&str], max: u32) -> Categories {
+    text.iter()
+        .map(|n| (n.to_string(), (max > 0).then(BTreeSet::new)))
+        .collect()
+}
+
+/// Adds the values of `batch`'s string columns; a column past `max` values becomes `None`.
+fn add_categories(
+    out: &mut Categories,
+    batch: &arrow_array::RecordBatch,
+    name: &str,
+    max: u32,
+) -> Result<(), IngestError> {
+    for (col, values) in out.iter_mut() {
+        let (Some(set), Some(a)) = (values.as_mut(), batch.column_by_name(col)) else {
+            continue;
+        };
+        for v in columns::strings(a)
+            .map_err(|e| IngestError::Data(format!("{name}: column {col:?}: {e}")))?
+            .into_iter()
+            .flatten()
+        {
+            set.insert(v);
+            if set.len() > max as usize {
+                break;
+            }
+        }
+        if set.len() > max as usize {
+            *values = None;
+        }
+    }
+    Ok(())
+}
+
 /// Per string column, its distinct values if there are at most `max` of them (`None`: more,
-/// so it is hashed). Reads only those columns.
+/// so it is hashed). Reads only those columns of the Parquet files.
 async fn scan_categories(
     src: &Source,
     files: &[SourceFile],
     text: &[&str],
     max: u32,
-) -> Result<Vec<(String, Option<BTreeSet<String>>)>, IngestError> {
-    let mut out: Vec<(String, Option<BTreeSet<String>>)> = text
-        .iter()
-        .map(|n| (n.to_string(), (max > 0).then(BTreeSet::new)))
-        .collect();
+) -> Result<Categories, IngestError> {
+    let mut out = new_categories(text, max);
     if text.is_empty() || max == 0 {
         return Ok(out);
     }
@@ -305,24 +436,7 @@ async fn scan_categories(
             .await
             .map_err(|e| parquet_error(&name, e))?
         {
-            for (col, values) in out.iter_mut() {
-                let (Some(set), Some(a)) = (values.as_mut(), batch.column_by_name(col)) else {
-                    continue;
-                };
-                for v in columns::strings(a)
-                    .map_err(|e| IngestError::Data(format!("{name}: column {col:?}: {e}")))?
-                    .into_iter()
-                    .flatten()
-                {
-                    set.insert(v);
-                    if set.len() > max as usize {
-                        break;
-                    }
-                }
-                if set.len() > max as usize {
-                    *values = None;
-                }
-            }
+            add_categories(&mut out, &batch, &name, max)?;
         }
     }
     Ok(out)

@@ -11,6 +11,7 @@ use parquet::arrow::ProjectionMask;
 use tidepool_core::control::{ColumnPlan, Format, ImportRecord, NullPolicy, SplitDone, SplitUnit};
 use xxhash_rust::xxh3::Xxh3;
 
+use super::arrow_file::ArrowFile;
 use super::lines::LineChunks;
 use super::plan::{csv_header, parquet_builder};
 use super::source::{Source, SourceFile};
@@ -237,6 +238,9 @@ pub async fn read_split(
         (Format::Csv, SplitUnit::Bytes { start, end }) => {
             read_csv(src, imp, &s.file, start, end, &mut w).await?
         }
+        (Format::Arrow, SplitUnit::RowGroups { first, count }) => {
+            read_arrow(src, imp, &s.file, first, count, &mut w).await?
+        }
         (Format::Libsvm, SplitUnit::Bytes { start, end }) => {
             read_libsvm(src, imp, &s.file, start, end, &mut w).await?
         }
@@ -316,7 +320,6 @@ async fn read_parquet(
         .with_batch_size(BATCH_ROWS)
         .build()
         .map_err(|e| corrupt(0, e))?;
-    let width = imp.width();
     let mut done = 0u64;
     let mut x = Vec::new();
     loop {
@@ -326,38 +329,7 @@ async fn read_parquet(
             Err(e) => return Err(corrupt(done, e)),
         };
         let rows = batch.num_rows();
-        let column = |n: &str| {
-            batch
-                .column_by_name(n)
-                .ok_or_else(|| IngestError::Data(format!("{}: column {n:?} is missing", at(done))))
-        };
-        let labels = columns::labels(column(&imp.spec.label)?).map_err(|(r, e)| {
-            IngestError::Data(format!(
-                "{}: column {:?}: {e}",
-                at(done + r as u64),
-                imp.spec.label
-            ))
-        })?;
-        x.clear();
-        x.resize(rows * width, 0.0);
-        let mut offset = 0;
-        for plan in &imp.columns {
-            columns::fill(plan, column(plan.name())?, &mut x, width, offset).map_err(
-                |(r, e)| {
-                    IngestError::Data(format!(
-                        "{}: column {:?}: {e}",
-                        at(done + r as u64),
-                        plan.name()
-                    ))
-                },
-            )?;
-            offset += plan.width();
-        }
-        for (r, &label) in labels.iter().enumerate() {
-            let row = done + r as u64;
-            w.push(label, &x[r * width..(r + 1) * width], || at(row))
-                .await?;
-        }
+        push_batch(imp, &batch, &mut x, w, |r| at(done + r)).await?;
         done += rows as u64;
     }
     let planned: u64 = group_rows.iter().sum();
@@ -366,6 +338,75 @@ async fn read_parquet(
             "{name}: row groups {first}..{} hold {done} rows, their metadata says {planned}",
             first + count
         )));
+    }
+    Ok(())
+}
+
+/// Pushes the rows of one decoded batch (Parquet or Arrow); `at(r)` names batch row `r` in
+/// errors. `x` is scratch space for the batch's encoded features.
+async fn push_batch(
+    imp: &ImportRecord,
+    batch: &arrow_array::RecordBatch,
+    x: &mut Vec<f32>,
+    w: &mut SplitWriter<'_>,
+    at: impl Fn(u64) -> String,
+) -> Result<(), IngestError> {
+    let rows = batch.num_rows();
+    let width = imp.width();
+    let column = |n: &str| {
+        batch
+            .column_by_name(n)
+            .ok_or_else(|| IngestError::Data(format!("{}: column {n:?} is missing", at(0))))
+    };
+    let labels = columns::labels(column(&imp.spec.label)?).map_err(|(r, e)| {
+        IngestError::Data(format!(
+            "{}: column {:?}: {e}",
+            at(r as u64),
+            imp.spec.label
+        ))
+    })?;
+    x.clear();
+    x.resize(rows * width, 0.0);
+    let mut offset = 0;
+    for plan in &imp.columns {
+        columns::fill(plan, column(plan.name())?, x, width, offset).map_err(|(r, e)| {
+            IngestError::Data(format!("{}: column {:?}: {e}", at(r as u64), plan.name()))
+        })?;
+        offset += plan.width();
+    }
+    for (r, &label) in labels.iter().enumerate() {
+        let features = x.get(r * width..(r + 1) * width).unwrap_or_default();
+        w.push(label, features, || at(r as u64)).await?;
+    }
+    Ok(())
+}
+
+/// Reads record batches `first..first + count` of an Arrow IPC file.
+async fn read_arrow(
+    src: &Source,
+    imp: &ImportRecord,
+    file: &str,
+    first: u32,
+    count: u32,
+    w: &mut SplitWriter<'_>,
+) -> Result<(), IngestError> {
+    let name = src.display(file);
+    let size = size_of(src, file).await?;
+    let af = ArrowFile::open(src, file, size).await?;
+    if first as usize + count as usize > af.batches() {
+        return Err(IngestError::Data(format!(
+            "{name}: has {} record batches, the plan reads {first}..{} (did the file change during the import?)",
+            af.batches(),
+            first + count
+        )));
+    }
+    let mut x = Vec::new();
+    for b in first..first + count {
+        let batch = af.batch(src, b as usize).await?;
+        push_batch(imp, &batch, &mut x, w, |r| {
+            format!("{name}: record batch {b}, row {r}")
+        })
+        .await?;
     }
     Ok(())
 }

@@ -9,6 +9,7 @@ use object_store::path::Path;
 use object_store::ObjectStore;
 
 use super::IngestError;
+use tidepool_core::control::Format;
 
 /// A source's files, in path order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,7 +158,7 @@ impl Source {
     /// without, the object the URL names, or else every object under it as a prefix. Names
     /// starting with `.` or `_` (`_SUCCESS`, `.crc` files of Spark and Hadoop) are skipped, and
     /// so are files whose extension is not `ext` when reading a prefix or glob.
-    pub async fn files(&self, ext: &str) -> Result<Vec<SourceFile>, IngestError> {
+    pub async fn files(&self, exts: &[&str]) -> Result<Vec<SourceFile>, IngestError> {
         let err = |e: object_store::Error| IngestError::Source {
             url: self.url.clone(),
             reason: e.to_string(),
@@ -195,7 +196,9 @@ impl Source {
                 let hidden = rel.split('/').any(|p| p.starts_with(['.', '_']));
                 let wanted = match &self.glob {
                     Some(g) => g.is_match(&rel),
-                    None => name.rsplit_once('.').is_some_and(|(_, e)| e == ext),
+                    None => name
+                        .rsplit_once('.')
+                        .is_some_and(|(_, e)| exts.contains(&e.to_ascii_lowercase().as_str())),
                 };
                 (!hidden && wanted && !rel.is_empty()).then_some(SourceFile {
                     path: rel,
@@ -240,13 +243,19 @@ impl Source {
 
 /// The format a file name's extension implies.
 pub fn format_of(url: &str) -> Option<tidepool_core::control::Format> {
-    use tidepool_core::control::Format;
     let last = url.rsplit('/').next().unwrap_or(url);
     let ext = last.rsplit_once('.').map(|(_, e)| e.to_ascii_lowercase())?;
-    match ext.as_str() {
-        "parquet" | "pq" => Some(Format::Parquet),
-        "csv" => Some(Format::Csv),
-        "libsvm" | "svm" | "svmlight" => Some(Format::Libsvm),
-        _ => None,
+    [Format::Parquet, Format::Csv, Format::Arrow, Format::Libsvm]
+        .into_iter()
+        .find(|f| extensions(*f).contains(&ext.as_str()))
+}
+
+/// The file extensions of `format` (a prefix import reads the files that have one of them).
+pub fn extensions(format: Format) -> &'static [&'static str] {
+    match format {
+        Format::Parquet => &["parquet", "pq"],
+        Format::Csv => &["csv"],
+        Format::Arrow => &["arrow", "feather", "ipc"],
+        Format::Libsvm => &["libsvm", "svm", "svmlight"],
     }
 }

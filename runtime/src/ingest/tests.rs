@@ -402,3 +402,79 @@ async fn libsvm_byte_ranges_read_every_line_once_as_sparse_rows() {
     assert_eq!(rows, vec![(1.0, vec![0, 3], vec![2.0, 1.0])]);
     assert_eq!(dones[0].columns, 4);
 }
+
+/// Rows `lo..hi` of [`batch`] as an Arrow IPC file of record batches of `per` rows.
+fn write_arrow(path: &std::path::Path, lo: i64, hi: i64, per: i64, lz4: bool) {
+    use arrow_ipc::writer::{FileWriter, IpcWriteOptions};
+    let file = std::fs::File::create(path).unwrap();
+    let mut opts = IpcWriteOptions::default();
+    if lz4 {
+        opts = opts
+            .try_with_compression(Some(arrow_ipc::CompressionType::LZ4_FRAME))
+            .unwrap();
+    }
+    let fields: Vec<arrow_schema::Field> = batch(lo, lo + 1)
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone().with_nullable(true))
+        .collect();
+    let schema = arrow_schema::Schema::new(fields);
+    let mut w = FileWriter::try_new_with_options(file, &schema, opts).unwrap();
+    let mut at = lo;
+    while at < hi {
+        let b = batch(at, (at + per).min(hi));
+        let b = RecordBatch::try_new(std::sync::Arc::new(schema.clone()), b.columns().to_vec());
+        w.write(&b.unwrap()).unwrap();
+        at += per;
+    }
+    w.finish().unwrap();
+}
+
+#[tokio::test]
+async fn arrow_ipc_files_import_like_the_same_rows_in_parquet() {
+    let dir = tempfile::tempdir().unwrap();
+    write_parquet(&dir.path().join("p-0.parquet"), 0, 50, 8);
+    write_parquet(&dir.path().join("p-1.parquet"), 50, 100, 16);
+    write_arrow(&dir.path().join("a-0.arrow"), 0, 50, 8, false);
+    write_arrow(&dir.path().join("a-1.feather"), 50, 100, 16, true);
+    let pq = format!("file://{}/*.parquet", dir.path().display());
+    let (want, _, want_columns) =
+        import_all(&spec(&pq, Format::Parquet, NullPolicy::DropRow, 1), 4)
+            .await
+            .unwrap();
+    // A prefix import takes every Arrow extension (.arrow, .feather, .ipc).
+    let prefix = format!("file://{}/", dir.path().display());
+    let mut s = spec(&prefix, Format::Arrow, NullPolicy::DropRow, 1);
+    let (rows, dones, columns) = import_all(&s, 4).await.unwrap();
+    assert_eq!(dones.len(), 7 + 4, "one split per record batch");
+    assert_eq!(columns, want_columns);
+    assert_eq!(bits(&rows), bits(&want));
+    s.split_bytes = 1 << 30;
+    let (rows, dones, _) = import_all(&s, 4).await.unwrap();
+    assert_eq!((dones.len(), bits(&rows)), (2, bits(&want)));
+    // Refuse names the file, record batch and row.
+    s.nulls = NullPolicy::Refuse;
+    let err = import_all(&s, 4).await.unwrap_err().to_string();
+    assert!(err.contains("a-0.arrow: record batch 0, row 3"), "{err}");
+    // A truncated file is named, never a panic.
+    let path = dir.path().join("a-0.arrow");
+    let bytes = std::fs::read(&path).unwrap();
+    for cut in [0, 9, 100, bytes.len() / 2, bytes.len() - 1] {
+        std::fs::write(&path, &bytes[..cut]).unwrap();
+        let url = format!("file://{}", path.display());
+        let err = import_all(&spec(&url, Format::Arrow, NullPolicy::DropRow, 1), 2)
+            .await
+            .unwrap_err();
+        assert!(
+            err.is_data() && err.to_string().contains("a-0.arrow"),
+            "cut {cut}: {err}"
+        );
+    }
+}
+
+fn bits(rows: &[(f32, Vec<f32>)]) -> Vec<Vec<u32>> {
+    rows.iter()
+        .map(|(y, x)| std::iter::once(y).chain(x).map(|v| v.to_bits()).collect())
+        .collect()
+}

@@ -24,6 +24,8 @@ pub const MAX_SPLITS: usize = 20_000;
 pub enum Format {
     Parquet,
     Csv,
+    /// Arrow IPC files (Feather v2).
+    Arrow,
     /// libsvm / svmlight text: `label index:value ...` per line, sparse rows.
     Libsvm,
 }
@@ -34,6 +36,7 @@ impl Format {
         match self {
             Format::Parquet => "parquet",
             Format::Csv => "csv",
+            Format::Arrow => "arrow",
             Format::Libsvm => "libsvm",
         }
     }
@@ -144,7 +147,7 @@ impl ColumnPlan {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "unit", rename_all = "snake_case")]
 pub enum SplitUnit {
-    /// Parquet row groups `first..first + count`.
+    /// Parquet row groups (or Arrow IPC record batches) `first..first + count`.
     RowGroups { first: u32, count: u32 },
     /// The lines that start in bytes `start..end` (CSV; the header line is never one of them).
     Bytes { start: u64, end: u64 },
