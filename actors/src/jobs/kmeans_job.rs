@@ -320,6 +320,11 @@ impl Job for KMeansJob {
     }
 
     fn map(&self, _step: u64, task: &Task, data: &ShardData<'_>) -> Result<Partial, JobError> {
+        if data.csr.is_some() {
+            return Err(JobError::Data(
+                "k-means needs dense rows; this dataset is sparse (libsvm)".into(),
+            ));
+        }
         let d = self.features;
         let b = &task.broadcast;
         let shards = self.shards as usize;

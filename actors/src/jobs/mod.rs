@@ -5,6 +5,8 @@
 //! - [`models`]: linear / logistic / softmax regression losses and gradients as row *sums*,
 //!   prediction, metrics, [`models::Standardizer`], the learning-rate schedule.
 //! - [`kmeans`]: seeded k-means++ init and Lloyd steps as mergeable partials.
+//! - [`sparse`]: the models' losses and gradients on sparse (CSR) rows, standardisation folded
+//!   into the parameters instead of densifying.
 //! - [`sgd`]: the synchronous-SGD step as a pure function of per-shard partials taken in
 //!   shard-id order, and per-shard minibatch selection (ARCHITECTURE.md, invariant 6).
 //!
@@ -23,6 +25,7 @@ pub mod models;
 pub mod registry;
 pub mod rng;
 pub mod sgd;
+pub mod sparse;
 pub mod stats;
 pub mod stats_job;
 pub mod train;

@@ -71,6 +71,24 @@ pub enum ModelError {
         /// The label.
         label: f32,
     },
+    /// The standardisation does not have one mean and one deviation per feature.
+    #[error("standardisation of {means} means and {stds} deviations for {features} features")]
+    StandardizerShape {
+        /// Features of the data.
+        features: usize,
+        /// Means given.
+        means: usize,
+        /// Deviations given.
+        stds: usize,
+    },
+    /// A minibatch names a row the data does not have.
+    #[error("row {index} of {rows}")]
+    RowOutOfRange {
+        /// The row asked for.
+        index: usize,
+        /// Rows in the data.
+        rows: usize,
+    },
 }
 
 /// Loss and gradient summed over a batch (no regularisation).
@@ -106,6 +124,12 @@ fn check(
             rows: x.nrows(),
         });
     }
+    check_labels(kind, y)
+}
+
+/// Every label valid for `kind`: finite (linear), 0 or 1 (logistic), a class index below
+/// `classes` (softmax). The error names the first bad one by its index in `y`.
+pub(super) fn check_labels(kind: ModelKind, y: &[f32]) -> Result<(), ModelError> {
     for (row, &label) in y.iter().enumerate() {
         let ok = match kind {
             ModelKind::Linear => label.is_finite(),
@@ -133,7 +157,7 @@ fn logits(params: &DMatrix<f64>, x64: &DMatrix<f64>) -> DMatrix<f64> {
 }
 
 /// `log(1 + e^z)` without overflow.
-fn softplus(z: f64) -> f64 {
+pub(super) fn softplus(z: f64) -> f64 {
     z.max(0.0) + (-z.abs()).exp().ln_1p()
 }
 
@@ -148,7 +172,7 @@ pub fn sigmoid(z: f64) -> f64 {
 }
 
 /// Turns `z` (one row of scores) into probabilities in place; returns `log(sum(exp(z)))`.
-fn softmax_in_place(z: &mut [f64]) -> f64 {
+pub(super) fn softmax_in_place(z: &mut [f64]) -> f64 {
     let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let sum: f64 = z.iter().map(|v| (v - m).exp()).sum();
     let lse = m + sum.ln();
@@ -156,6 +180,36 @@ fn softmax_in_place(z: &mut [f64]) -> f64 {
         *v = (*v - lse).exp();
     }
     lse
+}
+
+/// One row's loss; turns its scores `z` (one per output) into the loss's derivative with
+/// respect to them (the residuals): `z - y` (linear), `sigmoid(z) - y` (logistic),
+/// `softmax(z) - onehot(y)` (softmax). `label` must have passed [`check_labels`] (an invalid
+/// softmax class leaves the one-hot term out rather than panic).
+pub(super) fn residual_in_place(kind: ModelKind, z: &mut [f64], label: f32) -> f64 {
+    let t = f64::from(label);
+    match (kind, z) {
+        (ModelKind::Linear, [z0, ..]) => {
+            let r = *z0 - t;
+            *z0 = r;
+            0.5 * r * r
+        }
+        (ModelKind::Logistic, [z0, ..]) => {
+            let zi = *z0;
+            *z0 = sigmoid(zi) - t;
+            softplus(zi) - t * zi
+        }
+        (ModelKind::Softmax { .. }, z) => {
+            let class = label as usize;
+            let zc = z.get(class).copied().unwrap_or(0.0);
+            let loss = softmax_in_place(z) - zc;
+            if let Some(p) = z.get_mut(class) {
+                *p -= 1.0;
+            }
+            loss
+        }
+        (_, []) => 0.0,
+    }
 }
 
 /// Loss and gradient sums over the rows of `x` (samples x features) with labels `y`.
@@ -169,28 +223,14 @@ pub fn loss_and_grad(
     let x64 = x.map(f64::from);
     let mut dz = logits(params, &x64);
     let mut loss_sum = 0.0;
+    let mut row = vec![0.0; kind.outputs()];
     for (i, &label) in y.iter().enumerate() {
-        let t = f64::from(label);
-        match kind {
-            ModelKind::Linear => {
-                let r = dz[(i, 0)] - t;
-                loss_sum += 0.5 * r * r;
-                dz[(i, 0)] = r;
-            }
-            ModelKind::Logistic => {
-                let z = dz[(i, 0)];
-                loss_sum += softplus(z) - t * z;
-                dz[(i, 0)] = sigmoid(z) - t;
-            }
-            ModelKind::Softmax { classes } => {
-                let mut row: Vec<f64> = (0..classes).map(|c| dz[(i, c)]).collect();
-                let class = label as usize;
-                loss_sum += softmax_in_place(&mut row) - dz[(i, class)];
-                row[class] -= 1.0;
-                for (c, p) in row.into_iter().enumerate() {
-                    dz[(i, c)] = p;
-                }
-            }
+        for (c, z) in row.iter_mut().enumerate() {
+            *z = dz[(i, c)];
+        }
+        loss_sum += residual_in_place(kind, &mut row, label);
+        for (c, &r) in row.iter().enumerate() {
+            dz[(i, c)] = r;
         }
     }
     let d = x.ncols();

@@ -58,8 +58,12 @@ impl Job for StatsJob {
     }
 
     fn map(&self, _step: u64, task: &Task, data: &ShardData<'_>) -> Result<Partial, JobError> {
+        // Refused on the first pass already, rather than after a whole pass over the data.
+        if self.bins > 0 && data.csr.is_some() {
+            return Err(JobError::Data(colstats::SPARSE_HISTOGRAMS.into()));
+        }
         match task.phase {
-            PHASE_SUMS => Ok(colstats::map_sums(data)),
+            PHASE_SUMS => colstats::map_sums(data),
             PHASE_SQUARES => colstats::map_squares(data, &task.broadcast),
             p => Err(JobError::Shape(format!("unknown stats phase {p}"))),
         }

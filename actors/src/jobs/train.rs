@@ -12,6 +12,11 @@
 //! - `local_sgd`: each shard takes `local_steps` steps from the broadcast parameters on its own
 //!   minibatches; the reducer averages the shards' models weighted by their rows. One
 //!   exchange per `local_steps` steps: the communication-saving option.
+//!
+//! Sparse shards (CSR rows, libsvm imports) train the same model as the same rows stored dense:
+//! the statistics passes handle them ([`super::colstats`]) and the minibatches' losses and
+//! gradients come from [`super::sparse::loss_and_grad_sparse`], which folds the
+//! standardisation into the parameters instead of densifying the rows.
 
 use nalgebra::DMatrix;
 use serde::{Deserialize, Serialize};
@@ -22,6 +27,7 @@ use super::job::{Job, JobError, Partial, ShardData, StepReport, Task};
 use super::model_file::ModelFile;
 use super::models::{l2_penalty, loss_and_grad, LossGrad, LrSchedule, ModelKind, Standardizer};
 use super::sgd::{apply_step, minibatch_indices};
+use super::sparse::{loss_and_grad_sparse, shard_csr};
 
 /// Phase of a synchronous-SGD gradient step.
 pub const PHASE_GRADIENT: u32 = 2;
@@ -148,15 +154,24 @@ impl TrainJob {
         Ok((outputs, params, std))
     }
 
-    /// The standardised minibatch of `data` at training step `t`.
-    fn batch(&self, t: u64, data: &ShardData<'_>, std: &Standardizer) -> (DMatrix<f32>, Vec<f32>) {
-        let idx = minibatch_indices(
+    /// The rows of `data`'s minibatch at training step `t`.
+    fn batch_indices(&self, t: u64, data: &ShardData<'_>) -> Vec<usize> {
+        minibatch_indices(
             self.spec.seed,
             t,
             data.shard,
             data.rows(),
             self.shard_batch(data.rows()),
-        );
+        )
+    }
+
+    /// The standardised dense rows `idx` of `data`.
+    fn batch(
+        &self,
+        idx: &[usize],
+        data: &ShardData<'_>,
+        std: &Standardizer,
+    ) -> (DMatrix<f32>, Vec<f32>) {
         let d = data.features;
         let x = DMatrix::from_fn(idx.len(), d, |r, c| {
             let v = f64::from(data.x[idx[r] * d + c]);
@@ -170,10 +185,30 @@ impl TrainJob {
         JobError::Data(e.to_string())
     }
 
+    /// Loss and gradient sums of `data`'s minibatch at training step `t`, on its dense rows
+    /// standardised, or on its sparse rows with the standardisation folded in.
+    fn minibatch_loss(
+        &self,
+        kind: ModelKind,
+        params: &DMatrix<f64>,
+        std: &Standardizer,
+        data: &ShardData<'_>,
+        t: u64,
+    ) -> Result<LossGrad, JobError> {
+        let idx = self.batch_indices(t, data);
+        match shard_csr(data)? {
+            Some(csr) => loss_and_grad_sparse(kind, params, std, &csr, data.y, &idx),
+            None => {
+                let (x, y) = self.batch(&idx, data, std);
+                loss_and_grad(kind, params, &x, &y)
+            }
+        }
+        .map_err(Self::data_error)
+    }
+
     fn map_gradient(&self, b: &[f64], data: &ShardData<'_>, t: u64) -> Result<Partial, JobError> {
         let (outputs, params, std) = self.unpack(b)?;
-        let (x, y) = self.batch(t, data, &std);
-        let lg = loss_and_grad(self.kind(outputs), &params, &x, &y).map_err(Self::data_error)?;
+        let lg = self.minibatch_loss(self.kind(outputs), &params, &std, data, t)?;
         let mut sum = Vec::with_capacity(1 + params.len());
         sum.push(lg.loss_sum);
         sum.extend(lg.grad_sum.iter());
@@ -192,8 +227,7 @@ impl TrainJob {
         if data.rows() > 0 {
             for i in 0..k {
                 let t = round * k + i;
-                let (x, y) = self.batch(t, data, &std);
-                let lg = loss_and_grad(kind, &params, &x, &y).map_err(Self::data_error)?;
+                let lg = self.minibatch_loss(kind, &params, &std, data, t)?;
                 if i == 0 {
                     (first_loss, first_count) = (lg.loss_sum, lg.count);
                 }
@@ -299,7 +333,7 @@ impl Job for TrainJob {
 
     fn map(&self, _step: u64, task: &Task, data: &ShardData<'_>) -> Result<Partial, JobError> {
         match task.phase {
-            PHASE_SUMS => Ok(colstats::map_sums(data)),
+            PHASE_SUMS => colstats::map_sums(data),
             PHASE_SQUARES => colstats::map_squares(data, &task.broadcast),
             // The training step (or round) index is the broadcast's last element.
             PHASE_GRADIENT | PHASE_LOCAL => {
