@@ -99,10 +99,15 @@ pub fn shape(spec: &JobSpec, features: u64, shards: u32) -> JobShape {
                 _ => 1,
             };
             let params = d.saturating_add(1).saturating_mul(outputs);
+            let standardisation = if spec.standardize {
+                d.saturating_mul(2)
+            } else {
+                0
+            };
             JobShape {
                 model_values: params,
-                // [outputs, params.., mean.., std.., t]
-                broadcast_values: params.saturating_add(d.saturating_mul(2)).saturating_add(2),
+                // [outputs, params.., (mean.., std..,) t]
+                broadcast_values: params.saturating_add(standardisation).saturating_add(2),
                 // [rows, loss, gradient..]
                 partial_sums: params.saturating_add(2),
                 partial_extrema: 0,
@@ -132,7 +137,17 @@ pub fn shape(spec: &JobSpec, features: u64, shards: u32) -> JobShape {
             }
         }
     };
-    // Every kind may run the column-statistics pass first (standardisation, k-means bounds).
+    // Every kind may run the column-statistics pass first (standardisation, k-means bounds);
+    // training without standardisation sums only the label there.
+    let stats_pass = match spec.kind {
+        JobKind::Sgd | JobKind::LocalSgd if !spec.standardize => JobShape {
+            model_values: 4,
+            broadcast_values: 1,
+            partial_sums: 1,
+            partial_extrema: 2,
+        },
+        _ => stats_pass,
+    };
     JobShape {
         model_values: job.model_values.max(stats_pass.model_values),
         broadcast_values: job.broadcast_values.max(stats_pass.broadcast_values),

@@ -75,6 +75,18 @@ pub fn map_sums(data: &ShardData<'_>) -> Result<Partial, JobError> {
     Ok(p)
 }
 
+/// Pass 1 over the label only (a training job that does not standardise needs only the label's
+/// range): one column, dense or sparse rows alike.
+pub fn map_label_sums(data: &ShardData<'_>) -> Partial {
+    let (sum, lo, hi) = label_sums(data.y);
+    Partial {
+        rows: data.rows() as u64,
+        sum: vec![sum],
+        min: vec![lo],
+        max: vec![hi],
+    }
+}
+
 /// The label column's sum, min and max, in row order (as the dense pass takes them).
 fn label_sums(y: &[f32]) -> (f64, f64, f64) {
     y.iter().fold(

@@ -127,12 +127,16 @@ impl TrainJob {
     }
 
     /// Broadcast of a training step: `[outputs, params.., mean.., std..]` (then `t`).
+    /// Broadcast of a training step: `[outputs, params..]`, then `[mean.., std..]` when
+    /// standardising (an unstandardised wide model sends only its parameters).
     fn broadcast(&self, s: &TrainState) -> Vec<f64> {
         let mut b = Vec::with_capacity(1 + s.params.len() + 2 * self.d());
         b.push(s.outputs as f64);
         b.extend(&s.params);
-        b.extend(&s.mean);
-        b.extend(&s.std);
+        if self.spec.standardize {
+            b.extend(&s.mean);
+            b.extend(&s.std);
+        }
         b
     }
 
@@ -140,16 +144,21 @@ impl TrainJob {
         let d = self.d();
         let outputs = b.first().copied().unwrap_or(0.0) as usize;
         let np = (d + 1) * outputs;
-        if outputs == 0 || b.len() != 1 + np + 2 * d {
+        let stats = if self.spec.standardize { 2 * d } else { 0 };
+        if outputs == 0 || b.len() != 1 + np + stats {
             return Err(JobError::Shape(format!(
                 "training broadcast of {} values for {d} features",
                 b.len()
             )));
         }
         let params = DMatrix::from_column_slice(d + 1, outputs, &b[1..1 + np]);
-        let std = Standardizer {
-            mean: b[1 + np..1 + np + d].to_vec(),
-            std: b[1 + np + d..].to_vec(),
+        let std = if self.spec.standardize {
+            Standardizer {
+                mean: b[1 + np..1 + np + d].to_vec(),
+                std: b[1 + np + d..].to_vec(),
+            }
+        } else {
+            identity(d)
         };
         Ok((outputs, params, std))
     }
@@ -252,7 +261,12 @@ impl TrainJob {
             .as_ref()
             .ok_or_else(|| JobError::Data("statistics pass missing".into()))?;
         let d = self.d();
-        let (lmin, lmax) = (first.min[d], first.max[d]);
+        // Unstandardised, pass 1 summed only the label.
+        let label = if self.spec.standardize { d } else { 0 };
+        let (lmin, lmax) = match (first.min.get(label), first.max.get(label)) {
+            (Some(&lo), Some(&hi)) => (lo, hi),
+            _ => return Err(JobError::Shape("statistics pass without the label".into())),
+        };
         s.outputs = match self.model {
             ModelType::Linear | ModelType::Logistic => 1,
             ModelType::Softmax => match self.spec.classes {
@@ -275,8 +289,9 @@ impl TrainJob {
             )));
         }
         if !self.spec.standardize {
-            s.mean = vec![0.0; d];
-            s.std = vec![1.0; d];
+            // The identity: not stored, not sent (see `broadcast`, `result`).
+            s.mean = Vec::new();
+            s.std = Vec::new();
         }
         s.params = vec![0.0; (d + 1) * s.outputs];
         s.total = self.spec.train_steps(self.shape.rows);
@@ -333,7 +348,8 @@ impl Job for TrainJob {
 
     fn map(&self, _step: u64, task: &Task, data: &ShardData<'_>) -> Result<Partial, JobError> {
         match task.phase {
-            PHASE_SUMS => colstats::map_sums(data),
+            PHASE_SUMS if self.spec.standardize => colstats::map_sums(data),
+            PHASE_SUMS => Ok(colstats::map_label_sums(data)),
             PHASE_SQUARES => colstats::map_squares(data, &task.broadcast),
             // The training step (or round) index is the broadcast's last element.
             PHASE_GRADIENT | PHASE_LOCAL => {
@@ -358,7 +374,9 @@ impl Job for TrainJob {
         match task.phase {
             PHASE_SUMS => {
                 let first = FirstPass::reduce(&merged)?;
-                s.mean = first.mean[..self.d()].to_vec();
+                if self.spec.standardize {
+                    s.mean = first.mean.get(..self.d()).unwrap_or_default().to_vec();
+                }
                 s.first = Some(first);
                 if self.spec.standardize {
                     s.stage = Stage::Squares;
@@ -436,8 +454,16 @@ impl Job for TrainJob {
     fn result(&self, s: &TrainState) -> Result<serde_json::Value, JobError> {
         let params = DMatrix::from_column_slice(self.d() + 1, s.outputs, &s.params);
         let std = Standardizer {
-            mean: s.mean.clone(),
-            std: s.std.clone(),
+            mean: if s.mean.is_empty() {
+                vec![0.0; self.d()]
+            } else {
+                s.mean.clone()
+            },
+            std: if s.std.is_empty() {
+                vec![1.0; self.d()]
+            } else {
+                s.std.clone()
+            },
         };
         let raw = std.to_raw_params(&params);
         let loss = s.losses.last().map_or(f64::NAN, |l| l.1);
@@ -459,6 +485,14 @@ impl Job for TrainJob {
             obj.insert("losses".into(), serde_json::json!(s.losses.clone()));
         }
         Ok(v)
+    }
+}
+
+/// The identity standardisation of `d` features.
+fn identity(d: usize) -> Standardizer {
+    Standardizer {
+        mean: vec![0.0; d],
+        std: vec![1.0; d],
     }
 }
 

@@ -341,11 +341,11 @@ mod tests {
                 segments: vec![1; 4],
             },
         };
-        assert!(apply(&mut map, &Command::PutDataset(ds.clone())).is_ok());
+        assert!(apply(&mut map, &Command::PutDataset(Box::new(ds.clone()))).is_ok());
         // Same record again: a retried proposal.
-        assert!(apply(&mut map, &Command::PutDataset(ds.clone())).is_ok());
+        assert!(apply(&mut map, &Command::PutDataset(Box::new(ds.clone()))).is_ok());
         let other = DatasetRecord { rows: 11, ..ds };
-        assert!(!apply(&mut map, &Command::PutDataset(other)).is_ok());
+        assert!(!apply(&mut map, &Command::PutDataset(Box::new(other))).is_ok());
         map
     }
 

@@ -219,7 +219,7 @@ pub enum Command {
     /// "batch aborted").
     Batch(Vec<Command>),
     /// Registers an imported dataset (create-once; see [`super::records`]).
-    PutDataset(DatasetRecord),
+    PutDataset(Box<DatasetRecord>),
     /// Registers a job as `Pending` (create-once).
     SubmitJob(JobRecord),
     /// Progress, completion or cancellation of a job (steps never go back; terminal is final).
