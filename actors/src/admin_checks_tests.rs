@@ -37,7 +37,11 @@ fn synthetic(rows: u64, kind: &str) -> DatasetRecord {
 fn map() -> ClusterMap {
     let mut map = ClusterMap::default();
     assert!(apply(&mut map, &Command::Init { shards: 4 }).is_ok());
-    assert!(apply(&mut map, &Command::PutDataset(Box::new(imported("d", "i1")))).is_ok());
+    assert!(apply(
+        &mut map,
+        &Command::PutDataset(Box::new(imported("d", "i1")))
+    )
+    .is_ok());
     map
 }
 
@@ -152,7 +156,11 @@ fn aborts_table() {
 #[test]
 fn deletes_table() {
     let mut map = map();
-    assert!(apply(&mut map, &Command::PutDataset(Box::new(synthetic(10, "linear")))).is_ok());
+    assert!(apply(
+        &mut map,
+        &Command::PutDataset(Box::new(synthetic(10, "linear")))
+    )
+    .is_ok());
     assert_eq!(
         check_delete("d", &map),
         Ok(Delete::Remove {

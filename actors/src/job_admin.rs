@@ -407,7 +407,9 @@ impl JobAdmin {
                 }
             }
         }
-        let result = self.propose(Command::PutDataset(Box::new(rec.clone()))).await;
+        let result = self
+            .propose(Command::PutDataset(Box::new(rec.clone())))
+            .await;
         if let Err(e) = result {
             // Against the map after the refusal: the same import may have just been committed
             // (a retried commit that raced), and then it is kept.
