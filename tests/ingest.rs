@@ -922,6 +922,53 @@ async fn libsvm_rows_train_the_same_model_as_the_same_rows_dense() {
         let (acc_dense, acc_sparse) = (score(&dense_model), score(&sparse_model));
         assert_eq!(acc_dense, acc_sparse, "{model}");
         assert!(acc_dense > 0.8, "{model}: accuracy {acc_dense}");
+        // The same model as a directory (manifest + safetensors): predict reads it, and Python
+        // reads its tensors with safetensors.numpy, equal to the JSON model's parameters.
+        let model_dir = dir.path().join(format!("sparse-{model}-dir"));
+        let id = std::fs::read_to_string(&sparse_model).unwrap();
+        let id: serde_json::Value = serde_json::from_str(&id).unwrap();
+        let id = id["job"].as_str().unwrap().to_string();
+        let written = cli_json(
+            &c,
+            &[
+                "job",
+                "result",
+                &id,
+                "--out",
+                model_dir.to_str().unwrap(),
+                "--json",
+            ],
+        );
+        assert_eq!(
+            written["tensors"],
+            serde_json::json!(["bias", "weight"]),
+            "{written}"
+        );
+        assert_eq!(
+            score(&model_dir),
+            acc_sparse,
+            "{model}: the directory scores the same"
+        );
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(model_dir.join("manifest.json")).unwrap())
+                .unwrap();
+        assert_eq!(manifest["kind"], model);
+        assert!(manifest["spec"]
+            .as_str()
+            .unwrap()
+            .contains("dataset = \"sparse\""));
+        python(&[
+            "-c",
+            "import sys, json, numpy as np\n\
+             from safetensors.numpy import load_file\n\
+             t = load_file(sys.argv[1] + '/model.safetensors')\n\
+             m = json.load(open(sys.argv[2]))\n\
+             p = np.array(m['params'])\n\
+             assert t['weight'].dtype == np.float64 and t['weight'].shape == (40, p.shape[1])\n\
+             assert (t['weight'] == p[:-1]).all() and (t['bias'] == p[-1]).all()\n",
+            model_dir.to_str().unwrap(),
+            sparse_model.to_str().unwrap(),
+        ]);
     }
     // k-means and stats need dense rows: refused at submission, with the reason.
     let spec = dir.path().join("km.toml");

@@ -175,7 +175,9 @@ pub enum JobCmd {
     Result {
         /// The job id.
         id: String,
-        /// Write it here (MODEL.json) instead of stdout (`--json` then prints `{"id", "out"}`).
+        /// Write it here instead of stdout (`--json` then prints `{"id", "out"}`): a path ending
+        /// in `.json` gets the result document as stored; any other path is a model directory
+        /// (`manifest.json` and `model.safetensors`; training and k-means jobs).
         #[arg(long)]
         out: Option<PathBuf>,
         #[command(flatten)]
@@ -491,6 +493,23 @@ pub async fn job(cmd: JobCmd) -> Result<()> {
             let client = connect(&conn).await?;
             let bytes = jobs_cli::result_bytes(&client, &id).await?;
             match out {
+                Some(dir) if crate::model_dir::is_dir_path(&dir) => {
+                    let doc: serde_json::Value = serde_json::from_slice(&bytes)?;
+                    let spec = jobs_cli::status(&client, &id).await.ok().map(|r| r.spec);
+                    let tensors = crate::model_dir::write(&dir, &doc, &id, spec)?;
+                    if conn.json {
+                        print_json(
+                            &serde_json::json!({ "id": id, "out": dir, "tensors": tensors }),
+                        )?;
+                    } else {
+                        println!(
+                            "model of {id} written to {} ({}, {})",
+                            dir.display(),
+                            tidepool_actors::jobs::model_dir::MANIFEST,
+                            tidepool_actors::jobs::model_dir::TENSORS
+                        );
+                    }
+                }
                 Some(path) => {
                     // The stored document as is (assembled from chunks): byte-identical.
                     std::fs::write(&path, &bytes)

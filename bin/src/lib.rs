@@ -50,6 +50,7 @@ pub mod kv_demo;
 pub mod local_cluster;
 pub mod logging;
 pub mod members_cmd;
+pub mod model_dir;
 pub mod netns;
 pub mod ports;
 pub mod predict;

@@ -226,10 +226,14 @@ pub fn run_predict(
     data: &Path,
     label: Option<&str>,
 ) -> anyhow::Result<PredictReport> {
-    let model_bytes =
-        std::fs::read(model).with_context(|| format!("cannot read {}", model.display()))?;
-    let file = ModelFile::from_json(&model_bytes)
-        .with_context(|| format!("{}: not a usable model file", model.display()))?;
+    let file = if model.is_dir() {
+        crate::model_dir::read(model)?
+    } else {
+        let model_bytes =
+            std::fs::read(model).with_context(|| format!("cannot read {}", model.display()))?;
+        ModelFile::from_json(&model_bytes)
+            .with_context(|| format!("{}: not a usable model file", model.display()))?
+    };
     let kind = file.model_kind()?;
     let params = file.params_matrix()?;
     let csv_bytes =

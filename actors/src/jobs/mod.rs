@@ -20,6 +20,7 @@ pub mod exact;
 pub mod job;
 pub mod kmeans;
 pub mod kmeans_job;
+pub mod model_dir;
 pub mod model_file;
 pub mod models;
 pub mod registry;
