@@ -612,7 +612,9 @@ mod tests {
             rec,
             &[info(0, Some("n1")), info(1, Some("n1")), info(2, None)],
         );
-        assert_eq!((d.values, d.bytes, d.partitions), (30, 120, 7));
+        // 10 rows x (2 features + a label) values; bytes as stored: 10 x (2 x 4 + 12).
+        assert_eq!((d.values, d.bytes, d.partitions), (30, 200, 7));
+        assert_eq!((d.layout, d.columns, d.nnz), ("dense", 2, None));
         assert_eq!(
             d.nodes["n1"],
             NodePartitions {

@@ -15,7 +15,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::job::{CsrRows, JobError, Partial, ShardData};
-use super::sparse::shard_csr;
+use super::minibatch::shard_csr;
 use super::stats::Histogram;
 
 /// Why histograms are refused on sparse rows.

@@ -1,32 +1,34 @@
 //! The math of Tidepool's learning jobs: pure, deterministic, no I/O.
 //!
+//! - [`job`]: the `Job` trait (iterative map/reduce over a checkpointable state) and the exact
+//!   fixed-point merge of partials ([`exact`]); [`registry`] turns a spec into a runnable job.
+//! - [`train`], [`kmeans_job`], [`stats_job`] (with [`colstats`]): the built-in jobs.
 //! - [`rng`]: the seeded generator; every random choice is keyed by `(seed, step, shard)`.
 //! - [`stats`]: mergeable column statistics and histograms (the `stats` job, standardisation).
 //! - [`models`]: linear / logistic / softmax regression losses and gradients as row *sums*,
 //!   prediction, metrics, [`models::Standardizer`], the learning-rate schedule.
+//! - [`minibatch`]: the training step's losses and gradients over rows read in place (dense or
+//!   sparse CSR), the standardisation folded into the parameters.
 //! - [`kmeans`]: seeded k-means++ init and Lloyd steps as mergeable partials.
-//! - [`sparse`]: the models' losses and gradients on sparse (CSR) rows, standardisation folded
-//!   into the parameters instead of densifying.
 //! - [`sgd`]: the synchronous-SGD step as a pure function of per-shard partials taken in
 //!   shard-id order, and per-shard minibatch selection (ARCHITECTURE.md, invariant 6).
+//! - [`model_file`], [`model_dir`]: the exported model (JSON; a manifest plus safetensors).
 //!
-//! Not wired yet: the job coordinator actor, the user-job trait and the wire types of partials,
-//! dataset import and partition loading, local SGD, checkpointing of job state, and the CLI
-//! (`job submit`, `predict`). Those call into this module; nothing here knows about shards'
-//! placement, nodes or time.
+//! Nothing here knows about shards' placement, nodes or time: the job executor and the
+//! coordinator actor call into it.
 
 pub mod colstats;
 pub mod exact;
 pub mod job;
 pub mod kmeans;
 pub mod kmeans_job;
+pub mod minibatch;
 pub mod model_dir;
 pub mod model_file;
 pub mod models;
 pub mod registry;
 pub mod rng;
 pub mod sgd;
-pub mod sparse;
 pub mod stats;
 pub mod stats_job;
 pub mod train;

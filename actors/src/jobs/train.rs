@@ -13,10 +13,10 @@
 //!   minibatches; the reducer averages the shards' models weighted by their rows. One
 //!   exchange per `local_steps` steps: the communication-saving option.
 //!
-//! Sparse shards (CSR rows, libsvm imports) train the same model as the same rows stored dense:
-//! the statistics passes handle them ([`super::colstats`]) and the minibatches' losses and
-//! gradients come from [`super::sparse::loss_and_grad_sparse`], which folds the
-//! standardisation into the parameters instead of densifying the rows.
+//! Minibatch losses and gradients come from [`super::minibatch::loss_and_grad_rows`], which
+//! reads the shard's rows in place (dense, or sparse CSR rows from libsvm imports) and folds
+//! the standardisation into the parameters; sparse shards train the same model as the same
+//! rows stored dense (the statistics passes handle both, [`super::colstats`]).
 
 use nalgebra::DMatrix;
 use serde::{Deserialize, Serialize};
@@ -24,10 +24,10 @@ use tidepool_runtime::jobspec::{JobKind, JobSpec, ModelType};
 
 use super::colstats::{self, FirstPass, PHASE_SQUARES, PHASE_SUMS};
 use super::job::{Job, JobError, Partial, ShardData, StepReport, Task};
+use super::minibatch::shard_loss_and_grad;
 use super::model_file::ModelFile;
-use super::models::{l2_penalty, loss_and_grad, LossGrad, LrSchedule, ModelKind, Standardizer};
+use super::models::{l2_penalty, LossGrad, LrSchedule, ModelKind, Standardizer};
 use super::sgd::{apply_step, minibatch_indices};
-use super::sparse::{loss_and_grad_sparse, shard_csr};
 
 /// Phase of a synchronous-SGD gradient step.
 pub const PHASE_GRADIENT: u32 = 2;
@@ -174,22 +174,6 @@ impl TrainJob {
         )
     }
 
-    /// The standardised dense rows `idx` of `data`.
-    fn batch(
-        &self,
-        idx: &[usize],
-        data: &ShardData<'_>,
-        std: &Standardizer,
-    ) -> (DMatrix<f32>, Vec<f32>) {
-        let d = data.features;
-        let x = DMatrix::from_fn(idx.len(), d, |r, c| {
-            let v = f64::from(data.x[idx[r] * d + c]);
-            ((v - std.mean[c]) / std.std[c]) as f32
-        });
-        let y = idx.iter().map(|&i| data.y[i]).collect();
-        (x, y)
-    }
-
     fn data_error(e: impl std::fmt::Display) -> JobError {
         JobError::Data(e.to_string())
     }
@@ -205,14 +189,7 @@ impl TrainJob {
         t: u64,
     ) -> Result<LossGrad, JobError> {
         let idx = self.batch_indices(t, data);
-        match shard_csr(data)? {
-            Some(csr) => loss_and_grad_sparse(kind, params, std, &csr, data.y, &idx),
-            None => {
-                let (x, y) = self.batch(&idx, data, std);
-                loss_and_grad(kind, params, &x, &y)
-            }
-        }
-        .map_err(Self::data_error)
+        shard_loss_and_grad(kind, params, std, data, &idx)
     }
 
     fn map_gradient(&self, b: &[f64], data: &ShardData<'_>, t: u64) -> Result<Partial, JobError> {

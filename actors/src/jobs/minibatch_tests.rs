@@ -18,7 +18,7 @@ use super::super::rng::Rng;
 use super::super::sgd::minibatch_indices;
 use super::super::stats_job::StatsJob;
 use super::super::train::{DatasetShape, TrainJob};
-use super::loss_and_grad_sparse;
+use super::loss_and_grad_rows;
 
 /// Columns no row stores anything in.
 const EMPTY_COLUMNS: [usize; 3] = [3, 17, 41];
@@ -180,8 +180,7 @@ fn sparse_loss_and_gradient_match_dense() {
             idx.push(5);
 
             let sparse =
-                loss_and_grad_sparse(kind, &params, &std, &part.csr(), part.labels(), &idx)
-                    .unwrap();
+                loss_and_grad_rows(kind, &params, &std, &part.csr(), part.labels(), &idx).unwrap();
             let x = DMatrix::from_fn(idx.len(), d, |r, c| {
                 let v = (f64::from(dense[idx[r] * d + c]) - std.mean[c]) / std.std[c];
                 assert_eq!(f64::from(v as f32), v, "standardised value exact in f32");
@@ -228,7 +227,7 @@ fn sparse_loss_of_an_empty_minibatch_is_zero() {
     let (part, _) = both(10, &data);
     let kind = ModelKind::Softmax { classes: 3 };
     let params = DMatrix::from_element(11, 3, 0.5);
-    let lg = loss_and_grad_sparse(
+    let lg = loss_and_grad_rows(
         kind,
         &params,
         &identity(10),
@@ -250,20 +249,20 @@ fn sparse_loss_refuses_bad_input() {
     let kind = ModelKind::Logistic;
     let params = DMatrix::zeros(11, 1);
     let std = identity(10);
-    let err = loss_and_grad_sparse(kind, &DMatrix::zeros(10, 1), &std, &csr, y, &[0]);
+    let err = loss_and_grad_rows(kind, &DMatrix::zeros(10, 1), &std, &csr, y, &[0]);
     assert!(matches!(
         err,
         Err(ModelError::ParamShape { want_rows: 11, .. })
     ));
     let short = identity(9);
-    let err = loss_and_grad_sparse(kind, &params, &short, &csr, y, &[0]);
+    let err = loss_and_grad_rows(kind, &params, &short, &csr, y, &[0]);
     assert!(matches!(
         err,
         Err(ModelError::StandardizerShape { features: 10, .. })
     ));
-    let err = loss_and_grad_sparse(kind, &params, &std, &csr, &y[1..], &[0]);
+    let err = loss_and_grad_rows(kind, &params, &std, &csr, &y[1..], &[0]);
     assert!(matches!(err, Err(ModelError::LabelCount { .. })));
-    let err = loss_and_grad_sparse(kind, &params, &std, &csr, y, &[0, 20]);
+    let err = loss_and_grad_rows(kind, &params, &std, &csr, y, &[0, 20]);
     assert!(matches!(
         err,
         Err(ModelError::RowOutOfRange {
@@ -273,10 +272,10 @@ fn sparse_loss_refuses_bad_input() {
     ));
     let mut labels = y.to_vec();
     labels[7] = 2.0;
-    let err = loss_and_grad_sparse(kind, &params, &std, &csr, &labels, &[3, 7]);
+    let err = loss_and_grad_rows(kind, &params, &std, &csr, &labels, &[3, 7]);
     assert!(matches!(err, Err(ModelError::BadLabel { row: 1, .. })));
     let softmax = ModelKind::Softmax { classes: 2 };
-    let err = loss_and_grad_sparse(softmax, &DMatrix::zeros(11, 2), &std, &csr, &labels, &[7]);
+    let err = loss_and_grad_rows(softmax, &DMatrix::zeros(11, 2), &std, &csr, &labels, &[7]);
     assert!(matches!(err, Err(ModelError::BadLabel { row: 0, .. })));
 }
 
