@@ -28,6 +28,7 @@ pub mod admin;
 pub mod bench;
 pub mod bench_import;
 pub mod bench_kmeans;
+pub mod bench_math;
 pub mod bench_train;
 pub mod chaos;
 pub mod cli_docs;

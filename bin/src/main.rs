@@ -203,6 +203,10 @@ enum BenchCmd {
     /// k-means on a local cluster over a dataset imported from URL: seconds from submit to
     /// result, inertia and iterations, one job per seed.
     Kmeans(tidepool::bench_kmeans::KMeansBenchOptions),
+    /// The training step's math on one core (a full pass of the minibatch kernel for linear,
+    /// logistic and softmax) against a streaming read of the same rows: rows/s and the fraction
+    /// of the memory-bandwidth limit.
+    Math(tidepool::bench_math::MathBenchOptions),
     /// Failover time after SIGKILL (or SIGSTOP) of a node, handoff pause, shards moved on rejoin.
     Failover {
         /// Kills (or pauses) to measure.
@@ -578,6 +582,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         }
         Cmd::Bench(BenchCmd::Import(o)) => tidepool::bench_import::run(o).await,
         Cmd::Bench(BenchCmd::Kmeans(o)) => tidepool::bench_kmeans::run(o).await,
+        Cmd::Bench(BenchCmd::Math(o)) => tidepool::bench_math::run(o),
         Cmd::Bench(BenchCmd::Failover {
             runs,
             nodes,

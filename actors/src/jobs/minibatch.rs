@@ -75,7 +75,19 @@ pub trait Rows {
     fn scores(&self, i: usize, w: &[f64], z: &mut [f64]);
     /// `s_jc += x_ij r_c` for every feature and output.
     fn scatter(&self, i: usize, r: &[f64], s: &mut [f64]);
+    /// [`Rows::scatter`] of the rows `block` (at most [`BLOCK`]), residuals `r` one row of
+    /// `k` after another. A kernel may add the rows' terms together before adding them to
+    /// `s` (a fixed order for a given block).
+    fn scatter_block(&self, block: &[usize], r: &[f64], s: &mut [f64]) {
+        let k = r.len() / block.len().max(1);
+        for (&i, r) in block.iter().zip(r.chunks_exact(k.max(1))) {
+            self.scatter(i, r, s);
+        }
+    }
 }
+
+/// Rows scattered together ([`Rows::scatter_block`]).
+pub const BLOCK: usize = 4;
 
 /// Dense rows: `d` f32 features per row, row-major (a partition read in place).
 #[derive(Debug, Clone, Copy)]
@@ -141,6 +153,27 @@ impl Rows for DenseRows<'_> {
         let row = self.row(i);
         for (&rc, sc) in r.iter().zip(s.chunks_exact_mut(self.d.max(1))) {
             axpy(rc, row, sc);
+        }
+    }
+    fn scatter_block(&self, block: &[usize], r: &[f64], s: &mut [f64]) {
+        // A full block: per output, each feature's four terms summed, then added once (`s` is
+        // read and written once per block instead of once per row).
+        let k = r.len() / block.len().max(1);
+        if let [a, b, c, e] = block {
+            let (xa, xb, xc, xe) = (self.row(*a), self.row(*b), self.row(*c), self.row(*e));
+            for (out, sc) in s.chunks_exact_mut(self.d.max(1)).enumerate().take(k) {
+                let at = |row: usize| r.get(row * k + out).copied().unwrap_or(0.0);
+                let (ra, rb, rc, re) = (at(0), at(1), at(2), at(3));
+                let rows = xa.iter().zip(xb).zip(xc).zip(xe);
+                for (s, (((&va, &vb), &vc), &ve)) in sc.iter_mut().zip(rows) {
+                    *s += ((ra * f64::from(va) + rb * f64::from(vb)) + rc * f64::from(vc))
+                        + re * f64::from(ve);
+                }
+            }
+            return;
+        }
+        for (&i, r) in block.iter().zip(r.chunks_exact(k.max(1))) {
+            self.scatter(i, r, s);
         }
     }
 }
@@ -239,19 +272,22 @@ pub fn loss_and_grad_rows<R: Rows>(
     };
     let (weights, bias) = effective_weights(params, std, identity, d, k, at);
 
-    // Per row: scores, residuals in place, then scattered into S.
+    // Per row: scores, residuals in place; then a block of rows scattered into S.
     let mut s = vec![0.0; d * k];
     let mut r_sum = vec![0.0; k];
-    let mut z = vec![0.0; k];
+    let mut zb = vec![0.0; BLOCK * k];
     let mut loss_sum = 0.0;
-    for (&i, &label) in idx.iter().zip(&labels) {
-        z.copy_from_slice(&bias);
-        rows.scores(i, &weights, &mut z);
-        loss_sum += residual_in_place(kind, &mut z, label);
-        for (acc, r) in r_sum.iter_mut().zip(&z) {
-            *acc += r;
+    for (block, block_labels) in idx.chunks(BLOCK).zip(labels.chunks(BLOCK)) {
+        let zb = zb.get_mut(..block.len() * k).unwrap_or_default();
+        for ((&i, &label), z) in block.iter().zip(block_labels).zip(zb.chunks_exact_mut(k)) {
+            z.copy_from_slice(&bias);
+            rows.scores(i, &weights, z);
+            loss_sum += residual_in_place(kind, z, label);
+            for (acc, r) in r_sum.iter_mut().zip(z.iter()) {
+                *acc += r;
+            }
         }
-        rows.scatter(i, &z, &mut s);
+        rows.scatter_block(block, zb, &mut s);
     }
 
     // Back to standardised space: g_jc = (S_jc - m_j R_c) / s_j; the bias row is R_c.

@@ -156,11 +156,6 @@ fn logits(params: &DMatrix<f64>, x64: &DMatrix<f64>) -> DMatrix<f64> {
     z
 }
 
-/// `log(1 + e^z)` without overflow.
-pub(super) fn softplus(z: f64) -> f64 {
-    z.max(0.0) + (-z.abs()).exp().ln_1p()
-}
-
 /// The logistic function, stable for large `|z|`.
 pub fn sigmoid(z: f64) -> f64 {
     if z >= 0.0 {
@@ -173,13 +168,17 @@ pub fn sigmoid(z: f64) -> f64 {
 
 /// Turns `z` (one row of scores) into probabilities in place; returns `log(sum(exp(z)))`.
 pub(super) fn softmax_in_place(z: &mut [f64]) -> f64 {
+    // One exp per score: e_c = exp(z_c - max), p_c = e_c / sum.
     let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let sum: f64 = z.iter().map(|v| (v - m).exp()).sum();
-    let lse = m + sum.ln();
+    let mut sum = 0.0;
     for v in z.iter_mut() {
-        *v = (*v - lse).exp();
+        *v = (*v - m).exp();
+        sum += *v;
     }
-    lse
+    for v in z.iter_mut() {
+        *v /= sum;
+    }
+    m + sum.ln()
 }
 
 /// One row's loss; turns its scores `z` (one per output) into the loss's derivative with
@@ -195,9 +194,16 @@ pub(super) fn residual_in_place(kind: ModelKind, z: &mut [f64], label: f32) -> f
             0.5 * r * r
         }
         (ModelKind::Logistic, [z0, ..]) => {
+            // sigmoid and softplus share exp(-|z|), as they compute it on their own.
             let zi = *z0;
-            *z0 = sigmoid(zi) - t;
-            softplus(zi) - t * zi
+            let e = (-zi.abs()).exp();
+            let sig = if zi >= 0.0 {
+                1.0 / (1.0 + e)
+            } else {
+                e / (1.0 + e)
+            };
+            *z0 = sig - t;
+            zi.max(0.0) + e.ln_1p() - t * zi
         }
         (ModelKind::Softmax { .. }, z) => {
             let class = label as usize;

@@ -296,7 +296,22 @@ impl Run<'_> {
             What::Drain { target } => {
                 let i = self.target(target).await?;
                 let name = self.cluster.nodes[i].name.clone();
-                self.client.drain(&name).await?;
+                // A node that joined moments ago may not be a member yet (a slow start on a
+                // loaded machine): ask again until it is.
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    match self.client.drain(&name).await {
+                        Ok(_) => break,
+                        Err(e)
+                            if e.to_string().contains("no member named")
+                                && Instant::now() < deadline =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            // poll interval
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
                 self.event("drain", &name, "cluster drain, then SIGTERM".into());
                 let status = self.cluster.stop(i, Duration::from_secs(60)).await?;
                 self.expected_exit[i] = true;
