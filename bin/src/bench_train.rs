@@ -1,5 +1,6 @@
 //! `tidepool bench train`: synchronous-SGD throughput of real local clusters against a plain
-//! single-threaded nalgebra training loop over the same in-memory data (the limit), scaling
+//! single-threaded training loop over the same in-memory data (the limit: the same minibatch
+//! kernel, no runtime), scaling
 //! efficiency across node counts, and synchronous vs local SGD time to a target loss.
 //!
 //! Every node runs with `workers.threads = --workers` (default 1), so on a machine with C
@@ -12,7 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use nalgebra::DMatrix;
 use serde::Serialize;
-use tidepool_actors::jobs::models::{loss_and_grad, LossGrad, LrSchedule, ModelKind};
+use tidepool_actors::jobs::minibatch::{loss_and_grad_rows, DenseRows};
+use tidepool_actors::jobs::models::{LossGrad, LrSchedule, ModelKind, Standardizer};
 use tidepool_actors::jobs::sgd::{apply_step, minibatch_indices};
 use tidepool_runtime::client::{ClientOptions, ClusterClient};
 use tidepool_runtime::control::JobState;
@@ -57,14 +59,19 @@ fn spec(kind: &str, o: &TrainBenchOptions, steps: u64, extra: &str) -> String {
     )
 }
 
-/// The plain loop: the same data in one matrix, the same per-shard minibatches gathered, one
-/// gradient and update per step, one thread.
+/// The plain loop: the same data in memory, the same per-shard minibatches read by the same
+/// kernel as the jobs' (`minibatch::loss_and_grad_rows`), one gradient and update per step, one
+/// thread.
 pub fn plain_loop(o: &TrainBenchOptions) -> Measured {
     let parts: Vec<_> = (0..o.shards)
         .map(|s| synthetic_shard(o.rows, o.features, SyntheticKind::Logistic, 1, s, o.shards))
         .collect();
     let d = o.features;
     let mut params = DMatrix::<f64>::zeros(d + 1, 1);
+    let identity = Standardizer {
+        mean: vec![0.0; d],
+        std: vec![1.0; d],
+    };
     let started = Instant::now();
     let mut samples = 0u64;
     for t in 0..o.steps {
@@ -76,9 +83,18 @@ pub fn plain_loop(o: &TrainBenchOptions) -> Measured {
         for (s, p) in parts.iter().enumerate() {
             let b = (o.batch * p.rows() as u64).div_ceil(o.rows.max(1)) as usize;
             let idx = minibatch_indices(7, t, s as u32, p.rows(), b.min(p.rows()));
-            let x = DMatrix::from_fn(idx.len(), d, |r, c| p.features()[idx[r] * d + c]);
-            let y: Vec<f32> = idx.iter().map(|&i| p.labels()[i]).collect();
-            if let Ok(lg) = loss_and_grad(ModelKind::Logistic, &params, &x, &y) {
+            let Some(rows) = DenseRows::new(p.features(), d) else {
+                continue;
+            };
+            let lg = loss_and_grad_rows(
+                ModelKind::Logistic,
+                &params,
+                &identity,
+                &rows,
+                p.labels(),
+                &idx,
+            );
+            if let Ok(lg) = lg {
                 total.loss_sum += lg.loss_sum;
                 total.grad_sum += lg.grad_sum;
                 total.count += lg.count;
@@ -91,7 +107,7 @@ pub fn plain_loop(o: &TrainBenchOptions) -> Measured {
     }
     let seconds = started.elapsed().as_secs_f64();
     Measured {
-        what: "plain single-threaded nalgebra loop".into(),
+        what: "plain single-threaded loop".into(),
         nodes: 0,
         seconds,
         samples_per_sec: samples as f64 / seconds,
