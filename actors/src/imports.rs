@@ -376,11 +376,28 @@ async fn off_reactor<T: Send + 'static>(
     tokio::task::spawn_blocking(move || rt.block_on(work))
         .await
         .unwrap_or_else(|e| {
+            // A decoder that panics on a malformed file (the arrow and parquet crates have a few
+            // such paths) fails the import like any data error; the node goes on.
+            if e.is_panic() {
+                metrics::counter!(m::IMPORT_SPLITS, "outcome" => "decoder_panic").increment(1);
+                return Err(IngestError::Data(format!(
+                    "a decoder failed on malformed input: {}",
+                    panic_text(e.into_panic())
+                )));
+            }
             Err(IngestError::Source {
                 url: String::new(),
                 reason: format!("import worker: {e}"),
             })
         })
+}
+
+/// The message of a caught panic.
+fn panic_text(p: Box<dyn std::any::Any + Send>) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
 }
 
 /// Reads one split and reports it; a data error fails the import.
@@ -445,5 +462,31 @@ async fn report(ctx: &ImportCtx, imp: &ImportRecord, split: u32, done: SplitDone
         // its shard).
         Ok(r) => warn!(import = %imp.id, split, reason = ?r.rejection(), "split report refused"),
         Err(e) => warn!(import = %imp.id, split, error = %e, "split report not recorded"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_decoder_panic_fails_the_import_and_the_node_goes_on() {
+        let err = off_reactor(async {
+            if true {
+                panic!("unsupported bitwidth");
+            }
+            Ok::<(), IngestError>(())
+        })
+        .await;
+        match err {
+            Err(e @ IngestError::Data(_)) => {
+                assert!(
+                    e.is_data() && e.to_string().contains("unsupported bitwidth"),
+                    "{e}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(off_reactor(async { Ok(7) }).await.ok(), Some(7));
     }
 }

@@ -332,8 +332,9 @@ impl<'a> SparseView<'a> {
         let at = pad8(HEADER_LEN + r.checked_mul(12).ok_or(overflow.clone())?)
             .and_then(|p| p.checked_add(r.checked_mul(8)?))
             .ok_or(overflow.clone())?;
-        let nnz = bytes
-            .get(at..at + 8)
+        let nnz = at
+            .checked_add(8)
+            .and_then(|end| bytes.get(at..end))
             .and_then(|b| u64::read_from_bytes(b).ok())
             .ok_or(DatasetError::LengthMismatch {
                 expected: at as u64 + 8,

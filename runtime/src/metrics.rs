@@ -304,7 +304,11 @@ pub const ZERO_SERIES: &[(&str, &str, &[&str])] = &[
     (JOB_STEPS, "kind", JOB_KINDS),
     (JOB_SAMPLES, "kind", JOB_KINDS),
     (TRANSPORT_DIALS, "result", &["ok", "error"]),
-    (IMPORT_SPLITS, "outcome", &["done", "failed", "retried"]),
+    (
+        IMPORT_SPLITS,
+        "outcome",
+        &["done", "failed", "retried", "decoder_panic"],
+    ),
     (REBALANCES, "kind", &["initial", "handoff", "reassign"]),
     (
         SUPERVISOR_EVENTS,
