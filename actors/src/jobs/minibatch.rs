@@ -52,10 +52,18 @@ pub fn shard_csr<'a>(data: &ShardData<'a>) -> Result<Option<CsrRows<'a>>, JobErr
     Ok(Some(csr))
 }
 
-/// Whether `std` leaves features as they are (means 0, deviations 1): then the folding is the
-/// identity and is skipped.
+/// Whether `std` leaves features as they are (no means and deviations at all, as an
+/// unstandardised job passes it, or means 0 and deviations 1): then the folding is skipped.
 fn is_identity(std: &Standardizer) -> bool {
     std.mean.iter().all(|&m| m == 0.0) && std.std.iter().all(|&s| s == 1.0)
+}
+
+/// Feature `j`'s mean and deviation (0 and 1 past the end: the identity).
+fn mean_std(std: &Standardizer, j: usize) -> (f64, f64) {
+    (
+        std.mean.get(j).copied().unwrap_or(0.0),
+        std.std.get(j).copied().unwrap_or(1.0),
+    )
 }
 
 /// Lanes of the dense kernels' accumulators: the compiler vectorises them.
@@ -215,7 +223,7 @@ impl Rows for CsrRows<'_> {
 /// `params` is `(d + 1) x outputs` in standardised space (last row the bias), and so is the
 /// gradient. The standardisation is folded into the weights (see the module docs), so the rows
 /// are read as they are stored. A row may appear in `idx` more than once; it then counts as
-/// often.
+/// often. A `std` with no means and no deviations is the identity (no vectors to allocate).
 ///
 /// Refuses (computing nothing) parameters or a standardisation of the wrong shape, labels
 /// that do not match the rows, a row index past the end, and a label invalid for `kind`
@@ -238,7 +246,8 @@ pub fn loss_and_grad_rows<R: Rows>(
             want_cols: k,
         });
     }
-    if std.mean.len() != d || std.std.len() != d {
+    let unstandardised = std.mean.is_empty() && std.std.is_empty();
+    if !unstandardised && (std.mean.len() != d || std.std.len() != d) {
         return Err(ModelError::StandardizerShape {
             features: d,
             means: std.mean.len(),
@@ -294,9 +303,14 @@ pub fn loss_and_grad_rows<R: Rows>(
     let mut grad_sum = DMatrix::zeros(d + 1, k);
     for (c, mut col) in grad_sum.column_iter_mut().enumerate() {
         let r = r_sum.get(c).copied().unwrap_or(0.0);
-        for (j, ((g, &m), &sd)) in col.iter_mut().zip(&std.mean).zip(&std.std).enumerate() {
+        for (j, g) in col.iter_mut().enumerate().take(d) {
             let sjc = s.get(at(j, c)).copied().unwrap_or(0.0);
-            *g = if identity { sjc } else { (sjc - m * r) / sd };
+            *g = if identity {
+                sjc
+            } else {
+                let (m, sd) = mean_std(std, j);
+                (sjc - m * r) / sd
+            };
         }
         if let Some(g) = col.get_mut(d) {
             *g = r;
@@ -351,7 +365,8 @@ fn effective_weights(
     let mut bias = vec![0.0; k];
     for (c, col) in params.column_iter().enumerate() {
         let mut shift = 0.0;
-        for (j, ((&p, &m), &sd)) in col.iter().zip(&std.mean).zip(&std.std).enumerate() {
+        for (j, &p) in col.iter().enumerate().take(d) {
+            let (m, sd) = mean_std(std, j);
             let w = if identity { p } else { p / sd };
             if let Some(slot) = weights.get_mut(at(j, c)) {
                 *slot = w;

@@ -254,6 +254,16 @@ fn sparse_loss_refuses_bad_input() {
         err,
         Err(ModelError::ParamShape { want_rows: 11, .. })
     ));
+    // No means and no deviations at all is the identity, not a shape error.
+    let none = Standardizer {
+        mean: Vec::new(),
+        std: Vec::new(),
+    };
+    let weights = DMatrix::from_fn(11, 1, |r, _| r as f64 * 0.1 - 0.4);
+    assert_eq!(
+        loss_and_grad_rows(kind, &weights, &none, &csr, y, &[0, 3, 5]).unwrap(),
+        loss_and_grad_rows(kind, &weights, &std, &csr, y, &[0, 3, 5]).unwrap()
+    );
     let short = identity(9);
     let err = loss_and_grad_rows(kind, &params, &short, &csr, y, &[0]);
     assert!(matches!(

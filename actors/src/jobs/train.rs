@@ -158,7 +158,11 @@ impl TrainJob {
                 std: b[1 + np + d..].to_vec(),
             }
         } else {
-            identity(d)
+            // No means or deviations: the identity, without a vector per task.
+            Standardizer {
+                mean: Vec::new(),
+                std: Vec::new(),
+            }
         };
         Ok((outputs, params, std))
     }
@@ -462,14 +466,6 @@ impl Job for TrainJob {
             obj.insert("losses".into(), serde_json::json!(s.losses.clone()));
         }
         Ok(v)
-    }
-}
-
-/// The identity standardisation of `d` features.
-fn identity(d: usize) -> Standardizer {
-    Standardizer {
-        mean: vec![0.0; d],
-        std: vec![1.0; d],
     }
 }
 
