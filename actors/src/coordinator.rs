@@ -170,6 +170,23 @@ struct Coordinator<'a> {
     driver: Box<dyn JobDriver>,
     step: u64,
     map_rx: watch::Receiver<Arc<ClusterMap>>,
+    /// Parameter-server jobs: the tables' generation (above every earlier coordinator's: its
+    /// high bits are the coordinator shard's epoch) and the train step it starts from.
+    gen: u64,
+    base: u64,
+    /// Parameter-server jobs: every shard's epoch when this generation started (empty until
+    /// the first step of a generation reads them; always empty for other jobs).
+    gen_epochs: Vec<u64>,
+    /// Whether the job keeps its model in the shards' parameter tables.
+    params: bool,
+}
+
+/// What one step's scatter gave.
+enum Scattered {
+    /// Every shard's partial, merged.
+    Done(ExactSum),
+    /// A parameter table's rows were lost with its owner: roll back.
+    Lost,
 }
 
 impl<'a> Coordinator<'a> {
@@ -206,6 +223,7 @@ impl<'a> Coordinator<'a> {
             .exec
             .job(&rec.id, &rec.spec, ds)
             .map_err(|e| Stop::Failed(e.to_string()))?;
+        let params = job.param_model().is_some();
         let mut driver = job.driver();
         let mut step = 0;
         let ckpts = ctx
@@ -229,6 +247,11 @@ impl<'a> Coordinator<'a> {
                 Err(e) => warn!(job = %rec.id, %key, error = %e, "unreadable checkpoint skipped"),
             }
         }
+        let epoch = map
+            .shards
+            .get(rec.coordinator_shard as usize)
+            .map_or(0, |a| a.epoch);
+        let base = driver.base();
         Ok(Coordinator {
             ctx,
             rec: rec.clone(),
@@ -236,6 +259,10 @@ impl<'a> Coordinator<'a> {
             driver,
             step,
             map_rx: ctx.control.map(),
+            gen: epoch << 20,
+            base,
+            gen_epochs: Vec::new(),
+            params,
         })
     }
 
@@ -318,11 +345,26 @@ impl<'a> Coordinator<'a> {
         while let Some(task) = self.driver.next_task() {
             self.check()?;
             let started = Instant::now();
-            let merged = self.scatter(&task).await?;
+            let merged = match self.scatter(&task).await? {
+                Scattered::Done(m) => m,
+                Scattered::Lost => {
+                    self.base = self.driver.rollback();
+                    self.gen += 1;
+                    self.gen_epochs.clear();
+                    metrics::counter!(m::JOB_ROLLBACKS).increment(1);
+                    info!(job = %self.rec.id, base = self.base, gen = self.gen, "parameter rows lost with a shard's owner; rolled back to the saved tables");
+                    continue;
+                }
+            };
             let rep = self
                 .driver
                 .reduce(&task, merged.to_partial())
                 .map_err(|e| Stop::Failed(e.to_string()))?;
+            // Tables saved: a rollback now goes back only to here, and a new coordinator must
+            // resume from a state that knows it.
+            let saved = self.driver.base();
+            let tables_saved = saved != self.base;
+            self.base = saved;
             self.step += 1;
             window_rows += rep.rows;
             loss = rep.loss.or(loss);
@@ -333,7 +375,7 @@ impl<'a> Coordinator<'a> {
             if let Some(l) = rep.loss {
                 metrics::gauge!(m::JOB_LOSS, "kind" => kind).set(l);
             }
-            let ckpt = self.step % self.spec.checkpoint_every == 0;
+            let ckpt = self.step % self.spec.checkpoint_every == 0 || tables_saved;
             if ckpt {
                 self.checkpoint().await?;
             }
@@ -379,7 +421,7 @@ impl<'a> Coordinator<'a> {
     }
 
     /// One step over every shard: returns the exact merge of all shards' partials.
-    async fn scatter(&mut self, task: &Task) -> Result<ExactSum, Stop> {
+    async fn scatter(&mut self, task: &Task) -> Result<Scattered, Stop> {
         let shards = self.ctx.router.map().shard_count();
         let mut pending: BTreeSet<u32> = (0..shards).collect();
         let mut acc = ExactSum::default();
@@ -393,10 +435,20 @@ impl<'a> Coordinator<'a> {
             .map_err(|e| Stop::Failed(format!("step {}: {e}", self.step)))?;
         loop {
             if pending.is_empty() {
-                return Ok(acc);
+                return Ok(Scattered::Done(acc));
             }
             self.check()?;
             let map = self.map_rx.borrow_and_update().clone();
+            if self.params {
+                let epochs: Vec<u64> = map.shards.iter().map(|a| a.epoch).collect();
+                if self.gen_epochs.is_empty() {
+                    self.gen_epochs = epochs;
+                } else if epochs != self.gen_epochs {
+                    // A table moved since the generation began: whatever its new owner holds
+                    // is not the generation's (invariant 6 for the parameter server).
+                    return Ok(Scattered::Lost);
+                }
+            }
             let this = &*self;
             let mut by_node: BTreeMap<String, Vec<ShardEpoch>> = BTreeMap::new();
             for &s in &pending {
@@ -421,6 +473,9 @@ impl<'a> Coordinator<'a> {
                     phase: task.phase,
                     shards: list.clone(),
                     broadcast: task.broadcast.clone(),
+                    gen: this.gen,
+                    base: this.base,
+                    epochs: this.gen_epochs.clone(),
                 };
                 let map_rx = this.map_rx.clone();
                 async move {
@@ -439,6 +494,9 @@ impl<'a> Coordinator<'a> {
                     Some(Ok(p)) => {
                         if let Some(e) = p.error {
                             return Err(Stop::Failed(e));
+                        }
+                        if p.lost {
+                            return Ok(Scattered::Lost);
                         }
                         let done: BTreeSet<u32> = p.done.iter().copied().collect();
                         let valid = done.len() == p.done.len()

@@ -98,6 +98,19 @@ struct ChunkArg {
     id: String,
     offset: u64,
     length: u64,
+    /// A parameter-server job's stored parts instead of the result document:
+    /// `{"table": SHARD}` (the shard's final saved table) or `{"export": SHARD}`.
+    #[serde(default)]
+    table: Option<u32>,
+    #[serde(default)]
+    export: Option<u32>,
+}
+
+/// A stored part of a parameter-server job's model.
+#[derive(Debug, Clone, Copy)]
+enum Part {
+    Table(u32),
+    Export(u32),
 }
 
 /// The last result read for chunked fetches (one entry: fetching a result is sequential).
@@ -317,6 +330,57 @@ impl JobAdmin {
         Ok(bytes)
     }
 
+    /// A parameter-server job's saved table or export of `shard` (cached like the result).
+    async fn part_blob(
+        &self,
+        id: &str,
+        offset: u64,
+        part: Part,
+        map: &ClusterMap,
+    ) -> Result<Bytes, AdminError> {
+        let (shard, what) = match part {
+            Part::Table(s) => (s, "table"),
+            Part::Export(s) => (s, "export"),
+        };
+        if shard >= map.shard_count() {
+            return Err(bad(format!(
+                "no shard {shard} (the cluster has {})",
+                map.shard_count()
+            )));
+        }
+        let cache_id = format!("{id}\u{0}{what}{shard}");
+        if offset > 0 {
+            if let Some((cached, bytes)) = self.result.lock().as_ref() {
+                if *cached == cache_id {
+                    return Ok(bytes.clone());
+                }
+            }
+        }
+        let key = match part {
+            Part::Table(s) => {
+                // The newest save is the final one once the job succeeded.
+                let saves = self
+                    .store
+                    .list_blobs(&crate::jobs::ps::shard_tables_prefix(id, s))
+                    .await
+                    .map_err(internal)?;
+                saves
+                    .into_iter()
+                    .max()
+                    .ok_or_else(|| not_found(format!("job {id} has no saved table of shard {s}")))?
+            }
+            Part::Export(s) => crate::jobs::ps::export_key(id, s),
+        };
+        let bytes = self
+            .store
+            .get_blob(&key)
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| not_found(format!("job {id} has no {what} of shard {shard}")))?;
+        *self.result.lock() = Some((cache_id, bytes.clone()));
+        Ok(bytes)
+    }
+
     /// `[total size: u64 LE][bytes offset..offset+n]`, `n` capped to fit a frame.
     async fn result_chunk(&self, a: ChunkArg) -> Result<Vec<u8>, AdminError> {
         let map = self
@@ -327,7 +391,18 @@ impl JobAdmin {
             Some(JobState::Succeeded) => {}
             Some(s) => return Err(bad(format!("job {} is {}, no result", a.id, s.as_str()))),
         }
-        let blob = self.result_blob(&a.id, a.offset).await?;
+        let blob = match (a.table, a.export) {
+            (None, None) => self.result_blob(&a.id, a.offset).await?,
+            (Some(shard), None) => {
+                self.part_blob(&a.id, a.offset, Part::Table(shard), &map)
+                    .await?
+            }
+            (None, Some(shard)) => {
+                self.part_blob(&a.id, a.offset, Part::Export(shard), &map)
+                    .await?
+            }
+            (Some(_), Some(_)) => return Err(bad("ask for a table or an export, not both")),
+        };
         let total = blob.len() as u64;
         if a.offset > total {
             return Err(bad(format!(

@@ -17,7 +17,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use parking_lot::Mutex;
 use tidepool_runtime::admission::{self, Limits};
-use tidepool_runtime::codec::{JobPartial, JobTask};
+use tidepool_runtime::codec::{JobPartial, JobTask, ParamPull, ParamPush, ParamReply, ParamStatus};
 use tidepool_runtime::config::NodeConfig;
 use tidepool_runtime::control::{DatasetRecord, DatasetSource};
 use tidepool_runtime::csr::{CsrRows, SparsePartition};
@@ -29,9 +29,13 @@ use tidepool_runtime::partition_file::PartitionFileWriter;
 use tidepool_runtime::storage::Store;
 use tracing::{debug, warn};
 
+mod ps_step;
+
 use crate::admin_checks;
 use crate::jobs::job::{sums_to_wire, ExactSum, JobError, ShardData, Task};
+use crate::jobs::ps::ParamPhase;
 use crate::jobs::registry::{self, ErasedJob};
+use crate::params::ParamServer;
 use crate::router::Router;
 use crate::spill::{self, SpillDir};
 use crate::worker::WorkerPool;
@@ -223,6 +227,14 @@ struct Mapped {
     error: Option<String>,
 }
 
+fn not_params(job: &str) -> ParamReply {
+    ParamReply {
+        status: ParamStatus::Refused,
+        message: format!("job {job:?} is not a parameter-server job"),
+        values: Vec::new(),
+    }
+}
+
 /// A job, built once per (job id, spec).
 type BuiltJob = (String, Arc<dyn ErasedJob>);
 
@@ -237,6 +249,8 @@ pub struct JobExecutor {
     spill: Option<SpillDir>,
     cache: Mutex<Cache>,
     jobs: Mutex<HashMap<String, BuiltJob>>,
+    /// The parameter tables of the shards this node owns.
+    params: ParamServer,
 }
 
 impl std::fmt::Debug for JobExecutor {
@@ -257,6 +271,7 @@ fn refuse_all(task: &JobTask, error: Option<String>) -> JobPartial {
         min: Vec::new(),
         max: Vec::new(),
         error,
+        lost: false,
     }
 }
 
@@ -273,7 +288,9 @@ impl JobExecutor {
         } else {
             threads
         };
+        let budget = JobLimits::default().admission.memory_budget_bytes;
         JobExecutor {
+            params: ParamServer::new(router.clone(), store.clone(), budget),
             router,
             store,
             pool: WorkerPool::with_meter(threads, threads * 4, meter),
@@ -290,6 +307,11 @@ impl JobExecutor {
     /// too: the other half is for the partitions being mapped, the model and the messages).
     pub fn with_limits(mut self, limits: JobLimits) -> Self {
         self.limits = limits;
+        self.params = ParamServer::new(
+            self.router.clone(),
+            self.store.clone(),
+            limits.admission.memory_budget_bytes,
+        );
         let budget = usize::try_from(limits.admission.memory_budget_bytes).unwrap_or(usize::MAX);
         self.cap_bytes = self.cap_bytes.min(budget / 2);
         self
@@ -350,14 +372,22 @@ impl JobExecutor {
                 refused.push(se.shard);
             }
         }
-        let t = Task {
+        let t = Arc::new(Task {
             phase: task.phase,
             broadcast: task.broadcast.clone(),
-        };
-        let mapped = match self
-            .map_all(&ds, job, task.step, Arc::new(t), serving)
-            .await
-        {
+        });
+        match job.param_model().map(|m| m.phase(&t)) {
+            Some(ParamPhase::Train { step }) => {
+                let assigned = ps_step::Assigned { serving, refused };
+                return self.ps_train(&task, &ds, job, t, step, assigned).await;
+            }
+            Some(ParamPhase::Save { step, last }) => {
+                let assigned = ps_step::Assigned { serving, refused };
+                return self.ps_save(&task, &ds, job, (step, last), assigned).await;
+            }
+            _ => {}
+        }
+        let mapped = match self.map_all(&ds, job, task.step, t, serving).await {
             Ok(m) => m,
             Err(budget) => return refuse_all(&task, Some(budget)),
         };
@@ -384,6 +414,7 @@ impl JobExecutor {
                 min: Vec::new(),
                 max: Vec::new(),
                 error: Some(format!("job {}: {e}", task.job)),
+                lost: false,
             };
         }
         JobPartial {
@@ -395,7 +426,55 @@ impl JobExecutor {
             min: acc.min,
             max: acc.max,
             error,
+            lost: false,
         }
+    }
+
+    /// Answers a parameter pull from a worker (here or on another node).
+    pub async fn param_pull(&self, req: ParamPull) -> ParamReply {
+        match self.param_job(&req.job) {
+            Ok(job) => match job.param_model() {
+                Some(model) => self.params.pull(model, &req).await,
+                None => not_params(&req.job),
+            },
+            Err(reply) => reply,
+        }
+    }
+
+    /// Answers a parameter push from a worker (here or on another node).
+    pub async fn param_push(&self, req: ParamPush) -> ParamReply {
+        match self.param_job(&req.job) {
+            Ok(job) => match job.param_model() {
+                Some(model) => self.params.push(model, &req).await,
+                None => not_params(&req.job),
+            },
+            Err(reply) => reply,
+        }
+    }
+
+    /// The runnable job `id` from the replicated map (its spec and dataset).
+    fn param_job(&self, id: &str) -> Result<Arc<dyn ErasedJob>, ParamReply> {
+        let map = self.router.map();
+        let refuse = |status, message: String| ParamReply {
+            status,
+            message,
+            values: Vec::new(),
+        };
+        let Some(rec) = map.jobs.get(id) else {
+            // Our map may be behind the worker's: retryable.
+            return Err(refuse(
+                ParamStatus::NotOwner,
+                format!("no job {id:?} here yet"),
+            ));
+        };
+        let Some(ds) = map.datasets.get(&rec.dataset) else {
+            return Err(refuse(
+                ParamStatus::NotOwner,
+                format!("no dataset {:?} here yet", rec.dataset),
+            ));
+        };
+        self.job(id, &rec.spec, ds)
+            .map_err(|e| refuse(ParamStatus::Refused, e.to_string()))
     }
 
     /// Maps `shards` on the worker pool: the shards split over its threads, each thread's
@@ -486,6 +565,9 @@ impl JobExecutor {
             .values()
             .map(|d| cache_key(d, 0).0)
             .collect();
+        let jobs: std::collections::HashSet<String> =
+            self.router.map().jobs.keys().cloned().collect();
+        self.params.evict(&owned, &|j| jobs.contains(j));
         let mut c = self.cache.lock();
         let before = c.entries.len();
         c.entries

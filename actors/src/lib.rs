@@ -20,6 +20,8 @@
 //! - [`load`]: the node's load signals (utilisation, backlog, mailboxes, QUIC stats).
 //! - [`audit`]: the audit log of admin requests.
 //! - [`job_exec`]: a node's side of a job step: map its shards, pre-sum, reply; partition cache.
+//! - [`params`]: the parameter tables of the shards a node owns (pulls, pushes, saves, loads);
+//!   the worker's side of a parameter-server step is in `job_exec`.
 //! - [`spill`]: partition files on local disk, memory-mapped (more data than memory).
 //! - [`coordinator`]: the JobCoordinator of one job, on the owner of its coordinator shard.
 //! - [`job_admin`]: dataset import / job admin requests, and the manager that runs coordinators.
@@ -43,6 +45,7 @@ pub mod leader;
 pub mod load;
 pub mod node;
 pub mod ownership_log;
+pub mod params;
 pub mod restart;
 pub use tidepool_runtime::restore;
 pub mod router;

@@ -8,7 +8,7 @@ use std::time::Instant;
 use tidepool_runtime::certs::Identity;
 use tidepool_runtime::codec::{
     AdminOp, AutoscaleInfo, ControlKind, DatasetPart, ErrorCode, JobPartial, JobTask, MemberInfo,
-    MembershipOp, StatusInfo,
+    MembershipOp, ParamPull, ParamPush, ParamReply, StatusInfo,
 };
 use tidepool_runtime::control::{Command, ControlPlane, MemberState, RpcKind};
 use tidepool_runtime::metrics as m;
@@ -273,5 +273,13 @@ impl Services {
     pub async fn job_task(&self, task: JobTask) -> JobPartial {
         let exec = self.exec.clone();
         exec.run(task).await
+    }
+
+    pub async fn param_pull(&self, req: ParamPull) -> ParamReply {
+        self.exec.param_pull(req).await
+    }
+
+    pub async fn param_push(&self, req: ParamPush) -> ParamReply {
+        self.exec.param_push(req).await
     }
 }

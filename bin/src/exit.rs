@@ -20,7 +20,7 @@ pub enum Exit {
     Usage,
     /// No node answered: the connection to every address failed.
     Unreachable,
-    /// What the command names does not exist: job id, dataset, member.
+    /// What the command names does not exist: job id, dataset, member, a model's user.
     NotFound,
     /// The cluster refused: the certificate's role may not do it, or the request clashes with
     /// the cluster's state (a dataset name already taken, a bad request).
@@ -70,7 +70,7 @@ impl Exit {
             Exit::Error => "error (anything not listed below)",
             Exit::Usage => "usage: the command line did not parse",
             Exit::Unreachable => "unreachable: no node answered",
-            Exit::NotFound => "not found: no such job, dataset or member",
+            Exit::NotFound => "not found: no such job, dataset, member or model user",
             Exit::Refused => "refused: by role, or by the cluster (e.g. dataset name taken)",
             Exit::JobFailed => {
                 "the job or import ended failed (job watch, job submit --wait, dataset import)"

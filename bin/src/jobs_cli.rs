@@ -497,46 +497,113 @@ pub async fn cancel(client: &ClusterClient, id: &str) -> Result<()> {
 /// Bytes asked for per result chunk (a node may answer fewer, to fit its frame cap).
 pub const RESULT_CHUNK_BYTES: u64 = 4 << 20;
 
-/// A finished job's result document exactly as the coordinator stored it, fetched in chunks
-/// (`job_result_chunk`), so results larger than a frame come through.
-pub async fn result_bytes(client: &ClusterClient, id: &str) -> Result<Vec<u8>> {
+/// A stored part of a finished job, fetched in chunks (`job_result_chunk`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ResultPart {
+    /// The result document.
+    Document,
+    /// A parameter-server job's final saved table of parameter shard `s` (an rkyv
+    /// `ParamSnapshot`).
+    Table(u32),
+    /// Data shard `s`'s export (mf: its sorted distinct (user, item) pairs, 8 bytes each).
+    Export(u32),
+}
+
+impl std::fmt::Display for ResultPart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResultPart::Document => write!(f, "result"),
+            ResultPart::Table(s) => write!(f, "table of shard {s}"),
+            ResultPart::Export(s) => write!(f, "export of shard {s}"),
+        }
+    }
+}
+
+/// Where the parts of a finished job come from: the cluster ([`ClusterParts`]) or, in tests,
+/// memory.
+// Used only with concrete types in this crate, never as `dyn`; no Send bound needed.
+#[allow(async_fn_in_trait)]
+pub trait PartSource {
+    /// The part's total size and its bytes from `offset`: at most `length`, fewer if the source
+    /// caps its replies, none only at the end.
+    async fn chunk(&self, part: ResultPart, offset: u64, length: u64) -> Result<(u64, Vec<u8>)>;
+}
+
+/// The parts of job `id` in the cluster that `client` talks to.
+#[derive(Debug, Clone, Copy)]
+pub struct ClusterParts<'a> {
+    pub client: &'a ClusterClient,
+    pub id: &'a str,
+}
+
+impl PartSource for ClusterParts<'_> {
+    async fn chunk(&self, part: ResultPart, offset: u64, length: u64) -> Result<(u64, Vec<u8>)> {
+        part_chunk(self.client, self.id, part, offset, length).await
+    }
+}
+
+/// One `job_result_chunk` request: the total size of `part` of job `id` and its bytes from
+/// `offset` (at most `length`; a node answers fewer to fit its frame cap).
+pub async fn part_chunk(
+    client: &ClusterClient,
+    id: &str,
+    part: ResultPart,
+    offset: u64,
+    length: u64,
+) -> Result<(u64, Vec<u8>)> {
+    let mut arg = serde_json::json!({ "id": id, "offset": offset, "length": length });
+    match part {
+        ResultPart::Document => {}
+        ResultPart::Table(s) => arg["table"] = s.into(),
+        ResultPart::Export(s) => arg["export"] = s.into(),
+    }
+    let mut reply = client.admin(AdminOp::JobResultChunk, &arg).await?;
+    let Some(head) = reply.first_chunk::<RESULT_CHUNK_HEADER>() else {
+        bail!(
+            "job {id}: {part} chunk reply of {} bytes has no header",
+            reply.len()
+        );
+    };
+    let size = u64::from_le_bytes(*head);
+    reply.drain(..RESULT_CHUNK_HEADER);
+    Ok((size, reply))
+}
+
+/// Part `part` of a job, whole, assembled from chunks of [`RESULT_CHUNK_BYTES`] (so parts
+/// larger than a frame come through); `what` names it in errors.
+pub async fn fetch_part(src: &impl PartSource, part: ResultPart, what: &str) -> Result<Vec<u8>> {
     let mut out = Vec::new();
     let mut total = None;
     loop {
         let offset = out.len() as u64;
-        let reply = client
-            .admin(
-                AdminOp::JobResultChunk,
-                &serde_json::json!({ "id": id, "offset": offset, "length": RESULT_CHUNK_BYTES }),
-            )
-            .await?;
-        let Some((head, data)) = reply.split_first_chunk::<RESULT_CHUNK_HEADER>() else {
-            bail!(
-                "job {id}: result chunk reply of {} bytes has no header",
-                reply.len()
-            );
-        };
-        let size = u64::from_le_bytes(*head);
+        let (size, data) = src.chunk(part, offset, RESULT_CHUNK_BYTES).await?;
         match total {
             None => {
                 total = Some(size);
                 // Reserve only what a reply has shown exists, never a size read off the wire.
                 out.reserve(data.len());
             }
-            Some(t) if t != size => bail!("job {id}: result changed size ({t} -> {size})"),
+            Some(t) if t != size => bail!("{what}: {part} changed size ({t} -> {size})"),
             Some(_) => {}
         }
-        out.extend_from_slice(data);
+        out.extend_from_slice(&data);
         if out.len() as u64 > size {
-            bail!("job {id}: got {} bytes of a {size}-byte result", out.len());
+            bail!("{what}: got {} bytes of a {size}-byte {part}", out.len());
         }
         if out.len() as u64 == size {
             return Ok(out);
         }
         if data.is_empty() {
-            bail!("job {id}: empty chunk at offset {offset} of {size}");
+            bail!("{what}: empty chunk at offset {offset} of the {size}-byte {part}");
         }
     }
+}
+
+/// A finished job's result document exactly as the coordinator stored it, fetched in chunks
+/// (`job_result_chunk`), so results larger than a frame come through.
+pub async fn result_bytes(client: &ClusterClient, id: &str) -> Result<Vec<u8>> {
+    let src = ClusterParts { client, id };
+    fetch_part(&src, ResultPart::Document, &format!("job {id}")).await
 }
 
 /// A finished job's result document (the model for training jobs).

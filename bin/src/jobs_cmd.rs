@@ -7,11 +7,12 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Subcommand;
 
+use tidepool_actors::jobs::model_dir::MF_KIND;
 use tidepool_runtime::client::ClusterClient;
 
 use crate::conn::{connect, Conn};
 use crate::exit::CliError;
-use crate::{import_watch, job_watch, jobs_cli};
+use crate::{import_watch, job_watch, jobs_cli, mf_dir, ratings_csv};
 
 #[derive(Subcommand, Debug)]
 pub enum DatasetCmd {
@@ -109,9 +110,12 @@ pub enum DatasetCmd {
         #[command(flatten)]
         conn: Conn,
     },
-    /// Write a built-in dataset (breast_cancer, digits) as DIR/train.csv and DIR/test.csv.
+    /// Write a built-in dataset (breast_cancer, digits, ratings) as DIR/train.csv and
+    /// DIR/test.csv. `ratings` is synthetic (user,item,rating; label `rating`: the data of an
+    /// `mf` job): a planted low-rank structure plus noise, shaped by --users, --items,
+    /// --ratings, --rank, --noise and --data-seed.
     Builtin {
-        /// breast_cancer or digits.
+        /// breast_cancer, digits or ratings.
         name: String,
         /// Directory to write train.csv and test.csv into.
         #[arg(long)]
@@ -122,6 +126,24 @@ pub enum DatasetCmd {
         /// Seed of the train/test shuffle.
         #[arg(long, default_value_t = 7)]
         seed: u64,
+        /// (ratings) User ids 0..N [default: 2000].
+        #[arg(long)]
+        users: Option<u64>,
+        /// (ratings) Item ids 0..N [default: 500].
+        #[arg(long)]
+        items: Option<u64>,
+        /// (ratings) Ratings generated, before the split [default: 100000].
+        #[arg(long)]
+        ratings: Option<usize>,
+        /// (ratings) Rank of the planted structure [default: 8].
+        #[arg(long)]
+        rank: Option<usize>,
+        /// (ratings) Standard deviation of the noise on each rating [default: 0.1].
+        #[arg(long)]
+        noise: Option<f64>,
+        /// (ratings) Seed of the generated ratings (--seed seeds the split) [default: 42].
+        #[arg(long)]
+        data_seed: Option<u64>,
         /// Print `{"train": PATH, "test": PATH, "train_rows": N, "test_rows": N}`.
         #[arg(long)]
         json: bool,
@@ -177,7 +199,8 @@ pub enum JobCmd {
         id: String,
         /// Write it here instead of stdout (`--json` then prints `{"id", "out"}`): a path ending
         /// in `.json` gets the result document as stored; any other path is a model directory
-        /// (`manifest.json` and `model.safetensors`; training and k-means jobs).
+        /// (`manifest.json` and `model.safetensors`; training, k-means and mf jobs: an mf
+        /// model is streamed from the cluster's tables shard by shard).
         #[arg(long)]
         out: Option<PathBuf>,
         #[command(flatten)]
@@ -208,6 +231,16 @@ async fn watch(
         state: rec.state,
     }
     .into())
+}
+
+/// The label column of dataset `name`, if the cluster still has it.
+async fn dataset_label(client: &ClusterClient, name: &str) -> Option<String> {
+    let datasets = jobs_cli::list_datasets(client).await.ok()?;
+    datasets
+        .into_iter()
+        .find(|d| d.name == name)
+        .map(|d| d.label)
+        .filter(|l| !l.is_empty())
 }
 
 fn print_json(v: &serde_json::Value) -> Result<()> {
@@ -429,8 +462,41 @@ pub async fn dataset(cmd: DatasetCmd) -> Result<()> {
             out,
             test_fraction,
             seed,
+            users,
+            items,
+            ratings,
+            rank,
+            noise,
+            data_seed,
             json,
-        } => crate::predict::builtin_main(&name, &out, test_fraction, seed, json),
+        } => {
+            if name == ratings_csv::NAME {
+                let d = ratings_csv::RatingsOptions::default();
+                let opts = ratings_csv::RatingsOptions {
+                    users: users.unwrap_or(d.users),
+                    items: items.unwrap_or(d.items),
+                    ratings: ratings.unwrap_or(d.ratings),
+                    rank: rank.unwrap_or(d.rank),
+                    noise: noise.unwrap_or(d.noise),
+                    data_seed: data_seed.unwrap_or(d.data_seed),
+                };
+                return ratings_csv::builtin_main(&out, &opts, test_fraction, seed, json);
+            }
+            let ratings_only = users.is_some()
+                || items.is_some()
+                || ratings.is_some()
+                || rank.is_some()
+                || noise.is_some()
+                || data_seed.is_some();
+            if ratings_only {
+                anyhow::bail!(
+                    "--users, --items, --ratings, --rank, --noise and --data-seed apply only to \
+                     the {} dataset",
+                    ratings_csv::NAME
+                );
+            }
+            crate::predict::builtin_main(&name, &out, test_fraction, seed, json)
+        }
     }
 }
 
@@ -495,8 +561,24 @@ pub async fn job(cmd: JobCmd) -> Result<()> {
             match out {
                 Some(dir) if crate::model_dir::is_dir_path(&dir) => {
                     let doc: serde_json::Value = serde_json::from_slice(&bytes)?;
-                    let spec = jobs_cli::status(&client, &id).await.ok().map(|r| r.spec);
-                    let tensors = crate::model_dir::write(&dir, &doc, &id, spec)?;
+                    drop(bytes);
+                    let record = jobs_cli::status(&client, &id).await.ok();
+                    let tensors = if doc.get("kind").and_then(|k| k.as_str()) == Some(MF_KIND) {
+                        // The model is in the cluster's tables: streamed shard by shard.
+                        let label = match &record {
+                            Some(r) => dataset_label(&client, &r.dataset).await,
+                            None => None,
+                        };
+                        let label = label.unwrap_or_else(|| mf_dir::DEFAULT_LABEL.to_string());
+                        let src = jobs_cli::ClusterParts {
+                            client: &client,
+                            id: &id,
+                        };
+                        let spec = record.map(|r| r.spec);
+                        mf_dir::write(&dir, &doc, &id, spec, &label, &src).await?
+                    } else {
+                        crate::model_dir::write(&dir, &doc, &id, record.map(|r| r.spec))?
+                    };
                     if conn.json {
                         print_json(
                             &serde_json::json!({ "id": id, "out": dir, "tensors": tensors }),

@@ -23,6 +23,10 @@
 //! - [`starve`]: CPU starvation of node processes (cgroup quotas, SIGSTOP stalls): chaos F11 and
 //!   `TIDEPOOL_TEST_STARVE`.
 //! - [`predict`]: `tidepool predict` and `tidepool dataset builtin`.
+//! - [`mf_dir`], [`mf_model`], [`mf_predict`], [`recommend`]: matrix-factorisation model
+//!   directories: streamed from the cluster (`job result --out`), read by range, `predict`
+//!   and `tidepool recommend`; [`safetensors_file`]: the safetensors format written in place.
+//! - [`ratings_csv`]: `tidepool dataset builtin ratings`: synthetic ratings as CSV.
 
 pub mod admin;
 pub mod bench;
@@ -51,9 +55,15 @@ pub mod kv_demo;
 pub mod local_cluster;
 pub mod logging;
 pub mod members_cmd;
+pub mod mf_dir;
+pub mod mf_model;
+pub mod mf_predict;
 pub mod model_dir;
 pub mod netns;
 pub mod ports;
 pub mod predict;
+pub mod ratings_csv;
+pub mod recommend;
+pub mod safetensors_file;
 pub mod starve;
 pub mod workload;

@@ -95,17 +95,41 @@ enum Cmd {
     #[command(subcommand)]
     Config(ConfigCmd),
     /// Run a trained model (from `job result --out`) on a CSV: predictions, accuracy or RMSE.
+    /// A matrix-factorisation model directory reads its user and item id columns by name and
+    /// reports the RMSE (`{"rows", "rmse"}`); ids beyond the model predict the mean rating.
     Predict {
-        /// The model file (`job result --out`).
+        /// The model file or directory (`job result --out`).
         #[arg(long)]
         model: PathBuf,
         /// The CSV to predict on (header row; feature columns matched by name).
         #[arg(long)]
         data: PathBuf,
-        /// Label column (default: the model's label, when the CSV has it).
+        /// Label column (default: the model's label, when the CSV has it; mf models need it).
         #[arg(long)]
         label: Option<String>,
         /// Print one JSON document (`{"rows", "accuracy"}` or `{"rows", "rmse"}`).
+        #[arg(long)]
+        json: bool,
+    },
+    /// The items a matrix-factorisation model (`job result ID --out DIR` of an mf job) scores
+    /// highest for a user, leaving out those the user rated in training: score `mu + user .
+    /// item`, ties to the smaller item id. Prints `ITEM SCORE` lines. A user beyond the model
+    /// exits with the not-found code.
+    Recommend {
+        /// The model directory (`job result ID --out DIR` of an mf job).
+        #[arg(long)]
+        model: PathBuf,
+        /// The user id.
+        #[arg(long)]
+        user: u64,
+        /// How many items to print.
+        #[arg(
+            long,
+            default_value_t = 10,
+            value_parser = clap::value_parser!(u64).range(1..=tidepool_actors::jobs::mf::MAX_ID)
+        )]
+        top: u64,
+        /// Print one JSON document `{"user": ID, "items": [{"item": I, "score": S}, ...]}`.
         #[arg(long)]
         json: bool,
     },
@@ -646,6 +670,17 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             label,
             json,
         } => tidepool::predict::predict_main(&model, &data, label.as_deref(), json),
+        Cmd::Recommend {
+            model,
+            user,
+            top,
+            json,
+        } => tidepool::recommend::recommend_main(
+            &model,
+            user,
+            usize::try_from(top).unwrap_or(usize::MAX),
+            json,
+        ),
         Cmd::Cluster(ClusterCmd::Status(c)) => cluster_status(c).await,
         Cmd::Cluster(ClusterCmd::Shards(c)) => cluster_shards(c).await,
         Cmd::Cluster(ClusterCmd::Drain { node, conn, wait }) => {

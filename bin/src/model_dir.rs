@@ -32,13 +32,23 @@ pub fn write(
     Ok(md.manifest.tensors.keys().cloned().collect())
 }
 
+/// The manifest of model directory `dir`.
+pub fn read_manifest(dir: &Path) -> Result<Manifest> {
+    let path = dir.join(MANIFEST);
+    let bytes = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_slice(&bytes)
+        .with_context(|| format!("{}: not a model manifest", path.display()))
+}
+
+/// Whether `dir` is a matrix-factorisation model directory (its manifest says kind `mf`).
+pub fn is_mf(dir: &Path) -> bool {
+    dir.is_dir()
+        && read_manifest(dir).is_ok_and(|m| m.kind == tidepool_actors::jobs::model_dir::MF_KIND)
+}
+
 /// The linear / logistic / softmax model in directory `dir`.
 pub fn read(dir: &Path) -> Result<ModelFile> {
-    let manifest: Manifest = serde_json::from_slice(
-        &std::fs::read(dir.join(MANIFEST))
-            .with_context(|| format!("cannot read {}", dir.join(MANIFEST).display()))?,
-    )
-    .with_context(|| format!("{}: not a model manifest", dir.display()))?;
+    let manifest = read_manifest(dir)?;
     let tensors = std::fs::read(dir.join(TENSORS))
         .with_context(|| format!("cannot read {}", dir.join(TENSORS).display()))?;
     model_dir::to_model_file(&manifest, &tensors)

@@ -9,6 +9,9 @@
 //!
 //! `--json` prints the stable shape the README documents, `{"rows": 320, "accuracy": 0.95}` (or
 //! `"rmse"`), plus `"predictions"`, one per row in file order.
+//!
+//! A matrix-factorisation model directory (`kind` `mf`) predicts from user and item ids
+//! instead: [`crate::mf_predict`] (`{"rows", "rmse"}`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,13 +57,22 @@ struct PredictData {
 /// Maps byte offsets of record starts to 1-based line numbers (the csv reader's own line count
 /// does not count blank lines). Offsets must be queried in non-decreasing order.
 #[derive(Debug)]
-struct Lines<'a> {
+pub(crate) struct Lines<'a> {
     bytes: &'a [u8],
     offset: usize,
     line: u64,
 }
 
-impl Lines<'_> {
+impl<'a> Lines<'a> {
+    /// Line numbers of `bytes`, from line 1.
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
+        Lines {
+            bytes,
+            offset: 0,
+            line: 1,
+        }
+    }
+
     fn at(&mut self, offset: u64) -> u64 {
         let mut target = usize::try_from(offset)
             .unwrap_or(usize::MAX)
@@ -85,7 +97,7 @@ impl Lines<'_> {
 }
 
 /// Reads the next record; `None` at the end, else the line it starts on.
-fn next_record(
+pub(crate) fn next_record(
     rdr: &mut csv::Reader<&[u8]>,
     record: &mut csv::ByteRecord,
     lines: &mut Lines<'_>,
@@ -103,7 +115,7 @@ fn next_record(
 }
 
 /// Parses one cell as a finite `f32`.
-fn parse_value(field: &[u8], line: u64, column: &str) -> anyhow::Result<f32> {
+pub(crate) fn parse_value(field: &[u8], line: u64, column: &str) -> anyhow::Result<f32> {
     let text = String::from_utf8_lossy(field);
     let short: String = text.chars().take(48).collect();
     match text.parse::<f32>() {
@@ -127,11 +139,7 @@ fn read_columns(
         .flexible(true)
         .trim(csv::Trim::All)
         .from_reader(bytes);
-    let mut lines = Lines {
-        bytes,
-        offset: 0,
-        line: 1,
-    };
+    let mut lines = Lines::new(bytes);
     let mut record = csv::ByteRecord::new();
     let Some(header_line) = next_record(&mut rdr, &mut record, &mut lines)? else {
         bail!("line 1: empty file");
@@ -285,6 +293,9 @@ pub fn predict_main(
     label: Option<&str>,
     json: bool,
 ) -> anyhow::Result<()> {
+    if crate::model_dir::is_mf(model) {
+        return crate::mf_predict::predict_main(model, data, label, json);
+    }
     let report = run_predict(model, data, label)?;
     if json {
         println!("{}", serde_json::to_string(&report)?);

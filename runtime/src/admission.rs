@@ -127,6 +127,14 @@ pub fn shape(spec: &JobSpec, features: u64, shards: u32) -> JobShape {
                 partial_extrema: 0,
             }
         }
+        // The model lives in the shards' parameter tables, not in messages: a node's share is
+        // held against its memory budget by the parameter server as rows are written.
+        JobKind::Mf => JobShape {
+            model_values: 8,
+            broadcast_values: 2,
+            partial_sums: 2,
+            partial_extrema: 4,
+        },
         JobKind::Stats => {
             let bins = spec.bins as u64;
             JobShape {

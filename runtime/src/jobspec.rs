@@ -25,7 +25,11 @@
 //! n_init = 1                # kmeans: runs side by side (one data pass each step); best kept
 //! init_candidates = 3       # kmeans: greedy k-means++ candidates per centre (2 + ln k)
 //! bins = 10                 # stats: histogram bins
+//! consistency = "sync"      # mf: sync (the only one so far)
 //! ```
+//!
+//! Matrix factorisation (`kind = "mf"`) takes `[model] rank`, `user_column`, `item_column`; the
+//! dataset's label is the rating.
 
 use serde::Deserialize;
 
@@ -57,6 +61,8 @@ pub enum JobKind {
     LocalSgd,
     Kmeans,
     Stats,
+    /// Matrix factorisation on the parameter server.
+    Mf,
 }
 
 impl JobKind {
@@ -66,6 +72,7 @@ impl JobKind {
             JobKind::LocalSgd => "local_sgd",
             JobKind::Kmeans => "kmeans",
             JobKind::Stats => "stats",
+            JobKind::Mf => "mf",
         }
     }
 }
@@ -104,7 +111,22 @@ pub struct JobSpec {
     /// k-means: candidates per centre in greedy k-means++ (`None`: `2 + ln k`).
     pub init_candidates: Option<usize>,
     pub bins: usize,
+    /// Matrix factorisation: the model (`None` for other kinds).
+    pub mf: Option<MfModel>,
 }
+
+/// The model of an `mf` job: user and item embeddings of `rank` values each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MfModel {
+    pub rank: usize,
+    /// The feature column holding user ids (integers from 0).
+    pub user_column: String,
+    /// The feature column holding item ids (integers from 0).
+    pub item_column: String,
+}
+
+/// Largest `rank` of an `mf` job.
+pub const MAX_MF_RANK: usize = 1024;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,6 +152,9 @@ struct RawModel {
     ty: Option<ModelType>,
     classes: Option<usize>,
     k: Option<usize>,
+    rank: Option<usize>,
+    user_column: Option<String>,
+    item_column: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -150,6 +175,8 @@ struct RawTrain {
     n_init: Option<usize>,
     init_candidates: Option<usize>,
     bins: Option<usize>,
+    consistency: Option<String>,
+    staleness: Option<u64>,
 }
 
 fn invalid(key: &'static str, reason: impl Into<String>) -> JobSpecError {
@@ -223,6 +250,59 @@ impl JobSpec {
                 "applies to sgd and local_sgd only (k-means and stats use the raw features)",
             ));
         }
+        let mf = if kind == JobKind::Mf {
+            let rank = raw.model.rank.unwrap_or(32);
+            if !(1..=MAX_MF_RANK).contains(&rank) {
+                return Err(invalid(
+                    "model.rank",
+                    format!("must be between 1 and {MAX_MF_RANK}"),
+                ));
+            }
+            let column = |key: &'static str, v: Option<String>| match v {
+                Some(c) if !c.is_empty() => Ok(c),
+                _ => Err(invalid(
+                    key,
+                    "required for mf (a feature column of integer ids)",
+                )),
+            };
+            Some(MfModel {
+                rank,
+                user_column: column("model.user_column", raw.model.user_column)?,
+                item_column: column("model.item_column", raw.model.item_column)?,
+            })
+        } else {
+            if raw.model.rank.is_some()
+                || raw.model.user_column.is_some()
+                || raw.model.item_column.is_some()
+            {
+                return Err(invalid(
+                    "model.rank",
+                    "rank, user_column and item_column are for mf only",
+                ));
+            }
+            None
+        };
+        match t.consistency.as_deref() {
+            None | Some("sync") => {}
+            Some("ssp") => {
+                return Err(invalid(
+                    "train.consistency",
+                    "\"ssp\" (bounded staleness) is not supported yet; use \"sync\"",
+                ))
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "train.consistency",
+                    format!("{other:?}: expected \"sync\""),
+                ))
+            }
+        }
+        if t.staleness.is_some() {
+            return Err(invalid(
+                "train.staleness",
+                "applies to consistency = \"ssp\" only",
+            ));
+        }
         let bins = t.bins.unwrap_or(10);
         if bins == 0 || bins > 10_000 {
             return Err(invalid("train.bins", "must be between 1 and 10000"));
@@ -265,6 +345,7 @@ impl JobSpec {
                 n => n,
             },
             bins,
+            mf,
         })
     }
 
@@ -278,7 +359,7 @@ impl JobSpec {
             ));
         }
         let (key, steps) = match self.kind {
-            JobKind::Sgd | JobKind::LocalSgd => match self.steps {
+            JobKind::Sgd | JobKind::LocalSgd | JobKind::Mf => match self.steps {
                 Some(s) => ("train.steps", s),
                 None => ("train.epochs", self.train_steps(rows)),
             },

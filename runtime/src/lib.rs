@@ -40,6 +40,7 @@ pub mod ingest;
 pub mod jobspec;
 pub mod metrics;
 pub mod partition_file;
+pub mod ratings;
 pub mod restore;
 pub mod shard_state;
 pub mod storage;

@@ -137,6 +137,20 @@ metric_table! {
         "Dataset partitions loaded (or generated) on this node for the shards it owns.";
     JOB_CACHE_BYTES = "tidepool_job_partition_cache_bytes", Gauge, Some(Unit::Bytes), [],
         "Bytes of dataset partitions held in memory.";
+    PARAM_REQUESTS = "tidepool_param_requests_total", Counter, None, ["kind", "status"],
+        "Parameter pulls and pushes answered by this node's tables, by status (ok, not_owner, lost, stale, refused).";
+    PARAM_VALUES = "tidepool_param_values_total", Counter, None, ["kind"],
+        "Parameter values served by pulls and received by pushes on this node.";
+    PARAM_DUPLICATE_PUSHES = "tidepool_param_duplicate_pushes_total", Counter, None, [],
+        "Pushed rows of a (step, source) already recorded: a retried task's, not applied again.";
+    PARAM_TABLE_BYTES = "tidepool_param_table_bytes", Gauge, Some(Unit::Bytes), [],
+        "Bytes held by this node's parameter tables (rows written and pushes waiting).";
+    PARAM_TABLES_SAVED = "tidepool_param_tables_saved_total", Counter, None, [],
+        "Parameter tables saved to storage.";
+    PARAM_TABLES_LOST = "tidepool_param_tables_lost_total", Counter, None, [],
+        "Requests for a table whose rows were lost with a former owner (the job rolls back).";
+    JOB_ROLLBACKS = "tidepool_job_rollbacks_total", Counter, None, [],
+        "Parameter-server jobs rolled back to their newest saved tables by coordinators here.";
     JOB_STEPS = "tidepool_job_steps_total", Counter, None, ["kind"],
         "Job steps completed by coordinators on this node.";
     JOB_SAMPLES = "tidepool_job_samples_total", Counter, None, ["kind"],

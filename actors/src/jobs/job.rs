@@ -130,6 +130,23 @@ pub trait Job: Send + Sync + 'static {
 
     /// The result document of a finished job (`job result`).
     fn result(&self, state: &Self::State) -> Result<serde_json::Value, JobError>;
+
+    /// Parameter-server jobs: the model whose rows live in the shards' tables
+    /// ([`super::ps`]); `None` for jobs whose model travels in the broadcast.
+    fn param_model(&self) -> Option<&dyn super::ps::ParamModel> {
+        None
+    }
+
+    /// Parameter-server jobs: rolls `state` back to the newest saved tables (after a table's
+    /// rows were lost with its owner) and returns their train step.
+    fn rollback(&self, _state: &mut Self::State) -> u64 {
+        0
+    }
+
+    /// Parameter-server jobs: the train step of the newest saved tables.
+    fn base(&self, _state: &Self::State) -> u64 {
+        0
+    }
 }
 
 /// Partials merged exactly (fixed-point sums), in any order and grouping.

@@ -12,6 +12,8 @@
 //! - [`kmeans`]: seeded k-means++ init and Lloyd steps as mergeable partials.
 //! - [`sgd`]: the synchronous-SGD step as a pure function of per-shard partials taken in
 //!   shard-id order, and per-shard minibatch selection (ARCHITECTURE.md, invariant 6).
+//! - [`ps`]: the parameter server's tables (rows spread over the shards, pushes applied in
+//!   source order at the step barrier); [`mf`]: matrix factorisation on them.
 //! - [`model_file`], [`model_dir`]: the exported model (JSON; a manifest plus safetensors).
 //!
 //! Nothing here knows about shards' placement, nodes or time: the job executor and the
@@ -22,10 +24,12 @@ pub mod exact;
 pub mod job;
 pub mod kmeans;
 pub mod kmeans_job;
+pub mod mf;
 pub mod minibatch;
 pub mod model_dir;
 pub mod model_file;
 pub mod models;
+pub mod ps;
 pub mod registry;
 pub mod rng;
 pub mod sgd;
@@ -35,6 +39,8 @@ pub mod train;
 
 #[cfg(test)]
 mod kmeans_tests;
+#[cfg(test)]
+mod mf_tests;
 #[cfg(test)]
 mod models_tests;
 #[cfg(test)]

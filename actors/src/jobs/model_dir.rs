@@ -11,6 +11,12 @@
 //!   model file of [`super::model_file`]): `prediction = x @ weight + bias` (then the sigmoid,
 //!   or a softmax over `outputs = classes`).
 //! - kmeans: `centroids` (`k x features`) and `init_centroids` (the seeding's).
+//! - mf (matrix factorisation; the manifest's [`Manifest::mf`] section holds rank, id ranges,
+//!   `mu`): `user_factors` (`F32`, `users x rank`), `item_factors` (`F32`, `items x rank`),
+//!   `rated_offsets` (`I64`, `users + 1`: CSR row pointers) and `rated_items` (`I32`: the items
+//!   each user rated in training, increasing per user). `prediction = mu + user_factors[user] .
+//!   item_factors[item]`. The binary streams this file from the cluster's tables (it can be
+//!   larger than memory); this module only describes it ([`mf_manifest`]).
 //!
 //! Pure: documents and bytes in, documents and bytes out; the binary writes the files.
 
@@ -78,6 +84,163 @@ pub struct Manifest {
     pub spec: Option<String>,
     /// Steps, final loss, inertia, ...: the job's own numbers.
     pub metrics: serde_json::Map<String, serde_json::Value>,
+    /// Matrix factorisation (`kind = "mf"`) only: what the tensors hold.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mf: Option<MfManifest>,
+}
+
+/// The `kind` of a matrix-factorisation model directory.
+pub const MF_KIND: &str = "mf";
+/// `users x rank` user embeddings (`F32`).
+pub const MF_USER_FACTORS: &str = "user_factors";
+/// `items x rank` item embeddings (`F32`).
+pub const MF_ITEM_FACTORS: &str = "item_factors";
+/// `users + 1` CSR row pointers into [`MF_RATED_ITEMS`] (`I64`).
+pub const MF_RATED_OFFSETS: &str = "rated_offsets";
+/// The items each user rated in training, increasing per user (`I32`).
+pub const MF_RATED_ITEMS: &str = "rated_items";
+
+/// A matrix-factorisation model's numbers (the manifest's `mf` section).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MfManifest {
+    /// Embedding width.
+    pub rank: usize,
+    /// Rows of `user_factors`: the largest user id in training + 1.
+    pub users: u64,
+    /// Rows of `item_factors`: the largest item id in training + 1.
+    pub items: u64,
+    /// The mean training rating: the prediction's constant term (and the prediction for ids
+    /// beyond the tensors).
+    pub mu: f64,
+    /// The job's seed: rows training never touched hold `mf::init_row(seed, key)`.
+    pub seed: u64,
+    /// The dataset column of user ids.
+    pub user_column: String,
+    /// The dataset column of item ids.
+    pub item_column: String,
+    /// Distinct (user, item) pairs in training: the length of `rated_items`.
+    pub pairs: u64,
+}
+
+/// The fields of an `mf` job's result document that the model directory needs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct MfResult {
+    pub rank: usize,
+    pub user_column: String,
+    pub item_column: String,
+    pub users: u64,
+    pub items: u64,
+    /// Training rows.
+    #[serde(default)]
+    pub rows: u64,
+    pub mu: f64,
+    pub seed: u64,
+    /// Train steps run.
+    pub steps: u64,
+    /// Data (and parameter) shards: tables and exports `0..shards`.
+    pub shards: u32,
+    /// Where the final tables are.
+    pub tables: MfTables,
+    #[serde(default)]
+    pub train_rmse: Option<f64>,
+    #[serde(default)]
+    pub epoch_train_rmse: Vec<f64>,
+    #[serde(default)]
+    pub rollbacks: u64,
+}
+
+/// The result's `tables` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct MfTables {
+    /// The train step of the final save (every shard's table is saved at it).
+    pub step: u64,
+}
+
+impl MfResult {
+    /// The mf fields of result document `doc` (`"kind": "mf"`), checked: rank at least 1, ids
+    /// that fit the `I32` of `rated_items`, a finite `mu`.
+    pub fn parse(doc: &serde_json::Value) -> Result<Self, ModelDirError> {
+        let kind = doc.get("kind").and_then(|k| k.as_str()).unwrap_or("");
+        if kind != MF_KIND {
+            return Err(ModelDirError::NotAModel(format!(
+                "result kind {kind:?} is not {MF_KIND:?}"
+            )));
+        }
+        let r: MfResult = serde_json::from_value(doc.clone())
+            .map_err(|e| ModelDirError::NotAModel(format!("mf result: {e}")))?;
+        let bad = |why: String| Err(ModelDirError::NotAModel(format!("mf result: {why}")));
+        if r.rank == 0 {
+            return bad("rank is 0".into());
+        }
+        for (what, n) in [("users", r.users), ("items", r.items)] {
+            if n > i32::MAX as u64 {
+                return bad(format!("{what} = {n} does not fit 32-bit ids"));
+            }
+        }
+        if !r.mu.is_finite() {
+            return bad(format!("mu = {} is not finite", r.mu));
+        }
+        Ok(r)
+    }
+
+    /// The tensors of its model directory, by name (`pairs`: the length of `rated_items`).
+    pub fn tensors(&self, pairs: u64) -> BTreeMap<String, TensorSpec> {
+        let spec = |dtype: &str, shape: Vec<usize>| TensorSpec {
+            dtype: dtype.into(),
+            shape,
+        };
+        let (u, i, k) = (self.users as usize, self.items as usize, self.rank);
+        BTreeMap::from([
+            (MF_USER_FACTORS.into(), spec("F32", vec![u, k])),
+            (MF_ITEM_FACTORS.into(), spec("F32", vec![i, k])),
+            (MF_RATED_OFFSETS.into(), spec("I64", vec![u + 1])),
+            (MF_RATED_ITEMS.into(), spec("I32", vec![pairs as usize])),
+        ])
+    }
+}
+
+/// The manifest of an `mf` job's model directory: `r` from its result document, `label` the
+/// dataset's label column, `pairs` the length of `rated_items`, `spec` the job's spec text.
+pub fn mf_manifest(
+    r: &MfResult,
+    job: &str,
+    spec: Option<String>,
+    label: &str,
+    pairs: u64,
+) -> Manifest {
+    let mut metrics = serde_json::Map::new();
+    metrics.insert("train_rmse".into(), serde_json::json!(r.train_rmse));
+    metrics.insert(
+        "epoch_train_rmse".into(),
+        serde_json::json!(r.epoch_train_rmse),
+    );
+    metrics.insert("steps".into(), r.steps.into());
+    metrics.insert("rollbacks".into(), r.rollbacks.into());
+    metrics.insert("rows".into(), r.rows.into());
+    Manifest {
+        format: DIR_FORMAT.into(),
+        kind: MF_KIND.into(),
+        classes: 0,
+        features: vec![r.user_column.clone(), r.item_column.clone()],
+        label: label.into(),
+        inputs: "user and item ids (integers from 0): prediction = mu + user_factors[user] . \
+                 item_factors[item]; an id beyond the tensors predicts mu"
+            .into(),
+        tensors: r.tensors(pairs),
+        job: job.into(),
+        spec,
+        metrics,
+        mf: Some(MfManifest {
+            rank: r.rank,
+            users: r.users,
+            items: r.items,
+            mu: r.mu,
+            seed: r.seed,
+            user_column: r.user_column.clone(),
+            item_column: r.item_column.clone(),
+            pairs,
+        }),
+    }
 }
 
 /// A model directory's contents: the manifest and the safetensors bytes.
@@ -205,6 +368,7 @@ pub fn from_result(
             job: job.into(),
             spec,
             metrics,
+            mf: None,
         },
         tensors: bytes,
     })
@@ -252,6 +416,11 @@ pub fn to_model_file(manifest: &Manifest, tensors: &[u8]) -> Result<ModelFile, M
     if manifest.kind == "kmeans" {
         return Err(ModelDirError::NotAModel(
             "a k-means model has no predictions to score".into(),
+        ));
+    }
+    if manifest.kind == MF_KIND || manifest.mf.is_some() {
+        return Err(ModelDirError::NotAModel(
+            "a matrix-factorisation model predicts from user and item ids, not features".into(),
         ));
     }
     let st =
@@ -334,6 +503,62 @@ mod tests {
         assert!(to_model_file(&wrong, &dir.tensors).is_err());
         for cut in [0, 7, 8, n, dir.tensors.len() - 1] {
             assert!(to_model_file(&dir.manifest, &dir.tensors[..cut]).is_err());
+        }
+    }
+
+    #[test]
+    fn mf_manifests_round_trip_and_older_manifests_still_read() {
+        let doc = serde_json::json!({
+            "kind": "mf", "job": "j", "rank": 4, "user_column": "u", "item_column": "i",
+            "users": 10, "items": 5, "rows": 40, "mu": 3.5, "seed": 7, "steps": 9, "shards": 2,
+            "tables": {"step": 9, "prefix": "jobs/j/params"}, "train_rmse": 0.5,
+            "epoch_train_rmse": [0.7, 0.5], "rollbacks": 0, "rated": "...",
+        });
+        let r = MfResult::parse(&doc).unwrap();
+        let m = mf_manifest(&r, "j", Some("[job]\n".into()), "rating", 33);
+        assert_eq!(m.tensors[MF_USER_FACTORS].shape, vec![10, 4]);
+        assert_eq!(m.tensors[MF_RATED_OFFSETS].shape, vec![11]);
+        assert_eq!(m.tensors[MF_RATED_ITEMS].dtype, "I32");
+        assert_eq!(m.metrics["epoch_train_rmse"], serde_json::json!([0.7, 0.5]));
+        let text = serde_json::to_string(&m).unwrap();
+        let back: Manifest = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, m);
+        assert_eq!(back.mf.unwrap().pairs, 33);
+        assert!(matches!(
+            to_model_file(&m, &[]),
+            Err(ModelDirError::NotAModel(_))
+        ));
+        // A dense manifest has no mf section, written or read.
+        let file = ModelFile::new(
+            super::super::models::ModelKind::Linear,
+            vec!["a".into()],
+            "y".into(),
+            &DMatrix::from_row_slice(2, 1, &[1.0, 2.0]),
+            "s".into(),
+            1,
+            0.0,
+        );
+        let dense = from_result(&serde_json::to_value(&file).unwrap(), "s", None).unwrap();
+        let text = serde_json::to_string(&dense.manifest).unwrap();
+        assert!(!text.contains("\"mf\""), "{text}");
+        let back: Manifest = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.mf, None);
+        // Results that are not mf, or mf results with impossible fields, are refused.
+        for bad in [
+            serde_json::json!({"kind": "sgd"}),
+            serde_json::json!({"kind": "mf", "rank": 4}),
+            {
+                let mut d = doc.clone();
+                d["rank"] = 0.into();
+                d
+            },
+            {
+                let mut d = doc.clone();
+                d["users"] = (1u64 << 40).into();
+                d
+            },
+        ] {
+            assert!(MfResult::parse(&bad).is_err(), "{bad}");
         }
     }
 

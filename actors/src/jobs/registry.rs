@@ -12,6 +12,8 @@ use tidepool_runtime::jobspec::{JobKind, JobSpec};
 
 use super::job::{Job, JobError, Partial, ShardData, StepReport, Task};
 use super::kmeans_job::KMeansJob;
+use super::mf::MfJob;
+use super::ps::{ParamModel, ParamPhase, ParamTable, Rows};
 use super::stats_job::StatsJob;
 use super::train::{DatasetShape, TrainJob};
 
@@ -25,6 +27,10 @@ pub trait JobDriver: Send + Sync {
     fn reduce(&mut self, task: &Task, merged: Partial) -> Result<StepReport, JobError>;
     fn planned_steps(&self) -> u64;
     fn result(&self) -> Result<serde_json::Value, JobError>;
+    /// [`Job::rollback`].
+    fn rollback(&mut self) -> u64;
+    /// [`Job::base`].
+    fn base(&self) -> u64;
 }
 
 /// A job, type-erased.
@@ -33,6 +39,8 @@ pub trait ErasedJob: Send + Sync {
     fn map(&self, step: u64, task: &Task, data: &ShardData<'_>) -> Result<Partial, JobError>;
     /// A driver starting from the initial state.
     fn driver(self: Arc<Self>) -> Box<dyn JobDriver>;
+    /// [`Job::param_model`].
+    fn param_model(&self) -> Option<&dyn ParamModel>;
 }
 
 struct Driven<J: Job> {
@@ -64,6 +72,12 @@ impl<J: Job> JobDriver for Driven<J> {
     fn result(&self) -> Result<serde_json::Value, JobError> {
         self.job.result(&self.state)
     }
+    fn rollback(&mut self) -> u64 {
+        self.job.rollback(&mut self.state)
+    }
+    fn base(&self) -> u64 {
+        self.job.base(&self.state)
+    }
 }
 
 impl<J: Job> ErasedJob for J {
@@ -73,6 +87,9 @@ impl<J: Job> ErasedJob for J {
     fn driver(self: Arc<Self>) -> Box<dyn JobDriver> {
         let state = self.init();
         Box::new(Driven { job: self, state })
+    }
+    fn param_model(&self) -> Option<&dyn ParamModel> {
+        Job::param_model(self)
     }
 }
 
@@ -88,6 +105,13 @@ pub fn build(id: &str, spec: &JobSpec, ds: &DatasetRecord) -> Result<Arc<dyn Era
         JobKind::Sgd | JobKind::LocalSgd => Arc::new(TrainJob::new(id, spec.clone(), shape)?),
         JobKind::Kmeans => Arc::new(KMeansJob::new(spec.clone(), ds.features.len(), ds.shards)),
         JobKind::Stats => Arc::new(StatsJob::new(&ds.features, &ds.label, spec.bins)),
+        JobKind::Mf => Arc::new(MfJob::new(
+            id,
+            spec.clone(),
+            &ds.features,
+            ds.rows,
+            ds.shards,
+        )?),
     })
 }
 
@@ -98,15 +122,73 @@ pub fn run_local(
     job: Arc<dyn ErasedJob>,
     shards: &[ShardData<'_>],
 ) -> Result<serde_json::Value, JobError> {
+    run_local_tables(job, shards).map(|(result, _)| result)
+}
+
+/// [`run_local`], also returning a parameter-server job's tables (one per shard, all of them
+/// in this process; empty for other jobs).
+pub fn run_local_tables(
+    job: Arc<dyn ErasedJob>,
+    shards: &[ShardData<'_>],
+) -> Result<(serde_json::Value, Vec<ParamTable>), JobError> {
     let mut driver = job.clone().driver();
     let mut step = 0;
+    let count = shards.len() as u32;
+    let mut tables: Vec<ParamTable> = match job.param_model() {
+        Some(_) => (0..count).map(|_| ParamTable::new(0)).collect(),
+        None => Vec::new(),
+    };
+    let table_err = |e: super::ps::TableError| JobError::Data(e.to_string());
     while let Some(task) = driver.next_task() {
         let mut acc = super::job::ExactSum::default();
-        for data in shards {
-            acc.add(&job.map(step, &task, data)?)?;
+        let phase = job
+            .param_model()
+            .map_or(ParamPhase::Map, |m| m.phase(&task));
+        match (phase, job.param_model()) {
+            (ParamPhase::Train { step: t }, Some(model)) => {
+                let mut pushes = Vec::new();
+                for data in shards {
+                    let batch = model.batch(t, &task, data)?;
+                    // Pull each key from its shard's table.
+                    let mut values = Vec::new();
+                    for &k in &batch.keys {
+                        let table = &mut tables[super::ps::shard_of(k, count) as usize];
+                        table.pull(model, t, &[k], &mut values).map_err(table_err)?;
+                    }
+                    let rows = Rows::new(model, &batch.keys, &values)?;
+                    let (partial, grads) = model.grads(&task, data, &batch, &rows)?;
+                    acc.add(&partial)?;
+                    pushes.push((data.shard, batch.keys, grads));
+                }
+                for (source, keys, grads) in pushes {
+                    let offs = super::ps::offsets(model, &keys);
+                    let mut by_shard: std::collections::BTreeMap<u32, (Vec<u64>, Vec<f32>)> =
+                        Default::default();
+                    for (i, &k) in keys.iter().enumerate() {
+                        let e = by_shard.entry(super::ps::shard_of(k, count)).or_default();
+                        e.0.push(k);
+                        e.1.extend_from_slice(&grads[offs[i]..offs[i + 1]]);
+                    }
+                    for (s, (keys, grads)) in by_shard {
+                        tables[s as usize]
+                            .push(model, t, source, &keys, &grads)
+                            .map_err(table_err)?;
+                    }
+                }
+            }
+            (ParamPhase::Save { step: t, .. }, Some(model)) => {
+                for table in &mut tables {
+                    table.advance(model, t).map_err(table_err)?;
+                }
+            }
+            _ => {
+                for data in shards {
+                    acc.add(&job.map(step, &task, data)?)?;
+                }
+            }
         }
         driver.reduce(&task, acc.to_partial())?;
         step += 1;
     }
-    driver.result()
+    Ok((driver.result()?, tables))
 }

@@ -39,7 +39,9 @@ pub fn allowed(kind: Kind) -> Allowed {
         Kind::ShardRequest | Kind::StatusRequest | Kind::ShardsRequest | Kind::Ping => {
             Allowed::Anyone
         }
-        Kind::LeaseRenew | Kind::Control | Kind::JobTask => Allowed::Nodes,
+        Kind::LeaseRenew | Kind::Control | Kind::JobTask | Kind::ParamPull | Kind::ParamPush => {
+            Allowed::Nodes
+        }
         Kind::Drain | Kind::Membership | Kind::DatasetPart => Allowed::Admins,
         Kind::Admin => Allowed::AdminsOrReadingReaders,
         Kind::ShardReply
@@ -49,7 +51,8 @@ pub fn allowed(kind: Kind) -> Allowed {
         | Kind::Error
         | Kind::ControlReply
         | Kind::LeaseGrant
-        | Kind::JobPartial => Allowed::NotARequest,
+        | Kind::JobPartial
+        | Kind::ParamReply => Allowed::NotARequest,
     }
 }
 
@@ -211,6 +214,20 @@ impl Router {
                 };
                 return self.reply_later(link, corr, async move {
                     Body::JobPartial(services.job_task(task).await)
+                });
+            }
+            ArchivedBody::ParamPull(_) | ArchivedBody::ParamPush(_) => {
+                let body = owned_body(&frame);
+                return self.reply_later(link, corr, async move {
+                    match body {
+                        Some(Body::ParamPull(req)) => {
+                            Body::ParamReply(services.param_pull(req).await)
+                        }
+                        Some(Body::ParamPush(req)) => {
+                            Body::ParamReply(services.param_push(req).await)
+                        }
+                        _ => error_body(ErrorCode::BadRequest, "bad parameter request"),
+                    }
                 });
             }
             _ => error_body(ErrorCode::BadRequest, "not a request"),
@@ -469,7 +486,7 @@ mod tests {
     #[test]
     fn who_may_send_what() {
         use Role::{Admin, Node, Reader};
-        let table: [(Kind, [bool; 3]); 10] = [
+        let table: [(Kind, [bool; 3]); 12] = [
             // kind, [node, admin, reader] (admin requests: a read-only one)
             (Kind::ShardRequest, [true, true, true]),
             (Kind::StatusRequest, [true, true, true]),
@@ -477,6 +494,8 @@ mod tests {
             (Kind::LeaseRenew, [true, false, false]),
             (Kind::Control, [true, false, false]),
             (Kind::JobTask, [true, false, false]),
+            (Kind::ParamPull, [true, false, false]),
+            (Kind::ParamPush, [true, false, false]),
             (Kind::Drain, [false, true, false]),
             (Kind::Membership, [false, true, false]),
             (Kind::DatasetPart, [false, true, false]),
@@ -500,6 +519,7 @@ mod tests {
             Kind::Pong,
             Kind::LeaseGrant,
             Kind::JobPartial,
+            Kind::ParamReply,
         ] {
             assert_eq!(allowed(k), Allowed::NotARequest);
         }

@@ -127,6 +127,14 @@ pub struct JobTask {
     pub shards: Vec<ShardEpoch>,
     /// Job-defined broadcast (parameters, centroids, ...).
     pub broadcast: Vec<f64>,
+    /// Parameter-server jobs: the generation of the tables (see [`ParamPull::gen`]); 0 otherwise.
+    pub gen: u64,
+    /// Parameter-server jobs: the train step the generation started from.
+    pub base: u64,
+    /// Parameter-server jobs: every shard's epoch when the generation started (indexed by
+    /// shard). Pulls and pushes name these epochs, so a table that moved since is never read
+    /// or written in this generation; the coordinator starts a new one instead.
+    pub epochs: Vec<u64>,
 }
 
 /// A node's merged partial over the shards it mapped.
@@ -147,4 +155,93 @@ pub struct JobPartial {
     pub max: Vec<f64>,
     /// A map error that will recur (bad spec for this data, numeric overflow): the job fails.
     pub error: Option<String>,
+    /// Parameter-server jobs: a table's rows were lost with its owner; the coordinator rolls
+    /// the job back to the newest saved tables.
+    pub lost: bool,
+}
+
+/// The parameter rows a worker reads from one shard's table.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ParamKeys {
+    pub shard: u32,
+    /// The epoch the worker's map named for the shard (fencing).
+    pub epoch: u64,
+    /// Row keys, strictly increasing.
+    pub keys: Vec<u64>,
+}
+
+/// Worker to parameter-shard owner: the rows a minibatch needs at `step` (one request per
+/// destination node, every shard of that node in it).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ParamPull {
+    pub job: String,
+    /// The tables' generation: the coordinator starts a new one (and every owner drops what it
+    /// holds of an older one) when it rolls the job back to a checkpoint.
+    pub gen: u64,
+    /// The train step this generation started from (its checkpoint).
+    pub base: u64,
+    /// The train step whose parameters are read (all updates of earlier steps applied).
+    pub step: u64,
+    pub parts: Vec<ParamKeys>,
+}
+
+/// One source shard's gradient sums for rows of one parameter shard.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ParamGrads {
+    pub shard: u32,
+    pub epoch: u64,
+    /// The data shard whose minibatch produced them: with the step, the push's idempotency key.
+    pub source: u32,
+    /// Row keys, strictly increasing.
+    pub keys: Vec<u64>,
+    /// The rows' gradient sums, each as wide as its row, in key order.
+    pub grads: Vec<f32>,
+}
+
+/// Worker to parameter-shard owner: gradient sums of one step (one request per destination
+/// node). Applied once per `(step, source)`, in source order, when the owner moves past `step`.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ParamPush {
+    pub job: String,
+    pub gen: u64,
+    pub base: u64,
+    pub step: u64,
+    pub parts: Vec<ParamGrads>,
+}
+
+/// How a parameter request went.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParamStatus {
+    /// Served: for a pull, the rows in request order.
+    Ok,
+    /// This node does not serve one of the shards at the named epoch: retry on the new owner.
+    NotOwner,
+    /// The shard's rows at this step are not here (its owner changed since the generation's
+    /// checkpoint): the coordinator rolls the job back to that checkpoint.
+    Lost,
+    /// A generation or step older than this owner's: a straggler, dropped.
+    Stale,
+    /// Malformed (keys out of order, widths wrong, over the budget); the text says why.
+    Refused,
+}
+
+/// The answer to a [`ParamPull`] or [`ParamPush`].
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct ParamReply {
+    pub status: ParamStatus,
+    pub message: String,
+    /// A pull's rows, concatenated in request order.
+    pub values: Vec<f32>,
+}
+
+/// One parameter shard's rows at a train step, as a checkpoint blob
+/// (`jobs/{job}/params/{shard}/{step}`): validated like the wire when read back.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct ParamSnapshot {
+    pub shard: u32,
+    pub step: u64,
+    /// Row keys, strictly increasing.
+    pub keys: Vec<u64>,
+    /// The rows, each as wide as its key's table, in key order.
+    pub values: Vec<f32>,
 }

@@ -22,13 +22,14 @@ pub use frame::{
     encode, read_frame, read_frame_limited, EncodedFrame, Frame, ReadLimits, FRAME_HEADER_LEN,
 };
 pub use job::{
-    AdminOp, ArchivedAdminOp, DatasetPart, JobPartial, JobTask, ShardEpoch, WideSum,
-    FIXED_FRAC_BITS, RESULT_CHUNK_HEADER,
+    AdminOp, ArchivedAdminOp, DatasetPart, JobPartial, JobTask, ParamGrads, ParamKeys, ParamPull,
+    ParamPush, ParamReply, ParamSnapshot, ParamStatus, ShardEpoch, WideSum, FIXED_FRAC_BITS,
+    RESULT_CHUNK_HEADER,
 };
 pub use persist::{
-    decode_log, decode_snapshot, encode_log, encode_log_refs, encode_snapshot, with_log,
-    ArchivedLogRecord, LogRecord, LogRecordRef, OpRef, SenderWindow, ShardRequestRef,
-    ShardSnapshot, SnapValue,
+    decode_log, decode_param_snapshot, decode_snapshot, encode_log, encode_log_refs,
+    encode_param_snapshot, encode_snapshot, with_log, ArchivedLogRecord, LogRecord, LogRecordRef,
+    OpRef, SenderWindow, ShardRequestRef, ShardSnapshot, SnapValue,
 };
 pub use tensor::TensorView;
 
@@ -382,6 +383,12 @@ pub enum Body {
     JobTask(JobTask),
     /// Shard owner to coordinator: the merged partial of a `JobTask`.
     JobPartial(JobPartial),
+    /// Worker to parameter-shard owner: rows to read.
+    ParamPull(ParamPull),
+    /// Worker to parameter-shard owner: gradient sums to apply.
+    ParamPush(ParamPush),
+    /// The answer to a `ParamPull` or `ParamPush`.
+    ParamReply(ParamReply),
 }
 
 /// Message kind, for logs and metric labels (a closed set).
@@ -406,6 +413,9 @@ pub enum Kind {
     DatasetPart,
     JobTask,
     JobPartial,
+    ParamPull,
+    ParamPush,
+    ParamReply,
 }
 
 impl Kind {
@@ -430,6 +440,9 @@ impl Kind {
             Kind::DatasetPart => "dataset_part",
             Kind::JobTask => "job_task",
             Kind::JobPartial => "job_partial",
+            Kind::ParamPull => "param_pull",
+            Kind::ParamPush => "param_push",
+            Kind::ParamReply => "param_reply",
         }
     }
 
@@ -445,6 +458,7 @@ impl Kind {
                 | Kind::ControlReply
                 | Kind::LeaseGrant
                 | Kind::JobPartial
+                | Kind::ParamReply
         )
     }
 }
@@ -462,6 +476,7 @@ impl Body {
                 | Body::ControlReply(_)
                 | Body::LeaseGrant { .. }
                 | Body::JobPartial(_)
+                | Body::ParamReply(_)
         )
     }
 }
@@ -488,6 +503,9 @@ impl ArchivedBody {
             ArchivedBody::DatasetPart(_) => Kind::DatasetPart,
             ArchivedBody::JobTask(_) => Kind::JobTask,
             ArchivedBody::JobPartial(_) => Kind::JobPartial,
+            ArchivedBody::ParamPull(_) => Kind::ParamPull,
+            ArchivedBody::ParamPush(_) => Kind::ParamPush,
+            ArchivedBody::ParamReply(_) => Kind::ParamReply,
         }
     }
 }

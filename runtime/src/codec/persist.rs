@@ -287,6 +287,21 @@ pub fn decode_snapshot(bytes: &[u8]) -> Result<ShardSnapshot, CodecError> {
         .map_err(|e| CodecError::Malformed(e.to_string()))
 }
 
+/// A saved parameter table (see [`super::ParamSnapshot`]).
+pub fn encode_param_snapshot(s: &super::ParamSnapshot) -> Result<Vec<u8>, CodecError> {
+    rkyv::to_bytes::<rancor::Error>(s)
+        .map(|b| b.to_vec())
+        .map_err(|e| CodecError::Encode(e.to_string()))
+}
+
+/// A saved parameter table back, validated (storage is input too).
+pub fn decode_param_snapshot(bytes: &[u8]) -> Result<super::ParamSnapshot, CodecError> {
+    let mut buf = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+    buf.extend_from_slice(bytes);
+    rkyv::from_bytes::<super::ParamSnapshot, rancor::Error>(&buf)
+        .map_err(|e| CodecError::Malformed(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

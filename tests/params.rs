@@ -1,0 +1,282 @@
+//! The parameter server on real node processes: matrix factorisation whose tables are spread
+//! over the shards trains to the same tables bit for bit on 1, 3 and 5 nodes, through kill -9
+//! of a table's owner, a join and a drain mid-training; the tables equal the single-process
+//! reference, and test RMSE is the reference's. Waits are polls with deadlines.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tidepool::jobs_cli;
+use tidepool::local_cluster::{wait_all_up, wait_stable, LocalCluster};
+use tidepool_actors::jobs::mf;
+use tidepool_runtime::client::{ClientOptions, ClusterClient};
+use tidepool_runtime::codec::{decode_param_snapshot, ParamSnapshot};
+use tidepool_runtime::control::{JobRecord, JobState};
+use tidepool_runtime::dataset::{shard_of_row, Table};
+use tidepool_runtime::jobspec::JobSpec;
+use tidepool_runtime::ratings::{self, Rating, RatingsSpec};
+
+const BIN: &str = env!("CARGO_BIN_EXE_tidepool");
+const SHARDS: u32 = 16;
+
+async fn connect(c: &LocalCluster) -> Arc<ClusterClient> {
+    let opts = ClientOptions {
+        retry_for: Duration::from_secs(60),
+        request_timeout: Duration::from_secs(5),
+        ..Default::default()
+    };
+    Arc::new(c.admin_client(opts).await.unwrap())
+}
+
+async fn settle(client: &ClusterClient, n: usize) {
+    wait_all_up(client, n, Duration::from_secs(90))
+        .await
+        .unwrap();
+    wait_stable(client, Duration::from_secs(120)).await.unwrap();
+}
+
+fn spec_text() -> String {
+    "[job]\nkind = \"mf\"\ndataset = \"ratings\"\n[model]\nrank = 8\nuser_column = \"user\"\n\
+     item_column = \"item\"\n[train]\nepochs = 8\nbatch_size = 2000\nlearning_rate = 0.03\n\
+     l2 = 0.02\nseed = 7\ncheckpoint_every = 10\nconsistency = \"sync\"\n"
+        .to_string()
+}
+
+fn table_of(rows: &[Rating]) -> Table {
+    Table {
+        features: vec!["user".into(), "item".into()],
+        label: "rating".into(),
+        rows: rows.len(),
+        x: rows
+            .iter()
+            .flat_map(|&(u, i, _)| [u as f32, i as f32])
+            .collect(),
+        y: rows.iter().map(|r| r.2).collect(),
+    }
+}
+
+/// Every shard's final table, fetched in chunks.
+async fn tables(client: &ClusterClient, id: &str) -> Vec<ParamSnapshot> {
+    let mut out = Vec::new();
+    for s in 0..SHARDS {
+        let bytes = table_bytes(client, id, s).await;
+        out.push(decode_param_snapshot(&bytes).unwrap());
+    }
+    out
+}
+
+/// Equal tables, or a panic naming the first difference (not the whole model).
+fn assert_tables_eq(got: &[ParamSnapshot], want: &[ParamSnapshot], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: shard count");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!((g.shard, g.step), (w.shard, w.step), "{what}: shard/step");
+        assert_eq!(g.keys, w.keys, "{what}: rows of shard {}", g.shard);
+        if let Some(i) = g
+            .values
+            .iter()
+            .zip(&w.values)
+            .position(|(a, b)| a.to_bits() != b.to_bits())
+        {
+            panic!(
+                "{what}: shard {} value {i} (row {}) is {} instead of {}",
+                g.shard,
+                g.keys[i / 8],
+                g.values[i],
+                w.values[i]
+            );
+        }
+    }
+}
+
+async fn table_bytes(client: &ClusterClient, id: &str, shard: u32) -> Vec<u8> {
+    use tidepool_runtime::codec::AdminOp;
+    let mut out = Vec::new();
+    loop {
+        let reply = client
+            .admin(
+                AdminOp::JobResultChunk,
+                &serde_json::json!({"id": id, "offset": out.len(), "length": 4 << 20, "table": shard}),
+            )
+            .await
+            .unwrap();
+        let total = u64::from_le_bytes(reply[..8].try_into().unwrap()) as usize;
+        out.extend_from_slice(&reply[8..]);
+        if out.len() >= total {
+            return out;
+        }
+    }
+}
+
+async fn run(client: &ClusterClient) -> (String, serde_json::Value) {
+    let id = jobs_cli::submit(client, &spec_text()).await.unwrap();
+    let rec = wait_job(client, &id).await;
+    assert_eq!(rec.state, JobState::Succeeded, "{rec:?}");
+    (id.clone(), jobs_cli::result(client, &id).await.unwrap())
+}
+
+async fn wait_job(client: &ClusterClient, id: &str) -> JobRecord {
+    jobs_cli::wait(client, id, false, Duration::from_secs(120))
+        .await
+        .unwrap()
+}
+
+/// Polls until job `id` has done at least `frac` of its steps.
+async fn until_progress(client: &ClusterClient, id: &str, frac: f64) -> JobRecord {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let rec = jobs_cli::status(client, id).await.unwrap();
+        if rec.state.is_terminal() || (rec.steps > 0 && rec.step as f64 >= frac * rec.steps as f64)
+        {
+            return rec;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "job {id} made no progress: {rec:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Embeddings (users, items) from the shards' tables; rows never written at their initial value.
+fn embeddings(
+    tables: &[ParamSnapshot],
+    users: usize,
+    items: usize,
+    k: usize,
+    seed: u64,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut pu = vec![0.0f32; users * k];
+    let mut qi = vec![0.0f32; items * k];
+    for (u, row) in pu.chunks_mut(k).enumerate() {
+        mf::init_row(seed, mf::user_key(u as u64), row);
+    }
+    for (i, row) in qi.chunks_mut(k).enumerate() {
+        mf::init_row(seed, mf::item_key(i as u64), row);
+    }
+    for t in tables {
+        for (n, key) in t.keys.iter().enumerate() {
+            let id = (key & 0xffff_ffff) as usize;
+            let dst = if key >> 32 == mf::USERS {
+                &mut pu
+            } else {
+                &mut qi
+            };
+            dst[id * k..(id + 1) * k].copy_from_slice(&t.values[n * k..(n + 1) * k]);
+        }
+    }
+    (pu, qi)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mf_tables_identical_on_1_3_5_nodes_through_kill_join_and_drain() {
+    let all = ratings::generate(&RatingsSpec {
+        users: 400,
+        items: 150,
+        rank: 4,
+        ratings: 24_000,
+        noise: 0.1,
+        seed: 42,
+    });
+    let (train, test) = ratings::split(&all, 0.2, 1);
+    let mut c = LocalCluster::create(Path::new(BIN), 1, SHARDS, 1).unwrap();
+    c.start_all().unwrap();
+    c.wait_ready(Duration::from_secs(90)).await.unwrap();
+    let client = connect(&c).await;
+    settle(&client, 1).await;
+    jobs_cli::import_table(&client, &table_of(&train), "ratings")
+        .await
+        .unwrap();
+
+    // One node: the tables equal the plain single-process reference on the same shards.
+    let (id, one) = run(&client).await;
+    let one_tables = tables(&client, &id).await;
+    let spec = JobSpec::parse(&spec_text()).unwrap();
+    let mut by_shard = vec![Vec::new(); SHARDS as usize];
+    for (r, &row) in train.iter().enumerate() {
+        by_shard[shard_of_row(r as u64, SHARDS) as usize].push(row);
+    }
+    let (ref_u, ref_i, mu) = mf::reference_train(&spec, &by_shard);
+    let (users, items) = (
+        one["users"].as_u64().unwrap() as usize,
+        one["items"].as_u64().unwrap() as usize,
+    );
+    let (pu, qi) = embeddings(&one_tables, users, items, 8, 7);
+    assert_eq!(one["mu"].as_f64().unwrap(), mu);
+    assert_eq!(pu, ref_u, "user embeddings differ from the reference");
+    assert_eq!(qi, ref_i, "item embeddings differ from the reference");
+    let (rmse, ref_rmse) = (
+        mf::rmse(&pu, &qi, 8, mu, &test),
+        mf::rmse(&ref_u, &ref_i, 8, mu, &test),
+    );
+    assert!(
+        rmse <= ref_rmse * 1.02,
+        "test rmse {rmse} vs reference {ref_rmse}"
+    );
+    let mean_only = mf::rmse(&[], &[], 8, mu, &test);
+    assert!(
+        rmse < 0.7 * mean_only,
+        "learned nothing: {rmse} vs {mean_only}"
+    );
+
+    // Three nodes.
+    for _ in 0..2 {
+        let i = c.add_node().unwrap();
+        c.start(i).unwrap();
+    }
+    settle(&client, 3).await;
+    let (id, three) = run(&client).await;
+    assert_tables_eq(&tables(&client, &id).await, &one_tables, "3 nodes");
+    assert_eq!(three["train_rmse"], one["train_rmse"]);
+
+    // kill -9 of a table owner (not the only voter n1) mid-training.
+    let id = jobs_cli::submit(&client, &spec_text()).await.unwrap();
+    let rec = until_progress(&client, &id, 0.4).await;
+    let victim_name = match rec.coordinator.as_deref() {
+        Some(c) if c != "n1" => c.to_string(),
+        _ => "n2".to_string(),
+    };
+    let victim = c.nodes.iter().position(|n| n.name == victim_name).unwrap();
+    c.kill(victim).await.unwrap();
+    assert_eq!(wait_job(&client, &id).await.state, JobState::Succeeded);
+    assert_tables_eq(&tables(&client, &id).await, &one_tables, "owner killed");
+    let killed = jobs_cli::result(&client, &id).await.unwrap();
+    assert_eq!(killed["train_rmse"], one["train_rmse"]);
+    assert!(
+        killed["rollbacks"].as_u64().unwrap() >= 1,
+        "the victim's tables were lost, so the job rolled back: {killed}"
+    );
+    c.start(victim).unwrap();
+    settle(&client, 3).await;
+
+    // Joins to five nodes, one of them mid-training.
+    let i = c.add_node().unwrap();
+    c.start(i).unwrap();
+    let id = jobs_cli::submit(&client, &spec_text()).await.unwrap();
+    until_progress(&client, &id, 0.3).await;
+    let i = c.add_node().unwrap();
+    c.start(i).unwrap();
+    assert_eq!(wait_job(&client, &id).await.state, JobState::Succeeded);
+    assert_tables_eq(&tables(&client, &id).await, &one_tables, "node joined");
+    settle(&client, 5).await;
+    let (id, _) = run(&client).await;
+    assert_tables_eq(&tables(&client, &id).await, &one_tables, "5 nodes");
+
+    // A drain mid-training.
+    let id = jobs_cli::submit(&client, &spec_text()).await.unwrap();
+    until_progress(&client, &id, 0.3).await;
+    let drained = c.nodes.last().unwrap().name.clone();
+    let out = c.cli(&["cluster", "drain", &drained]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(wait_job(&client, &id).await.state, JobState::Succeeded);
+    assert_tables_eq(&tables(&client, &id).await, &one_tables, "node drained");
+
+    client.close().await;
+    c.stop_all(Duration::from_secs(30)).await.unwrap();
+}
