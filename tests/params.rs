@@ -45,6 +45,11 @@ fn spec_text() -> String {
         .to_string()
 }
 
+/// Logistic regression with hashed features: its weight vector on the parameter server.
+const HASHED: &str = "[job]\nkind = \"sgd\"\ndataset = \"clicks\"\n[model]\ntype = \"logistic\"\n\
+     features = \"hashed\"\nhash_bits = 20\n[train]\nepochs = 3\nbatch_size = 256\n\
+     learning_rate = 0.5\nstandardize = false\nseed = 3\ncheckpoint_every = 20\n";
+
 fn table_of(rows: &[Rating]) -> Table {
     Table {
         features: vec!["user".into(), "item".into()],
@@ -111,7 +116,11 @@ async fn table_bytes(client: &ClusterClient, id: &str, shard: u32) -> Vec<u8> {
 }
 
 async fn run(client: &ClusterClient) -> (String, serde_json::Value) {
-    let id = jobs_cli::submit(client, &spec_text()).await.unwrap();
+    run_spec(client, &spec_text()).await
+}
+
+async fn run_spec(client: &ClusterClient, spec: &str) -> (String, serde_json::Value) {
+    let id = jobs_cli::submit(client, spec).await.unwrap();
     let rec = wait_job(client, &id).await;
     assert_eq!(rec.state, JobState::Succeeded, "{rec:?}");
     (id.clone(), jobs_cli::result(client, &id).await.unwrap())
@@ -221,6 +230,20 @@ async fn mf_tables_identical_on_1_3_5_nodes_through_kill_join_and_drain() {
         "learned nothing: {rmse} vs {mean_only}"
     );
 
+    // Hashed-feature logistic regression, on one node (compared on five below).
+    let (clicks, _) = tidepool_runtime::dataset::synthetic(
+        6000,
+        12,
+        tidepool_runtime::dataset::SyntheticKind::Logistic,
+        9,
+    );
+    jobs_cli::import_table(&client, &clicks, "clicks")
+        .await
+        .unwrap();
+    let (hid, hashed) = run_spec(&client, HASHED).await;
+    assert_eq!(hashed["kind"], "hashed_logistic", "{hashed}");
+    let hashed_one = tables(&client, &hid).await;
+
     // Three nodes.
     for _ in 0..2 {
         let i = c.add_node().unwrap();
@@ -263,6 +286,12 @@ async fn mf_tables_identical_on_1_3_5_nodes_through_kill_join_and_drain() {
     settle(&client, 5).await;
     let (id, _) = run(&client).await;
     assert_tables_eq(&tables(&client, &id).await, &one_tables, "5 nodes");
+    let (hid, _) = run_spec(&client, HASHED).await;
+    assert_eq!(
+        tables(&client, &hid).await,
+        hashed_one,
+        "hashed logistic, 5 nodes"
+    );
 
     // A drain mid-training.
     let id = jobs_cli::submit(&client, &spec_text()).await.unwrap();
@@ -277,6 +306,98 @@ async fn mf_tables_identical_on_1_3_5_nodes_through_kill_join_and_drain() {
     assert_eq!(wait_job(&client, &id).await.state, JobState::Succeeded);
     assert_tables_eq(&tables(&client, &id).await, &one_tables, "node drained");
 
+    cli_round_trip(&c, &id, &test);
+
     client.close().await;
     c.stop_all(Duration::from_secs(30)).await.unwrap();
+}
+
+fn cli_json(c: &LocalCluster, args: &[&str]) -> serde_json::Value {
+    c.cli_json(args).unwrap()
+}
+
+/// The CLI around a finished mf job: the model directory (streamed from the tables), predict's
+/// RMSE equal to the tables' own, recommend skipping rated items, Python reading the tensors.
+fn cli_round_trip(c: &LocalCluster, id: &str, test: &[Rating]) {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let model_s = model.to_str().unwrap();
+    let written = cli_json(c, &["job", "result", id, "--out", model_s, "--json"]);
+    assert_eq!(
+        written["tensors"],
+        serde_json::json!([
+            "item_factors",
+            "rated_items",
+            "rated_offsets",
+            "user_factors"
+        ]),
+        "{written}"
+    );
+    let csv = dir.path().join("test.csv");
+    let mut text = String::from("user,item,rating\n");
+    for (u, i, r) in test {
+        text.push_str(&format!("{u},{i},{r}\n"));
+    }
+    std::fs::write(&csv, text).unwrap();
+    let scored = cli_json(
+        c,
+        &[
+            "predict",
+            "--model",
+            model_s,
+            "--data",
+            csv.to_str().unwrap(),
+            "--label",
+            "rating",
+            "--json",
+        ],
+    );
+    assert_eq!(scored["rows"], test.len());
+    let rmse = scored["rmse"].as_f64().unwrap();
+    assert!(rmse > 0.0 && rmse < 1.0, "{scored}");
+    let rec = cli_json(
+        c,
+        &[
+            "recommend",
+            "--model",
+            model_s,
+            "--user",
+            "3",
+            "--top",
+            "5",
+            "--json",
+        ],
+    );
+    let items = rec["items"].as_array().unwrap();
+    assert_eq!(items.len(), 5, "{rec}");
+    let scores: Vec<f64> = items.iter().map(|i| i["score"].as_f64().unwrap()).collect();
+    assert!(scores.windows(2).all(|w| w[0] >= w[1]), "{rec}");
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, json\n\
+             from safetensors.numpy import load_file\n\
+             t = load_file(sys.argv[1] + '/model.safetensors')\n\
+             m = json.load(open(sys.argv[1] + '/manifest.json'))['mf']\n\
+             assert t['user_factors'].shape == (m['users'], m['rank'])\n\
+             off, items = t['rated_offsets'], t['rated_items']\n\
+             rated = set(items[off[3]:off[3 + 1]].tolist())\n\
+             got = [i['item'] for i in json.loads(sys.argv[2])['items']]\n\
+             assert not rated & set(got), (rated, got)\n\
+             u = t['user_factors'][3].astype('float64')\n\
+             s = m['mu'] + t['item_factors'].astype('float64') @ u\n\
+             want = [i['score'] for i in json.loads(sys.argv[2])['items']]\n\
+             assert all(abs(s[i] - w) < 1e-5 for i, w in zip(got, want)), (got, want)\n\
+             rest = [s[i] for i in range(len(s)) if i not in rated and i not in got]\n\
+             assert max(rest) <= min(want) + 1e-5, (max(rest), want)\n",
+            model_s,
+            &rec.to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

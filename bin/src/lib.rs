@@ -16,6 +16,7 @@
 //! - [`job_watch`]: following a job to its end with a progress bar (`job watch`, `--wait`).
 //! - [`exit`]: the CLI's exit codes and the typed errors they are read from.
 //! - [`bench`]: `tidepool bench failover`.
+//! - [`bench_mf`]: `tidepool bench mf`: matrix factorisation on the parameter server.
 //! - [`bench_train`]: `tidepool bench train`: SGD throughput vs a plain loop, scaling, local SGD.
 //! - [`datasets`]: built-in real datasets, seeded train/test split, CSV export, smartcore reference.
 //! - [`chaos`]: `tidepool chaos run`: scenarios, faults, checkers, reports.
@@ -33,6 +34,7 @@ pub mod bench;
 pub mod bench_import;
 pub mod bench_kmeans;
 pub mod bench_math;
+pub mod bench_mf;
 pub mod bench_train;
 pub mod chaos;
 pub mod cli_docs;
@@ -40,6 +42,7 @@ pub mod conn;
 pub mod daemon;
 pub mod datasets;
 pub mod demo;
+pub mod demo_recommend;
 pub mod exit;
 #[cfg(feature = "fault-injection")]
 pub mod fault_file;

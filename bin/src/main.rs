@@ -231,6 +231,10 @@ enum BenchCmd {
     /// logistic and softmax) against a streaming read of the same rows: rows/s and the fraction
     /// of the memory-bandwidth limit.
     Math(tidepool::bench_math::MathBenchOptions),
+    /// Matrix factorisation (`mf` jobs) on 1..N local nodes over ratings CSVs: time and test
+    /// RMSE per epoch count, time to a target RMSE, updates/s, bytes per step, table bytes and
+    /// RSS per node; `--scale`: one large model's tables and RSS per node.
+    Mf(tidepool::bench_mf::MfBenchOptions),
     /// Failover time after SIGKILL (or SIGSTOP) of a node, handoff pause, shards moved on rejoin.
     Failover {
         /// Kills (or pauses) to measure.
@@ -607,6 +611,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
         Cmd::Bench(BenchCmd::Import(o)) => tidepool::bench_import::run(o).await,
         Cmd::Bench(BenchCmd::Kmeans(o)) => tidepool::bench_kmeans::run(o).await,
         Cmd::Bench(BenchCmd::Math(o)) => tidepool::bench_math::run(o),
+        Cmd::Bench(BenchCmd::Mf(o)) => tidepool::bench_mf::run(o).await,
         Cmd::Bench(BenchCmd::Failover {
             runs,
             nodes,

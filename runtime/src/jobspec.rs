@@ -25,11 +25,13 @@
 //! n_init = 1                # kmeans: runs side by side (one data pass each step); best kept
 //! init_candidates = 3       # kmeans: greedy k-means++ candidates per centre (2 + ln k)
 //! bins = 10                 # stats: histogram bins
-//! consistency = "sync"      # mf: sync (the only one so far)
+//! consistency = "sync"      # mf, hashed logistic: sync (the only one so far)
 //! ```
 //!
 //! Matrix factorisation (`kind = "mf"`) takes `[model] rank`, `user_column`, `item_column`; the
-//! dataset's label is the rating.
+//! dataset's label is the rating. Logistic regression with hashed features (`kind = "sgd"`,
+//! `[model] type = "logistic"`, `features = "hashed"`, `hash_bits = 24`) keeps its weight
+//! vector on the parameter server.
 
 use serde::Deserialize;
 
@@ -113,7 +115,13 @@ pub struct JobSpec {
     pub bins: usize,
     /// Matrix factorisation: the model (`None` for other kinds).
     pub mf: Option<MfModel>,
+    /// `sgd` logistic regression with hashed features (`[model] features = "hashed"`): the
+    /// weight vector has `2^hash_bits` entries, sharded on the parameter server.
+    pub hash_bits: Option<u32>,
 }
+
+/// Smallest and largest `model.hash_bits`.
+pub const HASH_BITS: std::ops::RangeInclusive<u32> = 8..=32;
 
 /// The model of an `mf` job: user and item embeddings of `rank` values each.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +163,8 @@ struct RawModel {
     rank: Option<usize>,
     user_column: Option<String>,
     item_column: Option<String>,
+    features: Option<String>,
+    hash_bits: Option<u32>,
 }
 
 #[derive(Deserialize, Default)]
@@ -282,6 +292,49 @@ impl JobSpec {
             }
             None
         };
+        let hash_bits = match raw.model.features.as_deref() {
+            None | Some("dense") => {
+                if raw.model.hash_bits.is_some() {
+                    return Err(invalid(
+                        "model.hash_bits",
+                        "needs model.features = \"hashed\"",
+                    ));
+                }
+                None
+            }
+            Some("hashed") => {
+                if kind != JobKind::Sgd || model != Some(ModelType::Logistic) {
+                    return Err(invalid(
+                        "model.features",
+                        "\"hashed\" is for kind = \"sgd\" with type = \"logistic\"",
+                    ));
+                }
+                let bits = raw.model.hash_bits.unwrap_or(24);
+                if !HASH_BITS.contains(&bits) {
+                    return Err(invalid(
+                        "model.hash_bits",
+                        format!(
+                            "{bits} is outside {}..={}",
+                            HASH_BITS.start(),
+                            HASH_BITS.end()
+                        ),
+                    ));
+                }
+                if t.standardize == Some(true) {
+                    return Err(invalid(
+                        "train.standardize",
+                        "hashed features are used as they are (no standardisation)",
+                    ));
+                }
+                Some(bits)
+            }
+            Some(other) => {
+                return Err(invalid(
+                    "model.features",
+                    format!("{other:?}: expected \"dense\" or \"hashed\""),
+                ))
+            }
+        };
         match t.consistency.as_deref() {
             None | Some("sync") => {}
             Some("ssp") => {
@@ -325,7 +378,7 @@ impl JobSpec {
             l2: finite_at_least("train.l2", t.l2.unwrap_or(0.0), 0.0)?,
             seed: t.seed.unwrap_or(0),
             checkpoint_every,
-            standardize: t.standardize.unwrap_or(trains),
+            standardize: t.standardize.unwrap_or(trains && hash_bits.is_none()),
             local_steps,
             max_iter: t.max_iter.unwrap_or(100).max(1),
             tol: finite_at_least("train.tol", t.tol.unwrap_or(1e-4), 0.0)?,
@@ -346,6 +399,7 @@ impl JobSpec {
             },
             bins,
             mf,
+            hash_bits,
         })
     }
 

@@ -235,7 +235,7 @@ pub fn buckets_for(name: &str) -> &'static [f64] {
 }
 
 /// The label values of a job's `kind` (runtime/src/jobspec.rs `JobKind::as_str`).
-pub const JOB_KINDS: &[&str] = &["sgd", "local_sgd", "kmeans", "stats"];
+pub const JOB_KINDS: &[&str] = &["sgd", "local_sgd", "kmeans", "stats", "mf"];
 
 /// The closed label sets of the counters that may stay at zero for a long time, so they are
 /// exported (as 0) from the start: a dashboard or alert on them has data before the first event.
@@ -315,6 +315,7 @@ pub const ZERO_SERIES: &[(&str, &str, &[&str])] = &[
         "state",
         &["succeeded", "failed", "cancelled"],
     ),
+    (PARAM_VALUES, "kind", &["pull", "push"]),
     (JOB_STEPS, "kind", JOB_KINDS),
     (JOB_SAMPLES, "kind", JOB_KINDS),
     (TRANSPORT_DIALS, "result", &["ok", "error"]),
@@ -377,6 +378,11 @@ const ZERO_PAIRS: &[(&str, (&str, &[&str]), (&str, &[&str]))] = &[
         SHARD_OPS,
         ("op", &["put", "get", "incr", "add_tensor", "get_tensor"]),
         ("result", &["applied", "duplicate", "read", "error"]),
+    ),
+    (
+        PARAM_REQUESTS,
+        ("kind", &["pull", "push"]),
+        ("status", &["ok", "not_owner", "lost", "stale", "refused"]),
     ),
     (
         ADMIN_REQUESTS,

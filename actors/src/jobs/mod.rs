@@ -13,7 +13,8 @@
 //! - [`sgd`]: the synchronous-SGD step as a pure function of per-shard partials taken in
 //!   shard-id order, and per-shard minibatch selection (ARCHITECTURE.md, invariant 6).
 //! - [`ps`]: the parameter server's tables (rows spread over the shards, pushes applied in
-//!   source order at the step barrier); [`mf`]: matrix factorisation on them.
+//!   source order at the step barrier); [`mf`]: matrix factorisation on them; [`hashed`]:
+//!   logistic regression with hashed features, its weight vector sharded on them.
 //! - [`model_file`], [`model_dir`]: the exported model (JSON; a manifest plus safetensors).
 //!
 //! Nothing here knows about shards' placement, nodes or time: the job executor and the
@@ -21,6 +22,7 @@
 
 pub mod colstats;
 pub mod exact;
+pub mod hashed;
 pub mod job;
 pub mod kmeans;
 pub mod kmeans_job;
@@ -37,6 +39,8 @@ pub mod stats;
 pub mod stats_job;
 pub mod train;
 
+#[cfg(test)]
+mod hashed_tests;
 #[cfg(test)]
 mod kmeans_tests;
 #[cfg(test)]

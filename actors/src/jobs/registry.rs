@@ -10,6 +10,7 @@ use std::sync::Arc;
 use tidepool_runtime::control::DatasetRecord;
 use tidepool_runtime::jobspec::{JobKind, JobSpec};
 
+use super::hashed::HashedLogisticJob;
 use super::job::{Job, JobError, Partial, ShardData, StepReport, Task};
 use super::kmeans_job::KMeansJob;
 use super::mf::MfJob;
@@ -102,6 +103,12 @@ pub fn build(id: &str, spec: &JobSpec, ds: &DatasetRecord) -> Result<Arc<dyn Era
         rows: ds.rows,
     };
     Ok(match spec.kind {
+        JobKind::Sgd if spec.hash_bits.is_some() => Arc::new(HashedLogisticJob::new(
+            id,
+            spec.clone(),
+            ds.rows,
+            ds.shards,
+        )?),
         JobKind::Sgd | JobKind::LocalSgd => Arc::new(TrainJob::new(id, spec.clone(), shape)?),
         JobKind::Kmeans => Arc::new(KMeansJob::new(spec.clone(), ds.features.len(), ds.shards)),
         JobKind::Stats => Arc::new(StatsJob::new(&ds.features, &ds.label, spec.bins)),
