@@ -241,7 +241,7 @@ async fn mf_tables_identical_on_1_3_5_nodes_through_kill_join_and_drain() {
         .await
         .unwrap();
     let (hid, hashed) = run_spec(&client, HASHED).await;
-    assert_eq!(hashed["kind"], "hashed_logistic", "{hashed}");
+    assert_eq!(hashed["kind"], "ps_linear", "{hashed}");
     let hashed_one = tables(&client, &hid).await;
 
     // Three nodes.
@@ -400,4 +400,71 @@ fn cli_round_trip(c: &LocalCluster, id: &str, test: &[Rating]) {
         "python: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Digits (64 features, 10 classes) spread over a million columns: a softmax of 10 M
+/// parameters. Broadcast every step it cannot run (refused at submit with the frame numbers);
+/// with its columns sharded on the parameter server it trains, each step pulling only the rows
+/// its minibatch touches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ten_million_parameter_softmax_trains_on_the_parameter_server() {
+    const COLS: u64 = 1_000_000;
+    let digits = tidepool::datasets::builtin("digits").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("digits-wide.libsvm");
+    let mut text = String::new();
+    for r in 0..digits.rows {
+        text.push_str(&format!("{}", digits.y[r]));
+        for (j, &v) in digits.row(r).unwrap().iter().enumerate() {
+            if v != 0.0 {
+                // libsvm indices are 1-based; feature j lands on column j * 15625 (0-based).
+                text.push_str(&format!(" {}:{}", j as u64 * 15_625 + 1, v / 16.0));
+            }
+        }
+        if r == 0 {
+            // The widest column, so the dataset has a million.
+            text.push_str(&format!(" {COLS}:0.001"));
+        }
+        text.push('\n');
+    }
+    std::fs::write(&path, text).unwrap();
+    let mut c = LocalCluster::create(Path::new(BIN), 2, SHARDS, 2).unwrap();
+    c.start_all().unwrap();
+    c.wait_ready(Duration::from_secs(90)).await.unwrap();
+    let client = connect(&c).await;
+    settle(&client, 2).await;
+    let url = format!("file://{}", path.display());
+    let done = cli_json(&c, &["dataset", "import", &url, "--name", "wide", "--json"]);
+    assert_eq!(done["features"].as_u64(), Some(COLS), "{done}");
+
+    let spec = |features: &str| {
+        format!(
+            "[job]\nkind = \"sgd\"\ndataset = \"wide\"\n[model]\ntype = \"softmax\"\n\
+             classes = 10\n{features}\n[train]\nepochs = 6\nbatch_size = 64\n\
+             learning_rate = 0.5\nstandardize = false\nseed = 3\ncheckpoint_every = 40\n"
+        )
+    };
+    let broadcast = dir.path().join("broadcast.toml");
+    std::fs::write(&broadcast, spec("")).unwrap();
+    let out = c
+        .cli(&["job", "submit", broadcast.to_str().unwrap()])
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("max_frame_bytes"),
+        "a broadcast 10 M-parameter softmax is refused with the frame numbers: {err}"
+    );
+    let (id, result) = run_spec(&client, &spec("features = \"sharded\"")).await;
+    assert_eq!(result["columns"].as_u64(), Some(COLS), "{result}");
+    let acc = result["train_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.9, "train accuracy {acc}: {result}");
+    // Only the rows training touched are held: 64 feature columns (and the bias), not a million.
+    let held: usize = tables(&client, &id)
+        .await
+        .iter()
+        .map(|t| t.keys.len())
+        .sum();
+    assert!(held <= 66, "{held} rows saved");
+    client.close().await;
+    c.stop_all(Duration::from_secs(30)).await.unwrap();
 }

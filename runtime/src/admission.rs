@@ -93,8 +93,8 @@ pub fn shape(spec: &JobSpec, features: u64, shards: u32) -> JobShape {
         partial_extrema: cols.saturating_mul(2),
     };
     let job = match spec.kind {
-        // Hashed features: the weights live in the shards' parameter tables, as for mf.
-        JobKind::Sgd if spec.hash_bits.is_some() => JobShape {
+        // The weights live in the shards' parameter tables, as for mf.
+        JobKind::Sgd if spec.on_params() => JobShape {
             model_values: 8,
             broadcast_values: 2,
             partial_sums: 2,

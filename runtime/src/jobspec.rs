@@ -29,9 +29,8 @@
 //! ```
 //!
 //! Matrix factorisation (`kind = "mf"`) takes `[model] rank`, `user_column`, `item_column`; the
-//! dataset's label is the rating. Logistic regression with hashed features (`kind = "sgd"`,
-//! `[model] type = "logistic"`, `features = "hashed"`, `hash_bits = 24`) keeps its weight
-//! vector on the parameter server.
+//! dataset's label is the rating. `sgd` with `[model] features = "hashed"` (`hash_bits = 24`)
+//! or `features = "sharded"` keeps its weights on the parameter server.
 
 use serde::Deserialize;
 
@@ -115,9 +114,29 @@ pub struct JobSpec {
     pub bins: usize,
     /// Matrix factorisation: the model (`None` for other kinds).
     pub mf: Option<MfModel>,
-    /// `sgd` logistic regression with hashed features (`[model] features = "hashed"`): the
-    /// weight vector has `2^hash_bits` entries, sharded on the parameter server.
-    pub hash_bits: Option<u32>,
+    /// Where an `sgd` model's weights live: broadcast every step (the default), or rows on the
+    /// parameter server (`[model] features = "hashed"` or `"sharded"`).
+    pub features: FeatureMap,
+}
+
+/// Where an `sgd` model's weights live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FeatureMap {
+    /// The whole model travels to every node each step (`features = "dense"`, the default).
+    Broadcast,
+    /// Column `c` maps to weight `xxh3(c) mod 2^bits` (with a sign), the weights on the
+    /// parameter server (`features = "hashed"`, `hash_bits = bits`).
+    Hashed { bits: u32 },
+    /// Column `c` has its own row of weights (one per output) on the parameter server
+    /// (`features = "sharded"`): models wider than a frame.
+    Sharded,
+}
+
+impl JobSpec {
+    /// Whether the model lives on the parameter server.
+    pub fn on_params(&self) -> bool {
+        self.kind == JobKind::Mf || self.features != FeatureMap::Broadcast
+    }
 }
 
 /// Smallest and largest `model.hash_bits`.
@@ -292,7 +311,7 @@ impl JobSpec {
             }
             None
         };
-        let hash_bits = match raw.model.features.as_deref() {
+        let features = match raw.model.features.as_deref() {
             None | Some("dense") => {
                 if raw.model.hash_bits.is_some() {
                     return Err(invalid(
@@ -300,38 +319,54 @@ impl JobSpec {
                         "needs model.features = \"hashed\"",
                     ));
                 }
-                None
+                FeatureMap::Broadcast
             }
-            Some("hashed") => {
-                if kind != JobKind::Sgd || model != Some(ModelType::Logistic) {
+            Some(f @ ("hashed" | "sharded")) => {
+                if kind != JobKind::Sgd {
                     return Err(invalid(
                         "model.features",
-                        "\"hashed\" is for kind = \"sgd\" with type = \"logistic\"",
+                        format!("{f:?} is for kind = \"sgd\""),
                     ));
                 }
-                let bits = raw.model.hash_bits.unwrap_or(24);
-                if !HASH_BITS.contains(&bits) {
+                if model == Some(ModelType::Softmax) && raw.model.classes.is_none() {
                     return Err(invalid(
-                        "model.hash_bits",
-                        format!(
-                            "{bits} is outside {}..={}",
-                            HASH_BITS.start(),
-                            HASH_BITS.end()
-                        ),
+                        "model.classes",
+                        format!("required for softmax with features = {f:?}"),
                     ));
                 }
                 if t.standardize == Some(true) {
                     return Err(invalid(
                         "train.standardize",
-                        "hashed features are used as they are (no standardisation)",
+                        "parameter-server features are used as they are (no standardisation)",
                     ));
                 }
-                Some(bits)
+                if f == "sharded" {
+                    if raw.model.hash_bits.is_some() {
+                        return Err(invalid(
+                            "model.hash_bits",
+                            "needs model.features = \"hashed\"",
+                        ));
+                    }
+                    FeatureMap::Sharded
+                } else {
+                    let bits = raw.model.hash_bits.unwrap_or(24);
+                    if !HASH_BITS.contains(&bits) {
+                        return Err(invalid(
+                            "model.hash_bits",
+                            format!(
+                                "{bits} is outside {}..={}",
+                                HASH_BITS.start(),
+                                HASH_BITS.end()
+                            ),
+                        ));
+                    }
+                    FeatureMap::Hashed { bits }
+                }
             }
             Some(other) => {
                 return Err(invalid(
                     "model.features",
-                    format!("{other:?}: expected \"dense\" or \"hashed\""),
+                    format!("{other:?}: expected \"dense\", \"hashed\" or \"sharded\""),
                 ))
             }
         };
@@ -378,7 +413,9 @@ impl JobSpec {
             l2: finite_at_least("train.l2", t.l2.unwrap_or(0.0), 0.0)?,
             seed: t.seed.unwrap_or(0),
             checkpoint_every,
-            standardize: t.standardize.unwrap_or(trains && hash_bits.is_none()),
+            standardize: t
+                .standardize
+                .unwrap_or(trains && features == FeatureMap::Broadcast),
             local_steps,
             max_iter: t.max_iter.unwrap_or(100).max(1),
             tol: finite_at_least("train.tol", t.tol.unwrap_or(1e-4), 0.0)?,
@@ -399,7 +436,7 @@ impl JobSpec {
             },
             bins,
             mf,
-            hash_bits,
+            features,
         })
     }
 

@@ -13,8 +13,8 @@
 //! - [`sgd`]: the synchronous-SGD step as a pure function of per-shard partials taken in
 //!   shard-id order, and per-shard minibatch selection (ARCHITECTURE.md, invariant 6).
 //! - [`ps`]: the parameter server's tables (rows spread over the shards, pushes applied in
-//!   source order at the step barrier); [`mf`]: matrix factorisation on them; [`hashed`]:
-//!   logistic regression with hashed features, its weight vector sharded on them.
+//!   source order at the step barrier); [`mf`]: matrix factorisation on them; [`ps_linear`]:
+//!   linear, logistic and softmax regression with hashed or sharded feature columns on them.
 //! - [`model_file`], [`model_dir`]: the exported model (JSON; a manifest plus safetensors).
 //!
 //! Nothing here knows about shards' placement, nodes or time: the job executor and the
@@ -22,7 +22,6 @@
 
 pub mod colstats;
 pub mod exact;
-pub mod hashed;
 pub mod job;
 pub mod kmeans;
 pub mod kmeans_job;
@@ -32,6 +31,7 @@ pub mod model_dir;
 pub mod model_file;
 pub mod models;
 pub mod ps;
+pub mod ps_linear;
 pub mod registry;
 pub mod rng;
 pub mod sgd;
@@ -40,13 +40,13 @@ pub mod stats_job;
 pub mod train;
 
 #[cfg(test)]
-mod hashed_tests;
-#[cfg(test)]
 mod kmeans_tests;
 #[cfg(test)]
 mod mf_tests;
 #[cfg(test)]
 mod models_tests;
+#[cfg(test)]
+mod ps_linear_tests;
 #[cfg(test)]
 mod registry_tests;
 #[cfg(test)]

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use tidepool_runtime::control::DatasetRecord;
 use tidepool_runtime::jobspec::{JobKind, JobSpec};
 
-use super::hashed::HashedLogisticJob;
 use super::job::{Job, JobError, Partial, ShardData, StepReport, Task};
 use super::kmeans_job::KMeansJob;
 use super::mf::MfJob;
 use super::ps::{ParamModel, ParamPhase, ParamTable, Rows};
+use super::ps_linear::PsLinearJob;
 use super::stats_job::StatsJob;
 use super::train::{DatasetShape, TrainJob};
 
@@ -103,9 +103,10 @@ pub fn build(id: &str, spec: &JobSpec, ds: &DatasetRecord) -> Result<Arc<dyn Era
         rows: ds.rows,
     };
     Ok(match spec.kind {
-        JobKind::Sgd if spec.hash_bits.is_some() => Arc::new(HashedLogisticJob::new(
+        JobKind::Sgd if spec.on_params() => Arc::new(PsLinearJob::new(
             id,
             spec.clone(),
+            ds.feature_count() as u64,
             ds.rows,
             ds.shards,
         )?),
