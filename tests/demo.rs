@@ -1,5 +1,6 @@
 //! The README's demo command runs for real: a local cluster trains through a kill -9 and beats
-//! or matches smartcore; it names model files only when it keeps them (`--keep`).
+//! or matches smartcore; it names model files only when it keeps them (`--keep`). `demo
+//! --recommend` trains matrix factorisation through a kill -9 to the single-process reference.
 
 #![allow(clippy::unwrap_used)]
 
@@ -45,4 +46,39 @@ fn demo_trains_through_a_kill_and_names_files_only_when_kept() {
         .find_map(|l| l.strip_prefix("logs and certificates kept in "))
         .unwrap_or_else(|| panic!("--keep names its dir:\n{out}"));
     std::fs::remove_dir_all(kept.trim()).unwrap();
+}
+
+/// The number at the end of the line starting (after indentation) with `label`.
+fn number_after(out: &str, label: &str) -> f64 {
+    out.lines()
+        .find(|l| l.trim_start().starts_with(label))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("a line {label:?} ending in a number:\n{out}"))
+}
+
+#[test]
+fn recommend_demo_trains_through_a_kill_to_the_reference() {
+    // Fewer epochs and shards than the defaults keep it fast; the checks are the same.
+    let out = demo(&["--recommend", "--epochs", "4", "--shards", "16"]);
+    assert!(out.contains("with SIGKILL"), "a node was killed:\n{out}");
+    assert!(
+        !out.contains("killed n1 "),
+        "n1 (maybe the only voter) is spared:\n{out}"
+    );
+    assert!(
+        out.contains("rolled back to its last saved tables (rollbacks: "),
+        "{out}"
+    );
+    let ours = number_after(&out, "tidepool (3 nodes, one killed mid-job)");
+    let reference = number_after(&out, "single-process reference");
+    let mean = number_after(&out, "predicting the mean rating");
+    assert!((ours - reference).abs() <= 0.02 * reference, "{out}");
+    assert!(ours < 0.8 * mean, "the model learned something:\n{out}");
+    assert!(out.contains("bit for bit: yes"), "{out}");
+    for user in ["user 0: ", "user 1: ", "user 2: "] {
+        assert!(out.contains(user), "recommendations for {user}:\n{out}");
+    }
+    assert!(!out.contains("model written to"), "{out}");
+    assert!(out.contains("demo OK"), "{out}");
 }

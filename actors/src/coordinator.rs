@@ -10,15 +10,16 @@
 //! coordinator resumes from the newest checkpoint and re-runs only the steps after it. Because
 //! maps are pure and merging is exact, the re-run steps give bit-identical results.
 
-use std::collections::{BTreeMap, BTreeSet};
+mod scatter;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use tidepool_runtime::admission;
-use tidepool_runtime::codec::{Body, Dest, Envelope, JobPartial, JobTask, ShardEpoch};
 use tidepool_runtime::control::{
-    ClusterMap, Command, ControlPlane, JobRecord, JobState, JobUpdate, NodeId,
+    ClusterMap, Command, ControlPlane, JobRecord, JobState, JobUpdate,
 };
 use tidepool_runtime::jobspec::JobSpec;
 use tidepool_runtime::metrics as m;
@@ -27,8 +28,9 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::job_exec::JobExecutor;
-use crate::jobs::job::{sums_from_wire, ExactSum, Task};
-use crate::jobs::registry::JobDriver;
+use crate::jobs::job::{ExactSum, Task};
+use crate::jobs::ps::ParamPhase;
+use crate::jobs::registry::{ErasedJob, JobDriver};
 use crate::router::Router;
 
 /// How long one node may take for one step's task before it is asked again.
@@ -179,7 +181,20 @@ struct Coordinator<'a> {
     gen_epochs: Vec<u64>,
     /// Whether the job keeps its model in the shards' parameter tables.
     params: bool,
+    job: Arc<dyn ErasedJob>,
+    /// `ssp`: train steps that may run ahead of the oldest unreduced one (0: `sync`).
+    staleness: u64,
 }
+
+/// Steps sent ahead under `ssp` (their tasks, and their scatters in the same order).
+#[derive(Default)]
+struct Ahead<'a> {
+    tasks: std::collections::VecDeque<Task>,
+    running: futures::stream::FuturesOrdered<StepFuture<'a>>,
+}
+
+type StepFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Scattered, Stop>> + Send + 'a>>;
 
 /// What one step's scatter gave.
 enum Scattered {
@@ -224,7 +239,7 @@ impl<'a> Coordinator<'a> {
             .job(&rec.id, &rec.spec, ds)
             .map_err(|e| Stop::Failed(e.to_string()))?;
         let params = job.param_model().is_some();
-        let mut driver = job.driver();
+        let mut driver = job.clone().driver();
         let mut step = 0;
         let ckpts = ctx
             .store
@@ -252,6 +267,7 @@ impl<'a> Coordinator<'a> {
             .get(rec.coordinator_shard as usize)
             .map_or(0, |a| a.epoch);
         let base = driver.base();
+        let staleness = if params { spec.staleness } else { 0 };
         Ok(Coordinator {
             ctx,
             rec: rec.clone(),
@@ -263,31 +279,13 @@ impl<'a> Coordinator<'a> {
             base,
             gen_epochs: Vec::new(),
             params,
+            job,
+            staleness,
         })
     }
 
     fn check(&self) -> Result<(), Stop> {
-        if self
-            .ctx
-            .router
-            .serving(self.rec.coordinator_shard)
-            .is_none()
-        {
-            return Err(Stop::Moved);
-        }
-        match self
-            .ctx
-            .router
-            .map()
-            .jobs
-            .get(&self.rec.id)
-            .map(|j| j.state)
-        {
-            Some(JobState::Cancelled) => Err(Stop::Cancelled),
-            Some(s) if s.is_terminal() => Err(Stop::Moved),
-            Some(_) => Ok(()),
-            None => Err(Stop::Failed("job record is gone".into())),
-        }
+        scatter::check(self.ctx, &self.rec)
     }
 
     async fn checkpoint(&self) -> Result<(), Stop> {
@@ -342,12 +340,20 @@ impl<'a> Coordinator<'a> {
         let mut last_report = Instant::now();
         let mut window_rows = 0u64;
         let mut loss = None;
+        let mut ahead = Ahead::default();
         while let Some(task) = self.driver.next_task() {
             self.check()?;
             let started = Instant::now();
-            let merged = match self.scatter(&task).await? {
+            let result = if self.staleness > 0 {
+                self.pipelined(&task, &mut ahead).await?
+            } else {
+                let complete = self.complete_at(&task);
+                self.scatter(&task, complete).await?
+            };
+            let merged = match result {
                 Scattered::Done(m) => m,
                 Scattered::Lost => {
+                    ahead = Ahead::default();
                     self.base = self.driver.rollback();
                     self.gen += 1;
                     self.gen_epochs.clear();
@@ -420,176 +426,74 @@ impl<'a> Coordinator<'a> {
         Ok(())
     }
 
-    /// One step over every shard: returns the exact merge of all shards' partials.
-    async fn scatter(&mut self, task: &Task) -> Result<Scattered, Stop> {
-        let shards = self.ctx.router.map().shard_count();
-        let mut pending: BTreeSet<u32> = (0..shards).collect();
-        let mut acc = ExactSum::default();
-        let mut backoff = Duration::from_millis(20);
-        // A task too large for a frame can never be sent: fail the job with the numbers rather
-        // than retry it for ever (softmax learns its class count only at run time).
-        let values = task.broadcast.len() as u64;
-        let bytes = admission::task_bytes(values, self.rec.spec.len() as u64);
-        let limits = self.ctx.exec.limits().admission;
-        admission::check_frame("task", bytes, values, &limits)
-            .map_err(|e| Stop::Failed(format!("step {}: {e}", self.step)))?;
-        loop {
-            if pending.is_empty() {
-                return Ok(Scattered::Done(acc));
-            }
-            self.check()?;
+    /// `ssp`: the result of `task` (the driver's next), with up to `staleness` later train
+    /// steps in flight beside it. Every step in flight names as `complete` the train steps
+    /// reduced when it was sent, so its reads lack at most the `staleness` steps before it.
+    async fn pipelined(&mut self, task: &Task, ahead: &mut Ahead<'a>) -> Result<Scattered, Stop> {
+        if ahead.tasks.front() != Some(task) {
+            // Not what was sent ahead (a save, the statistics pass, a rollback): start afresh.
+            *ahead = Ahead::default();
+        }
+        if self.params && self.gen_epochs.is_empty() {
             let map = self.map_rx.borrow_and_update().clone();
-            if self.params {
-                let epochs: Vec<u64> = map.shards.iter().map(|a| a.epoch).collect();
-                if self.gen_epochs.is_empty() {
-                    self.gen_epochs = epochs;
-                } else if epochs != self.gen_epochs {
-                    // A table moved since the generation began: whatever its new owner holds
-                    // is not the generation's (invariant 6 for the parameter server).
-                    return Ok(Scattered::Lost);
-                }
-            }
-            let this = &*self;
-            let mut by_node: BTreeMap<String, Vec<ShardEpoch>> = BTreeMap::new();
-            for &s in &pending {
-                if let Some(a) = map.shards.get(s as usize) {
-                    if let Some(owner) = &a.owner {
-                        by_node
-                            .entry(owner.to_string())
-                            .or_default()
-                            .push(ShardEpoch {
-                                shard: s,
-                                epoch: a.epoch,
-                            });
-                    }
-                }
-            }
-            let requests = by_node.into_iter().map(|(node, list)| {
-                let msg = JobTask {
-                    job: this.rec.id.clone(),
-                    spec: this.rec.spec.clone(),
-                    dataset: this.rec.dataset.clone(),
-                    step: this.step,
-                    phase: task.phase,
-                    shards: list.clone(),
-                    broadcast: task.broadcast.clone(),
-                    gen: this.gen,
-                    base: this.base,
-                    epochs: this.gen_epochs.clone(),
-                };
-                let map_rx = this.map_rx.clone();
-                async move {
-                    let ask = this.ask(&node, msg);
-                    tokio::select! {
-                        r = ask => (list, Some(r)),
-                        () = moved(map_rx, list.clone()) => (list, None),
-                    }
-                }
-            });
-            let replies = futures::future::join_all(requests).await;
-            let mut progressed = false;
-            for (list, reply) in replies {
-                let asked: BTreeSet<u32> = list.iter().map(|s| s.shard).collect();
-                match reply {
-                    Some(Ok(p)) => {
-                        if let Some(e) = p.error {
-                            return Err(Stop::Failed(e));
-                        }
-                        if p.lost {
-                            return Ok(Scattered::Lost);
-                        }
-                        let done: BTreeSet<u32> = p.done.iter().copied().collect();
-                        let valid = done.len() == p.done.len()
-                            && done.is_subset(&asked)
-                            && done.is_subset(&pending);
-                        if !valid {
-                            warn!(job = %self.rec.id, "partial names shards it was not asked for; dropped");
-                            continue;
-                        }
-                        let sum = sums_from_wire(&p.sum, &p.wide)
-                            .map_err(|e| Stop::Failed(e.to_string()))?;
-                        let part = ExactSum {
-                            rows: p.rows,
-                            sum,
-                            min: p.min,
-                            max: p.max,
-                        };
-                        acc.merge(&part).map_err(|e| Stop::Failed(e.to_string()))?;
-                        for s in &done {
-                            pending.remove(s);
-                        }
-                        progressed |= !done.is_empty();
-                        let refused = asked.len() - done.len();
-                        metrics::counter!(m::JOB_RETRIES).increment(refused as u64);
-                    }
-                    Some(Err(e)) => {
-                        metrics::counter!(m::JOB_RETRIES).increment(asked.len() as u64);
-                        warn!(job = %self.rec.id, error = %e, "task not answered; retrying");
-                    }
-                    None => {
-                        metrics::counter!(m::JOB_RETRIES).increment(asked.len() as u64);
-                    }
-                }
-            }
-            if !pending.is_empty() {
-                // Wait for the map to move the missing shards (or a short backoff), then retry.
-                backoff = if progressed {
-                    Duration::from_millis(20)
-                } else {
-                    (backoff * 2).min(Duration::from_millis(500))
-                };
-                let _ = tokio::time::timeout(backoff, self.map_rx.changed()).await;
-            }
+            self.gen_epochs = map.shards.iter().map(|a| a.epoch).collect();
+        }
+        let complete = self.complete_at(task);
+        while ahead.tasks.len() as u64 <= self.staleness {
+            let k = ahead.tasks.len() as u64;
+            let next = if k == 0 {
+                Some(task.clone())
+            } else {
+                self.driver.task_ahead(k)
+            };
+            let Some(next) = next else { break };
+            let at = scatter::StepAt {
+                step: self.step + k,
+                gen: self.gen,
+                base: self.base,
+                complete,
+                epochs: self.gen_epochs.clone(),
+            };
+            let (ctx, rec, rx, t) = (
+                self.ctx,
+                self.rec.clone(),
+                self.map_rx.clone(),
+                next.clone(),
+            );
+            ahead.running.push_back(Box::pin(async move {
+                scatter::scatter(ctx, &rec, rx, &t, at).await
+            }));
+            ahead.tasks.push_back(next);
+        }
+        ahead.tasks.pop_front();
+        match ahead.running.next().await {
+            Some(r) => r,
+            None => Err(Stop::Failed("no step in flight".into())),
         }
     }
 
-    async fn ask(&self, node: &str, task: JobTask) -> Result<JobPartial, AskError> {
-        if node == self.ctx.me {
-            return Ok(self.ctx.exec.run(task).await);
-        }
-        let link = self.ctx.router.transport().link(node).await?;
-        let env = Envelope::new(
-            &self.ctx.me,
-            Dest::Node(node.to_string()),
-            0,
-            Body::JobTask(task),
-        );
-        let frame = link.request(env, TASK_TIMEOUT).await?;
-        match frame.to_owned_envelope()?.body {
-            Body::JobPartial(p) => Ok(p),
-            Body::Error { code, message } => Err(AskError::Refused { code, message }),
-            _ => Err(AskError::Unexpected),
+    /// The train steps fully reduced when `task` runs alone (it is the next one).
+    fn complete_at(&self, task: &Task) -> u64 {
+        match self.job.param_model().map(|m| m.phase(task)) {
+            Some(ParamPhase::Train { step } | ParamPhase::Save { step, .. }) => step,
+            _ => 0,
         }
     }
-}
 
-/// Resolves once any of `shards` has a different owner or epoch than when it was sent.
-async fn moved(mut rx: watch::Receiver<Arc<ClusterMap>>, shards: Vec<ShardEpoch>) {
-    let sent: Vec<(u32, Option<NodeId>, u64)> = {
-        let map = rx.borrow_and_update();
-        shards
-            .iter()
-            .map(|s| {
-                let owner = map
-                    .shards
-                    .get(s.shard as usize)
-                    .and_then(|a| a.owner.clone());
-                (s.shard, owner, s.epoch)
-            })
-            .collect()
-    };
-    loop {
-        if rx.changed().await.is_err() {
-            return std::future::pending().await;
+    /// One step over every shard at the coordinator's step: the exact merge of all shards'
+    /// partials (for a parameter-server job, `complete` is the train steps fully reduced).
+    async fn scatter(&mut self, task: &Task, complete: u64) -> Result<Scattered, Stop> {
+        if self.params && self.gen_epochs.is_empty() {
+            let map = self.map_rx.borrow_and_update().clone();
+            self.gen_epochs = map.shards.iter().map(|a| a.epoch).collect();
         }
-        let map = rx.borrow_and_update();
-        let changed = sent.iter().any(|(s, owner, epoch)| {
-            map.shards
-                .get(*s as usize)
-                .is_none_or(|a| a.owner != *owner || a.epoch != *epoch)
-        });
-        if changed {
-            return;
-        }
+        let at = scatter::StepAt {
+            step: self.step,
+            gen: self.gen,
+            base: self.base,
+            complete,
+            epochs: self.gen_epochs.clone(),
+        };
+        scatter::scatter(self.ctx, &self.rec, self.map_rx.clone(), task, at).await
     }
 }

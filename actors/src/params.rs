@@ -115,6 +115,8 @@ pub struct At {
     /// The epoch the request names for the shard.
     pub epoch: u64,
     pub step: u64,
+    /// Train steps whose pushes were all acknowledged (see `ParamPull::complete`).
+    pub complete: u64,
 }
 
 /// The generation and base a request names.
@@ -170,14 +172,20 @@ impl ParamServer {
         at: At,
         f: impl FnOnce(&mut ParamTable) -> Result<T, TableError>,
     ) -> Result<T, ParamError> {
-        let At { shard, epoch, step } = at;
+        let At {
+            shard,
+            epoch,
+            step,
+            complete,
+        } = at;
         if !self.router.serves_now(shard, epoch) {
             return Err(ParamError::NotOwner { shard, epoch });
         }
         let slot = self.slot(job, g.gen, shard)?;
         let mut guard = slot.lock().await;
         if guard.as_ref().is_none_or(|s| s.epoch != epoch) {
-            if step != g.base {
+            // Only while nothing of this generation is complete may a table be (re)loaded.
+            if complete != g.base {
                 *guard = None;
                 metrics::counter!(m::PARAM_TABLES_LOST).increment(1);
                 return Err(ParamError::Lost {
@@ -285,8 +293,8 @@ impl ParamServer {
                     model,
                     &req.job,
                     g,
-                    at(part.shard, part.epoch, req.step),
-                    |t| t.pull(model, req.step, &part.keys, &mut values),
+                    at(part.shard, part.epoch, req.step, req.complete),
+                    |t| t.pull(model, req.complete, &part.keys, &mut values),
                 )
                 .await;
             if let Err(e) = r {
@@ -316,8 +324,11 @@ impl ParamServer {
                     model,
                     &req.job,
                     g,
-                    at(part.shard, part.epoch, req.step),
-                    |t| t.push(model, req.step, part.source, &part.keys, &part.grads),
+                    at(part.shard, part.epoch, req.step, req.complete),
+                    |t| {
+                        let when = (req.step, req.complete);
+                        t.push(model, when, part.source, &part.keys, &part.grads)
+                    },
                 )
                 .await;
             match r {
@@ -411,8 +422,13 @@ impl ParamServer {
     }
 }
 
-fn at(shard: u32, epoch: u64, step: u64) -> At {
-    At { shard, epoch, step }
+fn at(shard: u32, epoch: u64, step: u64, complete: u64) -> At {
+    At {
+        shard,
+        epoch,
+        step,
+        complete,
+    }
 }
 
 fn status_label(s: ParamStatus) -> &'static str {

@@ -3,7 +3,9 @@
 //! dataset's training split, trains logistic regression with synchronous data-parallel SGD,
 //! kills -9 the node running the job's coordinator a third of the way (its shards and the coordinator
 //! move; the job resumes from its checkpoint), then scores the model on the held-out split
-//! beside smartcore's single-node logistic regression on the same split.
+//! beside smartcore's single-node logistic regression on the same split. With `--recommend`
+//! the same cluster runs matrix factorisation on the parameter server instead
+//! ([`crate::demo_recommend`]).
 
 use std::time::{Duration, Instant};
 
@@ -24,6 +26,8 @@ pub struct DemoOptions {
     pub keep: bool,
     /// Kill the coordinator's node a third of the way through the job.
     pub kill: bool,
+    /// Run the recommendation demo ([`crate::demo_recommend`]) instead.
+    pub recommend: bool,
 }
 
 /// The job the demo runs.
@@ -50,7 +54,8 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
     let voters = opts.nodes.min(3);
     let mut cluster = LocalCluster::create(&exe, opts.nodes, opts.shards, voters)?;
     println!(
-        "tidepool demo: {} nodes ({} voters), {} shards, temp dir {}",
+        "tidepool demo{}: {} nodes ({} voters), {} shards, temp dir {}",
+        if opts.recommend { " --recommend" } else { "" },
         opts.nodes,
         voters,
         opts.shards,
@@ -63,7 +68,11 @@ pub async fn run(opts: DemoOptions) -> Result<()> {
         "cluster is ready after {:.1?} (every node's /readyz answers 200)",
         started.elapsed()
     );
-    let result = train_and_score(&mut cluster, &opts).await;
+    let result = if opts.recommend {
+        crate::demo_recommend::train_and_recommend(&mut cluster, &opts).await
+    } else {
+        train_and_score(&mut cluster, &opts).await
+    };
     let statuses = cluster.stop_all(Duration::from_secs(30)).await?;
     let clean = statuses.iter().all(|s| s.success());
     if opts.keep || result.is_err() || !clean {

@@ -131,24 +131,37 @@ async fn run_job(
 
     let text = spec(opts.epochs);
     let id = jobs_cli::submit(client, &text).await?;
+    let submitted = Instant::now();
     println!(
         "submitted {id}: matrix factorisation, rank {RANK}, {} epochs; the embeddings are \
          parameter tables on the shards, saved every 10 steps",
         opts.epochs
     );
-    let killed = follow(cluster, client, &id, opts.kill).await?;
+    let (killed, coordinator) = follow(cluster, client, &id, opts.kill).await?;
     let doc = jobs_cli::result(client, &id).await?;
     let rollbacks = doc["rollbacks"].as_u64().unwrap_or(0);
     let train_rmse = doc["train_rmse"].as_f64().unwrap_or(f64::NAN);
     let steps = doc["steps"].as_u64().unwrap_or(0);
-    if let Some(victim) = &killed {
+    if let Some(k) = &killed {
+        if k.coordinator {
+            println!(
+                "  the coordinator moved to {} and resumed from its last checkpoint",
+                coordinator.as_deref().unwrap_or("?")
+            );
+        }
+        let what = if rollbacks > 0 {
+            "the job rolled back to its last saved tables"
+        } else {
+            "the job went on without a rollback"
+        };
         println!(
-            "  the job rolled back to its saved tables {rollbacks} time(s) and finished \
-             (killed {victim})"
+            "  {}'s shards moved to the nodes left; {what} (rollbacks: {rollbacks})",
+            k.name
         );
     }
     println!(
-        "  finished: {steps} train steps, rollbacks {rollbacks}, final train RMSE {train_rmse:.4}"
+        "  finished in {:.1?}: {steps} train steps, final train RMSE {train_rmse:.4}",
+        submitted.elapsed()
     );
 
     // The model directory, as `tidepool job result ID --out DIR` writes it.
@@ -217,7 +230,9 @@ async fn run_job(
             ratings_csv::LABEL
         );
     }
-    if !((ours.rmse - ref_rmse).abs() <= RMSE_TOLERANCE * ref_rmse) {
+    // NaN (a diverged model) is not within anything.
+    let within = (ours.rmse - ref_rmse).abs() <= RMSE_TOLERANCE * ref_rmse;
+    if !within {
         bail!(
             "test RMSE {:.4} is not within {}% of the reference's {ref_rmse:.4}",
             ours.rmse,
@@ -227,41 +242,53 @@ async fn run_job(
     Ok(())
 }
 
+/// The node [`follow`] killed.
+struct Killed {
+    name: String,
+    /// It was running the job's coordinator.
+    coordinator: bool,
+}
+
 /// Polls job `id` every 10 ms to its end; with `kill`, a third of the way through kills -9 a
-/// node owning parameter shards (the coordinator's unless that is n1, which may be the only
-/// voter). Returns the victim's name.
+/// node owning parameter shards ([`victim`]). Returns the victim and the node running the
+/// coordinator at the end.
 async fn follow(
     cluster: &mut LocalCluster,
     client: &ClusterClient,
     id: &str,
     kill: bool,
-) -> Result<Option<String>> {
+) -> Result<(Option<Killed>, Option<String>)> {
     let mut killed = None;
+    let mut tried = !kill;
     let deadline = Instant::now() + Duration::from_secs(300);
     let rec = loop {
         let rec = jobs_cli::status(client, id).await?;
         if rec.state.is_terminal() {
             break rec;
         }
-        if kill && killed.is_none() && rec.steps > 0 && rec.step * 3 >= rec.steps {
-            if let Some((i, owned, shards)) =
-                victim(cluster, client, rec.coordinator.as_deref()).await?
-            {
-                let name = cluster.nodes[i].name.clone();
-                cluster.kill(i).await?;
-                let role = if rec.coordinator.as_deref() == Some(name.as_str()) {
-                    ", running the coordinator"
-                } else {
-                    ""
-                };
-                println!(
-                    "  step {}/{} train RMSE {:.4}: killed {name} (owner of {owned} of {shards} \
-                     shards' tables{role}) with SIGKILL",
-                    rec.step,
-                    rec.steps,
-                    rec.loss.unwrap_or(f64::NAN)
-                );
-                killed = Some(name);
+        if !tried && rec.steps > 0 && rec.step * 3 >= rec.steps {
+            tried = true;
+            let coord = rec.coordinator.as_deref();
+            match victim(cluster, client, coord).await? {
+                Some((i, owned, shards)) => {
+                    let name = cluster.nodes[i].name.clone();
+                    cluster.kill(i).await?;
+                    let coordinator = coord == Some(name.as_str());
+                    println!(
+                        "  step {}/{} train RMSE {:.4}: killed {name} (owner of {owned} of \
+                         {shards} shards and their tables{}) with SIGKILL",
+                        rec.step,
+                        rec.steps,
+                        rec.loss.unwrap_or(f64::NAN),
+                        if coordinator {
+                            ", running the coordinator"
+                        } else {
+                            ""
+                        }
+                    );
+                    killed = Some(Killed { name, coordinator });
+                }
+                None => println!("  no node but n1 owns shards: nothing to kill"),
             }
         }
         if Instant::now() > deadline {
@@ -276,42 +303,36 @@ async fn follow(
             rec.error.as_deref().unwrap_or("no reason given")
         );
     }
-    Ok(killed)
+    Ok((killed, rec.coordinator))
 }
 
-/// The node to kill: the coordinator's if it is not n1, else the other running node owning
-/// the most shards; with the shards it owns and the cluster's. `None` when only n1 owns any.
+/// The node to kill, never n1 (it may be the only voter): the running node owning the most
+/// shards that does not run the job's coordinator (so what it takes down is tables, and the
+/// job rolls back to the saved ones), else the coordinator's; with the shards it owns and the
+/// cluster's. `None` when no other node owns any.
 async fn victim(
     cluster: &mut LocalCluster,
     client: &ClusterClient,
     coordinator: Option<&str>,
 ) -> Result<Option<(usize, usize, usize)>> {
     let shards = client.shards().await?;
-    let owned = |name: &str| {
-        shards
-            .iter()
-            .filter(|s| s.owner.as_deref() == Some(name))
-            .count()
-    };
-    let mut best: Option<(usize, usize)> = None;
+    let mut best: Option<(bool, usize, usize)> = None;
     for i in 0..cluster.nodes.len() {
         let name = cluster.nodes[i].name.clone();
         if name == "n1" || !cluster.running(i) {
             continue;
         }
-        let n = owned(&name);
-        if n == 0 {
-            continue;
-        }
-        if coordinator == Some(name.as_str()) {
-            best = Some((i, n));
-            break;
-        }
-        if best.is_none_or(|(_, m)| n > m) {
-            best = Some((i, n));
+        let owned = shards
+            .iter()
+            .filter(|s| s.owner.as_deref() == Some(name.as_str()))
+            .count();
+        // Best: not the coordinator, then the most shards.
+        let key = (coordinator != Some(name.as_str()), owned, i);
+        if owned > 0 && best.is_none_or(|(c, n, _)| (key.0, key.1) > (c, n)) {
+            best = Some(key);
         }
     }
-    Ok(best.map(|(i, n)| (i, n, shards.len())))
+    Ok(best.map(|(_, n, i)| (i, n, shards.len())))
 }
 
 /// Whether the model directory's embeddings and `mu` equal the reference's bit for bit; the

@@ -9,6 +9,7 @@
 //! - [`hostile`]: hostile peers (F9), shared by tests/hostile.rs and the chaos harness.
 //! - [`http`]: a minimal HTTP/1.1 GET for polling admin endpoints.
 //! - [`demo`]: `tidepool demo`: logistic regression on breast cancer across a node kill.
+//! - [`demo_recommend`]: `tidepool demo --recommend`: matrix factorisation across a node kill.
 //! - [`kv_demo`]: `tidepool demo --kv`: the exactly-once key-value demo.
 //! - [`conn`]: client connection flags.
 //! - [`cli_docs`]: shell completions and man pages from the clap definitions.

@@ -10,7 +10,7 @@ use tidepool::conn::{connect, Conn};
 use tidepool::exit::Exit;
 use tidepool::jobs_cmd::{self, DatasetCmd, JobCmd};
 use tidepool::members_cmd;
-use tidepool::{cli_docs, daemon, demo, kv_demo};
+use tidepool::{cli_docs, daemon, demo, demo_recommend, kv_demo};
 use tidepool_runtime::certs::{self, Role, Subject, Validity};
 
 #[derive(Parser, Debug)]
@@ -37,7 +37,8 @@ enum LogFormat {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Start a throwaway 3-node cluster, train logistic regression on breast cancer across a
-    /// kill -9, compare with smartcore, stop. `--kv` runs the exactly-once key-value demo.
+    /// kill -9, compare with smartcore, stop. `--recommend` trains matrix factorisation on the
+    /// parameter server instead; `--kv` runs the exactly-once key-value demo.
     Demo {
         /// Nodes to start.
         #[arg(long, default_value_t = 3)]
@@ -45,9 +46,13 @@ enum Cmd {
         /// Shards in the cluster.
         #[arg(long, default_value_t = 64)]
         shards: u32,
-        /// Training epochs.
-        #[arg(long, default_value_t = 20)]
-        epochs: u64,
+        /// Training epochs [default: 20; with --recommend 8].
+        #[arg(long)]
+        epochs: Option<u64>,
+        /// Run the recommendation demo instead: matrix factorisation of synthetic ratings,
+        /// compared with the single-process reference, then top items for a few users.
+        #[arg(long, conflicts_with = "kv")]
+        recommend: bool,
         /// Run the key-value exactly-once demo instead.
         #[arg(long)]
         kv: bool,
@@ -436,6 +441,7 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
             nodes,
             shards,
             epochs,
+            recommend,
             kv,
             ops,
             keys,
@@ -457,12 +463,18 @@ async fn dispatch(cmd: Cmd) -> Result<()> {
                 })
                 .await;
             }
+            let epochs = epochs.unwrap_or(if recommend {
+                demo_recommend::DEFAULT_EPOCHS
+            } else {
+                20
+            });
             demo::run(demo::DemoOptions {
                 nodes,
                 shards,
                 epochs,
                 keep,
                 kill: !no_kill,
+                recommend,
             })
             .await
         }

@@ -25,7 +25,8 @@
 //! n_init = 1                # kmeans: runs side by side (one data pass each step); best kept
 //! init_candidates = 3       # kmeans: greedy k-means++ candidates per centre (2 + ln k)
 //! bins = 10                 # stats: histogram bins
-//! consistency = "sync"      # mf, hashed logistic: sync (the only one so far)
+//! consistency = "sync"      # parameter-server models: sync, or ssp (bounded staleness)
+//! staleness = 4             # ssp: train steps that may run ahead of the oldest unfinished
 //! ```
 //!
 //! Matrix factorisation (`kind = "mf"`) takes `[model] rank`, `user_column`, `item_column`; the
@@ -117,7 +118,13 @@ pub struct JobSpec {
     /// Where an `sgd` model's weights live: broadcast every step (the default), or rows on the
     /// parameter server (`[model] features = "hashed"` or `"sharded"`).
     pub features: FeatureMap,
+    /// `consistency = "ssp"`: train steps that may run ahead of the oldest unfinished one
+    /// (`staleness`, default 4); 0 for `sync`.
+    pub staleness: u64,
 }
+
+/// Largest `train.staleness`.
+pub const MAX_STALENESS: u64 = 64;
 
 /// Where an `sgd` model's weights live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -370,27 +377,40 @@ impl JobSpec {
                 ))
             }
         };
-        match t.consistency.as_deref() {
-            None | Some("sync") => {}
+        let on_params = kind == JobKind::Mf || features != FeatureMap::Broadcast;
+        let staleness = match t.consistency.as_deref() {
+            None | Some("sync") => {
+                if t.staleness.is_some() {
+                    return Err(invalid(
+                        "train.staleness",
+                        "applies to consistency = \"ssp\" only",
+                    ));
+                }
+                0
+            }
+            Some("ssp") if on_params => match t.staleness.unwrap_or(4) {
+                s @ 1..=MAX_STALENESS => s,
+                s => {
+                    return Err(invalid(
+                        "train.staleness",
+                        format!("{s} is outside 1..={MAX_STALENESS}"),
+                    ))
+                }
+            },
             Some("ssp") => {
                 return Err(invalid(
                     "train.consistency",
-                    "\"ssp\" (bounded staleness) is not supported yet; use \"sync\"",
+                    "\"ssp\" is for models on the parameter server \
+                     (mf, or features = \"hashed\" or \"sharded\")",
                 ))
             }
             Some(other) => {
                 return Err(invalid(
                     "train.consistency",
-                    format!("{other:?}: expected \"sync\""),
+                    format!("{other:?}: expected \"sync\" or \"ssp\""),
                 ))
             }
-        }
-        if t.staleness.is_some() {
-            return Err(invalid(
-                "train.staleness",
-                "applies to consistency = \"ssp\" only",
-            ));
-        }
+        };
         let bins = t.bins.unwrap_or(10);
         if bins == 0 || bins > 10_000 {
             return Err(invalid("train.bins", "must be between 1 and 10000"));
@@ -437,6 +457,7 @@ impl JobSpec {
             bins,
             mf,
             features,
+            staleness,
         })
     }
 

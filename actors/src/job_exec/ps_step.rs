@@ -186,6 +186,7 @@ impl JobExecutor {
                 shard: s,
                 epoch: epochs[&s],
                 step,
+                complete: task.complete,
             };
             self.params.ensure(model, &task.job, g, at).await?;
         }
@@ -283,6 +284,7 @@ impl JobExecutor {
                         gen: g.gen,
                         base: g.base,
                         step,
+                        complete: task.complete,
                         parts: chunk,
                     };
                     pulls.push((node.clone(), req));
@@ -386,6 +388,7 @@ impl JobExecutor {
                     gen: g.gen,
                     base: g.base,
                     step,
+                    complete: task.complete,
                     parts: chunk,
                 };
                 pushes.push((node.clone(), req));
@@ -436,6 +439,7 @@ impl JobExecutor {
                     shard: s,
                     epoch,
                     step,
+                    complete: task.complete,
                 };
                 self.params
                     .save(model, &task.job, g, at)

@@ -147,6 +147,13 @@ pub trait Job: Send + Sync + 'static {
     fn base(&self, _state: &Self::State) -> u64 {
         0
     }
+
+    /// Parameter-server jobs under `ssp`: the task `k` train steps after [`Job::next_task`], if
+    /// that and every step between are train steps whose tasks do not depend on the reductions
+    /// before them (no save, no end between); `None` otherwise.
+    fn task_ahead(&self, _state: &Self::State, _k: u64) -> Option<Task> {
+        None
+    }
 }
 
 /// Partials merged exactly (fixed-point sums), in any order and grouping.

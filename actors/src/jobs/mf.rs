@@ -472,6 +472,19 @@ impl Job for MfJob {
     fn base(&self, state: &MfState) -> u64 {
         state.saved
     }
+
+    fn task_ahead(&self, state: &MfState, k: u64) -> Option<Task> {
+        let stats = state.stats?;
+        if self.save_due(state) {
+            return None;
+        }
+        let every = self.spec.checkpoint_every;
+        let t = super::ps::step_ahead(state.step, k, every, self.total_steps())?;
+        Some(Task {
+            phase: PHASE_TRAIN,
+            broadcast: vec![t as f64, stats.mu],
+        })
+    }
 }
 
 /// The plain single-process reference: the same schedule (minibatches, learning rates,

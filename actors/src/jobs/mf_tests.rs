@@ -124,20 +124,22 @@ fn same_model_whatever_the_shard_layout_of_pushes() {
     let mut a = ParamTable::new(0);
     let mut b = ParamTable::new(0);
     for src in [0u32, 1, 2, 3] {
-        a.push(&m, 0, src, &keys, &g(src as f32 + 0.1)).unwrap();
+        a.push(&m, (0, 0), src, &keys, &g(src as f32 + 0.1))
+            .unwrap();
     }
     for src in [3u32, 1, 0, 2] {
-        b.push(&m, 0, src, &keys, &g(src as f32 + 0.1)).unwrap();
+        b.push(&m, (0, 0), src, &keys, &g(src as f32 + 0.1))
+            .unwrap();
     }
     // A repeated push is recognised and not applied twice.
-    assert_eq!(b.push(&m, 0, 1, &keys, &g(1.1)).unwrap(), 0);
+    assert_eq!(b.push(&m, (0, 0), 1, &keys, &g(1.1)).unwrap(), 0);
     let (mut ra, mut rb) = (Vec::new(), Vec::new());
     a.pull(&m, 1, &keys, &mut ra).unwrap();
     b.pull(&m, 1, &keys, &mut rb).unwrap();
     assert_eq!(ra, rb);
     // A straggler of step 0 is refused once the table moved on.
     assert!(matches!(
-        a.push(&m, 0, 4, &keys, &g(1.0)),
+        a.push(&m, (0, 1), 4, &keys, &g(1.0)),
         Err(TableError::Stale {
             step: 0,
             version: 1
@@ -145,17 +147,17 @@ fn same_model_whatever_the_shard_layout_of_pushes() {
     ));
     // Malformed requests are refused, not applied.
     assert!(matches!(
-        a.push(&m, 1, 0, &[user_key(2), user_key(1)], &g(1.0)[..16]),
+        a.push(&m, (1, 1), 0, &[user_key(2), user_key(1)], &g(1.0)[..16]),
         Err(TableError::Malformed(_))
     ));
     assert!(matches!(
-        a.push(&m, 1, 0, &keys, &g(1.0)[..5]),
+        a.push(&m, (1, 1), 0, &keys, &g(1.0)[..5]),
         Err(TableError::Malformed(_))
     ));
     let mut bad = g(1.0);
     bad[3] = f32::NAN;
     assert!(matches!(
-        a.push(&m, 1, 0, &keys, &bad),
+        a.push(&m, (1, 1), 0, &keys, &bad),
         Err(TableError::NotFinite { .. })
     ));
     // Saved and restored, a table reads the same.
@@ -220,4 +222,51 @@ fn batches_cover_every_row_once_per_epoch() {
             assert_ne!(a, b);
         }
     }
+}
+
+#[test]
+fn steps_run_ahead_only_up_to_the_next_save() {
+    use super::ps::step_ahead;
+    // every 10, 100 steps in all, from step 3.
+    assert_eq!(step_ahead(3, 0, 10, 100), Some(3));
+    assert_eq!(step_ahead(3, 6, 10, 100), Some(9));
+    assert_eq!(step_ahead(3, 7, 10, 100), None, "step 10 follows a save");
+    assert_eq!(step_ahead(10, 9, 10, 100), Some(19));
+    assert_eq!(step_ahead(95, 4, 10, 100), Some(99));
+    assert_eq!(step_ahead(95, 5, 10, 100), None, "past the end");
+}
+
+#[test]
+fn ssp_reads_lag_at_most_the_steps_not_complete() {
+    // A pull for step 5 with steps 0..3 complete reads the table with exactly those applied,
+    // though pushes of step 3 and 4 are there; a later push of step 3 is still taken.
+    let m = MfJob::new("j", spec(""), &["user".into(), "item".into()], 10, 1).unwrap();
+    let keys = [user_key(1)];
+    let g = vec![1.0f32; 8];
+    let mut t = ParamTable::new(0);
+    for step in 0..5 {
+        t.push(&m, (step, 0), 0, &keys, &g).unwrap();
+    }
+    let mut rows = Vec::new();
+    t.pull(&m, 3, &keys, &mut rows).unwrap();
+    assert_eq!(t.version(), 3);
+    assert_eq!(t.push(&m, (3, 3), 1, &keys, &g).unwrap(), 1);
+    // Steps 0..3 applied: the row moved by 3 x lr x 1 from its initial value.
+    let mut init = vec![0.0f32; 8];
+    m.init_row(user_key(1), &mut init);
+    let mut want = init.clone();
+    for step in 0..3 {
+        let lr = m.learning_rate(step);
+        for w in &mut want {
+            *w = (f64::from(*w) - lr) as f32;
+        }
+    }
+    assert_eq!(rows, want);
+    assert!(matches!(
+        t.push(&m, (2, 3), 2, &keys, &g),
+        Err(TableError::Stale {
+            step: 2,
+            version: 3
+        })
+    ));
 }

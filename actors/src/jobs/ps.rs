@@ -4,10 +4,12 @@
 //! # How a step runs (synchronous consistency)
 //! At train step `t` every data shard draws its minibatch ([`ParamModel::batch`]), *pulls* the
 //! rows it reads from their shards' tables, computes per-row gradient sums
-//! ([`ParamModel::grads`]) and *pushes* them, one push per `(step, source shard)`. A table
-//! applies the pushes of step `t` only when it is first asked about a later step: the
-//! coordinator starts step `t + 1` only after every shard's push of step `t` was acknowledged,
-//! so by then the table holds all of them. It applies them **in source-shard order**, summing
+//! ([`ParamModel::grads`]) and *pushes* them, one push per `(step, source shard)`. Every request
+//! names `complete`, the train steps whose every push the coordinator knows acknowledged; a
+//! table applies a step's pushes only once a request names it complete, so it holds all of
+//! them. Under `sync` consistency `complete` is the step itself (the coordinator starts step
+//! `t + 1` after step `t` is done); under `ssp` with staleness `s` up to `s` later steps run
+//! meanwhile, reading rows that lack at most the last `s` steps. It applies them **in source-shard order**, summing
 //! each row's gradients in `f64` in that order, so a row's new value does not depend on which
 //! node sent what, or when: the tables are bit-identical on 1, 3 or 5 nodes. A push repeated
 //! (a task re-run after a failover) is recognised row by row by `(step, source, key)` and
@@ -98,6 +100,18 @@ pub trait ParamModel: RowModel {
     fn shard_export(&self, _data: &ShardData<'_>) -> Result<Option<Vec<u8>>, JobError> {
         Ok(None)
     }
+}
+
+/// The train step `k` steps after `step` if none of the steps reached on the way calls for a
+/// save (every `every` steps) or is the last (`total`): under `ssp` those run ahead.
+pub fn step_ahead(step: u64, k: u64, every: u64, total: u64) -> Option<u64> {
+    let target = step.checked_add(k)?;
+    if target >= total {
+        return None;
+    }
+    // Steps step+1 ..= target are reached by reducing step .. target-1: none may be a save.
+    let next_save = (step / every + 1) * every;
+    (next_save > target).then_some(target)
 }
 
 /// Rows by key: `values` holds the rows of `keys` (strictly increasing) back to back.
@@ -285,16 +299,17 @@ impl ParamTable {
         Ok(())
     }
 
-    /// Appends the rows of `keys` (strictly increasing) as they stand before train step `step`.
+    /// Appends the rows of `keys` (strictly increasing) with the pushes of every step before
+    /// `complete` applied (a table already past it reads as it stands: fresher is allowed).
     pub fn pull(
         &mut self,
         model: &dyn RowModel,
-        step: u64,
+        complete: u64,
         keys: &[u64],
         out: &mut Vec<f32>,
     ) -> Result<(), TableError> {
         check_keys(keys)?;
-        self.advance(model, step)?;
+        self.advance(model, complete.max(self.version))?;
         for &k in keys {
             match self.rows.get(&k) {
                 Some(r) => out.extend_from_slice(r),
@@ -308,12 +323,13 @@ impl ParamTable {
         Ok(())
     }
 
-    /// Records the gradient sums of `source`'s minibatch at train step `step`; returns how many
-    /// rows were new (a row recorded before for this step and source is not applied twice).
+    /// Records the gradient sums of `source`'s minibatch at train step `step` (after applying
+    /// the steps before `complete`); returns how many rows were new (a row recorded before for
+    /// this step and source is not applied twice). A step already applied is refused.
     pub fn push(
         &mut self,
         model: &dyn RowModel,
-        step: u64,
+        (step, complete): (u64, u64),
         source: u32,
         keys: &[u64],
         grads: &[f32],
@@ -331,7 +347,13 @@ impl ParamTable {
             let key = keys[offs.partition_point(|&o| o <= i) - 1];
             return Err(TableError::NotFinite { key, step });
         }
-        self.advance(model, step)?;
+        self.advance(model, complete.min(step).max(self.version))?;
+        if step < self.version {
+            return Err(TableError::Stale {
+                step,
+                version: self.version,
+            });
+        }
         let at_step = self.pending.entry(step).or_default();
         let mut fresh = 0;
         for (i, &k) in keys.iter().enumerate() {

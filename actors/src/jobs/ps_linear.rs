@@ -514,4 +514,16 @@ impl Job for PsLinearJob {
     fn base(&self, s: &PsLinearState) -> u64 {
         s.saved
     }
+
+    fn task_ahead(&self, s: &PsLinearState, k: u64) -> Option<Task> {
+        if self.save_due(s) {
+            return None;
+        }
+        let every = self.spec.checkpoint_every;
+        let t = super::ps::step_ahead(s.step, k, every, self.total_steps())?;
+        Some(Task {
+            phase: PHASE_TRAIN,
+            broadcast: vec![t as f64],
+        })
+    }
 }

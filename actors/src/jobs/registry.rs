@@ -32,6 +32,8 @@ pub trait JobDriver: Send + Sync {
     fn rollback(&mut self) -> u64;
     /// [`Job::base`].
     fn base(&self) -> u64;
+    /// [`Job::task_ahead`].
+    fn task_ahead(&self, k: u64) -> Option<Task>;
 }
 
 /// A job, type-erased.
@@ -78,6 +80,9 @@ impl<J: Job> JobDriver for Driven<J> {
     }
     fn base(&self) -> u64 {
         self.job.base(&self.state)
+    }
+    fn task_ahead(&self, k: u64) -> Option<Task> {
+        self.job.task_ahead(&self.state, k)
     }
 }
 
@@ -179,7 +184,7 @@ pub fn run_local_tables(
                     }
                     for (s, (keys, grads)) in by_shard {
                         tables[s as usize]
-                            .push(model, t, source, &keys, &grads)
+                            .push(model, (t, t), source, &keys, &grads)
                             .map_err(table_err)?;
                     }
                 }

@@ -131,6 +131,9 @@ pub struct JobTask {
     pub gen: u64,
     /// Parameter-server jobs: the train step the generation started from.
     pub base: u64,
+    /// Parameter-server jobs: train steps whose every push was acknowledged (the tables apply
+    /// those only); the step itself under `sync`, up to `staleness` behind it under `ssp`.
+    pub complete: u64,
     /// Parameter-server jobs: every shard's epoch when the generation started (indexed by
     /// shard). Pulls and pushes name these epochs, so a table that moved since is never read
     /// or written in this generation; the coordinator starts a new one instead.
@@ -180,8 +183,11 @@ pub struct ParamPull {
     pub gen: u64,
     /// The train step this generation started from (its checkpoint).
     pub base: u64,
-    /// The train step whose parameters are read (all updates of earlier steps applied).
+    /// The train step the rows are read for.
     pub step: u64,
+    /// Train steps whose every push was acknowledged: the rows read have all of them applied
+    /// (and no later ones). `step` under `sync`; at least `step - staleness` under `ssp`.
+    pub complete: u64,
     pub parts: Vec<ParamKeys>,
 }
 
@@ -206,6 +212,8 @@ pub struct ParamPush {
     pub gen: u64,
     pub base: u64,
     pub step: u64,
+    /// As in [`ParamPull::complete`].
+    pub complete: u64,
     pub parts: Vec<ParamGrads>,
 }
 
