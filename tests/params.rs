@@ -491,3 +491,48 @@ async fn a_ten_million_parameter_softmax_trains_on_the_parameter_server() {
     client.close().await;
     c.stop_all(Duration::from_secs(30)).await.unwrap();
 }
+
+/// A model larger than the nodes may hold: the tables stop at half of each node's
+/// `jobs.memory_budget_bytes`, the job fails with the numbers, and the nodes keep serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tables_beyond_the_memory_budget_fail_the_job_not_the_node() {
+    let rows = ratings::generate(&RatingsSpec {
+        users: 60_000,
+        items: 500,
+        rank: 4,
+        ratings: 120_000,
+        noise: 0.1,
+        seed: 5,
+    });
+    let mut c = LocalCluster::create(Path::new(BIN), 2, SHARDS, 2).unwrap();
+    // 8 MiB a node: tables may hold 4 MiB; 60 000 users x rank 32 x 4 bytes is 7.7 MB.
+    c.env = vec![(
+        "TIDEPOOL_JOBS__MEMORY_BUDGET_BYTES".to_string(),
+        (8u64 << 20).to_string(),
+    )];
+    c.start_all().unwrap();
+    c.wait_ready(Duration::from_secs(90)).await.unwrap();
+    let client = connect(&c).await;
+    settle(&client, 2).await;
+    jobs_cli::import_table(&client, &table_of(&rows), "ratings")
+        .await
+        .unwrap();
+    let spec = spec_text()
+        .replace("rank = 8", "rank = 32")
+        .replace("epochs = 8", "epochs = 2");
+    let id = jobs_cli::submit(&client, &spec).await.unwrap();
+    let rec = wait_job(&client, &id).await;
+    assert_eq!(rec.state, JobState::Failed, "{rec:?}");
+    let error = rec.error.unwrap_or_default();
+    assert!(
+        error.contains("jobs.memory_budget_bytes") && error.contains("parameter tables"),
+        "{error}"
+    );
+    // Both nodes still serve: a small job runs to the end.
+    settle(&client, 2).await;
+    let small = spec_text().replace("epochs = 8", "steps = 3");
+    let (_, done) = run_spec(&client, &small).await;
+    assert_eq!(done["steps"], 3, "{done}");
+    client.close().await;
+    c.stop_all(Duration::from_secs(30)).await.unwrap();
+}

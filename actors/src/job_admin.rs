@@ -647,6 +647,9 @@ pub async fn manage(ctx: CoordinatorCtx) {
                 _ => {}
             }
         }
+        // Parameter tables of jobs that ended, and of shards that moved away, are freed now,
+        // not at the next job's first task.
+        ctx.exec.evict_unowned();
         // Shard ownership changes on the router, not only in the map: poll it too.
         let _ = tokio::time::timeout(Duration::from_millis(200), rx.changed()).await;
     }

@@ -554,7 +554,9 @@ impl JobExecutor {
         Ok(total)
     }
 
-    fn evict_unowned(&self) {
+    /// Drops cached partitions and parameter tables of shards this node no longer serves, of
+    /// datasets gone, and of jobs that ended.
+    pub fn evict_unowned(&self) {
         let owned: std::collections::HashSet<u32> =
             self.router.owned_shards().into_iter().collect();
         // Datasets deleted (or imported again under their name) are gone from the map.
@@ -565,8 +567,15 @@ impl JobExecutor {
             .values()
             .map(|d| cache_key(d, 0).0)
             .collect();
-        let jobs: std::collections::HashSet<String> =
-            self.router.map().jobs.keys().cloned().collect();
+        // Tables of jobs that ended (or are gone) are dropped: only running jobs keep theirs.
+        let jobs: std::collections::HashSet<String> = self
+            .router
+            .map()
+            .jobs
+            .iter()
+            .filter(|(_, j)| !j.state.is_terminal())
+            .map(|(id, _)| id.clone())
+            .collect();
         self.params.evict(&owned, &|j| jobs.contains(j));
         let mut c = self.cache.lock();
         let before = c.entries.len();

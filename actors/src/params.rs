@@ -414,11 +414,14 @@ impl ParamServer {
 
     /// Drops the tables of shards this node no longer serves, and of jobs not in `live`.
     pub fn evict(&self, owned: &std::collections::HashSet<u32>, live: &dyn Fn(&str) -> bool) {
-        let mut jobs = self.jobs.lock();
-        jobs.retain(|job, _| live(job));
-        for t in jobs.values_mut() {
-            t.shards.retain(|s, _| owned.contains(s));
+        {
+            let mut jobs = self.jobs.lock();
+            jobs.retain(|job, _| live(job));
+            for t in jobs.values_mut() {
+                t.shards.retain(|s, _| owned.contains(s));
+            }
         }
+        metrics::gauge!(m::PARAM_TABLE_BYTES).set(self.held_bytes() as f64);
     }
 }
 
