@@ -15,7 +15,7 @@ use tidepool_runtime::jobspec::{JobSpec, MfModel};
 use tidepool_runtime::ratings::Rating;
 
 use super::job::{Job, JobError, Partial, ShardData, StepReport, Task};
-use super::ps::{Batch, ParamModel, ParamPhase, RowModel, Rows};
+use super::ps::{phase_of, Batch, ParamModel, ParamPhase, RowModel, Rows, Schedule, PHASE_TRAIN};
 use super::rng::Rng;
 
 /// Table of user rows.
@@ -28,8 +28,6 @@ pub const MAX_ID: u64 = 1 << 24;
 pub const INIT_SCALE: f64 = 0.1;
 
 const PHASE_STATS: u32 = 0;
-const PHASE_TRAIN: u32 = 1;
-const PHASE_SAVE: u32 = 2;
 
 /// The parameter key of user `id`.
 pub fn user_key(id: u64) -> u64 {
@@ -61,6 +59,7 @@ pub struct MfJob {
     features: usize,
     rows: u64,
     shards: u32,
+    schedule: Schedule,
 }
 
 /// Dataset statistics from the first pass.
@@ -129,6 +128,7 @@ impl MfJob {
         }
         Ok(MfJob {
             id: id.to_string(),
+            schedule: Schedule::new(&spec, rows),
             spec,
             user_col,
             item_col,
@@ -146,11 +146,7 @@ impl MfJob {
 
     /// Train steps in all.
     pub fn total_steps(&self) -> u64 {
-        self.spec.train_steps(self.rows)
-    }
-
-    fn steps_per_epoch(&self) -> u64 {
-        self.rows.div_ceil(self.spec.batch_size).max(1)
+        self.schedule.total
     }
 
     fn ids(&self, data: &ShardData<'_>, r: usize) -> Result<(u64, u64), JobError> {
@@ -178,12 +174,6 @@ impl MfJob {
             ));
         }
         Ok(())
-    }
-
-    fn save_due(&self, state: &MfState) -> bool {
-        let total = self.total_steps();
-        state.step > state.saved
-            && (state.step == total || state.step % self.spec.checkpoint_every == 0)
     }
 }
 
@@ -228,21 +218,13 @@ impl RowModel for MfJob {
     }
 
     fn learning_rate(&self, step: u64) -> f64 {
-        self.spec.learning_rate / (1.0 + self.spec.lr_decay * step as f64)
+        self.schedule.lr(step)
     }
 }
 
 impl ParamModel for MfJob {
     fn phase(&self, task: &Task) -> ParamPhase {
-        let step = task.broadcast.first().map_or(0, |&s| s as u64);
-        match task.phase {
-            PHASE_TRAIN => ParamPhase::Train { step },
-            PHASE_SAVE => ParamPhase::Save {
-                step,
-                last: task.broadcast.get(1).is_some_and(|&l| l != 0.0),
-            },
-            _ => ParamPhase::Map,
-        }
+        phase_of(task)
     }
 
     fn batch(&self, step: u64, _task: &Task, data: &ShardData<'_>) -> Result<Batch, JobError> {
@@ -250,7 +232,7 @@ impl ParamModel for MfJob {
         let rows = batch_rows(
             self.spec.seed,
             step,
-            self.steps_per_epoch(),
+            self.schedule.per_epoch,
             data.shard,
             data.rows(),
         );
@@ -340,22 +322,11 @@ impl Job for MfJob {
                 broadcast: Vec::new(),
             });
         };
-        if self.save_due(state) {
-            let last = state.step == self.total_steps();
-            return Some(Task {
-                phase: PHASE_SAVE,
-                broadcast: vec![state.step as f64, if last { 1.0 } else { 0.0 }],
-            });
-        }
-        (state.step < self.total_steps()).then(|| Task {
-            phase: PHASE_TRAIN,
-            broadcast: vec![state.step as f64, stats.mu],
-        })
+        self.schedule.next(state.step, state.saved, &[stats.mu])
     }
 
     fn planned_steps(&self, _state: &MfState) -> u64 {
-        let total = self.total_steps();
-        1 + total + total.div_ceil(self.spec.checkpoint_every)
+        1 + self.schedule.planned()
     }
 
     fn map(&self, _step: u64, task: &Task, data: &ShardData<'_>) -> Result<Partial, JobError> {
@@ -415,7 +386,7 @@ impl Job for MfJob {
                 state.losses.sse += sse;
                 state.losses.rows += merged.rows;
                 let rmse = (sse / merged.rows.max(1) as f64).sqrt();
-                if state.step % self.steps_per_epoch() == 0 || state.step == self.total_steps() {
+                if self.schedule.ends_epoch(state.step) {
                     let l = &mut state.losses;
                     l.epochs.push((l.sse / l.rows.max(1) as f64).sqrt());
                     (l.sse, l.rows) = (0.0, 0);
@@ -475,15 +446,7 @@ impl Job for MfJob {
 
     fn task_ahead(&self, state: &MfState, k: u64) -> Option<Task> {
         let stats = state.stats?;
-        if self.save_due(state) {
-            return None;
-        }
-        let every = self.spec.checkpoint_every;
-        let t = super::ps::step_ahead(state.step, k, every, self.total_steps())?;
-        Some(Task {
-            phase: PHASE_TRAIN,
-            broadcast: vec![t as f64, stats.mu],
-        })
+        self.schedule.ahead(state.step, state.saved, k, &[stats.mu])
     }
 }
 

@@ -102,6 +102,98 @@ pub trait ParamModel: RowModel {
     }
 }
 
+/// Task phase of a train step (broadcast: the step, then the model's own values).
+pub const PHASE_TRAIN: u32 = 1;
+/// Task phase of a save (broadcast: the step, and 1 for the job's last save).
+pub const PHASE_SAVE: u32 = 2;
+
+/// What a parameter-server job's task asks for (phases other than train and save are maps).
+pub fn phase_of(task: &Task) -> ParamPhase {
+    let step = task.broadcast.first().map_or(0, |&s| s as u64);
+    match task.phase {
+        PHASE_TRAIN => ParamPhase::Train { step },
+        PHASE_SAVE => ParamPhase::Save {
+            step,
+            last: task.broadcast.get(1).is_some_and(|&l| l != 0.0),
+        },
+        _ => ParamPhase::Map,
+    }
+}
+
+/// The train steps of a parameter-server job: how many, how often the tables are saved, and the
+/// learning rate of each (`learning_rate / (1 + lr_decay * step)`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Schedule {
+    pub total: u64,
+    pub per_epoch: u64,
+    pub every: u64,
+    learning_rate: f64,
+    lr_decay: f64,
+}
+
+impl Schedule {
+    /// The schedule of `spec` over `rows` rows.
+    pub fn new(spec: &tidepool_runtime::jobspec::JobSpec, rows: u64) -> Self {
+        Schedule {
+            total: spec.train_steps(rows),
+            per_epoch: rows.div_ceil(spec.batch_size).max(1),
+            every: spec.checkpoint_every,
+            learning_rate: spec.learning_rate,
+            lr_decay: spec.lr_decay,
+        }
+    }
+
+    /// The learning rate of train step `step`.
+    pub fn lr(&self, step: u64) -> f64 {
+        self.learning_rate / (1.0 + self.lr_decay * step as f64)
+    }
+
+    /// Whether the tables must be saved before train step `step` (the last save was at `saved`).
+    pub fn save_due(&self, step: u64, saved: u64) -> bool {
+        step > saved && (step == self.total || step % self.every == 0)
+    }
+
+    /// Whether train step `step` ends an epoch (or the job).
+    pub fn ends_epoch(&self, done: u64) -> bool {
+        done % self.per_epoch == 0 || done == self.total
+    }
+
+    /// The next task after `step` train steps with tables saved at `saved`: a save when due,
+    /// else train step `step` broadcasting `extra` after the step; `None` when done.
+    pub fn next(&self, step: u64, saved: u64, extra: &[f64]) -> Option<Task> {
+        if self.save_due(step, saved) {
+            let last = step == self.total;
+            return Some(Task {
+                phase: PHASE_SAVE,
+                broadcast: vec![step as f64, if last { 1.0 } else { 0.0 }],
+            });
+        }
+        (step < self.total).then(|| train_task(step, extra))
+    }
+
+    /// The train task `k` steps after [`Schedule::next`] under `ssp` (see [`step_ahead`]).
+    pub fn ahead(&self, step: u64, saved: u64, k: u64, extra: &[f64]) -> Option<Task> {
+        if self.save_due(step, saved) {
+            return None;
+        }
+        step_ahead(step, k, self.every, self.total).map(|t| train_task(t, extra))
+    }
+
+    /// Train steps plus saves in all (for progress).
+    pub fn planned(&self) -> u64 {
+        self.total + self.total.div_ceil(self.every)
+    }
+}
+
+fn train_task(step: u64, extra: &[f64]) -> Task {
+    let mut broadcast = vec![step as f64];
+    broadcast.extend_from_slice(extra);
+    Task {
+        phase: PHASE_TRAIN,
+        broadcast,
+    }
+}
+
 /// The train step `k` steps after `step` if none of the steps reached on the way calls for a
 /// save (every `every` steps) or is the last (`total`): under `ssp` those run ahead.
 pub fn step_ahead(step: u64, k: u64, every: u64, total: u64) -> Option<u64> {

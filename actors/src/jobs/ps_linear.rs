@@ -18,7 +18,7 @@ use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use super::job::{Job, JobError, Partial, ShardData, StepReport, Task};
 use super::mf::batch_rows;
-use super::ps::{Batch, ParamModel, ParamPhase, RowModel, Rows};
+use super::ps::{phase_of, Batch, ParamModel, ParamPhase, RowModel, Rows, Schedule, PHASE_SAVE};
 
 /// Features per parameter row for models of one output.
 pub const BLOCK: usize = 8;
@@ -34,9 +34,6 @@ pub fn features_per_row(outputs: usize) -> usize {
     }
 }
 const HASH_SEED: u64 = 0x6861_7368_6564_0001;
-
-const PHASE_TRAIN: u32 = 1;
-const PHASE_SAVE: u32 = 2;
 
 /// The weight index and sign of feature column `c` under `bits` bits.
 pub fn bucket(c: u32, bits: u32) -> (u64, f64) {
@@ -70,6 +67,7 @@ pub struct PsLinearJob {
     columns: u64,
     rows: u64,
     shards: u32,
+    schedule: Schedule,
 }
 
 /// The coordinator's state (the weights are in the tables).
@@ -126,6 +124,7 @@ impl PsLinearJob {
         };
         Ok(PsLinearJob {
             id: id.to_string(),
+            schedule: Schedule::new(&spec, rows),
             map: spec.features,
             spec,
             loss,
@@ -159,14 +158,6 @@ impl PsLinearJob {
     /// The model's loss.
     pub fn loss(&self) -> Loss {
         self.loss
-    }
-
-    fn total_steps(&self) -> u64 {
-        self.spec.train_steps(self.rows)
-    }
-
-    fn per_epoch(&self) -> u64 {
-        self.rows.div_ceil(self.spec.batch_size).max(1)
     }
 
     /// Calls `f(column, value)` for every non-zero feature of row `r`.
@@ -203,11 +194,6 @@ impl PsLinearJob {
                 data.shard, self.loss
             )))
         }
-    }
-
-    fn save_due(&self, s: &PsLinearState) -> bool {
-        s.step > s.saved
-            && (s.step == self.total_steps() || s.step % self.spec.checkpoint_every == 0)
     }
 }
 
@@ -298,28 +284,20 @@ impl RowModel for PsLinearJob {
     }
 
     fn learning_rate(&self, step: u64) -> f64 {
-        self.spec.learning_rate / (1.0 + self.spec.lr_decay * step as f64)
+        self.schedule.lr(step)
     }
 }
 
 impl ParamModel for PsLinearJob {
     fn phase(&self, task: &Task) -> ParamPhase {
-        let step = task.broadcast.first().map_or(0, |&s| s as u64);
-        match task.phase {
-            PHASE_TRAIN => ParamPhase::Train { step },
-            PHASE_SAVE => ParamPhase::Save {
-                step,
-                last: task.broadcast.get(1).is_some_and(|&l| l != 0.0),
-            },
-            _ => ParamPhase::Map,
-        }
+        phase_of(task)
     }
 
     fn batch(&self, step: u64, _task: &Task, data: &ShardData<'_>) -> Result<Batch, JobError> {
         let rows = batch_rows(
             self.spec.seed,
             step,
-            self.per_epoch(),
+            self.schedule.per_epoch,
             data.shard,
             data.rows(),
         );
@@ -418,22 +396,11 @@ impl Job for PsLinearJob {
     }
 
     fn next_task(&self, s: &PsLinearState) -> Option<Task> {
-        if self.save_due(s) {
-            let last = s.step == self.total_steps();
-            return Some(Task {
-                phase: PHASE_SAVE,
-                broadcast: vec![s.step as f64, if last { 1.0 } else { 0.0 }],
-            });
-        }
-        (s.step < self.total_steps()).then(|| Task {
-            phase: PHASE_TRAIN,
-            broadcast: vec![s.step as f64],
-        })
+        self.schedule.next(s.step, s.saved, &[])
     }
 
     fn planned_steps(&self, _s: &PsLinearState) -> u64 {
-        let total = self.total_steps();
-        total + total.div_ceil(self.spec.checkpoint_every)
+        self.schedule.planned()
     }
 
     fn map(&self, _step: u64, task: &Task, _data: &ShardData<'_>) -> Result<Partial, JobError> {
@@ -460,7 +427,7 @@ impl Job for PsLinearJob {
         s.loss += loss;
         s.correct += merged.sum.get(1).copied().unwrap_or(0.0);
         s.loss_rows += merged.rows;
-        if s.step % self.per_epoch() == 0 || s.step == self.total_steps() {
+        if self.schedule.ends_epoch(s.step) {
             let rows = s.loss_rows.max(1) as f64;
             s.epochs.push(s.loss / rows);
             s.accuracy.push(s.correct / rows);
@@ -516,14 +483,6 @@ impl Job for PsLinearJob {
     }
 
     fn task_ahead(&self, s: &PsLinearState, k: u64) -> Option<Task> {
-        if self.save_due(s) {
-            return None;
-        }
-        let every = self.spec.checkpoint_every;
-        let t = super::ps::step_ahead(s.step, k, every, self.total_steps())?;
-        Some(Task {
-            phase: PHASE_TRAIN,
-            broadcast: vec![t as f64],
-        })
+        self.schedule.ahead(s.step, s.saved, k, &[])
     }
 }
