@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tidepool_runtime::codec::{
-    Body, Dest, Envelope, JobPartial, JobTask, ParamGrads, ParamKeys, ParamPull, ParamPush,
-    ParamReply, ParamStatus,
+    ArchivedBody, ArchivedParamReply, ArchivedParamStatus, Body, Dest, Envelope, Frame, JobPartial,
+    JobTask, ParamGrads, ParamKeys, ParamPull, ParamPush, ParamReply, ParamStatus, TensorView,
 };
 use tidepool_runtime::control::DatasetRecord;
 use tidepool_runtime::metrics as m;
@@ -54,12 +54,56 @@ impl From<ParamError> for StepFail {
     }
 }
 
-fn from_reply(r: &ParamReply) -> Result<(), StepFail> {
-    match r.status {
+fn from_status(status: ParamStatus, message: &str) -> Result<(), StepFail> {
+    match status {
         ParamStatus::Ok => Ok(()),
         ParamStatus::Lost => Err(StepFail::Lost),
-        ParamStatus::Refused => Err(StepFail::Fatal(r.message.clone())),
-        ParamStatus::NotOwner | ParamStatus::Stale => Err(StepFail::Retry(r.message.clone())),
+        ParamStatus::Refused => Err(StepFail::Fatal(message.to_string())),
+        ParamStatus::NotOwner | ParamStatus::Stale => Err(StepFail::Retry(message.to_string())),
+    }
+}
+
+/// A parameter reply: answered on this node, or a received frame whose rows are read in place
+/// (validated once on arrival, then used as `&[f32]` over the receive buffer).
+enum Answer {
+    Local(ParamReply),
+    Remote(Frame),
+}
+
+impl Answer {
+    fn archived(f: &Frame) -> Option<&ArchivedParamReply> {
+        match &f.envelope().body {
+            ArchivedBody::ParamReply(r) => Some(r),
+            _ => None,
+        }
+    }
+
+    /// `Ok` if the request was served; otherwise what the step does about it.
+    fn check(&self) -> Result<(), StepFail> {
+        match self {
+            Answer::Local(r) => from_status(r.status, &r.message),
+            Answer::Remote(f) => match Self::archived(f) {
+                Some(r) => {
+                    let status = match r.status {
+                        ArchivedParamStatus::Ok => ParamStatus::Ok,
+                        ArchivedParamStatus::NotOwner => ParamStatus::NotOwner,
+                        ArchivedParamStatus::Lost => ParamStatus::Lost,
+                        ArchivedParamStatus::Stale => ParamStatus::Stale,
+                        ArchivedParamStatus::Refused => ParamStatus::Refused,
+                    };
+                    from_status(status, r.message.as_str())
+                }
+                None => Err(StepFail::Retry("not a parameter reply".into())),
+            },
+        }
+    }
+
+    /// A pull's rows.
+    fn values(&self) -> &[f32] {
+        match self {
+            Answer::Local(r) => &r.values,
+            Answer::Remote(f) => Self::archived(f).map_or(&[], |r| r.values.as_f32s()),
+        }
     }
 }
 
@@ -81,13 +125,13 @@ impl JobExecutor {
         job: &Arc<dyn ErasedJob>,
         node: &str,
         call: Call,
-    ) -> Result<ParamReply, StepFail> {
+    ) -> Result<Answer, StepFail> {
         if node == self.router.name() {
             let model = Self::model(job)?;
-            return Ok(match &call {
+            return Ok(Answer::Local(match &call {
                 Call::Pull(p) => self.params.pull(model, p).await,
                 Call::Push(p) => self.params.push(model, p).await,
-            });
+            }));
         }
         let link = self
             .router
@@ -104,13 +148,12 @@ impl JobExecutor {
             .request(env, PARAM_TIMEOUT)
             .await
             .map_err(|e| StepFail::Retry(format!("{node}: {e}")))?;
-        match frame.to_owned_envelope() {
-            Ok(env) => match env.body {
-                Body::ParamReply(r) => Ok(r),
-                Body::Error { message, .. } => Err(StepFail::Retry(format!("{node}: {message}"))),
-                _ => Err(StepFail::Retry(format!("{node}: unexpected reply"))),
-            },
-            Err(e) => Err(StepFail::Retry(format!("{node}: {e}"))),
+        match &frame.envelope().body {
+            ArchivedBody::ParamReply(_) => Ok(Answer::Remote(frame)),
+            ArchivedBody::Error { message, .. } => {
+                Err(StepFail::Retry(format!("{node}: {}", message.as_str())))
+            }
+            _ => Err(StepFail::Retry(format!("{node}: unexpected reply"))),
         }
     }
 
@@ -301,7 +344,8 @@ impl JobExecutor {
         .await;
         for (parts, reply) in asked.iter().zip(replies) {
             let reply = reply?;
-            from_reply(&reply)?;
+            reply.check()?;
+            let got = reply.values();
             let mut at = 0usize;
             for part in parts {
                 for &k in &part.keys {
@@ -309,14 +353,14 @@ impl JobExecutor {
                     let i = keys.binary_search(&k).map_err(|_| {
                         StepFail::Fatal(format!("pulled row {k} was not asked for"))
                     })?;
-                    let src = reply.values.get(at..at + w).ok_or_else(|| {
+                    let src = got.get(at..at + w).ok_or_else(|| {
                         StepFail::Retry("a pull reply holds fewer values than asked".into())
                     })?;
                     values[offsets[i]..offsets[i] + w].copy_from_slice(src);
                     at += w;
                 }
             }
-            if at != reply.values.len() {
+            if at != got.len() {
                 return Err(StepFail::Retry(
                     "a pull reply holds more values than asked".into(),
                 ));
@@ -401,7 +445,7 @@ impl JobExecutor {
         )
         .await;
         for r in replies {
-            from_reply(&r?)?;
+            r?.check()?;
         }
         metrics::counter!(m::JOB_SHARD_TASKS, "result" => "done").increment(serving.len() as u64);
         Ok(acc)

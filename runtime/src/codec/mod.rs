@@ -22,9 +22,9 @@ pub use frame::{
     encode, read_frame, read_frame_limited, EncodedFrame, Frame, ReadLimits, FRAME_HEADER_LEN,
 };
 pub use job::{
-    AdminOp, ArchivedAdminOp, DatasetPart, JobPartial, JobTask, ParamGrads, ParamKeys, ParamPull,
-    ParamPush, ParamReply, ParamSnapshot, ParamStatus, ShardEpoch, WideSum, FIXED_FRAC_BITS,
-    RESULT_CHUNK_HEADER,
+    AdminOp, ArchivedAdminOp, ArchivedParamReply, ArchivedParamStatus, DatasetPart, JobPartial,
+    JobTask, ParamGrads, ParamKeys, ParamPull, ParamPush, ParamReply, ParamSnapshot, ParamStatus,
+    ShardEpoch, WideSum, FIXED_FRAC_BITS, RESULT_CHUNK_HEADER,
 };
 pub use persist::{
     decode_log, decode_param_snapshot, decode_snapshot, encode_log, encode_log_refs,
