@@ -17,6 +17,7 @@
 //! the tables plus an idle node's.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
@@ -40,6 +41,10 @@ const ITEM_COLUMN: &str = "item";
 /// Bytes of one parameter value (f32).
 const VALUE_BYTES: f64 = 4.0;
 const MIB: f64 = (1u64 << 20) as f64;
+/// How often the table-bytes gauge is read during a job.
+const TABLE_SAMPLE: Duration = Duration::from_millis(250);
+/// How often a job's timeline keeps a sample.
+const TIMELINE_EVERY: Duration = Duration::from_secs(2);
 
 /// `bench mf` settings (its command line).
 #[derive(Debug, Clone, clap::Args)]
@@ -86,6 +91,12 @@ pub struct MfBenchOptions {
     /// Seed of run 0.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// `train.consistency`: sync, or ssp (train steps run up to --staleness ahead).
+    #[arg(long, default_value = "sync", value_parser = ["sync", "ssp"])]
+    pub consistency: String,
+    /// (ssp) `train.staleness` (the job's default when not given).
+    #[arg(long)]
+    pub staleness: Option<u64>,
     /// Save the tables every this many train steps (and at the end).
     #[arg(long, default_value_t = 1_000_000)]
     pub checkpoint_every: u64,
@@ -123,7 +134,7 @@ pub struct MfJobRun {
     pub updates_per_sec: f64,
     /// (pulled + pushed values) x 4 bytes / train steps.
     pub bytes_per_step: f64,
-    /// Per node: `tidepool_param_table_bytes` after the job less before it.
+    /// Per node: the largest `tidepool_param_table_bytes` seen during the job.
     pub table_bytes: Vec<f64>,
     /// Per node: peak resident memory during the job (sampled every 50 ms).
     pub rss_peak_mib: Vec<f64>,
@@ -169,6 +180,8 @@ pub struct MfReport {
     pub l2: f64,
     pub workers: usize,
     pub shards: u32,
+    pub consistency: String,
+    pub staleness: Option<u64>,
     pub target_rmse: Option<f64>,
     /// The spec of run 0's largest job.
     pub spec: String,
@@ -187,12 +200,16 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
 
 /// The job spec: `length` is `epochs = E` or `steps = S`.
 fn spec(o: &MfBenchOptions, length: &str, seed: u64) -> String {
+    let staleness = match o.staleness {
+        Some(s) if o.consistency == "ssp" => format!("staleness = {s}\n"),
+        _ => String::new(),
+    };
     format!(
         "[job]\nkind = \"mf\"\ndataset = \"{DATASET}\"\n\
          [model]\nrank = {}\nuser_column = \"{USER_COLUMN}\"\nitem_column = \"{ITEM_COLUMN}\"\n\
          [train]\n{length}\nbatch_size = {}\nlearning_rate = {}\nlr_decay = {}\nl2 = {}\n\
-         seed = {seed}\ncheckpoint_every = {}\n",
-        o.rank, o.batch_size, o.learning_rate, o.lr_decay, o.l2, o.checkpoint_every
+         seed = {seed}\ncheckpoint_every = {}\nconsistency = \"{}\"\n{staleness}",
+        o.rank, o.batch_size, o.learning_rate, o.lr_decay, o.l2, o.checkpoint_every, o.consistency
     )
 }
 
@@ -201,7 +218,6 @@ fn spec(o: &MfBenchOptions, length: &str, seed: u64) -> String {
 pub(crate) struct NodeCounters {
     pub pulled: f64,
     pub pushed: f64,
-    pub table_bytes: f64,
     pub shards_owned: f64,
 }
 
@@ -214,7 +230,6 @@ pub(crate) async fn scrape(c: &LocalCluster) -> Result<Vec<NodeCounters>> {
         out.push(NodeCounters {
             pulled: sum_metric(&text, values, &[("kind", "pull")]),
             pushed: sum_metric(&text, values, &[("kind", "push")]),
-            table_bytes: sum_metric(&text, "tidepool_param_table_bytes", &[]),
             shards_owned: sum_metric(&text, "tidepool_shards_owned", &[]),
         });
     }
@@ -241,6 +256,10 @@ pub(crate) struct Finished {
     pub before: Vec<NodeCounters>,
     pub after: Vec<NodeCounters>,
     pub rss_peak_mib: Vec<f64>,
+    /// Per node: the largest `tidepool_param_table_bytes` seen during the job.
+    pub table_bytes_peak: Vec<f64>,
+    /// Table bytes and RSS of every node, about every [`TIMELINE_EVERY`].
+    pub timeline: Vec<Sample>,
 }
 
 impl Finished {
@@ -260,8 +279,46 @@ impl Finished {
     }
 }
 
-/// Submits `spec`, waits for success while sampling every node's RSS, scrapes the counters
-/// before and after, and fetches the result document.
+/// One sample of every node during a job.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sample {
+    /// Seconds since the job was submitted.
+    pub t: f64,
+    pub table_mib: Vec<f64>,
+    pub rss_mib: Vec<f64>,
+}
+
+/// Every node's `tidepool_param_table_bytes` and RSS, read every [`TABLE_SAMPLE`] until
+/// `stop`: the largest table bytes seen per node, and a sample every [`TIMELINE_EVERY`]. (A
+/// node drops a job's tables once the job is over, so the gauge must be read while it runs.)
+async fn sample_nodes(c: &LocalCluster, stop: &AtomicBool, t0: Instant) -> (Vec<f64>, Vec<Sample>) {
+    let mut peak = vec![0f64; c.nodes.len()];
+    let mut timeline = Vec::new();
+    let mut next = Duration::ZERO;
+    while !stop.load(Ordering::Relaxed) {
+        let mut now = vec![f64::NAN; c.nodes.len()];
+        for (i, (p, v)) in peak.iter_mut().zip(now.iter_mut()).enumerate() {
+            // A missed scrape is only a missed sample.
+            if let Ok(text) = c.metrics(i).await {
+                *v = sum_metric(&text, "tidepool_param_table_bytes", &[]);
+                *p = p.max(*v);
+            }
+        }
+        if t0.elapsed() >= next {
+            next += TIMELINE_EVERY;
+            timeline.push(Sample {
+                t: t0.elapsed().as_secs_f64(),
+                table_mib: now.iter().map(|b| b / MIB).collect(),
+                rss_mib: rss_mib(c, "VmRSS"),
+            });
+        }
+        tokio::time::sleep(TABLE_SAMPLE).await;
+    }
+    (peak, timeline)
+}
+
+/// Submits `spec`, waits for success while sampling every node's RSS and table bytes, scrapes
+/// the counters before and after, and fetches the result document.
 pub(crate) async fn timed_job(
     c: &LocalCluster,
     client: &ClusterClient,
@@ -270,14 +327,21 @@ pub(crate) async fn timed_job(
     let pids: Vec<u32> = c.nodes.iter().filter_map(|p| p.pid()).collect();
     ensure!(pids.len() == c.nodes.len(), "a node is not running");
     let before = scrape(c).await?;
+    let stop = AtomicBool::new(false);
     let t0 = Instant::now();
-    let (done, peaks) = peak_rss_of(&pids, async {
-        let id = jobs_cli::submit(client, spec).await?;
-        let rec = jobs_cli::wait(client, &id, false, Duration::from_secs(6 * 3600)).await?;
-        anyhow::Ok((id, rec))
-    })
-    .await;
-    let seconds = t0.elapsed().as_secs_f64();
+    let job = async {
+        let out = peak_rss_of(&pids, async {
+            let id = jobs_cli::submit(client, spec).await?;
+            let rec = jobs_cli::wait(client, &id, false, Duration::from_secs(6 * 3600)).await?;
+            anyhow::Ok((id, rec))
+        })
+        .await;
+        let seconds = t0.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        (out, seconds)
+    };
+    let (((done, peaks), seconds), (table_bytes_peak, timeline)) =
+        tokio::join!(job, sample_nodes(c, &stop, t0));
     let (id, rec) = done?;
     if rec.state != JobState::Succeeded {
         bail!("mf job {id} ended {:?}: {:?}", rec.state, rec.error);
@@ -291,6 +355,8 @@ pub(crate) async fn timed_job(
         before,
         after,
         rss_peak_mib: peaks.iter().map(|&k| k as f64 / 1024.0).collect(),
+        table_bytes_peak,
+        timeline,
     })
 }
 
@@ -403,12 +469,7 @@ async fn one_job(
         pushed_values: pushed,
         updates_per_sec: pushed / o.rank as f64 / job.seconds,
         bytes_per_step: (pulled + pushed) * VALUE_BYTES / steps.max(1) as f64,
-        table_bytes: job
-            .before
-            .iter()
-            .zip(&job.after)
-            .map(|(b, a)| a.table_bytes - b.table_bytes)
-            .collect(),
+        table_bytes: job.table_bytes_peak.clone(),
         rss_peak_mib: job.rss_peak_mib.clone(),
     };
     eprintln!(
@@ -531,6 +592,8 @@ pub async fn run(o: MfBenchOptions) -> Result<()> {
         l2: o.l2,
         workers: o.workers,
         shards: o.shards,
+        consistency: o.consistency.clone(),
+        staleness: o.staleness,
         target_rmse: o.target_rmse,
         spec: last_spec,
         clusters,

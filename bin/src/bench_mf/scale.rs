@@ -104,8 +104,8 @@ pub fn touched(path: &Path) -> Result<Touched> {
 #[derive(Debug, Clone, Serialize)]
 pub struct ScaleNode {
     pub shards_owned: f64,
-    /// `tidepool_param_table_bytes` (set when the tables grow: rows written plus pushes
-    /// waiting at their last growth).
+    /// The largest `tidepool_param_table_bytes` seen during the job (rows written plus pushes
+    /// waiting).
     pub table_bytes: f64,
     /// Touched model bytes / nodes x 1.25.
     pub bound_bytes: f64,
@@ -130,6 +130,8 @@ pub struct ScaleCluster {
     pub table_bytes_total: f64,
     pub per_node: Vec<ScaleNode>,
     pub spec: String,
+    /// Every node's table MiB and RSS MiB through the job.
+    pub timeline: Vec<super::Sample>,
 }
 
 /// What `bench mf --scale` writes.
@@ -162,7 +164,7 @@ async fn one(o: &MfBenchOptions, n: usize, t: &Touched) -> Result<ScaleCluster> 
     let bound = model / n as f64 * SHARE_SLACK;
     let per_node: Vec<ScaleNode> = (0..n)
         .map(|i| {
-            let table = end.get(i).map_or(f64::NAN, |e| e.table_bytes);
+            let table = job.table_bytes_peak.get(i).copied().unwrap_or(f64::NAN);
             let before = before.get(i).copied().unwrap_or(f64::NAN);
             let peak = job.rss_peak_mib.get(i).copied().unwrap_or(f64::NAN);
             let predicted = before + table / MIB;
@@ -188,6 +190,7 @@ async fn one(o: &MfBenchOptions, n: usize, t: &Touched) -> Result<ScaleCluster> 
         table_bytes_total: per_node.iter().map(|p| p.table_bytes).sum(),
         per_node,
         spec: text,
+        timeline: job.timeline.clone(),
     };
     for (i, p) in out.per_node.iter().enumerate() {
         eprintln!(
